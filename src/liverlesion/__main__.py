@@ -1,0 +1,5 @@
+import sys
+
+from liverlesion.cli import main
+
+sys.exit(main())

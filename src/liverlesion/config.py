@@ -1,0 +1,217 @@
+"""One typed configuration for the whole pipeline.
+
+A YAML file sets values, the CLI overrides them (``--set section.key=value``),
+unknown keys are rejected with the list of valid ones, and the resolved config
+is saved as ``config.yaml`` in every run folder.
+
+Defaults where the paper (Romero et al. 2019) is silent are our choices; each is
+commented. ``presets/quick.yaml`` (CPU demo) and ``presets/paper.yaml`` (full
+protocol for a GPU) override them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from liverlesion.errors import UserError
+
+
+@dataclass
+class PatchConfig:
+    """How lesion-centred 2-D / 2.5-D patches are cut (patches.py)."""
+
+    mode: str = "2.5d"  # "2.5d": k neighbours stacked as channels; "2d": each slice a sample (grey -> 3 ch)
+    neighbours: int = 1  # k slices each side of the largest cross-section (2.5d: 2k+1 channels)
+    slice_step_mm: float = 0.0  # spacing between neighbouring slices in mm; 0 = native slice spacing
+    size_px: int = 96  # output patch side in pixels (paper input not stated; 299 in the paper preset)
+    margin_mm: float = 10.0  # context added around the lesion's bounding box on each side
+    min_field_mm: float = 32.0  # smallest field of view, so tiny lesions keep surrounding liver
+    scale_with_lesion: bool = True  # field = lesion extent + margin (False: fixed field = min_field_mm)
+    window_center: float = 60.0  # liver window centre in HU (common 60/150 soft-tissue liver window)
+    window_width: float = 250.0  # liver window width in HU; widened slightly so water (0 HU) is not clipped
+    interpolation: str = "linear"  # resampling of the image: linear | bspline | nearest
+
+
+@dataclass
+class ModelConfig:
+    """Network: timm backbone + the paper's head (model.py)."""
+
+    backbone: str = "inception_v3"  # any timm name; inception_v3 has the paper's 2048 pooled channels
+    weights: str = "imagenet"  # imagenet | none | PATH to a checkpoint or state_dict
+    head_hidden: int = 512  # paper: FC 512 -> Dropout 0.4 -> FC 512
+    dropout: float = 0.4  # paper
+    freeze_backbone_epochs: int = 0  # train only the head for the first N epochs
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation (train.py)."""
+
+    epochs: int = 30  # upper bound; early stopping on the inner validation split usually stops sooner
+    batch_size: int = 32
+    lr: float = 3e-4  # AdamW learning rate for the head; backbone gets lr * backbone_lr_mult
+    backbone_lr_mult: float = 0.3  # pretrained layers move more slowly than the new head
+    weight_decay: float = 1e-4
+    optimizer: str = "adamw"  # adamw | sgd
+    scheduler: str = "cosine"  # cosine | none
+    warmup_epochs: int = 1
+    patience: int = 6  # early-stopping patience (epochs) on inner-validation loss
+    val_fraction: float = 0.2  # inner validation split (by patient) of each training fold
+    class_weighting: str = "loss"  # loss (weighted cross-entropy) | sampler | none
+    label_smoothing: float = 0.0
+    seed: int = 0
+    deterministic: bool = False  # torch deterministic algorithms (slower)
+    num_workers: int = 0  # DataLoader workers
+    precision: str = "auto"  # auto (16-mixed on GPU, 32 on CPU) | 32 | 16-mixed | bf16-mixed
+    accelerator: str = "auto"  # auto | cpu | gpu
+    devices: str = "auto"  # number of devices or "auto" (DDP under torchrun)
+    max_threads: int = 0  # torch CPU threads; 0 = torch default
+    # augmentation (training only)
+    aug_flip: bool = True  # random horizontal and vertical flips
+    aug_rotate_deg: float = 15.0  # uniform rotation in [-deg, deg]
+    aug_scale: float = 0.1  # uniform zoom in [1-s, 1+s]
+    aug_intensity: float = 0.05  # brightness/contrast jitter on the windowed [0, 1] scale
+
+
+@dataclass
+class CVConfig:
+    """Cross-validation (splits.py)."""
+
+    folds: int = 5  # patient-level StratifiedGroupKFold
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation (evaluate.py)."""
+
+    positive_class: str = "metastasis"  # metrics' positive class
+    n_bootstrap: int = 1000  # patient-level bootstrap resamples for 95% CIs
+    threshold: str = "youden"  # how the threshold is chosen on inner-validation data: youden | 0.5
+    n_calibration_bins: int = 10
+    gradcam_max: int = 24  # lesions shown in the Grad-CAM gallery
+
+
+@dataclass
+class Config:
+    """The resolved configuration."""
+
+    preset: str = "default"
+    patch: PatchConfig = field(default_factory=PatchConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    cv: CVConfig = field(default_factory=CVConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | Path) -> Path:
+        from liverlesion.fileio import write_text
+
+        return write_text(path, self.to_yaml())
+
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def _coerce(value: Any, target_type: Any, where: str) -> Any:
+    t = target_type if isinstance(target_type, type) else {"int": int, "float": float, "bool": bool, "str": str}.get(
+        str(target_type), str
+    )
+    if t is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("1", "true", "yes", "on"):
+            return True
+        if str(value).lower() in ("0", "false", "no", "off"):
+            return False
+        raise UserError(f"config {where}={value!r}: expected true or false")
+    try:
+        if t is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return t(value)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"config {where}={value!r}: expected a value of type {t.__name__}") from e
+
+
+def _apply(obj: Any, updates: dict[str, Any], where: str) -> None:
+    valid = {f.name: f for f in fields(obj)}
+    for key, value in updates.items():
+        if key not in valid:
+            raise UserError(
+                f"config key {where}{key!r} is unknown; valid keys here: {', '.join(sorted(valid))}"
+            )
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise UserError(f"config {where}{key}: expected a mapping of settings, got {value!r}")
+            _apply(current, value, f"{where}{key}.")
+        else:
+            setattr(obj, key, _coerce(value, valid[key].type, f"{where}{key}"))
+
+
+def load_config(
+    path: str | Path | None = None,
+    preset: str | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+) -> Config:
+    """Resolve a config: defaults <- preset <- YAML file <- overrides.
+
+    Args:
+        path: Optional YAML file.
+        preset: Optional preset name (``quick``, ``paper``, ...).
+        overrides: ``["train.epochs=5", ...]`` or a nested dict.
+    """
+    cfg = Config()
+    if preset:
+        p = PRESETS_DIR / f"{preset}.yaml"
+        if not p.exists():
+            raise UserError(f"--preset {preset!r} is unknown; choose one of: {', '.join(available_presets())}")
+        _apply(cfg, yaml.safe_load(p.read_text()) or {}, "")
+        cfg.preset = preset
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"--config {path}: file not found; give the path of a YAML config file")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise UserError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]}); fix the syntax") from e
+        if data is not None and not isinstance(data, dict):
+            raise UserError(f"--config {path}: expected a mapping of sections (patch:, model:, train:, ...)")
+        _apply(cfg, data or {}, "")
+    if isinstance(overrides, dict):
+        _apply(cfg, overrides, "")
+    else:
+        for item in overrides or []:
+            if "=" not in item:
+                raise UserError(f"--set {item!r}: expected section.key=value, e.g. train.epochs=5")
+            key, value = item.split("=", 1)
+            parts = key.strip().split(".")
+            nested: dict[str, Any] = {}
+            d = nested
+            for p_ in parts[:-1]:
+                d = d.setdefault(p_, {})
+            d[parts[-1]] = yaml.safe_load(value) if value.strip() else value
+            _apply(cfg, nested, "")
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a Config from ``to_dict()`` output (e.g. stored in a checkpoint)."""
+    cfg = Config()
+    _apply(cfg, data, "")
+    return cfg

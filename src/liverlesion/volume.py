@@ -1,0 +1,116 @@
+"""The `Volume` type: voxels in HU together with their geometry.
+
+Canonical orientation (every reader returns this):
+
+* ``array`` is indexed ``[z, y, x]`` (slice, row, column), as SimpleITK's
+  ``GetArrayFromImage`` gives it.
+* The volume is resampled-free reoriented (axis permutation/flips only) so that
+  the direction matrix is the identity in **LPS**: ``x`` increases towards the
+  patient's Left, ``y`` towards Posterior, ``z`` towards Superior. Row 0 is the
+  most anterior row, column 0 the patient's rightmost column, slice 0 the most
+  inferior slice. This is the DICOM patient coordinate system, so physical
+  points (``x_mm, y_mm, z_mm``) from a PACS viewer can be used directly.
+* ``spacing`` is in **array axis order** ``(z, y, x)``, in mm.
+* ``origin`` is the physical LPS position ``(x, y, z)`` in mm of voxel ``[0, 0, 0]``.
+* ``direction`` is the 3x3 direction cosine matrix (columns = x, y, z index axes
+  in LPS), kept for images that could not be made axis-aligned (oblique).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class Volume:
+    """A 3-D image with geometry.
+
+    Attributes:
+        array: Voxel values, ``[z, y, x]``. HU (float32) for CT, integers for masks.
+        spacing: Voxel size in mm, in array axis order ``(z, y, x)``.
+        origin: LPS position in mm ``(x, y, z)`` of voxel ``[0, 0, 0]``.
+        direction: 3x3 direction cosines (SimpleITK convention, row-major).
+        meta: Non-identifying metadata (modality, series UID, description, ...).
+    """
+
+    array: np.ndarray
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    direction: np.ndarray = field(default_factory=lambda: np.eye(3))
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.spacing = tuple(float(s) for s in self.spacing)
+        self.origin = tuple(float(o) for o in self.origin)
+        self.direction = np.asarray(self.direction, dtype=float).reshape(3, 3)
+        assert self.array.ndim == 3, f"Volume array must be 3-D, got shape {self.array.shape}"
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.array.shape)  # type: ignore[return-value]
+
+    @property
+    def spacing_xyz(self) -> tuple[float, float, float]:
+        return (self.spacing[2], self.spacing[1], self.spacing[0])
+
+    @property
+    def voxel_volume_ml(self) -> float:
+        return float(np.prod(self.spacing)) / 1000.0
+
+    def index_to_physical(self, index_zyx) -> np.ndarray:
+        """Map (possibly fractional) array indices ``[..., (z, y, x)]`` to LPS mm ``(x, y, z)``."""
+        idx = np.asarray(index_zyx, dtype=float)[..., ::-1]  # -> (x, y, z) index order
+        return np.asarray(self.origin) + (idx * np.asarray(self.spacing_xyz)) @ self.direction.T
+
+    def physical_to_index(self, point_xyz) -> np.ndarray:
+        """Map LPS mm ``(x, y, z)`` to fractional array indices ``(z, y, x)``."""
+        p = np.asarray(point_xyz, dtype=float) - np.asarray(self.origin)
+        idx_xyz = (p @ np.linalg.inv(self.direction).T) / np.asarray(self.spacing_xyz)
+        return idx_xyz[..., ::-1]
+
+    def contains_index(self, index_zyx) -> bool:
+        idx = np.asarray(index_zyx, dtype=float)
+        return bool(np.all(idx >= -0.5) and np.all(idx <= np.asarray(self.shape) - 0.5))
+
+    def geometry(self) -> dict[str, Any]:
+        """Geometry as plain values (for messages and JSON)."""
+        return {
+            "shape_zyx": list(self.shape),
+            "spacing_zyx_mm": [round(s, 4) for s in self.spacing],
+            "origin_xyz_mm": [round(o, 3) for o in self.origin],
+            "direction": [round(float(d), 4) for d in self.direction.ravel()],
+        }
+
+    def to_sitk(self):
+        """Convert to a SimpleITK image (same geometry)."""
+        import SimpleITK as sitk
+
+        img = sitk.GetImageFromArray(np.ascontiguousarray(self.array))
+        img.SetSpacing(self.spacing_xyz)
+        img.SetOrigin(self.origin)
+        img.SetDirection(tuple(self.direction.ravel()))
+        return img
+
+    @classmethod
+    def from_sitk(cls, img, meta: dict[str, Any] | None = None, reorient: bool = True) -> Volume:
+        """Build a Volume from a SimpleITK image, reoriented to canonical LPS when possible."""
+        import SimpleITK as sitk
+
+        if reorient:
+            img = sitk.DICOMOrient(img, "LPS")
+        sx, sy, sz = img.GetSpacing()
+        return cls(
+            array=sitk.GetArrayFromImage(img),
+            spacing=(sz, sy, sx),
+            origin=img.GetOrigin(),
+            direction=np.asarray(img.GetDirection()).reshape(3, 3),
+            meta=dict(meta or {}),
+        )
+
+    def with_array(self, array: np.ndarray, **meta: Any) -> Volume:
+        """A new Volume with the same geometry and another array (e.g. a mask)."""
+        assert array.shape == self.array.shape, (array.shape, self.array.shape)
+        return Volume(array, self.spacing, self.origin, self.direction.copy(), {**self.meta, **meta})
