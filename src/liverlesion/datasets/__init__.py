@@ -1,0 +1,17 @@
+"""Importers that turn public dataset layouts into a liverlesion manifest.
+
+* :func:`liverlesion.datasets.ircadb.import_ircadb`: 3D-IRCADb-01 (IRCAD, CC BY-NC-ND 4.0).
+"""
+
+from __future__ import annotations
+
+__all__ = ["import_ircadb"]
+
+
+def __getattr__(name: str):
+    # Lazy, so `import liverlesion.datasets` does not pull in SimpleITK/scipy.
+    if name == "import_ircadb":
+        from liverlesion.datasets.ircadb import import_ircadb
+
+        return import_ircadb
+    raise AttributeError(f"module 'liverlesion.datasets' has no attribute {name!r}")

@@ -1,0 +1,333 @@
+"""The manifest CSV: one row per lesion source (a mask, or a click with a diameter).
+
+Columns (header names are matched after trimming spaces and lower-casing):
+
+* required: ``patient_id``, ``image``, ``lesion_class``;
+* either ``mask`` (optional ``label``) or a click ``x_mm, y_mm, z_mm, diameter_mm``
+  (LPS millimetres, as a PACS viewer shows DICOM patient coordinates); each row
+  has exactly one of the two;
+* optional: ``series`` (SeriesInstanceUID when the image folder holds several).
+
+``image`` and ``mask`` are relative to the manifest's folder (absolute paths are
+accepted). Unknown columns are rejected, so a typo (``lable``) is never silently
+ignored. Every problem is reported as one line naming the manifest, the row
+("row 1" is the first data row, i.e. file line 2 under the header) and the value.
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+import math
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from liverlesion.errors import UserError
+from liverlesion.fileio import atomic_path
+
+REQUIRED_COLUMNS = ("patient_id", "image", "lesion_class")
+MASK_COLUMNS = ("mask", "label")
+CLICK_COLUMNS = ("x_mm", "y_mm", "z_mm", "diameter_mm")
+OPTIONAL_COLUMNS = ("series",)
+#: Every column a manifest may have, in the order ``write_manifest`` writes them.
+COLUMNS = ("patient_id", "image", "mask", "label", "lesion_class", *CLICK_COLUMNS, "series")
+#: Columns ``read_manifest`` adds: absolute paths and the 1-based data row number.
+DERIVED_COLUMNS = ("image_path", "mask_path", "row")
+
+_FIX_HEADER = (
+    "the header must be patient_id,image,lesion_class plus mask[,label] and/or x_mm,y_mm,z_mm,diameter_mm "
+    "(optional: series)"
+)
+
+
+def _decode(path: Path, data: bytes) -> str:
+    """Decode manifest bytes as UTF-8 (a BOM is allowed), with a helpful error otherwise."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise UserError(
+            f"manifest {path}: the file is UTF-16 text (Excel 'Unicode text'); save it as 'CSV UTF-8 (comma delimited)'"
+        )
+    if data.startswith(b"PK\x03\x04"):
+        raise UserError(
+            f"manifest {path}: this is a zip/Excel workbook, not a CSV file; "
+            "save it as 'CSV UTF-8 (comma delimited)'"
+        )
+    if b"\x00" in data[:65536]:
+        raise UserError(f"manifest {path}: binary file, not a CSV text file; give the manifest CSV")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise UserError(
+            f"manifest {path}: not UTF-8 text (byte 0x{data[e.start]:02x} on file line {line}); "
+            "re-save it as 'CSV UTF-8' (e.g. Excel: Save As > CSV UTF-8)"
+        ) from e
+
+
+def _where(path: Path, row: int) -> str:
+    return f"manifest {path} row {row} (file line {row + 1})"
+
+
+def _parse_float(path: Path, row: int, col: str, text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as e:
+        raise UserError(f"{_where(path, row)}: {col}={text!r} is not a number; give millimetres, e.g. 12.5") from e
+    if not math.isfinite(value):
+        raise UserError(f"{_where(path, row)}: {col}={text!r} is not a finite number; give millimetres, e.g. 12.5")
+    return value
+
+
+def _parse_label(path: Path, row: int, text: str) -> int:
+    try:
+        value = float(text)
+        ok = math.isfinite(value) and value.is_integer()
+    except ValueError:
+        ok = False
+    if not ok:
+        raise UserError(
+            f"{_where(path, row)}: label={text!r} is not an integer; give the mask label value "
+            "(e.g. 1), or leave it empty / 0 to use every connected component"
+        )
+    if value < 0:
+        raise UserError(
+            f"{_where(path, row)}: label={text!r} is negative; give the mask label value (e.g. 1), "
+            "or leave it empty / 0 to use every connected component"
+        )
+    return int(value)
+
+
+def _resolve(base: Path, text: str) -> Path:
+    p = Path(os.path.expanduser(text))
+    return p if p.is_absolute() else (base / p)
+
+
+def _read_rows(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """Header (normalised) and data rows ``(row_number, fields)`` of a CSV file."""
+    if not path.exists():
+        raise UserError(f"manifest {path}: file not found; give the path of the manifest CSV")
+    if path.is_dir():
+        raise UserError(f"manifest {path}: is a folder; give the path of the manifest CSV file inside it")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"manifest {path}: cannot be read ({e.strerror}); check the path and permissions") from e
+    text = _decode(path, data)
+    reader = csv.reader(_io.StringIO(text, newline=""), strict=True)
+    try:
+        records = [(reader.line_num, rec) for rec in reader]
+    except csv.Error as e:
+        raise UserError(
+            f"manifest {path}: not a valid CSV file (file line {reader.line_num}: {e}); "
+            "check the quoting, or re-export it as CSV"
+        ) from e
+    records = [(ln, rec) for ln, rec in records if any(f.strip() for f in rec)]  # skip blank lines
+    if not records:
+        raise UserError(f"manifest {path}: the file is empty; {_FIX_HEADER}, then one row per lesion source")
+    header = [h.strip().lower() for h in records[0][1]]
+    if len(header) == 1 and (";" in header[0] or "\t" in header[0]):
+        sep = "semicolons" if ";" in header[0] else "tabs"
+        raise UserError(
+            f"manifest {path}: the columns are separated by {sep}, not commas; save it as comma-separated CSV"
+        )
+    rows: list[tuple[int, list[str]]] = []
+    for i, (_, rec) in enumerate(records[1:], start=1):
+        if len(rec) != len(header):
+            raise UserError(
+                f"{_where(path, i)}: {len(rec)} fields but the header has {len(header)}; "
+                "check for a missing or extra comma (quote values that contain commas)"
+            )
+        rows.append((i, [f.strip() for f in rec]))
+    return header, rows
+
+
+def _check_header(path: Path, header: list[str]) -> None:
+    allowed = set(COLUMNS)
+    empty = [i + 1 for i, h in enumerate(header) if not h]
+    if empty:
+        raise UserError(f"manifest {path}: header column {empty[0]} has no name; {_FIX_HEADER}")
+    dupes = sorted({h for h in header if header.count(h) > 1})
+    if dupes:
+        raise UserError(f"manifest {path}: duplicate column(s) {', '.join(dupes)}; keep one of each")
+    unknown = [h for h in header if h not in allowed]
+    if unknown:
+        raise UserError(
+            f"manifest {path}: unknown column(s) {', '.join(unknown)}; allowed columns are {', '.join(COLUMNS)}"
+        )
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    if missing:
+        raise UserError(f"manifest {path}: missing required column(s) {', '.join(missing)}; {_FIX_HEADER}")
+    click = [c for c in CLICK_COLUMNS if c in header]
+    if click and len(click) < len(CLICK_COLUMNS):
+        lacking = [c for c in CLICK_COLUMNS if c not in header]
+        raise UserError(
+            f"manifest {path}: click columns {', '.join(click)} without {', '.join(lacking)}; "
+            "a click needs all of x_mm,y_mm,z_mm,diameter_mm"
+        )
+    if "mask" not in header and not click:
+        raise UserError(f"manifest {path}: no lesion source columns (mask, or x_mm,y_mm,z_mm,diameter_mm); {_FIX_HEADER}")
+    if "label" in header and "mask" not in header:
+        raise UserError(f"manifest {path}: column label without column mask; add the mask column")
+
+
+def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
+    """Read and validate a manifest CSV.
+
+    Args:
+        path: The manifest file.
+
+    Returns:
+        One row per manifest row, with every column of :data:`COLUMNS` (absent ones
+        empty): strings for ``patient_id``, ``image``, ``mask``, ``lesion_class`` and
+        ``series`` ("" when empty; the original text, trimmed), ``label`` as nullable
+        ``Int64`` (<NA> when empty), click columns as float (NaN when empty), plus
+        ``image_path`` / ``mask_path`` (absolute path strings; ``mask_path`` is None
+        for a click) and ``row`` (1-based data row number, for messages).
+
+    Raises:
+        UserError: For any problem with the file, its header or a row.
+    """
+    path = Path(path)
+    header, rows = _read_rows(path)
+    _check_header(path, header)
+    if not rows:
+        raise UserError(f"manifest {path}: no data rows under the header; add one row per lesion source")
+    base = path.resolve().parent
+    records = []
+    seen: dict[tuple, int] = {}
+    image_patient: dict[str, tuple[str, int]] = {}
+    for row, fields in rows:
+        v = dict(zip(header, fields, strict=True))
+        where = _where(path, row)
+        rec: dict = {c: v.get(c, "") for c in ("patient_id", "image", "mask", "lesion_class", "series")}
+        for col in ("patient_id", "image", "lesion_class"):
+            if not rec[col]:
+                raise UserError(f"{where}: {col} is empty; fill it in or delete the row")
+        click_text = {c: v.get(c, "") for c in CLICK_COLUMNS}
+        has_click = any(click_text.values())
+        has_mask = bool(rec["mask"])
+        if has_mask and has_click:
+            raise UserError(
+                f"{where}: has both mask={rec['mask']!r} and a click (x_mm,y_mm,z_mm,diameter_mm); "
+                "give one lesion source per row (split it into two rows if you need both)"
+            )
+        if not has_mask and not has_click:
+            raise UserError(
+                f"{where}: no lesion source; give a mask path or a click (x_mm,y_mm,z_mm,diameter_mm)"
+            )
+        label_text = v.get("label", "")
+        rec["label"] = pd.NA
+        if label_text:
+            if not has_mask:
+                raise UserError(f"{where}: label={label_text!r} without a mask; give the mask or clear the label")
+            rec["label"] = _parse_label(path, row, label_text)
+        for c in CLICK_COLUMNS:
+            rec[c] = math.nan
+        if has_click:
+            blank = [c for c, t in click_text.items() if not t]
+            if blank:
+                raise UserError(
+                    f"{where}: incomplete click, {', '.join(blank)} empty; a click needs x_mm,y_mm,z_mm,diameter_mm"
+                )
+            for c, t in click_text.items():
+                rec[c] = _parse_float(path, row, c, t)
+            if rec["diameter_mm"] <= 0:
+                raise UserError(
+                    f"{where}: diameter_mm={click_text['diameter_mm']!r} must be > 0; give the lesion diameter in mm"
+                )
+        image_path = _resolve(base, rec["image"])
+        if not image_path.exists():
+            raise UserError(
+                f"{where}: image {rec['image']!r} not found (looked for {image_path}); "
+                "paths are relative to the manifest's folder, or give an absolute path"
+            )
+        rec["image_path"] = str(image_path.resolve())
+        rec["mask_path"] = None
+        if has_mask:
+            mask_path = _resolve(base, rec["mask"])
+            if not mask_path.exists():
+                raise UserError(
+                    f"{where}: mask {rec['mask']!r} not found (looked for {mask_path}); "
+                    "paths are relative to the manifest's folder, or give an absolute path"
+                )
+            rec["mask_path"] = str(mask_path.resolve())
+        rec["row"] = row
+        # The same image under two patient IDs would put one scan in two CV folds.
+        owner = image_patient.setdefault(rec["image_path"], (rec["patient_id"], row))
+        if owner[0] != rec["patient_id"]:
+            raise UserError(
+                f"{where}: image {rec['image']!r} belongs to patient_id={owner[0]!r} in row {owner[1]} but "
+                f"to {rec['patient_id']!r} here; one image must belong to one patient"
+            )
+        key = (
+            rec["image_path"],
+            rec["series"],
+            rec["mask_path"],
+            None if rec["label"] is pd.NA else rec["label"],
+            *(rec[c] for c in CLICK_COLUMNS if has_click),
+        )
+        if key in seen:
+            raise UserError(
+                f"{where}: duplicates row {seen[key]} (same image, series and lesion source); "
+                "delete one so lesions are not counted twice"
+            )
+        seen[key] = row
+        records.append(rec)
+    df = pd.DataFrame.from_records(records, columns=[*COLUMNS, *DERIVED_COLUMNS])
+    df["label"] = df["label"].astype("Int64")
+    for c in CLICK_COLUMNS:
+        df[c] = df[c].astype(float)
+    df["row"] = df["row"].astype(int)
+    return df
+
+
+def _relative(path_text: str, folder: Path) -> str:
+    p = Path(path_text)
+    if not p.is_absolute():
+        return p.as_posix()
+    try:
+        return Path(os.path.relpath(p, folder)).as_posix()
+    except ValueError:  # another drive on Windows: keep it absolute
+        return str(p)
+
+
+def write_manifest(df: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Write a manifest CSV atomically, with ``image``/``mask`` relative to its folder.
+
+    Args:
+        df: Manifest rows. ``image_path``/``mask_path`` (absolute) take precedence over
+            ``image``/``mask`` when present (as returned by :func:`read_manifest`);
+            relative ``image``/``mask`` strings are written as they are, so they must
+            already be relative to the destination folder.
+        path: Destination CSV.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    extra = [c for c in df.columns if c not in COLUMNS and c not in DERIVED_COLUMNS]
+    if extra:
+        raise ValueError(f"write_manifest: unknown column(s) {extra}; allowed: {', '.join(COLUMNS)}")
+    folder = path.resolve().parent
+    out = pd.DataFrame(index=df.index)
+    for col in COLUMNS:
+        if col in ("image", "mask"):
+            src = df[f"{col}_path"] if f"{col}_path" in df.columns else df.get(col)
+            if src is None:
+                continue
+            out[col] = [
+                "" if v is None or (isinstance(v, float) and math.isnan(v)) or v == "" else _relative(str(v), folder)
+                for v in src
+            ]
+        elif col in df.columns:
+            out[col] = df[col]
+    # Drop optional columns that are entirely empty, so mask-only manifests stay simple.
+    for col in ("mask", "label", *CLICK_COLUMNS, "series"):
+        if col in out.columns and (out[col].isna() | (out[col].astype(str).str.strip() == "")).all():
+            out = out.drop(columns=col)
+    if "label" in out.columns:
+        out["label"] = out["label"].astype("Int64")
+    with atomic_path(path) as tmp:
+        out.to_csv(tmp, index=False, lineterminator="\n")
+    return path

@@ -1,0 +1,545 @@
+"""Lesion-centred 2-D / 2.5-D patches: resampling, HU windowing and the on-disk cache.
+
+One lesion gives one patch, cut around its largest axial cross-section:
+
+* The centre slice is the axial slice where the lesion's area in mm² is largest.
+  The ``neighbours`` slices on each side are taken at native spacing, or every
+  ``slice_step_mm`` along z with interpolation. They are clamped at the ends of
+  the volume, so the edge slice is repeated.
+* The in-plane field is a square centred on the lesion's centroid on the centre
+  slice. Its side is the lesion's extent plus a margin, and at least
+  ``min_field_mm``. It is resampled in millimetres to ``size_px`` pixels, so
+  anisotropic pixels come out square. Anything outside the volume is air
+  (-1024 HU).
+* Orientation is the canonical LPS array's: row 0 anterior, column 0 patient
+  right, as in a radiology viewer. Nothing is flipped.
+
+``build_patches`` writes the cache ``<out>/<key>/`` described in
+docs/ARCHITECTURE.md ("Patch cache"). Training, evaluation, baselines and
+predict all read it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import re
+import sys
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from liverlesion import DISCLAIMER, __version__
+from liverlesion.config import PatchConfig
+from liverlesion.errors import UserError
+from liverlesion.fileio import atomic_dir, atomic_path, write_csv, write_json
+from liverlesion.volume import Volume
+
+__all__ = [
+    "AIR_HU",
+    "LesionPatch",
+    "build_patches",
+    "check_patch_config",
+    "draw_contact_sheet",
+    "extract_patch",
+    "load_patch",
+    "load_patch_config",
+    "load_patch_index",
+    "patch_cache_key",
+    "resolve_patch_dir",
+    "window",
+]
+
+AIR_HU = -1024.0  # fill value outside the scanned volume
+CACHE_FORMAT_VERSION = 1  # bump when the npz/index layout changes, so old caches are not reused
+CONTACT_SHEET_MAX = 200  # lesions drawn on the contact sheet
+_MODES = ("2.5d", "2d")
+_ORDERS = {"nearest": 0, "linear": 1, "bspline": 3}
+# Columns read as text so that ids such as "007" keep their leading zeros.
+_TEXT_COLUMNS = ("lesion_id", "patient_id", "lesion_class", "image", "mask", "source", "file")
+
+
+@dataclass
+class LesionPatch:
+    """One lesion's patch, in the layout of the patch cache.
+
+    Attributes:
+        image: float32 ``(S, C, H, W)`` windowed to ``[0, 1]`` (2.5d: S=1, C=2k+1; 2d: S=2k+1, C=1).
+        mask: uint8 ``(S, H, W)`` lesion mask on the centre slice of each sample.
+        hu: float32 ``(S, H, W)`` HU on the centre slice of each sample.
+        meta: Geometry of the cut: ``centre_slice``, ``slice_indices``, ``slice_positions_mm``,
+            ``field_mm``, ``pixel_mm``, ``centre_lps_mm``, ``centre_index_zyx``, ``max_area_mm2``, ...
+    """
+
+    image: np.ndarray
+    mask: np.ndarray
+    hu: np.ndarray
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The arrays stored in the npz (``meta`` as a JSON string)."""
+        return {"image": self.image, "mask": self.mask, "hu": self.hu, "meta": np.array(json.dumps(self.meta))}
+
+
+def check_patch_config(cfg: PatchConfig) -> None:
+    """Raise :class:`UserError` naming the setting when a PatchConfig value is unusable."""
+    if cfg.mode not in _MODES:
+        raise UserError(f"config patch.mode={cfg.mode!r}: unknown mode; use one of {', '.join(_MODES)}")
+    if cfg.interpolation not in _ORDERS:
+        raise UserError(
+            f"config patch.interpolation={cfg.interpolation!r}: unknown interpolation; "
+            f"use one of {', '.join(_ORDERS)}"
+        )
+    checks = [
+        ("neighbours", cfg.neighbours >= 0, "must be 0 or more"),
+        ("slice_step_mm", cfg.slice_step_mm >= 0, "must be 0 (native spacing) or a positive step in mm"),
+        ("size_px", cfg.size_px >= 8, "must be at least 8 pixels"),
+        ("margin_mm", cfg.margin_mm >= 0, "must be 0 or more"),
+        ("min_field_mm", cfg.min_field_mm > 0, "must be a positive field of view in mm"),
+        ("window_width", cfg.window_width > 0, "must be a positive width in HU"),
+    ]
+    for name, ok, what in checks:
+        if not ok:
+            raise UserError(f"config patch.{name}={getattr(cfg, name)!r}: {what}")
+    for name in ("slice_step_mm", "margin_mm", "min_field_mm", "window_center", "window_width"):
+        if not math.isfinite(float(getattr(cfg, name))):
+            raise UserError(f"config patch.{name}={getattr(cfg, name)!r}: must be a finite number")
+
+
+def window(hu: np.ndarray, center: float, width: float) -> np.ndarray:
+    """Map HU through a display window to ``[0, 1]``.
+
+    ``center - width/2`` maps to 0 and ``center + width/2`` to 1; values outside are clipped.
+
+    Args:
+        hu: Values in HU.
+        center: Window centre (level) in HU.
+        width: Window width in HU (> 0).
+    """
+    if not width > 0:
+        raise UserError(f"window width={width!r}: must be a positive width in HU, e.g. 250")
+    lo = float(center) - float(width) / 2.0
+    out = (np.asarray(hu, dtype=np.float32) - np.float32(lo)) / np.float32(width)
+    return np.clip(out, 0.0, 1.0).astype(np.float32, copy=False)
+
+
+def _sample(
+    array: np.ndarray, zs: np.ndarray, rows: np.ndarray, cols: np.ndarray, order: int, cval: float
+) -> np.ndarray:
+    """Sample ``array`` on the grid ``zs x rows x cols`` (fractional indices) -> ``(len(zs), H, W)``.
+
+    Only the small block around the grid is copied (a B-spline prefilter over a whole
+    CT would cost hundreds of MB). Along z the block repeats the edge slice; in-plane,
+    points outside the volume take ``cval``.
+    """
+    from scipy.ndimage import map_coordinates
+
+    nz, ny, nx = array.shape
+    pad = order + 2  # spline support plus one voxel of slack
+    z0, z1 = math.floor(zs.min()) - pad, math.ceil(zs.max()) + pad + 1
+    y0, y1 = math.floor(rows.min()) - pad, math.ceil(rows.max()) + pad + 1
+    x0, x1 = math.floor(cols.min()) - pad, math.ceil(cols.max()) + pad + 1
+    zi = np.clip(np.arange(z0, z1), 0, nz - 1)
+    block = np.full((len(zi), y1 - y0, x1 - x0), cval, dtype=np.float32)
+    ys, ye = max(y0, 0), min(y1, ny)
+    xs, xe = max(x0, 0), min(x1, nx)
+    if ye > ys and xe > xs:
+        block[:, ys - y0 : ye - y0, xs - x0 : xe - x0] = array[zi, ys:ye, xs:xe]
+    zz, rr, cc = np.meshgrid(zs - z0, rows - y0, cols - x0, indexing="ij")
+    out = map_coordinates(block, [zz, rr, cc], order=order, mode="nearest", prefilter=order > 1)
+    return out.astype(np.float32, copy=False)
+
+
+def extract_patch(volume: Volume, lesion_mask: np.ndarray, cfg: PatchConfig) -> LesionPatch:
+    """Cut one lesion's patch from a CT volume.
+
+    Args:
+        volume: CT in HU, canonical LPS (see volume.py).
+        lesion_mask: Boolean ``[z, y, x]`` mask of this one lesion, same shape as ``volume``.
+        cfg: Patch settings.
+
+    Returns:
+        The patch arrays and the geometry used (``meta``).
+    """
+    check_patch_config(cfg)
+    mask = np.asarray(lesion_mask)
+    if mask.shape != volume.shape:
+        raise UserError(
+            f"lesion mask shape {tuple(mask.shape)} differs from the image shape {volume.shape}; "
+            "resample the mask onto the image grid"
+        )
+    mask = mask.astype(bool, copy=False)
+    zz, yy, xx = np.nonzero(mask)
+    if zz.size == 0:
+        raise UserError("lesion mask is empty (no non-zero voxels); check the mask file and the label value")
+    nz = volume.shape[0]
+    sz, sy, sx = volume.spacing
+
+    # Largest cross-section in mm²; ties go to the slice nearest the lesion's z-centroid.
+    areas = np.bincount(zz, minlength=nz) * (sy * sx)
+    candidates = np.flatnonzero(areas == areas.max())
+    zc = int(candidates[np.argmin(np.abs(candidates - zz.mean()))])
+    on = zz == zc
+    cy, cx = float(yy[on].mean()), float(xx[on].mean())
+
+    # Half extent (mm) of the whole lesion around the in-plane centre, to voxel edges,
+    # so an irregular lesion still fits inside the field with its margin.
+    half_extent = max((np.abs(yy - cy).max() + 0.5) * sy, (np.abs(xx - cx).max() + 0.5) * sx)
+    if cfg.scale_with_lesion:
+        field_mm = max(2.0 * half_extent + 2.0 * cfg.margin_mm, float(cfg.min_field_mm))
+    else:
+        field_mm = float(cfg.min_field_mm)
+    size = int(cfg.size_px)
+    pixel_mm = field_mm / size
+    offsets = (np.arange(size) - (size - 1) / 2.0) * pixel_mm  # pixel centres, mm from the patch centre
+    rows = cy + offsets / sy
+    cols = cx + offsets / sx
+
+    k = int(cfg.neighbours)
+    steps = np.arange(-k, k + 1, dtype=float)
+    z_wanted = zc + (steps if cfg.slice_step_mm == 0 else steps * (cfg.slice_step_mm / sz))
+    zs = np.clip(z_wanted, 0, nz - 1)
+
+    order = _ORDERS[cfg.interpolation]
+    hu = _sample(volume.array, zs, rows, cols, order=order, cval=AIR_HU)
+    # Linear then > 0.5 keeps the mask's area in mm when pixel sizes differ.
+    mask_order = 0 if order == 0 else 1
+    lesion = _sample(mask.astype(np.float32), zs, rows, cols, order=mask_order, cval=0.0) > 0.5
+    img = window(hu, cfg.window_center, cfg.window_width)
+
+    if cfg.mode == "2.5d":
+        image = img[None]  # (1, 2k+1, H, W): channels run inferior -> superior
+        mask_out = lesion[k][None]
+        hu_out = hu[k][None]
+    else:
+        image = img[:, None]  # (2k+1, 1, H, W)
+        mask_out = lesion
+        hu_out = hu
+
+    meta = {
+        "mode": cfg.mode,
+        "centre_slice": zc,
+        "slice_indices": [round(float(z), 4) for z in zs],
+        "slice_positions_mm": [round(float(volume.index_to_physical([z, cy, cx])[2]), 3) for z in zs],
+        "clamped": bool(np.any(zs != z_wanted)),
+        "field_mm": float(field_mm),
+        "pixel_mm": float(pixel_mm),
+        "size_px": size,
+        "centre_index_zyx": [zc, cy, cx],
+        "centre_lps_mm": [float(v) for v in volume.index_to_physical([zc, cy, cx])],
+        "max_area_mm2": float(areas[zc]),
+    }
+    return LesionPatch(
+        image=np.ascontiguousarray(image, dtype=np.float32),
+        mask=np.ascontiguousarray(mask_out, dtype=np.uint8),
+        hu=np.ascontiguousarray(hu_out, dtype=np.float32),
+        meta=meta,
+    )
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def _config_dict(cfg: PatchConfig) -> dict[str, Any]:
+    """PatchConfig as plain values, floats normalised so 10 and 10.0 hash alike."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        out[f.name] = float(v) if f.type in ("float", float) else v
+    return out
+
+
+def _manifest_files(manifest: Path) -> tuple[list[Path], int]:
+    """Image/mask paths named by the manifest (resolved) and the number of distinct images.
+
+    Only used for the cache key and the progress bar; the lesions module validates the manifest.
+    """
+    try:
+        df = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    except (ValueError, OSError, UnicodeDecodeError, pd.errors.ParserError):
+        return [], 0
+    paths: list[Path] = []
+    for col in ("image", "mask"):
+        if col not in df.columns:
+            continue
+        for v in df[col]:
+            if str(v).strip():
+                p = Path(str(v).strip()).expanduser()
+                paths.append(p if p.is_absolute() else manifest.parent / p)
+    n_images = df["image"].nunique() if "image" in df.columns else 0
+    return sorted(set(paths)), int(n_images)
+
+
+def _fingerprint(path: Path) -> str:
+    """Size and mtime of a file, or of every file in a folder (DICOM series)."""
+    if path.is_file():
+        st = path.stat()
+        return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    if path.is_dir():
+        parts = [str(path.resolve())]
+        for p in sorted(path.rglob("*")):
+            if p.is_file():
+                st = p.stat()
+                parts.append(f"{p.relative_to(path)}|{st.st_size}|{st.st_mtime_ns}")
+        return "\n".join(parts)
+    return f"{path}|missing"
+
+
+def patch_cache_key(
+    manifest: str | Path, cfg: PatchConfig, tolerance: float = 1e-3, series: str | None = None
+) -> str:
+    """Short hash of the patch settings, the manifest and its files' sizes and mtimes.
+
+    Args:
+        manifest: Manifest CSV.
+        cfg: Patch settings.
+        tolerance: Geometry tolerance passed to the lesion reader.
+        series: SeriesInstanceUID passed to the lesion reader.
+    """
+    manifest = Path(manifest)
+    h = hashlib.sha256()
+    settings = {
+        "format": CACHE_FORMAT_VERSION,
+        "liverlesion": __version__,
+        "patch": _config_dict(cfg),
+        "tolerance": float(tolerance),
+        "series": series,
+    }
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    h.update(manifest.read_bytes())
+    files, _ = _manifest_files(manifest)
+    for p in files:
+        h.update(b"\0" + _fingerprint(p).encode())
+    return h.hexdigest()[:12]
+
+
+def _iter_lesions(manifest: Path, tolerance: float, series: str | None) -> Iterator[tuple[Volume, list]]:
+    """The lesion reader (imported late: ``lesions`` pulls in the image readers)."""
+    from liverlesion.lesions import iter_manifest_lesions
+
+    yield from iter_manifest_lesions(manifest, tolerance, series)
+
+
+def _is_complete(folder: Path) -> bool:
+    return all((folder / name).is_file() for name in ("index.csv", "settings.json"))
+
+
+def _file_name(lesion_id: str, used: set[str]) -> str:
+    """A safe, unique npz name for a lesion id (ids come from user-chosen patient ids)."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", str(lesion_id)).strip("._") or "lesion"
+    name, n = f"{stem}.npz", 1
+    while name.lower() in used:
+        n += 1
+        name = f"{stem}_{n}.npz"
+    used.add(name.lower())
+    return name
+
+
+def build_patches(
+    manifest: str | Path,
+    out: str | Path,
+    cfg: PatchConfig,
+    tolerance: float = 1e-3,
+    series: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Cut every lesion of a manifest into the patch cache ``out/<key>/`` (reused when up to date).
+
+    Writes one npz per lesion, ``index.csv`` (lesion table + ``file``), ``settings.json``
+    (the PatchConfig), ``provenance.json`` and ``contact_sheet.png``, all at once:
+    on error nothing is left behind.
+
+    Args:
+        manifest: Manifest CSV.
+        out: Parent folder of the cache.
+        cfg: Patch settings.
+        tolerance: Geometry tolerance (mm) between image and mask.
+        series: SeriesInstanceUID when an image folder holds several series.
+        overwrite: Recompute even when an up-to-date cache exists.
+
+    Returns:
+        The cache folder ``out/<key>``.
+    """
+    from tqdm import tqdm
+
+    check_patch_config(cfg)
+    manifest = Path(manifest)
+    if not manifest.is_file():
+        raise UserError(f"manifest {manifest}: file not found; give the path of a manifest CSV")
+    key = patch_cache_key(manifest, cfg, tolerance, series)
+    dest = Path(out) / key
+    if not overwrite and _is_complete(dest):
+        print(f"using cached patches at {dest}", file=sys.stderr)
+        return dest
+
+    _, n_images = _manifest_files(manifest)
+    rows: list[dict[str, Any]] = []
+    used: set[str] = set()
+    with atomic_dir(dest, overwrite=True) as tmp:
+        bar = tqdm(
+            _iter_lesions(manifest, tolerance, series),
+            total=n_images or None,
+            desc="patches",
+            unit="image",
+            file=sys.stderr,
+        )
+        for volume, lesions in bar:
+            for lesion, lesion_mask in lesions:
+                row = dict(lesion.to_row())
+                try:
+                    patch = extract_patch(volume, lesion_mask, cfg)
+                except UserError as e:
+                    raise UserError(f"lesion {row.get('lesion_id')} ({row.get('image')}): {e}") from e
+                name = _file_name(row["lesion_id"], used)
+                np.savez_compressed(tmp / name, **patch.arrays())
+                row["file"] = name
+                row["patch_centre_slice"] = patch.meta["centre_slice"]
+                row["patch_field_mm"] = round(patch.meta["field_mm"], 4)
+                row["patch_pixel_mm"] = round(patch.meta["pixel_mm"], 6)
+                rows.append(row)
+        bar.close()
+        if not rows:
+            raise UserError(f"manifest {manifest}: no lesions found; check the mask files and label values")
+        index = pd.DataFrame(rows)
+        write_csv(tmp / "index.csv", index)
+        write_json(tmp / "settings.json", asdict(cfg))
+        write_json(
+            tmp / "provenance.json",
+            {
+                "key": key,
+                "format_version": CACHE_FORMAT_VERSION,
+                "liverlesion_version": __version__,
+                "manifest": str(manifest.resolve()),
+                "tolerance": tolerance,
+                "series": series,
+                "n_lesions": len(rows),
+                "note": DISCLAIMER,
+            },
+        )
+        draw_contact_sheet(tmp, index, tmp / "contact_sheet.png")
+    print(f"wrote {len(rows)} lesion patches to {dest}", file=sys.stderr)
+    return dest
+
+
+# --------------------------------------------------------------------------- readers
+
+
+def resolve_patch_dir(patch_dir: str | Path) -> Path:
+    """The cache folder holding ``index.csv``: ``patch_dir`` itself or its single ``<key>`` child."""
+    patch_dir = Path(patch_dir)
+    if (patch_dir / "index.csv").is_file():
+        return patch_dir
+    children = sorted(p for p in patch_dir.glob("*/index.csv")) if patch_dir.is_dir() else []
+    if len(children) == 1:
+        return children[0].parent
+    if len(children) > 1:
+        names = ", ".join(p.parent.name for p in children)
+        raise UserError(f"patch folder {patch_dir}: holds several patch caches ({names}); pass one of them")
+    raise UserError(
+        f"patch folder {patch_dir}: no index.csv found; run `liverlesion patches MANIFEST OUT` first "
+        "and pass the folder it prints"
+    )
+
+
+def load_patch_index(patch_dir: str | Path) -> pd.DataFrame:
+    """Read a cache's ``index.csv`` (ids kept as text).
+
+    Args:
+        patch_dir: The cache folder (``out/<key>``), or ``out`` when it holds one cache.
+    """
+    folder = resolve_patch_dir(patch_dir)
+    text = {c: str for c in _TEXT_COLUMNS}
+    return pd.read_csv(folder / "index.csv", dtype=text, keep_default_na=False, na_values=[""])
+
+
+def load_patch_config(patch_dir: str | Path) -> PatchConfig:
+    """The PatchConfig a cache was built with (``settings.json``)."""
+    folder = resolve_patch_dir(patch_dir)
+    data = json.loads((folder / "settings.json").read_text())
+    known = {f.name for f in dataclasses.fields(PatchConfig)}
+    return PatchConfig(**{k: v for k, v in data.items() if k in known})
+
+
+def load_patch(patch_dir: str | Path, row: Mapping[str, Any] | str) -> dict[str, Any]:
+    """Load one lesion's arrays.
+
+    Args:
+        patch_dir: The cache folder.
+        row: A row of :func:`load_patch_index` (or its ``file`` value).
+
+    Returns:
+        ``image`` (S, C, H, W) float32, ``mask`` (S, H, W) uint8, ``hu`` (S, H, W) float32, ``meta`` dict.
+    """
+    folder = resolve_patch_dir(patch_dir)
+    name = row if isinstance(row, str) else str(row["file"])
+    path = folder / name
+    if not path.is_file():
+        raise UserError(f"patch file {path}: not found; the cache is incomplete, rebuild it with --overwrite")
+    with np.load(path, allow_pickle=False) as z:
+        out: dict[str, Any] = {k: z[k] for k in ("image", "mask", "hu")}
+        out["meta"] = json.loads(str(z["meta"])) if "meta" in z.files else {}
+    return out
+
+
+# --------------------------------------------------------------------------- contact sheet
+
+
+def draw_contact_sheet(
+    patch_dir: str | Path, index: pd.DataFrame, path: str | Path, max_lesions: int = CONTACT_SHEET_MAX
+) -> Path:
+    """Draw the centre slice of every lesion (outline of its mask), grouped by class, to a PNG.
+
+    Drawn from the npz files, so it can be redrawn from a finished cache.
+
+    Args:
+        patch_dir: Folder holding the npz files.
+        index: The cache's index (lesion table + ``file``).
+        path: Output PNG.
+        max_lesions: At most this many lesions, taken in manifest order.
+    """
+    from matplotlib.figure import Figure  # no pyplot: no global state, Agg canvas by default
+
+    patch_dir = Path(patch_dir)
+    shown = index.iloc[:max_lesions]
+    classes = sorted(shown["lesion_class"].astype(str).unique())
+    colours = {c: f"C{i % 10}" for i, c in enumerate(classes)}
+    ncols = max(1, min(10, len(shown)))
+    blocks = []  # (class, rows of that class), each class starting on a new grid row
+    for c in classes:
+        sub = shown[shown["lesion_class"].astype(str) == c].sort_values("lesion_id", kind="stable")
+        blocks.append((c, sub))
+    nrows = sum(math.ceil(len(sub) / ncols) for _, sub in blocks)
+    fig = Figure(figsize=(1.6 * ncols, 1.75 * nrows + 0.8), dpi=90)
+    grid_row = 0
+    for c, sub in blocks:
+        for i, (_, r) in enumerate(sub.iterrows()):
+            ax = fig.add_subplot(nrows, ncols, (grid_row + i // ncols) * ncols + i % ncols + 1)
+            arrays = load_patch(patch_dir, str(r["file"]))
+            img, msk = arrays["image"], arrays["mask"]
+            s = img.shape[0] // 2
+            centre = img[s, img.shape[1] // 2]
+            ax.imshow(centre, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+            if msk[s].any():
+                ax.contour(msk[s], levels=[0.5], colors=[colours[c]], linewidths=0.8)
+            diam = pd.to_numeric(pd.Series([r.get("max_axial_diameter_mm")]), errors="coerce").iloc[0]
+            size = f"{diam:.0f} mm" if np.isfinite(diam) else "? mm"
+            ax.set_title(f"{r['lesion_id']}\n{c}, {size}", fontsize=6, color=colours[c], pad=2)
+            ax.set_axis_off()
+        grid_row += math.ceil(len(sub) / ncols)
+    counts = ", ".join(f"{c}: {len(sub)}" for c, sub in blocks)
+    note = f"showing the first {len(shown)} of {len(index)} lesions; " if len(shown) < len(index) else ""
+    fig.suptitle(
+        f"liverlesion patches ({counts}); {note}centre slice, row 0 anterior, column 0 patient right; "
+        f"{DISCLAIMER}",
+        fontsize=8,
+    )
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / (1.75 * nrows + 0.8)))
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return Path(path)

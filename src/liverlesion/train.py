@@ -1,0 +1,503 @@
+"""Training: one fold at a time, with Lightning, then out-of-fold predictions.
+
+Read top to bottom: ``run_cv`` prepares patches and patient-level splits, then
+for each fold calls ``train_fold``, which builds the datasets, the network
+(``model.build_model``), a Lightning module and trainer, fits with early
+stopping on the fold's inner validation patients (never on the test fold),
+and writes a self-describing checkpoint plus lesion-level predictions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from liverlesion import DISCLAIMER, __version__
+from liverlesion.config import Config
+from liverlesion.errors import UserError
+from liverlesion.fileio import write_csv, write_json
+
+
+# --------------------------------------------------------------------------- setup
+def _prepare_run_dir(out: Path, resume: bool) -> Path:
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise UserError(
+            f"{out}: run folder already exists and is not empty; pass --resume to continue it, or choose a new folder"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _set_threads(cfg: Config) -> None:
+    import torch
+
+    if cfg.train.max_threads > 0:
+        torch.set_num_threads(cfg.train.max_threads)
+
+
+def prepare_patches(manifest: Path, out: Path, cfg: Config) -> tuple[Path, pd.DataFrame]:
+    """Cut (or reuse cached) patches into ``out/patches`` and return (patch_dir, lesion table)."""
+    from liverlesion.patches import build_patches, load_patch_index
+
+    patch_dir = build_patches(manifest, out / "patches", cfg.patch)
+    index = load_patch_index(patch_dir)
+    if index.empty:
+        raise UserError(f"{manifest}: no lesions found; check the masks and labels with `liverlesion inspect`")
+    return Path(patch_dir), index
+
+
+def class_names_from(index: pd.DataFrame) -> list[str]:
+    """Classes in a stable order (sorted names), from the manifest's lesion_class column."""
+    names = sorted(index["lesion_class"].astype(str).unique())
+    if len(names) < 2:
+        raise UserError(
+            f"manifest lesion_class: only one class ({names[0]!r}) present; a classifier needs at least two"
+        )
+    return names
+
+
+# --------------------------------------------------------------------------- Lightning module
+def _make_lightning_module(model, cfg: Config, class_weights):
+    import lightning.pytorch as pl
+    import torch
+    import torch.nn.functional as F
+
+    class LesionModule(pl.LightningModule):
+        """Loss, optimiser and schedule around a ``LesionNet``; the network itself lives in model.py."""
+
+        def __init__(self):
+            super().__init__()
+            self.model = model
+            self.register_buffer(
+                "class_weights", None if class_weights is None else torch.as_tensor(class_weights).float()
+            )
+
+        def forward(self, x):
+            return self.model(x)
+
+        def _loss(self, logits, y):
+            return F.cross_entropy(
+                logits, y, weight=self.class_weights, label_smoothing=cfg.train.label_smoothing
+            )
+
+        def training_step(self, batch, batch_idx):
+            x, y, _ = batch
+            loss = self._loss(self(x), y)
+            self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
+            return loss
+
+        def validation_step(self, batch, batch_idx):
+            x, y, _ = batch
+            logits = self(x)
+            loss = self._loss(logits, y)
+            acc = (logits.argmax(1) == y).float().mean()
+            self.log("val_loss", loss, prog_bar=True, batch_size=len(y), sync_dist=True)
+            self.log("val_acc", acc, prog_bar=True, batch_size=len(y), sync_dist=True)
+
+        def on_train_epoch_start(self):
+            # Optionally keep the pretrained backbone frozen for the first epochs (head warm-up).
+            frozen = self.current_epoch < cfg.model.freeze_backbone_epochs
+            for p in self.model.backbone.parameters():
+                p.requires_grad_(not frozen)
+
+        def configure_optimizers(self):
+            head = [p for n, p in self.model.named_parameters() if not n.startswith("backbone.")]
+            back = list(self.model.backbone.parameters())
+            groups = [
+                {"params": back, "lr": cfg.train.lr * cfg.train.backbone_lr_mult},
+                {"params": head, "lr": cfg.train.lr},
+            ]
+            if cfg.train.optimizer == "adamw":
+                opt = torch.optim.AdamW(groups, weight_decay=cfg.train.weight_decay)
+            elif cfg.train.optimizer == "sgd":
+                opt = torch.optim.SGD(groups, momentum=0.9, nesterov=True, weight_decay=cfg.train.weight_decay)
+            else:
+                raise UserError(f"config train.optimizer={cfg.train.optimizer!r}: choose adamw or sgd")
+            if cfg.train.scheduler == "none":
+                return opt
+            if cfg.train.scheduler != "cosine":
+                raise UserError(f"config train.scheduler={cfg.train.scheduler!r}: choose cosine or none")
+            warm, total = cfg.train.warmup_epochs, max(cfg.train.epochs, 1)
+
+            def factor(epoch: int) -> float:
+                if epoch < warm:
+                    return (epoch + 1) / (warm + 1)
+                progress = (epoch - warm) / max(total - warm, 1)
+                return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+    return LesionModule()
+
+
+# --------------------------------------------------------------------------- one fold
+@dataclass
+class FoldData:
+    index: pd.DataFrame  # lesion rows of this subset
+    arrays: list[np.ndarray]
+    labels: np.ndarray
+
+
+def _subset(index: pd.DataFrame, arrays: list[np.ndarray], classes: list[str], patients) -> FoldData:
+    mask = index["patient_id"].astype(str).isin(set(map(str, patients))).to_numpy()
+    rows = np.flatnonzero(mask)
+    sub = index.iloc[rows].reset_index(drop=True)
+    cmap = {c: i for i, c in enumerate(classes)}
+    return FoldData(sub, [arrays[i] for i in rows], sub["lesion_class"].astype(str).map(cmap).to_numpy())
+
+
+def _loaders(fit: FoldData, val: FoldData, cfg: Config):
+    import torch
+    from torch.utils.data import DataLoader, WeightedRandomSampler
+
+    from liverlesion.data import Augment, PatchDataset
+
+    t = cfg.train
+    aug = Augment(t.aug_flip, t.aug_rotate_deg, t.aug_scale, t.aug_intensity)
+    train_ds = PatchDataset(fit.arrays, fit.labels, augment=aug)
+    val_ds = PatchDataset(val.arrays, val.labels)
+    sampler = None
+    if t.class_weighting == "sampler":
+        y = train_ds.sample_labels()
+        w = 1.0 / np.bincount(y, minlength=y.max() + 1)[y]
+        sampler = WeightedRandomSampler(torch.as_tensor(w, dtype=torch.double), len(y), replacement=True)
+    g = torch.Generator().manual_seed(t.seed)
+    common = {"batch_size": t.batch_size, "num_workers": t.num_workers, "persistent_workers": t.num_workers > 0}
+    train_dl = DataLoader(
+        train_ds, shuffle=sampler is None, sampler=sampler, drop_last=len(train_ds) > t.batch_size, generator=g, **common
+    )
+    val_dl = DataLoader(val_ds, shuffle=False, **common)
+    return train_dl, val_dl
+
+
+def _class_weights(labels: np.ndarray, n_classes: int, mode: str):
+    if mode != "loss":
+        return None
+    counts = np.bincount(labels, minlength=n_classes).astype(float)
+    counts[counts == 0] = 1.0
+    w = counts.sum() / (n_classes * counts)
+    return w
+
+
+def _trainer(cfg: Config, fold_dir: Path, enable_progress: bool = True):
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    t = cfg.train
+    precision = t.precision
+    if precision == "auto":
+        import torch
+
+        precision = "16-mixed" if torch.cuda.is_available() and t.accelerator != "cpu" else "32-true"
+    ckpt = ModelCheckpoint(
+        dirpath=fold_dir / "checkpoints", filename="best", monitor="val_loss", mode="min", save_last=True
+    )
+    callbacks = [EarlyStopping(monitor="val_loss", patience=t.patience, mode="min"), ckpt]
+    if enable_progress:
+        callbacks.append(TQDMProgressBar(refresh_rate=1))
+    devices: Any = t.devices
+    if isinstance(devices, str) and devices.isdigit():
+        devices = int(devices)
+    trainer = pl.Trainer(
+        max_epochs=t.epochs,
+        accelerator=t.accelerator,
+        devices=devices,
+        precision=precision,
+        deterministic=t.deterministic,
+        callbacks=callbacks,
+        logger=[
+            TensorBoardLogger(fold_dir / "logs", name="", version="tensorboard"),
+            CSVLogger(fold_dir / "logs", name="", version="csv"),
+        ],
+        log_every_n_steps=1,
+        enable_progress_bar=enable_progress,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=fold_dir,
+    )
+    return trainer, ckpt
+
+
+def predict_lesions(model, data: FoldData, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Lesion-level logits and probabilities: slice samples averaged back to their lesion.
+
+    Returns:
+        (logits, probs), each ``(n_lesions, n_classes)``.
+    """
+    import torch
+
+    from liverlesion.data import PatchDataset
+
+    ds = PatchDataset(data.arrays, data.labels)
+    model.eval()
+    n = len(data.arrays)
+    logit_sum, prob_sum, count = None, None, np.zeros(n)
+    with torch.inference_mode():
+        for start in range(0, len(ds), batch_size):
+            items = [ds[i] for i in range(start, min(start + batch_size, len(ds)))]
+            x = torch.stack([it[0] for it in items]).to(next(model.parameters()).device)
+            lesion = np.array([it[2] for it in items])
+            logits = model(x).float().cpu().numpy()
+            probs = torch.softmax(torch.from_numpy(logits), 1).numpy()
+            if logit_sum is None:
+                logit_sum = np.zeros((n, logits.shape[1]))
+                prob_sum = np.zeros((n, logits.shape[1]))
+            np.add.at(logit_sum, lesion, logits)
+            np.add.at(prob_sum, lesion, probs)
+            np.add.at(count, lesion, 1)
+    return logit_sum / count[:, None], prob_sum / count[:, None]
+
+
+def _prediction_frame(data: FoldData, classes: list[str], logits, probs, fold: Any) -> pd.DataFrame:
+    idx = data.index
+    df = pd.DataFrame(
+        {
+            "patient_id": idx["patient_id"].astype(str),
+            "lesion_id": idx["lesion_id"].astype(str),
+            "true_class": idx["lesion_class"].astype(str),
+        }
+    )
+    for j, c in enumerate(classes):
+        df[f"prob_{c}"] = probs[:, j]
+    for j, c in enumerate(classes):
+        df[f"logit_{c}"] = logits[:, j]
+    df["pred_class"] = [classes[j] for j in probs.argmax(1)]
+    df["fold"] = fold
+    for col in ("max_axial_diameter_mm", "volume_ml", "min_axis_mm", "hu_mean"):
+        if col in idx:
+            df[col] = idx[col].to_numpy()
+    return df
+
+
+def _calibrate(val_df: pd.DataFrame, classes: list[str], positive: str) -> tuple[float, float | None]:
+    """Temperature and positive-class threshold, fitted on inner-validation predictions only."""
+    from liverlesion.evaluate import choose_threshold, fit_temperature
+
+    logits = val_df[[f"logit_{c}" for c in classes]].to_numpy()
+    y = val_df["true_class"].map({c: i for i, c in enumerate(classes)}).to_numpy()
+    temperature = float(fit_temperature(logits, y))
+    threshold = None
+    if len(classes) == 2 and positive in classes:
+        y_pos = (val_df["true_class"] == positive).to_numpy().astype(int)
+        threshold = float(choose_threshold(y_pos, val_df[f"prob_{positive}"].to_numpy()))
+    return temperature, threshold
+
+
+def train_fold(
+    fold_dir: Path,
+    fit: FoldData,
+    val: FoldData,
+    tests: dict[str, FoldData],
+    classes: list[str],
+    cfg: Config,
+    fold: Any,
+    meta: dict[str, Any],
+    resume: bool = False,
+) -> dict[str, pd.DataFrame]:
+    """Train one model with early stopping on ``val``; write ``model.pt``; predict each set in ``tests``."""
+    import lightning.pytorch as pl
+    import torch
+
+    from liverlesion.model import build_model, save_checkpoint
+
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
+    in_chans = int(fit.arrays[0].shape[1])
+    model, init = build_model(cfg.model, num_classes=len(classes), in_chans=in_chans)
+    module = _make_lightning_module(model, cfg, _class_weights(fit.labels, len(classes), cfg.train.class_weighting))
+    train_dl, val_dl = _loaders(fit, val, cfg)
+    trainer, ckpt_cb = _trainer(cfg, fold_dir)
+    last = fold_dir / "checkpoints" / "last.ckpt"
+    t0 = time.time()
+    trainer.fit(module, train_dl, val_dl, ckpt_path=str(last) if resume and last.exists() else None)
+    if ckpt_cb.best_model_path:
+        state = torch.load(ckpt_cb.best_model_path, map_location="cpu", weights_only=False)["state_dict"]
+        module.load_state_dict(state)
+    model = module.model.cpu()
+    if trainer.global_rank != 0:
+        return {}
+
+    logits, probs = predict_lesions(model, val)
+    val_df = _prediction_frame(val, classes, logits, probs, fold)
+    temperature, threshold = _calibrate(val_df, classes, cfg.eval.positive_class)
+    results = {"val": val_df}
+    for name, data in tests.items():
+        if len(data.arrays):
+            lg, pr = predict_lesions(model, data)
+            results[name] = _prediction_frame(data, classes, lg, pr, fold)
+    save_checkpoint(
+        fold_dir / "model.pt",
+        model,
+        cfg,
+        classes,
+        in_chans,
+        temperature=temperature,
+        threshold=threshold,
+        positive_class=cfg.eval.positive_class if cfg.eval.positive_class in classes else None,
+        fold=fold,
+        init=init,
+        train_patients=sorted(set(fit.index["patient_id"].astype(str))),
+        val_patients=sorted(set(val.index["patient_id"].astype(str))),
+        epochs_trained=int(trainer.current_epoch),
+        train_seconds=round(time.time() - t0, 1),
+        **meta,
+    )
+    for name, df in results.items():
+        write_csv(fold_dir / f"{name}_predictions.csv", df)
+    return results
+
+
+# --------------------------------------------------------------------------- entry points
+def _run_info(manifest: Path, patch_dir: Path, classes: list[str], cfg: Config, init: str, kind: str) -> dict:
+    import timm
+    import torch
+
+    return {
+        "kind": kind,
+        "manifest": str(Path(manifest).resolve()),
+        "patch_dir": str(Path(patch_dir).resolve()),
+        "class_names": classes,
+        "backbone": cfg.model.backbone,
+        "init": init,
+        "liverlesion_version": __version__,
+        "versions": {"torch": torch.__version__, "timm": timm.__version__},
+        "disclaimer": DISCLAIMER,
+    }
+
+
+def _describe_init(cfg: Config) -> str:
+    """Resolve the init once up front so the user sees it before training starts."""
+    from liverlesion.model import build_model
+
+    _, init = build_model(cfg.model, num_classes=2, in_chans=3)
+    return init
+
+
+def run_cv(manifest: str | Path, out: str | Path, cfg: Config, resume: bool = False, baselines: bool = True,
+           evaluate: bool = True) -> Path:
+    """Patient-level cross-validation; writes predictions.csv and (optionally) evaluates.
+
+    Args:
+        manifest: Manifest CSV.
+        out: Run folder.
+        cfg: Resolved config.
+        resume: Continue an interrupted run (finished folds are skipped, the current one resumes
+            from its last Lightning checkpoint).
+        baselines: Also run the mean-HU and radiomics baselines on the same folds.
+        evaluate: Run ``evaluate_run`` at the end.
+    """
+    from liverlesion.data import load_patch_arrays
+    from liverlesion.splits import load_or_create_splits
+
+    manifest = Path(manifest)
+    out = _prepare_run_dir(Path(out), resume)
+    _set_threads(cfg)
+    cfg.save(out / "config.yaml")
+    print(f"liverlesion cv: {DISCLAIMER}")
+    patch_dir, index = prepare_patches(manifest, out, cfg)
+    classes = class_names_from(index)
+    splits = load_or_create_splits(out / "splits.json", index, cfg.cv.folds, cfg.cv.seed, cfg.train.val_fraction)
+    init = _describe_init(cfg)
+    print(f"Network: {cfg.model.backbone} + paper head; init: {init}")
+    print(
+        f"{len(index)} lesions, {index['patient_id'].nunique()} patients, classes {classes}; "
+        f"{cfg.cv.folds}-fold patient-level CV"
+    )
+    info = _run_info(manifest, patch_dir, classes, cfg, init, "cv")
+    write_json(out / "run.json", info)
+    arrays = load_patch_arrays(patch_dir, index)
+
+    test_frames, val_frames = [], []
+    t0 = time.time()
+    for s in splits["splits"]:
+        k = s["fold"]
+        fold_dir = out / f"fold_{k}"
+        done = fold_dir / "model.pt"
+        if done.exists() and (fold_dir / "test_predictions.csv").exists():
+            print(f"Fold {k + 1}/{cfg.cv.folds}: already trained, reusing {done}")
+            test_frames.append(pd.read_csv(fold_dir / "test_predictions.csv"))
+            val_frames.append(pd.read_csv(fold_dir / "val_predictions.csv"))
+            continue
+        fit = _subset(index, arrays, classes, s["train_patients"])
+        val = _subset(index, arrays, classes, s["val_patients"])
+        test = _subset(index, arrays, classes, s["test_patients"])
+        assert not set(fit.index["patient_id"]) & set(test.index["patient_id"]), "patient leak into test fold"
+        print(
+            f"Fold {k + 1}/{cfg.cv.folds}: train {len(fit.arrays)} lesions, inner-val {len(val.arrays)}, "
+            f"test {len(test.arrays)}"
+        )
+        res = train_fold(
+            fold_dir, fit, val, {"test": test}, classes, cfg, k, {"run": "cv"}, resume=resume
+        )
+        if not res:
+            continue  # non-zero DDP rank
+        test_frames.append(res["test"])
+        val_frames.append(res["val"])
+    if not test_frames:
+        return out
+    preds = pd.concat(test_frames, ignore_index=True)
+    write_csv(out / "predictions.csv", preds)
+    write_csv(out / "val_predictions.csv", pd.concat(val_frames, ignore_index=True))
+    info["train_seconds"] = round(time.time() - t0, 1)
+    write_json(out / "run.json", info)
+    if baselines:
+        from liverlesion.baselines import run_baselines
+
+        run_baselines(index, patch_dir, splits, out / "baselines", positive_class=cfg.eval.positive_class,
+                      seed=cfg.cv.seed)
+    if evaluate:
+        from liverlesion.evaluate import evaluate_run
+
+        evaluate_run(out)
+    return out
+
+
+def train_single(manifest: str | Path, out: str | Path, cfg: Config, resume: bool = False) -> Path:
+    """Train one model on all patients (an inner validation split by patient for early stopping)."""
+    from liverlesion.data import load_patch_arrays
+    from liverlesion.splits import make_splits
+
+    manifest = Path(manifest)
+    out = _prepare_run_dir(Path(out), resume)
+    _set_threads(cfg)
+    cfg.save(out / "config.yaml")
+    print(f"liverlesion train: {DISCLAIMER}")
+    patch_dir, index = prepare_patches(manifest, out, cfg)
+    classes = class_names_from(index)
+    n_inner = max(2, int(round(1 / max(cfg.train.val_fraction, 1e-6))))
+    split_file = out / "splits.json"
+    if split_file.exists():
+        split = json.loads(split_file.read_text())
+    else:
+        split = make_splits(index, n_inner, cfg.cv.seed, cfg.train.val_fraction)["splits"][0]
+        fit_p = sorted(set(split["train_patients"]) | set(split["val_patients"]))
+        split = {"group": "patient_id", "train_patients": fit_p, "val_patients": split["test_patients"]}
+        write_json(split_file, split)
+    init = _describe_init(cfg)
+    print(f"Network: {cfg.model.backbone} + paper head; init: {init}")
+    info = _run_info(manifest, patch_dir, classes, cfg, init, "train")
+    write_json(out / "run.json", info)
+    arrays = load_patch_arrays(patch_dir, index)
+    fit = _subset(index, arrays, classes, split["train_patients"])
+    val = _subset(index, arrays, classes, split["val_patients"])
+    res = train_fold(out, fit, val, {}, classes, cfg, "all", {"run": "train"}, resume=resume)
+    if res:
+        print(f"Saved {out / 'model.pt'} (inner-validation accuracy "
+              f"{(res['val']['pred_class'] == res['val']['true_class']).mean():.3f})")
+    return out
+
+
+def torchrun_world_size() -> int:
+    """World size when launched by ``torchrun`` (1 otherwise)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
