@@ -1,0 +1,220 @@
+"""Pure helpers that build tiny synthetic CT data for tests (import with ``from helpers import ...``).
+
+Fixtures that use them live in ``conftest.py``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import random
+from pathlib import Path
+
+import numpy as np
+
+from liverlesion.volume import Volume
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+
+
+def make_ct_array(
+    shape: tuple[int, int, int] = (24, 48, 48),
+    spacing: tuple[float, float, float] = (2.5, 1.0, 1.0),
+    lesion_radius_mm: float = 6.0,
+    lesion_hu: float = 5.0,
+    tissue_hu: float = 60.0,
+    seed: int = 0,
+    noise_hu: float = 5.0,
+    origin: tuple[float, float, float] = (-24.0, -24.0, 100.0),
+    center_zyx: tuple[float, float, float] | None = None,
+) -> tuple[Volume, Volume]:
+    """A tiny CT: soft tissue in a body ellipse, air outside, a water-density sphere.
+
+    Args:
+        shape: Array shape ``(z, y, x)``.
+        spacing: Voxel size ``(z, y, x)`` in mm.
+        lesion_radius_mm: Sphere radius in mm (0 for no lesion).
+        lesion_hu: HU inside the sphere (water ~0, cyst ~5-15, metastasis ~40-70).
+        tissue_hu: HU of the surrounding soft tissue.
+        seed: Noise seed.
+        noise_hu: Standard deviation of the Gaussian noise in HU.
+        origin: LPS position ``(x, y, z)`` in mm of voxel ``[0, 0, 0]``.
+        center_zyx: Sphere centre in (fractional) voxel indices; defaults to the volume centre.
+
+    Returns:
+        ``(image, mask)``: float32 HU volume and uint8 lesion mask (1 inside the sphere),
+        identity (LPS) direction.
+    """
+    rng = np.random.default_rng(seed)
+    zz, yy, xx = np.meshgrid(*[np.arange(n, dtype=float) for n in shape], indexing="ij")
+    c = np.asarray(center_zyx if center_zyx is not None else [(n - 1) / 2 for n in shape], dtype=float)
+    body = ((yy - (shape[1] - 1) / 2) / (0.45 * shape[1])) ** 2 + (
+        (xx - (shape[2] - 1) / 2) / (0.48 * shape[2])
+    ) ** 2 <= 1
+    dist2 = sum(((g - ci) * s) ** 2 for g, ci, s in zip((zz, yy, xx), c, spacing, strict=True))
+    lesion = (dist2 <= lesion_radius_mm**2) & body if lesion_radius_mm > 0 else np.zeros(shape, bool)
+    hu = np.where(body, tissue_hu, -1000.0)
+    hu = np.where(lesion, lesion_hu, hu)
+    hu = hu + rng.normal(0.0, noise_hu, size=shape)
+    image = Volume(
+        hu.astype(np.float32), spacing, origin, np.eye(3), {"modality": "CT", "format": "synthetic"}
+    )
+    mask = image.with_array(lesion.astype(np.uint8))
+    return image, mask
+
+
+def stored_values(hu: np.ndarray, slope: float = 1.0, intercept: float = -1024.0) -> np.ndarray:
+    """DICOM stored integers for HU values (the inverse of the rescale, rounded)."""
+    return np.round((np.asarray(hu, dtype=float) - intercept) / slope).astype(np.int64)
+
+
+def quantised_hu(hu: np.ndarray, slope: float = 1.0, intercept: float = -1024.0) -> np.ndarray:
+    """The HU a reader should return after a DICOM round trip with this slope/intercept."""
+    return (stored_values(hu, slope, intercept) * slope + intercept).astype(np.float32)
+
+
+def write_dicom_series(
+    volume: Volume,
+    folder: str | Path,
+    series_uid: str | None = None,
+    modality: str = "CT",
+    slope: float = 1.0,
+    intercept: float = -1024.0,
+    description: str = "synthetic",
+    shuffle_names: bool = True,
+    study_uid: str | None = None,
+    frame_of_reference_uid: str | None = None,
+    shuffle_instance_numbers: bool = False,
+    suffix: str = "",
+    seed: int = 0,
+    patient_name: str = "Test^Synthetic",
+) -> list[Path]:
+    """Write a volume as a classic single-frame DICOM series with pydicom.
+
+    Slice ``k`` of the array is written at ``volume.index_to_physical([k, 0, 0])`` with
+    ImageOrientationPatient from the direction's x and y columns, so any (flipped,
+    oblique) direction is encoded faithfully. Stored values are unsigned 16-bit when
+    ``(HU - intercept) / slope`` is never negative, signed otherwise.
+
+    Args:
+        volume: HU volume (or integer mask) to write.
+        folder: Output folder (created).
+        series_uid: SeriesInstanceUID (generated when None).
+        modality: DICOM Modality (``"MR"`` also switches the SOP class to MR Image Storage).
+        slope: RescaleSlope.
+        intercept: RescaleIntercept.
+        description: SeriesDescription.
+        shuffle_names: Give files random names unrelated to slice order.
+        study_uid: StudyInstanceUID (generated when None).
+        frame_of_reference_uid: FrameOfReferenceUID (generated when None).
+        shuffle_instance_numbers: Assign InstanceNumber in random order (readers must sort by position).
+        suffix: File name suffix (``""`` like many scanners, or ``".dcm"``).
+        seed: Seed for the shuffles.
+        patient_name: PatientName written into every file (readers must never print it).
+
+    Returns:
+        The written file paths in array slice order.
+    """
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    series_uid = series_uid or generate_uid()
+    study_uid = study_uid or generate_uid()
+    frame_of_reference_uid = frame_of_reference_uid or generate_uid()
+    sop_class = MR_IMAGE_STORAGE if modality.upper() == "MR" else CT_IMAGE_STORAGE
+    stored = stored_values(volume.array, slope, intercept)
+    signed = bool(stored.min() < 0)
+    dtype = np.int16 if signed else np.uint16
+    info = np.iinfo(dtype)
+    assert info.min <= stored.min() and stored.max() <= info.max, "values do not fit 16 bits"
+    stored = stored.astype(dtype)
+    n = volume.shape[0]
+    names = [f"IM{i:04d}{suffix}" for i in range(n)]
+    if shuffle_names:
+        rng.shuffle(names)
+    instance_numbers = list(range(1, n + 1))
+    if shuffle_instance_numbers:
+        rng.shuffle(instance_numbers)
+    row_dir = volume.direction[:, 0]
+    col_dir = volume.direction[:, 1]
+    today = datetime.date(2024, 1, 1).strftime("%Y%m%d")
+    paths = []
+    for k in range(n):
+        sop_uid = generate_uid()
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = sop_class
+        meta.MediaStorageSOPInstanceUID = sop_uid
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID = sop_class
+        ds.SOPInstanceUID = sop_uid
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series_uid
+        ds.FrameOfReferenceUID = frame_of_reference_uid
+        ds.Modality = modality
+        ds.PatientName = patient_name
+        ds.PatientID = "SYNTH-0001"
+        ds.PatientBirthDate = "19700101"
+        ds.PatientSex = "O"
+        ds.StudyDate = today
+        ds.StudyTime = "120000"
+        ds.StudyID = "1"
+        ds.AccessionNumber = ""
+        ds.ReferringPhysicianName = ""
+        ds.SeriesDescription = description
+        ds.Manufacturer = "liverlesion-tests"
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.SeriesNumber = 1
+        ds.InstanceNumber = instance_numbers[k]
+        ds.ImagePositionPatient = [f"{v:.6f}" for v in volume.index_to_physical([k, 0, 0])]
+        ds.ImageOrientationPatient = [f"{v:.6f}" for v in (*row_dir, *col_dir)]
+        ds.PixelSpacing = [f"{volume.spacing[1]:.6f}", f"{volume.spacing[2]:.6f}"]  # row, column spacing
+        ds.SliceThickness = f"{volume.spacing[0]:.6f}"
+        ds.Rows, ds.Columns = volume.shape[1], volume.shape[2]
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.BitsAllocated = 16
+        ds.BitsStored = 16
+        ds.HighBit = 15
+        ds.PixelRepresentation = 1 if signed else 0
+        ds.RescaleSlope = f"{slope:g}"
+        ds.RescaleIntercept = f"{intercept:g}"
+        ds.RescaleType = "HU"
+        ds.PixelData = np.ascontiguousarray(stored[k]).tobytes()
+        path = folder / names[k]
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def write_non_image_objects(folder: str | Path, study_uid: str | None = None) -> list[Path]:
+    """Write the clutter a real export folder holds: an SR, a DICOMDIR-named file and junk."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    sr_class = "1.2.840.10008.5.1.4.1.1.88.22"  # Enhanced SR
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sr_class
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    sr = Dataset()
+    sr.file_meta = meta
+    sr.SOPClassUID = sr_class
+    sr.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    sr.StudyInstanceUID = study_uid or generate_uid()
+    sr.SeriesInstanceUID = generate_uid()
+    sr.Modality = "SR"
+    paths = [folder / "SR0001", folder / "DICOMDIR", folder / "notes.txt", folder / "Thumbs.db"]
+    sr.save_as(paths[0], enforce_file_format=True)
+    paths[1].write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00")  # a broken DICOMDIR must not matter
+    paths[2].write_text("exported by PACS\n")
+    paths[3].write_bytes(bytes(range(256)))
+    return paths

@@ -1,0 +1,473 @@
+"""Tests for liverlesion.io: readers, series selection, checks and geometry."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+
+from helpers import make_ct_array, quantised_hu, write_dicom_series, write_non_image_objects
+from liverlesion.errors import UserError
+from liverlesion.io import check_geometry, list_series, read_volume, write_volume
+from liverlesion.volume import Volume
+
+
+def assert_same_geometry(a: Volume, b: Volume, atol: float = 1e-4) -> None:
+    assert a.shape == b.shape
+    np.testing.assert_allclose(a.spacing, b.spacing, atol=atol)
+    np.testing.assert_allclose(a.origin, b.origin, atol=atol)
+    np.testing.assert_allclose(a.direction, b.direction, atol=atol)
+
+
+def one_line(exc: pytest.ExceptionInfo) -> str:
+    text = str(exc.value)
+    assert "\n" not in text
+    return text
+
+
+# --------------------------------------------------------------------------- NIfTI / NRRD / MHA
+
+
+def test_nifti_round_trip_keeps_values_and_geometry(tiny_ct, tiny_nifti):
+    image, mask = tiny_ct
+    image_path, mask_path = tiny_nifti
+    got = read_volume(image_path)
+    got_mask = read_volume(mask_path, kind="mask")
+    assert got.array.dtype == np.float32
+    np.testing.assert_array_equal(got.array, image.array)
+    assert_same_geometry(got, image)
+    assert got.meta["format"] == "nifti" and got.meta["source"] == str(image_path)
+    assert np.issubdtype(got_mask.array.dtype, np.integer)
+    np.testing.assert_array_equal(got_mask.array, mask.array)
+    check_geometry(got, got_mask)
+
+
+@pytest.mark.parametrize("suffix", [".nrrd", ".mha", ".nii"])
+def test_other_formats_round_trip(tmp_path, tiny_ct, suffix):
+    image, _ = tiny_ct
+    path = write_volume(image, tmp_path / f"ct{suffix}")
+    got = read_volume(path)
+    np.testing.assert_array_equal(got.array, image.array)
+    assert_same_geometry(got, image)
+    assert [p.name for p in tmp_path.iterdir()] == [f"ct{suffix}"]  # no temp files left behind
+
+
+def test_write_volume_refuses_two_file_formats(tmp_path, tiny_ct):
+    with pytest.raises(UserError, match=r"\.mhd"):
+        write_volume(tiny_ct[0], tmp_path / "ct.mhd")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ras_nifti_comes_back_in_lps_with_correct_physical_points(tmp_path):
+    # A NIfTI array indexed (i, j, k) with a RAS affine, as nibabel writes it.
+    data = np.arange(6 * 5 * 4, dtype=np.int16).reshape(6, 5, 4)
+    affine = np.diag([2.0, 3.0, 4.0, 1.0])
+    affine[:3, 3] = [10.0, 20.0, 30.0]
+    nib.save(nib.Nifti1Image(data, affine), tmp_path / "ras.nii.gz")
+
+    vol = read_volume(tmp_path / "ras.nii.gz")
+
+    np.testing.assert_allclose(vol.direction, np.eye(3), atol=1e-6)
+    assert vol.shape == (4, 5, 6)
+    np.testing.assert_allclose(vol.spacing, (4.0, 3.0, 2.0))
+    for ijk in [(0, 0, 0), (1, 2, 3), (5, 4, 0)]:
+        ras = affine @ np.array([*ijk, 1.0])
+        lps = np.array([-ras[0], -ras[1], ras[2]])
+        idx = vol.physical_to_index(lps)
+        zyx = tuple(int(round(v)) for v in idx)
+        np.testing.assert_allclose(idx, zyx, atol=1e-6)
+        assert vol.array[zyx] == data[ijk]
+        np.testing.assert_allclose(vol.index_to_physical(zyx), lps, atol=1e-6)
+
+
+def test_nifti_with_nan_is_refused_with_count(tmp_path, tiny_ct):
+    image, _ = tiny_ct
+    arr = image.array.copy()
+    arr[0, 0, :3] = np.nan
+    arr[1, 1, 1] = np.inf
+    write_volume(image.with_array(arr), tmp_path / "nan.nii.gz")
+    with pytest.raises(UserError) as exc:
+        read_volume(tmp_path / "nan.nii.gz", name="--image")
+    msg = one_line(exc)
+    assert msg.startswith("--image:") and "4 NaN/inf voxels" in msg and "fix" in msg
+
+
+def test_float_mask_with_whole_numbers_becomes_integer(tmp_path, tiny_ct):
+    _, mask = tiny_ct
+    write_volume(mask.with_array(mask.array.astype(np.float32) * 2), tmp_path / "m.nii.gz")
+    got = read_volume(tmp_path / "m.nii.gz", kind="mask")
+    assert got.array.dtype == np.uint8
+    np.testing.assert_array_equal(got.array, mask.array * 2)
+    write_volume(mask.with_array(mask.array.astype(np.float32) * 0.5), tmp_path / "p.nii.gz")
+    with pytest.raises(UserError, match="non-integer"):
+        read_volume(tmp_path / "p.nii.gz", kind="mask")
+
+
+def test_2d_and_4d_images_are_refused(tmp_path):
+    sitk.WriteImage(sitk.Image(16, 16, sitk.sitkInt16), str(tmp_path / "slice.nii.gz"))
+    sitk.WriteImage(sitk.Image(16, 16, 1, sitk.sitkInt16), str(tmp_path / "oneslice.nii.gz"))
+    sitk.WriteImage(sitk.Image([8, 8, 4, 3], sitk.sitkInt16), str(tmp_path / "phases.nii.gz"))
+    for name in ("slice.nii.gz", "oneslice.nii.gz"):
+        with pytest.raises(UserError) as exc:
+            read_volume(tmp_path / name)
+        assert "2-D" in one_line(exc) and "3-D volume is needed" in str(exc.value)
+    with pytest.raises(UserError, match="4-D image"):
+        read_volume(tmp_path / "phases.nii.gz")
+
+
+@pytest.mark.parametrize("name", ["fake.nii", "fake.nii.gz", "fake.dcm", "fake"])
+def test_non_image_file_is_refused(tmp_path, name):
+    path = tmp_path / name
+    path.write_text("this is not an image\n")
+    with pytest.raises(UserError) as exc:
+        read_volume(path, name="--image")
+    msg = one_line(exc)
+    assert msg.startswith("--image:") and str(path) in msg
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        read_volume(tmp_path / "nope.nii.gz", name="manifest row 3 image")
+
+
+# --------------------------------------------------------------------------- DICOM
+
+
+def test_dicom_series_matches_source(tiny_ct, tiny_dicom_dir):
+    image, _ = tiny_ct
+    vol = read_volume(tiny_dicom_dir)
+    np.testing.assert_array_equal(vol.array, quantised_hu(image.array))
+    assert vol.array.dtype == np.float32
+    assert_same_geometry(vol, image)
+    assert vol.meta["modality"] == "CT" and vol.meta["format"] == "dicom"
+    assert vol.meta["series_description"] == "synthetic"
+    ref = vol.meta["dicom_reference"]
+    assert ref["sop_class_uid"] == "1.2.840.10008.5.1.4.1.1.2"
+    assert ref["series_instance_uid"] == vol.meta["series_uid"]
+    assert "PixelData" not in ref["header"]
+    assert ref["slices_along_array_z"] is True
+    # SOP instances in array slice order: the k-th UID is the file whose position is slice k.
+    by_uid = {}
+    for f in tiny_dicom_dir.iterdir():
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        by_uid[ds.SOPInstanceUID] = float(ds.ImagePositionPatient[2])
+    z = [by_uid[u] for u in ref["sop_instance_uids"]]
+    np.testing.assert_allclose(z, [vol.index_to_physical([k, 0, 0])[2] for k in range(vol.shape[0])])
+
+
+@pytest.mark.parametrize(
+    ("slope", "intercept", "storage"),
+    [(1.0, -1024.0, np.uint16), (2.0, -1024.0, np.uint16), (1.0, 0.0, np.int16), (0.5, -1000.0, np.int16)],
+)
+def test_rescale_is_applied_exactly_once(tmp_path, slope, intercept, storage):
+    image, _ = make_ct_array(shape=(6, 16, 16), lesion_radius_mm=3)
+    write_dicom_series(image, tmp_path / "s", slope=slope, intercept=intercept)
+    stored = pydicom.dcmread(next((tmp_path / "s").iterdir()))
+    assert stored.pixel_array.dtype == storage
+    vol = read_volume(tmp_path / "s")
+    np.testing.assert_array_equal(vol.array, quantised_hu(image.array, slope, intercept))
+    assert vol.array.min() == pytest.approx(-1000, abs=25)  # air stays air (not -2024, not +24)
+
+
+@pytest.mark.parametrize(
+    "direction",
+    [np.diag([1.0, 1.0, -1.0]), np.diag([-1.0, -1.0, 1.0]), np.diag([-1.0, 1.0, -1.0])],
+    ids=["reverse-z", "ras-like-xy", "flip-xz"],
+)
+def test_flipped_series_comes_back_canonical(tmp_path, direction):
+    image, _ = make_ct_array(shape=(8, 20, 24), lesion_radius_mm=4)
+    # The same patient voxels stored with flipped axes: physical point of each voxel unchanged.
+    flips = tuple(slice(None, None, -1) if direction[a, a] < 0 else slice(None) for a in (2, 1, 0))
+    corner = [image.shape[i] - 1 if flips[i] != slice(None) else 0 for i in range(3)]
+    flipped = Volume(image.array[flips].copy(), image.spacing, image.index_to_physical(corner), direction)
+    write_dicom_series(flipped, tmp_path / "f", shuffle_instance_numbers=True)
+
+    vol = read_volume(tmp_path / "f")
+
+    np.testing.assert_allclose(vol.direction, np.eye(3), atol=1e-6)
+    assert_same_geometry(vol, image)
+    np.testing.assert_array_equal(vol.array, quantised_hu(image.array))
+
+
+def test_oblique_series_keeps_physical_coordinates(tmp_path):
+    image, _ = make_ct_array(shape=(6, 16, 16), lesion_radius_mm=3)
+    a = np.deg2rad(20)
+    rot = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    oblique = Volume(image.array, image.spacing, image.origin, rot)
+    write_dicom_series(oblique, tmp_path / "o")
+    vol = read_volume(tmp_path / "o")
+    np.testing.assert_allclose(vol.direction, rot, atol=1e-5)
+    np.testing.assert_allclose(
+        vol.index_to_physical([3, 5, 7]), oblique.index_to_physical([3, 5, 7]), atol=1e-3
+    )
+
+
+def test_messy_export_folder(tmp_path, tiny_ct):
+    """Subfolders, .dcm and extension-less names, shuffled InstanceNumber, SR, DICOMDIR, junk."""
+    image, _ = tiny_ct
+    root = tmp_path / "export"
+    paths = write_dicom_series(image, root / "a", shuffle_instance_numbers=True, suffix=".dcm")
+    for p in paths[::2]:  # half the slices in another subfolder, names without extension
+        (root / "b").mkdir(exist_ok=True)
+        p.rename(root / "b" / p.stem)
+    write_non_image_objects(root)
+    vol = read_volume(root)
+    np.testing.assert_array_equal(vol.array, quantised_hu(image.array))
+    assert_same_geometry(vol, image)
+    assert len(list_series(root)) == 1
+
+
+def test_localizer_in_series_is_skipped(tmp_path, tiny_ct):
+    image, _ = tiny_ct
+    paths = write_dicom_series(image, tmp_path / "s")
+    scout = pydicom.dcmread(paths[0])
+    scout.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    scout.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]  # coronal scout
+    scout.SOPInstanceUID = pydicom.uid.generate_uid()
+    scout.save_as(tmp_path / "s" / "scout")
+    vol = read_volume(tmp_path / "s")
+    assert vol.shape == image.shape
+
+
+def test_mask_series_keeps_integer_labels(tmp_path, tiny_ct):
+    _, mask = tiny_ct
+    write_dicom_series(mask.with_array(mask.array * 255), tmp_path / "m", intercept=0.0)
+    got = read_volume(tmp_path / "m", kind="mask")
+    assert np.issubdtype(got.array.dtype, np.integer)
+    np.testing.assert_array_equal(got.array, mask.array * 255)
+    assert_same_geometry(got, mask)
+
+
+def test_several_series_need_a_choice(tmp_path, tiny_ct):
+    image, _ = tiny_ct
+    write_dicom_series(image, tmp_path / "x" / "art", series_uid="1.2.3.1", description="arterial")
+    write_dicom_series(image, tmp_path / "x" / "pv", series_uid="1.2.3.2", description="portal venous")
+    with pytest.raises(UserError) as exc:
+        read_volume(tmp_path / "x", name="--image")
+    msg = one_line(exc)
+    for text in ("1.2.3.1", "1.2.3.2", "arterial", "portal venous", "CT", "24 slices", "in pv", "--series"):
+        assert text in msg
+    assert "Test^Synthetic" not in msg and "SYNTH-0001" not in msg  # never print identifying tags
+    assert read_volume(tmp_path / "x", series="1.2.3.2").meta["series_description"] == "portal venous"
+    with pytest.raises(UserError) as exc:
+        read_volume(tmp_path / "x", series="9.9.9")
+    assert "9.9.9" in one_line(exc) and "1.2.3.1" in str(exc.value)
+    listed = [(s["uid"], s["n_slices"], s["folder"]) for s in list_series(tmp_path / "x")]
+    assert listed == [("1.2.3.1", 24, "art"), ("1.2.3.2", 24, "pv")]
+
+
+def test_mr_is_refused_for_images_only(tmp_path, tiny_ct):
+    image, _ = tiny_ct
+    write_dicom_series(image, tmp_path / "mr", modality="MR")
+    with pytest.raises(UserError) as exc:
+        read_volume(tmp_path / "mr", name="--image")
+    assert "modality MR" in one_line(exc) and "not CT" in str(exc.value)
+    assert read_volume(tmp_path / "mr", kind="mask").shape == image.shape
+
+
+def test_missing_slice_names_the_gap(tmp_path, tiny_ct):
+    image, _ = tiny_ct
+    paths = write_dicom_series(image, tmp_path / "s", shuffle_names=False)
+    paths[10].unlink()
+    with pytest.raises(UserError) as exc:
+        read_volume(tmp_path / "s")
+    msg = one_line(exc)
+    z9 = image.index_to_physical([9, 0, 0])[2]
+    assert "missing slice" in msg and "5.000 mm" in msg and f"{z9:.2f}" in msg
+
+
+def test_uneven_spacing_is_refused_beyond_tolerance(tmp_path, tiny_ct):
+    image, _ = tiny_ct
+    paths = write_dicom_series(image, tmp_path / "s", shuffle_names=False)
+    for k in range(12, len(paths)):  # shift the upper half by 0.5 mm (20 % of 2.5 mm)
+        ds = pydicom.dcmread(paths[k])
+        ds.ImagePositionPatient[2] = float(ds.ImagePositionPatient[2]) + 0.5
+        ds.save_as(paths[k])
+    with pytest.raises(UserError, match="uneven slice spacing: gap of 3.000 mm"):
+        read_volume(tmp_path / "s")
+    assert read_volume(tmp_path / "s", slice_tolerance=0.3).shape == image.shape
+
+
+def test_duplicate_positions_are_refused(tmp_path, tiny_ct):
+    image, _ = tiny_ct
+    write_dicom_series(image, tmp_path / "s", series_uid="1.2.3")
+    write_dicom_series(image, tmp_path / "s" / "again", series_uid="1.2.3", seed=1)
+    with pytest.raises(UserError, match="same position"):
+        read_volume(tmp_path / "s")
+
+
+def test_mixed_sizes_in_one_series_are_refused(tmp_path, tiny_ct):
+    image, _ = tiny_ct
+    paths = write_dicom_series(image, tmp_path / "s", series_uid="1.2.3")
+    small, _ = make_ct_array(shape=(1, 32, 32), origin=(0, 0, 500))
+    paths[0].unlink()
+    write_dicom_series(small, tmp_path / "s" / "small", series_uid="1.2.3")
+    with pytest.raises(UserError, match="mixes image sizes"):
+        read_volume(tmp_path / "s")
+
+
+def test_corrupt_and_truncated_dicom(tmp_path, tiny_ct):
+    image, _ = tiny_ct
+    paths = write_dicom_series(image, tmp_path / "s", shuffle_names=False)
+    data = paths[5].read_bytes()
+    paths[5].write_bytes(data[:-1000])  # pixel data cut short: GDCM alone would read garbage
+    with pytest.raises(UserError) as exc:
+        read_volume(tmp_path / "s", name="--image")
+    assert "truncated" in one_line(exc) and paths[5].name in str(exc.value)
+    paths[5].write_bytes(data[:300])  # header cut short: the slice cannot be read at all
+    with pytest.raises(UserError):
+        read_volume(tmp_path / "s")
+    with pytest.raises(UserError, match="truncated"):
+        read_volume(paths[5])
+
+
+def test_folder_without_images(tmp_path):
+    write_non_image_objects(tmp_path / "junk")
+    with pytest.raises(UserError) as exc:
+        read_volume(tmp_path / "junk")
+    assert "no DICOM image series" in one_line(exc) and "non-image SR" in str(exc.value)
+
+
+def test_pydicom_ct_small_single_slice_is_refused(tmp_path):
+    ct_small = Path(pydicom.data.get_testdata_file("CT_small.dcm"))
+    with pytest.raises(UserError) as exc:
+        read_volume(ct_small, name="--image")
+    assert "single DICOM slice" in one_line(exc) and "3-D volume is needed" in str(exc.value)
+    folder = tmp_path / "one"
+    folder.mkdir()
+    shutil.copy(ct_small, folder / "CT_small.dcm")
+    with pytest.raises(UserError, match="single slice"):
+        read_volume(folder)
+    assert list_series(folder)[0]["n_slices"] == 1
+
+
+def test_zip_input_reads_and_cleans_up(tmp_path, tiny_ct, tiny_dicom_dir, monkeypatch):
+    image, _ = tiny_ct
+    archive = tmp_path / "series.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for f in tiny_dicom_dir.iterdir():
+            zf.write(f, f"study/series/{f.name}")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    vol = read_volume(archive)
+    np.testing.assert_array_equal(vol.array, quantised_hu(image.array))
+    assert vol.meta["format"] == "dicom-zip" and vol.meta["source"] == str(archive)
+    assert "PatientName" in vol.meta["dicom_reference"]["header"]  # usable after the temp dir is gone
+    assert list(scratch.iterdir()) == []
+    assert list_series(archive)[0]["n_slices"] == image.shape[0]
+    bad = tmp_path / "bad.zip"
+    bad.write_bytes(b"PK\x03\x04 broken")
+    with pytest.raises(UserError):
+        read_volume(bad)
+    assert list(scratch.iterdir()) == []
+
+
+def test_multiframe_enhanced_ct(tmp_path, tiny_ct):
+    highdicom = pytest.importorskip("highdicom")
+    image, _ = tiny_ct
+    paths = write_dicom_series(image, tmp_path / "s", shuffle_names=False)
+    frames = highdicom.legacy.LegacyConvertedEnhancedCTImage(
+        [pydicom.dcmread(p) for p in paths],
+        series_instance_uid=pydicom.uid.generate_uid(),
+        series_number=2,
+        sop_instance_uid=pydicom.uid.generate_uid(),
+        instance_number=1,
+    )
+    (tmp_path / "mf").mkdir()
+    frames.save_as(tmp_path / "mf" / "enhanced.dcm")
+    for source in (tmp_path / "mf" / "enhanced.dcm", tmp_path / "mf"):
+        vol = read_volume(source)
+        np.testing.assert_array_equal(vol.array, quantised_hu(image.array))
+        assert_same_geometry(vol, image)
+
+
+# --------------------------------------------------------------------------- check_geometry
+
+
+def test_check_geometry_accepts_rounding_and_reports_mismatch(tiny_ct):
+    image, mask = tiny_ct
+    nudged = Volume(mask.array, mask.spacing, np.add(mask.origin, 1e-4), mask.direction)
+    check_geometry(image, nudged)
+    shifted = Volume(mask.array, mask.spacing, np.add(mask.origin, (0.0, 0.0, 0.01)), mask.direction)
+    with pytest.raises(UserError) as exc:
+        check_geometry(image, shifted, image_name="--image", mask_name="--mask")
+    msg = one_line(exc)
+    assert (
+        "origin" in msg and "--tolerance" in msg and "(-24, -24, 100)" in msg and "(-24, -24, 100.01)" in msg
+    )
+    check_geometry(image, shifted, tolerance=0.02)
+
+    cropped = Volume(mask.array[:, :40], (2.5, 0.8, 0.8), mask.origin)
+    with pytest.raises(UserError) as exc:
+        check_geometry(image, cropped, image_name="img.nii.gz", mask_name="mask.nii.gz")
+    msg = one_line(exc)
+    for text in (
+        "shape (24, 48, 48)",
+        "shape (24, 40, 48)",
+        "spacing (2.5, 1, 1)",
+        "spacing (2.5, 0.8, 0.8)",
+    ):
+        assert text in msg
+    assert "sitkNearestNeighbor" in msg and "--tolerance" not in msg
+
+
+def test_check_geometry_direction(tiny_ct):
+    image, mask = tiny_ct
+    flipped = Volume(mask.array, mask.spacing, mask.origin, np.diag([1.0, 1.0, -1.0]))
+    with pytest.raises(UserError, match="direction"):
+        check_geometry(image, flipped)
+
+
+# --------------------------------------------------------------------------- real CT
+
+
+@pytest.mark.realdata
+def test_ircadb_patient1_dicom(ircad_patient1):
+    folder = ircad_patient1 / "PATIENT_DICOM"
+    vol = read_volume(folder)
+    assert vol.shape == (129, 512, 512)
+    np.testing.assert_allclose(vol.spacing, (1.6, 0.57, 0.57), atol=1e-4)
+    np.testing.assert_allclose(vol.direction, np.eye(3), atol=1e-6)
+    assert vol.meta["modality"] == "CT"
+    assert vol.array.dtype == np.float32
+    # Header positions of the first and last slices, read independently.
+    first = pydicom.dcmread(folder / "image_0", stop_before_pixels=True)
+    last = pydicom.dcmread(folder / "image_128", stop_before_pixels=True)
+    np.testing.assert_allclose(vol.origin, [float(v) for v in first.ImagePositionPatient], atol=1e-3)
+    np.testing.assert_allclose(
+        vol.index_to_physical([128, 0, 0]), [float(v) for v in last.ImagePositionPatient], atol=1e-2
+    )
+    hu = vol.array
+    assert np.mean(hu < -900) > 0.2  # air around the patient
+    body = hu[hu > -500]
+    assert -100 < np.median(body) < 150  # soft tissue, not raw stored values
+    assert hu.min() >= -1100 and hu.max() <= 3100
+
+
+def test_sagittal_series_is_reoriented_to_axial_array(tmp_path):
+    image, _ = make_ct_array(shape=(10, 12, 14), spacing=(1.5, 1.0, 0.8), lesion_radius_mm=3)
+    # Sagittal slices: rows run posterior, columns inferior, slices step towards the patient's right.
+    sagittal = np.column_stack([(0.0, 1.0, 0.0), (0.0, 0.0, -1.0), (-1.0, 0.0, 0.0)])
+    source = Volume(image.array, image.spacing, (50.0, -20.0, 80.0), sagittal)
+    write_dicom_series(source, tmp_path / "sag")
+
+    vol = read_volume(tmp_path / "sag")
+
+    np.testing.assert_allclose(vol.direction, np.eye(3), atol=1e-6)
+    # Source rows step inferior (1.0 mm), columns posterior (0.8 mm), slices right (1.5 mm).
+    assert vol.shape == (12, 14, 10)
+    np.testing.assert_allclose(vol.spacing, (1.0, 0.8, 1.5), atol=1e-6)
+    for idx in [(0, 0, 0), (3, 5, 7), (9, 11, 13)]:
+        point = source.index_to_physical(idx)
+        back = np.round(vol.physical_to_index(point)).astype(int)
+        np.testing.assert_allclose(vol.index_to_physical(back), point, atol=1e-4)
+        assert vol.array[tuple(back)] == quantised_hu(image.array[idx])
+    assert vol.meta["dicom_reference"]["slices_along_array_z"] is False

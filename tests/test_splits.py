@@ -1,0 +1,65 @@
+"""Patient-level splits: no patient crosses folds; written once and reused."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from liverlesion.errors import UserError
+from liverlesion.splits import check_splits, load_or_create_splits, make_splits
+
+
+def _table(n_patients: int = 20, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for p in range(n_patients):
+        for _ in range(rng.integers(1, 7)):  # several lesions per patient, as in the paper (~3.7)
+            rows.append({"patient_id": f"P{p:03d}", "lesion_class": rng.choice(["metastasis", "cyst"])})
+    return pd.DataFrame(rows)
+
+
+def test_no_patient_in_two_folds_and_all_covered():
+    table = _table()
+    s = make_splits(table, folds=5, seed=0)
+    tests = [set(f["test_patients"]) for f in s["splits"]]
+    for i in range(5):
+        for j in range(i + 1, 5):
+            assert not tests[i] & tests[j]
+    assert set().union(*tests) == set(table["patient_id"])
+    for f in s["splits"]:
+        assert not set(f["train_patients"]) & set(f["test_patients"])
+        assert not set(f["val_patients"]) & set(f["test_patients"])
+        assert not set(f["train_patients"]) & set(f["val_patients"])
+        # every non-test patient is either in inner-train or inner-val
+        assert set(f["train_patients"]) | set(f["val_patients"]) | set(f["test_patients"]) == set(table["patient_id"])
+
+
+def test_check_splits_catches_leak():
+    s = make_splits(_table(), folds=4, seed=1)
+    s["splits"][1]["test_patients"].append(s["splits"][0]["test_patients"][0])
+    with pytest.raises(AssertionError):
+        check_splits(s)
+
+
+def test_written_once_and_reused(tmp_path):
+    table = _table()
+    path = tmp_path / "splits.json"
+    first = load_or_create_splits(path, table, folds=5, seed=0)
+    # A different seed must not silently change existing splits.
+    second = load_or_create_splits(path, table, folds=5, seed=123)
+    assert first == second == json.loads(path.read_text())
+
+
+def test_mismatched_existing_splits_is_user_error(tmp_path):
+    path = tmp_path / "splits.json"
+    load_or_create_splits(path, _table(), folds=5, seed=0)
+    with pytest.raises(UserError, match="do not match"):
+        load_or_create_splits(path, _table(), folds=3, seed=0)
+
+
+def test_too_few_patients():
+    with pytest.raises(UserError, match="at most 3 folds"):
+        make_splits(_table(n_patients=3), folds=5)
