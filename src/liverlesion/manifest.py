@@ -73,9 +73,13 @@ def _parse_float(path: Path, row: int, col: str, text: str) -> float:
     try:
         value = float(text)
     except ValueError as e:
-        raise UserError(f"{_where(path, row)}: {col}={text!r} is not a number; give millimetres, e.g. 12.5") from e
+        raise UserError(
+            f"{_where(path, row)}: {col}={text!r} is not a number; give millimetres, e.g. 12.5"
+        ) from e
     if not math.isfinite(value):
-        raise UserError(f"{_where(path, row)}: {col}={text!r} is not a finite number; give millimetres, e.g. 12.5")
+        raise UserError(
+            f"{_where(path, row)}: {col}={text!r} is not a finite number; give millimetres, e.g. 12.5"
+        )
     return value
 
 
@@ -112,7 +116,9 @@ def _read_rows(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     try:
         data = path.read_bytes()
     except OSError as e:
-        raise UserError(f"manifest {path}: cannot be read ({e.strerror}); check the path and permissions") from e
+        raise UserError(
+            f"manifest {path}: cannot be read ({e.strerror}); check the path and permissions"
+        ) from e
     text = _decode(path, data)
     reader = csv.reader(_io.StringIO(text, newline=""), strict=True)
     try:
@@ -166,7 +172,9 @@ def _check_header(path: Path, header: list[str]) -> None:
             "a click needs all of x_mm,y_mm,z_mm,diameter_mm"
         )
     if "mask" not in header and not click:
-        raise UserError(f"manifest {path}: no lesion source columns (mask, or x_mm,y_mm,z_mm,diameter_mm); {_FIX_HEADER}")
+        raise UserError(
+            f"manifest {path}: no lesion source columns (mask, or x_mm,y_mm,z_mm,diameter_mm); {_FIX_HEADER}"
+        )
     if "label" in header and "mask" not in header:
         raise UserError(f"manifest {path}: column label without column mask; add the mask column")
 
@@ -220,7 +228,9 @@ def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
         rec["label"] = pd.NA
         if label_text:
             if not has_mask:
-                raise UserError(f"{where}: label={label_text!r} without a mask; give the mask or clear the label")
+                raise UserError(
+                    f"{where}: label={label_text!r} without a mask; give the mask or clear the label"
+                )
             rec["label"] = _parse_label(path, row, label_text)
         for c in CLICK_COLUMNS:
             rec[c] = math.nan
@@ -317,7 +327,9 @@ def write_manifest(df: pd.DataFrame, path: str | os.PathLike) -> Path:
             if src is None:
                 continue
             out[col] = [
-                "" if v is None or (isinstance(v, float) and math.isnan(v)) or v == "" else _relative(str(v), folder)
+                ""
+                if v is None or (isinstance(v, float) and math.isnan(v)) or v == ""
+                else _relative(str(v), folder)
                 for v in src
             ]
         elif col in df.columns:

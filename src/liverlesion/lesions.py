@@ -1,0 +1,727 @@
+"""Lesion records from masks or clicks, and the lesion table of a manifest.
+
+A lesion is a set of voxels of one image: a connected component of a mask, one
+label of a label mask, or a sphere around a clicked point. Each is measured in
+millimetres on the image's own grid (no resampling), so anisotropic spacing is
+handled by construction:
+
+* ``bbox_zyx``: array indices ``(z0, y0, x0, z1, y1, x1)``, half-open.
+* ``centroid_mm``: mean voxel position in LPS mm ``(x, y, z)``.
+* ``volume_ml``: voxel count x voxel volume.
+* ``max_axial_diameter_mm``: the largest in-plane Feret (caliper) diameter over
+  the axial slices, measured on the pixel outline (the 0.5 iso-contour, as
+  scikit-image's ``feret_diameter_max``) with the in-plane spacing, as a
+  radiologist would measure it on one slice (RECIST long axis).
+* ``min_axis_mm``: the extent along the lesion's smallest principal axis
+  (voxel centres projected onto that axis, plus one voxel's extent along it);
+  used to flag lesions too small to characterise.
+* ``hu_mean`` / ``hu_std``: HU statistics over the lesion voxels.
+
+Masks handed to callers are **full-size** boolean arrays (same shape as the
+image); :func:`iter_manifest_lesions` yields them one image at a time so only
+that image's lesions are in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import ndimage
+
+from liverlesion import DISCLAIMER
+from liverlesion.errors import UserError
+from liverlesion.volume import Volume
+
+log = logging.getLogger(__name__)
+
+#: Columns of the lesion table (``lesions.csv``), in order; see docs/ARCHITECTURE.md.
+LESION_COLUMNS = (
+    "lesion_id",
+    "patient_id",
+    "lesion_class",
+    "image",
+    "mask",
+    "label",
+    "source",
+    "n_voxels",
+    "bbox_z0",
+    "bbox_y0",
+    "bbox_x0",
+    "bbox_z1",
+    "bbox_y1",
+    "bbox_x1",
+    "centroid_x_mm",
+    "centroid_y_mm",
+    "centroid_z_mm",
+    "volume_ml",
+    "max_axial_diameter_mm",
+    "min_axis_mm",
+    "hu_mean",
+    "hu_std",
+)
+
+#: HU below which a clicked point is taken to be in air (outside the body, lung or gas).
+AIR_HU = -500.0
+
+LesionWithMask = tuple["Lesion", np.ndarray]
+
+
+@dataclass
+class Lesion:
+    """One lesion: where it is and how large it is.
+
+    Attributes:
+        lesion_id: ``{patient_id}-L{nn}``, numbered per patient (see :func:`iter_manifest_lesions`).
+        patient_id: Patient identifier from the manifest (never from DICOM headers).
+        lesion_class: Class name from the manifest ("" when unknown, e.g. at prediction).
+        image: The image reference as given (manifest text or path).
+        mask: The mask reference as given ("" for a click).
+        label: Mask label used (None: connected components of the non-zero mask, or a click).
+        source: ``"mask"`` or ``"click"``.
+        n_voxels: Number of voxels.
+        bbox_zyx: ``(z0, y0, x0, z1, y1, x1)`` array indices, half-open.
+        centroid_mm: Centroid in LPS mm ``(x, y, z)``.
+        volume_ml: Volume in mL.
+        max_axial_diameter_mm: Largest in-plane Feret diameter over the axial slices, mm.
+        min_axis_mm: Extent along the smallest principal axis, mm.
+        hu_mean: Mean HU over the lesion.
+        hu_std: HU standard deviation over the lesion.
+    """
+
+    lesion_id: str
+    patient_id: str
+    lesion_class: str
+    image: str
+    mask: str
+    label: int | None
+    source: str
+    n_voxels: int
+    bbox_zyx: tuple[int, int, int, int, int, int]
+    centroid_mm: tuple[float, float, float]
+    volume_ml: float
+    max_axial_diameter_mm: float
+    min_axis_mm: float
+    hu_mean: float
+    hu_std: float
+
+    @property
+    def bbox_slices(self) -> tuple[slice, slice, slice]:
+        """The bounding box as array slices ``[z, y, x]``."""
+        z0, y0, x0, z1, y1, x1 = self.bbox_zyx
+        return slice(z0, z1), slice(y0, y1), slice(x0, x1)
+
+    def to_row(self) -> dict:
+        """The lesion as a flat dict with the lesion-table columns (:data:`LESION_COLUMNS`)."""
+        d = asdict(self)
+        bbox = d.pop("bbox_zyx")
+        cx, cy, cz = d.pop("centroid_mm")
+        row = {
+            **d,
+            **{f"bbox_{k}": int(v) for k, v in zip(("z0", "y0", "x0", "z1", "y1", "x1"), bbox, strict=True)},
+            "centroid_x_mm": cx,
+            "centroid_y_mm": cy,
+            "centroid_z_mm": cz,
+        }
+        return {c: row[c] for c in LESION_COLUMNS}
+
+
+# ----------------------------------------------------------------------------- measurements
+
+
+def _max_axial_diameter_mm(crop: np.ndarray, spacing_y: float, spacing_x: float) -> float:
+    """Largest Feret diameter over the axial slices of a ``[z, y, x]`` boolean crop, in mm."""
+    from scipy.spatial import ConvexHull, QhullError
+    from scipy.spatial.distance import pdist
+
+    scale = np.array([spacing_y, spacing_x])
+    offsets = np.array([[-0.5, 0.0], [0.5, 0.0], [0.0, -0.5], [0.0, 0.5]])
+    best = 0.0
+    for sl in crop:
+        if not sl.any():
+            continue
+        # Only outline pixels can carry the extreme points; their edge midpoints
+        # are the 0.5 iso-contour of the slice.
+        edge = sl & ~ndimage.binary_erosion(sl, border_value=0)
+        yx = np.argwhere(edge).astype(float)
+        pts = np.unique((yx[:, None, :] + offsets[None]).reshape(-1, 2), axis=0) * scale
+        if len(pts) > 8:
+            try:
+                pts = pts[ConvexHull(pts).vertices]
+            except QhullError:  # degenerate outline: fall back to all points
+                pass
+        best = max(best, float(pdist(pts).max()))
+    return best
+
+
+def _min_axis_mm(idx_zyx: np.ndarray, spacing_zyx: Sequence[float]) -> float:
+    """Extent along the smallest principal axis of voxel indices ``(n, 3)``, in mm."""
+    spacing = np.asarray(spacing_zyx, dtype=float)
+    coords = idx_zyx * spacing
+    if len(coords) < 2:
+        return float(spacing.min())
+    centred = coords - coords.mean(axis=0)
+    _, vecs = np.linalg.eigh(centred.T @ centred)
+    # Extent along each principal axis; voxel centres span one voxel less than the
+    # object, so add one voxel's extent along the axis. Taking the smallest extent
+    # (not just the smallest-variance axis) settles ties, e.g. a one-voxel-thick bar.
+    extents = np.ptp(centred @ vecs, axis=0) + np.abs(vecs).T @ spacing
+    return float(extents.min())
+
+
+def _measure(image: Volume, crop: np.ndarray, offset: Sequence[int]) -> dict:
+    """Measurements of a lesion given its boolean crop at ``offset`` (z, y, x) in ``image``."""
+    idx = np.argwhere(crop)
+    assert len(idx), "empty lesion crop"
+    gidx = idx + np.asarray(offset)
+    lo = gidx.min(axis=0)
+    hi = gidx.max(axis=0) + 1
+    window = tuple(slice(int(o), int(o) + s) for o, s in zip(offset, crop.shape, strict=True))
+    hu = image.array[window][crop].astype(np.float64)
+    centroid = image.index_to_physical(gidx.mean(axis=0))
+    return {
+        "n_voxels": int(len(idx)),
+        "bbox_zyx": tuple(int(v) for v in (*lo, *hi)),
+        "centroid_mm": tuple(round(float(c), 4) for c in centroid),
+        # Rounded far below measurement precision, to keep the CSV readable.
+        "volume_ml": round(float(len(idx) * image.voxel_volume_ml), 6),
+        "max_axial_diameter_mm": round(_max_axial_diameter_mm(crop, image.spacing[1], image.spacing[2]), 4),
+        "min_axis_mm": round(_min_axis_mm(idx, image.spacing), 4),
+        "hu_mean": round(float(hu.mean()), 3),
+        "hu_std": round(float(hu.std()), 3),
+    }
+
+
+def _lesion_id(patient_id: str, number: int) -> str:
+    return f"{patient_id}-L{number:02d}"
+
+
+def _foreground_box(fg: np.ndarray) -> tuple[slice, slice, slice] | None:
+    """Bounding box of a boolean array as slices, or None when empty."""
+    boxes = ndimage.find_objects(fg.view(np.uint8))
+    return boxes[0] if boxes else None
+
+
+# ----------------------------------------------------------------------------- masks
+
+
+def lesions_from_mask(
+    image: Volume,
+    mask: Volume,
+    label: int | None = None,
+    patient_id: str = "",
+    lesion_class: str = "",
+    *,
+    first_number: int = 1,
+    image_ref: str = "",
+    mask_ref: str = "",
+    mask_name: str = "mask",
+    min_voxels: int = 1,
+) -> list[LesionWithMask]:
+    """Lesions of one mask.
+
+    ``label`` None or 0: every 3-D connected component (26-connectivity) of
+    ``mask > 0`` is a lesion, in raster order of its first voxel (z, then y, x).
+    ``label`` N: the voxels equal to N form **one** lesion, even when they fall
+    into several components (the annotator grouped them; a note is logged).
+
+    Args:
+        image: CT volume (HU).
+        mask: Mask on the same grid as ``image`` (check geometry first, e.g. ``io.check_geometry``).
+        label: Label value, or None/0 for connected components.
+        patient_id: Patient identifier (used in ``lesion_id``).
+        lesion_class: Class name.
+        first_number: Number of the first lesion (``{patient_id}-L{nn}``).
+        image_ref: Image reference stored in the records.
+        mask_ref: Mask reference stored in the records.
+        mask_name: How the mask is named in error messages.
+        min_voxels: Components with fewer voxels are dropped (speckle).
+
+    Returns:
+        ``(Lesion, mask)`` pairs; each mask is a full-size boolean array.
+
+    Raises:
+        UserError: Shape mismatch, empty mask, label absent, or nothing left after ``min_voxels``.
+    """
+    if image.shape != mask.shape:
+        raise UserError(
+            f"{mask_name}: shape {mask.shape} (z, y, x) differs from the image's {image.shape}; "
+            "give the mask drawn on this image"
+        )
+    arr = mask.array
+    fg = arr > 0
+    box = _foreground_box(fg)
+    if box is None:
+        raise UserError(
+            f"{mask_name}: the mask is empty (no voxel > 0); give a mask that contains the lesion(s)"
+        )
+    label = int(label) if label else None
+    offset = tuple(s.start for s in box)
+    lesions: list[tuple[np.ndarray, tuple[int, int, int]]] = []  # (crop, offset)
+    if label is None:
+        # Label only inside the foreground's box: a full-size int32 label image of a
+        # 512x512x900 CT would take ~1 GB.
+        comp, n = ndimage.label(fg[box], structure=np.ones((3, 3, 3), dtype=bool))
+        for k, sl in enumerate(ndimage.find_objects(comp), start=1):
+            crop = comp[sl] == k
+            lesions.append((crop, tuple(o + s.start for o, s in zip(offset, sl, strict=True))))
+        small = [c for c in lesions if int(c[0].sum()) < min_voxels]
+        if small:
+            log.info("%s: dropped %d component(s) smaller than %d voxels", mask_name, len(small), min_voxels)
+            lesions = [c for c in lesions if int(c[0].sum()) >= min_voxels]
+        if not lesions:
+            raise UserError(
+                f"{mask_name}: all {n} component(s) are smaller than min_voxels={min_voxels}; lower min_voxels"
+            )
+    else:
+        sel = arr[box] == label
+        if not sel.any():
+            present = np.unique(arr[box][fg[box]])
+            shown = ", ".join(f"{v:g}" for v in present[:20]) + (" ..." if len(present) > 20 else "")
+            raise UserError(
+                f"{mask_name}: label {label} is not in the mask; labels present: {shown}; "
+                "fix the label column, or leave it empty to use every connected component"
+            )
+        sub = _foreground_box(sel)
+        assert sub is not None
+        crop = sel[sub]
+        _, n = ndimage.label(crop, structure=np.ones((3, 3, 3), dtype=bool))
+        if n > 1:
+            log.info("%s: label %d has %d separate parts; treated as one lesion", mask_name, label, n)
+        if int(crop.sum()) < min_voxels:
+            raise UserError(
+                f"{mask_name}: label {label} has {int(crop.sum())} voxels, fewer than min_voxels={min_voxels}; "
+                "lower min_voxels"
+            )
+        lesions.append((crop, tuple(o + s.start for o, s in zip(offset, sub, strict=True))))
+
+    out: list[LesionWithMask] = []
+    for i, (crop, off) in enumerate(lesions):
+        m = _measure(image, crop, off)
+        lesion = Lesion(
+            lesion_id=_lesion_id(patient_id, first_number + i),
+            patient_id=patient_id,
+            lesion_class=lesion_class,
+            image=image_ref,
+            mask=mask_ref,
+            label=label,
+            source="mask",
+            **m,
+        )
+        full = np.zeros(image.shape, dtype=bool)
+        assert crop.shape == tuple(h - lo for lo, h in zip(off, m["bbox_zyx"][3:], strict=True))
+        full[lesion.bbox_slices] = crop
+        out.append((lesion, full))
+    return out
+
+
+# ----------------------------------------------------------------------------- clicks
+
+
+def physical_bounds(volume: Volume) -> tuple[np.ndarray, np.ndarray]:
+    """The volume's extent in LPS mm: ``(min_xyz, max_xyz)`` over the outer voxel faces."""
+    shape = np.asarray(volume.shape, dtype=float)
+    corners = np.array([[z, y, x] for z in (0, 1) for y in (0, 1) for x in (0, 1)], dtype=float)
+    pts = volume.index_to_physical(corners * shape - 0.5)
+    return pts.min(axis=0), pts.max(axis=0)
+
+
+def _fmt_xyz(p: Sequence[float]) -> str:
+    return "(" + ", ".join(f"{v:.1f}" for v in p) + ")"
+
+
+def lesion_from_click(
+    image: Volume,
+    point_xyz_mm: Sequence[float],
+    diameter_mm: float,
+    patient_id: str = "",
+    lesion_class: str = "",
+    *,
+    lesion_id: str | None = None,
+    image_ref: str = "",
+    point_name: str = "point",
+) -> LesionWithMask:
+    """A spherical lesion of ``diameter_mm`` around a clicked LPS point.
+
+    The sphere is round in millimetres (an ellipsoid in voxels when the spacing is
+    anisotropic). Parts outside the volume are clipped with a warning. The voxel
+    nearest the point is always included, so a tiny diameter still gives a lesion.
+
+    Args:
+        image: CT volume (HU).
+        point_xyz_mm: Click position ``(x, y, z)`` in LPS mm (DICOM patient coordinates).
+        diameter_mm: Lesion diameter in mm (> 0).
+        patient_id: Patient identifier.
+        lesion_class: Class name.
+        lesion_id: Identifier (default ``{patient_id}-L01``).
+        image_ref: Image reference stored in the record.
+        point_name: How the point is named in error messages.
+
+    Returns:
+        ``(Lesion, mask)`` with a full-size boolean mask.
+
+    Raises:
+        UserError: Bad diameter, point outside the volume, or point in air.
+    """
+    point = np.asarray(point_xyz_mm, dtype=float).reshape(-1)
+    if point.shape != (3,) or not np.all(np.isfinite(point)):
+        raise UserError(f"{point_name} {tuple(point_xyz_mm)}: expected three finite numbers x,y,z in LPS mm")
+    if not (math.isfinite(diameter_mm) and diameter_mm > 0):
+        raise UserError(f"{point_name}: diameter {diameter_mm} mm must be a positive number of mm")
+    centre = image.physical_to_index(point)
+    if not image.contains_index(centre):
+        lo, hi = physical_bounds(image)
+        extent = ", ".join(f"{a} {mn:.1f}..{mx:.1f}" for a, mn, mx in zip("xyz", lo, hi, strict=True))
+        hint = "check the coordinates are LPS mm (DICOM patient coordinates) for this image"
+        flipped = point * np.array([-1.0, -1.0, 1.0])
+        if image.contains_index(image.physical_to_index(flipped)):
+            hint = (
+                f"it looks like RAS coordinates (e.g. from 3D Slicer): negate x and y to use LPS, "
+                f"i.e. {_fmt_xyz(flipped)}"
+            )
+        raise UserError(
+            f"{point_name} {_fmt_xyz(point)} mm is outside the image, whose LPS extent is {extent} mm; {hint}"
+        )
+    spacing = np.asarray(image.spacing, dtype=float)
+    shape = np.asarray(image.shape)
+    near = np.clip(np.round(centre).astype(int), 0, shape - 1)
+    # Median of the 3x3x3 neighbourhood: robust to noise and a single odd voxel.
+    nb = image.array[tuple(slice(max(c - 1, 0), c + 2) for c in near)]
+    hu_at = float(np.median(nb))
+    if hu_at < AIR_HU:
+        raise UserError(
+            f"{point_name} {_fmt_xyz(point)} mm is in air (HU {hu_at:.0f} < {AIR_HU:.0f}): outside the body "
+            "(or in lung / bowel gas); check the coordinates are LPS mm on this image"
+        )
+    radius = diameter_mm / 2.0
+    half = radius / spacing  # radius in voxels along z, y, x
+    lo = np.floor(centre - half).astype(int)
+    hi = np.ceil(centre + half).astype(int) + 1
+    grids = np.meshgrid(*(np.arange(a, b) for a, b in zip(lo, hi, strict=True)), indexing="ij")
+    # Direction cosines are orthonormal, so distances in index space scaled by spacing are mm.
+    dist2 = sum(((g - c) * s) ** 2 for g, c, s in zip(grids, centre, spacing, strict=True))
+    sphere = dist2 <= radius**2
+    sphere[tuple(n - start for n, start in zip(near, lo, strict=True))] = True
+    clo = np.maximum(lo, 0)
+    chi = np.minimum(hi, shape)
+    crop = sphere[tuple(slice(a - start, b - start) for a, b, start in zip(clo, chi, lo, strict=True))]
+    lost = int(sphere.sum() - crop.sum())
+    if lost:
+        log.warning(
+            "%s %s mm: the %.1f mm sphere extends past the image edge; %d of %d voxels clipped",
+            point_name,
+            _fmt_xyz(point),
+            diameter_mm,
+            lost,
+            int(sphere.sum()),
+        )
+    sub = _foreground_box(crop)
+    assert sub is not None
+    off = tuple(int(a) + s.start for a, s in zip(clo, sub, strict=True))
+    crop = crop[sub]
+    m = _measure(image, crop, off)
+    lesion = Lesion(
+        lesion_id=lesion_id or _lesion_id(patient_id, 1),
+        patient_id=patient_id,
+        lesion_class=lesion_class,
+        image=image_ref,
+        mask="",
+        label=None,
+        source="click",
+        **m,
+    )
+    full = np.zeros(image.shape, dtype=bool)
+    full[lesion.bbox_slices] = crop
+    return lesion, full
+
+
+# ----------------------------------------------------------------------------- manifests
+
+
+def _text(value) -> str:
+    """A manifest cell as text ("" for None / NaN)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
+        return ""
+    return str(value)
+
+
+def _as_manifest(manifest: str | os.PathLike | pd.DataFrame) -> pd.DataFrame:
+    if isinstance(manifest, pd.DataFrame):
+        return manifest
+    from liverlesion.manifest import read_manifest
+
+    return read_manifest(manifest)
+
+
+def iter_manifest_lesions(
+    manifest: str | os.PathLike | pd.DataFrame,
+    tolerance: float = 1e-3,
+    series: str | None = None,
+    progress: bool = True,
+    min_voxels: int = 1,
+) -> Iterator[tuple[Volume, list[LesionWithMask]]]:
+    """Read each image of a manifest once and yield it with its lesions.
+
+    Rows are grouped by image (and series); each image and each mask file is read
+    once; masks are checked against the image (``io.check_geometry``). Images come
+    in order of first appearance in the manifest. Lesion IDs are
+    ``{patient_id}-L{nn}``, numbered per patient in that processing order (rows in
+    manifest order within an image), which equals manifest order whenever a
+    patient's rows for one image are contiguous, and is stable across runs.
+
+    Args:
+        manifest: Manifest path, or a DataFrame from :func:`liverlesion.manifest.read_manifest`.
+        tolerance: Geometry tolerance in mm between image and mask.
+        series: SeriesInstanceUID for rows whose ``series`` is empty.
+        progress: Show a progress bar over images (stderr).
+        min_voxels: Mask components with fewer voxels are dropped.
+
+    Yields:
+        ``(image, [(Lesion, full-size bool mask), ...])``, one image at a time.
+    """
+    from tqdm.auto import tqdm
+
+    from liverlesion.io import read_volume
+
+    df = _as_manifest(manifest)
+    groups: dict[tuple[str, str], list] = {}
+    for rec in df.itertuples(index=False):
+        key = (_text(rec.image_path), _text(getattr(rec, "series", "")) or (series or ""))
+        groups.setdefault(key, []).append(rec)
+    counters: dict[str, int] = {}
+    # `with` closes the bar when an error propagates, so the message starts on its own line.
+    with tqdm(groups.items(), desc="lesions", unit="image", disable=not progress, file=sys.stderr) as bar:
+        for (image_path, image_series), recs in bar:
+            image = read_volume(
+                image_path,
+                series=image_series or None,
+                kind="image",
+                name=f"manifest row {recs[0].row} image",
+            )
+            yield image, _image_lesions(image, recs, counters, tolerance, min_voxels)
+
+
+def _image_lesions(
+    image: Volume, recs: list, counters: dict[str, int], tolerance: float, min_voxels: int
+) -> list[LesionWithMask]:
+    """Lesions of the manifest rows ``recs`` that share ``image``; ``counters`` numbers them per patient."""
+    from liverlesion.io import check_geometry, read_volume
+
+    masks: dict[str, Volume] = {}  # a mask file shared by several rows (labels) is read once
+    found: list[LesionWithMask] = []
+    for rec in recs:
+        pid = str(rec.patient_id)
+        number = counters.get(pid, 0) + 1
+        mask_path = _text(rec.mask_path)
+        if mask_path:
+            mask = masks.get(mask_path)
+            if mask is None:
+                mask = read_volume(mask_path, kind="mask", name=f"manifest row {rec.row} mask")
+                check_geometry(
+                    image,
+                    mask,
+                    tolerance=tolerance,
+                    image_name=f"manifest row {rec.row} image",
+                    mask_name=f"manifest row {rec.row} mask",
+                )
+                masks[mask_path] = mask
+            label = None if pd.isna(rec.label) else int(rec.label)
+            items = lesions_from_mask(
+                image,
+                mask,
+                label,
+                pid,
+                str(rec.lesion_class),
+                first_number=number,
+                image_ref=str(rec.image),
+                mask_ref=str(rec.mask),
+                mask_name=f"manifest row {rec.row} mask {rec.mask!r}",
+                min_voxels=min_voxels,
+            )
+        else:
+            items = [
+                lesion_from_click(
+                    image,
+                    (rec.x_mm, rec.y_mm, rec.z_mm),
+                    float(rec.diameter_mm),
+                    pid,
+                    str(rec.lesion_class),
+                    lesion_id=_lesion_id(pid, number),
+                    image_ref=str(rec.image),
+                    point_name=f"manifest row {rec.row} click",
+                )
+            ]
+        counters[pid] = number - 1 + len(items)
+        found.extend(items)
+    return found
+
+
+def lesion_table(
+    manifest: str | os.PathLike | pd.DataFrame,
+    tolerance: float = 1e-3,
+    series: str | None = None,
+    progress: bool = True,
+    min_voxels: int = 1,
+) -> pd.DataFrame:
+    """The lesion table of a manifest (columns :data:`LESION_COLUMNS`), in lesion-ID order per image."""
+    rows = [
+        lesion.to_row()
+        for _, items in iter_manifest_lesions(manifest, tolerance, series, progress, min_voxels)
+        for lesion, _ in items
+    ]
+    table = pd.DataFrame(rows, columns=list(LESION_COLUMNS))
+    table["label"] = table["label"].astype("Int64")
+    return table
+
+
+def summarize_lesions(table: pd.DataFrame) -> dict:
+    """Summary numbers of a lesion table (patients, classes, sizes)."""
+    d = table["max_axial_diameter_mm"].astype(float)
+    per_patient = table.groupby("patient_id").size()
+    return {
+        "n_lesions": int(len(table)),
+        "n_patients": int(table["patient_id"].nunique()),
+        "lesions_per_class": {
+            str(k): int(v) for k, v in table["lesion_class"].value_counts().sort_index().items()
+        },
+        "patients_per_class": {
+            str(k): int(v)
+            for k, v in table.groupby("lesion_class")["patient_id"].nunique().sort_index().items()
+        },
+        "lesions_per_patient": {
+            "min": int(per_patient.min()),
+            "median": float(per_patient.median()),
+            "max": int(per_patient.max()),
+        },
+        "diameter_mm": {
+            "median": float(d.median()),
+            "q1": float(d.quantile(0.25)),
+            "q3": float(d.quantile(0.75)),
+            "lt10": int((d < 10).sum()),
+            "10to20": int(((d >= 10) & (d <= 20)).sum()),
+            "gt20": int((d > 20).sum()),
+        },
+        "volume_ml": {"min": float(table["volume_ml"].min()), "max": float(table["volume_ml"].max())},
+    }
+
+
+_SHOWN = (
+    ("lesion_id", "lesion", "{}"),
+    ("patient_id", "patient", "{}"),
+    ("lesion_class", "class", "{}"),
+    ("source", "source", "{}"),
+    ("n_voxels", "voxels", "{}"),
+    ("volume_ml", "mL", "{:.2f}"),
+    ("max_axial_diameter_mm", "diam mm", "{:.1f}"),
+    ("min_axis_mm", "min axis mm", "{:.1f}"),
+    ("hu_mean", "HU mean", "{:.0f}"),
+    ("hu_std", "HU sd", "{:.0f}"),
+)
+
+
+def _display_rows(table: pd.DataFrame, max_rows: int) -> list[list[str] | None]:
+    """Formatted rows; None marks the gap when only the first/last rows are shown."""
+    cols = [c for c, _, _ in _SHOWN]
+    fmt = [
+        [f.format(v) for (_, _, f), v in zip(_SHOWN, r, strict=True)]
+        for r in table[cols].itertuples(index=False)
+    ]
+    if len(fmt) <= max_rows:
+        return list(fmt)
+    head = max_rows // 2
+    return [*fmt[:head], None, *fmt[len(fmt) - (max_rows - head) :]]
+
+
+def _summary_lines(s: dict) -> list[str]:
+    dm = s["diameter_mm"]
+    lpp = s["lesions_per_patient"]
+    classes = ", ".join(
+        f"{k} {v} (in {s['patients_per_class'][k]} patient{'s' if s['patients_per_class'][k] != 1 else ''})"
+        for k, v in s["lesions_per_class"].items()
+    )
+    return [
+        f"patients: {s['n_patients']}   lesions: {s['n_lesions']}",
+        f"lesions per class: {classes}",
+        f"lesions per patient: min {lpp['min']}, median {lpp['median']:g}, max {lpp['max']}",
+        f"max axial diameter: median {dm['median']:.1f} mm (IQR {dm['q1']:.1f}-{dm['q3']:.1f}); "
+        f"<10 mm: {dm['lt10']}, 10-20 mm: {dm['10to20']}, >20 mm: {dm['gt20']}",
+        f"volume: {s['volume_ml']['min']:.3g}-{s['volume_ml']['max']:.3g} mL",
+    ]
+
+
+def print_lesion_table(table: pd.DataFrame, max_rows: int = 20, file=None) -> None:
+    """Print a compact lesion table (first/last rows when long) and its summary."""
+    file = file or sys.stdout
+    rows = _display_rows(table, max_rows)
+    hidden = len(table) - sum(r is not None for r in rows)
+    lines = _summary_lines(summarize_lesions(table)) if len(table) else ["no lesions"]
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:  # rich is optional: plain text
+        widths = [max([len(h)] + [len(r[i]) for r in rows if r]) for i, (_, h, _) in enumerate(_SHOWN)]
+        print("  ".join(h.rjust(w) for (_, h, _), w in zip(_SHOWN, widths, strict=True)), file=file)
+        for r in rows:
+            text = (
+                f"... {hidden} more lesions ..."
+                if r is None
+                else "  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True))
+            )
+            print(text, file=file)
+        print("\n".join(lines), file=file)
+        print(f"({DISCLAIMER})", file=file)
+        return
+    console = Console(file=file, width=max(120, Console(file=file).width), highlight=False)
+    t = Table(title=f"Lesions ({len(table)})", title_justify="left", show_edge=False, pad_edge=False)
+    for i, (_, header, _) in enumerate(_SHOWN):
+        t.add_column(header, justify="left" if i < 4 else "right", no_wrap=True)
+    for r in rows:
+        if r is None:
+            t.add_row(f"... {hidden} more", *[""] * (len(_SHOWN) - 1))
+        else:
+            t.add_row(*r)
+    console.print(t)
+    for line in lines:
+        console.print(line, markup=False)
+    console.print(f"({DISCLAIMER})", markup=False)
+
+
+def inspect_manifest(
+    manifest: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    tolerance: float = 1e-3,
+    series: str | None = None,
+) -> pd.DataFrame:
+    """Compute the lesion table of a manifest, print it with a summary, optionally write it.
+
+    Args:
+        manifest: Manifest CSV.
+        out: Write the lesion table here as CSV (atomically).
+        tolerance: Geometry tolerance in mm between image and mask.
+        series: SeriesInstanceUID for rows whose ``series`` is empty.
+
+    Returns:
+        The lesion table.
+    """
+    from liverlesion.fileio import write_csv
+
+    if out is not None:
+        out = Path(out)
+        if out.is_dir():
+            raise UserError(f"--out {out}: is a folder; give a CSV file path, e.g. {out / 'lesions.csv'}")
+        if out.resolve() == Path(manifest).resolve():
+            raise UserError(f"--out {out}: is the manifest itself; give another file name, e.g. lesions.csv")
+    table = lesion_table(manifest, tolerance=tolerance, series=series)
+    if out is not None:
+        write_csv(out, table)
+    print_lesion_table(table)
+    if out is not None:
+        print(f"wrote {out}")
+    return table
