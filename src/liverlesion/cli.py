@@ -96,8 +96,10 @@ def import_ircadb(
 ) -> None:
     """Import 3D-IRCADb-01 (tumours -> metastasis, cysts -> cyst)."""
     from liverlesion.datasets.ircadb import import_ircadb as _imp
+    from liverlesion.datasets.ircadb import import_summary
 
-    _imp(src, out, overwrite=overwrite)
+    manifest = _imp(src, out, overwrite=overwrite)
+    typer.echo(import_summary(manifest.parent))
 
 
 @app.command()
@@ -112,7 +114,8 @@ def patches(
     from liverlesion.patches import build_patches
 
     cfg = _config(config, preset, set_)
-    build_patches(manifest, out, cfg.patch)
+    folder = build_patches(manifest, out, cfg.patch)
+    typer.echo(f"patches: {folder} (index.csv, contact_sheet.png)")
 
 
 @app.command()

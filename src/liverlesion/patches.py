@@ -27,6 +27,7 @@ import json
 import math
 import re
 import sys
+import textwrap
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -84,7 +85,12 @@ class LesionPatch:
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The arrays stored in the npz (``meta`` as a JSON string)."""
-        return {"image": self.image, "mask": self.mask, "hu": self.hu, "meta": np.array(json.dumps(self.meta))}
+        return {
+            "image": self.image,
+            "mask": self.mask,
+            "hu": self.hu,
+            "meta": np.array(json.dumps(self.meta)),
+        }
 
 
 def check_patch_config(cfg: PatchConfig) -> None:
@@ -323,7 +329,8 @@ def _iter_lesions(manifest: Path, tolerance: float, series: str | None) -> Itera
     """The lesion reader (imported late: ``lesions`` pulls in the image readers)."""
     from liverlesion.lesions import iter_manifest_lesions
 
-    yield from iter_manifest_lesions(manifest, tolerance, series)
+    # our own bar (per image) replaces the reader's, so the user sees one
+    yield from iter_manifest_lesions(manifest, tolerance, series, progress=False)
 
 
 def _is_complete(folder: Path) -> bool:
@@ -503,43 +510,69 @@ def draw_contact_sheet(
         path: Output PNG.
         max_lesions: At most this many lesions, taken in manifest order.
     """
+    from matplotlib import colormaps
     from matplotlib.figure import Figure  # no pyplot: no global state, Agg canvas by default
 
     patch_dir = Path(patch_dir)
     shown = index.iloc[:max_lesions]
+    if shown.empty:
+        raise UserError(f"patch folder {patch_dir}: no lesions to draw")
     classes = sorted(shown["lesion_class"].astype(str).unique())
     colours = {c: f"C{i % 10}" for i, c in enumerate(classes)}
     ncols = max(1, min(10, len(shown)))
-    blocks = []  # (class, rows of that class), each class starting on a new grid row
+    # Each class starts on a new row of the grid; lesions sorted by id within a class.
+    cells = []  # (grid row, grid column, class, index row)
+    grid_row = 0
     for c in classes:
         sub = shown[shown["lesion_class"].astype(str) == c].sort_values("lesion_id", kind="stable")
-        blocks.append((c, sub))
-    nrows = sum(math.ceil(len(sub) / ncols) for _, sub in blocks)
-    fig = Figure(figsize=(1.6 * ncols, 1.75 * nrows + 0.8), dpi=90)
-    grid_row = 0
-    for c, sub in blocks:
         for i, (_, r) in enumerate(sub.iterrows()):
-            ax = fig.add_subplot(nrows, ncols, (grid_row + i // ncols) * ncols + i % ncols + 1)
-            arrays = load_patch(patch_dir, str(r["file"]))
-            img, msk = arrays["image"], arrays["mask"]
-            s = img.shape[0] // 2
-            centre = img[s, img.shape[1] // 2]
-            ax.imshow(centre, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
-            if msk[s].any():
-                ax.contour(msk[s], levels=[0.5], colors=[colours[c]], linewidths=0.8)
-            diam = pd.to_numeric(pd.Series([r.get("max_axial_diameter_mm")]), errors="coerce").iloc[0]
-            size = f"{diam:.0f} mm" if np.isfinite(diam) else "? mm"
-            ax.set_title(f"{r['lesion_id']}\n{c}, {size}", fontsize=6, color=colours[c], pad=2)
-            ax.set_axis_off()
+            cells.append((grid_row + i // ncols, i % ncols, c, r))
         grid_row += math.ceil(len(sub) / ncols)
-    counts = ", ".join(f"{c}: {len(sub)}" for c, sub in blocks)
+    nrows = grid_row
+
+    # One mosaic image on one axes: 200 separate axes take about a minute to draw.
+    first = load_patch(patch_dir, str(cells[0][3]["file"]))["image"]
+    h, w = first.shape[-2:]
+    gap, top = max(2, w // 16), max(4, int(round(h * 0.3)))  # white space between cells, title band
+    cell_h, cell_w = h + top, w + gap
+    mosaic = np.full((nrows * cell_h, ncols * cell_w), np.nan, dtype=np.float32)
+    outlines = []
+    labels = []
+    for gr, gc, c, r in cells:
+        arrays = load_patch(patch_dir, str(r["file"]))
+        img, msk = arrays["image"], arrays["mask"]
+        s = img.shape[0] // 2
+        y0, x0 = gr * cell_h + top, gc * cell_w + gap // 2
+        mosaic[y0 : y0 + h, x0 : x0 + w] = img[s, img.shape[1] // 2]
+        if msk[s].any():
+            outlines.append((x0, y0, msk[s], colours[c]))
+        diam = pd.to_numeric(pd.Series([r.get("max_axial_diameter_mm")]), errors="coerce").iloc[0]
+        size = f"{diam:.0f} mm" if np.isfinite(diam) else "? mm"
+        labels.append((x0 + w / 2, y0 - 1, f"{r['lesion_id']}\n{c}, {size}", colours[c]))
+
+    counts = ", ".join(f"{c}: {int((shown['lesion_class'].astype(str) == c).sum())}" for c in classes)
     note = f"showing the first {len(shown)} of {len(index)} lesions; " if len(shown) < len(index) else ""
-    fig.suptitle(
+    width_in = max(1.6 * ncols, 6.4)
+    header = textwrap.wrap(
         f"liverlesion patches ({counts}); {note}centre slice, row 0 anterior, column 0 patient right; "
         f"{DISCLAIMER}",
-        fontsize=8,
+        width=int(width_in * 13),
     )
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / (1.75 * nrows + 0.8)))
+    header_in = 0.15 + 0.17 * len(header)
+    body_in = width_in * mosaic.shape[0] / mosaic.shape[1]
+    height_in = body_in + header_in
+    fig = Figure(figsize=(width_in, height_in), dpi=100)
+    fig.suptitle("\n".join(header), fontsize=8, y=1 - 0.05 / height_in, va="top")
+    ax = fig.add_axes((0, 0, 1, body_in / height_in))
+    cmap = colormaps["gray"].with_extremes(bad="white")
+    ax.imshow(mosaic, cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
+    for x0, y0, m, colour in outlines:
+        ax.contour(x0 + np.arange(w), y0 + np.arange(h), m, levels=[0.5], colors=[colour], linewidths=0.8)
+    for x, y, text, colour in labels:
+        ax.text(x, y, text, ha="center", va="bottom", fontsize=6, color=colour)
+    ax.set_xlim(-0.5, mosaic.shape[1] - 0.5)
+    ax.set_ylim(mosaic.shape[0] - 0.5, -0.5)
+    ax.set_axis_off()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     return Path(path)
