@@ -1,0 +1,123 @@
+"""report.html and plots: self-contained, disclaimed, escaped, redrawn from files."""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from liverlesion import DISCLAIMER
+from liverlesion.errors import UserError
+from liverlesion.evaluate import evaluate_run
+from liverlesion.report import load_metrics, render_report
+
+# The synthetic run-folder builders live in test_evaluate.py; load them by path so this works
+# whatever pytest's import mode is.
+_spec = importlib.util.spec_from_file_location(
+    "_ll_eval_helpers", Path(__file__).with_name("test_evaluate.py")
+)
+helpers = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(helpers)
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _data_uris(text: str) -> list[bytes]:
+    return [base64.b64decode(m) for m in re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', text)]
+
+
+@pytest.fixture(scope="module")
+def binary_run(tmp_path_factory) -> Path:
+    test = helpers.synth_predictions(20, n_patients=24)
+    run = helpers.write_run(
+        tmp_path_factory.mktemp("rep") / "run & co",  # a name that needs escaping
+        test,
+        helpers.synth_val(21),
+        n_bootstrap=30,
+        baselines={"mean_hu": helpers.baseline_from(test, 3, 1.2)},
+    )
+    evaluate_run(run, gradcam=True)  # no fold models / patch cache here: the gallery is skipped with a note
+    return run
+
+
+def test_report_is_self_contained_and_disclaimed(binary_run: Path):
+    text = (binary_run / "report.html").read_text(encoding="utf-8")
+    assert "Research use, not for diagnosis" in text and DISCLAIMER in text
+    images = _data_uris(text)
+    assert len(images) >= 5 and all(img.startswith(PNG) for img in images)
+    assert not re.search(r"https?://", text), "report must not reference anything online"
+    assert "<script" not in text.lower() and "<link" not in text.lower()
+    assert "run &amp; co" in text and "run & co" not in text  # escaped
+    for section in (
+        "Summary",
+        "side by side",
+        "Per fold",
+        "Thresholds and temperatures",
+        "By lesion size",
+        "Calibration",
+        "Grad-CAM gallery",
+        "Dataset",
+        "Model card",
+        "config.yaml",
+        "Library versions",
+    ):
+        assert section in text, section
+    assert "0.96" in text and "0.92" in text and "not comparable" in text  # the paper's numbers as context
+    assert "Grad-CAM gallery not drawn" in text  # the reason is shown, not hidden
+    assert "mean_hu" in text and "Paired patient-bootstrap test" in text
+
+
+def test_plots_are_written(binary_run: Path):
+    for name in ("roc", "pr", "confusion_matrix", "reliability", "size_breakdown", "dataset"):
+        png = binary_run / "plots" / f"{name}.png"
+        assert png.read_bytes().startswith(PNG), name
+    assert not [p for p in (binary_run / "plots").iterdir() if p.name.startswith(".")]
+
+
+def test_report_is_redrawn_from_files_without_re_evaluating(binary_run: Path):
+    metrics_before = (binary_run / "metrics.json").read_bytes()
+    for png in (binary_run / "plots").glob("*.png"):
+        png.unlink()
+    (binary_run / "report.html").unlink()
+    out = render_report(binary_run, gradcam=False)
+    assert out == binary_run / "report.html" and out.is_file()
+    assert (binary_run / "plots" / "roc.png").is_file()
+    assert (binary_run / "metrics.json").read_bytes() == metrics_before
+    assert len(_data_uris(out.read_text(encoding="utf-8"))) >= 5
+
+
+def test_report_text_is_escaped(tmp_path):
+    classes = ["cyst", "met<b>astasis"]
+    test = helpers.synth_predictions(22, n_patients=16, classes=classes)
+    run = helpers.write_run(tmp_path / "run", test, None, n_bootstrap=0, classes=classes)
+    evaluate_run(run, positive_class="met<b>astasis", gradcam=False)
+    text = (run / "report.html").read_text(encoding="utf-8")
+    assert "met&lt;b&gt;astasis" in text and "met<b>astasis" not in text
+
+
+def test_multiclass_report(tmp_path):
+    classes = ["cyst", "hcc", "metastasis"]
+    test = helpers.synth_predictions(23, n_patients=24, classes=classes)
+    run = helpers.write_run(
+        tmp_path / "run", test, helpers.synth_val(24, classes=classes), n_bootstrap=30, classes=classes
+    )
+    m = evaluate_run(run, gradcam=False)
+    assert m["task"] == "multiclass"
+    text = (run / "report.html").read_text(encoding="utf-8")
+    assert "Per class (one vs rest)" in text and "Sensitivity (hcc)" in text
+    assert (run / "plots" / "confusion_matrix.png").read_bytes().startswith(PNG)
+    assert (
+        json.loads((run / "metrics.json").read_text())["network"]["curves"]["positive_class"] == "metastasis"
+    )
+
+
+def test_redraw_without_metrics_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="liverlesion evaluate"):
+        render_report(tmp_path)
+    (tmp_path / "metrics.json").write_text("{not json")
+    with pytest.raises(UserError, match="not valid JSON"):
+        load_metrics(tmp_path)
