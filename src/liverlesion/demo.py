@@ -64,7 +64,7 @@ def run_demo(out: str | Path = "liverlesion-demo", preset: str = "quick", weight
     print("Step 3/3: summary")
     metrics = json.loads((run / "metrics.json").read_text())
     info = json.loads((run / "run.json").read_text())
-    pooled = metrics.get("network", metrics).get("pooled", {})
+    pooled = metrics["network"]["metrics"]
     print(f"  init: {info.get('init')}")
     for name in ("accuracy", "f1", "sensitivity", "specificity", "roc_auc"):
         print(f"  {name:<12} {_fmt(pooled.get(name))}")

@@ -1,0 +1,658 @@
+"""Importer for 3D-IRCADb-01 (IRCAD, Strasbourg) -> NIfTI volumes + a liverlesion manifest.
+
+Layout read (as published; ``PATIENT_DICOM`` and ``MASKS_DICOM`` may each be a
+folder or a ``.zip``, with or without a top-level folder of the same name)::
+
+    3Dircadb1.N/
+      PATIENT_DICOM/image_0 ... image_K        CT slices (no .dcm extension)
+      MASKS_DICOM/<structure>/image_0 ...      one binary DICOM series per structure
+
+Lesion structures (folder names, case-insensitive):
+
+* tumours -> ``metastasis``: ``livertumor``, ``livertumorNN``, ``livertumor_NN``,
+  ``livertumors``. 3D-IRCADb-01 tumours are mostly, but **not all**, colorectal
+  metastases (the set also holds e.g. hepatocellular carcinomas), so the
+  ``metastasis`` class is an approximation; the dataset gives no per-tumour
+  histology.
+* cysts -> ``cyst``: ``liverkyst``, ``liverkyste``, ``livercyst`` (and numbered variants).
+* a bare ``tumor`` mask is intersected with the ``liver`` mask: only the part
+  inside the liver counts (some patients have a tumour outside the liver).
+
+Every other structure (liver, vessels, organs, ...) is ignored. Each lesion
+structure is split into 3-D connected components (26-connectivity); components
+of 1-2 voxels are annotation specks and are dropped (reported). Where two
+lesions overlap, the overlapping voxels go to the larger lesion (reported);
+a lesion entirely inside a larger one (a duplicate annotation) is dropped.
+
+Outputs (built in a temporary folder, renamed into place)::
+
+    OUT/images/ircadb1_NN.nii.gz   CT in HU, int16, canonical LPS
+    OUT/masks/ircadb1_NN.nii.gz    one integer label per lesion
+    OUT/manifest.csv               patient_id,image,mask,label,lesion_class (one row per lesion)
+    OUT/import_report.json         per patient: structures, lesions, specks, overlaps, volumes
+    OUT/LICENSE-NOTICE.txt         CC BY-NC-ND 4.0: do not redistribute OUT
+
+Patients with no lesion left get no image/mask files and no manifest rows
+(they are listed in the report).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+
+from liverlesion import DISCLAIMER, __version__
+from liverlesion.errors import UserError
+
+log = logging.getLogger(__name__)
+
+PATIENT_PART = "PATIENT_DICOM"
+MASKS_PART = "MASKS_DICOM"
+MAX_SPECK_VOXELS = 2  # components this small are annotation noise, not lesions
+GEOMETRY_TOLERANCE_MM = 1e-3  # IRCAD masks share the image's slice headers exactly
+
+_PATIENT_RE = re.compile(r"^3dircadb1\.(\d+)$", re.IGNORECASE)
+_PATIENT_ZIP_RE = re.compile(r"^3dircadb1\.\d+\.zip$", re.IGNORECASE)
+_NUM = r"(?:[ _-]?\d+)?"
+_TUMOUR_RE = re.compile(rf"^liver[ _-]?tumou?rs?{_NUM}$", re.IGNORECASE)
+_CYST_RE = re.compile(rf"^liver[ _-]?(?:kystes?|kysts?|cysts?){_NUM}$", re.IGNORECASE)
+_BARE_TUMOUR_RE = re.compile(rf"^tumou?rs?{_NUM}$", re.IGNORECASE)
+_LIVER_RE = re.compile(r"^liver$", re.IGNORECASE)
+
+LICENSE_NOTICE = """\
+3D-IRCADb-01 - derived data
+===========================
+
+The images and masks in this folder were converted from 3D-IRCADb-01, published by
+IRCAD (Research Institute against Digestive Cancer, Strasbourg, France):
+https://www.ircad.fr/research/data-sets/
+
+License: Creative Commons Attribution-NonCommercial-NoDerivatives 4.0 International
+(CC BY-NC-ND 4.0), https://creativecommons.org/licenses/by-nc-nd/4.0/
+
+* Non-commercial use only, with attribution to IRCAD / 3D-IRCADb-01.
+* This folder is derived material and may not be redistributed (no sharing, no
+  commits to repositories, no uploads). Each user must obtain the data from IRCAD.
+
+Lesion classes were assigned by liverlesion from the mask folder names
+(tumours -> "metastasis", cysts -> "cyst"). 3D-IRCADb-01 tumours are mostly, but not
+all, metastases; the dataset gives no per-tumour histology.
+
+liverlesion outputs are for research use, not for diagnosis.
+"""
+
+
+# --------------------------------------------------------------------------------------
+# Finding the parts of the layout (folder or zip)
+# --------------------------------------------------------------------------------------
+
+
+def _is_junk(name: str) -> bool:
+    return name.startswith(".") or name == "__MACOSX" or name.lower() in ("thumbs.db", "desktop.ini")
+
+
+def _natural_key(name: str) -> list[Any]:
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
+
+
+@dataclass
+class _Part:
+    """``PATIENT_DICOM`` or ``MASKS_DICOM`` of one patient, as a folder or a zip.
+
+    ``groups`` maps a folder relative to the part ("" = the part itself, or a
+    structure name for masks) to its slice files (paths for a folder, member
+    names for a zip).
+    """
+
+    path: Path
+    name: str
+    is_zip: bool
+    groups: dict[str, list[str]] = field(default_factory=dict)
+    root: Path | None = None  # folder variant: the folder holding the slices/structures
+
+    def structures(self) -> list[str]:
+        """Top-level sub-folders that hold files (mask structures), naturally sorted."""
+        return sorted((g for g in self.groups if g and "/" not in g), key=_natural_key)
+
+    def describe(self, group: str = "") -> str:
+        """How to name this part (or one structure of it) in messages."""
+        if self.is_zip:
+            return f"{self.path}:{group}" if group else str(self.path)
+        base = self.root or self.path
+        return str(base / group) if group else str(base)
+
+    def folder(self, group: str, tmp: Path) -> Path:
+        """A folder holding the slices of ``group`` (extracted into ``tmp`` for zips)."""
+        if not self.is_zip:
+            assert self.root is not None
+            return self.root / group if group else self.root
+        # Write under names we choose, never the archive's paths (no zip-slip).
+        # Named after the structure so progress messages say what is being read.
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", group or self.name)[:64] or "slices"
+        dest = Path(tempfile.mkdtemp(prefix="zip-", dir=tmp)) / safe
+        dest.mkdir()
+        try:
+            with zipfile.ZipFile(self.path) as zf:
+                for i, member in enumerate(self.groups[group]):
+                    with (
+                        zf.open(member) as fin,
+                        open(dest / f"{i:05d}_{PurePosixPath(member).name}", "wb") as fout,
+                    ):
+                        shutil.copyfileobj(fin, fout)
+        except (zipfile.BadZipFile, OSError) as e:
+            raise UserError(
+                f"{self.path}: cannot extract {group or 'slices'} ({e}); re-download the zip"
+            ) from e
+        return dest
+
+
+def _index_zip(path: Path, name: str) -> _Part:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            members = [m for m in zf.namelist() if not m.endswith("/")]
+    except (zipfile.BadZipFile, OSError) as e:
+        raise UserError(
+            f"{path}: not a readable zip file ({e}); re-download it or extract it to a {name} folder"
+        ) from e
+    parts = [PurePosixPath(m).parts for m in members]
+    keep = [(m, p) for m, p in zip(members, parts, strict=True) if p and not any(_is_junk(x) for x in p)]
+    # The official zips hold a top-level folder of the same name; tolerate both forms.
+    if keep and all(len(p) > 1 and p[0].lower() == name.lower() for _, p in keep):
+        keep = [(m, p[1:]) for m, p in keep]
+    groups: dict[str, list[str]] = {}
+    for member, p in keep:
+        groups.setdefault("/".join(p[:-1]), []).append(member)
+    return _Part(path=path, name=name, is_zip=True, groups=groups)
+
+
+def _index_folder(path: Path, name: str) -> _Part:
+    root = path
+    entries = [e for e in root.iterdir() if not _is_junk(e.name)]
+    # A zip extracted into a folder of its own name: PATIENT_DICOM/PATIENT_DICOM/...
+    if len(entries) == 1 and entries[0].is_dir() and entries[0].name.lower() == name.lower():
+        root = entries[0]
+        entries = [e for e in root.iterdir() if not _is_junk(e.name)]
+    groups: dict[str, list[str]] = {}
+    files = sorted(str(e) for e in entries if e.is_file())
+    if files:
+        groups[""] = files
+    for d in entries:
+        if d.is_dir():
+            sub = sorted(str(f) for f in d.iterdir() if f.is_file() and not _is_junk(f.name))
+            if sub:
+                groups[d.name] = sub
+    return _Part(path=path, name=name, is_zip=False, groups=groups, root=root)
+
+
+def _find_part(patient_dir: Path, name: str) -> _Part:
+    children = {c.name.lower(): c for c in patient_dir.iterdir()}
+    folder = children.get(name.lower())
+    archive = children.get(f"{name.lower()}.zip")
+    if folder is not None and folder.is_dir():
+        part = _index_folder(folder, name)
+    elif archive is not None and archive.is_file():
+        part = _index_zip(archive, name)
+    else:
+        raise UserError(
+            f"{patient_dir}: no {name} folder or {name}.zip found; expected the 3D-IRCADb-01 layout "
+            f"3Dircadb1.N/{name}[.zip] as downloaded from IRCAD"
+        )
+    if name == PATIENT_PART and not part.groups.get(""):
+        raise UserError(
+            f"{part.path}: no DICOM slices found at its top level (found folders: "
+            f"{', '.join(sorted(part.groups)) or 'none'}); expected {name}/image_0, image_1, ..."
+        )
+    if name == MASKS_PART and not part.structures():
+        raise UserError(
+            f"{part.path}: no structure folders found; expected {name}/<structure>/image_0, ... "
+            f"(e.g. {name}/liver, {name}/livertumor01)"
+        )
+    return part
+
+
+@dataclass
+class _Patient:
+    number: int
+    path: Path
+    image: _Part
+    masks: _Part
+
+    @property
+    def patient_id(self) -> str:
+        return f"ircadb1_{self.number:02d}"
+
+
+def find_patients(src: str | Path) -> list[tuple[int, Path]]:
+    """List the ``3Dircadb1.N`` patient folders of ``src`` as ``(N, path)``, sorted by N.
+
+    Args:
+        src: One ``3Dircadb1.N`` folder, or a folder holding several.
+
+    Raises:
+        UserError: ``src`` is neither.
+    """
+    src = Path(src)
+    expected = "expected a 3Dircadb1.N patient folder or a folder holding 3Dircadb1.1, 3Dircadb1.2, ..."
+    if not src.exists():
+        raise UserError(f"{src}: not found; {expected}")
+    if not src.is_dir():
+        hint = " (unzip it first)" if src.suffix.lower() == ".zip" else ""
+        raise UserError(f"{src}: is a file{hint}; {expected}")
+    m = _PATIENT_RE.match(src.name)
+    if m:
+        return [(int(m.group(1)), src)]
+    names = {c.name.lower() for c in src.iterdir()}
+    if {
+        PATIENT_PART.lower(),
+        f"{PATIENT_PART.lower()}.zip",
+        MASKS_PART.lower(),
+        f"{MASKS_PART.lower()}.zip",
+    } & names:
+        raise UserError(
+            f"{src}: looks like one patient but the folder name {src.name!r} does not say which; "
+            f"rename it to 3Dircadb1.N (N = patient number, used for the patient_id)"
+        )
+    found: dict[int, Path] = {}
+    for child in src.iterdir():
+        mc = _PATIENT_RE.match(child.name)
+        if mc and child.is_dir():
+            n = int(mc.group(1))
+            if n in found:
+                raise UserError(f"{src}: patient {n} appears twice ({found[n].name}, {child.name}); keep one")
+            found[n] = child
+    if not found:
+        zips = sorted(c.name for c in src.iterdir() if _PATIENT_ZIP_RE.match(c.name))
+        if zips:
+            raise UserError(f"{src}: holds zipped patients ({', '.join(zips[:3])}, ...); unzip them first")
+        raise UserError(f"{src}: no 3Dircadb1.N folders in it; {expected}")
+    return sorted(found.items())
+
+
+def _discover(src: str | Path) -> list[_Patient]:
+    # Index every patient before any heavy work, so a broken patient 17 fails in seconds.
+    return [
+        _Patient(n, p, _find_part(p, PATIENT_PART), _find_part(p, MASKS_PART)) for n, p in find_patients(src)
+    ]
+
+
+def classify_structure(name: str) -> str | None:
+    """The role of a ``MASKS_DICOM`` structure folder name.
+
+    Returns:
+        ``"metastasis"``, ``"cyst"``, ``"tumor"`` (bare tumour mask, kept only
+        inside the liver), ``"liver"``, or ``None`` for structures we ignore.
+    """
+    if _TUMOUR_RE.match(name):
+        return "metastasis"
+    if _CYST_RE.match(name):
+        return "cyst"
+    if _BARE_TUMOUR_RE.match(name):
+        return "tumor"
+    if _LIVER_RE.match(name):
+        return "liver"
+    return None
+
+
+# --------------------------------------------------------------------------------------
+# Masks -> lesion label map
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Lesion:
+    label: int
+    structure: str
+    lesion_class: str
+    n_voxels_annotated: int
+
+
+def _bbox(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """Slices of the smallest box holding every non-zero voxel, or None when empty."""
+    box = []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(np.any(mask, axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if hit.size == 0:
+            return None
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return tuple(box)
+
+
+@dataclass
+class LabelBuilder:
+    """Accumulates lesions from binary structure masks into one integer label map.
+
+    Each mask is split into 26-connected components; specks (<= ``MAX_SPECK_VOXELS``)
+    are dropped; a voxel claimed by two lesions goes to the larger one, so a later
+    structure never silently overwrites an earlier one.
+    """
+
+    shape: tuple[int, ...]
+    labels: np.ndarray = field(init=False)
+    lesions: list[_Lesion] = field(default_factory=list)
+    specks: list[dict[str, Any]] = field(default_factory=list)
+    overlaps: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.labels = np.zeros(self.shape, dtype=np.uint16)
+
+    def add(self, mask: np.ndarray, structure: str, lesion_class: str) -> int:
+        """Add the components of ``mask``; returns how many lesions were added."""
+        from scipy import ndimage
+
+        box = _bbox(mask)
+        if box is None:
+            return 0
+        # Label only the mask's bounding box: lesions are small, the CT is not.
+        comp, n = ndimage.label(mask[box], structure=np.ones((3, 3, 3), dtype=bool))
+        labels = self.labels[box]  # a view: writes go into self.labels
+        sizes = np.bincount(comp.ravel(), minlength=n + 1)
+        speck_ids = [k for k in range(1, n + 1) if sizes[k] <= MAX_SPECK_VOXELS]
+        if speck_ids:
+            self.specks.append(
+                {"structure": structure, "components": len(speck_ids), "voxels": int(sizes[speck_ids].sum())}
+            )
+        added = 0
+        for k, sl in enumerate(ndimage.find_objects(comp), start=1):
+            if sl is None or sizes[k] <= MAX_SPECK_VOXELS:
+                continue
+            region = comp[sl] == k
+            target = labels[sl]
+            new = len(self.lesions) + 1
+            assert new <= np.iinfo(self.labels.dtype).max, "more lesions than uint16 labels"
+            others = np.unique(target[region])
+            target[region & (target == 0)] = new
+            for other in others[others > 0]:
+                prev = self.lesions[other - 1]
+                shared = region & (target == other)
+                winner = new if sizes[k] > prev.n_voxels_annotated else int(other)
+                if winner == new:
+                    target[shared] = new
+                self.overlaps.append(
+                    {
+                        "structures": [prev.structure, structure],
+                        "voxels": int(shared.sum()),
+                        "assigned_to": structure if winner == new else prev.structure,
+                    }
+                )
+            self.lesions.append(_Lesion(new, structure, lesion_class, int(sizes[k])))
+            added += 1
+        return added
+
+    def finish(self) -> tuple[np.ndarray, list[_Lesion], list[dict[str, Any]]]:
+        """Renumber labels 1..K in insertion order; drop lesions swallowed by a larger one.
+
+        Returns:
+            ``(label_map, lesions, dropped)``; ``dropped`` lists the swallowed lesions.
+        """
+        counts = np.bincount(self.labels.ravel(), minlength=len(self.lesions) + 1)
+        lut = np.zeros(len(self.lesions) + 1, dtype=np.uint16)
+        kept: list[_Lesion] = []
+        dropped: list[dict[str, Any]] = []
+        for les in self.lesions:
+            if counts[les.label] == 0:
+                dropped.append({"structure": les.structure, "voxels": les.n_voxels_annotated})
+                continue
+            lut[les.label] = len(kept) + 1
+            kept.append(_Lesion(len(kept) + 1, les.structure, les.lesion_class, int(counts[les.label])))
+        dtype = np.uint8 if len(kept) < 256 else np.uint16
+        if not dropped:  # labels are already 1..K: skip a full-volume lookup
+            return self.labels.astype(dtype), kept, dropped
+        return lut[self.labels].astype(dtype), kept, dropped
+
+
+# --------------------------------------------------------------------------------------
+# One patient
+# --------------------------------------------------------------------------------------
+
+
+def _read_mask(part: _Part, structure: str, image, image_name: str, tmp: Path) -> np.ndarray:
+    from liverlesion.io import check_geometry, read_volume
+
+    folder = part.folder(structure, tmp)
+    try:
+        mask = read_volume(folder, kind="mask", name=part.describe(structure))
+    finally:
+        if part.is_zip:
+            shutil.rmtree(folder.parent, ignore_errors=True)
+    check_geometry(
+        image,
+        mask,
+        tolerance=GEOMETRY_TOLERANCE_MM,
+        image_name=image_name,
+        mask_name=part.describe(structure),
+    )
+    return np.asarray(mask.array) > 0
+
+
+def _to_int16_hu(array: np.ndarray) -> np.ndarray:
+    info = np.iinfo(np.int16)
+    return np.clip(np.rint(array), info.min, info.max).astype(np.int16)
+
+
+def _import_patient(
+    patient: _Patient, out_dir: Path, tmp: Path
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    from liverlesion.io import read_volume, write_volume
+
+    pid = patient.patient_id
+    structures = patient.masks.structures()
+    roles = {s: classify_structure(s) for s in structures}
+    lesion_structures = [s for s in structures if roles[s] in ("metastasis", "cyst", "tumor")]
+    report: dict[str, Any] = {
+        "patient_id": pid,
+        "source": str(patient.path),
+        "structures_found": structures,
+        "lesion_structures": {s: roles[s] for s in lesion_structures},
+        "ignored_structures": [s for s in structures if roles[s] is None or roles[s] == "liver"],
+        "image": None,
+        "mask": None,
+        "lesions": [],
+        "specks_dropped": [],
+        "outside_liver_dropped": [],
+        "overlaps": [],
+        "contained_dropped": [],
+        "warnings": [],
+    }
+
+    def warn(msg: str) -> None:
+        report["warnings"].append(msg)
+        log.warning("%s: %s", pid, msg)
+
+    if not lesion_structures:
+        warn("no tumour or cyst masks; patient skipped")
+        return [], report
+
+    ptmp = Path(tempfile.mkdtemp(prefix=f"{pid}-", dir=tmp))
+    try:
+        image_dir = patient.image.folder("", ptmp)
+        image_name = patient.image.describe()
+        image = read_volume(image_dir, kind="image", name=image_name)
+        if patient.image.is_zip:
+            shutil.rmtree(image_dir.parent, ignore_errors=True)
+        report["shape_zyx"] = list(image.shape)
+        report["spacing_zyx_mm"] = [round(s, 4) for s in image.spacing]
+
+        liver: np.ndarray | None = None
+        if any(roles[s] == "tumor" for s in lesion_structures):
+            liver_names = [s for s in structures if roles[s] == "liver"]
+            if liver_names:
+                liver = _read_mask(patient.masks, liver_names[0], image, image_name, ptmp)
+
+        builder = LabelBuilder(image.shape)
+        for s in lesion_structures:
+            role = roles[s]
+            if role == "tumor" and liver is None:
+                warn(f"bare {s!r} mask ignored: no 'liver' mask to check that it lies inside the liver")
+                report["outside_liver_dropped"].append(
+                    {"structure": s, "voxels": None, "reason": "no liver mask"}
+                )
+                continue
+            mask = _read_mask(patient.masks, s, image, image_name, ptmp)
+            if role == "tumor":
+                # A bare `tumor` mask may mark a tumour outside the liver (not a liver lesion).
+                inside = mask & liver
+                outside = int(mask.sum() - inside.sum())
+                if outside:
+                    report["outside_liver_dropped"].append({"structure": s, "voxels": outside})
+                    warn(f"{s!r}: {outside} voxels outside the liver mask dropped (bare tumour mask)")
+                mask = inside
+            n_specks_before = len(builder.specks)
+            if builder.add(mask, s, "metastasis" if role == "tumor" else role) == 0 and not mask.any():
+                warn(f"{s!r}: empty mask (inside the liver)" if role == "tumor" else f"{s!r}: empty mask")
+            for sp in builder.specks[n_specks_before:]:
+                log.warning(
+                    "%s: dropped %d speck(s) of <= %d voxels (%d voxels) in %r",
+                    pid,
+                    sp["components"],
+                    MAX_SPECK_VOXELS,
+                    sp["voxels"],
+                    s,
+                )
+        labels, lesions, contained = builder.finish()
+        report["specks_dropped"] = builder.specks
+        report["overlaps"] = builder.overlaps
+        report["contained_dropped"] = contained
+        for ov in builder.overlaps:
+            warn(
+                f"{ov['structures'][0]!r} and {ov['structures'][1]!r} overlap by {ov['voxels']} voxels; "
+                f"assigned to the larger ({ov['assigned_to']!r})"
+            )
+        for c in contained:
+            warn(f"a lesion of {c['structure']!r} lies entirely inside a larger lesion; dropped as duplicate")
+        if not lesions:
+            warn("no lesion left after dropping specks; patient skipped")
+            return [], report
+
+        image_rel = f"images/{pid}.nii.gz"
+        mask_rel = f"masks/{pid}.nii.gz"
+        write_volume(image.with_array(_to_int16_hu(np.asarray(image.array))), out_dir / image_rel)
+        write_volume(image.with_array(labels, kind="mask"), out_dir / mask_rel)
+        report["image"], report["mask"] = image_rel, mask_rel
+        ml = image.voxel_volume_ml
+        report["lesions"] = [
+            {
+                "label": les.label,
+                "structure": les.structure,
+                "lesion_class": les.lesion_class,
+                "n_voxels": les.n_voxels_annotated,
+                "volume_ml": round(les.n_voxels_annotated * ml, 3),
+            }
+            for les in lesions
+        ]
+        rows = [
+            {
+                "patient_id": pid,
+                "image": image_rel,
+                "mask": mask_rel,
+                "label": les.label,
+                "lesion_class": les.lesion_class,
+            }
+            for les in lesions
+        ]
+        return rows, report
+    finally:
+        shutil.rmtree(ptmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------
+# Public entry point
+# --------------------------------------------------------------------------------------
+
+
+def import_ircadb(src: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """Convert 3D-IRCADb-01 patients to NIfTI volumes, lesion label maps and a manifest.
+
+    Tumour masks become class ``metastasis`` (3D-IRCADb-01 tumours are mostly,
+    but not all, metastases), cyst masks class ``cyst``; a bare ``tumor`` mask
+    counts only where it lies inside the ``liver`` mask. See the module
+    docstring for the rules on specks and overlaps.
+
+    Args:
+        src: One ``3Dircadb1.N`` folder or a folder holding several.
+        out: Output folder (created atomically).
+        overwrite: Replace ``out`` if it exists and is not empty.
+
+    Returns:
+        Path of ``OUT/manifest.csv``.
+
+    Raises:
+        UserError: Unexpected layout, unreadable DICOM, mask geometry that does
+            not match the CT, or an existing ``out`` without ``overwrite``.
+    """
+    import pandas as pd
+    from tqdm import tqdm
+
+    from liverlesion.fileio import atomic_dir, write_csv, write_json, write_text
+
+    src, out = Path(src), Path(out)
+    patients = _discover(src)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is a file; give a folder path for the output")
+
+    rows: list[dict[str, Any]] = []
+    reports: list[dict[str, Any]] = []
+    with (
+        atomic_dir(out, overwrite=overwrite) as tmp_out,
+        tempfile.TemporaryDirectory(prefix="ll-ircadb-") as tmp,
+    ):
+        for patient in tqdm(patients, desc="import ircadb", unit="patient"):
+            p_rows, p_report = _import_patient(patient, tmp_out, Path(tmp))
+            rows += p_rows
+            reports.append(p_report)
+
+        manifest = pd.DataFrame(rows, columns=["patient_id", "image", "mask", "label", "lesion_class"])
+        write_csv(tmp_out / "manifest.csv", manifest)
+        by_class = manifest["lesion_class"].value_counts().to_dict() if len(manifest) else {}
+        write_json(
+            tmp_out / "import_report.json",
+            {
+                "dataset": "3D-IRCADb-01",
+                "source": str(src),
+                "created": datetime.now(UTC).isoformat(timespec="seconds"),
+                "liverlesion_version": __version__,
+                "license": "CC BY-NC-ND 4.0 (IRCAD); derived data, do not redistribute",
+                "disclaimer": DISCLAIMER,
+                "class_note": "tumours -> metastasis (3D-IRCADb-01 tumours are mostly, but not all, "
+                "metastases); cysts -> cyst; bare 'tumor' masks only inside the liver",
+                "rules": {
+                    "connectivity": 26,
+                    "speck_max_voxels": MAX_SPECK_VOXELS,
+                    "overlap": "voxels go to the larger lesion; lesions fully inside a larger one are dropped",
+                },
+                "totals": {
+                    "patients": len(patients),
+                    "patients_with_lesions": len({r["patient_id"] for r in rows}),
+                    "lesions": len(rows),
+                    "by_class": {str(k): int(v) for k, v in by_class.items()},
+                    "specks_dropped": sum(sp["components"] for r in reports for sp in r["specks_dropped"]),
+                },
+                "patients": reports,
+            },
+        )
+        write_text(tmp_out / "LICENSE-NOTICE.txt", LICENSE_NOTICE)
+    if not rows:
+        log.warning("%s: no lesions found in %d patient(s); the manifest is empty", src, len(patients))
+    return out / "manifest.csv"
+
+
+def import_summary(out: str | Path) -> str:
+    """One line summarising ``OUT/import_report.json`` (for the CLI)."""
+    import json
+
+    out = Path(out)
+    totals = json.loads((out / "import_report.json").read_text(encoding="utf-8"))["totals"]
+    classes = ", ".join(f"{n} {c}" for c, n in sorted(totals["by_class"].items())) or "no lesions"
+    return (
+        f"imported {totals['patients_with_lesions']} of {totals['patients']} patient(s), {totals['lesions']} lesion(s) "
+        f"({classes}; {totals['specks_dropped']} speck(s) dropped) -> {out / 'manifest.csv'} "
+        f"(see import_report.json; CC BY-NC-ND 4.0: do not redistribute)"
+    )
