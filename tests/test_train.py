@@ -19,8 +19,8 @@ def _toy(n_patients: int, seed: int, size: int = 48):
     for p in range(n_patients):
         for j in range(2):
             cls = ["cyst", "metastasis"][(p + j) % 2]
-            cy, cx = rng.integers(12, size - 12, 2)
-            blob = ((yy - cy) ** 2 + (xx - cx) ** 2) < 36
+            cy, cx = rng.integers(14, size - 14, 2)
+            blob = ((yy - cy) ** 2 + (xx - cx) ** 2) < 100
             img = 0.5 + rng.normal(0, 0.05, (1, 3, size, size))
             img[..., blob] = 0.9 if cls == "metastasis" else 0.1
             arrays.append(img.clip(0, 1).astype(np.float32))
@@ -39,9 +39,17 @@ def _toy(n_patients: int, seed: int, size: int = 48):
 def _cfg(tmp_epochs: int = 3):
     return load_config(
         overrides={
-            "model": {"backbone": "resnet18", "weights": "none"},
+            "model": {"backbone": "resnet10t", "weights": "none"},
             "patch": {"size_px": 48},
-            "train": {"epochs": tmp_epochs, "batch_size": 8, "patience": 5, "lr": 1e-3, "max_threads": 2},
+            "train": {
+                "epochs": tmp_epochs,
+                "batch_size": 8,
+                "patience": 10,
+                "lr": 3e-3,
+                "backbone_lr_mult": 1.0,
+                "warmup_epochs": 0,
+                "max_threads": 2,
+            },
         }
     )
 
@@ -54,7 +62,7 @@ def test_train_fold_writes_self_describing_checkpoint_and_learns(tmp_path):
     fit = _subset(index, arrays, classes, patients[:10])
     val = _subset(index, arrays, classes, patients[10:13])
     test = _subset(index, arrays, classes, patients[13:])
-    cfg = _cfg(4)
+    cfg = _cfg(6)
     res = train_fold(tmp_path / "fold_0", fit, val, {"test": test}, classes, cfg, 0, {"run": "test"})
 
     ckpt = torch.load(tmp_path / "fold_0" / "model.pt", map_location="cpu", weights_only=False)

@@ -1,0 +1,964 @@
+"""Classify lesions in a new study with one or more checkpoints.
+
+``Classifier`` is the Python API; ``predict_cli`` is what ``liverlesion predict``
+runs. Both go through the same code, so they give the same numbers:
+
+new study -> ``io.read_volume`` -> lesions (mask, click or manifest, ``lesions.py``)
+-> ``patches.extract_patch`` with the checkpoint's own patch settings -> each
+ensemble member's temperature-scaled softmax (2-D mode: mean over the lesion's
+slice samples) -> mean over members (and their spread) -> class, using the
+checkpoint's threshold for the positive class in the binary case.
+
+A lesion whose smallest axis is below ``min_size_mm`` is not classified: the
+network was never shown such lesions, and a confident-looking probability on
+a few voxels would mislead. It is reported as "too small to characterise".
+
+Outputs are research results, not a diagnosis; every file says so.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from liverlesion import DISCLAIMER, __version__
+from liverlesion.errors import UserError
+from liverlesion.volume import Volume
+
+__all__ = [
+    "Classifier",
+    "TOO_SMALL",
+    "check_ct_volume",
+    "draw_lesion_overlay",
+    "parse_point",
+    "predict_cli",
+    "result_columns",
+]
+
+TOO_SMALL = "too small to characterise"
+OVERLAY_CAPTION = "Research use, not for diagnosis"
+
+# Spacing beyond this is not a CT voxel (mm); usually a unit error (cm / m) in a converted file.
+_MAX_SPACING_MM = 50.0
+
+
+# --------------------------------------------------------------------------- ensemble members
+
+
+@dataclass
+class _Member:
+    path: Path
+    model: Any  # torch.nn.Module (LesionNet)
+    ckpt: dict
+    sha256: str
+
+    @property
+    def temperature(self) -> float:
+        t = self.ckpt.get("temperature")
+        return float(t) if t is not None and math.isfinite(float(t)) and float(t) > 0 else 1.0
+
+    @property
+    def threshold(self) -> float | None:
+        t = self.ckpt.get("threshold")
+        return None if t is None or not math.isfinite(float(t)) else float(t)
+
+    def describe(self) -> dict[str, Any]:
+        """Plain values for results.json (no weights, no patient data)."""
+        return {
+            "path": str(self.path),
+            "sha256": self.sha256,
+            "liverlesion_version": self.ckpt.get("liverlesion_version"),
+            "fold": self.ckpt.get("fold"),
+            "backbone": (self.ckpt.get("config") or {}).get("model", {}).get("backbone"),
+            "temperature": self.temperature,
+            "threshold": self.threshold,
+            "positive_class": self.ckpt.get("positive_class"),
+            "created": self.ckpt.get("created"),
+        }
+
+
+@dataclass
+class _LesionResult:
+    """One lesion's row plus the arrays needed for overlays and the SR (kept out of the table)."""
+
+    row: dict[str, Any]
+    lesion: Any  # lesions.Lesion
+    mask: np.ndarray  # full-size bool
+    patch: Any  # patches.LesionPatch
+    cam: np.ndarray | None = None
+
+
+@dataclass
+class _Case:
+    """One image with its lesion results."""
+
+    image: Volume
+    image_ref: str
+    results: list[_LesionResult] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- input checks
+
+
+def parse_point(text: str, name: str = "--point") -> tuple[float, float, float]:
+    """Parse ``"x,y,z"`` (LPS mm) into three finite floats.
+
+    Raises:
+        UserError: Not three comma-separated finite numbers.
+    """
+    parts = [p.strip() for p in str(text).strip().strip("()[]").split(",")]
+    if len(parts) != 3 or not all(parts):
+        raise UserError(
+            f'{name} {text!r}: expected three comma-separated numbers x,y,z in LPS mm, e.g. {name} "-12.5,40,101"'
+        )
+    try:
+        values = tuple(float(p) for p in parts)
+    except ValueError as exc:
+        raise UserError(
+            f'{name} {text!r}: not numbers; expected x,y,z in LPS mm, e.g. {name} "-12.5,40,101"'
+        ) from exc
+    if not all(math.isfinite(v) for v in values):
+        raise UserError(f"{name} {text!r}: coordinates must be finite numbers (x,y,z in LPS mm)")
+    return values  # type: ignore[return-value]
+
+
+def check_ct_volume(volume: Volume, name: str = "image") -> None:
+    """Refuse volumes that cannot be CT in Hounsfield units with usable geometry.
+
+    Readers already refuse 2-D images and non-CT DICOM modalities; this catches what
+    slips through converted files: zero, negative or absurd spacing, a non-CT
+    modality recorded in ``meta``, and values that were never rescaled to HU.
+
+    Raises:
+        UserError: One line naming ``name``.
+    """
+    _check_nifti_pixdim(volume, name)
+    spacing = np.asarray(volume.spacing, dtype=float)
+    if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0) or np.any(spacing > _MAX_SPACING_MM):
+        raise UserError(
+            f"{name}: voxel spacing {tuple(round(float(s), 4) for s in spacing)} mm (z, y, x) is not a CT geometry "
+            f"(each must be > 0 and <= {_MAX_SPACING_MM:g} mm); the file's header is broken or not in mm: "
+            "re-export the CT with its real spacing (e.g. from DICOM with dcm2niix)"
+        )
+    if not np.all(np.isfinite(volume.direction)) or abs(abs(np.linalg.det(volume.direction)) - 1) > 1e-2:
+        raise UserError(
+            f"{name}: direction matrix {np.round(volume.direction.ravel(), 3).tolist()} is not a rotation; "
+            "re-export the CT with valid orientation"
+        )
+    modality = str(volume.meta.get("modality") or "").upper()
+    if modality and modality != "CT":
+        raise UserError(
+            f"{name}: modality {modality}, not CT; this tool works on CT in Hounsfield units: pass a CT series"
+        )
+    if min(volume.shape) < 2:
+        raise UserError(
+            f"{name}: shape {volume.shape} (z, y, x) is not a 3-D volume; pass the whole CT series"
+        )
+    lo = float(np.min(volume.array))
+    if lo >= 0:
+        raise UserError(
+            f"{name}: no negative values (min {lo:g}, max {float(np.max(volume.array)):g}); CT in Hounsfield units "
+            "has air near -1000 and fat near -100, so this is not CT in HU (rescale slope/intercept not applied, "
+            "or not a CT): convert it to HU"
+        )
+
+
+def _check_nifti_pixdim(volume: Volume, name: str) -> None:
+    """Refuse a NIfTI whose header spacing is zero or negative.
+
+    The NIfTI library silently turns such values into 1 mm (or their absolute
+    value), which would make every size in mm wrong without a word.
+    """
+    source = volume.meta.get("source")
+    if volume.meta.get("format") != "nifti" or not source or not Path(source).is_file():
+        return
+    pixdim = _raw_nifti_pixdim(Path(source))
+    if pixdim is None:
+        return
+    if not np.all(np.isfinite(pixdim)) or np.any(pixdim <= 0):
+        raise UserError(
+            f"{name}: NIfTI header voxel size (pixdim) {tuple(round(float(v), 4) for v in pixdim)} mm (x, y, z) "
+            "is zero or negative, so the CT geometry is unknown and sizes in mm would be wrong; "
+            "fix the header or re-convert the CT from DICOM (e.g. with dcm2niix)"
+        )
+
+
+def _raw_nifti_pixdim(path: Path) -> np.ndarray | None:
+    """``pixdim[1:4]`` exactly as stored (nibabel's loader would 'fix' bad values first)."""
+    import gzip
+
+    import nibabel as nib
+
+    try:
+        opener = gzip.open if path.name.lower().endswith(".gz") else open
+        with opener(path, "rb") as f:
+            block = f.read(540)
+        for cls in (nib.Nifti1Header, nib.Nifti2Header):
+            n = int(cls.sizeof_hdr)
+            for order in ("<", ">"):
+                if len(block) >= n and int(np.frombuffer(block[:4], dtype=order + "i4")[0]) == n:
+                    hdr = cls(block[:n], endianness=order, check=False)
+                    return np.asarray(hdr["pixdim"][1:4], dtype=float)
+    except Exception:  # unreadable header: the reader already read the file, nothing to add
+        return None
+    return None
+
+
+def _sanitize(name: str) -> str:
+    """A file-name-safe version of a lesion id."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "lesion"
+
+
+def _entropy_bits(p: np.ndarray) -> float:
+    p = np.clip(np.asarray(p, dtype=float), 1e-12, 1.0)
+    return float(-(p * np.log2(p)).sum())
+
+
+# --------------------------------------------------------------------------- Classifier
+
+
+class Classifier:
+    """One checkpoint or an ensemble of checkpoints, ready to classify lesions.
+
+    Use :meth:`load`. All members share class names, input channels and patch
+    settings (checked on load).
+
+    Example:
+        >>> clf = Classifier.load(["fold_0/model.pt", "fold_1/model.pt"])  # doctest: +SKIP
+        >>> df = clf.predict(read_volume("ct/"), mask=read_volume("mask.nii.gz", kind="mask"))  # doctest: +SKIP
+    """
+
+    def __init__(self, members: list[_Member], device: str = "cpu"):
+        assert members, "a Classifier needs at least one checkpoint"
+        from liverlesion.config import config_from_dict
+
+        self.members = members
+        self.device = device
+        first = members[0].ckpt
+        self.config = config_from_dict(first["config"])
+        self.class_names: list[str] = [str(c) for c in first["class_names"]]
+        self.in_chans = int(first["in_chans"])
+        positive = first.get("positive_class")
+        self.positive_class: str | None = positive if positive in self.class_names else None
+        thresholds = [m.threshold for m in members if m.threshold is not None]
+        if len(self.class_names) == 2 and self.positive_class is not None and thresholds:
+            # Each fold chose its own threshold on its inner validation set; the
+            # ensemble uses their mean (recorded in every result).
+            self.threshold: float | None = float(np.mean(thresholds))
+            self.decision_rule = (
+                f"{self.positive_class} if P({self.positive_class}) >= {self.threshold:.4g} "
+                + (
+                    "(checkpoint threshold)"
+                    if len(members) == 1
+                    else f"(mean of {len(thresholds)} checkpoint thresholds)"
+                )
+            )
+        else:
+            self.threshold = None
+            self.decision_rule = "class with the highest probability"
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, ckpt: str | os.PathLike | Sequence[str | os.PathLike], device: str = "auto") -> Classifier:
+        """Load one checkpoint, or several as an ensemble.
+
+        Args:
+            ckpt: A ``model.pt`` path or a list of them.
+            device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ...
+
+        Raises:
+            UserError: Unreadable/foreign/newer checkpoint, or ensemble members that
+                disagree on class names, positive class, input channels or patch settings.
+        """
+        import torch
+
+        from liverlesion.model import checkpoint_hash, load_checkpoint
+
+        paths = [Path(ckpt)] if isinstance(ckpt, str | os.PathLike) else [Path(p) for p in ckpt]
+        if not paths:
+            raise UserError(
+                "--model: no checkpoint given; pass --model PATH/model.pt (repeat it for an ensemble)"
+            )
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        members = []
+        for p in paths:
+            if not p.is_file():
+                raise UserError(
+                    f"--model {p}: file not found; give the path of a model.pt written by train or cv"
+                )
+            model, data = load_checkpoint(p)
+            model.eval().to(device)
+            members.append(_Member(path=p, model=model, ckpt=data, sha256=checkpoint_hash(p)))
+        _check_members(members)
+        return cls(members, device=device)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def n_models(self) -> int:
+        return len(self.members)
+
+    @property
+    def patch_config(self):
+        """The PatchConfig every member was trained with."""
+        return self.config.patch
+
+    @property
+    def model_version(self) -> str:
+        """liverlesion version(s) that wrote the checkpoints."""
+        versions = sorted({str(m.ckpt.get("liverlesion_version", "?")) for m in self.members})
+        return ";".join(versions)
+
+    @property
+    def checkpoint_hashes(self) -> list[str]:
+        return [m.sha256 for m in self.members]
+
+    def describe(self) -> dict[str, Any]:
+        """Run information for results.json."""
+        return {
+            "models": [m.describe() for m in self.members],
+            "n_models": self.n_models,
+            "class_names": self.class_names,
+            "positive_class": self.positive_class,
+            "threshold": self.threshold,
+            "decision_rule": self.decision_rule,
+            "patch": self.config.to_dict()["patch"],
+        }
+
+    # ------------------------------------------------------------------ inference
+    def member_probs(self, patch_image: np.ndarray) -> np.ndarray:
+        """Per-member class probabilities ``(n_models, n_classes)`` for one lesion's patch.
+
+        Args:
+            patch_image: ``(S, C, H, W)`` in ``[0, 1]``; 2-D mode's slice samples are averaged.
+        """
+        import torch
+
+        x = np.asarray(patch_image, dtype=np.float32)
+        if x.ndim == 3:
+            x = x[None]
+        if x.ndim == 4 and x.shape[1] == 1 and self.in_chans > 1:
+            x = np.repeat(x, self.in_chans, axis=1)  # 2-D mode: a grey slice fed as several channels
+        if x.ndim != 4 or x.shape[1] != self.in_chans:
+            raise UserError(
+                f"patch of shape {tuple(np.shape(patch_image))} does not fit the model: expected (S, {self.in_chans}, H, W) "
+                f"as cut with the checkpoint's patch settings"
+            )
+        xt = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
+        out = []
+        with torch.inference_mode():
+            for m in self.members:
+                logits = m.model(xt).float()
+                probs = torch.softmax(logits / m.temperature, dim=1).mean(dim=0)
+                out.append(probs.cpu().numpy().astype(np.float64))
+        return np.stack(out)
+
+    def predict_patch(self, patch_image: np.ndarray) -> np.ndarray:
+        """Ensemble-mean class probabilities ``(n_classes,)`` for one lesion's patch ``(S, C, H, W)``."""
+        return self.member_probs(patch_image).mean(axis=0)
+
+    def decide(self, probs: np.ndarray) -> str:
+        """The predicted class for mean probabilities (threshold rule in the binary case)."""
+        if self.threshold is not None:
+            assert self.positive_class is not None
+            j = self.class_names.index(self.positive_class)
+            other = self.class_names[1 - j]
+            return self.positive_class if probs[j] >= self.threshold else other
+        return self.class_names[int(np.argmax(probs))]
+
+    def gradcam(self, patch_image: np.ndarray, target_class: str | int) -> np.ndarray:
+        """Grad-CAM ``(H, W)`` in ``[0, 1]`` on the patch's centre sample, averaged over members."""
+        from liverlesion.gradcam import compute_cam
+
+        target = self.class_names.index(target_class) if isinstance(target_class, str) else int(target_class)
+        x = np.asarray(patch_image, dtype=np.float32)
+        sample = x[x.shape[0] // 2]  # 2-D mode: the centre slice; 2.5-D: the only sample
+        if sample.shape[0] == 1 and self.in_chans > 1:
+            sample = np.repeat(sample, self.in_chans, axis=0)
+        cams = [np.asarray(compute_cam(m.model, sample, target), dtype=np.float32) for m in self.members]
+        return np.clip(np.mean(cams, axis=0), 0.0, 1.0)
+
+    # ------------------------------------------------------------------ lesions
+    def predict(
+        self,
+        volume: Volume,
+        mask: Volume | np.ndarray | None = None,
+        label: int | None = None,
+        point: Sequence[float] | None = None,
+        diameter_mm: float | None = None,
+        min_size_mm: float = 5.0,
+        patient_id: str = "case",
+        gradcam: bool = False,
+        *,
+        tolerance: float = 1e-3,
+        image_name: str = "image",
+        mask_name: str = "mask",
+        point_name: str = "point",
+    ) -> pd.DataFrame:
+        """Classify the lesions of one CT volume.
+
+        Give either ``mask`` (every connected component, or only ``label``) or
+        ``point`` + ``diameter_mm`` (a sphere around a click in LPS mm).
+
+        Args:
+            volume: CT in HU (from ``read_volume``).
+            mask: Lesion mask on the image grid (Volume, checked against the image, or array).
+            label: Only this label of the mask (default: every connected component).
+            point: Click ``(x, y, z)`` in LPS mm.
+            diameter_mm: Lesion diameter in mm (with ``point``).
+            min_size_mm: Lesions whose smallest axis is below this are flagged, not classified.
+            patient_id: Used in the lesion ids (``{patient_id}-L01``); never taken from DICOM.
+            gradcam: Also compute Grad-CAM maps; they are in ``df.attrs["gradcam"]`` (lesion_id -> (H, W)).
+            tolerance: Geometry tolerance (mm) between image and mask.
+            image_name: How the image is named in error messages.
+            mask_name: How the mask is named in error messages.
+            point_name: How the point is named in error messages.
+
+        Returns:
+            One row per lesion (see :func:`result_columns`).
+
+        Raises:
+            UserError: Bad volume, mask/point inputs or geometry mismatch.
+        """
+        case = self._predict_case(
+            volume,
+            mask=mask,
+            label=label,
+            point=point,
+            diameter_mm=diameter_mm,
+            min_size_mm=min_size_mm,
+            patient_id=patient_id,
+            gradcam=gradcam,
+            tolerance=tolerance,
+            image_name=image_name,
+            mask_name=mask_name,
+            point_name=point_name,
+            image_ref=str(volume.meta.get("source") or ""),
+        )
+        df = self._frame([r.row for r in case.results])
+        if gradcam:
+            df.attrs["gradcam"] = {r.row["lesion_id"]: r.cam for r in case.results if r.cam is not None}
+        return df
+
+    def _predict_case(
+        self,
+        volume: Volume,
+        *,
+        mask,
+        label,
+        point,
+        diameter_mm,
+        min_size_mm,
+        patient_id,
+        gradcam,
+        tolerance,
+        image_name,
+        mask_name,
+        point_name,
+        image_ref,
+    ) -> _Case:
+        from liverlesion.lesions import lesion_from_click, lesions_from_mask
+
+        _check_min_size(min_size_mm)
+        if (mask is None) == (point is None):
+            raise UserError(
+                "give exactly one lesion source: a mask, or a point with diameter_mm "
+                f"(got mask={'yes' if mask is not None else 'no'}, point={'yes' if point is not None else 'no'})"
+            )
+        if label is not None and mask is None:
+            raise UserError(f"label={label}: a label selects a lesion in a mask; give the mask too")
+        check_ct_volume(volume, image_name)
+        if mask is not None:
+            mask_vol = self._mask_volume(volume, mask, tolerance, image_name, mask_name)
+            items = lesions_from_mask(
+                volume,
+                mask_vol,
+                label,
+                patient_id,
+                "",
+                image_ref=image_ref,
+                mask_ref=str(mask_vol.meta.get("source") or ""),
+                mask_name=mask_name,
+            )
+        else:
+            if diameter_mm is None:
+                raise UserError(f"{point_name}: a click needs the lesion diameter too (--diameter MM)")
+            items = [
+                lesion_from_click(
+                    volume,
+                    tuple(float(v) for v in point),
+                    float(diameter_mm),
+                    patient_id,
+                    "",
+                    image_ref=image_ref,
+                    point_name=point_name,
+                )
+            ]
+        case = _Case(image=volume, image_ref=image_ref)
+        case.results = self._classify(volume, items, min_size_mm, gradcam, image_ref)
+        return case
+
+    @staticmethod
+    def _mask_volume(volume: Volume, mask, tolerance: float, image_name: str, mask_name: str) -> Volume:
+        from liverlesion.io import check_geometry
+
+        if isinstance(mask, Volume):
+            check_geometry(volume, mask, tolerance=tolerance, image_name=image_name, mask_name=mask_name)
+            return mask
+        arr = np.asarray(mask)
+        if arr.shape != volume.shape:
+            raise UserError(
+                f"{mask_name}: array shape {arr.shape} (z, y, x) differs from {image_name}'s {volume.shape}; "
+                "give the mask drawn on this image"
+            )
+        if arr.dtype == np.bool_:
+            arr = arr.astype(np.uint8)
+        return volume.with_array(arr, source="")
+
+    def _classify(
+        self, volume: Volume, items: list, min_size_mm: float, gradcam: bool, image_ref: str
+    ) -> list[_LesionResult]:
+        from tqdm.auto import tqdm
+
+        from liverlesion.patches import extract_patch
+
+        results = []
+        hashes = ";".join(self.checkpoint_hashes)
+        for lesion, lmask in tqdm(
+            items,
+            desc="classifying lesions",
+            unit="lesion",
+            file=sys.stderr,
+            disable=len(items) < 2,
+            leave=False,
+        ):
+            patch = extract_patch(volume, lmask, self.patch_config)
+            too_small = not (float(lesion.min_axis_mm) >= min_size_mm)
+            probs = np.full(len(self.class_names), np.nan)
+            uncertainty = entropy = math.nan
+            pred = TOO_SMALL
+            cam = None
+            if not too_small:
+                member = self.member_probs(patch.image)
+                probs = member.mean(axis=0)
+                pred = self.decide(probs)
+                j = self.class_names.index(pred)
+                uncertainty = float(member[:, j].std()) if len(member) > 1 else 0.0
+                entropy = _entropy_bits(probs)
+                if gradcam:
+                    cam = self.gradcam(patch.image, j)
+            row: dict[str, Any] = {
+                "lesion_id": lesion.lesion_id,
+                "patient_id": lesion.patient_id,
+                "image": image_ref,
+                "source": lesion.source,
+                "label": lesion.label,
+                "pred_class": pred,
+                "status": TOO_SMALL if too_small else "classified",
+            }
+            for c, p in zip(self.class_names, probs, strict=True):
+                row[f"prob_{c}"] = float(p)
+            cx, cy, cz = lesion.centroid_mm
+            row.update(
+                {
+                    "uncertainty": uncertainty,
+                    "entropy_bits": entropy,
+                    "threshold": self.threshold if self.threshold is not None else math.nan,
+                    "positive_class": self.positive_class or "",
+                    "max_axial_diameter_mm": float(lesion.max_axial_diameter_mm),
+                    "min_axis_mm": float(lesion.min_axis_mm),
+                    "volume_ml": float(lesion.volume_ml),
+                    "n_voxels": int(lesion.n_voxels),
+                    "hu_mean": float(lesion.hu_mean),
+                    "hu_std": float(lesion.hu_std),
+                    "centroid_x_mm": float(cx),
+                    "centroid_y_mm": float(cy),
+                    "centroid_z_mm": float(cz),
+                    "centre_slice": int(patch.meta["centre_slice"]),
+                    "n_models": self.n_models,
+                    "model_version": self.model_version,
+                    "checkpoint_sha256": hashes,
+                    "disclaimer": DISCLAIMER,
+                }
+            )
+            if lesion.lesion_class:
+                row["true_class"] = lesion.lesion_class
+            results.append(_LesionResult(row=row, lesion=lesion, mask=lmask, patch=patch, cam=cam))
+        return results
+
+    def _frame(self, rows: list[dict]) -> pd.DataFrame:
+        cols = result_columns(self.class_names)
+        if any("true_class" in r for r in rows):
+            cols.insert(cols.index("pred_class"), "true_class")
+        df = pd.DataFrame(rows, columns=cols)
+        df["label"] = df["label"].astype("Int64")
+        return df
+
+
+def result_columns(class_names: Sequence[str]) -> list[str]:
+    """Columns of the results table, in order (``true_class`` is added in manifest mode)."""
+    return [
+        "lesion_id",
+        "patient_id",
+        "image",
+        "source",
+        "label",
+        "pred_class",
+        *[f"prob_{c}" for c in class_names],
+        "uncertainty",
+        "entropy_bits",
+        "threshold",
+        "positive_class",
+        "status",
+        "max_axial_diameter_mm",
+        "min_axis_mm",
+        "volume_ml",
+        "n_voxels",
+        "hu_mean",
+        "hu_std",
+        "centroid_x_mm",
+        "centroid_y_mm",
+        "centroid_z_mm",
+        "centre_slice",
+        "n_models",
+        "model_version",
+        "checkpoint_sha256",
+        "disclaimer",
+    ]
+
+
+def _check_min_size(min_size_mm: float) -> None:
+    if not (math.isfinite(float(min_size_mm)) and min_size_mm >= 0):
+        raise UserError(f"--min-size-mm {min_size_mm}: must be 0 or a positive number of mm (default 5)")
+
+
+def _check_members(members: list[_Member]) -> None:
+    """Ensemble members must agree on everything that shapes their input and output."""
+    first = members[0]
+
+    def key(m: _Member) -> dict[str, Any]:
+        return {
+            "class names": [str(c) for c in m.ckpt.get("class_names", [])],
+            "positive class": m.ckpt.get("positive_class"),
+            "input channels": int(m.ckpt.get("in_chans", -1)),
+            "patch settings": (m.ckpt.get("config") or {}).get("patch"),
+        }
+
+    ref = key(first)
+    for m in members[1:]:
+        k = key(m)
+        for what, value in k.items():
+            if value != ref[what]:
+                if what == "patch settings":
+                    diff = sorted(
+                        name
+                        for name in set(value or {}) | set(ref[what] or {})
+                        if (value or {}).get(name) != (ref[what] or {}).get(name)
+                    )
+                    shown = ", ".join(
+                        f"{n}: {(ref[what] or {}).get(n)!r} vs {(value or {}).get(n)!r}" for n in diff
+                    )
+                else:
+                    shown = f"{ref[what]!r} vs {value!r}"
+                raise UserError(
+                    f"--model {first.path} and --model {m.path} differ in {what} ({shown}); an ensemble needs "
+                    "checkpoints trained with the same classes and patch settings: pass checkpoints of one run"
+                )
+
+
+# --------------------------------------------------------------------------- batch (manifest)
+
+
+def _predict_manifest(clf: Classifier, manifest: Path, min_size_mm: float, gradcam: bool) -> list[_Case]:
+    from liverlesion.lesions import iter_manifest_lesions
+    from liverlesion.manifest import read_manifest
+
+    _check_min_size(min_size_mm)
+    table = read_manifest(manifest)
+    cases = []
+    for image, items in iter_manifest_lesions(table):
+        ref = str(image.meta.get("source") or "")
+        check_ct_volume(image, f"--manifest {manifest} image {ref}")
+        case = _Case(image=image, image_ref=ref)
+        case.results = clf._classify(image, items, min_size_mm, gradcam, ref)
+        cases.append(case)
+    return cases
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def draw_lesion_overlay(result: _LesionResult, image: Volume, path: Path, class_names: Sequence[str]) -> Path:
+    """Write a lesion's overlay PNG (atomically).
+
+    Left: the lesion's centre slice (largest cross-section) in the liver window, as
+    in a viewer (anterior up, patient right on the left), with the lesion outline.
+    Right: the network's patch with the outline and, when computed, the Grad-CAM
+    heat-map. Title: class and probabilities; caption: research use, not for diagnosis.
+    """
+    from matplotlib.figure import Figure
+
+    from liverlesion.fileio import atomic_path
+    from liverlesion.gradcam import draw_overlay
+    from liverlesion.patches import window
+
+    row, patch = result.row, result.patch
+    z = int(row["centre_slice"])
+    s = patch.image.shape[0] // 2  # 2-D mode: the centre sample; 2.5-D: the only one
+    centre = patch.image[s, patch.image.shape[1] // 2]
+    patch_mask = patch.mask[min(s, patch.mask.shape[0] - 1)]
+
+    fig = Figure(figsize=(8.0, 4.6), dpi=100)
+    ax = fig.add_subplot(1, 2, 1)
+    # Liver window (W 250 / L 60, as the patches) for display.
+    ax.imshow(
+        window(image.array[z], 60.0, 250.0),
+        cmap="gray",
+        vmin=0,
+        vmax=1,
+        aspect=image.spacing[1] / image.spacing[2],
+        interpolation="nearest",
+    )
+    if result.mask[z].any():
+        ax.contour(result.mask[z].astype(float), levels=[0.5], colors="lime", linewidths=0.8)
+    field_mm = float(patch.meta.get("field_mm", math.nan))
+    _, cy, cx = patch.meta.get("centre_index_zyx", (z, math.nan, math.nan))
+    if math.isfinite(field_mm) and math.isfinite(cy) and math.isfinite(cx):
+        from matplotlib.patches import Rectangle
+
+        # The field the network saw, as a box on the slice.
+        hy, hx = field_mm / 2 / image.spacing[1], field_mm / 2 / image.spacing[2]
+        ax.add_patch(
+            Rectangle((cx - hx, cy - hy), 2 * hx, 2 * hy, fill=False, edgecolor="yellow", linewidth=0.8)
+        )
+        ax.set_xlim(-0.5, image.shape[2] - 0.5)
+        ax.set_ylim(image.shape[1] - 0.5, -0.5)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(f"axial slice {z} (anterior up, patient right on the left)", fontsize=8)
+    ax = fig.add_subplot(1, 2, 2)
+    draw_overlay(
+        ax,
+        centre,
+        result.cam,
+        patch_mask,
+        title=f"patch, {field_mm:.0f} mm field" + (" + Grad-CAM" if result.cam is not None else ""),
+    )
+    if row["pred_class"] == TOO_SMALL:
+        verdict = f"{TOO_SMALL} (smallest axis {row['min_axis_mm']:.1f} mm): not classified"
+    else:
+        probs = ", ".join(f"P({c}) {row[f'prob_{c}']:.2f}" for c in class_names)
+        verdict = f"predicted {row['pred_class']}: {probs}, uncertainty {row['uncertainty']:.2f}"
+    fig.suptitle(
+        f"{row['lesion_id']}  {verdict}\n"
+        f"diameter {row['max_axial_diameter_mm']:.1f} mm, volume {row['volume_ml']:.2f} mL",
+        fontsize=9,
+    )
+    fig.text(0.5, 0.025, OVERLAY_CAPTION, ha="center", fontsize=11, color="darkred", weight="bold")
+    fig.tight_layout(rect=(0, 0.06, 1, 0.9))
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return path
+
+
+def _source_info(case: _Case) -> dict[str, Any]:
+    """Non-identifying facts about an input image (never DICOM patient tags or UIDs)."""
+    meta = case.image.meta
+    geo = case.image.geometry()
+    return {
+        "image": case.image_ref,
+        "format": meta.get("format"),
+        "modality": meta.get("modality"),
+        "shape_zyx": geo["shape_zyx"],
+        "spacing_zyx_mm": geo["spacing_zyx_mm"],
+        "n_lesions": len(case.results),
+    }
+
+
+def _print_table(df: pd.DataFrame, clf: Classifier) -> None:
+    cols = ["lesion_id", "pred_class"]
+    show = df.copy()
+    if clf.positive_class is not None:
+        cols.append(f"prob_{clf.positive_class}")
+    else:
+        cols += [f"prob_{c}" for c in clf.class_names]
+    cols += ["uncertainty", "max_axial_diameter_mm", "volume_ml"]
+    show = show[cols].rename(columns={"max_axial_diameter_mm": "diam_mm", "volume_ml": "vol_ml"})
+    with pd.option_context("display.max_rows", 40, "display.width", 160):
+        print(show.to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="-"))
+    print(f"{len(df)} lesion(s); decision: {clf.decision_rule}; {clf.n_models} model(s)")
+    print(f"liverlesion: {DISCLAIMER}")
+
+
+def predict_cli(
+    models: Sequence[Path],
+    out: Path,
+    image: Path | None = None,
+    mask: Path | None = None,
+    label: int | None = None,
+    point: str | None = None,
+    diameter: float | None = None,
+    manifest: Path | None = None,
+    series: str | None = None,
+    min_size_mm: float = 5.0,
+    dicom_sr: bool = False,
+    gradcam: bool = True,
+    overwrite: bool = False,
+    tolerance: float = 1e-3,
+) -> pd.DataFrame:
+    """``liverlesion predict``: classify lesions and write results into ``out``.
+
+    Exactly one lesion source: ``mask`` (with ``image``), ``point`` + ``diameter``
+    (with ``image``), or ``manifest``. Writes ``results.csv``, ``results.json``,
+    ``overlays/<lesion_id>.png`` and, with ``dicom_sr``, ``report.dcm`` (single
+    image) or ``reports/<patient>_<n>.dcm`` (manifest). ``out`` appears complete
+    or not at all.
+
+    Returns:
+        The results table (as written to results.csv).
+
+    Raises:
+        UserError: Bad option combination or input; nothing is written.
+    """
+    from liverlesion.fileio import atomic_dir, write_csv, write_json
+
+    sources = {"--mask": mask is not None, "--point": point is not None, "--manifest": manifest is not None}
+    given = [k for k, v in sources.items() if v]
+    allowed = "use exactly one of: --image IMG --mask MASK [--label N] | --image IMG --point x,y,z --diameter MM | --manifest CSV"
+    if len(given) != 1:
+        what = "none of --mask/--point/--manifest" if not given else " and ".join(given)
+        raise UserError(f"predict: got {what}; {allowed}")
+    if manifest is not None and image is not None:
+        raise UserError(
+            f"--manifest {manifest} with --image {image}: the manifest names the images; {allowed}"
+        )
+    if manifest is None and image is None:
+        raise UserError(f"{given[0]} needs --image (the CT: DICOM folder/zip or NIfTI); {allowed}")
+    if manifest is not None and series is not None:
+        raise UserError(f"--series {series}: applies to --image only; with --manifest use its series column")
+    if label is not None and mask is None:
+        raise UserError(f"--label {label}: selects a lesion in --mask; give --mask too, or drop --label")
+    if point is not None and diameter is None:
+        raise UserError(f"--point {point}: also give --diameter MM (the lesion's approximate diameter)")
+    if diameter is not None and point is None:
+        raise UserError(
+            f"--diameter {diameter}: only used with --point x,y,z; add --point or drop --diameter"
+        )
+    if diameter is not None and not (math.isfinite(diameter) and diameter > 0):
+        raise UserError(f"--diameter {diameter}: must be a positive number of mm")
+    xyz = parse_point(point) if point is not None else None
+    _check_min_size(min_size_mm)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file; give a folder path")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UserError(
+            f"--out {out}: folder already exists and is not empty; choose another path or pass --overwrite"
+        )
+
+    clf = Classifier.load(list(models))
+    if manifest is not None:
+        cases = _predict_manifest(clf, Path(manifest), min_size_mm, gradcam)
+    else:
+        from liverlesion.io import read_volume
+
+        volume = read_volume(image, series=series, kind="image", name="--image")
+        mask_vol = read_volume(mask, kind="mask", name="--mask") if mask is not None else None
+        cases = [
+            clf._predict_case(
+                volume,
+                mask=mask_vol,
+                label=label,
+                point=xyz,
+                diameter_mm=diameter,
+                min_size_mm=min_size_mm,
+                patient_id="case",
+                gradcam=gradcam,
+                tolerance=tolerance,
+                image_name="--image",
+                mask_name="--mask",
+                point_name="--point",
+                image_ref=str(image),
+            )
+        ]
+    if dicom_sr:
+        from liverlesion.sr import check_sr_source
+
+        for case in cases:
+            check_sr_source(case.image, case.image_ref)
+
+    df = clf._frame([r.row for case in cases for r in case.results])
+    info = {
+        "tool": "liverlesion",
+        "liverlesion_version": __version__,
+        "disclaimer": DISCLAIMER,
+        "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        **clf.describe(),
+        "min_size_mm": float(min_size_mm),
+        "inputs": {
+            "image": str(image) if image is not None else None,
+            "mask": str(mask) if mask is not None else None,
+            "label": label,
+            "point_xyz_mm": list(xyz) if xyz is not None else None,
+            "diameter_mm": diameter,
+            "manifest": str(manifest) if manifest is not None else None,
+            "series": series,
+        },
+        "sources": [_source_info(c) for c in cases],
+        "lesions": df.astype(object).where(df.notna(), None).to_dict(orient="records"),
+    }
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        write_csv(tmp / "results.csv", df)
+        write_json(tmp / "results.json", info)
+        used: set[str] = set()
+        for case in cases:
+            for r in case.results:
+                name = _sanitize(r.row["lesion_id"])
+                while name in used:  # ids differing only in unsafe characters
+                    name += "_"
+                used.add(name)
+                draw_lesion_overlay(r, case.image, tmp / "overlays" / f"{name}.png", clf.class_names)
+        if dicom_sr:
+            from liverlesion.sr import write_sr
+
+            if manifest is None:
+                write_sr(
+                    _case_frame(clf, cases[0]),
+                    cases[0].image,
+                    tmp / "report.dcm",
+                    lesion_masks=_masks(cases[0]),
+                )
+            else:
+                counts: dict[str, int] = {}
+                for case in cases:
+                    if not case.results:
+                        continue
+                    pid = _sanitize(str(case.results[0].row["patient_id"]))
+                    counts[pid] = counts.get(pid, 0) + 1
+                    write_sr(
+                        _case_frame(clf, case),
+                        case.image,
+                        tmp / "reports" / f"{pid}_{counts[pid]}.dcm",
+                        lesion_masks=_masks(case),
+                    )
+    _print_table(df, clf)
+    print(f"wrote {out}")
+    return df
+
+
+def _case_frame(clf: Classifier, case: _Case) -> pd.DataFrame:
+    return clf._frame([r.row for r in case.results])
+
+
+def _masks(case: _Case) -> dict[str, np.ndarray]:
+    return {r.row["lesion_id"]: r.mask for r in case.results}

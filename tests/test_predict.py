@@ -1,0 +1,578 @@
+"""predict: the Classifier API and the `liverlesion predict` command on tiny synthetic CT.
+
+Checkpoints are untrained (random init, timm's tiny ``test_resnet``): the plumbing,
+not the accuracy, is under test, so every expected number is recomputed from the
+models themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import nibabel  # noqa: F401  (imported at collection: its log handler must not bind to a test's captured stderr)
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from helpers import make_ct_array, write_dicom_series
+from liverlesion import DISCLAIMER
+from liverlesion.cli import main
+from liverlesion.config import Config
+from liverlesion.errors import UserError
+from liverlesion.io import read_volume, write_volume
+from liverlesion.predict import TOO_SMALL, Classifier, parse_point
+
+CLASSES = ["cyst", "metastasis"]
+BIG_CENTRE_ZYX = (11.5, 23.5, 23.5)  # the volume centre: make_ct_array's default sphere
+SMALL_CENTRE_ZYX = (12.0, 12.0, 36.0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _make_ckpt(
+    path: Path, seed: int, classes=CLASSES, size_px: int = 64, mode: str = "2.5d", **extra
+) -> Path:
+    from liverlesion.model import build_model, save_checkpoint
+
+    cfg = Config()
+    cfg.model.backbone = "test_resnet"  # timm's tiny test network: fast on CPU
+    cfg.model.weights = "none"
+    cfg.model.head_hidden = 16
+    cfg.patch.size_px = size_px
+    cfg.patch.neighbours = 1
+    cfg.patch.mode = mode
+    in_chans = 3 if mode == "2.5d" else 1  # 2.5-D: 2k+1 slices as channels; 2-D: one grey slice per sample
+    torch.manual_seed(seed)
+    model, _ = build_model(cfg.model, num_classes=len(classes), in_chans=in_chans)
+    extra.setdefault("temperature", 1.0)
+    extra.setdefault("threshold", 0.5)
+    extra.setdefault("positive_class", "metastasis" if "metastasis" in classes else None)
+    return save_checkpoint(path, model, cfg, list(classes), in_chans, fold=0, **extra)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("ckpts")
+    return {
+        "a": _make_ckpt(d / "a.pt", 0),
+        "b": _make_ckpt(d / "b.pt", 1, temperature=2.0, threshold=0.4),
+        "a_thr0": _make_ckpt(d / "a_thr0.pt", 0, threshold=0.0),
+        "a_thr1": _make_ckpt(d / "a_thr1.pt", 0, threshold=1.0),
+        "other_classes": _make_ckpt(d / "other_classes.pt", 0, classes=["cyst", "hemangioma"]),
+        "other_patch": _make_ckpt(d / "other_patch.pt", 0, size_px=48),
+    }
+
+
+def _ct_with_two_lesions(seed: int = 0):
+    """A 12 mm water-density sphere at the centre and a ~4 mm one (too small) off-centre."""
+    image, mask = make_ct_array(seed=seed)
+    zz, yy, xx = np.meshgrid(*[np.arange(n, dtype=float) for n in image.shape], indexing="ij")
+    d2 = sum(
+        ((g - c) * s) ** 2 for g, c, s in zip((zz, yy, xx), SMALL_CENTRE_ZYX, image.spacing, strict=True)
+    )
+    small = d2 <= 2.0**2
+    image.array[small] = 10.0
+    arr = mask.array.copy()
+    arr[small] = 1
+    return image, image.with_array(arr)
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("case")
+    image, mask = _ct_with_two_lesions()
+    return {"image": write_volume(image, d / "ct.nii.gz"), "mask": write_volume(mask, d / "mask.nii.gz")}
+
+
+def _run(args: list[str], capsys) -> tuple[int, str, str]:
+    rc = main(["predict", *[str(a) for a in args]])
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def _centre_lps(image_path: Path, zyx) -> tuple[float, float, float]:
+    vol = read_volume(image_path)
+    return tuple(float(v) for v in vol.index_to_physical(zyx))
+
+
+# --------------------------------------------------------------------------- API and CLI
+
+
+def test_cli_matches_python_api(ckpts, case, tmp_path, capsys):
+    clf = Classifier.load(ckpts["a"])
+    api = clf.predict(read_volume(case["image"]), mask=read_volume(case["mask"], kind="mask"))
+
+    out = tmp_path / "out"
+    rc, stdout, err = _run(
+        ["--model", ckpts["a"], "--image", case["image"], "--mask", case["mask"], "--out", out], capsys
+    )
+    assert rc == 0, err
+    cli = pd.read_csv(out / "results.csv", keep_default_na=True)
+
+    assert list(cli["lesion_id"]) == list(api["lesion_id"]) == ["case-L01", "case-L02"]
+    for col in [
+        "prob_cyst",
+        "prob_metastasis",
+        "uncertainty",
+        "max_axial_diameter_mm",
+        "volume_ml",
+        "min_axis_mm",
+    ]:
+        np.testing.assert_allclose(
+            cli[col].to_numpy(float), api[col].to_numpy(float), rtol=1e-9, equal_nan=True
+        )
+    assert list(cli["pred_class"]) == list(api["pred_class"])
+
+    # The big lesion is classified, with the checkpoint's threshold; the ~4 mm one is flagged.
+    big, small = api.iloc[0], api.iloc[1]
+    assert big["min_axis_mm"] >= 5.0 > small["min_axis_mm"]
+    assert big["prob_cyst"] + big["prob_metastasis"] == pytest.approx(1.0)
+    assert big["pred_class"] == ("metastasis" if big["prob_metastasis"] >= 0.5 else "cyst")
+    assert big["threshold"] == 0.5 and big["uncertainty"] == 0.0
+    assert big["entropy_bits"] == pytest.approx(
+        -sum(p * math.log2(p) for p in (big["prob_cyst"], big["prob_metastasis"]))
+    )
+    assert small["pred_class"] == TOO_SMALL and small["status"] == TOO_SMALL
+    assert np.isnan(small["prob_cyst"]) and np.isnan(small["prob_metastasis"])
+    assert big["max_axial_diameter_mm"] == pytest.approx(12.0, abs=1.5)
+
+    info = json.loads((out / "results.json").read_text())
+    assert info["disclaimer"] == DISCLAIMER
+    assert info["models"][0]["sha256"] == api["checkpoint_sha256"].iloc[0]
+    assert info["class_names"] == CLASSES and len(info["lesions"]) == 2
+    assert info["lesions"][1]["prob_cyst"] is None  # NaN -> null
+    assert info["inputs"]["image"] == str(case["image"])
+    assert set(cli["disclaimer"]) == {DISCLAIMER}
+    for lid in cli["lesion_id"]:
+        png = out / "overlays" / f"{lid}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert DISCLAIMER in stdout and "case-L01" in stdout
+
+
+def test_gradcam_attrs_from_api(ckpts, case):
+    clf = Classifier.load(ckpts["a"])
+    df = clf.predict(read_volume(case["image"]), mask=read_volume(case["mask"], kind="mask"), gradcam=True)
+    cams = df.attrs["gradcam"]
+    assert set(cams) == {"case-L01"}  # the too-small lesion gets no map
+    cam = cams["case-L01"]
+    assert cam.shape == (64, 64) and 0.0 <= cam.min() and cam.max() <= 1.0
+
+
+def test_ensemble_mean_and_uncertainty(ckpts, case):
+    image, mask = read_volume(case["image"]), read_volume(case["mask"], kind="mask")
+    pa = Classifier.load(ckpts["a"]).predict(image, mask=mask)
+    pb = Classifier.load(ckpts["b"]).predict(image, mask=mask)
+    ens = Classifier.load([ckpts["a"], ckpts["b"]])
+    pe = ens.predict(image, mask=mask)
+
+    a, b, e = pa.iloc[0], pb.iloc[0], pe.iloc[0]
+    assert a["prob_metastasis"] != pytest.approx(b["prob_metastasis"], abs=1e-6)  # members really differ
+    for c in CLASSES:
+        assert e[f"prob_{c}"] == pytest.approx((a[f"prob_{c}"] + b[f"prob_{c}"]) / 2)
+    assert e["uncertainty"] == pytest.approx(abs(a["prob_metastasis"] - b["prob_metastasis"]) / 2)
+    assert e["threshold"] == pytest.approx(0.45)  # mean of the members' thresholds
+    assert e["pred_class"] == ("metastasis" if e["prob_metastasis"] >= 0.45 else "cyst")
+    assert e["n_models"] == 2 and len(e["checkpoint_sha256"].split(";")) == 2
+
+
+def test_temperature_and_threshold_are_applied(ckpts, case):
+    from liverlesion.model import load_checkpoint
+    from liverlesion.patches import extract_patch
+
+    image, mask = read_volume(case["image"]), read_volume(case["mask"], kind="mask")
+    clf = Classifier.load(ckpts["b"])  # temperature 2
+    lesion_mask = mask.array == 1
+    lesion_mask[:, :, 30:] = False  # only the big lesion
+    patch = extract_patch(image, lesion_mask, clf.patch_config)
+    model, _ = load_checkpoint(ckpts["b"])
+    with torch.no_grad():
+        logits = model(torch.from_numpy(patch.image))
+    expected = torch.softmax(logits / 2.0, dim=1).mean(0).numpy()
+    np.testing.assert_allclose(clf.predict_patch(patch.image), expected, rtol=1e-5)
+
+    always = Classifier.load(ckpts["a_thr0"]).predict(image, mask=mask, min_size_mm=0)
+    never = Classifier.load(ckpts["a_thr1"]).predict(image, mask=mask, min_size_mm=0)
+    assert set(always["pred_class"]) == {"metastasis"}
+    assert set(never["pred_class"]) == {"cyst"}
+
+
+def test_2d_mode_averages_slice_samples(tmp_path, case):
+    from liverlesion.model import load_checkpoint
+
+    path = _make_ckpt(tmp_path / "2d.pt", 3, mode="2d", temperature=1.5)
+    clf = Classifier.load(path)
+    image, mask = read_volume(case["image"]), read_volume(case["mask"], kind="mask")
+    df = clf.predict(image, mask=mask, gradcam=True)
+    assert df["pred_class"].iloc[0] != TOO_SMALL and df.attrs["gradcam"]["case-L01"].shape == (64, 64)
+
+    from liverlesion.patches import extract_patch
+
+    lesion_mask = mask.array == 1
+    lesion_mask[:, :, 30:] = False
+    patch = extract_patch(image, lesion_mask, clf.patch_config)
+    assert patch.image.shape == (3, 1, 64, 64)  # three slice samples of one channel
+    model, _ = load_checkpoint(path)
+    with torch.no_grad():
+        per_sample = torch.softmax(model(torch.from_numpy(patch.image)) / 1.5, dim=1).numpy()
+    assert not np.allclose(per_sample[0], per_sample[1])  # the average is over really different samples
+    assert df["prob_metastasis"].iloc[0] == pytest.approx(per_sample[:, 1].mean(), rel=1e-5)
+
+
+def test_min_size_is_configurable(ckpts, case):
+    clf = Classifier.load(ckpts["a"])
+    df = clf.predict(read_volume(case["image"]), mask=read_volume(case["mask"], kind="mask"), min_size_mm=0)
+    assert TOO_SMALL not in set(df["pred_class"])
+    df = clf.predict(read_volume(case["image"]), mask=read_volume(case["mask"], kind="mask"), min_size_mm=50)
+    assert set(df["pred_class"]) == {TOO_SMALL}
+
+
+def test_point_mode_cli_and_api(ckpts, case, tmp_path, capsys):
+    x, y, z = _centre_lps(case["image"], BIG_CENTRE_ZYX)
+    out = tmp_path / "out"
+    rc, _, err = _run(
+        [
+            "--model",
+            ckpts["a"],
+            "--image",
+            case["image"],
+            "--point",
+            f"{x},{y},{z}",
+            "--diameter",
+            12,
+            "--out",
+            out,
+        ],
+        capsys,
+    )
+    assert rc == 0, err
+    cli = pd.read_csv(out / "results.csv")
+    assert len(cli) == 1 and cli["source"].iloc[0] == "click"
+    assert cli["centroid_x_mm"].iloc[0] == pytest.approx(x, abs=1.0)
+    api = Classifier.load(ckpts["a"]).predict(read_volume(case["image"]), point=(x, y, z), diameter_mm=12)
+    assert cli["prob_metastasis"].iloc[0] == pytest.approx(api["prob_metastasis"].iloc[0], rel=1e-9)
+    assert (out / "overlays" / "case-L01.png").is_file()
+
+
+def test_manifest_batch_mode(ckpts, tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = []
+    centres = {}
+    for i, pid in enumerate(["p1", "p2"]):
+        image, mask = _ct_with_two_lesions(seed=i)
+        write_volume(image, data / f"{pid}.nii.gz")
+        write_volume(mask, data / f"{pid}_mask.nii.gz")
+        centres[pid] = image.index_to_physical(BIG_CENTRE_ZYX)
+    rows.append("p1,p1.nii.gz,p1_mask.nii.gz,,metastasis,,,,")
+    x, y, z = centres["p2"]
+    rows.append(f"p2,p2.nii.gz,,,cyst,{x},{y},{z},12")
+    manifest = data / "manifest.csv"
+    manifest.write_text(
+        "patient_id,image,mask,label,lesion_class,x_mm,y_mm,z_mm,diameter_mm\n" + "\n".join(rows) + "\n"
+    )
+
+    out = tmp_path / "out"
+    rc, stdout, err = _run(["--model", ckpts["a"], "--manifest", manifest, "--out", out], capsys)
+    assert rc == 0, err
+    df = pd.read_csv(out / "results.csv")
+    assert list(df["lesion_id"]) == ["p1-L01", "p1-L02", "p2-L01"]
+    assert list(df["true_class"]) == ["metastasis", "metastasis", "cyst"]
+    assert list(df["source"]) == ["mask", "mask", "click"]
+    assert df["pred_class"].iloc[1] == TOO_SMALL
+    clf = Classifier.load(ckpts["a"])
+    p2 = clf.predict(
+        read_volume(data / "p2.nii.gz"), point=tuple(centres["p2"]), diameter_mm=12, patient_id="p2"
+    )
+    assert df["prob_metastasis"].iloc[2] == pytest.approx(p2["prob_metastasis"].iloc[0], rel=1e-9)
+    info = json.loads((out / "results.json").read_text())
+    assert [s["n_lesions"] for s in info["sources"]] == [2, 1]
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == ["p1-L01.png", "p1-L02.png", "p2-L01.png"]
+
+
+def test_overwrite(ckpts, case, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("keep me")
+    args = [
+        "--model",
+        ckpts["a"],
+        "--image",
+        case["image"],
+        "--mask",
+        case["mask"],
+        "--out",
+        out,
+        "--no-gradcam",
+    ]
+    rc, _, err = _run(args, capsys)
+    assert rc == 2 and "--overwrite" in err and (out / "old.txt").exists()
+    rc, _, err = _run([*args, "--overwrite"], capsys)
+    assert rc == 0, err
+    assert not (out / "old.txt").exists() and (out / "results.csv").is_file()
+
+
+def test_parse_point():
+    assert parse_point("1, -2.5,3e1") == (1.0, -2.5, 30.0)
+    for bad in ["1,2", "1,2,3,4", "a,b,c", "1,,3", "1,2,nan"]:
+        with pytest.raises(UserError, match="--point"):
+            parse_point(bad)
+
+
+# --------------------------------------------------------------------------- bad input: one line, nothing written
+
+
+def _corrupt(tmp_path: Path, ckpts) -> Path:
+    p = tmp_path / "corrupt.pt"
+    p.write_bytes(ckpts["a"].read_bytes()[:5000])
+    return p
+
+
+def _newer(tmp_path: Path, ckpts) -> Path:
+    obj = torch.load(ckpts["a"], map_location="cpu", weights_only=True)
+    obj["format_version"] = 99
+    p = tmp_path / "newer.pt"
+    torch.save(obj, p)
+    return p
+
+
+def _png(tmp_path: Path, ckpts) -> Path:
+    import matplotlib.image
+
+    p = tmp_path / "slice.png"
+    matplotlib.image.imsave(p, np.random.default_rng(0).random((32, 32)), cmap="gray")
+    return p
+
+
+def _nifti_pixdim(tmp_path: Path, value: float) -> Path:
+    """A NIfTI whose stored z voxel size is ``value`` (patched in the raw header, as a broken writer would)."""
+    import struct
+
+    image, _ = make_ct_array()
+    p = write_volume(image, tmp_path / f"pixdim_{value}.nii")
+    raw = bytearray(p.read_bytes())
+    raw[88:92] = struct.pack("<f", value)  # pixdim[3] (NIfTI-1: pixdim at byte 76, float32 x 8)
+    p.write_bytes(bytes(raw))
+    return p
+
+
+def _no_hu(tmp_path: Path, ckpts) -> Path:
+    image, _ = make_ct_array()
+    image.array[:] = np.clip(image.array + 1024, 0, None)  # stored values without the rescale
+    return write_volume(image, tmp_path / "raw.nii.gz")
+
+
+def _mr_series(tmp_path: Path, ckpts) -> Path:
+    image, _ = make_ct_array()
+    write_dicom_series(image, tmp_path / "mr", modality="MR")
+    return tmp_path / "mr"
+
+
+def _mask_other_shape(tmp_path: Path, ckpts) -> Path:
+    _, mask = make_ct_array(shape=(20, 48, 48))
+    return write_volume(mask, tmp_path / "mask_shape.nii.gz")
+
+
+def _mask_shifted(tmp_path: Path, ckpts) -> Path:
+    _, mask = make_ct_array(origin=(-14.0, -24.0, 100.0))
+    return write_volume(mask, tmp_path / "mask_shift.nii.gz")
+
+
+BAD_CASES = {
+    # name: (args builder, expected message fragment)
+    "corrupt checkpoint": (
+        lambda t, c, k: ["--model", _corrupt(t, k), "--image", c["image"], "--mask", c["mask"]],
+        "corrupt.pt",
+    ),
+    "newer checkpoint": (
+        lambda t, c, k: ["--model", _newer(t, k), "--image", c["image"], "--mask", c["mask"]],
+        "newer",
+    ),
+    "missing checkpoint": (
+        lambda t, c, k: ["--model", t / "nope.pt", "--image", c["image"], "--mask", c["mask"]],
+        "nope.pt",
+    ),
+    "ensemble classes differ": (
+        lambda t, c, k: [
+            "--model",
+            k["a"],
+            "--model",
+            k["other_classes"],
+            "--image",
+            c["image"],
+            "--mask",
+            c["mask"],
+        ],
+        "class names",
+    ),
+    "ensemble patch differs": (
+        lambda t, c, k: [
+            "--model",
+            k["a"],
+            "--model",
+            k["other_patch"],
+            "--image",
+            c["image"],
+            "--mask",
+            c["mask"],
+        ],
+        "size_px",
+    ),
+    "2-D PNG": (
+        lambda t, c, k: ["--model", k["a"], "--image", _png(t, k), "--point", "0,0,0", "--diameter", 10],
+        "--image",
+    ),
+    "zero spacing NIfTI": (
+        lambda t, c, k: [
+            "--model",
+            k["a"],
+            "--image",
+            _nifti_pixdim(t, 0.0),
+            "--point",
+            "0,0,0",
+            "--diameter",
+            10,
+        ],
+        "pixdim",
+    ),
+    "negative spacing NIfTI": (
+        lambda t, c, k: [
+            "--model",
+            k["a"],
+            "--image",
+            _nifti_pixdim(t, -2.5),
+            "--point",
+            "0,0,0",
+            "--diameter",
+            10,
+        ],
+        "pixdim",
+    ),
+    "not HU": (
+        lambda t, c, k: ["--model", k["a"], "--image", _no_hu(t, k), "--point", "0,0,0", "--diameter", 10],
+        "HU",
+    ),
+    "MR series": (
+        lambda t, c, k: [
+            "--model",
+            k["a"],
+            "--image",
+            _mr_series(t, k),
+            "--point",
+            "0,0,0",
+            "--diameter",
+            10,
+        ],
+        "MR",
+    ),
+    "mask shape": (
+        lambda t, c, k: ["--model", k["a"], "--image", c["image"], "--mask", _mask_other_shape(t, k)],
+        "shape",
+    ),
+    "mask origin": (
+        lambda t, c, k: ["--model", k["a"], "--image", c["image"], "--mask", _mask_shifted(t, k)],
+        "origin",
+    ),
+    "point outside": (
+        lambda t, c, k: ["--model", k["a"], "--image", c["image"], "--point", "500,0,100", "--diameter", 10],
+        "outside the image",
+    ),
+    "point in air": (
+        # row 0, column 0 of the middle slice: outside the body ellipse
+        lambda t, c, k: [
+            "--model",
+            k["a"],
+            "--image",
+            c["image"],
+            "--point",
+            "-24,-24,128.75",
+            "--diameter",
+            10,
+        ],
+        "in air",
+    ),
+    "point not numbers": (
+        lambda t, c, k: ["--model", k["a"], "--image", c["image"], "--point", "a,b,c", "--diameter", 10],
+        "--point",
+    ),
+    "point two values": (
+        lambda t, c, k: ["--model", k["a"], "--image", c["image"], "--point", "1,2", "--diameter", 10],
+        "--point",
+    ),
+    "point without diameter": (
+        lambda t, c, k: ["--model", k["a"], "--image", c["image"], "--point", "1,2,3"],
+        "--diameter",
+    ),
+    "bad diameter": (
+        lambda t, c, k: ["--model", k["a"], "--image", c["image"], "--point", "1,2,3", "--diameter", -4],
+        "--diameter",
+    ),
+    "no lesion source": (lambda t, c, k: ["--model", k["a"], "--image", c["image"]], "exactly one"),
+    "mask and point": (
+        lambda t, c, k: [
+            "--model",
+            k["a"],
+            "--image",
+            c["image"],
+            "--mask",
+            c["mask"],
+            "--point",
+            "1,2,3",
+            "--diameter",
+            5,
+        ],
+        "exactly one",
+    ),
+    "mask without image": (lambda t, c, k: ["--model", k["a"], "--mask", c["mask"]], "--image"),
+    "manifest with image": (
+        lambda t, c, k: ["--model", k["a"], "--manifest", c["mask"], "--image", c["image"]],
+        "--manifest",
+    ),
+    "label without mask": (
+        lambda t, c, k: [
+            "--model",
+            k["a"],
+            "--image",
+            c["image"],
+            "--point",
+            "1,2,3",
+            "--diameter",
+            5,
+            "--label",
+            2,
+        ],
+        "--label",
+    ),
+    "label not in mask": (
+        lambda t, c, k: ["--model", k["a"], "--image", c["image"], "--mask", c["mask"], "--label", 7],
+        "label 7",
+    ),
+    "dicom-sr on NIfTI": (
+        lambda t, c, k: ["--model", k["a"], "--image", c["image"], "--mask", c["mask"], "--dicom-sr"],
+        "--dicom-sr needs a DICOM --image",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_CASES))
+def test_bad_input_is_one_line_and_writes_nothing(name, ckpts, case, tmp_path, capsys):
+    build, fragment = BAD_CASES[name]
+    work = tmp_path / "inputs"
+    work.mkdir()
+    out = tmp_path / "out"
+    rc, stdout, err = _run([*build(work, case, ckpts), "--out", out, "--no-gradcam"], capsys)
+    assert rc == 2, (stdout, err)
+    lines = [ln for ln in err.splitlines() if ln.startswith("liverlesion: error:")]
+    assert len(lines) == 1, err
+    assert fragment in lines[0], lines[0]
+    assert "Traceback" not in err
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # no temp folder left
