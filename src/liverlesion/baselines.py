@@ -1,0 +1,701 @@
+"""Baselines on the same patient-level folds as the network.
+
+* ``mean_hu``: the lesion's mean attenuation alone. A logistic regression on mean HU
+  gives probabilities; for two classes the predicted class comes from the HU cut-off
+  that maximises Youden's J on the fold's training patients.
+* ``radiomics_lr`` / ``radiomics_rf``: radiomics-style features (first-order HU
+  statistics, GLCM texture, shape and margin) with a scaled logistic regression or a
+  random forest, both class-balanced.
+
+Every model is fitted on a fold's training patients (``train_patients`` +
+``val_patients``) and predicts that fold's test patients, so the out-of-fold
+``predictions.csv`` files compare directly with the network's. Each baseline also
+writes ``val_predictions.csv``: a model fitted on ``train_patients`` only predicts the
+inner-validation patients, so ``evaluate`` can choose the baselines' thresholds
+exactly as it does the network's.
+
+Features come from the patch cache (``hu`` and ``mask`` arrays of each npz, see
+docs/ARCHITECTURE.md); shape features also use the lesion table's 3-D measurements.
+scikit-image computes the GLCM by default; ``extractor="pyradiomics"`` uses PyRadiomics
+where it is installed (it does not build on Python 3.11 from PyPI today).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from liverlesion import DISCLAIMER
+from liverlesion.errors import UserError
+from liverlesion.fileio import write_csv, write_json
+
+BASELINES = ("mean_hu", "radiomics_lr", "radiomics_rf")
+EXTRACTORS = ("skimage", "pyradiomics")
+GLCM_LEVELS = 32  # grey levels of the quantised liver window
+GLCM_DISTANCES_MM = (1.0, 2.0, 3.0)  # in mm, so patches resampled to different pixel sizes compare
+HIST_BIN_HU = 25.0  # histogram bin width for entropy/uniformity (PyRadiomics' default binWidth)
+RF_TREES = 300  # random forest size
+DEFAULT_WINDOW = (60.0, 250.0)  # liver window (centre, width) when the cache has no settings.json
+# 3-D measurements from the lesion table used as features next to the patch features
+TABLE_FEATURES = ("volume_ml", "max_axial_diameter_mm", "min_axis_mm", "hu_mean", "hu_std")
+_TEXT_COLUMNS = ("lesion_id", "patient_id", "lesion_class", "image", "mask", "source", "file")
+
+
+# --------------------------------------------------------------------------- features
+def _first_order(values: np.ndarray) -> dict[str, float]:
+    from scipy import stats
+
+    v = values.astype(np.float64)
+    p10, p25, p50, p75, p90 = np.percentile(v, [10, 25, 50, 75, 90])
+    edges = np.arange(np.floor(v.min() / HIST_BIN_HU), np.floor(v.max() / HIST_BIN_HU) + 2) * HIST_BIN_HU
+    hist = np.histogram(v, bins=edges)[0].astype(float)
+    p = hist[hist > 0] / hist.sum()
+    several = v.size > 2 and np.ptp(v) > 0
+    return {
+        "fo_mean": float(v.mean()),
+        "fo_std": float(v.std()),
+        "fo_min": float(v.min()),
+        "fo_max": float(v.max()),
+        "fo_p10": float(p10),
+        "fo_p25": float(p25),
+        "fo_median": float(p50),
+        "fo_p75": float(p75),
+        "fo_p90": float(p90),
+        "fo_iqr": float(p75 - p25),
+        "fo_mad": float(np.mean(np.abs(v - v.mean()))),
+        "fo_skewness": float(stats.skew(v)) if several else 0.0,
+        "fo_kurtosis": float(stats.kurtosis(v, fisher=False)) if several else 0.0,
+        "fo_entropy": float(-(p * np.log2(p)).sum()),
+        "fo_uniformity": float((p**2).sum()),
+    }
+
+
+def _glcm(hu: np.ndarray, mask: np.ndarray, pixel_mm: float, window: tuple[float, float]) -> dict[str, float]:
+    """GLCM texture of the lesion on one slice, grey levels from the liver window, lesion pixels only."""
+    from skimage.feature import graycomatrix, graycoprops
+
+    centre, width = window
+    q = np.clip((hu - (centre - width / 2)) / width, 0, 1) * (GLCM_LEVELS - 1)
+    q = np.rint(q).astype(np.uint8) + 1
+    q[~mask] = 0  # level 0 marks "outside the lesion" and is dropped below
+    dists = sorted({max(1, round(d / pixel_mm)) for d in GLCM_DISTANCES_MM})
+    angles = [0, np.pi / 4, np.pi / 2, 3 * np.pi / 4]
+    P = graycomatrix(q, dists, angles, levels=GLCM_LEVELS + 1, symmetric=True, normed=False)
+    P = P[1:, 1:].astype(np.float64)  # pairs where both pixels lie in the lesion
+    totals = P.sum(axis=(0, 1), keepdims=True)
+    valid = totals[0, 0] > 0
+    names = ("contrast", "dissimilarity", "homogeneity", "ASM", "energy", "correlation")
+    if not valid.any():
+        return {f"glcm_{n.lower()}": math.nan for n in names} | {"glcm_entropy": math.nan}
+    P = P[..., valid].reshape(GLCM_LEVELS, GLCM_LEVELS, 1, -1) / totals[..., valid].reshape(1, 1, 1, -1)
+    out = {}
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for n in names:
+            vals = graycoprops(P, n)
+            # correlation is undefined for a constant region; call it 1 (perfectly uniform)
+            out[f"glcm_{n.lower()}"] = float(np.nanmean(vals)) if np.isfinite(vals).any() else 1.0
+    ent = -(P * np.log2(np.where(P > 0, P, 1))).sum(axis=(0, 1))
+    out["glcm_entropy"] = float(ent.mean())
+    return out
+
+
+def _shape_2d(mask: np.ndarray, pixel_mm: float) -> dict[str, float]:
+    from skimage.measure import perimeter, regionprops
+
+    area = float(mask.sum()) * pixel_mm**2
+    perim = float(perimeter(mask, neighborhood=8)) * pixel_mm
+    props = regionprops(mask.astype(np.uint8))
+    p = props[0] if props else None
+    return {
+        "shape_area_mm2": area,
+        "shape_perimeter_mm": perim,
+        # 1 for a disc, lower for lobulated or irregular outlines
+        "shape_circularity": float(min(4 * math.pi * area / perim**2, 1.0)) if perim > 0 else 1.0,
+        "shape_solidity": float(p.solidity) if p is not None else 1.0,
+        "shape_eccentricity": float(p.eccentricity) if p is not None else 0.0,
+        "shape_axis_ratio": float(p.axis_minor_length / p.axis_major_length)
+        if p is not None and p.axis_major_length > 0
+        else 1.0,
+    }
+
+
+def _margin(hu: np.ndarray, mask: np.ndarray, pixel_mm: float) -> dict[str, float]:
+    """Contrast to the surrounding parenchyma and edge sharpness (a sharp, dark cyst vs an ill-defined metastasis)."""
+    from scipy import ndimage
+
+    ring_px = max(1, round(3.0 / pixel_mm))
+    ring = ndimage.binary_dilation(mask, iterations=ring_px) & ~mask
+    inner = mask & ~ndimage.binary_erosion(mask, iterations=max(1, round(1.0 / pixel_mm)))
+    edge = ndimage.binary_dilation(mask, iterations=1) & ~ndimage.binary_erosion(mask, iterations=1)
+    gy, gx = np.gradient(hu.astype(np.float64), pixel_mm)
+    grad = np.hypot(gy, gx)
+    ring_mean = float(np.median(hu[ring])) if ring.any() else math.nan
+    return {
+        "margin_ring_hu": ring_mean,
+        "margin_contrast_hu": float(hu[mask].mean() - ring_mean) if ring.any() else math.nan,
+        "margin_rim_minus_core_hu": float(hu[inner].mean() - hu[mask & ~inner].mean())
+        if (mask & ~inner).any() and inner.any()
+        else 0.0,
+        "margin_edge_gradient": float(grad[edge].mean()) if edge.any() else math.nan,
+    }
+
+
+def lesion_features(
+    hu: np.ndarray, mask: np.ndarray, pixel_mm: float, window: tuple[float, float] = DEFAULT_WINDOW
+) -> dict[str, float]:
+    """Radiomics-style features of one lesion patch (scikit-image implementation).
+
+    Args:
+        hu: HU ``(S, H, W)`` (or ``(H, W)``); slice ``S // 2`` is the lesion's largest cross-section.
+        mask: Lesion mask, same shape.
+        pixel_mm: Patch pixel size in mm.
+        window: Liver window (centre, width) used to quantise grey levels for the GLCM.
+
+    Returns:
+        First-order (``fo_*``, over the lesion pixels of all slices), GLCM (``glcm_*``), 2-D shape
+        (``shape_*``) and margin (``margin_*``) features of the centre slice.
+    """
+    hu = np.asarray(hu, dtype=np.float32)
+    mask = np.asarray(mask).astype(bool)
+    if hu.ndim == 2:
+        hu, mask = hu[None], mask[None]
+    if hu.shape != mask.shape:
+        raise UserError(
+            f"patch arrays: hu shape {hu.shape} differs from mask shape {mask.shape}; rebuild the cache"
+        )
+    if not mask.any():
+        raise UserError("patch arrays: the lesion mask is empty; rebuild the patch cache")
+    c = hu.shape[0] // 2
+    if not mask[c].any():  # the centre slice is the largest cross-section; fall back to any slice with lesion
+        c = int(np.argmax(mask.reshape(mask.shape[0], -1).sum(1)))
+    feats = _first_order(hu[mask])
+    feats |= _glcm(hu[c], mask[c], pixel_mm, window)
+    feats |= _shape_2d(mask[c], pixel_mm)
+    feats |= _margin(hu[c], mask[c], pixel_mm)
+    return feats
+
+
+def _pyradiomics_features(hu: np.ndarray, mask: np.ndarray, pixel_mm: float) -> dict[str, float]:
+    import SimpleITK as sitk
+    from radiomics import featureextractor  # type: ignore[import-not-found]
+
+    c = (
+        hu.shape[0] // 2
+        if mask[hu.shape[0] // 2].any()
+        else int(np.argmax(mask.reshape(mask.shape[0], -1).sum(1)))
+    )
+    img = sitk.GetImageFromArray(hu[c][None].astype(np.float32))
+    msk = sitk.GetImageFromArray(mask[c][None].astype(np.uint8))
+    for im in (img, msk):
+        im.SetSpacing((pixel_mm, pixel_mm, 1.0))
+    ext = featureextractor.RadiomicsFeatureExtractor(binWidth=HIST_BIN_HU, force2D=True, label=1)
+    ext.disableAllFeatures()
+    for cls in ("firstorder", "glcm", "shape2D"):
+        ext.enableFeatureClassByName(cls)
+    res = ext.execute(img, msk)
+    return {f"pyrad_{k}": float(v) for k, v in res.items() if not k.startswith("diagnostics_")}
+
+
+def _read_index(patch_dir: Path) -> tuple[Path, pd.DataFrame]:
+    patch_dir = Path(patch_dir)
+    if not (patch_dir / "index.csv").is_file():
+        children = sorted(patch_dir.glob("*/index.csv")) if patch_dir.is_dir() else []
+        if len(children) != 1:
+            raise UserError(
+                f"patch folder {patch_dir}: no single index.csv found; pass the cache folder written by "
+                "`liverlesion patches` (it holds index.csv)"
+            )
+        patch_dir = children[0].parent
+    index = pd.read_csv(
+        patch_dir / "index.csv", dtype={c: str for c in _TEXT_COLUMNS}, keep_default_na=False, na_values=[""]
+    )
+    missing = [c for c in ("lesion_id", "file") if c not in index.columns]
+    if missing:
+        raise UserError(
+            f"{patch_dir / 'index.csv'}: missing column(s) {', '.join(missing)}; rebuild the patch cache"
+        )
+    return patch_dir, index
+
+
+def _window(patch_dir: Path) -> tuple[float, float]:
+    settings = patch_dir / "settings.json"
+    if settings.is_file():
+        s = json.loads(settings.read_text())
+        return float(s.get("window_center", DEFAULT_WINDOW[0])), float(
+            s.get("window_width", DEFAULT_WINDOW[1])
+        )
+    return DEFAULT_WINDOW
+
+
+def extract_features(patch_dir: str | Path, extractor: str = "skimage") -> pd.DataFrame:
+    """Radiomics-style features of every lesion in a patch cache.
+
+    Args:
+        patch_dir: Cache folder holding ``index.csv`` and one npz per lesion (``hu``, ``mask``).
+        extractor: ``skimage`` (default) or ``pyradiomics`` (needs PyRadiomics installed).
+
+    Returns:
+        One row per lesion: ``lesion_id`` then the feature columns.
+    """
+    from tqdm import tqdm
+
+    if extractor not in EXTRACTORS:
+        raise UserError(f"extractor={extractor!r}: unknown; use one of {', '.join(EXTRACTORS)}")
+    if extractor == "pyradiomics":
+        try:
+            import radiomics  # type: ignore[import-not-found]  # noqa: F401
+        except ImportError as e:
+            raise UserError(
+                "extractor='pyradiomics': PyRadiomics is not installed (it does not build on Python 3.11 from "
+                "PyPI); install it where it builds, or use extractor='skimage'"
+            ) from e
+    folder, index = _read_index(Path(patch_dir))
+    window = _window(folder)
+    rows = []
+    for _, r in tqdm(
+        index.iterrows(), total=len(index), desc="radiomics features", unit="lesion", file=sys.stderr
+    ):
+        path = folder / str(r["file"])
+        if not path.is_file():
+            raise UserError(f"patch file {path}: not found; the cache is incomplete, rebuild it")
+        with np.load(path, allow_pickle=False) as z:
+            hu, mask = z["hu"], z["mask"]
+            meta = json.loads(str(z["meta"])) if "meta" in z.files else {}
+        pixel = r.get("patch_pixel_mm", math.nan)
+        pixel_mm = float(pixel) if pd.notna(pixel) else float(meta.get("pixel_mm", 1.0))
+        try:
+            feats = (
+                lesion_features(hu, mask, pixel_mm, window)
+                if extractor == "skimage"
+                else _pyradiomics_features(
+                    np.asarray(hu, np.float32), np.asarray(mask).astype(bool), pixel_mm
+                )
+            )
+        except UserError as e:
+            raise UserError(f"lesion {r['lesion_id']} ({path.name}): {e}") from e
+        rows.append({"lesion_id": str(r["lesion_id"]), **feats})
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- models
+def _lr(seed: int):
+    from sklearn.impute import SimpleImputer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return Pipeline(
+        [
+            ("impute", SimpleImputer(strategy="median", keep_empty_features=True)),
+            ("scale", StandardScaler()),
+            ("lr", LogisticRegression(class_weight="balanced", max_iter=5000, random_state=seed)),
+        ]
+    )
+
+
+def _rf(seed: int):
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.impute import SimpleImputer
+    from sklearn.pipeline import Pipeline
+
+    return Pipeline(
+        [
+            ("impute", SimpleImputer(strategy="median", keep_empty_features=True)),
+            (
+                "rf",
+                RandomForestClassifier(
+                    n_estimators=RF_TREES,
+                    class_weight="balanced",
+                    random_state=seed,
+                    n_jobs=1,  # the CV loop is cheap; leave the cores to whoever shares the workstation
+                    min_samples_leaf=2,
+                ),
+            ),
+        ]
+    )
+
+
+def _youden_cut(x: np.ndarray, y_pos: np.ndarray, higher_is_positive: bool) -> float:
+    """HU cut-off maximising sensitivity + specificity on the training lesions (midpoints between values)."""
+    s = x if higher_is_positive else -x
+    xs = np.unique(s)
+    cuts = np.concatenate([[xs[0] - 1.0], (xs[:-1] + xs[1:]) / 2, [xs[-1] + 1.0]])
+    pos, neg = y_pos.sum(), (~y_pos).sum()
+    j = [((s > c) & y_pos).sum() / pos + ((s <= c) & ~y_pos).sum() / neg for c in cuts]
+    best = float(cuts[int(np.argmax(j))])
+    return best if higher_is_positive else -best
+
+
+def _proba(model, X: pd.DataFrame, classes: list[str]) -> np.ndarray:
+    """Probabilities in ``classes`` order (a class absent from training gets 0)."""
+    p = model.predict_proba(X)
+    out = np.zeros((len(X), len(classes)))
+    for j, c in enumerate(model.classes_):
+        out[:, classes.index(c)] = p[:, j]
+    return out
+
+
+class _Fitted:
+    """One baseline fitted on one set of patients."""
+
+    def __init__(self, name: str, features: list[str], classes: list[str], positive: str, seed: int):
+        self.name, self.features, self.classes, self.positive, self.seed = (
+            name,
+            features,
+            classes,
+            positive,
+            seed,
+        )
+        self.info: dict[str, Any] = {}
+
+    def fit(self, X: pd.DataFrame, y: np.ndarray) -> _Fitted:
+        self.model = _rf(self.seed) if self.name == "radiomics_rf" else _lr(self.seed)
+        self.model.fit(X[self.features], y)
+        if self.name == "mean_hu" and len(self.classes) == 2:
+            x = X[self.features[0]].to_numpy(float)
+            ok = np.isfinite(x)
+            y_pos = np.asarray(y)[ok] == self.positive
+            coef = float(self.model.named_steps["lr"].coef_.ravel()[0])
+            # sklearn's binary coefficient favours classes_[1]
+            higher = (coef > 0) == (self.model.classes_[1] == self.positive)
+            self.info = {"threshold_hu": _youden_cut(x[ok], y_pos, higher), "positive_above": bool(higher)}
+        return self
+
+    def predict(self, X: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        probs = _proba(self.model, X[self.features], self.classes)
+        pred = np.array(self.classes, dtype=object)[probs.argmax(1)]
+        if self.info:  # mean HU, two classes: the training-set cut-off decides
+            x = X[self.features[0]].to_numpy(float)
+            above = x > self.info["threshold_hu"]
+            is_pos = above if self.info["positive_above"] else ~above
+            other = next(c for c in self.classes if c != self.positive)
+            pred = np.where(np.isfinite(x), np.where(is_pos, self.positive, other), pred)
+        return probs, pred
+
+
+def _fit_predict(
+    name: str,
+    features: list[str],
+    classes: list[str],
+    positive: str,
+    seed: int,
+    train: pd.DataFrame,
+    predict: pd.DataFrame,
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Fit ``name`` on ``train`` and predict ``predict`` (kept as one function so tests can watch it)."""
+    fitted = _Fitted(name, features, classes, positive, seed).fit(train, train["lesion_class"].to_numpy())
+    probs, pred = fitted.predict(predict)
+    return probs, pred, fitted.info
+
+
+def _frame(
+    rows: pd.DataFrame, classes: list[str], probs: np.ndarray, pred: np.ndarray, fold: int
+) -> pd.DataFrame:
+    out = pd.DataFrame(
+        {
+            "patient_id": rows["patient_id"].astype(str).to_numpy(),
+            "lesion_id": rows["lesion_id"].astype(str).to_numpy(),
+            "true_class": rows["lesion_class"].astype(str).to_numpy(),
+        }
+    )
+    for j, c in enumerate(classes):
+        out[f"prob_{c}"] = np.round(probs[:, j], 6)
+    out["pred_class"] = pred
+    out["fold"] = fold
+    for c in ("max_axial_diameter_mm", "volume_ml"):
+        out[c] = rows[c].to_numpy() if c in rows.columns else np.nan
+    return out
+
+
+def _check_inputs(table: pd.DataFrame, splits: dict[str, Any], positive_class: str) -> list[str]:
+    missing = [c for c in ("lesion_id", "patient_id", "lesion_class") if c not in table.columns]
+    if missing:
+        raise UserError(
+            f"lesion table: missing column(s) {', '.join(missing)}; pass the table from `inspect`/patches"
+        )
+    if table.empty:
+        raise UserError("lesion table: no lesions; check the manifest with `liverlesion inspect`")
+    classes = sorted(table["lesion_class"].astype(str).unique())
+    if len(classes) < 2:
+        raise UserError(
+            f"lesion table: only one class {classes}; the baselines need at least two lesion classes"
+        )
+    if positive_class not in classes:
+        raise UserError(
+            f"positive class {positive_class!r} is not among the classes {classes}; use one of them"
+        )
+    if table["lesion_id"].astype(str).duplicated().any():
+        dup = table["lesion_id"][table["lesion_id"].astype(str).duplicated()].iloc[0]
+        raise UserError(f"lesion table: lesion_id {dup!r} appears twice; rebuild the table")
+    in_splits = {str(p) for s in splits["splits"] for p in s["test_patients"]}
+    absent = sorted(set(table["patient_id"].astype(str)) - in_splits)
+    if absent:
+        raise UserError(
+            f"splits: patient(s) {', '.join(absent[:5])} are in no test fold; the splits do not match this lesion "
+            "table, delete splits.json to create new ones"
+        )
+    return classes
+
+
+def run_baselines(
+    lesion_table: pd.DataFrame,
+    patch_dir: Path | None,
+    splits: dict[str, Any],
+    out: Path,
+    positive_class: str = "metastasis",
+    seed: int = 0,
+    extractor: str = "skimage",
+) -> dict[str, Path]:
+    """Fit and score the baselines on the given patient-level folds.
+
+    Args:
+        lesion_table: One row per lesion (lesion table or patch index): ``lesion_id``,
+            ``patient_id``, ``lesion_class``, ``hu_mean``, shape columns.
+        patch_dir: Patch cache for the radiomics features; ``None`` runs ``mean_hu`` only.
+        splits: From :func:`liverlesion.splits.make_splits` / ``splits.json``.
+        out: Folder for ``<name>/predictions.csv``, ``<name>/val_predictions.csv``,
+            ``<name>/baseline.json`` and ``features.csv``.
+        positive_class: Class whose mean-HU cut-off is chosen (two-class case).
+        seed: Random forest / solver seed.
+        extractor: Feature extractor, ``skimage`` or ``pyradiomics``.
+
+    Returns:
+        ``{name: path of predictions.csv}``.
+    """
+    out = Path(out)
+    table = lesion_table.copy()
+    table["lesion_id"] = table["lesion_id"].astype(str)
+    table["patient_id"] = table["patient_id"].astype(str)
+    classes = _check_inputs(table, splits, positive_class)
+
+    features: dict[str, list[str]] = {}
+    if "hu_mean" not in table.columns and patch_dir is None:
+        raise UserError(
+            "lesion table has no hu_mean column and no patch folder was given; pass the patch cache"
+        )
+    if patch_dir is not None:
+        feats = extract_features(patch_dir, extractor)
+        unknown = sorted(set(table["lesion_id"]) - set(feats["lesion_id"]))
+        if unknown:
+            raise UserError(
+                f"patch folder {patch_dir}: no patch for lesion(s) {', '.join(unknown[:5])}; rebuild the patches "
+                "from the same manifest"
+            )
+        feats = feats.set_index("lesion_id")
+        table = table.drop(columns=[c for c in feats.columns if c in table.columns]).join(
+            feats, on="lesion_id"
+        )
+        radiomic = list(feats.columns)
+        shape = [c for c in TABLE_FEATURES if c in table.columns]
+        for c in shape:
+            table[c] = pd.to_numeric(table[c], errors="coerce")
+        if {"min_axis_mm", "max_axial_diameter_mm"} <= set(shape):
+            # elongation: 1 for a sphere, small for a flat or elongated lesion
+            table["shape3d_axis_ratio"] = table["min_axis_mm"] / table["max_axial_diameter_mm"].where(
+                table["max_axial_diameter_mm"] > 0
+            )
+            shape.append("shape3d_axis_ratio")
+        features["radiomics_lr"] = features["radiomics_rf"] = radiomic + shape
+        write_csv(out / "features.csv", table[["lesion_id", "patient_id", "lesion_class", *radiomic, *shape]])
+    if "hu_mean" in table.columns:  # mean over the whole 3-D lesion
+        table["hu_mean"] = pd.to_numeric(table["hu_mean"], errors="coerce")
+        features["mean_hu"] = ["hu_mean"]
+    else:  # mean over the patch's lesion pixels
+        features["mean_hu"] = ["fo_mean"]
+    names = [n for n in BASELINES if n in features]
+
+    test_frames: dict[str, list[pd.DataFrame]] = {n: [] for n in names}
+    val_frames: dict[str, list[pd.DataFrame]] = {n: [] for n in names}
+    fold_info: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+    seen: set[str] = set()
+    for s in splits["splits"]:
+        k = int(s["fold"])
+        fit_p, val_p, test_p = (
+            set(map(str, s[key])) for key in ("train_patients", "val_patients", "test_patients")
+        )
+        assert not (fit_p | val_p) & test_p, f"fold {k}: a test patient is also a training patient"
+        train = table[table["patient_id"].isin(fit_p | val_p)]
+        fit = table[table["patient_id"].isin(fit_p)]
+        val = table[table["patient_id"].isin(val_p)]
+        test = table[table["patient_id"].isin(test_p)]
+        assert not set(train["patient_id"]) & set(test["patient_id"]), (
+            f"fold {k}: patient leak into the test fold"
+        )
+        assert not seen & set(test["lesion_id"]), f"fold {k}: a lesion is in two test folds"
+        seen |= set(test["lesion_id"])
+        if test.empty:
+            continue
+        for part, rows in (("training", train), ("inner-training", fit)):
+            if rows["lesion_class"].nunique() < 2:
+                raise UserError(
+                    f"fold {k}: the {part} patients hold only class {sorted(set(rows['lesion_class']))}; "
+                    "use fewer folds (cv.folds) or more patients"
+                )
+        for n in names:
+            probs, pred, info = _fit_predict(n, features[n], classes, positive_class, seed, train, test)
+            test_frames[n].append(_frame(test, classes, probs, pred, k))
+            fold_info[n].append({"fold": k, **info})
+            if not val.empty:
+                vp, vpred, _ = _fit_predict(n, features[n], classes, positive_class, seed, fit, val)
+                val_frames[n].append(_frame(val, classes, vp, vpred, k))
+    assert seen == set(table["lesion_id"]), "some lesions got no out-of-fold prediction"
+
+    paths: dict[str, Path] = {}
+    for n in names:
+        folder = out / n
+        paths[n] = write_csv(folder / "predictions.csv", pd.concat(test_frames[n], ignore_index=True))
+        if val_frames[n]:
+            write_csv(folder / "val_predictions.csv", pd.concat(val_frames[n], ignore_index=True))
+        write_json(
+            folder / "baseline.json",
+            {
+                "name": n,
+                "disclaimer": DISCLAIMER,
+                "classes": classes,
+                "positive_class": positive_class,
+                "features": features[n],
+                "extractor": extractor if n != "mean_hu" else None,
+                "model": _describe(n),
+                "fitted_on": "each fold's train_patients + val_patients; val_predictions.csv: train_patients only",
+                "folds": fold_info[n],
+            },
+        )
+    return paths
+
+
+def _describe(name: str) -> str:
+    return {
+        "mean_hu": "LogisticRegression(class_weight=balanced) on standardised mean HU; "
+        "two classes: Youden-optimal HU cut-off on the training patients gives pred_class",
+        "radiomics_lr": "SimpleImputer(median) + StandardScaler + LogisticRegression(class_weight=balanced)",
+        "radiomics_rf": f"SimpleImputer(median) + RandomForestClassifier(n_estimators={RF_TREES}, "
+        "class_weight=balanced, min_samples_leaf=2)",
+    }[name]
+
+
+# --------------------------------------------------------------------------- CLI
+def _simple_metrics(df: pd.DataFrame, classes: list[str], positive: str) -> dict[str, float]:
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
+
+    y = df["true_class"].astype(str).to_numpy()
+    probs = df[[f"prob_{c}" for c in classes]].to_numpy(float)
+    out = {
+        "accuracy": float(accuracy_score(y, df["pred_class"].astype(str))),
+        "balanced_accuracy": float(balanced_accuracy_score(y, df["pred_class"].astype(str))),
+    }
+    try:
+        if len(classes) == 2:
+            out["roc_auc"] = float(roc_auc_score(y == positive, probs[:, classes.index(positive)]))
+        else:
+            out["roc_auc"] = float(roc_auc_score(y, probs, multi_class="ovr", labels=classes))
+    except ValueError:  # one class only in the data
+        out["roc_auc"] = math.nan
+    return out
+
+
+def _metrics_table(paths: dict[str, Path], classes: list[str], cfg) -> tuple[str, dict[str, Any]]:
+    summarize: Callable[..., dict[str, Any]] | None
+    try:
+        from liverlesion.evaluate import fmt_ci, format_table, metric_label, summarize_predictions
+
+        summarize = summarize_predictions
+    except ImportError:  # evaluate.py not available: point estimates from scikit-learn
+        summarize = None
+        metric_label = str
+    keys = ("roc_auc", "accuracy", "balanced_accuracy", "sensitivity", "specificity")
+    results: dict[str, Any] = {}
+    rows = []
+    for name, path in paths.items():
+        df = pd.read_csv(path, dtype={"patient_id": str, "lesion_id": str, "true_class": str})
+        if summarize is not None:
+            val_path = path.parent / "val_predictions.csv"
+            val = (
+                pd.read_csv(val_path, dtype={"patient_id": str, "lesion_id": str})
+                if val_path.is_file()
+                else None
+            )
+            res = summarize(
+                df,
+                cfg.eval.positive_class,
+                classes,
+                val,
+                n_bootstrap=cfg.eval.n_bootstrap,
+                threshold=cfg.eval.threshold if val is not None else 0.5,
+                seed=cfg.cv.seed,
+                detail=False,
+                name=name,
+            )
+            results[name] = res
+            rows.append([name, *(fmt_ci(res["metrics"].get(k)) for k in keys)])
+        else:
+            res = _simple_metrics(df, classes, cfg.eval.positive_class)
+            results[name] = res
+            rows.append([name, *(f"{res[k]:.3f}" if k in res else "n/a" for k in keys)])
+    header = ["baseline", *(metric_label(k) for k in keys)]
+    if summarize is not None:
+        table = format_table(header, rows) + (
+            f"\n95% CIs from {cfg.eval.n_bootstrap} patient-level bootstrap resamples; thresholds "
+            f"({cfg.eval.threshold}) chosen per fold on the inner-validation patients, as for the network"
+        )
+    else:
+        table = (
+            "\n".join("  ".join(map(str, r)) for r in [header, *rows]) + "\n(point estimates, threshold 0.5)"
+        )
+    return table, results
+
+
+def run_baselines_cli(manifest: str | Path, out: str | Path, cfg) -> dict[str, Path]:
+    """``liverlesion baselines``: patches, splits, baselines and a metrics table.
+
+    Args:
+        manifest: Manifest CSV.
+        out: Output folder (patch cache in ``out/patches``, ``splits.json``, ``baselines/``).
+        cfg: Resolved :class:`~liverlesion.config.Config`.
+
+    Returns:
+        ``{name: path of predictions.csv}``.
+    """
+    from liverlesion.patches import build_patches
+    from liverlesion.splits import load_or_create_splits
+
+    manifest, out = Path(manifest), Path(out)
+    if not manifest.is_file():
+        raise UserError(f"manifest {manifest}: file not found; give the path of a manifest CSV")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is a file; give a folder for the baseline results")
+    print(f"liverlesion baselines: {DISCLAIMER}")
+    # The patch index is the lesion table plus the npz file of each lesion: reading the
+    # volumes once gives both.
+    patch_dir = Path(build_patches(manifest, out / "patches", cfg.patch))
+    _, table = _read_index(patch_dir)
+    splits = load_or_create_splits(
+        out / "splits.json", table, cfg.cv.folds, cfg.cv.seed, cfg.train.val_fraction
+    )
+    classes = sorted(table["lesion_class"].astype(str).unique())
+    print(
+        f"{len(table)} lesions, {table['patient_id'].nunique()} patients, classes {classes}; "
+        f"{cfg.cv.folds}-fold patient-level CV (same splits.json as `liverlesion cv` with this config)"
+    )
+    paths = run_baselines(
+        table, patch_dir, splits, out / "baselines", positive_class=cfg.eval.positive_class, seed=cfg.cv.seed
+    )
+    text, results = _metrics_table(paths, classes, cfg)
+    write_json(
+        out / "baselines" / "summary.json",
+        {
+            "disclaimer": DISCLAIMER,
+            "positive_class": cfg.eval.positive_class,
+            "classes": classes,
+            "baselines": results,
+        },
+    )
+    print(text)
+    print(f"Wrote {', '.join(str(p) for p in paths.values())}")
+    return paths
