@@ -37,8 +37,23 @@ def _prepare_run_dir(out: Path, resume: bool) -> Path:
     return out
 
 
+def _quiet_lightning() -> None:
+    """Keep the terminal readable: progress bars and our own lines, not Lightning's tips and notices."""
+    import logging
+    import warnings
+
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                 "lightning.pytorch.accelerators.cuda"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*treespec.*")
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=r".*number of training batches.*")
+
+
 def _set_threads(cfg: Config) -> None:
     import torch
+
+    _quiet_lightning()
 
     if cfg.train.max_threads > 0:
         torch.set_num_threads(cfg.train.max_threads)
