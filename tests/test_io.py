@@ -471,3 +471,97 @@ def test_sagittal_series_is_reoriented_to_axial_array(tmp_path):
         np.testing.assert_allclose(vol.index_to_physical(back), point, atol=1e-4)
         assert vol.array[tuple(back)] == quantised_hu(image.array[idx])
     assert vol.meta["dicom_reference"]["slices_along_array_z"] is False
+
+
+# --------------------------------------------------------------------------- H9: voxel size, fast paths
+
+
+def _nifti_with_pixdim(tmp_path: Path, pixdim_xyz, gz: bool) -> Path:
+    """A NIfTI whose stored pixdim[1:4] is ``pixdim_xyz``, patched in the raw header as a broken writer would."""
+    import gzip
+    import struct
+
+    image, _ = make_ct_array(shape=(6, 8, 10))
+    plain = write_volume(image, tmp_path / "raw.nii")
+    raw = bytearray(plain.read_bytes())
+    raw[80:92] = struct.pack("<3f", *pixdim_xyz)  # NIfTI-1: pixdim is float32[8] at byte 76
+    if gz:
+        plain.unlink()
+        out = tmp_path / "bad.nii.gz"
+        out.write_bytes(gzip.compress(bytes(raw)))
+        return out
+    plain.write_bytes(bytes(raw))
+    return plain
+
+
+@pytest.mark.parametrize("gz", [False, True])
+@pytest.mark.parametrize(
+    "pixdim", [(1.0, 1.0, 0.0), (1.0, -1.0, 2.5), (0.0, 0.0, 0.0), (1.0, float("nan"), 2.5)]
+)
+def test_nifti_zero_or_negative_voxel_size_is_refused(tmp_path, pixdim, gz):
+    path = _nifti_with_pixdim(tmp_path, pixdim, gz)
+    # SimpleITK would read it without complaint (as 1 mm or the absolute value)
+    assert all(s > 0 for s in sitk.ReadImage(str(path)).GetSpacing())
+    with pytest.raises(UserError) as exc:
+        read_volume(path, name="--image")
+    msg = one_line(exc)
+    assert msg.startswith("--image: ") and str(path) in msg
+    assert "pixdim" in msg and "zero, negative" in msg
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_nifti_with_valid_patched_voxel_size_reads_that_size(tmp_path, gz):
+    path = _nifti_with_pixdim(tmp_path, (0.7, 0.8, 2.5), gz)
+    vol = read_volume(path)
+    np.testing.assert_allclose(vol.spacing, (2.5, 0.8, 0.7), atol=1e-6)
+
+
+@pytest.mark.parametrize("tolerance", [-0.1, float("nan"), float("inf")])
+def test_check_geometry_refuses_bad_tolerance(tiny_ct, tolerance):
+    image, mask = tiny_ct
+    with pytest.raises(UserError, match="--tolerance") as exc:
+        check_geometry(image, mask, tolerance=tolerance)
+    one_line(exc)
+
+
+@pytest.mark.parametrize(
+    "direction",
+    [
+        np.eye(3),
+        # slightly oblique (gantry tilt about x, and a small in-plane rotation): already closest to LPS
+        np.array([[1, 0, 0], [0, np.cos(0.3), -np.sin(0.3)], [0, np.sin(0.3), np.cos(0.3)]]),
+        np.array([[np.cos(0.1), -np.sin(0.1), 0], [np.sin(0.1), np.cos(0.1), 0], [0, 0, 1]]),
+        np.diag([-1.0, 1.0, -1.0]),  # needs flips
+        np.array([[0.0, 1, 0], [1, 0, 0], [0, 0, -1]]),  # needs a permutation
+    ],
+)
+def test_reorientation_shortcut_matches_dicomorient(direction):
+    from liverlesion.io import _to_volume
+
+    arr = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing((0.7, 0.8, 2.5))
+    img.SetOrigin((10.0, -20.0, 30.0))
+    img.SetDirection(tuple(np.asarray(direction, dtype=float).ravel()))
+    fast = _to_volume(img, {})
+    ref = Volume.from_sitk(img, reorient=True)  # always DICOMOrient
+    np.testing.assert_array_equal(fast.array, ref.array)
+    assert fast.spacing == ref.spacing and fast.origin == ref.origin
+    np.testing.assert_array_equal(fast.direction, ref.direction)
+
+
+def test_dicom_reference_header_is_complete_although_the_scan_reads_few_tags(tiny_ct, tiny_dicom_dir):
+    from liverlesion.io import _SCAN_TAGS
+
+    vol = read_volume(tiny_dicom_dir)
+    header = vol.meta["dicom_reference"]["header"]
+    first_file = min(
+        tiny_dicom_dir.iterdir(), key=lambda p: float(pydicom.dcmread(p).ImagePositionPatient[2])
+    )
+    full = pydicom.dcmread(first_file, stop_before_pixels=True)
+    # tags the scan skips, that a DICOM SR writer needs (patient/study module)
+    for keyword in ("PatientID", "PatientName", "StudyDate", "SliceThickness", "RescaleIntercept"):
+        assert keyword not in _SCAN_TAGS
+        assert header[keyword].value == full[keyword].value
+    assert header.SOPInstanceUID == full.SOPInstanceUID
+    assert 0x7FE00010 not in header  # no pixel data kept

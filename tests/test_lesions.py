@@ -487,3 +487,79 @@ def test_ircad_tumour_mask_and_click_agree(tmp_path: Path):
     # a click at the tumour's centroid with its diameter lands inside the body, on similar tissue
     click, _ = lesion_from_click(image, lesion.centroid_mm, lesion.min_axis_mm, "ircad1", "metastasis")
     assert abs(click.hu_mean - lesion.hu_mean) < 40.0
+
+
+# --------------------------------------------------------------------------- H9: fast paths agree with plain references
+
+
+def _random_blobs(rng: np.random.Generator, shape=(7, 18, 16), threshold=0.55) -> np.ndarray:
+    from scipy import ndimage
+
+    return ndimage.gaussian_filter(rng.random(shape), 1.2) > threshold
+
+
+@pytest.mark.parametrize("dtype", [bool, np.uint8, np.int16, np.float32])
+def test_foreground_box_matches_find_objects(dtype):
+    from scipy import ndimage
+
+    from liverlesion.lesions import _foreground_box
+
+    rng = np.random.default_rng(5)
+    for _ in range(10):
+        arr = np.where(_random_blobs(rng, threshold=0.58), 3, 0).astype(dtype)
+        if np.dtype(dtype).kind in "if":
+            arr[0, 0, 0] = -2  # negative labels are not foreground
+        expected = ndimage.find_objects((arr > 0).astype(np.uint8))
+        assert _foreground_box(arr) == (expected[0] if expected else None)
+
+
+def test_min_axis_from_surface_voxels_equals_all_voxels():
+    from scipy import ndimage
+
+    from liverlesion.lesions import _min_axis_mm
+
+    rng = np.random.default_rng(6)
+    spacing = (2.5, 0.7, 0.9)
+    for _ in range(10):
+        blob = _random_blobs(rng, threshold=0.5)
+        if blob.sum() < 2:
+            continue
+        surface = blob & ~ndimage.binary_erosion(blob, border_value=0)
+        got = _min_axis_mm(np.argwhere(blob), spacing, np.argwhere(surface))
+        assert got == pytest.approx(_min_axis_mm(np.argwhere(blob), spacing), abs=1e-9)
+
+
+def test_max_axial_diameter_equals_brute_force_over_all_pixel_edges():
+    from scipy.spatial.distance import pdist
+
+    from liverlesion.lesions import _max_axial_diameter_mm
+
+    rng = np.random.default_rng(7)
+    spacing_y, spacing_x = 0.7, 0.9
+    midpoints = np.array([[-0.5, 0.0], [0.5, 0.0], [0.0, -0.5], [0.0, 0.5]])
+    apart = np.zeros((4, 18, 16), bool)  # small squares far apart on successive slices, one empty slice
+    apart[0, 1:3, 1:3] = apart[1, 14:17, 12:15] = apart[3, 1:3, 12:15] = True
+    for blob in [apart] + [_random_blobs(rng, threshold=0.52) for _ in range(8)]:
+        if not blob.any():
+            continue
+        # every edge midpoint of every lesion pixel, every pair: no outline or hull shortcut
+        expected = max(
+            float(
+                pdist((np.argwhere(sl)[:, None, :] + midpoints).reshape(-1, 2) * [spacing_y, spacing_x]).max()
+            )
+            for sl in blob
+            if sl.any()
+        )
+        assert _max_axial_diameter_mm(blob, spacing_y, spacing_x) == pytest.approx(expected, abs=1e-9)
+
+
+@pytest.mark.parametrize("tolerance", [-1.0, float("nan")])
+def test_bad_tolerance_is_refused_before_reading(study: Path, tolerance, monkeypatch):
+    import liverlesion.io as io
+
+    def no_read(*a, **k):
+        raise AssertionError("read an image despite a bad tolerance")
+
+    monkeypatch.setattr(io, "read_volume", no_read)
+    with pytest.raises(UserError, match="--tolerance"):
+        list(iter_manifest_lesions(study, tolerance=tolerance, progress=False))

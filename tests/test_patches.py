@@ -544,3 +544,72 @@ def test_real_ct_cyst_and_tumour_patches(ircad_patient1, tmp_path):
         # the resampled mask covers the lesion's own HU (patient 1's liver is ~110 HU, the lesions ~75)
         inside = float(p.hu[0][p.mask[0] > 0].mean())
         assert abs(inside - lesion.hu_mean) < 25
+
+
+# --------------------------------------------------------------------------- H9: cropped sampling, one progress bar
+
+
+def test_bounding_box_matches_nonzero():
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        mask = np.zeros((9, 14, 11), bool)
+        lo = rng.integers(0, [9, 14, 11])
+        hi = lo + rng.integers(1, 5, size=3)
+        mask[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = (
+            rng.random(tuple(np.minimum(hi, mask.shape) - lo)) > 0.3
+        )
+        nz = np.nonzero(mask)
+        box = P._bounding_box(mask)
+        if nz[0].size == 0:
+            assert box is None
+            continue
+        assert box == tuple(slice(int(a.min()), int(a.max()) + 1) for a in nz)
+    assert P._bounding_box(np.zeros((3, 4, 5), bool)) is None
+
+
+@pytest.mark.parametrize("order", [0, 1, 3])
+def test_sampling_a_cropped_mask_equals_sampling_the_full_mask(order):
+    """The crop + offset path must give exactly what sampling the full-size (mostly empty) mask gives."""
+    rng = np.random.default_rng(order)
+    shape = (12, 30, 26)
+    for _ in range(6):
+        full = np.zeros(shape, np.float32)
+        lo = rng.integers(0, [10, 26, 22])
+        hi = np.minimum(lo + rng.integers(2, 8, size=3), shape)
+        full[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = rng.random(tuple(hi - lo)) > 0.4
+        box = P._bounding_box(full > 0)
+        if box is None:
+            continue
+        crop = full[box]
+        offset = tuple(s.start for s in box)
+        # grids that leave the volume in-plane and run past both ends in z (clamped slices)
+        zs = np.clip(rng.uniform(-3, 15) + np.arange(-2, 3) * 1.5, 0, shape[0] - 1)
+        rows = rng.uniform(-10, 35) + np.linspace(-12, 12, 17)
+        cols = rng.uniform(-10, 30) + np.linspace(-9, 9, 15)
+        ref = P._sample(full, zs, rows, cols, order=order, cval=0.0)
+        got = P._sample(crop, zs, rows, cols, order=order, cval=0.0, offset=offset, shape=shape)
+        np.testing.assert_array_equal(got, ref)
+
+
+def test_patch_of_lesion_at_the_volume_corner_matches_a_full_size_reference():
+    vol, _ = make_volume()
+    mask = sphere_mask(vol.shape, vol.spacing, (0, 0, 63), 5.0)  # cut by three faces of the volume
+    cfg = cfg_(neighbours=2)
+    patch = P.extract_patch(vol, mask, cfg)
+    zs = np.asarray(patch.meta["slice_indices"])
+    zc, cy, cx = patch.meta["centre_index_zyx"]
+    offsets = (np.arange(cfg.size_px) - (cfg.size_px - 1) / 2.0) * patch.meta["pixel_mm"]
+    rows, cols = cy + offsets / vol.spacing[1], cx + offsets / vol.spacing[2]
+    expected = P._sample(mask.astype(np.float32), zs, rows, cols, order=1, cval=0.0) > 0.5
+    np.testing.assert_array_equal(patch.mask[0], expected[cfg.neighbours])
+    assert patch.mask[0].any()
+
+
+@pytest.mark.skipif(_LESIONS_ERROR is not None, reason=_LESIONS_ERROR or "")
+def test_build_patches_shows_one_progress_bar(tmp_path, capsys):
+    man = _write_nifti_cohort(tmp_path / "data")
+    capsys.readouterr()
+    P.build_patches(man, tmp_path / "patches", cfg_())
+    err = capsys.readouterr().err
+    assert "patches:" in err  # our bar, per image
+    assert "lesions:" not in err  # the lesion reader's own bar is switched off

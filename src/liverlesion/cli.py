@@ -109,12 +109,19 @@ def patches(
     config: ConfigOpt = None,
     preset: PresetOpt = None,
     set_: SetOpt = None,
+    tolerance: Annotated[float, typer.Option(help="Geometry tolerance (mm) between image and mask.")] = 1e-3,
+    series: Annotated[
+        Optional[str], typer.Option(help="SeriesInstanceUID for rows whose series column is empty.")
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Recompute the patches even when an up-to-date cache exists.")
+    ] = False,
 ) -> None:
     """Cut lesion-centred patches (cached) and draw a PNG contact sheet."""
     from liverlesion.patches import build_patches
 
     cfg = _config(config, preset, set_)
-    folder = build_patches(manifest, out, cfg.patch)
+    folder = build_patches(manifest, out, cfg.patch, tolerance=tolerance, series=series, overwrite=overwrite)
     typer.echo(f"patches: {folder} (index.csv, contact_sheet.png)")
 
 
@@ -225,6 +232,11 @@ def predict(
     diameter: Annotated[Optional[float], typer.Option("--diameter", help="Lesion diameter in mm (with --point).")] = None,
     manifest: Annotated[Optional[Path], typer.Option("--manifest", help="Batch of studies as a manifest CSV.")] = None,
     series: Annotated[Optional[str], typer.Option(help="SeriesInstanceUID when a folder holds several.")] = None,
+    patient_id: Annotated[
+        Optional[str],
+        typer.Option("--patient-id", help="Patient id for the lesion ids with --image (default: case)."),
+    ] = None,
+    tolerance: Annotated[float, typer.Option(help="Geometry tolerance (mm) between image and mask.")] = 1e-3,
     min_size_mm: Annotated[float, typer.Option(help="Smaller lesions are flagged 'too small to characterise'.")] = 5.0,
     dicom_sr: Annotated[bool, typer.Option("--dicom-sr", help="Also write a DICOM Structured Report.")] = False,
     gradcam: Annotated[bool, typer.Option(help="Draw Grad-CAM overlays.")] = True,
@@ -243,6 +255,8 @@ def predict(
         diameter=diameter,
         manifest=manifest,
         series=series,
+        patient_id=patient_id,
+        tolerance=tolerance,
         min_size_mm=min_size_mm,
         dicom_sr=dicom_sr,
         gradcam=gradcam,

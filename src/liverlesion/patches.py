@@ -136,30 +136,61 @@ def window(hu: np.ndarray, center: float, width: float) -> np.ndarray:
 
 
 def _sample(
-    array: np.ndarray, zs: np.ndarray, rows: np.ndarray, cols: np.ndarray, order: int, cval: float
+    array: np.ndarray,
+    zs: np.ndarray,
+    rows: np.ndarray,
+    cols: np.ndarray,
+    order: int,
+    cval: float,
+    offset: tuple[int, int, int] = (0, 0, 0),
+    shape: tuple[int, int, int] | None = None,
 ) -> np.ndarray:
     """Sample ``array`` on the grid ``zs x rows x cols`` (fractional indices) -> ``(len(zs), H, W)``.
 
     Only the small block around the grid is copied (a B-spline prefilter over a whole
     CT would cost hundreds of MB). Along z the block repeats the edge slice; in-plane,
     points outside the volume take ``cval``.
+
+    ``array`` may be a crop at ``offset`` (z, y, x) of a volume of ``shape`` that holds
+    ``cval`` everywhere outside the crop (a lesion mask cut to its bounding box): the
+    result is the same as sampling the full volume, without building it.
     """
     from scipy.ndimage import map_coordinates
 
-    nz, ny, nx = array.shape
+    nz, ny, nx = shape if shape is not None else array.shape
+    oz, oy, ox = offset
+    cz, cy, cx = array.shape
     pad = order + 2  # spline support plus one voxel of slack
     z0, z1 = math.floor(zs.min()) - pad, math.ceil(zs.max()) + pad + 1
     y0, y1 = math.floor(rows.min()) - pad, math.ceil(rows.max()) + pad + 1
     x0, x1 = math.floor(cols.min()) - pad, math.ceil(cols.max()) + pad + 1
-    zi = np.clip(np.arange(z0, z1), 0, nz - 1)
+    zi = np.clip(np.arange(z0, z1), 0, nz - 1) - oz  # volume slice of each block slice, in crop indices
+    inside = (zi >= 0) & (zi < cz)
     block = np.full((len(zi), y1 - y0, x1 - x0), cval, dtype=np.float32)
-    ys, ye = max(y0, 0), min(y1, ny)
-    xs, xe = max(x0, 0), min(x1, nx)
-    if ye > ys and xe > xs:
-        block[:, ys - y0 : ye - y0, xs - x0 : xe - x0] = array[zi, ys:ye, xs:xe]
+    ys, ye = max(y0, oy, 0), min(y1, oy + cy, ny)
+    xs, xe = max(x0, ox, 0), min(x1, ox + cx, nx)
+    if ye > ys and xe > xs and inside.any():
+        block[inside, ys - y0 : ye - y0, xs - x0 : xe - x0] = array[
+            zi[inside], ys - oy : ye - oy, xs - ox : xe - ox
+        ]
     zz, rr, cc = np.meshgrid(zs - z0, rows - y0, cols - x0, indexing="ij")
     out = map_coordinates(block, [zz, rr, cc], order=order, mode="nearest", prefilter=order > 1)
     return out.astype(np.float32, copy=False)
+
+
+def _bounding_box(mask: np.ndarray) -> tuple[slice, slice, slice] | None:
+    """Bounding box of a boolean ``[z, y, x]`` array as slices (None when empty).
+
+    Projections with ``any`` take about a millisecond on a 512 x 512 x 129 mask, where
+    ``np.nonzero`` or ``ndimage.find_objects`` over the full array take a few hundred.
+    """
+    z = np.flatnonzero(mask.any(axis=(1, 2)))
+    if z.size == 0:
+        return None
+    slab = mask[z[0] : z[-1] + 1]
+    y = np.flatnonzero(slab.any(axis=(0, 2)))
+    x = np.flatnonzero(slab.any(axis=(0, 1)))
+    return slice(z[0], z[-1] + 1), slice(y[0], y[-1] + 1), slice(x[0], x[-1] + 1)
 
 
 def extract_patch(volume: Volume, lesion_mask: np.ndarray, cfg: PatchConfig) -> LesionPatch:
@@ -181,9 +212,14 @@ def extract_patch(volume: Volume, lesion_mask: np.ndarray, cfg: PatchConfig) -> 
             "resample the mask onto the image grid"
         )
     mask = mask.astype(bool, copy=False)
-    zz, yy, xx = np.nonzero(mask)
-    if zz.size == 0:
+    box = _bounding_box(mask)
+    if box is None:
         raise UserError("lesion mask is empty (no non-zero voxels); check the mask file and the label value")
+    # Work on the lesion's bounding box: the full-size mask is mostly empty.
+    crop = mask[box]
+    offset = tuple(int(s.start) for s in box)
+    zz, yy, xx = np.nonzero(crop)
+    zz, yy, xx = zz + offset[0], yy + offset[1], xx + offset[2]
     nz = volume.shape[0]
     sz, sy, sx = volume.spacing
 
@@ -216,7 +252,19 @@ def extract_patch(volume: Volume, lesion_mask: np.ndarray, cfg: PatchConfig) -> 
     hu = _sample(volume.array, zs, rows, cols, order=order, cval=AIR_HU)
     # Linear then > 0.5 keeps the mask's area in mm when pixel sizes differ.
     mask_order = 0 if order == 0 else 1
-    lesion = _sample(mask.astype(np.float32), zs, rows, cols, order=mask_order, cval=0.0) > 0.5
+    lesion = (
+        _sample(
+            crop.astype(np.float32),
+            zs,
+            rows,
+            cols,
+            order=mask_order,
+            cval=0.0,
+            offset=offset,
+            shape=volume.shape,
+        )
+        > 0.5
+    )
     img = window(hu, cfg.window_center, cfg.window_width)
 
     if cfg.mode == "2.5d":
@@ -375,7 +423,10 @@ def build_patches(
     """
     from tqdm import tqdm
 
+    from liverlesion.io import check_tolerance
+
     check_patch_config(cfg)
+    check_tolerance(tolerance)
     manifest = Path(manifest)
     if not manifest.is_file():
         raise UserError(f"manifest {manifest}: file not found; give the path of a manifest CSV")

@@ -679,14 +679,16 @@ def _check_members(members: list[_Member]) -> None:
 # --------------------------------------------------------------------------- batch (manifest)
 
 
-def _predict_manifest(clf: Classifier, manifest: Path, min_size_mm: float, gradcam: bool) -> list[_Case]:
+def _predict_manifest(
+    clf: Classifier, manifest: Path, min_size_mm: float, gradcam: bool, tolerance: float = 1e-3
+) -> list[_Case]:
     from liverlesion.lesions import iter_manifest_lesions
     from liverlesion.manifest import read_manifest
 
     _check_min_size(min_size_mm)
     table = read_manifest(manifest)
     cases = []
-    for image, items in iter_manifest_lesions(table):
+    for image, items in iter_manifest_lesions(table, tolerance):
         ref = str(image.meta.get("source") or "")
         check_ct_volume(image, f"--manifest {manifest} image {ref}")
         case = _Case(image=image, image_ref=ref)
@@ -815,6 +817,7 @@ def predict_cli(
     gradcam: bool = True,
     overwrite: bool = False,
     tolerance: float = 1e-3,
+    patient_id: str | None = None,
 ) -> pd.DataFrame:
     """``liverlesion predict``: classify lesions and write results into ``out``.
 
@@ -823,6 +826,9 @@ def predict_cli(
     ``overlays/<lesion_id>.png`` and, with ``dicom_sr``, ``report.dcm`` (single
     image) or ``reports/<patient>_<n>.dcm`` (manifest). ``out`` appears complete
     or not at all.
+
+    ``patient_id`` (``--image`` only) names the lesions ``{patient_id}-L01``, ...
+    (default ``case``); with ``manifest`` the ids come from its patient_id column.
 
     Returns:
         The results table (as written to results.csv).
@@ -846,6 +852,12 @@ def predict_cli(
         raise UserError(f"{given[0]} needs --image (the CT: DICOM folder/zip or NIfTI); {allowed}")
     if manifest is not None and series is not None:
         raise UserError(f"--series {series}: applies to --image only; with --manifest use its series column")
+    if manifest is not None and patient_id is not None:
+        raise UserError(
+            f"--patient-id {patient_id!r}: applies to --image only; with --manifest the ids come from its patient_id column"
+        )
+    if patient_id is not None and not patient_id.strip():
+        raise UserError("--patient-id '': must not be empty; give an id such as case01, or leave the option out")
     if label is not None and mask is None:
         raise UserError(f"--label {label}: selects a lesion in --mask; give --mask too, or drop --label")
     if point is not None and diameter is None:
@@ -868,7 +880,7 @@ def predict_cli(
 
     clf = Classifier.load(list(models))
     if manifest is not None:
-        cases = _predict_manifest(clf, Path(manifest), min_size_mm, gradcam)
+        cases = _predict_manifest(clf, Path(manifest), min_size_mm, gradcam, tolerance)
     else:
         from liverlesion.io import read_volume
 
@@ -882,7 +894,7 @@ def predict_cli(
                 point=xyz,
                 diameter_mm=diameter,
                 min_size_mm=min_size_mm,
-                patient_id="case",
+                patient_id=patient_id.strip() if patient_id is not None else "case",
                 gradcam=gradcam,
                 tolerance=tolerance,
                 image_name="--image",
@@ -913,6 +925,7 @@ def predict_cli(
             "diameter_mm": diameter,
             "manifest": str(manifest) if manifest is not None else None,
             "series": series,
+            "patient_id": patient_id,
         },
         "sources": [_source_info(c) for c in cases],
         "lesions": df.astype(object).where(df.notna(), None).to_dict(orient="records"),
