@@ -46,6 +46,7 @@ class ModelConfig:
     head_hidden: int = 512  # paper: FC 512 -> Dropout 0.4 -> FC 512
     dropout: float = 0.4  # paper
     freeze_backbone_epochs: int = 0  # train only the head for the first N epochs
+    freeze_bn: bool = True  # pretrained weights only: keep backbone BatchNorm statistics fixed (stable with small batches)
 
 
 @dataclass

@@ -99,6 +99,16 @@ def _make_lightning_module(model, cfg: Config, class_weights):
         def forward(self, x):
             return self.model(x)
 
+        def on_train_batch_start(self, batch, batch_idx):
+            # Small batches of a few hundred lesions make BatchNorm's running statistics noisy
+            # (validation loss then jumps between epochs); keeping the pretrained statistics fixed
+            # is the usual remedy when fine-tuning on small data. Lightning restores each submodule's
+            # train/eval flag itself, so this is set per batch rather than by overriding train().
+            if cfg.model.freeze_bn and cfg.model.weights != "none":
+                for m in self.model.backbone.modules():
+                    if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                        m.eval()
+
         def _loss(self, logits, y):
             return F.cross_entropy(
                 logits, y, weight=self.class_weights, label_smoothing=cfg.train.label_smoothing
