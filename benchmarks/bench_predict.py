@@ -1,0 +1,435 @@
+"""Prediction latency per lesion, end to end, against bare network inference, in one run.
+
+Usage::
+
+    python benchmarks/bench_predict.py [--sizes 80 299] [--repeat 5] [--cli-repeat 1]
+    python benchmarks/bench_predict.py --quick
+    python benchmarks/bench_predict.py --device cuda
+
+On a synthetic CT of realistic size (512 x 512 x 100, int16 HU on disk, 0.75 x 0.75 x 2.5 mm,
+one 24 mm cyst-like lesion), with an untrained ``inception_v3`` checkpoint made by
+``build_model`` + ``save_checkpoint`` for each patch size (80 px: the quick preset; 299 px:
+the paper preset), it times:
+
+* **ours, in process**: ``Classifier.load`` once, then ``Classifier.predict(volume, mask=...)``
+  (CT checks, ``check_geometry``, ``lesions_from_mask``, ``extract_patch`` with the
+  checkpoint's patch settings, the temperature-scaled softmax, the decision), without and
+  with Grad-CAM; and each of those stages alone;
+* **ours, CLI**: ``liverlesion predict --model ... --image ... --mask ... --out ...`` in a fresh
+  process (interpreter start, imports, checkpoint load, NIfTI reads, results.csv/json, overlay
+  PNG), with ``--no-gradcam`` and as by default (Grad-CAM on); next to it the floor of any CLI
+  run: a fresh interpreter importing torch, timm, SimpleITK and liverlesion.predict;
+* **the reference**: the same ``LesionNet`` forward on a ready ``(1, 3, S, S)`` tensor
+  (``torch.inference_mode``), i.e. what the network itself costs.
+
+Weights are random (they do not change the speed). Repeats run after one untimed warm-up;
+medians are shown. No pass/fail threshold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+SHAPE_ZYX = (100, 512, 512)
+SPACING_ZYX = (2.5, 0.75, 0.75)
+LESION_RADIUS_MM = 12.0
+CLASSES = ["cyst", "metastasis"]
+LARGE_PX = 150  # at and above this patch size: fewer repeats, no Grad-CAM rows (keeps a CPU run short)
+
+
+# ----------------------------------------------------------------------------- machine
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _load() -> list[float] | None:
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
+def machine_info(device: str) -> dict:
+    """CPU, cores, torch threads, load average, accelerator and library versions."""
+    import timm
+    import torch
+
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    info = {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "usable_cores": usable,
+        "torch_threads": torch.get_num_threads(),
+        "load_avg_1_5_15": _load(),
+        "device": device,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+    }
+    if device.startswith("cuda"):
+        p = torch.cuda.get_device_properties(torch.device(device))
+        info["gpu"] = f"{p.name}, {p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor}"
+    return info
+
+
+def print_machine(info: dict) -> None:
+    print(
+        f"machine: {info['cpu']}, {info['cores']} cores ({info['usable_cores']} usable), "
+        f"torch threads {info['torch_threads']}, load avg {info['load_avg_1_5_15']} -> {info.get('load_avg_after')}"
+    )
+    dev = info["device"] + (f" ({info['gpu']})" if "gpu" in info else "")
+    print(f"device: {dev}; Python {info['python']}, torch {info['torch']}, timm {info['timm']}")
+    print(f"command: {info['command']}")
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def synthetic_ct(seed: int = 0):
+    """A 512 x 512 x 100 CT (int16 HU): air, a body ellipse of soft tissue, one water-like lesion."""
+    from liverlesion.volume import Volume
+
+    rng = np.random.default_rng(seed)
+    nz, ny, nx = SHAPE_ZYX
+    yy, xx = np.mgrid[:ny, :nx]
+    body = ((yy - ny / 2) / (0.42 * ny)) ** 2 + ((xx - nx / 2) / (0.47 * nx)) ** 2 <= 1
+    liver = ((yy - 0.45 * ny) / (0.2 * ny)) ** 2 + ((xx - 0.35 * nx) / (0.2 * nx)) ** 2 <= 1
+    base = np.where(body, 40, -1000).astype(np.int16)
+    base[liver] = 60
+    array = np.empty(SHAPE_ZYX, dtype=np.int16)
+    for z in range(nz):  # slice by slice: the float noise for the whole volume would need 200 MB
+        array[z] = base + rng.normal(0, 12, size=(ny, nx)).astype(np.int16)
+    centre = np.array([nz * 0.5, ny * 0.45, nx * 0.35])  # in the liver
+    r = np.ceil(LESION_RADIUS_MM / np.array(SPACING_ZYX)).astype(int) + 1
+    lo, hi = (centre - r).astype(int), (centre + r + 1).astype(int)
+    gz, gy, gx = np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi, strict=True)], indexing="ij")
+    d2 = sum(((g - c) * s) ** 2 for g, c, s in zip((gz, gy, gx), centre, SPACING_ZYX, strict=True))
+    inside = d2 <= LESION_RADIUS_MM**2
+    mask = np.zeros(SHAPE_ZYX, dtype=np.uint8)
+    mask[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = inside
+    array[mask > 0] = (8 + rng.normal(0, 12, size=int(inside.sum()))).astype(np.int16)
+    origin = (-nx * SPACING_ZYX[2] / 2, -ny * SPACING_ZYX[1] / 2, 0.0)
+    image = Volume(array, SPACING_ZYX, origin, np.eye(3), {"modality": "CT", "format": "synthetic"})
+    return image, image.with_array(mask)
+
+
+def make_checkpoint(path: Path, size: int, backbone: str) -> Path:
+    """An untrained, self-describing checkpoint with the quick preset's settings at ``size`` px."""
+    import torch
+
+    from liverlesion.config import load_config
+    from liverlesion.model import build_model, save_checkpoint
+
+    cfg = load_config(preset="quick")
+    cfg.model.backbone = backbone
+    cfg.model.weights = "none"
+    cfg.patch.size_px = size
+    in_chans = 2 * cfg.patch.neighbours + 1 if cfg.patch.mode == "2.5d" else 1
+    torch.manual_seed(0)
+    model, _ = build_model(cfg.model, num_classes=len(CLASSES), in_chans=in_chans)
+    return save_checkpoint(path, model.eval(), cfg, CLASSES, in_chans, temperature=1.0, threshold=0.5, fold=0)
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed_rounds(
+    fns: list[tuple[str, object]], repeat: int, device: str, warmup: int = 1
+) -> dict[str, list[float]]:
+    """Seconds per call of each function, called in turn (round robin) ``warmup + repeat`` times.
+
+    Interleaving puts the load of other jobs on a shared machine on every function alike.
+    """
+    out: dict[str, list[float]] = {name: [] for name, _ in fns}
+    for rnd in range(warmup + repeat):
+        for name, fn in fns:
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            if rnd >= warmup:
+                out[name].append(time.perf_counter() - t0)
+    return out
+
+
+def run_cli(args_list: list[str], env: dict) -> float:
+    t0 = time.perf_counter()
+    r = subprocess.run(args_list, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t0
+    if r.returncode != 0:
+        sys.exit(
+            f"bench_predict: {shlex.join(args_list)} failed (exit {r.returncode}):\n{r.stderr.strip()[-2000:]}"
+        )
+    return wall
+
+
+def bench_size(
+    args, size: int, tmp: Path, image_file: Path | None, mask_file: Path | None, volume, mask_vol, env
+) -> list:
+    """All rows for one patch size: ``(name, seconds per run)``; row 1 is the bare reference."""
+    import torch
+
+    from liverlesion.io import check_geometry
+    from liverlesion.lesions import lesions_from_mask
+    from liverlesion.patches import extract_patch
+    from liverlesion.predict import Classifier, check_ct_volume
+
+    ckpt = make_checkpoint(tmp / f"model_{size}.pt", size, args.backbone)
+    rows = []
+    t0 = time.perf_counter()
+    clf = Classifier.load(ckpt, device=args.device)
+    rows.append(("Classifier.load (once per session)", [time.perf_counter() - t0]))
+
+    def predict(gradcam: bool):
+        df = clf.predict(volume, mask=mask_vol, gradcam=gradcam)
+        assert len(df) == 1 and df["status"].iloc[0] == "classified", df[["lesion_id", "status"]]
+
+    def find():
+        check_ct_volume(volume, "image")
+        check_geometry(volume, mask_vol, tolerance=1e-3)
+        return lesions_from_mask(volume, mask_vol, None, "case", "")
+
+    lesion_mask = find()[0][1]
+    patch = extract_patch(volume, lesion_mask, clf.patch_config)
+    x = torch.from_numpy(np.ascontiguousarray(patch.image)).to(args.device)
+    net = clf.members[0].model
+
+    def bare():
+        with torch.inference_mode():
+            net(x)
+
+    bare_name = "(b) bare LesionNet forward, batch 1, ready tensor"
+    fns = [
+        (bare_name, bare),
+        ("(a) Classifier.predict, 1 lesion, no Grad-CAM", lambda: predict(False)),
+        ("      CT checks + check_geometry + lesions_from_mask", find),
+        ("      extract_patch", lambda: extract_patch(volume, lesion_mask, clf.patch_config)),
+        ("      Classifier.member_probs (network + softmax)", lambda: clf.member_probs(patch.image)),
+    ]
+    large = size >= LARGE_PX
+    if not args.quick and not large and args.gradcam:
+        fns.append(("(a) Classifier.predict, 1 lesion, with Grad-CAM", lambda: predict(True)))
+    if not args.device.startswith("cuda") and torch.get_num_threads() > 1:
+
+        def bare_1thread():
+            # On a CPU shared with other jobs, torch's intra-op threads wait for each other at
+            # every small op; one thread shows how much of the latency that costs.
+            old = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                bare()
+            finally:
+                torch.set_num_threads(old)
+
+        fns.insert(1, ("    same, torch.set_num_threads(1)", bare_1thread))
+    if args.device.startswith("cuda"):
+        net_cl = copy.deepcopy(net).to(memory_format=torch.channels_last)
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+
+        def bare_bf16():
+            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+                net_cl(x_cl)
+
+        fns.insert(1, ("    same, bf16 autocast + channels_last", bare_bf16))
+    times = timed_rounds(fns, args.repeat_large if large else args.repeat, args.device)
+    rows += [(name, times[name]) for name, _ in fns]
+    if not args.files:
+        return rows
+    base = [
+        sys.executable,
+        "-m",
+        "liverlesion",
+        "predict",
+        "--model",
+        str(ckpt),
+        "--image",
+        str(image_file),
+        "--mask",
+        str(mask_file),
+    ]
+    modes = [("no_cam", "(a) CLI `liverlesion predict --no-gradcam`, new process", ["--no-gradcam"])]
+    if not args.quick and not large and args.gradcam:
+        modes.append(("cam", "(a) CLI `liverlesion predict` (Grad-CAM on), new process", []))
+    for key, name, extra in modes:
+        walls = [
+            run_cli([*base, "--out", str(tmp / f"out_{size}_{key}_{i}"), *extra], env)
+            for i in range(args.cli_repeat)
+        ]
+        rows.append((name, walls))
+    return rows
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=None, help="patch sizes in px (default: 80 299)")
+    ap.add_argument("--backbone", default="inception_v3", help="timm backbone (default: %(default)s)")
+    ap.add_argument("--repeat", type=int, default=5, help="timed in-process repeats (default: %(default)s)")
+    ap.add_argument(
+        "--repeat-large",
+        type=int,
+        default=3,
+        help=f"timed in-process repeats at sizes >= {LARGE_PX} px (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--cli-repeat", type=int, default=1, help="CLI runs per mode and size (default: %(default)s)"
+    )
+    ap.add_argument("--device", default="auto", help="auto (cuda when present) | cpu | cuda[:N]")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="80 px only, 3 repeats, no Grad-CAM rows, no import floor: about a minute on 2 cores",
+    )
+    ap.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+    args = ap.parse_args(argv)
+    import torch
+
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error(
+            f"--device {args.device}: no CUDA device visible to torch {torch.__version__}; use --device cpu"
+        )
+    if args.quick:
+        args.sizes = args.sizes or [80]
+        args.repeat = min(args.repeat, 3)
+    args.sizes = args.sizes or [80, 299]
+    # Lent GPU machines may lack these; the rows that need them are then left out, with a note.
+    args.files = importlib.util.find_spec("SimpleITK") is not None
+    args.gradcam = importlib.util.find_spec("pytorch_grad_cam") is not None
+    args.notes = []
+    if not args.files:
+        args.notes.append("SimpleITK is not installed: no NIfTI files, so no CLI rows and no import floor")
+    if not args.gradcam:
+        args.notes.append("pytorch-grad-cam is not installed: no Grad-CAM rows")
+    for name in ("repeat", "repeat_large", "cli_repeat"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    if any(s < 75 for s in args.sizes) and args.backbone.startswith("inception"):
+        ap.error(f"--sizes {args.sizes}: inception_v3 needs at least 75 px")
+    return args
+
+
+def _import_floor(env: dict, repeat: int) -> list[float]:
+    code = "import torch, timm, SimpleITK, liverlesion.predict, liverlesion.cli"
+    return [run_cli([sys.executable, "-c", code], env) for _ in range(repeat)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    info = machine_info(args.device)
+    info["command"] = "python " + shlex.join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    env = dict(os.environ)
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [env.get("PYTHONPATH")])])
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    if not args.device.startswith("cuda"):
+        env["CUDA_VISIBLE_DEVICES"] = ""  # the CLI picks CUDA when it sees one
+
+    results: dict[int, list] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-predict-") as tmp_name:
+        tmp = Path(tmp_name)
+        image, mask = synthetic_ct()
+        read_s = None
+        if args.files:
+            from liverlesion.io import read_volume, write_volume
+
+            image_file = write_volume(image, tmp / "ct.nii")
+            mask_file = write_volume(mask, tmp / "lesion.nii")
+            t0 = time.perf_counter()
+            volume = read_volume(image_file, kind="image")  # float32 HU, as every reader returns it
+            read_s = time.perf_counter() - t0
+            mask_vol = read_volume(mask_file, kind="mask")
+            where = f"int16 NIfTI {image_file.stat().st_size / 2**20:.0f} MB (read_volume {read_s:.2f} s, not in the rows)"
+        else:
+            image_file = mask_file = None
+            volume, mask_vol = image.with_array(image.array.astype(np.float32)), mask
+            where = "in memory (float32 HU, as read_volume returns it)"
+        print(
+            f"CT {volume.shape} (z, y, x), spacing {SPACING_ZYX} mm, {where}; "
+            f"1 lesion, {2 * LESION_RADIUS_MM:.0f} mm; {args.backbone}, random weights",
+            flush=True,
+        )
+        for note in args.notes:
+            print(f"note: {note}")
+        floor = [] if args.quick or not args.files else _import_floor(env, args.cli_repeat)
+        for size in args.sizes:
+            results[size] = bench_size(args, size, tmp, image_file, mask_file, volume, mask_vol, env)
+    info["load_avg_after"] = _load()
+
+    print()
+    print_machine(info)
+    print(
+        f"in-process rows: median (min) of {args.repeat} runs ({args.repeat_large} at >= {LARGE_PX} px) after 1 "
+        f"warm-up, the steps taken in turn; CLI rows: {args.cli_repeat} run(s)"
+    )
+    print()
+    header = f"{'size':>4}  {'step':<58} {'median ms':>10} {'min ms':>9} {'vs bare':>9}"
+    print(header)
+    print("-" * len(header))
+    for size, rows in results.items():
+        ref = statistics.median(rows[1][1])
+        for name, secs in rows:
+            med = statistics.median(secs)
+            ratio = f"{med / ref:.2f}x" if not name.startswith("Classifier.load") else ""
+            print(f"{size:>4}  {name:<58} {1000 * med:>10.1f} {1000 * min(secs):>9.1f} {ratio:>9}")
+        print("-" * len(header))
+    if floor:
+        name = "fresh python: import torch, timm, SimpleITK, liverlesion"
+        print(f"{'':>4}  {name:<58} {1000 * statistics.median(floor):>10.1f} {1000 * min(floor):>9.1f}")
+    print("vs bare: this step's median / the bare forward's median at the same size")
+    if args.json:
+        payload = {
+            "machine": info,
+            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "read_volume_s": read_s,
+            "notes": args.notes,
+            "import_floor_s": floor,
+            "rows": {
+                str(size): [{"step": n.strip(), "seconds": s} for n, s in rows]
+                for size, rows in results.items()
+            },
+        }
+        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
