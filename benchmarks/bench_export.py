@@ -26,10 +26,6 @@ difference of saturated outputs would say nothing). No pass/fail threshold.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import shlex
 import statistics
 import sys
 import tempfile
@@ -37,6 +33,7 @@ import time
 import warnings
 from pathlib import Path
 
+import _common
 import numpy as np
 
 CLASSES = ["cyst", "metastasis"]
@@ -45,60 +42,25 @@ CLASSES = ["cyst", "metastasis"]
 # ----------------------------------------------------------------------------- machine
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _load() -> list[float] | None:
-    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
-
-
 def machine_info(device: str) -> dict:
     """CPU, cores, torch threads, load average, accelerator and library versions."""
     import onnx
     import onnxruntime
-    import torch
 
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    info = {
-        "cpu": _cpu_model(),
-        "cores": os.cpu_count(),
-        "usable_cores": usable,
-        "torch_threads": torch.get_num_threads(),
-        "load_avg_1_5_15": _load(),
-        "device": device,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "onnx": onnx.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "ort_providers": onnxruntime.get_available_providers(),
-    }
-    if device.startswith("cuda"):
-        p = torch.cuda.get_device_properties(torch.device(device))
-        info["gpu"] = f"{p.name}, {p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor}"
-    return info
+    return _common.machine_info(
+        device,
+        onnx=onnx.__version__,
+        onnxruntime=onnxruntime.__version__,
+        ort_providers=onnxruntime.get_available_providers(),
+    )
 
 
 def print_machine(info: dict) -> None:
-    print(
-        f"machine: {info['cpu']}, {info['cores']} cores ({info['usable_cores']} usable), "
-        f"torch threads {info['torch_threads']}, load avg {info['load_avg_1_5_15']} -> {info.get('load_avg_after')}"
+    _common.print_machine(
+        info,
+        f"torch {info['torch']}, onnx {info['onnx']}, onnxruntime {info['onnxruntime']} "
+        f"(providers {', '.join(info['ort_providers'])})",
     )
-    dev = info["device"] + (f" ({info['gpu']})" if "gpu" in info else "")
-    print(
-        f"device: {dev}; Python {info['python']}, torch {info['torch']}, onnx {info['onnx']}, "
-        f"onnxruntime {info['onnxruntime']} (providers {', '.join(info['ort_providers'])})"
-    )
-    print(f"command: {info['command']}")
 
 
 # ----------------------------------------------------------------------------- setup
@@ -146,29 +108,6 @@ def calibrate_batchnorm(model, in_chans: int, size: int, batches: int = 2) -> No
     model.eval()
 
 
-def _sync(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def timed_rounds(
-    fns: list[tuple[str, object]], repeat: int, device: str, warmup: int
-) -> dict[str, list[float]]:
-    """Seconds per call of each function, the functions taking turns, after ``warmup`` untimed rounds."""
-    out: dict[str, list[float]] = {name: [] for name, _ in fns}
-    for rnd in range(warmup + repeat):
-        for name, fn in fns:
-            _sync(device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            if rnd >= warmup:
-                out[name].append(time.perf_counter() - t0)
-    return out
-
-
 def runtimes(args, ckpt: Path, onnx_file: Path, ts_file: Path) -> dict:
     """name -> callable(batch tensor on CPU) -> probabilities as a numpy array."""
     import onnxruntime as ort
@@ -213,11 +152,7 @@ def runtimes(args, ckpt: Path, onnx_file: Path, ts_file: Path) -> dict:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--backbone", default="inception_v3", help="timm backbone (default: %(default)s)")
-    ap.add_argument(
-        "--size", type=int, default=80, help="patch side in px (default: %(default)s, the quick preset)"
-    )
+    ap = _common.model_parser(__doc__.split("\n\n")[0])
     ap.add_argument("--chans", type=int, default=3, help="input channels (2.5-D, k=1: 3)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32], help="batch sizes (default: 1 32)")
     ap.add_argument(
@@ -233,14 +168,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     args = ap.parse_args(argv)
-    import torch
-
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        ap.error(
-            f"--device {args.device}: no CUDA device visible to torch {torch.__version__}; use --device cpu"
-        )
+    _common.resolve_device(ap, args)
     if args.quick:
         args.repeat, args.warmup = min(args.repeat, 1), min(args.warmup, 1)
     for name in ("size", "chans", "repeat"):
@@ -258,10 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     from liverlesion.export import export_model
     from liverlesion.model import load_checkpoint
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    info = machine_info(args.device)
-    info["command"] = "python " + shlex.join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    info = _common.start_run(args, argv, machine_info)
     print(
         f"{args.backbone}, input {args.chans}x{args.size}x{args.size}, batches {args.batches}, "
         f"{args.warmup} warm-up + {args.repeat} timed rounds, random weights",
@@ -296,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                     failed[name] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
                     del fns[name]
             ref = next(iter(outs.values()))
-            times = timed_rounds(
+            times = _common.timed_rounds(
                 [(n, lambda fn=fn, x=x: fn(x)) for n, fn in fns.items()],
                 args.repeat,
                 args.device,
@@ -306,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
                 name: {"seconds": times[name], "max_abs_diff": float(np.abs(outs[name] - ref).max())}
                 for name in fns
             }
-    info["load_avg_after"] = _load()
+    info["load_avg_after"] = _common.load_avg()
 
     print()
     print_machine(info)
@@ -315,8 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         f"TorchScript {sizes['torchscript'] / 2**20:.1f} MB"
     )
     print()
-    print(f"{'export step':<44} {'s':>8}")
-    print("-" * 53)
+    _common.print_header(f"{'export step':<44} {'s':>8}")
     for name, s in export_s.items():
         print(f"{name:<44} {s:>8.2f}")
     print()
@@ -324,8 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{'batch':>5}  {'runtime':<30} {'ms/batch':>9} {'min':>8} {'ms/patch':>9} {'patches/s':>10} "
         f"{'vs eager':>9} {'max |diff|':>11}"
     )
-    print(header)
-    print("-" * len(header))
+    rule = _common.print_header(header)
     for b, rows in results.items():
         ref = statistics.median(next(iter(rows.values()))["seconds"])
         for name, r in rows.items():
@@ -334,24 +257,23 @@ def main(argv: list[str] | None = None) -> int:
                 f"{b:>5}  {name:<30} {1000 * med:>9.2f} {1000 * min(r['seconds']):>8.2f} {1000 * med / b:>9.2f} "
                 f"{b / med:>10.1f} {med / ref:>8.2f}x {r['max_abs_diff']:>11.2e}"
             )
-        print("-" * len(header))
+        print(rule)
     for name, err in failed.items():
         print(f"{name}: failed, left out ({err})")
     print(
         "median of the timed rounds; vs eager: this runtime's median / eager's (below 1: faster than eager)"
     )
     print("max |diff|: largest absolute difference of the class probabilities from eager's, same input")
-    if args.json:
-        payload = {
-            "machine": info,
-            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-            "temperature": temperature,
-            "export_s": export_s,
-            "file_bytes": sizes,
-            "inference": {str(b): rows for b, rows in results.items()},
-            "failed": failed,
-        }
-        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+    _common.write_results(
+        args.json,
+        info,
+        args,
+        temperature=temperature,
+        export_s=export_s,
+        file_bytes=sizes,
+        inference={str(b): rows for b, rows in results.items()},
+        failed=failed,
+    )
     return 0
 
 

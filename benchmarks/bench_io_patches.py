@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import subprocess
@@ -31,6 +30,8 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
+
+import _common
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared/data/3Dircadb1/3Dircadb1.1"
 LESION_PREFIXES = ("livertumor", "liverkyst", "liverkyste", "livercyst")
@@ -114,29 +115,12 @@ def _worker_pipeline(image_dir: Path, masks_dir: Path) -> dict:
 # ----------------------------------------------------------------------------- driver side
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _machine() -> dict:
     import SimpleITK as sitk
 
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:
-        affinity = os.cpu_count()
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {
-        "cpu": _cpu_model(),
-        "cores": os.cpu_count(),
-        "usable_cores": affinity,
-        "load_avg_1_5_15": [round(x, 2) for x in load] if load else None,
+        **_common.cpu_info(),
+        "load_avg_1_5_15": _common.load_avg(),
         "os": platform.platform(),
         "python": platform.python_version(),
         "simpleitk": sitk.Version.VersionString(),
@@ -220,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.repeat):
             for kind in ("sitk", "pipeline"):
                 runs[kind].append(_run_worker(kind, image_dir, masks_dir))
-    machine["load_avg_after"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    machine["load_avg_after"] = _common.load_avg()
 
     sitk_t = [r["total_s"] for r in runs["sitk"]]
     pipe = runs["pipeline"]
@@ -250,15 +234,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"repeats: {args.repeat} per variant, each in a fresh process, file cache warm\n")
     header = f"{'step':<52} {'median s':>9} {'min s':>7} {'peak RSS MB':>12}"
-    print(header)
-    print("-" * len(header))
+    rule = _common.print_header(header)
     for name, times, rss in rows:
         med, mn = _fmt(times)
         rss_text = f"{max(rss):.0f}" if rss and all(v is not None for v in rss) else ""
         print(f"{name:<52} {med:>9} {mn:>7} {rss_text:>12}")
     read_ratio = statistics.median([r["read_image_s"] for r in pipe]) / statistics.median(sitk_t)
     total_ratio = statistics.median([r["total_s"] for r in pipe]) / statistics.median(sitk_t)
-    print("-" * len(header))
+    print(rule)
     print(f"ratio read_volume / SimpleITK read (medians): {read_ratio:.2f}x")
     print(f"ratio whole pipeline / SimpleITK read (medians): {total_ratio:.2f}x")
     base = runs["sitk"][0]["rss_after_imports_mb"], pipe[0]["rss_after_imports_mb"]
@@ -267,9 +250,7 @@ def main(argv: list[str] | None = None) -> int:
             f"(RSS after imports, before timing: SimpleITK worker {base[0]:.0f} MB, pipeline worker {base[1]:.0f} MB)"
         )
     if args.json:
-        args.json.write_text(
-            json.dumps({"machine": machine, "structures": structures, "runs": runs}, indent=2) + "\n"
-        )
+        _common.write_json(args.json, {"machine": machine, "structures": structures, "runs": runs})
     return 0
 
 

@@ -31,9 +31,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
-import json
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -42,6 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import _common
 import numpy as np
 
 SHAPE_ZYX = (100, 512, 512)
@@ -54,54 +53,15 @@ LARGE_PX = 150  # at and above this patch size: fewer repeats, no Grad-CAM rows 
 # ----------------------------------------------------------------------------- machine
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _load() -> list[float] | None:
-    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
-
-
 def machine_info(device: str) -> dict:
     """CPU, cores, torch threads, load average, accelerator and library versions."""
     import timm
-    import torch
 
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    info = {
-        "cpu": _cpu_model(),
-        "cores": os.cpu_count(),
-        "usable_cores": usable,
-        "torch_threads": torch.get_num_threads(),
-        "load_avg_1_5_15": _load(),
-        "device": device,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-    }
-    if device.startswith("cuda"):
-        p = torch.cuda.get_device_properties(torch.device(device))
-        info["gpu"] = f"{p.name}, {p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor}"
-    return info
+    return _common.machine_info(device, timm=timm.__version__)
 
 
 def print_machine(info: dict) -> None:
-    print(
-        f"machine: {info['cpu']}, {info['cores']} cores ({info['usable_cores']} usable), "
-        f"torch threads {info['torch_threads']}, load avg {info['load_avg_1_5_15']} -> {info.get('load_avg_after')}"
-    )
-    dev = info["device"] + (f" ({info['gpu']})" if "gpu" in info else "")
-    print(f"device: {dev}; Python {info['python']}, torch {info['torch']}, timm {info['timm']}")
-    print(f"command: {info['command']}")
+    _common.print_machine(info, f"torch {info['torch']}, timm {info['timm']}")
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -153,32 +113,6 @@ def make_checkpoint(path: Path, size: int, backbone: str) -> Path:
 
 
 # ----------------------------------------------------------------------------- timing
-
-
-def _sync(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def timed_rounds(
-    fns: list[tuple[str, object]], repeat: int, device: str, warmup: int = 1
-) -> dict[str, list[float]]:
-    """Seconds per call of each function, called in turn (round robin) ``warmup + repeat`` times.
-
-    Interleaving puts the load of other jobs on a shared machine on every function alike.
-    """
-    out: dict[str, list[float]] = {name: [] for name, _ in fns}
-    for rnd in range(warmup + repeat):
-        for name, fn in fns:
-            _sync(device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            if rnd >= warmup:
-                out[name].append(time.perf_counter() - t0)
-    return out
 
 
 def run_cli(args_list: list[str], env: dict) -> float:
@@ -260,7 +194,7 @@ def bench_size(
                 net_cl(x_cl)
 
         fns.insert(1, ("    same, bf16 autocast + channels_last", bare_bf16))
-    times = timed_rounds(fns, args.repeat_large if large else args.repeat, args.device)
+    times = _common.timed_rounds(fns, args.repeat_large if large else args.repeat, args.device)
     rows += [(name, times[name]) for name, _ in fns]
     if not args.files:
         return rows
@@ -314,14 +248,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     args = ap.parse_args(argv)
-    import torch
-
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        ap.error(
-            f"--device {args.device}: no CUDA device visible to torch {torch.__version__}; use --device cpu"
-        )
+    _common.resolve_device(ap, args)
     if args.quick:
         args.sizes = args.sizes or [80]
         args.repeat = min(args.repeat, 3)
@@ -349,12 +276,7 @@ def _import_floor(env: dict, repeat: int) -> list[float]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    info = machine_info(args.device)
-    info["command"] = "python " + shlex.join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    info = _common.start_run(args, argv, machine_info)
     env = dict(os.environ)
     src = str(Path(__file__).resolve().parents[1] / "src")
     env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [env.get("PYTHONPATH")])])
@@ -392,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         floor = [] if args.quick or not args.files else _import_floor(env, args.cli_repeat)
         for size in args.sizes:
             results[size] = bench_size(args, size, tmp, image_file, mask_file, volume, mask_vol, env)
-    info["load_avg_after"] = _load()
+    info["load_avg_after"] = _common.load_avg()
 
     print()
     print_machine(info)
@@ -402,32 +324,29 @@ def main(argv: list[str] | None = None) -> int:
     )
     print()
     header = f"{'size':>4}  {'step':<58} {'median ms':>10} {'min ms':>9} {'vs bare':>9}"
-    print(header)
-    print("-" * len(header))
+    rule = _common.print_header(header)
     for size, rows in results.items():
         ref = statistics.median(rows[1][1])
         for name, secs in rows:
             med = statistics.median(secs)
             ratio = f"{med / ref:.2f}x" if not name.startswith("Classifier.load") else ""
             print(f"{size:>4}  {name:<58} {1000 * med:>10.1f} {1000 * min(secs):>9.1f} {ratio:>9}")
-        print("-" * len(header))
+        print(rule)
     if floor:
         name = "fresh python: import torch, timm, SimpleITK, liverlesion"
         print(f"{'':>4}  {name:<58} {1000 * statistics.median(floor):>10.1f} {1000 * min(floor):>9.1f}")
     print("vs bare: this step's median / the bare forward's median at the same size")
-    if args.json:
-        payload = {
-            "machine": info,
-            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-            "read_volume_s": read_s,
-            "notes": args.notes,
-            "import_floor_s": floor,
-            "rows": {
-                str(size): [{"step": n.strip(), "seconds": s} for n, s in rows]
-                for size, rows in results.items()
-            },
-        }
-        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+    _common.write_results(
+        args.json,
+        info,
+        args,
+        read_volume_s=read_s,
+        notes=args.notes,
+        import_floor_s=floor,
+        rows={
+            str(size): [{"step": n.strip(), "seconds": s} for n, s in rows] for size, rows in results.items()
+        },
+    )
     return 0
 
 

@@ -35,12 +35,9 @@ import argparse
 import contextlib
 import cProfile
 import io
-import json
 import logging
-import os
 import platform
 import pstats
-import shlex
 import statistics
 import sys
 import tempfile
@@ -48,23 +45,10 @@ import time
 import warnings
 from pathlib import Path
 
+import _common
 import numpy as np
 
 # ----------------------------------------------------------------------------- machine
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _load() -> list[float] | None:
-    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
 
 def machine_info(device: str) -> dict:
@@ -73,42 +57,17 @@ def machine_info(device: str) -> dict:
     import timm
     import torch
 
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    info = {
-        "cpu": _cpu_model(),
-        "cores": os.cpu_count(),
-        "usable_cores": usable,
-        "torch_threads": torch.get_num_threads(),
-        "load_avg_1_5_15": _load(),
-        "device": device,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "lightning": lightning.__version__,
-        "os": platform.platform(),
-    }
+    info = _common.machine_info(
+        device, timm=timm.__version__, lightning=lightning.__version__, os=platform.platform()
+    )
     if device.startswith("cuda"):
-        p = torch.cuda.get_device_properties(torch.device(device))
-        info["gpu"] = f"{p.name}, {p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor}"
         info["cudnn"] = torch.backends.cudnn.version()
         info["cudnn_benchmark"] = torch.backends.cudnn.benchmark
     return info
 
 
 def print_machine(info: dict) -> None:
-    print(
-        f"machine: {info['cpu']}, {info['cores']} cores ({info['usable_cores']} usable), "
-        f"torch threads {info['torch_threads']}, load avg {info['load_avg_1_5_15']} -> {info.get('load_avg_after')}"
-    )
-    dev = info["device"] + (f" ({info['gpu']}, cuDNN {info['cudnn']})" if "gpu" in info else "")
-    print(
-        f"device: {dev}; Python {info['python']}, torch {info['torch']}, timm {info['timm']}, "
-        f"lightning {info['lightning']}"
-    )
-    print(f"command: {info['command']}")
+    _common.print_machine(info, f"torch {info['torch']}, timm {info['timm']}, lightning {info['lightning']}")
 
 
 # ----------------------------------------------------------------------------- data
@@ -129,13 +88,6 @@ def synthetic_patches(n: int, size: int, chans: int, seed: int = 0) -> tuple[lis
 
 
 # ----------------------------------------------------------------------------- loops
-
-
-def _sync(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def _config(args, precision: str):
@@ -222,15 +174,15 @@ class BareLoop:
 
 def run_bare(args, loop: BareLoop) -> dict:
     """Run the bare loop alone; the device is synchronised only at the warm-up end and at the end."""
-    _sync(args.device)
+    _common.sync(args.device)
     t0 = time.perf_counter()
     for _ in range(args.warmup):
         loop.step()
-    _sync(args.device)
+    _common.sync(args.device)
     t1 = time.perf_counter()
     for _ in range(args.steps):
         loop.step()
-    _sync(args.device)
+    _common.sync(args.device)
     t2 = time.perf_counter()
     return _result(args, t1 - t0, [(t2 - t1) / args.steps] * args.steps, loop.build_s)
 
@@ -278,18 +230,18 @@ def run_ours(
 
     class Clock(pl.Callback):
         def on_train_epoch_start(self, trainer, pl_module):
-            _sync(args.device)
+            _common.sync(args.device)
             marks["prev"] = time.perf_counter()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             if bare is None and batch_idx not in (args.warmup - 1, last):
                 return
-            _sync(args.device)
+            _common.sync(args.device)
             now = time.perf_counter()
             ours_steps.append(now - marks["prev"])
             if bare is not None:
                 bare.step()
-                _sync(args.device)
+                _common.sync(args.device)
                 bare_steps.append(time.perf_counter() - now)
             marks["prev"] = time.perf_counter()
 
@@ -350,7 +302,7 @@ def time_loader(loader, device: str, n_batches: int, threads: int | None = None)
             n += 1
             if n == n_batches:
                 break
-        _sync(device)
+        _common.sync(device)
         return 1000 * (time.perf_counter() - t0) / max(n, 1)
     finally:
         torch.set_num_threads(old)
@@ -401,11 +353,7 @@ def _quiet_lightning() -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--backbone", default="inception_v3", help="timm backbone (default: %(default)s)")
-    ap.add_argument(
-        "--size", type=int, default=80, help="patch side in px (default: %(default)s, the quick preset)"
-    )
+    ap = _common.model_parser(__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=32, help="batch size (default: %(default)s)")
     ap.add_argument(
         "--steps", type=int, default=None, help="timed steady-state steps per loop (default: 4; cuda 30)"
@@ -431,15 +379,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--profile", action="store_true", help="cProfile our loop and print the top functions")
     ap.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     args = ap.parse_args(argv)
-    import torch
-
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    _common.resolve_device(ap, args)
     cuda = args.device.startswith("cuda")
-    if cuda and not torch.cuda.is_available():
-        ap.error(
-            f"--device {args.device}: no CUDA device visible to torch {torch.__version__}; use --device cpu"
-        )
     if args.quick:
         args.batch = 8 if args.batch == 32 and not cuda else args.batch
         args.steps = args.steps or (2 if not cuda else 10)
@@ -460,14 +401,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
     _quiet_lightning()
     cuda = args.device.startswith("cuda")
-    info = machine_info(args.device)
-    info["command"] = "python " + shlex.join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    info = _common.start_run(args, argv, machine_info)
     n = args.batch * (args.warmup + args.steps)
     arrays, labels = synthetic_patches(n, args.size, args.chans)
     amp_prec = {"bf16": "bf16-mixed", "fp16": "16-mixed", "none": "32-true"}[args.amp]
@@ -497,22 +433,21 @@ def main(argv: list[str] | None = None) -> int:
         )
         runs += [(bare_name, ref), (ours_name, ours)]
     data = data_only(args, arrays, labels)
-    info["load_avg_after"] = _load()
+    info["load_avg_after"] = _common.load_avg()
 
     print()
     print_machine(info)
     print()
     ref = runs[0][1]
     header = f"{'loop':<56} {'images/s':>9} {'ms/step':>9} {'median':>9} {'warm-up s':>10} {'vs bare':>8}"
-    print(header)
-    print("-" * len(header))
+    rule = _common.print_header(header)
     for name, r in runs:
         ratio = ref["images_per_s"] / r["images_per_s"]
         print(
             f"{name:<56} {r['images_per_s']:>9.1f} {r['ms_per_step']:>9.1f} {r['median_ms_per_step']:>9.1f} "
             f"{r['warmup_s']:>10.2f} {ratio:>7.2f}x"
         )
-    print("-" * len(header))
+    print(rule)
     print(
         "vs bare: bare images/s / this loop's images/s (1.00x: as fast as bare; 2.00x: takes twice as long)"
     )
@@ -536,14 +471,13 @@ def main(argv: list[str] | None = None) -> int:
         if "profile" in r:
             print(f"\ncProfile of {name} (trainer.fit, top functions by own time; {r.get('note', '')}):")
             print(r["profile"])
-    if args.json:
-        payload = {
-            "machine": info,
-            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-            "runs": {name: {k: v for k, v in r.items() if k != "profile"} for name, r in runs},
-            "data_only": data,
-        }
-        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+    _common.write_results(
+        args.json,
+        info,
+        args,
+        runs={name: {k: v for k, v in r.items() if k != "profile"} for name, r in runs},
+        data_only=data,
+    )
     return 0
 
 

@@ -1,12 +1,15 @@
-"""Pure helpers that build tiny synthetic CT data for tests (import with ``from helpers import ...``).
+"""Pure helpers that build tiny synthetic CT data and untrained checkpoints for tests.
 
-Fixtures that use them live in ``conftest.py``.
+Import with ``from helpers import ...``. Fixtures that use them live in ``conftest.py`` and in
+the test modules.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import random
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +18,9 @@ from liverlesion.volume import Volume
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+CLASSES = ["cyst", "metastasis"]
+BIG_CENTRE_ZYX = (11.5, 23.5, 23.5)  # the volume centre: make_ct_array's default sphere
+SMALL_CENTRE_ZYX = (12.0, 12.0, 36.0)
 
 
 def make_ct_array(
@@ -61,6 +67,75 @@ def make_ct_array(
     )
     mask = image.with_array(lesion.astype(np.uint8))
     return image, mask
+
+
+def make_ct_with_two_lesions(seed: int = 0) -> tuple[Volume, Volume]:
+    """``make_ct_array``'s CT with its 12 mm sphere at the centre and a ~4 mm one (too small) off-centre.
+
+    Returns:
+        ``(image, mask)``: the small lesion (10 HU) at ``SMALL_CENTRE_ZYX`` joins the mask as label 1.
+    """
+    image, mask = make_ct_array(seed=seed)
+    zz, yy, xx = np.meshgrid(*[np.arange(n, dtype=float) for n in image.shape], indexing="ij")
+    d2 = sum(
+        ((g - c) * s) ** 2 for g, c, s in zip((zz, yy, xx), SMALL_CENTRE_ZYX, image.spacing, strict=True)
+    )
+    small = d2 <= 2.0**2
+    image.array[small] = 10.0
+    arr = mask.array.copy()
+    arr[small] = 1
+    return image, image.with_array(arr)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` torch intra-op threads (tests share few cores), then restore the count."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def make_tiny_checkpoint(
+    path: Path, seed: int, classes: Sequence[str] = CLASSES, size_px: int = 64, mode: str = "2.5d", **extra
+) -> Path:
+    """An untrained checkpoint of timm's tiny ``test_resnet`` (the plumbing is under test, not accuracy).
+
+    Args:
+        path: Where to save it.
+        seed: torch seed for the random weights (different seeds: really different models).
+        classes: Class names.
+        size_px: Patch side in px.
+        mode: ``"2.5d"`` (3 slices as channels) or ``"2d"`` (one grey slice per sample).
+        **extra: Further ``save_checkpoint`` arguments; temperature 1, threshold 0.5 and
+            positive class ``metastasis`` (when a class) unless given.
+
+    Returns:
+        The saved path.
+    """
+    import torch
+
+    from liverlesion.config import Config
+    from liverlesion.model import build_model, save_checkpoint
+
+    cfg = Config()
+    cfg.model.backbone = "test_resnet"  # timm's tiny test network: fast on CPU
+    cfg.model.weights = "none"
+    cfg.model.head_hidden = 16
+    cfg.patch.size_px = size_px
+    cfg.patch.neighbours = 1
+    cfg.patch.mode = mode
+    in_chans = 3 if mode == "2.5d" else 1  # 2.5-D: 2k+1 slices as channels; 2-D: one grey slice per sample
+    torch.manual_seed(seed)
+    model, _ = build_model(cfg.model, num_classes=len(classes), in_chans=in_chans)
+    extra.setdefault("temperature", 1.0)
+    extra.setdefault("threshold", 0.5)
+    extra.setdefault("positive_class", "metastasis" if "metastasis" in classes else None)
+    return save_checkpoint(path, model, cfg, list(classes), in_chans, fold=0, **extra)
 
 
 def stored_values(hu: np.ndarray, slope: float = 1.0, intercept: float = -1024.0) -> np.ndarray:

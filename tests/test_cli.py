@@ -19,7 +19,18 @@ def test_help_is_fast_and_lists_commands():
     t0 = time.time()
     r = subprocess.run([sys.executable, "-m", "liverlesion", "--help"], capture_output=True, text=True)
     assert r.returncode == 0
-    for cmd in ("demo", "synth", "inspect", "cv", "train", "evaluate", "predict", "export", "weights", "import"):
+    for cmd in (
+        "demo",
+        "synth",
+        "inspect",
+        "cv",
+        "train",
+        "evaluate",
+        "predict",
+        "export",
+        "weights",
+        "import",
+    ):
         assert cmd in r.stdout
     # --help must not import torch; generous bound for a loaded 2-core CI machine
     assert time.time() - t0 < 30
@@ -40,7 +51,16 @@ def test_user_error_is_one_line_exit_2_no_traceback(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  nope: 1\n")
     r = subprocess.run(
-        [sys.executable, "-m", "liverlesion", "patches", str(tmp_path / "m.csv"), str(tmp_path / "o"), "--config", str(bad)],
+        [
+            sys.executable,
+            "-m",
+            "liverlesion",
+            "patches",
+            str(tmp_path / "m.csv"),
+            str(tmp_path / "o"),
+            "--config",
+            str(bad),
+        ],
         capture_output=True,
         text=True,
         env={**os.environ, "PYTHONWARNINGS": "ignore"},

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from helpers import make_ct_array
+from helpers import make_ct_array, make_tiny_checkpoint, torch_threads
 from liverlesion.cli import main
 from liverlesion.io import write_volume
 
@@ -145,47 +145,15 @@ def test_bad_tolerance_is_one_line_and_writes_nothing(cohort, tmp_path, capsys, 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    """An untrained checkpoint of timm's tiny ``test_resnet`` (the plumbing is under test, not accuracy)."""
-    import torch
-
-    from liverlesion.config import Config
-    from liverlesion.model import build_model, save_checkpoint
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        cfg = Config()
-        cfg.model.backbone = "test_resnet"
-        cfg.model.weights = "none"
-        cfg.model.head_hidden = 16
-        cfg.patch.size_px = 32
-        cfg.patch.neighbours = 1
-        torch.manual_seed(0)
-        model, _ = build_model(cfg.model, num_classes=2, in_chans=3)
-        path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-        return save_checkpoint(
-            path,
-            model,
-            cfg,
-            ["cyst", "metastasis"],
-            3,
-            fold=0,
-            temperature=1.0,
-            threshold=0.5,
-            positive_class="metastasis",
-        )
-    finally:
-        torch.set_num_threads(old)
+    """An untrained 32 px checkpoint of timm's tiny ``test_resnet`` (the plumbing is under test, not accuracy)."""
+    with torch_threads(1):
+        return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "model.pt", 0, size_px=32)
 
 
 @pytest.fixture
 def one_thread():
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+    with torch_threads(1):
+        yield
 
 
 def test_predict_passes_tolerance_and_patient_id(tmp_path, monkeypatch, capsys):
@@ -216,20 +184,15 @@ def test_predict_passes_tolerance_and_patient_id(tmp_path, monkeypatch, capsys):
     assert seen["tolerance"] == 1e-3 and seen["patient_id"] is None
 
 
+def _with_cohort(args: list, cohort: dict[str, Path]) -> list:
+    """``args`` with the placeholders IMAGE, MASK, SHIFTED, MANIFEST, SHIFTED_MANIFEST as the cohort's paths."""
+    return [cohort.get(a.lower(), a) if isinstance(a, str) and a.isupper() else a for a in args]
+
+
 def test_predict_patient_id_names_the_lesions(cohort, checkpoint, tmp_path, capsys, one_thread):
     out = tmp_path / "out"
-    args = [
-        "predict",
-        "--model",
-        checkpoint,
-        "--image",
-        cohort["image"],
-        "--mask",
-        cohort["mask"],
-        "--out",
-        out,
-    ]
-    rc, stdout, err = _run([*args, "--patient-id", "P7", "--no-gradcam"], capsys)
+    args = _with_cohort(["predict", "--model", checkpoint, "--image", "IMAGE", "--mask", "MASK"], cohort)
+    rc, stdout, err = _run([*args, "--out", out, "--patient-id", "P7", "--no-gradcam"], capsys)
     assert rc == 0, err
     results = pd.read_csv(out / "results.csv", dtype={"lesion_id": str, "patient_id": str})
     assert list(results["lesion_id"]) == ["P7-L01"]
@@ -237,33 +200,22 @@ def test_predict_patient_id_names_the_lesions(cohort, checkpoint, tmp_path, caps
     assert (out / "overlays" / "P7-L01.png").is_file()
 
 
-def test_predict_tolerance_accepts_a_mask_off_by_rounding(cohort, checkpoint, tmp_path, capsys, one_thread):
-    args = [
-        "predict",
-        "--model",
-        checkpoint,
-        "--image",
-        cohort["image"],
-        "--mask",
-        cohort["shifted"],
-        "--no-gradcam",
-    ]
+@pytest.mark.parametrize(
+    "source, lesion_id",
+    [(["--image", "IMAGE", "--mask", "SHIFTED"], "case-L01"), (["--manifest", "SHIFTED_MANIFEST"], "p1-L01")],
+    ids=["image", "manifest"],
+)
+def test_predict_tolerance_accepts_a_mask_off_by_rounding(
+    cohort, checkpoint, tmp_path, capsys, one_thread, source, lesion_id
+):
+    args = _with_cohort(["predict", "--model", checkpoint, *source, "--no-gradcam"], cohort)
     rc, _, err = _run([*args, "--out", tmp_path / "strict"], capsys)
     assert rc == 2
     assert "origin" in _one_error_line(err)
     assert not (tmp_path / "strict").exists()
     rc, _, err = _run([*args, "--out", tmp_path / "loose", "--tolerance", "0.01"], capsys)
     assert rc == 0, err
-    assert list(pd.read_csv(tmp_path / "loose" / "results.csv")["lesion_id"]) == ["case-L01"]
-
-
-def test_predict_tolerance_applies_to_manifest_mode(cohort, checkpoint, tmp_path, capsys, one_thread):
-    args = ["predict", "--model", checkpoint, "--manifest", cohort["shifted_manifest"], "--no-gradcam"]
-    rc, _, err = _run([*args, "--out", tmp_path / "strict"], capsys)
-    assert rc == 2 and "origin" in _one_error_line(err)
-    rc, _, err = _run([*args, "--out", tmp_path / "loose", "--tolerance", "0.01"], capsys)
-    assert rc == 0, err
-    assert list(pd.read_csv(tmp_path / "loose" / "results.csv", dtype=str)["lesion_id"]) == ["p1-L01"]
+    assert list(pd.read_csv(tmp_path / "loose" / "results.csv", dtype=str)["lesion_id"]) == [lesion_id]
 
 
 @pytest.mark.parametrize(
@@ -275,11 +227,9 @@ def test_predict_tolerance_applies_to_manifest_mode(cohort, checkpoint, tmp_path
     ],
 )
 def test_predict_bad_patient_id_or_tolerance(cohort, checkpoint, tmp_path, capsys, extra, fragment):
-    names = {"MANIFEST": cohort["manifest"], "IMAGE": cohort["image"], "MASK": cohort["mask"]}
     out = tmp_path / "out"
     rc, _, err = _run(
-        ["predict", "--model", checkpoint, "--out", out, "--no-gradcam", *[names.get(a, a) for a in extra]],
-        capsys,
+        _with_cohort(["predict", "--model", checkpoint, "--out", out, "--no-gradcam", *extra], cohort), capsys
     )
     assert rc == 2
     assert fragment in _one_error_line(err)

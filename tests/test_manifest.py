@@ -95,14 +95,18 @@ def test_click_only_manifest(folder: Path):
     assert pd.isna(df.loc[0, "label"])
 
 
-def row_error(folder: Path, row_text: str, header: str = HEADER) -> str:
-    path = write(folder, f"{header}\np1,img/p1.nii.gz,img/p1_mask.nii.gz,,cyst,,,,\n{row_text}\n")
+def read_error(path: Path) -> str:
+    """The message of the UserError that reading ``path`` raises, checked to be one line naming the file."""
     with pytest.raises(UserError) as e:
         read_manifest(path)
     msg = str(e.value)
     assert "\n" not in msg
     assert str(path) in msg
     return msg
+
+
+def row_error(folder: Path, row_text: str, header: str = HEADER) -> str:
+    return read_error(write(folder, f"{header}\np1,img/p1.nii.gz,img/p1_mask.nii.gz,,cyst,,,,\n{row_text}\n"))
 
 
 @pytest.mark.parametrize(
@@ -169,11 +173,7 @@ def test_missing_file_error_says_relative_to_manifest(folder: Path):
     ],
 )
 def test_file_level_errors(folder: Path, text: str, expected: str):
-    path = write(folder, text)
-    with pytest.raises(UserError) as e:
-        read_manifest(path)
-    assert expected in str(e.value)
-    assert str(path) in str(e.value) and "\n" not in str(e.value)
+    assert expected in read_error(write(folder, text))
 
 
 @pytest.mark.parametrize(

@@ -17,79 +17,45 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers import make_ct_array, write_dicom_series
+from helpers import (
+    BIG_CENTRE_ZYX,
+    CLASSES,
+    make_ct_array,
+    make_ct_with_two_lesions,
+    make_tiny_checkpoint,
+    torch_threads,
+    write_dicom_series,
+)
 from liverlesion import DISCLAIMER
 from liverlesion.cli import main
-from liverlesion.config import Config
 from liverlesion.errors import UserError
 from liverlesion.io import read_volume, write_volume
 from liverlesion.predict import TOO_SMALL, Classifier, parse_point
 
-CLASSES = ["cyst", "metastasis"]
-BIG_CENTRE_ZYX = (11.5, 23.5, 23.5)  # the volume centre: make_ct_array's default sphere
-SMALL_CENTRE_ZYX = (12.0, 12.0, 36.0)
-
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-def _make_ckpt(
-    path: Path, seed: int, classes=CLASSES, size_px: int = 64, mode: str = "2.5d", **extra
-) -> Path:
-    from liverlesion.model import build_model, save_checkpoint
-
-    cfg = Config()
-    cfg.model.backbone = "test_resnet"  # timm's tiny test network: fast on CPU
-    cfg.model.weights = "none"
-    cfg.model.head_hidden = 16
-    cfg.patch.size_px = size_px
-    cfg.patch.neighbours = 1
-    cfg.patch.mode = mode
-    in_chans = 3 if mode == "2.5d" else 1  # 2.5-D: 2k+1 slices as channels; 2-D: one grey slice per sample
-    torch.manual_seed(seed)
-    model, _ = build_model(cfg.model, num_classes=len(classes), in_chans=in_chans)
-    extra.setdefault("temperature", 1.0)
-    extra.setdefault("threshold", 0.5)
-    extra.setdefault("positive_class", "metastasis" if "metastasis" in classes else None)
-    return save_checkpoint(path, model, cfg, list(classes), in_chans, fold=0, **extra)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("ckpts")
     return {
-        "a": _make_ckpt(d / "a.pt", 0),
-        "b": _make_ckpt(d / "b.pt", 1, temperature=2.0, threshold=0.4),
-        "a_thr0": _make_ckpt(d / "a_thr0.pt", 0, threshold=0.0),
-        "a_thr1": _make_ckpt(d / "a_thr1.pt", 0, threshold=1.0),
-        "other_classes": _make_ckpt(d / "other_classes.pt", 0, classes=["cyst", "hemangioma"]),
-        "other_patch": _make_ckpt(d / "other_patch.pt", 0, size_px=48),
+        "a": make_tiny_checkpoint(d / "a.pt", 0),
+        "b": make_tiny_checkpoint(d / "b.pt", 1, temperature=2.0, threshold=0.4),
+        "a_thr0": make_tiny_checkpoint(d / "a_thr0.pt", 0, threshold=0.0),
+        "a_thr1": make_tiny_checkpoint(d / "a_thr1.pt", 0, threshold=1.0),
+        "other_classes": make_tiny_checkpoint(d / "other_classes.pt", 0, classes=["cyst", "hemangioma"]),
+        "other_patch": make_tiny_checkpoint(d / "other_patch.pt", 0, size_px=48),
     }
-
-
-def _ct_with_two_lesions(seed: int = 0):
-    """A 12 mm water-density sphere at the centre and a ~4 mm one (too small) off-centre."""
-    image, mask = make_ct_array(seed=seed)
-    zz, yy, xx = np.meshgrid(*[np.arange(n, dtype=float) for n in image.shape], indexing="ij")
-    d2 = sum(
-        ((g - c) * s) ** 2 for g, c, s in zip((zz, yy, xx), SMALL_CENTRE_ZYX, image.spacing, strict=True)
-    )
-    small = d2 <= 2.0**2
-    image.array[small] = 10.0
-    arr = mask.array.copy()
-    arr[small] = 1
-    return image, image.with_array(arr)
 
 
 @pytest.fixture(scope="module")
 def case(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("case")
-    image, mask = _ct_with_two_lesions()
+    image, mask = make_ct_with_two_lesions()
     return {"image": write_volume(image, d / "ct.nii.gz"), "mask": write_volume(mask, d / "mask.nii.gz")}
 
 
@@ -97,6 +63,17 @@ def _run(args: list[str], capsys) -> tuple[int, str, str]:
     rc = main(["predict", *[str(a) for a in args]])
     cap = capsys.readouterr()
     return rc, cap.out, cap.err
+
+
+def _on_mask(models: list, c, mask=None) -> list:
+    """Mask mode: ``--model M ... --image IMAGE --mask MASK`` (the case's image, and its mask by default)."""
+    model_args = [a for m in models for a in ("--model", m)]
+    return [*model_args, "--image", c["image"], "--mask", c["mask"] if mask is None else mask]
+
+
+def _at_point(k, image, point: str = "0,0,0", diameter=10) -> list:
+    """Click mode: ``--model A --image IMAGE --point POINT --diameter D``."""
+    return ["--model", k["a"], "--image", image, "--point", point, "--diameter", diameter]
 
 
 def _centre_lps(image_path: Path, zyx) -> tuple[float, float, float]:
@@ -112,9 +89,7 @@ def test_cli_matches_python_api(ckpts, case, tmp_path, capsys):
     api = clf.predict(read_volume(case["image"]), mask=read_volume(case["mask"], kind="mask"))
 
     out = tmp_path / "out"
-    rc, stdout, err = _run(
-        ["--model", ckpts["a"], "--image", case["image"], "--mask", case["mask"], "--out", out], capsys
-    )
+    rc, stdout, err = _run([*_on_mask([ckpts["a"]], case), "--out", out], capsys)
     assert rc == 0, err
     cli = pd.read_csv(out / "results.csv", keep_default_na=True)
 
@@ -208,7 +183,7 @@ def test_temperature_and_threshold_are_applied(ckpts, case):
 def test_2d_mode_averages_slice_samples(tmp_path, case):
     from liverlesion.model import load_checkpoint
 
-    path = _make_ckpt(tmp_path / "2d.pt", 3, mode="2d", temperature=1.5)
+    path = make_tiny_checkpoint(tmp_path / "2d.pt", 3, mode="2d", temperature=1.5)
     clf = Classifier.load(path)
     image, mask = read_volume(case["image"]), read_volume(case["mask"], kind="mask")
     df = clf.predict(image, mask=mask, gradcam=True)
@@ -238,21 +213,7 @@ def test_min_size_is_configurable(ckpts, case):
 def test_point_mode_cli_and_api(ckpts, case, tmp_path, capsys):
     x, y, z = _centre_lps(case["image"], BIG_CENTRE_ZYX)
     out = tmp_path / "out"
-    rc, _, err = _run(
-        [
-            "--model",
-            ckpts["a"],
-            "--image",
-            case["image"],
-            "--point",
-            f"{x},{y},{z}",
-            "--diameter",
-            12,
-            "--out",
-            out,
-        ],
-        capsys,
-    )
+    rc, _, err = _run([*_at_point(ckpts, case["image"], f"{x},{y},{z}", 12), "--out", out], capsys)
     assert rc == 0, err
     cli = pd.read_csv(out / "results.csv")
     assert len(cli) == 1 and cli["source"].iloc[0] == "click"
@@ -268,7 +229,7 @@ def test_manifest_batch_mode(ckpts, tmp_path, capsys):
     rows = []
     centres = {}
     for i, pid in enumerate(["p1", "p2"]):
-        image, mask = _ct_with_two_lesions(seed=i)
+        image, mask = make_ct_with_two_lesions(seed=i)
         write_volume(image, data / f"{pid}.nii.gz")
         write_volume(mask, data / f"{pid}_mask.nii.gz")
         centres[pid] = image.index_to_physical(BIG_CENTRE_ZYX)
@@ -302,17 +263,7 @@ def test_overwrite(ckpts, case, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("keep me")
-    args = [
-        "--model",
-        ckpts["a"],
-        "--image",
-        case["image"],
-        "--mask",
-        case["mask"],
-        "--out",
-        out,
-        "--no-gradcam",
-    ]
+    args = [*_on_mask([ckpts["a"]], case), "--out", out, "--no-gradcam"]
     rc, _, err = _run(args, capsys)
     assert rc == 2 and "--overwrite" in err and (out / "old.txt").exists()
     rc, _, err = _run([*args, "--overwrite"], capsys)
@@ -388,147 +339,31 @@ def _mask_shifted(tmp_path: Path, ckpts) -> Path:
 
 BAD_CASES = {
     # name: (args builder, expected message fragment)
-    "corrupt checkpoint": (
-        lambda t, c, k: ["--model", _corrupt(t, k), "--image", c["image"], "--mask", c["mask"]],
-        "corrupt.pt",
-    ),
-    "newer checkpoint": (
-        lambda t, c, k: ["--model", _newer(t, k), "--image", c["image"], "--mask", c["mask"]],
-        "newer",
-    ),
-    "missing checkpoint": (
-        lambda t, c, k: ["--model", t / "nope.pt", "--image", c["image"], "--mask", c["mask"]],
-        "nope.pt",
-    ),
-    "ensemble classes differ": (
-        lambda t, c, k: [
-            "--model",
-            k["a"],
-            "--model",
-            k["other_classes"],
-            "--image",
-            c["image"],
-            "--mask",
-            c["mask"],
-        ],
-        "class names",
-    ),
-    "ensemble patch differs": (
-        lambda t, c, k: [
-            "--model",
-            k["a"],
-            "--model",
-            k["other_patch"],
-            "--image",
-            c["image"],
-            "--mask",
-            c["mask"],
-        ],
-        "size_px",
-    ),
-    "2-D PNG": (
-        lambda t, c, k: ["--model", k["a"], "--image", _png(t, k), "--point", "0,0,0", "--diameter", 10],
-        "--image",
-    ),
-    "zero spacing NIfTI": (
-        lambda t, c, k: [
-            "--model",
-            k["a"],
-            "--image",
-            _nifti_pixdim(t, 0.0),
-            "--point",
-            "0,0,0",
-            "--diameter",
-            10,
-        ],
-        "pixdim",
-    ),
-    "negative spacing NIfTI": (
-        lambda t, c, k: [
-            "--model",
-            k["a"],
-            "--image",
-            _nifti_pixdim(t, -2.5),
-            "--point",
-            "0,0,0",
-            "--diameter",
-            10,
-        ],
-        "pixdim",
-    ),
-    "not HU": (
-        lambda t, c, k: ["--model", k["a"], "--image", _no_hu(t, k), "--point", "0,0,0", "--diameter", 10],
-        "HU",
-    ),
-    "MR series": (
-        lambda t, c, k: [
-            "--model",
-            k["a"],
-            "--image",
-            _mr_series(t, k),
-            "--point",
-            "0,0,0",
-            "--diameter",
-            10,
-        ],
-        "MR",
-    ),
-    "mask shape": (
-        lambda t, c, k: ["--model", k["a"], "--image", c["image"], "--mask", _mask_other_shape(t, k)],
-        "shape",
-    ),
-    "mask origin": (
-        lambda t, c, k: ["--model", k["a"], "--image", c["image"], "--mask", _mask_shifted(t, k)],
-        "origin",
-    ),
-    "point outside": (
-        lambda t, c, k: ["--model", k["a"], "--image", c["image"], "--point", "500,0,100", "--diameter", 10],
-        "outside the image",
-    ),
-    "point in air": (
-        # row 0, column 0 of the middle slice: outside the body ellipse
-        lambda t, c, k: [
-            "--model",
-            k["a"],
-            "--image",
-            c["image"],
-            "--point",
-            "-24,-24,128.75",
-            "--diameter",
-            10,
-        ],
-        "in air",
-    ),
-    "point not numbers": (
-        lambda t, c, k: ["--model", k["a"], "--image", c["image"], "--point", "a,b,c", "--diameter", 10],
-        "--point",
-    ),
-    "point two values": (
-        lambda t, c, k: ["--model", k["a"], "--image", c["image"], "--point", "1,2", "--diameter", 10],
-        "--point",
-    ),
+    "corrupt checkpoint": (lambda t, c, k: _on_mask([_corrupt(t, k)], c), "corrupt.pt"),
+    "newer checkpoint": (lambda t, c, k: _on_mask([_newer(t, k)], c), "newer"),
+    "missing checkpoint": (lambda t, c, k: _on_mask([t / "nope.pt"], c), "nope.pt"),
+    "ensemble classes differ": (lambda t, c, k: _on_mask([k["a"], k["other_classes"]], c), "class names"),
+    "ensemble patch differs": (lambda t, c, k: _on_mask([k["a"], k["other_patch"]], c), "size_px"),
+    "2-D PNG": (lambda t, c, k: _at_point(k, _png(t, k)), "--image"),
+    "zero spacing NIfTI": (lambda t, c, k: _at_point(k, _nifti_pixdim(t, 0.0)), "pixdim"),
+    "negative spacing NIfTI": (lambda t, c, k: _at_point(k, _nifti_pixdim(t, -2.5)), "pixdim"),
+    "not HU": (lambda t, c, k: _at_point(k, _no_hu(t, k)), "HU"),
+    "MR series": (lambda t, c, k: _at_point(k, _mr_series(t, k)), "MR"),
+    "mask shape": (lambda t, c, k: _on_mask([k["a"]], c, _mask_other_shape(t, k)), "shape"),
+    "mask origin": (lambda t, c, k: _on_mask([k["a"]], c, _mask_shifted(t, k)), "origin"),
+    "point outside": (lambda t, c, k: _at_point(k, c["image"], "500,0,100"), "outside the image"),
+    # row 0, column 0 of the middle slice: outside the body ellipse
+    "point in air": (lambda t, c, k: _at_point(k, c["image"], "-24,-24,128.75"), "in air"),
+    "point not numbers": (lambda t, c, k: _at_point(k, c["image"], "a,b,c"), "--point"),
+    "point two values": (lambda t, c, k: _at_point(k, c["image"], "1,2"), "--point"),
     "point without diameter": (
         lambda t, c, k: ["--model", k["a"], "--image", c["image"], "--point", "1,2,3"],
         "--diameter",
     ),
-    "bad diameter": (
-        lambda t, c, k: ["--model", k["a"], "--image", c["image"], "--point", "1,2,3", "--diameter", -4],
-        "--diameter",
-    ),
+    "bad diameter": (lambda t, c, k: _at_point(k, c["image"], "1,2,3", -4), "--diameter"),
     "no lesion source": (lambda t, c, k: ["--model", k["a"], "--image", c["image"]], "exactly one"),
     "mask and point": (
-        lambda t, c, k: [
-            "--model",
-            k["a"],
-            "--image",
-            c["image"],
-            "--mask",
-            c["mask"],
-            "--point",
-            "1,2,3",
-            "--diameter",
-            5,
-        ],
+        lambda t, c, k: [*_on_mask([k["a"]], c), "--point", "1,2,3", "--diameter", 5],
         "exactly one",
     ),
     "mask without image": (lambda t, c, k: ["--model", k["a"], "--mask", c["mask"]], "--image"),
@@ -537,26 +372,12 @@ BAD_CASES = {
         "--manifest",
     ),
     "label without mask": (
-        lambda t, c, k: [
-            "--model",
-            k["a"],
-            "--image",
-            c["image"],
-            "--point",
-            "1,2,3",
-            "--diameter",
-            5,
-            "--label",
-            2,
-        ],
+        lambda t, c, k: [*_at_point(k, c["image"], "1,2,3", 5), "--label", 2],
         "--label",
     ),
-    "label not in mask": (
-        lambda t, c, k: ["--model", k["a"], "--image", c["image"], "--mask", c["mask"], "--label", 7],
-        "label 7",
-    ),
+    "label not in mask": (lambda t, c, k: [*_on_mask([k["a"]], c), "--label", 7], "label 7"),
     "dicom-sr on NIfTI": (
-        lambda t, c, k: ["--model", k["a"], "--image", c["image"], "--mask", c["mask"], "--dicom-sr"],
+        lambda t, c, k: [*_on_mask([k["a"]], c), "--dicom-sr"],
         "--dicom-sr needs a DICOM --image",
     ),
 }

@@ -34,7 +34,9 @@ def test_no_patient_in_two_folds_and_all_covered():
         assert not set(f["val_patients"]) & set(f["test_patients"])
         assert not set(f["train_patients"]) & set(f["val_patients"])
         # every non-test patient is either in inner-train or inner-val
-        assert set(f["train_patients"]) | set(f["val_patients"]) | set(f["test_patients"]) == set(table["patient_id"])
+        assert set(f["train_patients"]) | set(f["val_patients"]) | set(f["test_patients"]) == set(
+            table["patient_id"]
+        )
 
 
 def test_check_splits_catches_leak():

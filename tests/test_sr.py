@@ -19,16 +19,20 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
-import torch
 
-from helpers import make_ct_array, write_dicom_series
+from helpers import (
+    make_ct_array,
+    make_ct_with_two_lesions,
+    make_tiny_checkpoint,
+    torch_threads,
+    write_dicom_series,
+)
 from liverlesion import DISCLAIMER
 from liverlesion.cli import main
 from liverlesion.errors import UserError
 from liverlesion.io import read_volume, write_volume
 from liverlesion.predict import TOO_SMALL, Classifier
 from liverlesion.sr import PRIVATE_SCHEME, write_sr
-from test_predict import _ct_with_two_lesions, _make_ckpt
 
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 ROTATED = np.array([[-1.0, 0.0, 0.0], [0.0, -1.0, 0.0], [0.0, 0.0, 1.0]])  # 180 degrees about z
@@ -36,22 +40,20 @@ ROTATED = np.array([[-1.0, 0.0, 0.0], [0.0, -1.0, 0.0], [0.0, 0.0, 1.0]])  # 180
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
-    return _make_ckpt(tmp_path_factory.mktemp("ckpt") / "model.pt", 0)
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "model.pt", 0)
 
 
 @pytest.fixture(scope="module")
 def dicom_case(tmp_path_factory) -> dict:
     """A CT series (rotated in-plane) with two lesions, its mask as NIfTI, and the written files."""
     d = tmp_path_factory.mktemp("dicom_case")
-    image, mask = _ct_with_two_lesions()
+    image, mask = make_ct_with_two_lesions()
     image.direction = ROTATED.copy()
     image.origin = (24.0, 24.0, 100.0)
     mask = image.with_array(mask.array)

@@ -30,7 +30,8 @@ app.add_typer(import_app, name="import")
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="YAML config file (see config.py).")]
 PresetOpt = Annotated[Optional[str], typer.Option("--preset", help="Preset: quick | paper | default.")]
 SetOpt = Annotated[
-    Optional[list[str]], typer.Option("--set", help="Override a setting, e.g. --set train.epochs=5 (repeatable).")
+    Optional[list[str]],
+    typer.Option("--set", help="Override a setting, e.g. --set train.epochs=5 (repeatable)."),
 ]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")]
 
@@ -72,7 +73,9 @@ def synth(
     """Generate a synthetic CT cohort (metastases vs cysts) with a manifest."""
     from liverlesion.synth import generate_cohort
 
-    generate_cohort(out, patients=patients, lesions=lesions, seed=seed, difficulty=difficulty, overwrite=overwrite)
+    generate_cohort(
+        out, patients=patients, lesions=lesions, seed=seed, difficulty=difficulty, overwrite=overwrite
+    )
 
 
 @app.command()
@@ -80,7 +83,9 @@ def inspect(
     manifest: Annotated[Path, typer.Argument(help="Manifest CSV.")],
     out: Annotated[Optional[Path], typer.Option("--out", help="Write the lesion table to this CSV.")] = None,
     tolerance: Annotated[float, typer.Option(help="Geometry tolerance (mm) between image and mask.")] = 1e-3,
-    series: Annotated[Optional[str], typer.Option(help="SeriesInstanceUID when a folder holds several.")] = None,
+    series: Annotated[
+        Optional[str], typer.Option(help="SeriesInstanceUID when a folder holds several.")
+    ] = None,
 ) -> None:
     """Compute and print the lesion table and a summary for a manifest."""
     from liverlesion.lesions import inspect_manifest
@@ -90,7 +95,9 @@ def inspect(
 
 @import_app.command("ircadb")
 def import_ircadb(
-    src: Annotated[Path, typer.Argument(help="3D-IRCADb-01 folder (holding 3Dircadb1.N) or one 3Dircadb1.N.")],
+    src: Annotated[
+        Path, typer.Argument(help="3D-IRCADb-01 folder (holding 3Dircadb1.N) or one 3Dircadb1.N.")
+    ],
     out: Annotated[Path, typer.Argument(help="Output folder for NIfTI files and manifest.csv.")],
     overwrite: OverwriteOpt = False,
 ) -> None:
@@ -150,7 +157,9 @@ def train(
     """Train one model on the whole manifest (inner validation split for early stopping)."""
     from liverlesion.train import train_single
 
-    cfg = _config(config, preset, set_, **{"model.weights": weights, "model.backbone": backbone, "train.epochs": epochs})
+    cfg = _config(
+        config, preset, set_, **{"model.weights": weights, "model.backbone": backbone, "train.epochs": epochs}
+    )
     train_single(manifest, out, cfg, resume=resume)
 
 
@@ -196,7 +205,9 @@ def demo(
 @app.command()
 def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="Run folder holding predictions.csv.")],
-    positive_class: Annotated[Optional[str], typer.Option(help="Positive class (default: metastasis).")] = None,
+    positive_class: Annotated[
+        Optional[str], typer.Option(help="Positive class (default: metastasis).")
+    ] = None,
     n_bootstrap: Annotated[Optional[int], typer.Option(help="Bootstrap resamples.")] = None,
     gradcam: Annotated[bool, typer.Option(help="Draw the Grad-CAM gallery (needs fold models).")] = True,
 ) -> None:
@@ -227,18 +238,30 @@ def predict(
     out: Annotated[Path, typer.Option("--out", help="Output folder.")],
     image: Annotated[Optional[Path], typer.Option("--image", help="DICOM folder/zip or NIfTI.")] = None,
     mask: Annotated[Optional[Path], typer.Option("--mask", help="Lesion mask aligned with --image.")] = None,
-    label: Annotated[Optional[int], typer.Option("--label", help="Lesion label in the mask (default: all).")] = None,
+    label: Annotated[
+        Optional[int], typer.Option("--label", help="Lesion label in the mask (default: all).")
+    ] = None,
     point: Annotated[Optional[str], typer.Option("--point", help="Click x,y,z in LPS mm.")] = None,
-    diameter: Annotated[Optional[float], typer.Option("--diameter", help="Lesion diameter in mm (with --point).")] = None,
-    manifest: Annotated[Optional[Path], typer.Option("--manifest", help="Batch of studies as a manifest CSV.")] = None,
-    series: Annotated[Optional[str], typer.Option(help="SeriesInstanceUID when a folder holds several.")] = None,
+    diameter: Annotated[
+        Optional[float], typer.Option("--diameter", help="Lesion diameter in mm (with --point).")
+    ] = None,
+    manifest: Annotated[
+        Optional[Path], typer.Option("--manifest", help="Batch of studies as a manifest CSV.")
+    ] = None,
+    series: Annotated[
+        Optional[str], typer.Option(help="SeriesInstanceUID when a folder holds several.")
+    ] = None,
     patient_id: Annotated[
         Optional[str],
         typer.Option("--patient-id", help="Patient id for the lesion ids with --image (default: case)."),
     ] = None,
     tolerance: Annotated[float, typer.Option(help="Geometry tolerance (mm) between image and mask.")] = 1e-3,
-    min_size_mm: Annotated[float, typer.Option(help="Smaller lesions are flagged 'too small to characterise'.")] = 5.0,
-    dicom_sr: Annotated[bool, typer.Option("--dicom-sr", help="Also write a DICOM Structured Report.")] = False,
+    min_size_mm: Annotated[
+        float, typer.Option(help="Smaller lesions are flagged 'too small to characterise'.")
+    ] = 5.0,
+    dicom_sr: Annotated[
+        bool, typer.Option("--dicom-sr", help="Also write a DICOM Structured Report.")
+    ] = False,
     gradcam: Annotated[bool, typer.Option(help="Draw Grad-CAM overlays.")] = True,
     overwrite: OverwriteOpt = False,
 ) -> None:

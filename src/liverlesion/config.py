@@ -46,7 +46,7 @@ class ModelConfig:
     head_hidden: int = 512  # paper: FC 512 -> Dropout 0.4 -> FC 512
     dropout: float = 0.4  # paper
     freeze_backbone_epochs: int = 0  # train only the head for the first N epochs
-    freeze_bn: bool = True  # pretrained weights only: keep backbone BatchNorm statistics fixed (stable with small batches)
+    freeze_bn: bool = False  # pretrained weights only: keep backbone BatchNorm statistics fixed (try for very small batches)
 
 
 @dataclass
@@ -76,7 +76,9 @@ class TrainConfig:
     aug_flip: bool = True  # random horizontal and vertical flips
     aug_rotate_deg: float = 15.0  # uniform rotation in [-deg, deg]
     aug_scale: float = 0.1  # uniform zoom in [1-s, 1+s]
-    aug_intensity: float = 0.05  # brightness/contrast jitter on the windowed [0, 1] scale
+    aug_intensity: float = (
+        0.02  # brightness/contrast jitter on the windowed [0, 1] scale; small, as HU are calibrated
+    )
 
 
 @dataclass
@@ -129,8 +131,10 @@ def available_presets() -> list[str]:
 
 
 def _coerce(value: Any, target_type: Any, where: str) -> Any:
-    t = target_type if isinstance(target_type, type) else {"int": int, "float": float, "bool": bool, "str": str}.get(
-        str(target_type), str
+    t = (
+        target_type
+        if isinstance(target_type, type)
+        else {"int": int, "float": float, "bool": bool, "str": str}.get(str(target_type), str)
     )
     if t is bool:
         if isinstance(value, bool):
@@ -180,7 +184,9 @@ def load_config(
     if preset:
         p = PRESETS_DIR / f"{preset}.yaml"
         if not p.exists():
-            raise UserError(f"--preset {preset!r} is unknown; choose one of: {', '.join(available_presets())}")
+            raise UserError(
+                f"--preset {preset!r} is unknown; choose one of: {', '.join(available_presets())}"
+            )
         _apply(cfg, yaml.safe_load(p.read_text()) or {}, "")
         cfg.preset = preset
     if path:
@@ -190,7 +196,9 @@ def load_config(
         try:
             data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as e:
-            raise UserError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]}); fix the syntax") from e
+            raise UserError(
+                f"--config {path}: not valid YAML ({str(e).splitlines()[0]}); fix the syntax"
+            ) from e
         if data is not None and not isinstance(data, dict):
             raise UserError(f"--config {path}: expected a mapping of sections (patch:, model:, train:, ...)")
         _apply(cfg, data or {}, "")

@@ -28,8 +28,12 @@ def _fmt(m: dict | None) -> str:
     return f"{m['value']:.3f} [{lo:.3f}-{hi:.3f}]"
 
 
-def run_demo(out: str | Path = "liverlesion-demo", preset: str = "quick", weights: str | None = None,
-             overwrite: bool = False) -> Path:
+def run_demo(
+    out: str | Path = "liverlesion-demo",
+    preset: str = "quick",
+    weights: str | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Run the demo; re-running resumes (finished folds are reused) unless ``overwrite``.
 
     Returns:
@@ -57,8 +61,10 @@ def run_demo(out: str | Path = "liverlesion-demo", preset: str = "quick", weight
 
     run = out / "cv"
     resume = run.exists()
-    print(f"Step 2/3: {cfg.cv.folds}-fold patient-level cross-validation ({cfg.model.backbone}, "
-          f"{cfg.patch.size_px} px){' - resuming' if resume else ''}")
+    print(
+        f"Step 2/3: {cfg.cv.folds}-fold patient-level cross-validation ({cfg.model.backbone}, "
+        f"{cfg.patch.size_px} px){' - resuming' if resume else ''}"
+    )
     run_cv(cohort / "manifest.csv", run, cfg, resume=resume, baselines=True, evaluate=True)
 
     print("Step 3/3: summary")

@@ -43,7 +43,9 @@ def _stratified_group_split(
     return out
 
 
-def make_splits(lesions: pd.DataFrame, folds: int, seed: int = 0, val_fraction: float = 0.2) -> dict[str, Any]:
+def make_splits(
+    lesions: pd.DataFrame, folds: int, seed: int = 0, val_fraction: float = 0.2
+) -> dict[str, Any]:
     """Make patient-level stratified folds with an inner validation split per fold.
 
     Args:
@@ -61,9 +63,7 @@ def make_splits(lesions: pd.DataFrame, folds: int, seed: int = 0, val_fraction: 
         n_inner = max(2, int(round(1.0 / max(val_fraction, 1e-6))))
         n_inner = min(n_inner, inner["patient_id"].nunique())
         fit_p, val_p = _stratified_group_split(inner, n_inner, seed + 1000 + k)[0]
-        splits.append(
-            {"fold": k, "train_patients": fit_p, "val_patients": val_p, "test_patients": test_p}
-        )
+        splits.append({"fold": k, "train_patients": fit_p, "val_patients": val_p, "test_patients": test_p})
     result = {
         "group": "patient_id",
         "folds": folds,

@@ -42,8 +42,11 @@ def _quiet_lightning() -> None:
     import logging
     import warnings
 
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
-                 "lightning.pytorch.accelerators.cuda"):
+    for name in (
+        "lightning.pytorch.utilities.rank_zero",
+        "lightning.fabric.utilities.rank_zero",
+        "lightning.pytorch.accelerators.cuda",
+    ):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*treespec.*")
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
@@ -66,7 +69,9 @@ def prepare_patches(manifest: Path, out: Path, cfg: Config) -> tuple[Path, pd.Da
     patch_dir = build_patches(manifest, out / "patches", cfg.patch)
     index = load_patch_index(patch_dir)
     if index.empty:
-        raise UserError(f"{manifest}: no lesions found; check the masks and labels with `liverlesion inspect`")
+        raise UserError(
+            f"{manifest}: no lesions found; check the masks and labels with `liverlesion inspect`"
+        )
     return Path(patch_dir), index
 
 
@@ -144,7 +149,9 @@ def _make_lightning_module(model, cfg: Config, class_weights):
             if cfg.train.optimizer == "adamw":
                 opt = torch.optim.AdamW(groups, weight_decay=cfg.train.weight_decay)
             elif cfg.train.optimizer == "sgd":
-                opt = torch.optim.SGD(groups, momentum=0.9, nesterov=True, weight_decay=cfg.train.weight_decay)
+                opt = torch.optim.SGD(
+                    groups, momentum=0.9, nesterov=True, weight_decay=cfg.train.weight_decay
+                )
             else:
                 raise UserError(f"config train.optimizer={cfg.train.optimizer!r}: choose adamw or sgd")
             if cfg.train.scheduler == "none":
@@ -197,9 +204,18 @@ def _loaders(fit: FoldData, val: FoldData, cfg: Config):
         w = 1.0 / np.bincount(y, minlength=y.max() + 1)[y]
         sampler = WeightedRandomSampler(torch.as_tensor(w, dtype=torch.double), len(y), replacement=True)
     g = torch.Generator().manual_seed(t.seed)
-    common = {"batch_size": t.batch_size, "num_workers": t.num_workers, "persistent_workers": t.num_workers > 0}
+    common = {
+        "batch_size": t.batch_size,
+        "num_workers": t.num_workers,
+        "persistent_workers": t.num_workers > 0,
+    }
     train_dl = DataLoader(
-        train_ds, shuffle=sampler is None, sampler=sampler, drop_last=len(train_ds) > t.batch_size, generator=g, **common
+        train_ds,
+        shuffle=sampler is None,
+        sampler=sampler,
+        drop_last=len(train_ds) > t.batch_size,
+        generator=g,
+        **common,
     )
     val_dl = DataLoader(val_ds, shuffle=False, **common)
     return train_dl, val_dl
@@ -340,7 +356,9 @@ def train_fold(
     pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
     in_chans = int(fit.arrays[0].shape[1])
     model, init = build_model(cfg.model, num_classes=len(classes), in_chans=in_chans)
-    module = _make_lightning_module(model, cfg, _class_weights(fit.labels, len(classes), cfg.train.class_weighting))
+    module = _make_lightning_module(
+        model, cfg, _class_weights(fit.labels, len(classes), cfg.train.class_weighting)
+    )
     train_dl, val_dl = _loaders(fit, val, cfg)
     trainer, ckpt_cb = _trainer(cfg, fold_dir)
     last = fold_dir / "checkpoints" / "last.ckpt"
@@ -409,8 +427,35 @@ def _describe_init(cfg: Config) -> str:
     return init
 
 
-def run_cv(manifest: str | Path, out: str | Path, cfg: Config, resume: bool = False, baselines: bool = True,
-           evaluate: bool = True) -> Path:
+def _start_run(manifest: str | Path, out: str | Path, cfg: Config, resume: bool, kind: str):
+    """Common start of `cv` and `train`: run folder, config.yaml, patches, classes."""
+    manifest = Path(manifest)
+    out = _prepare_run_dir(Path(out), resume)
+    _set_threads(cfg)
+    cfg.save(out / "config.yaml")
+    print(f"liverlesion {kind}: {DISCLAIMER}")
+    patch_dir, index = prepare_patches(manifest, out, cfg)
+    return manifest, out, patch_dir, index, class_names_from(index)
+
+
+def _announce_init(
+    cfg: Config, manifest: Path, out: Path, patch_dir: Path, classes: list[str], kind: str
+) -> dict:
+    init = _describe_init(cfg)
+    print(f"Network: {cfg.model.backbone} + paper head; init: {init}")
+    info = _run_info(manifest, patch_dir, classes, cfg, init, kind)
+    write_json(out / "run.json", info)
+    return info
+
+
+def run_cv(
+    manifest: str | Path,
+    out: str | Path,
+    cfg: Config,
+    resume: bool = False,
+    baselines: bool = True,
+    evaluate: bool = True,
+) -> Path:
     """Patient-level cross-validation; writes predictions.csv and (optionally) evaluates.
 
     Args:
@@ -425,22 +470,15 @@ def run_cv(manifest: str | Path, out: str | Path, cfg: Config, resume: bool = Fa
     from liverlesion.data import load_patch_arrays
     from liverlesion.splits import load_or_create_splits
 
-    manifest = Path(manifest)
-    out = _prepare_run_dir(Path(out), resume)
-    _set_threads(cfg)
-    cfg.save(out / "config.yaml")
-    print(f"liverlesion cv: {DISCLAIMER}")
-    patch_dir, index = prepare_patches(manifest, out, cfg)
-    classes = class_names_from(index)
-    splits = load_or_create_splits(out / "splits.json", index, cfg.cv.folds, cfg.cv.seed, cfg.train.val_fraction)
-    init = _describe_init(cfg)
-    print(f"Network: {cfg.model.backbone} + paper head; init: {init}")
+    manifest, out, patch_dir, index, classes = _start_run(manifest, out, cfg, resume, "cv")
+    splits = load_or_create_splits(
+        out / "splits.json", index, cfg.cv.folds, cfg.cv.seed, cfg.train.val_fraction
+    )
+    info = _announce_init(cfg, manifest, out, patch_dir, classes, "cv")
     print(
         f"{len(index)} lesions, {index['patient_id'].nunique()} patients, classes {classes}; "
         f"{cfg.cv.folds}-fold patient-level CV"
     )
-    info = _run_info(manifest, patch_dir, classes, cfg, init, "cv")
-    write_json(out / "run.json", info)
     arrays = load_patch_arrays(patch_dir, index)
 
     test_frames, val_frames = [], []
@@ -462,9 +500,7 @@ def run_cv(manifest: str | Path, out: str | Path, cfg: Config, resume: bool = Fa
             f"Fold {k + 1}/{cfg.cv.folds}: train {len(fit.arrays)} lesions, inner-val {len(val.arrays)}, "
             f"test {len(test.arrays)}"
         )
-        res = train_fold(
-            fold_dir, fit, val, {"test": test}, classes, cfg, k, {"run": "cv"}, resume=resume
-        )
+        res = train_fold(fold_dir, fit, val, {"test": test}, classes, cfg, k, {"run": "cv"}, resume=resume)
         if not res:
             continue  # non-zero DDP rank
         test_frames.append(res["test"])
@@ -479,8 +515,14 @@ def run_cv(manifest: str | Path, out: str | Path, cfg: Config, resume: bool = Fa
     if baselines:
         from liverlesion.baselines import run_baselines
 
-        run_baselines(index, patch_dir, splits, out / "baselines", positive_class=cfg.eval.positive_class,
-                      seed=cfg.cv.seed)
+        run_baselines(
+            index,
+            patch_dir,
+            splits,
+            out / "baselines",
+            positive_class=cfg.eval.positive_class,
+            seed=cfg.cv.seed,
+        )
     if evaluate:
         from liverlesion.evaluate import evaluate_run
 
@@ -493,13 +535,7 @@ def train_single(manifest: str | Path, out: str | Path, cfg: Config, resume: boo
     from liverlesion.data import load_patch_arrays
     from liverlesion.splits import make_splits
 
-    manifest = Path(manifest)
-    out = _prepare_run_dir(Path(out), resume)
-    _set_threads(cfg)
-    cfg.save(out / "config.yaml")
-    print(f"liverlesion train: {DISCLAIMER}")
-    patch_dir, index = prepare_patches(manifest, out, cfg)
-    classes = class_names_from(index)
+    manifest, out, patch_dir, index, classes = _start_run(manifest, out, cfg, resume, "train")
     n_inner = max(2, int(round(1 / max(cfg.train.val_fraction, 1e-6))))
     split_file = out / "splits.json"
     if split_file.exists():
@@ -509,17 +545,16 @@ def train_single(manifest: str | Path, out: str | Path, cfg: Config, resume: boo
         fit_p = sorted(set(split["train_patients"]) | set(split["val_patients"]))
         split = {"group": "patient_id", "train_patients": fit_p, "val_patients": split["test_patients"]}
         write_json(split_file, split)
-    init = _describe_init(cfg)
-    print(f"Network: {cfg.model.backbone} + paper head; init: {init}")
-    info = _run_info(manifest, patch_dir, classes, cfg, init, "train")
-    write_json(out / "run.json", info)
+    _announce_init(cfg, manifest, out, patch_dir, classes, "train")
     arrays = load_patch_arrays(patch_dir, index)
     fit = _subset(index, arrays, classes, split["train_patients"])
     val = _subset(index, arrays, classes, split["val_patients"])
     res = train_fold(out, fit, val, {}, classes, cfg, "all", {"run": "train"}, resume=resume)
     if res:
-        print(f"Saved {out / 'model.pt'} (inner-validation accuracy "
-              f"{(res['val']['pred_class'] == res['val']['true_class']).mean():.3f})")
+        print(
+            f"Saved {out / 'model.pt'} (inner-validation accuracy "
+            f"{(res['val']['pred_class'] == res['val']['true_class']).mean():.3f})"
+        )
     return out
 
 
