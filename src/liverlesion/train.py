@@ -429,7 +429,11 @@ def _describe_init(cfg: Config) -> str:
 
 def _start_run(manifest: str | Path, out: str | Path, cfg: Config, resume: bool, kind: str):
     """Common start of `cv` and `train`: run folder, config.yaml, patches, classes."""
+    from liverlesion.manifest import read_manifest
+
     manifest = Path(manifest)
+    # Validate the manifest and its classes before creating anything.
+    class_names_from(read_manifest(manifest))
     out = _prepare_run_dir(Path(out), resume)
     _set_threads(cfg)
     cfg.save(out / "config.yaml")
