@@ -857,7 +857,9 @@ def predict_cli(
             f"--patient-id {patient_id!r}: applies to --image only; with --manifest the ids come from its patient_id column"
         )
     if patient_id is not None and not patient_id.strip():
-        raise UserError("--patient-id '': must not be empty; give an id such as case01, or leave the option out")
+        raise UserError(
+            "--patient-id '': must not be empty; give an id such as case01, or leave the option out"
+        )
     if label is not None and mask is None:
         raise UserError(f"--label {label}: selects a lesion in --mask; give --mask too, or drop --label")
     if point is not None and diameter is None:
