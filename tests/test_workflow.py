@@ -73,3 +73,59 @@ def test_cv_refuses_single_class_manifest(cohort, tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "at least two" in err[0]
+
+
+def test_cv_resume_reuses_finished_folds(cohort, tmp_path, capsys):
+    manifest = cohort / "manifest.csv"
+    run = tmp_path / "run"
+    args = [
+        "cv",
+        str(manifest),
+        str(run),
+        "--folds",
+        "2",
+        "--no-baselines",
+        *TINY,
+        "--set",
+        "eval.n_bootstrap=20",
+    ]
+    args += ["--set", "eval.gradcam_max=2"]
+    assert main(args) == 0
+    preds = pd.read_csv(run / "predictions.csv")
+    assert set(preds["fold"]) == {0, 1} and (preds.groupby("patient_id")["fold"].nunique() == 1).all()
+    fold0 = (run / "fold_0" / "model.pt").stat().st_mtime_ns
+    # simulate an interruption during fold 1
+    (run / "fold_1" / "model.pt").unlink()
+    (run / "predictions.csv").unlink()
+    assert main(args) == 2  # an existing run needs --resume
+    assert main([*args, "--resume"]) == 0
+    assert (run / "fold_0" / "model.pt").stat().st_mtime_ns == fold0  # finished fold reused
+    assert (run / "fold_1" / "model.pt").exists()
+    assert "already trained" in capsys.readouterr().out
+    again = pd.read_csv(run / "predictions.csv")
+    assert sorted(again["lesion_id"]) == sorted(preds["lesion_id"])
+
+
+def test_deterministic_mode_repeats_exactly(tmp_path):
+    import numpy as np
+
+    from liverlesion.config import load_config
+    from liverlesion.train import FoldData, train_fold
+
+    rng = np.random.default_rng(0)
+    arrays = [rng.random((1, 3, 48, 48), dtype=np.float32) for _ in range(16)]
+    index = pd.DataFrame(
+        {
+            "patient_id": [f"P{i // 2}" for i in range(16)],
+            "lesion_id": [f"L{i}" for i in range(16)],
+            "lesion_class": ["cyst", "metastasis"] * 8,
+        }
+    )
+    data = FoldData(index, arrays, np.array([0, 1] * 8))
+    cfg = load_config(
+        overrides=[a for a in TINY if a != "--set"] + ["train.deterministic=true", "train.seed=7"]
+    )
+    classes = ["cyst", "metastasis"]
+    a = train_fold(tmp_path / "a", data, data, {"test": data}, classes, cfg, 0, {})
+    b = train_fold(tmp_path / "b", data, data, {"test": data}, classes, cfg, 0, {})
+    np.testing.assert_array_equal(a["test"]["prob_metastasis"], b["test"]["prob_metastasis"])
