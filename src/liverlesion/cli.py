@@ -300,6 +300,20 @@ def export(
     typer.echo(f"wrote {path} and {path.name}.json (input: [0, 1] patches; output: class probabilities)")
 
 
+@app.command()
+def serve(
+    model: Annotated[list[Path], typer.Option("--model", help="Checkpoint(s); several = ensemble.")],
+    host: Annotated[
+        str, typer.Option("--host", help="Address to bind (no authentication: keep 127.0.0.1).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8765,
+) -> None:
+    """Serve a local browser UI (and JSON API) to classify a lesion."""
+    from liverlesion.serve import serve as run_server
+
+    run_server(model, host=host, port=port)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turning user errors into one-line messages."""
     try:

@@ -1,0 +1,188 @@
+"""The local browser UI: results equal Classifier.predict's, errors are one-line 400s (loopback only)."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import re
+import threading
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import make_ct_with_two_lesions, make_tiny_checkpoint, torch_threads
+from liverlesion import DISCLAIMER
+from liverlesion.errors import UserError
+from liverlesion.io import read_volume, write_volume
+from liverlesion.predict import Classifier
+from liverlesion.serve import make_server
+
+
+def _multipart(fields: dict[str, str], files: dict[str, tuple[str, bytes]]) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    parts = []
+    for name, value in fields.items():
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+        )
+    for name, (filename, data) in files.items():
+        head = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n"
+        )
+        parts.append(head.encode() + data + b"\r\n")
+    parts.append(f"--{boundary}--\r\n".encode())
+    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+
+
+def _post(url: str, body: bytes, ctype: str) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": ctype}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve")
+    ckpt = make_tiny_checkpoint(tmp / "model.pt", seed=3, size_px=32)
+    image, mask = make_ct_with_two_lesions()
+    write_volume(image, tmp / "ct.nii.gz")
+    write_volume(mask, tmp / "mask.nii.gz")
+    with torch_threads(1):
+        server = make_server([ckpt], host="127.0.0.1", port=0, max_upload_bytes=5_000_000)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield {"url": f"http://127.0.0.1:{server.server_address[1]}", "ckpt": ckpt, "dir": tmp}
+        finally:
+            server.shutdown()
+            server.server_close()
+            thread.join(timeout=10)
+
+
+def test_health_and_form(served):
+    with urllib.request.urlopen(served["url"] + "/api/health", timeout=10) as r:
+        assert r.status == 200
+        assert json.loads(r.read()) == {"status": "ok", "classes": ["cyst", "metastasis"]}
+    with urllib.request.urlopen(served["url"] + "/", timeout=10) as r:
+        page = r.read().decode()
+    assert "Research use, not for diagnosis" in page
+    assert 'enctype="multipart/form-data"' in page and 'name="image"' in page and 'name="point"' in page
+    assert "http://" not in page and "https://" not in page  # self-contained
+    sha = Classifier.load([served["ckpt"]]).checkpoint_hashes[0]
+    assert sha in page
+
+
+def test_predict_page_matches_classifier(served):
+    d: Path = served["dir"]
+    files = {
+        "image": ("ct.nii.gz", (d / "ct.nii.gz").read_bytes()),
+        "mask": ("mask.nii.gz", (d / "mask.nii.gz").read_bytes()),
+    }
+    body, ctype = _multipart({"label": "", "point": "", "diameter": "", "min_size_mm": "5"}, files)
+    status, page_b = _post(served["url"] + "/predict", body, ctype)
+    page = page_b.decode()
+    assert status == 200, page
+    assert "Research use, not for diagnosis" in page
+    assert re.search(r"src='data:image/png;base64,iVBOR", page)  # inline PNG (its signature in base64)
+    assert "too small to characterise" in page  # the 4 mm lesion
+
+    with torch_threads(1):
+        clf = Classifier.load([served["ckpt"]])
+        expected = clf.predict(
+            read_volume(d / "ct.nii.gz"), mask=read_volume(d / "mask.nii.gz", kind="mask"), gradcam=True
+        )
+    # The JSON download carries the full rows; compare them with the API's numbers.
+    m = re.search(r"href='data:application/json;base64,([A-Za-z0-9+/=]+)'", page)
+    assert m
+    info = json.loads(base64.b64decode(m.group(1)))
+    assert info["disclaimer"] == DISCLAIMER
+    got = {r["lesion_id"]: r for r in info["lesions"]}
+    assert set(got) == set(expected["lesion_id"])
+    for _, row in expected.iterrows():
+        g = got[row["lesion_id"]]
+        assert g["pred_class"] == row["pred_class"]
+        for c in clf.class_names:
+            e = row[f"prob_{c}"]
+            if np.isnan(e):
+                assert g[f"prob_{c}"] is None
+            else:
+                assert abs(g[f"prob_{c}"] - e) < 1e-6
+        assert g["volume_ml"] == pytest.approx(row["volume_ml"], abs=1e-9)
+
+    # The JSON API gives the same rows.
+    status, api_b = _post(served["url"] + "/api/predict", body, ctype)
+    assert status == 200
+    api = json.loads(api_b)
+    assert api["disclaimer"] == DISCLAIMER
+    assert [r["lesion_id"] for r in api["lesions"]] == list(expected["lesion_id"])
+    for r, (_, row) in zip(api["lesions"], expected.iterrows(), strict=True):
+        p = row["prob_metastasis"]
+        assert (r["prob_metastasis"] is None) if np.isnan(p) else abs(r["prob_metastasis"] - p) < 1e-6
+
+
+def test_text_file_as_image_is_400_one_line(served):
+    body, ctype = _multipart(
+        {"point": "0,0,120", "diameter": "12"}, {"image": ("notes.txt", b"this is not a CT\n" * 10)}
+    )
+    status, page_b = _post(served["url"] + "/predict", body, ctype)
+    page = page_b.decode()
+    assert status == 400
+    msg = re.search(r"<p class='err'>(.*?)</p>", page, re.S).group(1)
+    assert "\n" not in msg and "notes.txt" in msg
+    assert "liverlesion-serve-" not in msg  # the private temp path is not shown
+
+    status, api_b = _post(served["url"] + "/api/predict", body, ctype)
+    assert status == 400
+    err = json.loads(api_b)["error"]
+    assert "\n" not in err and "notes.txt" in err
+
+
+def test_missing_lesion_source_and_too_large(served):
+    d: Path = served["dir"]
+    body, ctype = _multipart({}, {"image": ("ct.nii.gz", (d / "ct.nii.gz").read_bytes())})
+    status, page_b = _post(served["url"] + "/api/predict", body, ctype)
+    assert status == 400
+    assert "neither a mask nor a point" in json.loads(page_b)["error"]
+
+    body, ctype = _multipart(
+        {"point": "1,2", "diameter": "10"}, {"image": ("ct.nii.gz", (d / "ct.nii.gz").read_bytes())}
+    )
+    status, page_b = _post(served["url"] + "/predict", body, ctype)
+    assert status == 400 and "point" in page_b.decode() and "x,y,z" in page_b.decode()
+
+    # Too large: refused from the headers alone, before the body is read (a client that
+    # streams the body first gets the 413 after the server closes the connection).
+    port = int(served["url"].rsplit(":", 1)[1])
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.putrequest("POST", "/api/predict")
+        conn.putheader("Content-Type", ctype)
+        conn.putheader("Content-Length", str(5_000_001))
+        conn.endheaders()
+        resp = conn.getresponse()
+        assert resp.status == 413
+        assert "limit" in json.loads(resp.read())["error"]
+    finally:
+        conn.close()
+
+
+def test_bad_checkpoint_is_user_error(tmp_path):
+    with pytest.raises(UserError, match="--model"):
+        make_server([tmp_path / "missing.pt"], port=0)
+
+
+def test_cli_serve_bad_model_is_one_line(tmp_path, capsys):
+    from liverlesion.cli import main
+
+    assert main(["serve", "--model", str(tmp_path / "missing.pt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("liverlesion: error: --model") and "\n" not in err
