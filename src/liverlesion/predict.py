@@ -802,6 +802,23 @@ def _print_table(df: pd.DataFrame, clf: Classifier) -> None:
     print(f"liverlesion: {DISCLAIMER}")
 
 
+def results_info(
+    clf: Classifier, df: pd.DataFrame, min_size_mm: float, inputs: dict[str, Any], **extra: Any
+) -> dict[str, Any]:
+    """The JSON record of a prediction run: tool, version, disclaimer, models, inputs, lesion rows."""
+    return {
+        "tool": "liverlesion",
+        "liverlesion_version": __version__,
+        "disclaimer": DISCLAIMER,
+        "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        **clf.describe(),
+        "min_size_mm": float(min_size_mm),
+        "inputs": inputs,
+        **extra,
+        "lesions": df.astype(object).where(df.notna(), None).to_dict(orient="records"),
+    }
+
+
 def predict_cli(
     models: Sequence[Path],
     out: Path,
@@ -912,26 +929,17 @@ def predict_cli(
             check_sr_source(case.image, case.image_ref)
 
     df = clf._frame([r.row for case in cases for r in case.results])
-    info = {
-        "tool": "liverlesion",
-        "liverlesion_version": __version__,
-        "disclaimer": DISCLAIMER,
-        "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        **clf.describe(),
-        "min_size_mm": float(min_size_mm),
-        "inputs": {
-            "image": str(image) if image is not None else None,
-            "mask": str(mask) if mask is not None else None,
-            "label": label,
-            "point_xyz_mm": list(xyz) if xyz is not None else None,
-            "diameter_mm": diameter,
-            "manifest": str(manifest) if manifest is not None else None,
-            "series": series,
-            "patient_id": patient_id,
-        },
-        "sources": [_source_info(c) for c in cases],
-        "lesions": df.astype(object).where(df.notna(), None).to_dict(orient="records"),
+    inputs = {
+        "image": str(image) if image is not None else None,
+        "mask": str(mask) if mask is not None else None,
+        "label": label,
+        "point_xyz_mm": list(xyz) if xyz is not None else None,
+        "diameter_mm": diameter,
+        "manifest": str(manifest) if manifest is not None else None,
+        "series": series,
+        "patient_id": patient_id,
     }
+    info = results_info(clf, df, min_size_mm, inputs, sources=[_source_info(c) for c in cases])
     with atomic_dir(out, overwrite=overwrite) as tmp:
         write_csv(tmp / "results.csv", df)
         write_json(tmp / "results.json", info)

@@ -19,7 +19,6 @@ only bind to another host than 127.0.0.1 on a trusted network.
 from __future__ import annotations
 
 import base64
-import datetime
 import email.parser
 import email.policy
 import html
@@ -147,7 +146,7 @@ def _run_prediction(clf, fields: dict[str, FormField], workdir: Path) -> dict[st
         ``{"df": results table, "overlays": [(lesion_id, png bytes)], "info": JSON-ready dict}``.
     """
     from liverlesion.io import read_volume
-    from liverlesion.predict import _sanitize, draw_lesion_overlay, parse_point
+    from liverlesion.predict import _sanitize, draw_lesion_overlay, parse_point, results_info
 
     image_f = _file(fields, "image")
     if image_f is None:
@@ -236,22 +235,18 @@ def _run_prediction(clf, fields: dict[str, FormField], workdir: Path) -> dict[st
         )
         overlays.append((str(r.row["lesion_id"]), png.read_bytes()))
     df = clf._frame([r.row for r in case.results])
-    info = {
-        "tool": "liverlesion",
-        "liverlesion_version": __version__,
-        "disclaimer": DISCLAIMER,
-        "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        **clf.describe(),
-        "min_size_mm": float(min_size),
-        "inputs": {
+    info = results_info(
+        clf,
+        df,
+        min_size,
+        {
             "image": image_f.filename,
             "mask": mask_f.filename if mask_f is not None else None,
             "label": label,
             "point_xyz_mm": list(xyz) if xyz is not None else None,
             "diameter_mm": diameter,
         },
-        "lesions": df.astype(object).where(df.notna(), None).to_dict(orient="records"),
-    }
+    )
     return {"df": df, "overlays": overlays, "info": info}
 
 
