@@ -29,7 +29,9 @@ class PatchConfig:
     neighbours: int = 1  # k slices each side of the largest cross-section (2.5d: 2k+1 channels)
     slice_step_mm: float = 0.0  # spacing between neighbouring slices in mm; 0 = native slice spacing
     size_px: int = 96  # output patch side in pixels (paper input not stated; 299 in the paper preset)
-    margin_mm: float = 4.0  # context around the lesion's bounding box on each side (tight: the lesion fills the input)
+    margin_mm: float = (
+        4.0  # context around the lesion's bounding box on each side (tight: the lesion fills the input)
+    )
     min_field_mm: float = 16.0  # smallest field of view, so tiny lesions keep some surrounding liver
     scale_with_lesion: bool = True  # field = lesion extent + margin (False: fixed field = min_field_mm)
     window_center: float = 60.0  # liver window centre in HU (common 60/150 soft-tissue liver window)
