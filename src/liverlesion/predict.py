@@ -135,14 +135,13 @@ def parse_point(text: str, name: str = "--point") -> tuple[float, float, float]:
 def check_ct_volume(volume: Volume, name: str = "image") -> None:
     """Refuse volumes that cannot be CT in Hounsfield units with usable geometry.
 
-    Readers already refuse 2-D images and non-CT DICOM modalities; this catches what
-    slips through converted files: zero, negative or absurd spacing, a non-CT
+    Readers already refuse 2-D images, non-CT DICOM modalities and NIfTI headers with zero or
+    negative voxel sizes; this catches what reaches us as an in-memory Volume: bad or absurd spacing, a non-CT
     modality recorded in ``meta``, and values that were never rescaled to HU.
 
     Raises:
         UserError: One line naming ``name``.
     """
-    _check_nifti_pixdim(volume, name)
     spacing = np.asarray(volume.spacing, dtype=float)
     if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0) or np.any(spacing > _MAX_SPACING_MM):
         raise UserError(
@@ -171,47 +170,6 @@ def check_ct_volume(volume: Volume, name: str = "image") -> None:
             "has air near -1000 and fat near -100, so this is not CT in HU (rescale slope/intercept not applied, "
             "or not a CT): convert it to HU"
         )
-
-
-def _check_nifti_pixdim(volume: Volume, name: str) -> None:
-    """Refuse a NIfTI whose header spacing is zero or negative.
-
-    The NIfTI library silently turns such values into 1 mm (or their absolute
-    value), which would make every size in mm wrong without a word.
-    """
-    source = volume.meta.get("source")
-    if volume.meta.get("format") != "nifti" or not source or not Path(source).is_file():
-        return
-    pixdim = _raw_nifti_pixdim(Path(source))
-    if pixdim is None:
-        return
-    if not np.all(np.isfinite(pixdim)) or np.any(pixdim <= 0):
-        raise UserError(
-            f"{name}: NIfTI header voxel size (pixdim) {tuple(round(float(v), 4) for v in pixdim)} mm (x, y, z) "
-            "is zero or negative, so the CT geometry is unknown and sizes in mm would be wrong; "
-            "fix the header or re-convert the CT from DICOM (e.g. with dcm2niix)"
-        )
-
-
-def _raw_nifti_pixdim(path: Path) -> np.ndarray | None:
-    """``pixdim[1:4]`` exactly as stored (nibabel's loader would 'fix' bad values first)."""
-    import gzip
-
-    import nibabel as nib
-
-    try:
-        opener = gzip.open if path.name.lower().endswith(".gz") else open
-        with opener(path, "rb") as f:
-            block = f.read(540)
-        for cls in (nib.Nifti1Header, nib.Nifti2Header):
-            n = int(cls.sizeof_hdr)
-            for order in ("<", ">"):
-                if len(block) >= n and int(np.frombuffer(block[:4], dtype=order + "i4")[0]) == n:
-                    hdr = cls(block[:n], endianness=order, check=False)
-                    return np.asarray(hdr["pixdim"][1:4], dtype=float)
-    except Exception:  # unreadable header: the reader already read the file, nothing to add
-        return None
-    return None
 
 
 def _sanitize(name: str) -> str:
