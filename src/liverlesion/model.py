@@ -181,7 +181,11 @@ def _per_channel(values: tuple[float, ...] | list[float], in_chans: int) -> Tens
 
 
 def build_model(
-    cfg: ModelConfig, num_classes: int, in_chans: int = 3, weights: str | None = None
+    cfg: ModelConfig,
+    num_classes: int,
+    in_chans: int = 3,
+    weights: str | None = None,
+    imagenet: Any = None,
 ) -> tuple[LesionNet, str]:
     """Build ``LesionNet`` and initialise its backbone.
 
@@ -212,7 +216,8 @@ def build_model(
     if kind == "imagenet":
         from liverlesion.weights import resolve_imagenet_weights
 
-        w = resolve_imagenet_weights(cfg.backbone)
+        # ``imagenet``: weights already resolved by the caller (one look-up for all CV folds)
+        w = imagenet if imagenet is not None else resolve_imagenet_weights(cfg.backbone)
         model = LesionNet(*args, mean=w.mean, std=w.std, init_backbone=False)
         _load_backbone(model, w.state_dict, source=w.source, src_chans=3)
         model.apply_backbone_patch(w.backbone_patch)

@@ -345,8 +345,12 @@ def train_fold(
     fold: Any,
     meta: dict[str, Any],
     resume: bool = False,
+    imagenet: Any = None,
 ) -> dict[str, pd.DataFrame]:
-    """Train one model with early stopping on ``val``; write ``model.pt``; predict each set in ``tests``."""
+    """Train one model with early stopping on ``val``; write ``model.pt``; predict each set in ``tests``.
+
+    ``imagenet`` is an already resolved ``weights.ImagenetWeights`` (``run_cv`` resolves it once).
+    """
     import lightning.pytorch as pl
     import torch
 
@@ -355,7 +359,7 @@ def train_fold(
     fold_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
     in_chans = int(fit.arrays[0].shape[1])
-    model, init = build_model(cfg.model, num_classes=len(classes), in_chans=in_chans)
+    model, init = build_model(cfg.model, num_classes=len(classes), in_chans=in_chans, imagenet=imagenet)
     module = _make_lightning_module(
         model, cfg, _class_weights(fit.labels, len(classes), cfg.train.class_weighting)
     )
@@ -419,12 +423,21 @@ def _run_info(manifest: Path, patch_dir: Path, classes: list[str], cfg: Config, 
     }
 
 
-def _describe_init(cfg: Config) -> str:
-    """Resolve the init once up front so the user sees it before training starts."""
+def _resolve_init(cfg: Config) -> tuple[Any, str]:
+    """Resolve the init once, up front, so the user sees it before training and folds reuse it.
+
+    Returns:
+        (resolved ImageNet weights or None, description of the init).
+    """
+    if cfg.model.weights.lower() == "imagenet":
+        from liverlesion.weights import resolve_imagenet_weights
+
+        w = resolve_imagenet_weights(cfg.model.backbone)
+        return w, w.source
     from liverlesion.model import build_model
 
     _, init = build_model(cfg.model, num_classes=2, in_chans=3)
-    return init
+    return None, init
 
 
 def _start_run(manifest: str | Path, out: str | Path, cfg: Config, resume: bool, kind: str):
@@ -444,12 +457,12 @@ def _start_run(manifest: str | Path, out: str | Path, cfg: Config, resume: bool,
 
 def _announce_init(
     cfg: Config, manifest: Path, out: Path, patch_dir: Path, classes: list[str], kind: str
-) -> dict:
-    init = _describe_init(cfg)
+) -> tuple[dict, Any]:
+    imagenet, init = _resolve_init(cfg)
     print(f"Network: {cfg.model.backbone} + paper head; init: {init}")
     info = _run_info(manifest, patch_dir, classes, cfg, init, kind)
     write_json(out / "run.json", info)
-    return info
+    return info, imagenet
 
 
 def run_cv(
@@ -478,7 +491,7 @@ def run_cv(
     splits = load_or_create_splits(
         out / "splits.json", index, cfg.cv.folds, cfg.cv.seed, cfg.train.val_fraction
     )
-    info = _announce_init(cfg, manifest, out, patch_dir, classes, "cv")
+    info, imagenet = _announce_init(cfg, manifest, out, patch_dir, classes, "cv")
     print(
         f"{len(index)} lesions, {index['patient_id'].nunique()} patients, classes {classes}; "
         f"{cfg.cv.folds}-fold patient-level CV"
@@ -504,7 +517,18 @@ def run_cv(
             f"Fold {k + 1}/{cfg.cv.folds}: train {len(fit.arrays)} lesions, inner-val {len(val.arrays)}, "
             f"test {len(test.arrays)}"
         )
-        res = train_fold(fold_dir, fit, val, {"test": test}, classes, cfg, k, {"run": "cv"}, resume=resume)
+        res = train_fold(
+            fold_dir,
+            fit,
+            val,
+            {"test": test},
+            classes,
+            cfg,
+            k,
+            {"run": "cv"},
+            resume=resume,
+            imagenet=imagenet,
+        )
         if not res:
             continue  # non-zero DDP rank
         test_frames.append(res["test"])
@@ -549,11 +573,13 @@ def train_single(manifest: str | Path, out: str | Path, cfg: Config, resume: boo
         fit_p = sorted(set(split["train_patients"]) | set(split["val_patients"]))
         split = {"group": "patient_id", "train_patients": fit_p, "val_patients": split["test_patients"]}
         write_json(split_file, split)
-    _announce_init(cfg, manifest, out, patch_dir, classes, "train")
+    _, imagenet = _announce_init(cfg, manifest, out, patch_dir, classes, "train")
     arrays = load_patch_arrays(patch_dir, index)
     fit = _subset(index, arrays, classes, split["train_patients"])
     val = _subset(index, arrays, classes, split["val_patients"])
-    res = train_fold(out, fit, val, {}, classes, cfg, "all", {"run": "train"}, resume=resume)
+    res = train_fold(
+        out, fit, val, {}, classes, cfg, "all", {"run": "train"}, resume=resume, imagenet=imagenet
+    )
     if res:
         print(
             f"Saved {out / 'model.pt'} (inner-validation accuracy "
