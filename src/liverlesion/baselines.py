@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ from liverlesion import DISCLAIMER
 from liverlesion.errors import UserError
 from liverlesion.fileio import write_csv, write_json
 
-BASELINES = ("mean_hu", "radiomics_lr", "radiomics_rf")
+BASELINES = ("mean_hu", "radiomics_lr", "radiomics_rf", "frozen_lr")
 EXTRACTORS = ("skimage", "pyradiomics")
 GLCM_LEVELS = 32  # grey levels of the quantised liver window
 GLCM_DISTANCES_MM = (1.0, 2.0, 3.0)  # in mm, so patches resampled to different pixel sizes compare
@@ -244,7 +243,7 @@ def extract_features(patch_dir: str | Path, extractor: str = "skimage") -> pd.Da
     Returns:
         One row per lesion: ``lesion_id`` then the feature columns.
     """
-    from tqdm import tqdm
+    from liverlesion.progress import progress_bar
 
     if extractor not in EXTRACTORS:
         raise UserError(f"extractor={extractor!r}: unknown; use one of {', '.join(EXTRACTORS)}")
@@ -259,9 +258,7 @@ def extract_features(patch_dir: str | Path, extractor: str = "skimage") -> pd.Da
     folder, index = _read_index(Path(patch_dir))
     window = _window(folder)
     rows = []
-    for _, r in tqdm(
-        index.iterrows(), total=len(index), desc="radiomics features", unit="lesion", file=sys.stderr
-    ):
+    for _, r in progress_bar(index.iterrows(), "radiomics features", unit="lesion", total=len(index)):
         path = folder / str(r["file"])
         if not path.is_file():
             raise UserError(f"patch file {path}: not found; the cache is incomplete, rebuild it")
@@ -452,8 +449,13 @@ def run_baselines(
     positive_class: str = "metastasis",
     seed: int = 0,
     extractor: str = "skimage",
+    frozen: pd.DataFrame | None = None,
 ) -> dict[str, Path]:
     """Fit and score the baselines on the given patient-level folds.
+
+    ``frozen`` (``lesion_id`` + ``deep_*`` columns: frozen ImageNet features of each lesion's patch)
+    adds ``frozen_lr``, a logistic regression on them: it shows whether training the network added
+    anything over what the pretrained backbone already knows.
 
     Args:
         lesion_table: One row per lesion (lesion table or patch index): ``lesion_id``,
@@ -504,6 +506,12 @@ def run_baselines(
             shape.append("shape3d_axis_ratio")
         features["radiomics_lr"] = features["radiomics_rf"] = radiomic + shape
         write_csv(out / "features.csv", table[["lesion_id", "patient_id", "lesion_class", *radiomic, *shape]])
+    if frozen is not None:
+        deep = [c for c in frozen.columns if c != "lesion_id"]
+        table = table.drop(columns=[c for c in deep if c in table.columns]).join(
+            frozen.assign(lesion_id=frozen["lesion_id"].astype(str)).set_index("lesion_id"), on="lesion_id"
+        )
+        features["frozen_lr"] = deep
     if "hu_mean" in table.columns:  # mean over the whole 3-D lesion
         table["hu_mean"] = pd.to_numeric(table["hu_mean"], errors="coerce")
         features["mean_hu"] = ["hu_mean"]
@@ -572,6 +580,8 @@ def run_baselines(
 
 def _describe(name: str) -> str:
     return {
+        "frozen_lr": "LogisticRegression(class_weight=balanced) on standardised frozen ImageNet backbone "
+        "features (global average pooled) of the lesion patch",
         "mean_hu": "LogisticRegression(class_weight=balanced) on standardised mean HU; "
         "two classes: Youden-optimal HU cut-off on the training patients gives pred_class",
         "radiomics_lr": "SimpleImputer(median) + StandardScaler + LogisticRegression(class_weight=balanced)",

@@ -28,7 +28,7 @@ class PatchConfig:
     mode: str = "2.5d"  # "2.5d": k neighbours stacked as channels; "2d": each slice a sample (grey -> 3 ch)
     neighbours: int = 1  # k slices each side of the largest cross-section (2.5d: 2k+1 channels)
     slice_step_mm: float = 0.0  # spacing between neighbouring slices in mm; 0 = native slice spacing
-    size_px: int = 96  # output patch side in pixels (paper input not stated; 299 in the paper preset)
+    size_px: int = 224  # output patch side in pixels (paper input not stated; quick: 160, paper: 299)
     margin_mm: float = (
         4.0  # context around the lesion's bounding box on each side (tight: the lesion fills the input)
     )
@@ -49,13 +49,27 @@ class ModelConfig:
     dropout: float = 0.4  # paper
     freeze_backbone_epochs: int = 0  # train only the head for the first N epochs
     freeze_bn: bool = False  # pretrained weights only: keep backbone BatchNorm statistics fixed (try for very small batches)
+    fusion: str = (
+        "radiomics"  # radiomics: late fusion of the network with radiomics-style features | none (paper)
+    )
+    tta: str = "flips"  # test-time augmentation, identical in cv/predict/serve/export: flips | none
 
 
 @dataclass
 class TrainConfig:
     """Optimisation (train.py)."""
 
-    epochs: int = 30  # upper bound; early stopping on the inner validation split usually stops sooner
+    recipe: str = (
+        "lpft"  # lpft: head on frozen features, then top blocks fine-tuned (cached) | end_to_end (paper)
+    )
+    epochs: int = 30  # end_to_end / lpft fine-tuning stage: upper bound (early stopping on inner validation)
+    probe_epochs: int = 60  # lpft stage 1: epochs of the head on cached frozen features (early stopping)
+    probe_lr: float = 1e-3  # lpft stage 1: AdamW learning rate of the head
+    finetune_blocks: int = (
+        1  # lpft stage 2: last backbone blocks fine-tuned on cached activations (0: probe only)
+    )
+    finetune_lr: float = 1e-4  # lpft stage 2: learning rate of the unfrozen blocks and the head
+    aug_views: int = 8  # lpft: augmented views per lesion whose frozen activations are cached
     batch_size: int = 32
     lr: float = 3e-4  # AdamW learning rate for the head; backbone gets lr * backbone_lr_mult
     backbone_lr_mult: float = 0.3  # pretrained layers move more slowly than the new head
@@ -97,7 +111,10 @@ class EvalConfig:
 
     positive_class: str = "metastasis"  # metrics' positive class
     n_bootstrap: int = 1000  # patient-level bootstrap resamples for 95% CIs
-    threshold: str = "youden"  # how the threshold is chosen on inner-validation data: youden | 0.5
+    threshold: str = "youden"  # how the threshold is chosen on inner-validation data: youden | a probability
+    min_size_mm: float = (
+        5.0  # lesions whose smallest axis is below this are "too small to characterise" (cv and predict)
+    )
     n_calibration_bins: int = 10
     gradcam_max: int = 24  # lesions shown in the Grad-CAM gallery
 
@@ -170,6 +187,99 @@ def _apply(obj: Any, updates: dict[str, Any], where: str) -> None:
             setattr(obj, key, _coerce(value, valid[key].type, f"{where}{key}"))
 
 
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "patch.mode": ("2.5d", "2d"),
+    "patch.interpolation": ("linear", "bspline", "nearest"),
+    "model.fusion": ("radiomics", "none"),
+    "model.tta": ("flips", "none"),
+    "train.recipe": ("lpft", "end_to_end"),
+    "train.optimizer": ("adamw", "sgd"),
+    "train.scheduler": ("cosine", "none"),
+    "train.class_weighting": ("loss", "sampler", "none"),
+    "train.precision": ("auto", "32", "32-true", "16-mixed", "bf16-mixed"),
+    "train.accelerator": ("auto", "cpu", "gpu", "cuda", "mps"),
+}
+# (lowest, highest, inclusive low) of numeric settings; None = unbounded
+_RANGES: dict[str, tuple[float | None, float | None, bool]] = {
+    "patch.neighbours": (0, 10, True),
+    "patch.slice_step_mm": (0, 50, True),
+    "patch.size_px": (32, 1024, True),
+    "patch.margin_mm": (0, 100, True),
+    "patch.min_field_mm": (1, 500, True),
+    "patch.window_width": (1, 5000, True),
+    "model.head_hidden": (1, 65536, True),
+    "model.dropout": (0, 1, True),
+    "model.freeze_backbone_epochs": (0, None, True),
+    "train.epochs": (1, None, True),
+    "train.probe_epochs": (1, None, True),
+    "train.probe_lr": (0, 10, False),
+    "train.finetune_blocks": (0, 50, True),
+    "train.finetune_lr": (0, 10, False),
+    "train.aug_views": (0, 256, True),
+    "train.batch_size": (1, None, True),
+    "train.lr": (0, 10, False),
+    "train.backbone_lr_mult": (0, 100, True),
+    "train.weight_decay": (0, 10, True),
+    "train.warmup_epochs": (0, None, True),
+    "train.patience": (1, None, True),
+    "train.val_fraction": (0, 0.9, False),
+    "train.label_smoothing": (0, 1, True),
+    "train.num_workers": (0, 256, True),
+    "train.max_threads": (0, 4096, True),
+    "cv.folds": (2, 100, True),
+    "eval.n_bootstrap": (0, 1_000_000, True),
+    "eval.n_calibration_bins": (2, 1000, True),
+    "eval.gradcam_max": (0, 10000, True),
+    "eval.min_size_mm": (0, 1000, True),
+}
+
+
+def validate_config(cfg: Config) -> Config:
+    """Check every value of a resolved config (choices, ranges, formats) before any work starts.
+
+    Raises:
+        UserError: naming the first bad setting, its value and what it accepts.
+    """
+    data = cfg.to_dict()
+    for key, allowed in _CHOICES.items():
+        section, name = key.split(".")
+        value = str(data[section][name]).strip().lower()
+        if value not in allowed:
+            raise UserError(
+                f"config {key}={data[section][name]!r}: unknown; choose one of {', '.join(allowed)}"
+            )
+        setattr(getattr(cfg, section), name, value)
+    for key, (lo, hi, inclusive) in _RANGES.items():
+        section, name = key.split(".")
+        v = float(data[section][name])
+        bad = (
+            not (v == v)
+            or (lo is not None and (v < lo if inclusive else v <= lo))
+            or (hi is not None and v > hi)
+            or (key == "model.dropout" and v >= 1)
+        )
+        if bad:
+            low = f"{'>=' if inclusive else '>'} {lo:g}" if lo is not None else ""
+            high = f"<= {hi:g}" if hi is not None else ""
+            rng = " and ".join(x for x in (low, high) if x)
+            raise UserError(f"config {key}={data[section][name]!r}: out of range; use a value {rng}")
+    if cfg.patch.mode == "2d" and cfg.patch.neighbours < 0:
+        raise UserError(f"config patch.neighbours={cfg.patch.neighbours}: must be >= 0")
+    from liverlesion.decision import parse_threshold_method
+
+    parse_threshold_method(cfg.eval.threshold)
+    d = str(cfg.train.devices).strip().lower()
+    if not (d == "auto" or d.isdigit() and int(d) >= 1):
+        raise UserError(
+            f"config train.devices={cfg.train.devices!r}: use auto or a number of devices, e.g. 1"
+        )
+    if not cfg.eval.positive_class.strip():
+        raise UserError(
+            "config eval.positive_class is empty; name the positive lesion class, e.g. metastasis"
+        )
+    return cfg
+
+
 def load_config(
     path: str | Path | None = None,
     preset: str | None = None,
@@ -218,11 +328,11 @@ def load_config(
                 d = d.setdefault(p_, {})
             d[parts[-1]] = yaml.safe_load(value) if value.strip() else value
             _apply(cfg, nested, "")
-    return cfg
+    return validate_config(cfg)
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
     """Rebuild a Config from ``to_dict()`` output (e.g. stored in a checkpoint)."""
     cfg = Config()
     _apply(cfg, data, "")
-    return cfg
+    return validate_config(cfg)

@@ -24,8 +24,18 @@ import numpy as np
 import pandas as pd
 
 from liverlesion import DISCLAIMER, __version__
+from liverlesion.decision import (
+    CLASSIFIED,
+    choose_threshold,
+    parse_threshold_method,
+    threshold_with_note,
+)
 from liverlesion.errors import UserError
 from liverlesion.fileio import write_json
+from liverlesion.inference import _nll_at, apply_temperature, fit_temperature
+from liverlesion.progress import progress_bar
+
+__all__ = ["CLASSIFIED", "apply_temperature", "choose_threshold", "fit_temperature", "parse_threshold_method"]
 
 CI_LEVEL = 0.95
 # Size strata of the maximal axial diameter (mm): <10, 10 to 20 inclusive, >20 (see _size_bin).
@@ -281,99 +291,6 @@ def multiclass_metrics(
 
 
 # --------------------------------------------------------------------------- threshold and temperature
-def parse_threshold_method(value: str | float) -> str | float:
-    """``"youden"`` or a fixed probability in (0, 1) from ``eval.threshold``."""
-    text = str(value).strip().lower()
-    if text == "youden":
-        return "youden"
-    try:
-        t = float(text)
-    except ValueError:
-        t = math.nan
-    if not 0.0 < t < 1.0:
-        raise UserError(
-            f"eval.threshold={value!r}: expected 'youden' or a probability between 0 and 1, e.g. 0.5"
-        )
-    return t
-
-
-def _threshold_with_note(y_pos: np.ndarray, p_pos: np.ndarray, method: str | float) -> tuple[float, str]:
-    from sklearn.metrics import roc_curve
-
-    if method != "youden":
-        return float(method), f"fixed threshold {float(method):g}"
-    y_pos = np.asarray(y_pos).astype(int)
-    if len(y_pos) == 0 or y_pos.min() == y_pos.max():
-        return 0.5, "inner validation has one class only; threshold 0.5"
-    fpr, tpr, thr = roc_curve(y_pos, p_pos, drop_intermediate=False)
-    j = tpr - fpr
-    i = int(np.argmax(j))  # first maximum = the highest such threshold
-    if j[i] <= 0:
-        return 0.5, "uninformative on inner validation (Youden J <= 0); threshold 0.5"
-    # Midway to the next lower validation score: the same validation decisions, but not
-    # sitting exactly on a validation sample's score.
-    t = (thr[i] + thr[i + 1]) / 2.0 if i + 1 < len(thr) else thr[i]
-    return float(t), f"Youden J = {j[i]:.3f} on inner validation"
-
-
-def choose_threshold(
-    y_true: Sequence[int] | np.ndarray, p_pos: Sequence[float] | np.ndarray, method: str | float = "youden"
-) -> float:
-    """Decision threshold for the positive class, to be fitted on inner-validation data only.
-
-    Args:
-        y_true: 1 for positive-class lesions, else 0.
-        p_pos: Predicted positive-class probability.
-        method: ``"youden"`` (maximise sensitivity + specificity - 1) or a fixed probability.
-
-    Returns:
-        Threshold t: predict positive where ``p >= t``. 0.5 when validation has one class only.
-    """
-    return _threshold_with_note(
-        np.asarray(y_true), np.asarray(p_pos, dtype=float), parse_threshold_method(method)
-    )[0]
-
-
-def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
-    """Softmax of ``logits / temperature`` (``(N, K)`` probabilities)."""
-    from scipy.special import softmax
-
-    return softmax(np.asarray(logits, dtype=float) / float(temperature), axis=1)
-
-
-def _nll_at(logits: np.ndarray, y: np.ndarray, temperature: float) -> float:
-    from scipy.special import log_softmax
-
-    return float(-np.mean(log_softmax(logits / temperature, axis=1)[np.arange(len(y)), y]))
-
-
-def fit_temperature(logits: np.ndarray, y_true: Sequence[int] | np.ndarray) -> float:
-    """Temperature T minimising the NLL of ``softmax(logits / T)`` (Guo et al. 2017).
-
-    Fit on inner-validation logits only. Returns 1.0 when there are fewer than two samples
-    or only one class (T would run off to its bound).
-
-    Args:
-        logits: ``(N, K)`` logits.
-        y_true: True class index per sample.
-    """
-    from scipy.optimize import minimize_scalar
-
-    logits = np.asarray(logits, dtype=float)
-    y = np.asarray(y_true).astype(int)
-    if len(y) < 2 or len(np.unique(y)) < 2 or not np.isfinite(logits).all():
-        return 1.0
-    # Optimise log T so the search is symmetric in "sharpen" vs "soften"; T in [0.05, 20].
-    res = minimize_scalar(
-        lambda s: _nll_at(logits, y, math.exp(s)),
-        bounds=(math.log(0.05), math.log(20.0)),
-        method="bounded",
-        options={"xatol": 1e-4},
-    )
-    t = float(math.exp(res.x))
-    return t if _nll_at(logits, y, t) <= _nll_at(logits, y, 1.0) else 1.0
-
-
 # --------------------------------------------------------------------------- bootstrap
 def patient_bootstrap(
     groups: Sequence[str] | np.ndarray, n_bootstrap: int, seed: int = 0
@@ -434,13 +351,11 @@ def bootstrap_ci(
         resamples where the metric was undefined (e.g. one class only, so no AUC); those are
         skipped, and no CI is given if fewer than half of the resamples define the metric.
     """
-    from tqdm.auto import tqdm
-
     groups = np.asarray(groups)
     point = metric_fn(np.arange(len(groups)))
     samples: dict[str, list[float]] = {k: [] for k in point}
     it = patient_bootstrap(groups, n_bootstrap, seed)
-    for idx in tqdm(it, total=n_bootstrap, desc=desc, leave=False, disable=n_bootstrap < 50):
+    for idx in progress_bar(it, desc, total=n_bootstrap, enabled=n_bootstrap >= 50, log=False):
         values = metric_fn(idx)
         for k in samples:
             samples[k].append(values.get(k, math.nan))
@@ -504,6 +419,8 @@ def _validate_predictions(df: pd.DataFrame, where: str, class_names: Sequence[st
         raise UserError(f"{where}: true_class value(s) {unknown} are not among the classes {list(classes)}")
     probs = df[[f"prob_{c}" for c in classes]].apply(pd.to_numeric, errors="coerce").to_numpy(float)
     bad = ~np.isfinite(probs).all(1) | (probs < -1e-6).any(1) | (probs > 1 + 1e-6).any(1)
+    if "status" in df.columns:  # lesions the size rule left unclassified carry no probabilities
+        bad &= (df["status"].astype(str) == CLASSIFIED).to_numpy()
     if bad.any():
         raise UserError(f"{where}: probabilities missing or outside [0, 1] in row(s) {_rows(bad)}")
     return classes
@@ -587,11 +504,49 @@ def _check_positive(positive_class: str, classes: Sequence[str], where: str) -> 
 
 
 # --------------------------------------------------------------------------- per-fold settings
+def classified_rows(df: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The rows the size rule let through (as ``predict`` would classify them), and the coverage."""
+    n = len(df)
+    if "status" not in df.columns:
+        return df, {"n_lesions": n, "n_classified": n, "fraction": 1.0}
+    keep = (df["status"].astype(str) == CLASSIFIED).to_numpy()
+    out = df[keep].reset_index(drop=True)
+    return out, {
+        "n_lesions": n,
+        "n_classified": int(keep.sum()),
+        "n_too_small": int(n - keep.sum()),
+        "fraction": float(keep.mean()) if n else 0.0,
+    }
+
+
+def _stored_thresholds(df: pd.DataFrame) -> dict[str, float]:
+    """Per-fold thresholds recorded with the predictions (taken from each fold's checkpoint)."""
+    if "threshold" not in df.columns:
+        return {}
+    t = pd.to_numeric(df["threshold"], errors="coerce")
+    out = {}
+    for f, v in zip(df["fold"].astype(str), t, strict=True):
+        if np.isfinite(v):
+            out.setdefault(f, float(v))
+    return out
+
+
 def _fold_thresholds(
-    data: _Arrays, val: _Arrays | None, method: str | float, val_where: str
+    data: _Arrays,
+    val: _Arrays | None,
+    method: str | float,
+    val_where: str,
+    stored: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for f in sorted(set(data.folds), key=_fold_sort_key):
+        if data.binary and stored and f in stored:
+            out[f] = {
+                "threshold": stored[f],
+                "source": "checkpoint",
+                "note": "fitted at training on the fold's calibrated inner-validation probabilities",
+            }
+            continue
         if not data.binary:
             out[f] = {
                 "threshold": None,
@@ -617,7 +572,7 @@ def _fold_thresholds(
                 "note": f"fold {f} absent from {val_where}; threshold 0.5",
             }
             continue
-        t, note = _threshold_with_note((val.y[m] == val.pos).astype(int), val.probs[m, val.pos], "youden")
+        t, note = threshold_with_note((val.y[m] == val.pos).astype(int), val.probs[m, val.pos], "youden")
         source = "inner-validation" if note.startswith("Youden") else "default"
         out[f] = {"threshold": t, "source": source, "note": note, "n_val_lesions": int(m.sum())}
     return out
@@ -871,7 +826,7 @@ def summarize_predictions(
         _validate_predictions(val_df, f"{name} (inner validation)", classes)
         val = _arrays(val_df, classes, positive_class)
     val_where = f"inner-validation predictions for {name}"
-    thresholds = _fold_thresholds(data, val, method, val_where)
+    thresholds = _fold_thresholds(data, val, method, val_where, _stored_thresholds(df))
     temps = _fold_temperatures(data, val, val_where)
     pred = _predict(data, thresholds)
     notes: list[str] = []
@@ -999,18 +954,16 @@ def paired_auc_test(
         n_bootstrap: Resamples.
         seed: Random seed.
     """
-    from tqdm.auto import tqdm
-
     y = np.asarray(y_true).astype(int)
     a, b = np.asarray(probs_a, dtype=float), np.asarray(probs_b, dtype=float)
     auc_a, auc_b = _auc(y, a, positive_index), _auc(y, b, positive_index)
     diffs = []
-    for idx in tqdm(
+    for idx in progress_bar(
         patient_bootstrap(groups, n_bootstrap, seed),
+        "paired test",
         total=n_bootstrap,
-        desc="paired test",
-        leave=False,
-        disable=n_bootstrap < 50,
+        enabled=n_bootstrap >= 50,
+        log=False,
     ):
         d = _auc(y[idx], a[idx], positive_index) - _auc(y[idx], b[idx], positive_index)
         if np.isfinite(d):
@@ -1227,8 +1180,10 @@ def evaluate_run(
 
     df, classes = read_predictions(pred_path, run_info.get("class_names"))
     _check_positive(pos, classes, str(pred_path))
+    df, coverage = classified_rows(df)
+    covered = set(df["lesion_id"].astype(str))
     val_path = run_dir / "val_predictions.csv"
-    val_df = read_predictions(val_path, classes)[0] if val_path.is_file() else None
+    val_df = classified_rows(read_predictions(val_path, classes)[0])[0] if val_path.is_file() else None
     notes = [n for n in [cfg_note] if n]
     if val_df is None:
         notes.append(f"{val_path.name} not found: threshold 0.5 and no temperature scaling")
@@ -1241,6 +1196,7 @@ def evaluate_run(
     for bpath in sorted((run_dir / "baselines").glob("*/predictions.csv")):
         bname = bpath.parent.name
         bdf, _ = read_predictions(bpath, classes)
+        bdf = bdf[bdf["lesion_id"].astype(str).isin(covered)].reset_index(drop=True)  # same lesions
         bval_path = bpath.parent / "val_predictions.csv"
         bval = read_predictions(bval_path, classes)[0] if bval_path.is_file() else None
         # Without its own inner-validation predictions a baseline is scored at 0.5.
@@ -1265,6 +1221,7 @@ def evaluate_run(
         "n_patients": network["n_patients"],
         "n_lesions": network["n_lesions"],
         "n_per_class": network["n_per_class"],
+        "coverage": coverage,
         "settings": {
             "n_bootstrap": nb,
             "ci_level": CI_LEVEL,
@@ -1296,6 +1253,12 @@ def evaluate_run(
         "comparison": comparison,
         "notes": notes + network["notes"],
     }
+    if coverage["n_classified"] < coverage["n_lesions"]:
+        metrics["notes"].append(
+            f"metrics cover the {coverage['n_classified']} of {coverage['n_lesions']} lesions that predict "
+            f"classifies; {coverage['n_lesions'] - coverage['n_classified']} are too small to characterise "
+            f"(smallest axis < eval.min_size_mm = {cfg.eval.min_size_mm:g} mm), for every method alike"
+        )
     write_json(run_dir / "metrics.json", metrics)
 
     from liverlesion.report import render_report

@@ -27,16 +27,26 @@ ONNX_OPSET = 17
 
 
 class ProbabilityModel(nn.Module):
-    """Wraps a LesionNet so it outputs calibrated class probabilities."""
+    """Wraps a LesionNet so it outputs calibrated class probabilities, as ``inference`` computes them.
 
-    def __init__(self, model: nn.Module, temperature: float = 1.0):
+    The logits are averaged over the checkpoint's test-time views (``model.tta``) inside the graph,
+    then divided by the temperature. A fusion model takes a second input, ``features`` ``(N, F)``:
+    the radiomics-style features named in the metadata (``fusion_features``; NaN = missing).
+    """
+
+    def __init__(self, model: nn.Module, temperature: float = 1.0, tta: str = "none"):
         super().__init__()
+        from liverlesion.inference import tta_flips
+
         self.model = model
+        self.flips = tta_flips(tta)
         self.register_buffer("temperature", torch.tensor(float(temperature)))
 
-    def forward(self, image: Tensor) -> Tensor:
-        """``softmax(logits / temperature)`` for ``[0, 1]`` patches ``(N, C, H, W)``."""
-        return torch.softmax(self.model(image) / self.temperature, dim=1)
+    def forward(self, image: Tensor, features: Tensor | None = None) -> Tensor:
+        """``softmax(mean_views(logits) / temperature)`` for ``[0, 1]`` patches ``(N, C, H, W)``."""
+        views = [image if not d else torch.flip(image, dims=d) for d in self.flips]
+        logits = sum(self.model(v, features) for v in views) / len(views)
+        return torch.softmax(logits / self.temperature, dim=1)
 
 
 def export_metadata(
@@ -104,9 +114,16 @@ def export_model(ckpt_path: str | Path, format: str, out: str | Path) -> Path:
             f"checkpoint {ckpt_path}: config patch.size_px={size} is not a patch size; the file is damaged"
         )
     in_chans = int(meta["in_chans"])
-    wrapper = ProbabilityModel(model, float(meta.get("temperature", 1.0))).eval()
-    dummy = torch.rand(1, in_chans, size, size, generator=torch.Generator().manual_seed(0))
+    tta = str(meta["config"].get("model", {}).get("tta", "none"))
+    wrapper = ProbabilityModel(model, float(meta.get("temperature", 1.0)), tta).eval()
+    dummy: tuple[Tensor, ...] = (
+        torch.rand(1, in_chans, size, size, generator=torch.Generator().manual_seed(0)),
+    )
+    if model.fusion_features:
+        dummy = (*dummy, torch.zeros(1, len(model.fusion_features)))
     info = export_metadata(meta, Path(ckpt_path), fmt, size, in_chans)
+    info["tta"] = tta
+    info["fusion_features"] = list(model.fusion_features)
     with atomic_path(out) as tmp:
         if fmt == "onnx":
             _export_onnx(wrapper, dummy, tmp, info)
@@ -120,7 +137,7 @@ def _suffix(fmt: str) -> str:
     return "onnx" if fmt == "onnx" else "pt"
 
 
-def _export_onnx(wrapper: nn.Module, dummy: Tensor, tmp: Path, info: dict[str, Any]) -> None:
+def _export_onnx(wrapper: nn.Module, dummy: tuple[Tensor, ...], tmp: Path, info: dict[str, Any]) -> None:
     try:
         import onnx
     except ImportError as e:
@@ -130,11 +147,11 @@ def _export_onnx(wrapper: nn.Module, dummy: Tensor, tmp: Path, info: dict[str, A
         # the TorchScript-based exporter handles timm backbones reliably and needs no onnxscript
         torch.onnx.export(
             wrapper,
-            (dummy,),
+            dummy,
             str(tmp),
-            input_names=["image"],
+            input_names=["image", "features"][: len(dummy)],
             output_names=["probabilities"],
-            dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}},
+            dynamic_axes={"image": {0: "batch"}, "features": {0: "batch"}, "probabilities": {0: "batch"}},
             opset_version=ONNX_OPSET,
             do_constant_folding=True,
             dynamo=False,
@@ -152,8 +169,10 @@ def _export_onnx(wrapper: nn.Module, dummy: Tensor, tmp: Path, info: dict[str, A
     onnx.save(proto, str(tmp))
 
 
-def _export_torchscript(wrapper: nn.Module, dummy: Tensor, tmp: Path, info: dict[str, Any]) -> None:
+def _export_torchscript(
+    wrapper: nn.Module, dummy: tuple[Tensor, ...], tmp: Path, info: dict[str, Any]
+) -> None:
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # torch.jit deprecation notice and tracer notes
-        traced = torch.jit.trace(wrapper, (dummy,), check_trace=False)
+        traced = torch.jit.trace(wrapper, dummy, check_trace=False)
         torch.jit.save(traced, str(tmp), _extra_files={"liverlesion.json": json.dumps(info, indent=2)})

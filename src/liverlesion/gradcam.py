@@ -22,13 +22,24 @@ from liverlesion.fileio import atomic_path
 GRADCAM_TARGET = "predicted class"  # the gallery explains the decision that is shown
 
 
-def _target_layers(model: Any) -> list:
+MIN_CAM_SIDE = 5  # a map coarser than this says nothing about where in the lesion the evidence is
+
+
+class CamUnavailable(ValueError):
+    """No layer of the network has a map fine enough for Grad-CAM at this input size."""
+
+
+def _target_layers(model: Any, size: tuple[int, int] | None = None) -> list:
     import torch
 
     if hasattr(model, "cam_target_layers"):
-        layers = list(model.cam_target_layers())
+        layers = list(model.cam_target_layers(size))
         if layers:
             return layers
+        raise CamUnavailable(
+            f"Grad-CAM not available at this input size ({size[0] if size else '?'} px): no layer's map is "
+            f"at least {MIN_CAM_SIDE}x{MIN_CAM_SIDE}; use a larger patch.size_px"
+        )
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     if not convs:
         raise ValueError("model has no cam_target_layers() and no Conv2d layer for Grad-CAM")
@@ -60,8 +71,11 @@ def compute_cam(
     image = np.asarray(image_chw, dtype=np.float32)
     if image.ndim != 3:
         raise ValueError(f"compute_cam expects a (C, H, W) image, got shape {image.shape}")
-    layers = list(target_layers) if target_layers is not None else _target_layers(model)
+    layers = list(target_layers) if target_layers is not None else _target_layers(model, image.shape[1:])
     was_training = model.training
+    if getattr(model, "fusion_features", None):
+        # the image evidence: the network's logits (the fusion branch adds no pixels)
+        model = _NetworkPart(model).train(was_training)
     device = next(model.parameters()).device
     x = torch.from_numpy(image[None]).to(device)
     # Gradients must flow even if the weights are frozen (requires_grad=False).
@@ -75,6 +89,24 @@ def compute_cam(
         model.train(was_training)
     result = np.nan_to_num(out[0].astype(np.float32))
     return np.clip(result, 0.0, 1.0)
+
+
+def _network_part_class():
+    import torch
+
+    class NetworkPart(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return self.net.head(self.net.features(x))
+
+    return NetworkPart
+
+
+def _NetworkPart(net):  # noqa: N802 (a class built lazily, so importing gradcam needs no torch)
+    return _network_part_class()(net)
 
 
 def draw_overlay(
@@ -196,18 +228,21 @@ def gradcam_gallery(
         ``out_png``.
     """
     from matplotlib.figure import Figure
-    from tqdm.auto import tqdm
+
+    from liverlesion.progress import progress_bar
 
     run_dir, patch_dir = Path(run_dir), Path(patch_dir)
     if not patch_dir.is_dir():
         raise UserError(f"{patch_dir}: patch cache not found; re-run `liverlesion cv` to rebuild it")
     classes = [c[5:] for c in predictions_df.columns if c.startswith("prob_")]
+    if "status" in predictions_df.columns:  # lesions too small to characterise have no decision to explain
+        predictions_df = predictions_df[predictions_df["status"].astype(str) == "classified"]
     files = _patch_files(patch_dir)
     ordered = _order(predictions_df, classes)
     models: dict[str, tuple[Any, dict[str, Any]] | None] = {}
     cells: list[dict[str, Any]] = []
     skipped: list[str] = []
-    for row in tqdm(list(ordered.itertuples(index=False)), desc="Grad-CAM", leave=False):
+    for row in progress_bar(list(ordered.itertuples(index=False)), "Grad-CAM", unit="lesion", log=False):
         if len(cells) >= max_items:
             break
         fold = str(row.fold)
@@ -227,7 +262,10 @@ def gradcam_gallery(
         names = list(ckpt.get("class_names", classes))
         pred = str(row.pred_class)
         target = names.index(pred) if pred in names else classes.index(pred)
-        cam = compute_cam(model, chw, target)
+        try:
+            cam = compute_cam(model, chw, target)
+        except CamUnavailable as e:
+            raise UserError(str(e)) from e
         cells.append(
             {
                 "image": centre,

@@ -16,6 +16,7 @@ import hashlib
 import pickle
 import platform
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,7 @@ class LesionNet(nn.Module):
         mean: tuple[float, ...] | None = None,
         std: tuple[float, ...] | None = None,
         init_backbone: bool = True,
+        fusion_features: Sequence[str] = (),
     ):
         super().__init__()
         self.backbone_name = backbone
@@ -72,6 +74,18 @@ class LesionNet(nn.Module):
             nn.ReLU(inplace=True),
             nn.Linear(head_hidden, num_classes),
         )
+        # Late fusion (model.fusion = radiomics): logits = a * network + (1 - a) * linear(features),
+        # features standardised with training-fold statistics; ``a`` is chosen on inner validation.
+        self.fusion_features = [str(f) for f in fusion_features]
+        if self.fusion_features:
+            k = len(self.fusion_features)
+            self.register_buffer("fusion_fill", torch.zeros(k))
+            self.register_buffer("fusion_mean", torch.zeros(k))
+            self.register_buffer("fusion_std", torch.ones(k))
+            self.register_buffer("fusion_alpha", torch.ones(1))
+            self.fusion_head = nn.Linear(k, num_classes)
+            nn.init.zeros_(self.fusion_head.weight)
+            nn.init.zeros_(self.fusion_head.bias)
 
     def set_input_normalisation(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         """Set the per-channel mean / std applied to [0, 1] inputs."""
@@ -104,24 +118,95 @@ class LesionNet(nn.Module):
             return f.mean(dim=1)
         return f
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Logits ``(N, num_classes)`` for patches ``(N, in_chans, H, W)`` in ``[0, 1]``."""
-        return self.head(self.features(x))
+    def forward(self, x: Tensor, extra: Tensor | None = None) -> Tensor:
+        """Logits ``(N, num_classes)`` for patches ``(N, in_chans, H, W)`` in ``[0, 1]``.
 
-    def cam_target_layers(self) -> list[nn.Module]:
-        """The last convolutional stage, for Grad-CAM.
-
-        Uses timm's ``feature_info`` (e.g. ``Mixed_7c`` for inception_v3, ``layer4`` for ResNets,
-        ``bn2`` after ``conv_head`` for EfficientNets); otherwise the last top-level child of the
-        backbone whose output is 4-D, found with a small dry run.
+        A fusion model also needs ``extra``: its ``fusion_features`` per sample ``(N, F)`` (NaN = missing).
         """
-        info = getattr(self.backbone, "feature_info", None)
-        if isinstance(info, list) and info and isinstance(info[-1], dict) and info[-1].get("module"):
+        return self.fuse(self.head(self.features(x)), extra)
+
+    def fuse(self, deep_logits: Tensor, extra: Tensor | None) -> Tensor:
+        """Combine the network's logits with the fusion branch (identity for a plain network)."""
+        if not self.fusion_features:
+            return deep_logits
+        if extra is None:
+            raise UserError(
+                f"this model fuses the network with {len(self.fusion_features)} radiomics-style features; "
+                "pass them (Classifier and predict compute them from the lesion mask)"
+            )
+        e = torch.where(torch.isnan(extra), self.fusion_fill.to(extra.dtype), extra)
+        z = (e - self.fusion_mean) / self.fusion_std
+        a = self.fusion_alpha
+        return a * deep_logits + (1 - a) * self.fusion_head(z)
+
+    # ------------------------------------------------------------------ staged (cached) forward
+    _NOT_FEATURES = ("global_pool", "head_drop", "fc", "head", "classifier", "fc_norm", "pre_logits")
+
+    def blocks(self) -> list[tuple[str, nn.Module]]:
+        """The backbone's top-level blocks in forward order, or [] when they are not a plain sequence."""
+        kids = [(n, m) for n, m in self.backbone.named_children() if n not in self._NOT_FEATURES]
+        if getattr(self, "_blocks_ok", None) is None:
+            was = self.training
+            self.eval()
             try:
-                return [self.backbone.get_submodule(info[-1]["module"])]
-            except AttributeError:
-                pass
-        return [self._last_4d_child()]
+                with torch.no_grad():
+                    x = torch.rand(1, self.in_chans, 160, 160, device=self.input_mean.device)
+                    h = (x - self.input_mean) / self.input_std
+                    for _, m in kids:
+                        h = m(h)
+                    ref = self.feature_map(x)
+                self._blocks_ok = tuple(h.shape) == tuple(ref.shape) and bool(
+                    torch.allclose(h, ref, atol=1e-5)
+                )
+            except Exception:
+                self._blocks_ok = False
+            finally:
+                self.train(was)
+        return kids if self._blocks_ok else []
+
+    def forward_lower(self, x: Tensor, n_top: int) -> Tensor:
+        """Activations below the last ``n_top`` blocks for ``[0, 1]`` input (cached during lpft)."""
+        h = (x - self.input_mean) / self.input_std
+        kids = self.blocks()
+        for _, m in kids[: len(kids) - n_top]:
+            h = m(h)
+        return h
+
+    def forward_upper(self, h: Tensor, n_top: int, extra: Tensor | None = None) -> Tensor:
+        """Logits from :meth:`forward_lower`'s activations: the same numbers as :meth:`forward`."""
+        kids = self.blocks()
+        for _, m in kids[len(kids) - n_top :]:
+            h = m(h)
+        return self.fuse(self.head(self._pool(h)), extra)
+
+    def cam_target_layers(self, size: Sequence[int] | None = None, min_side: int = 5) -> list[nn.Module]:
+        """The deepest backbone block whose map is at least ``min_side`` pixels wide, for Grad-CAM.
+
+        At small inputs the last stage is too coarse (Inception-v3 at 160 px: 3x3 after Mixed_7c), so
+        an earlier block is taken (Mixed_6e, 8x8). Returns [] when no block qualifies.
+        """
+        h, w = (int(size[0]), int(size[1])) if size is not None else (299, 299)
+        kids = self.blocks() or list(self.backbone.named_children())
+        seen: list[tuple[nn.Module, tuple[int, ...]]] = []
+        hooks = [
+            m.register_forward_hook(
+                lambda mod, _i, out: seen.append((mod, tuple(out.shape)))
+                if torch.is_tensor(out) and out.ndim == 4
+                else None
+            )
+            for _, m in kids
+        ]
+        was_training = self.training
+        try:
+            self.eval()
+            with torch.no_grad():
+                self.feature_map(torch.zeros(1, self.in_chans, h, w, device=self.input_mean.device))
+        finally:
+            for hk in hooks:
+                hk.remove()
+            self.train(was_training)
+        ok = [m for m, shp in seen if min(shp[2], shp[3]) >= min_side and shp[1] > 3]
+        return ok[-1:] if ok else []
 
     def _last_4d_child(self) -> nn.Module:
         seen: list[nn.Module] = []
@@ -186,6 +271,7 @@ def build_model(
     in_chans: int = 3,
     weights: str | None = None,
     imagenet: Any = None,
+    fusion_features: Sequence[str] = (),
 ) -> tuple[LesionNet, str]:
     """Build ``LesionNet`` and initialise its backbone.
 
@@ -218,15 +304,15 @@ def build_model(
 
         # ``imagenet``: weights already resolved by the caller (one look-up for all CV folds)
         w = imagenet if imagenet is not None else resolve_imagenet_weights(cfg.backbone)
-        model = LesionNet(*args, mean=w.mean, std=w.std, init_backbone=False)
+        model = LesionNet(*args, mean=w.mean, std=w.std, init_backbone=False, fusion_features=fusion_features)
         _load_backbone(model, w.state_dict, source=w.source, src_chans=3)
         model.apply_backbone_patch(w.backbone_patch)
         return model, w.source
     if kind in ("none", "random", ""):
-        return LesionNet(*args), "random init"
+        return LesionNet(*args, fusion_features=fusion_features), "random init"
     path = Path(choice).expanduser()
     # every backbone tensor is loaded from the file (or we fail), so skip the random init
-    model = LesionNet(*args, init_backbone=not path.is_file())
+    model = LesionNet(*args, init_backbone=not path.is_file(), fusion_features=fusion_features)
     return model, _init_from_file(model, path)
 
 
@@ -459,6 +545,7 @@ def save_checkpoint(
         "class_names": [str(c) for c in class_names],
         "in_chans": int(in_chans),
         "backbone_patch": model.backbone_patch,
+        "fusion_features": list(model.fusion_features),
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "versions": _plain(_versions()),
         "temperature": 1.0,
@@ -527,6 +614,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             mc.head_hidden,
             mc.dropout,
             init_backbone=False,
+            fusion_features=[str(f) for f in obj.get("fusion_features") or []],
         )
         model.apply_backbone_patch(obj.get("backbone_patch"))
     except UserError as e:

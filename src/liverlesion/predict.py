@@ -45,7 +45,8 @@ __all__ = [
     "result_columns",
 ]
 
-TOO_SMALL = "too small to characterise"
+from liverlesion.decision import CLASSIFIED, TOO_SMALL  # noqa: E402  (the one definition)
+
 OVERLAY_CAPTION = "Research use, not for diagnosis"
 
 # Spacing beyond this is not a CT voxel (mm); usually a unit error (cm / m) in a converted file.
@@ -294,13 +295,38 @@ class Classifier:
         }
 
     # ------------------------------------------------------------------ inference
-    def member_probs(self, patch_image: np.ndarray) -> np.ndarray:
-        """Per-member class probabilities ``(n_models, n_classes)`` for one lesion's patch.
+    @property
+    def fusion_features(self) -> list[str]:
+        """Names of the radiomics-style features a fusion model also reads ([] for a plain network)."""
+        return list(self.members[0].model.fusion_features)
+
+    def fusion_vector(self, patch, lesion) -> np.ndarray | None:
+        """The fusion features of one lesion, from its patch and measurements (None for a plain network)."""
+        if not self.fusion_features:
+            return None
+        from liverlesion.features import radiomics_features
+
+        pc = self.patch_config
+        feats = radiomics_features(
+            patch.hu,
+            patch.mask,
+            float(patch.meta["pixel_mm"]),
+            (pc.window_center, pc.window_width),
+            {
+                k: getattr(lesion, k)
+                for k in ("volume_ml", "max_axial_diameter_mm", "min_axis_mm", "hu_mean", "hu_std")
+            },
+        )
+        return np.array([feats.get(n, math.nan) for n in self.fusion_features], dtype=np.float64)
+
+    def member_probs(self, patch_image: np.ndarray, extra: np.ndarray | None = None) -> np.ndarray:
+        """Per-member calibrated class probabilities ``(n_models, n_classes)`` for one lesion's patch.
 
         Args:
             patch_image: ``(S, C, H, W)`` in ``[0, 1]``; 2-D mode's slice samples are averaged.
+            extra: The lesion's fusion features (:meth:`fusion_vector`) for a fusion model.
         """
-        import torch
+        from liverlesion.inference import apply_temperature, lesion_logits
 
         x = np.asarray(patch_image, dtype=np.float32)
         if x.ndim == 3:
@@ -312,27 +338,24 @@ class Classifier:
                 f"patch of shape {tuple(np.shape(patch_image))} does not fit the model: expected (S, {self.in_chans}, H, W) "
                 f"as cut with the checkpoint's patch settings"
             )
-        xt = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
+        e = None if extra is None else np.asarray(extra, dtype=np.float64)[None]
         out = []
-        with torch.inference_mode():
-            for m in self.members:
-                logits = m.model(xt).float()
-                probs = torch.softmax(logits / m.temperature, dim=1).mean(dim=0)
-                out.append(probs.cpu().numpy().astype(np.float64))
+        for m in self.members:
+            logits = lesion_logits(m.model, [x], e, tta=self.config.model.tta, device=self.device)
+            out.append(apply_temperature(logits, m.temperature)[0])
         return np.stack(out)
 
-    def predict_patch(self, patch_image: np.ndarray) -> np.ndarray:
+    def predict_patch(self, patch_image: np.ndarray, extra: np.ndarray | None = None) -> np.ndarray:
         """Ensemble-mean class probabilities ``(n_classes,)`` for one lesion's patch ``(S, C, H, W)``."""
-        return self.member_probs(patch_image).mean(axis=0)
+        from liverlesion.inference import ensemble_probs
+
+        return ensemble_probs(self.member_probs(patch_image, extra))
 
     def decide(self, probs: np.ndarray) -> str:
-        """The predicted class for mean probabilities (threshold rule in the binary case)."""
-        if self.threshold is not None:
-            assert self.positive_class is not None
-            j = self.class_names.index(self.positive_class)
-            other = self.class_names[1 - j]
-            return self.positive_class if probs[j] >= self.threshold else other
-        return self.class_names[int(np.argmax(probs))]
+        """The predicted class for mean probabilities (the checkpoint's decision rule)."""
+        from liverlesion.decision import decide
+
+        return decide(probs, self.class_names, self.positive_class, self.threshold)[0]
 
     def gradcam(self, patch_image: np.ndarray, target_class: str | int) -> np.ndarray:
         """Grad-CAM ``(H, W)`` in ``[0, 1]`` on the patch's centre sample, averaged over members."""
@@ -488,6 +511,8 @@ class Classifier:
     ) -> list[_LesionResult]:
         from tqdm.auto import tqdm
 
+        from liverlesion.decision import too_small as is_too_small
+        from liverlesion.inference import ensemble_probs
         from liverlesion.patches import extract_patch
 
         results = []
@@ -501,14 +526,14 @@ class Classifier:
             leave=False,
         ):
             patch = extract_patch(volume, lmask, self.patch_config)
-            too_small = not (float(lesion.min_axis_mm) >= min_size_mm)
+            too_small = is_too_small(lesion.min_axis_mm, min_size_mm)
             probs = np.full(len(self.class_names), np.nan)
             uncertainty = entropy = math.nan
             pred = TOO_SMALL
             cam = None
             if not too_small:
-                member = self.member_probs(patch.image)
-                probs = member.mean(axis=0)
+                member = self.member_probs(patch.image, self.fusion_vector(patch, lesion))
+                probs = ensemble_probs(member)
                 pred = self.decide(probs)
                 j = self.class_names.index(pred)
                 uncertainty = float(member[:, j].std()) if len(member) > 1 else 0.0
@@ -522,7 +547,12 @@ class Classifier:
                 "source": lesion.source,
                 "label": lesion.label,
                 "pred_class": pred,
-                "status": TOO_SMALL if too_small else "classified",
+                "status": TOO_SMALL if too_small else CLASSIFIED,
+                "fusion_input": (
+                    ""
+                    if not self.fusion_features
+                    else ("mask" if lesion.source == "mask" else "click sphere (estimated)")
+                ),
             }
             for c, p in zip(self.class_names, probs, strict=True):
                 row[f"prob_{c}"] = float(p)
@@ -578,6 +608,7 @@ def result_columns(class_names: Sequence[str]) -> list[str]:
         "threshold",
         "positive_class",
         "status",
+        "fusion_input",
         "max_axial_diameter_mm",
         "min_axis_mm",
         "volume_ml",

@@ -24,6 +24,7 @@ from liverlesion.errors import UserError
 from liverlesion.evaluate import (
     SUMMARY_METRICS,
     apply_thresholds,
+    classified_rows,
     fmt_ci,
     format_comparison,
     metric_label,
@@ -345,7 +346,9 @@ def make_plots(
                 raise UserError(f"{run_dir / 'run.json'}: no patch_dir recorded; cannot find the patches")
             from liverlesion.gradcam import gradcam_gallery
 
-            shown = apply_thresholds(df, classes, metrics["positive_class"], net["threshold"]["per_fold"])
+            shown = apply_thresholds(
+                classified_rows(df)[0], classes, metrics["positive_class"], net["threshold"]["per_fold"]
+            )
             plots["gradcam"] = gradcam_gallery(
                 run_dir, shown, patch_dir, int(metrics["settings"]["gradcam_max"]), gallery
             )

@@ -51,6 +51,8 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*treespec.*")
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=r".*number of training batches.*")
+    # lpft keeps the pretrained BatchNorm statistics on purpose (modules in eval mode while training)
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 
 
 def _set_threads(cfg: Config) -> None:
@@ -178,6 +180,7 @@ class FoldData:
     index: pd.DataFrame  # lesion rows of this subset
     arrays: list[np.ndarray]
     labels: np.ndarray
+    rows: np.ndarray  # positions of these lesions in the run's lesion table (feature and view caches)
 
 
 def _subset(index: pd.DataFrame, arrays: list[np.ndarray], classes: list[str], patients) -> FoldData:
@@ -185,7 +188,9 @@ def _subset(index: pd.DataFrame, arrays: list[np.ndarray], classes: list[str], p
     rows = np.flatnonzero(mask)
     sub = index.iloc[rows].reset_index(drop=True)
     cmap = {c: i for i, c in enumerate(classes)}
-    return FoldData(sub, [arrays[i] for i in rows], sub["lesion_class"].astype(str).map(cmap).to_numpy())
+    return FoldData(
+        sub, [arrays[i] for i in rows], sub["lesion_class"].astype(str).map(cmap).to_numpy(), rows
+    )
 
 
 def _loaders(fit: FoldData, val: FoldData, cfg: Config):
@@ -232,7 +237,7 @@ def _class_weights(labels: np.ndarray, n_classes: int, mode: str):
 
 def _trainer(cfg: Config, fold_dir: Path, enable_progress: bool = True):
     import lightning.pytorch as pl
-    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     t = cfg.train
@@ -244,9 +249,10 @@ def _trainer(cfg: Config, fold_dir: Path, enable_progress: bool = True):
     ckpt = ModelCheckpoint(
         dirpath=fold_dir / "checkpoints", filename="best", monitor="val_loss", mode="min", save_last=True
     )
-    callbacks = [EarlyStopping(monitor="val_loss", patience=t.patience, mode="min"), ckpt]
-    if enable_progress:
-        callbacks.append(TQDMProgressBar(refresh_rate=1))
+    from liverlesion.progress import lightning_progress
+
+    bar = lightning_progress(enable_progress)
+    callbacks = [EarlyStopping(monitor="val_loss", patience=t.patience, mode="min"), ckpt, *bar]
     devices: Any = t.devices
     if isinstance(devices, str) and devices.isdigit():
         devices = int(devices)
@@ -262,7 +268,7 @@ def _trainer(cfg: Config, fold_dir: Path, enable_progress: bool = True):
             CSVLogger(fold_dir / "logs", name="", version="csv"),
         ],
         log_every_n_steps=1,
-        enable_progress_bar=enable_progress,
+        enable_progress_bar=bool(bar),
         enable_model_summary=False,
         num_sanity_val_steps=0,
         default_root_dir=fold_dir,
@@ -270,37 +276,12 @@ def _trainer(cfg: Config, fold_dir: Path, enable_progress: bool = True):
     return trainer, ckpt
 
 
-def predict_lesions(model, data: FoldData, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Lesion-level logits and probabilities: slice samples averaged back to their lesion.
+def _prediction_frame(
+    data: FoldData, classes: list[str], logits: np.ndarray, probs: np.ndarray, fold: Any, dec: dict[str, Any]
+) -> pd.DataFrame:
+    """The ``predictions.csv`` rows of one set: calibrated probabilities, the decision and its status."""
+    from liverlesion.decision import CLASSIFIED, TOO_SMALL, decide, too_small
 
-    Returns:
-        (logits, probs), each ``(n_lesions, n_classes)``.
-    """
-    import torch
-
-    from liverlesion.data import PatchDataset
-
-    ds = PatchDataset(data.arrays, data.labels)
-    model.eval()
-    n = len(data.arrays)
-    logit_sum, prob_sum, count = None, None, np.zeros(n)
-    with torch.inference_mode():
-        for start in range(0, len(ds), batch_size):
-            items = [ds[i] for i in range(start, min(start + batch_size, len(ds)))]
-            x = torch.stack([it[0] for it in items]).to(next(model.parameters()).device)
-            lesion = np.array([it[2] for it in items])
-            logits = model(x).float().cpu().numpy()
-            probs = torch.softmax(torch.from_numpy(logits), 1).numpy()
-            if logit_sum is None:
-                logit_sum = np.zeros((n, logits.shape[1]))
-                prob_sum = np.zeros((n, logits.shape[1]))
-            np.add.at(logit_sum, lesion, logits)
-            np.add.at(prob_sum, lesion, probs)
-            np.add.at(count, lesion, 1)
-    return logit_sum / count[:, None], prob_sum / count[:, None]
-
-
-def _prediction_frame(data: FoldData, classes: list[str], logits, probs, fold: Any) -> pd.DataFrame:
     idx = data.index
     df = pd.DataFrame(
         {
@@ -309,11 +290,17 @@ def _prediction_frame(data: FoldData, classes: list[str], logits, probs, fold: A
             "true_class": idx["lesion_class"].astype(str),
         }
     )
+    small = np.array([too_small(v, dec["min_size_mm"]) for v in idx["min_axis_mm"]], dtype=bool)
+    probs = np.where(small[:, None], np.nan, probs)
     for j, c in enumerate(classes):
         df[f"prob_{c}"] = probs[:, j]
     for j, c in enumerate(classes):
         df[f"logit_{c}"] = logits[:, j]
-    df["pred_class"] = [classes[j] for j in probs.argmax(1)]
+    pred = decide(np.nan_to_num(probs), classes, dec["positive_class"], dec["threshold"])
+    df["pred_class"] = [TOO_SMALL if s else p for s, p in zip(small, pred, strict=True)]
+    df["status"] = [TOO_SMALL if s else CLASSIFIED for s in small]
+    df["threshold"] = dec["threshold"] if dec["threshold"] is not None else np.nan
+    df["temperature"] = dec["temperature"]
     df["fold"] = fold
     for col in ("max_axial_diameter_mm", "volume_ml", "min_axis_mm", "hu_mean"):
         if col in idx:
@@ -321,18 +308,152 @@ def _prediction_frame(data: FoldData, classes: list[str], logits, probs, fold: A
     return df
 
 
-def _calibrate(val_df: pd.DataFrame, classes: list[str], positive: str) -> tuple[float, float | None]:
-    """Temperature and positive-class threshold, fitted on inner-validation predictions only."""
-    from liverlesion.evaluate import choose_threshold, fit_temperature
+def _radiomics_logits(model, extra: np.ndarray) -> np.ndarray:
+    import torch
 
-    logits = val_df[[f"logit_{c}" for c in classes]].to_numpy()
-    y = val_df["true_class"].map({c: i for i, c in enumerate(classes)}).to_numpy()
-    temperature = float(fit_temperature(logits, y))
+    with torch.inference_mode():
+        e = torch.from_numpy(np.asarray(extra, dtype=np.float32))
+        e = torch.where(torch.isnan(e), model.fusion_fill, e)
+        return model.fusion_head((e - model.fusion_mean) / model.fusion_std).double().numpy()
+
+
+def _fit_fusion(model, fit_x: np.ndarray, fit_y: np.ndarray, seed: int) -> None:
+    """The fusion branch: a class-balanced logistic regression on training-fold-standardised features."""
+    import torch
+    from sklearn.linear_model import LogisticRegression
+
+    fill = np.nanmedian(np.where(np.isfinite(fit_x), fit_x, np.nan), axis=0)
+    fill = np.where(np.isfinite(fill), fill, 0.0)
+    x = np.where(np.isfinite(fit_x), fit_x, fill)
+    mean, std = x.mean(0), x.std(0)
+    std = np.where(std > 1e-8, std, 1.0)
+    lr = LogisticRegression(class_weight="balanced", max_iter=5000, random_state=seed)
+    lr.fit((x - mean) / std, fit_y)
+    k = model.num_classes
+    w = np.zeros((k, x.shape[1]))
+    b = np.zeros(k)
+    if len(lr.classes_) == 2 and k == 2:
+        w[lr.classes_[1]], b[lr.classes_[1]] = lr.coef_[0] / 2, lr.intercept_[0] / 2
+        w[lr.classes_[0]], b[lr.classes_[0]] = -lr.coef_[0] / 2, -lr.intercept_[0] / 2
+    else:
+        for j, c in enumerate(lr.classes_):
+            w[c], b[c] = lr.coef_[j], lr.intercept_[j]
+    with torch.no_grad():
+        model.fusion_fill.copy_(torch.as_tensor(fill, dtype=torch.float32))
+        model.fusion_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
+        model.fusion_std.copy_(torch.as_tensor(std, dtype=torch.float32))
+        model.fusion_head.weight.copy_(torch.as_tensor(w, dtype=torch.float32))
+        model.fusion_head.bias.copy_(torch.as_tensor(b, dtype=torch.float32))
+
+
+def _choose_alpha(deep: np.ndarray, rad: np.ndarray, y: np.ndarray) -> tuple[float, dict[str, float]]:
+    """Weight of the network in the fused logits, chosen by inner-validation NLL (after temperature)."""
+    from liverlesion.inference import _nll_at, fit_temperature
+
+    scores = {}
+    for a in np.round(np.linspace(0.0, 1.0, 21), 2):
+        z = a * deep + (1 - a) * rad
+        scores[float(a)] = _nll_at(z, y, fit_temperature(z, y)) if len(y) else 0.0
+    best = min(scores.values())
+    # ties (e.g. both halves perfect on inner validation): the most even mix
+    alpha = min((a for a, v in scores.items() if v <= best + 1e-4), key=lambda a: abs(a - 0.5))
+    return alpha, scores
+
+
+def finish_fold(
+    model,
+    deep_logits,
+    fit: FoldData,
+    val: FoldData,
+    tests: dict[str, FoldData],
+    classes: list[str],
+    cfg: Config,
+    extra: np.ndarray | None,
+    fold: Any,
+) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
+    """Fusion weight, temperature and threshold on inner validation; predictions of every set.
+
+    ``deep_logits(data)`` gives the network's lesion logits of a set (TTA views and samples averaged
+    by :mod:`liverlesion.inference`). The threshold is fitted on the same calibrated probabilities
+    it is compared with later, on the lesions the size rule lets through.
+    """
+    import torch
+
+    from liverlesion.decision import choose_threshold, too_small
+    from liverlesion.inference import apply_temperature, fit_temperature
+
+    info: dict[str, Any] = {}
+    val_deep = deep_logits(val)
+
+    def fused(data: FoldData, deep: np.ndarray) -> np.ndarray:
+        if not model.fusion_features:
+            return deep
+        a = float(model.fusion_alpha.item())
+        return a * deep + (1 - a) * _radiomics_logits(model, extra[data.rows])
+
+    ok = np.array([not too_small(v, cfg.eval.min_size_mm) for v in val.index["min_axis_mm"]], dtype=bool)
+    if model.fusion_features:
+        _fit_fusion(model, extra[fit.rows], fit.labels, cfg.train.seed)
+        rad = _radiomics_logits(model, extra[val.rows])
+        alpha, scores = _choose_alpha(val_deep[ok], rad[ok], val.labels[ok])
+        with torch.no_grad():
+            model.fusion_alpha.fill_(alpha)
+        info["fusion"] = {"alpha": alpha, "val_nll_by_alpha": scores}
+    val_logits = fused(val, val_deep)
+    temperature = float(fit_temperature(val_logits[ok], val.labels[ok]))
+    val_probs = apply_temperature(val_logits, temperature)
+    positive = cfg.eval.positive_class if cfg.eval.positive_class in classes else None
     threshold = None
-    if len(classes) == 2 and positive in classes:
-        y_pos = (val_df["true_class"] == positive).to_numpy().astype(int)
-        threshold = float(choose_threshold(y_pos, val_df[f"prob_{positive}"].to_numpy()))
-    return temperature, threshold
+    if len(classes) == 2 and positive is not None:
+        y_pos = (val.labels[ok] == classes.index(positive)).astype(int)
+        threshold = float(choose_threshold(y_pos, val_probs[ok, classes.index(positive)], cfg.eval.threshold))
+    dec = {
+        "temperature": temperature,
+        "threshold": threshold,
+        "positive_class": positive,
+        "min_size_mm": cfg.eval.min_size_mm,
+    }
+    results = {"val": _prediction_frame(val, classes, val_logits, val_probs, fold, dec)}
+    for name, data in tests.items():
+        if len(data.arrays):
+            lg = fused(data, deep_logits(data))
+            results[name] = _prediction_frame(
+                data, classes, lg, apply_temperature(lg, temperature), fold, dec
+            )
+    return results, {**info, **dec}
+
+
+def _train_end_to_end(
+    model, fit: FoldData, val: FoldData, classes, cfg: Config, fold_dir: Path, resume: bool
+):
+    """The paper's recipe: the whole network trained end to end (Lightning, early stopping on inner val)."""
+    import torch
+
+    module = _make_lightning_module(
+        model, cfg, _class_weights(fit.labels, len(classes), cfg.train.class_weighting)
+    )
+    train_dl, val_dl = _loaders(fit, val, cfg)
+    trainer, ckpt_cb = _trainer(cfg, fold_dir)
+    last = fold_dir / "checkpoints" / "last.ckpt"
+    trainer.fit(module, train_dl, val_dl, ckpt_path=str(last) if resume and last.exists() else None)
+    if ckpt_cb.best_model_path:
+        state = torch.load(ckpt_cb.best_model_path, map_location="cpu", weights_only=False)["state_dict"]
+        module.load_state_dict(state)
+    return (
+        module.model.cpu(),
+        trainer.global_rank,
+        {"recipe": "end_to_end", "epochs": int(trainer.current_epoch)},
+    )
+
+
+def _full_deep_logits(model, cfg: Config):
+    from liverlesion.inference import lesion_logits
+
+    def fn(data: FoldData) -> np.ndarray:
+        model.eval()
+        return lesion_logits(lambda x, _e: model.head(model.features(x)), data.arrays, tta=cfg.model.tta)
+
+    return fn
 
 
 def train_fold(
@@ -346,63 +467,114 @@ def train_fold(
     meta: dict[str, Any],
     resume: bool = False,
     imagenet: Any = None,
+    shared: dict[str, Any] | None = None,
 ) -> dict[str, pd.DataFrame]:
     """Train one model with early stopping on ``val``; write ``model.pt``; predict each set in ``tests``.
 
     ``imagenet`` is an already resolved ``weights.ImagenetWeights`` (``run_cv`` resolves it once).
+    ``shared`` holds what every fold reuses: ``extra`` (fusion features of every lesion, with their
+    ``extra_names``), and for the lpft recipe the pretrained ``template`` model and the view ``cache``.
     """
+    import copy
+
     import lightning.pytorch as pl
-    import torch
 
     from liverlesion.model import build_model, save_checkpoint
 
+    shared = shared or {}
     fold_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
     in_chans = int(fit.arrays[0].shape[1])
-    model, init = build_model(cfg.model, num_classes=len(classes), in_chans=in_chans, imagenet=imagenet)
-    module = _make_lightning_module(
-        model, cfg, _class_weights(fit.labels, len(classes), cfg.train.class_weighting)
-    )
-    train_dl, val_dl = _loaders(fit, val, cfg)
-    trainer, ckpt_cb = _trainer(cfg, fold_dir)
-    last = fold_dir / "checkpoints" / "last.ckpt"
     t0 = time.time()
-    trainer.fit(module, train_dl, val_dl, ckpt_path=str(last) if resume and last.exists() else None)
-    if ckpt_cb.best_model_path:
-        state = torch.load(ckpt_cb.best_model_path, map_location="cpu", weights_only=False)["state_dict"]
-        module.load_state_dict(state)
-    model = module.model.cpu()
-    if trainer.global_rank != 0:
-        return {}
+    extra, names = shared.get("extra"), shared.get("extra_names", [])
+    if cfg.train.recipe == "lpft":
+        from liverlesion.lpft import deep_logits_from_cache, train_lpft
 
-    logits, probs = predict_lesions(model, val)
-    val_df = _prediction_frame(val, classes, logits, probs, fold)
-    temperature, threshold = _calibrate(val_df, classes, cfg.eval.positive_class)
-    results = {"val": val_df}
-    for name, data in tests.items():
-        if len(data.arrays):
-            lg, pr = predict_lesions(model, data)
-            results[name] = _prediction_frame(data, classes, lg, pr, fold)
+        model = copy.deepcopy(shared["template"])
+        init = shared["init"]
+        cache = shared["cache"]
+        labels = np.full(max(len(cache.lower), 1), -1)
+        labels[fit.rows], labels[val.rows] = fit.labels, val.labels
+        weights = _class_weights(fit.labels, len(classes), cfg.train.class_weighting)
+        train_info = train_lpft(model, cache, fit.rows, val.rows, labels, cfg, weights, fold_dir)
+        rank = 0
+
+        def deep(data: FoldData) -> np.ndarray:
+            return deep_logits_from_cache(model, cache, data.rows)
+    else:
+        model, init = build_model(
+            cfg.model, num_classes=len(classes), in_chans=in_chans, imagenet=imagenet, fusion_features=names
+        )
+        model, rank, train_info = _train_end_to_end(model, fit, val, classes, cfg, fold_dir, resume)
+        deep = _full_deep_logits(model, cfg)
+    if rank != 0:
+        return {}
+    results, dec = finish_fold(model, deep, fit, val, tests, classes, cfg, extra, fold)
     save_checkpoint(
         fold_dir / "model.pt",
         model,
         cfg,
         classes,
         in_chans,
-        temperature=temperature,
-        threshold=threshold,
-        positive_class=cfg.eval.positive_class if cfg.eval.positive_class in classes else None,
+        temperature=dec["temperature"],
+        threshold=dec["threshold"],
+        positive_class=dec["positive_class"],
         fold=fold,
         init=init,
+        training=train_info,
+        fusion=dec.get("fusion"),
         train_patients=sorted(set(fit.index["patient_id"].astype(str))),
         val_patients=sorted(set(val.index["patient_id"].astype(str))),
-        epochs_trained=int(trainer.current_epoch),
+        epochs_trained=int(train_info.get("epochs", 0)),
         train_seconds=round(time.time() - t0, 1),
         **meta,
     )
     for name, df in results.items():
         write_csv(fold_dir / f"{name}_predictions.csv", df)
     return results
+
+
+def prepare_shared(
+    cfg: Config,
+    index: pd.DataFrame,
+    arrays: list[np.ndarray],
+    patch_dir: Path,
+    classes: list[str],
+    imagenet: Any,
+    in_chans: int,
+) -> dict[str, Any]:
+    """What every fold reuses: fusion features of every lesion and (lpft) the frozen-feature cache."""
+    from liverlesion.model import build_model
+
+    shared: dict[str, Any] = {"extra": None, "extra_names": []}
+    if cfg.model.fusion == "radiomics":
+        from liverlesion.features import cache_radiomics
+
+        print("Fusion: radiomics-style features of every lesion (training-fold statistics per fold)")
+        table = cache_radiomics(patch_dir, index, (cfg.patch.window_center, cfg.patch.window_width))
+        names = [c for c in table.columns if c != "lesion_id"]
+        shared["extra"] = table[names].to_numpy(np.float64)
+        shared["extra_names"] = names
+    if cfg.train.recipe == "lpft":
+        from liverlesion.lpft import build_cache, n_top_blocks
+
+        model, init = build_model(
+            cfg.model,
+            num_classes=len(classes),
+            in_chans=in_chans,
+            imagenet=imagenet,
+            fusion_features=shared["extra_names"],
+        )
+        n_top, note = n_top_blocks(model, cfg)
+        if note:
+            print(f"Note: {note}")
+        views = (4 if cfg.model.tta == "flips" else 1) + cfg.train.aug_views
+        print(
+            f"Recipe lpft: head on frozen features, then the top {n_top} block(s) fine-tuned; caching "
+            f"{views} views per lesion"
+        )
+        shared.update(template=model, init=init, cache=build_cache(model, arrays, cfg, n_top))
+    return shared
 
 
 # --------------------------------------------------------------------------- entry points
@@ -459,7 +631,8 @@ def _announce_init(
     cfg: Config, manifest: Path, out: Path, patch_dir: Path, classes: list[str], kind: str
 ) -> tuple[dict, Any]:
     imagenet, init = _resolve_init(cfg)
-    print(f"Network: {cfg.model.backbone} + paper head; init: {init}")
+    fusion = " + radiomics late fusion" if cfg.model.fusion == "radiomics" else ""
+    print(f"Network: {cfg.model.backbone} + paper head{fusion}; recipe {cfg.train.recipe}; init: {init}")
     info = _run_info(manifest, patch_dir, classes, cfg, init, kind)
     write_json(out / "run.json", info)
     return info, imagenet
@@ -497,6 +670,20 @@ def run_cv(
         f"{cfg.cv.folds}-fold patient-level CV"
     )
     arrays = load_patch_arrays(patch_dir, index)
+    todo = [
+        s
+        for s in splits["splits"]
+        if not (
+            (out / f"fold_{s['fold']}" / "model.pt").exists()
+            and (out / f"fold_{s['fold']}" / "test_predictions.csv").exists()
+        )
+    ]
+    need_frozen = baselines and cfg.train.recipe == "lpft"
+    shared = (
+        prepare_shared(cfg, index, arrays, patch_dir, classes, imagenet, int(arrays[0].shape[1]))
+        if todo or need_frozen
+        else {}
+    )
 
     test_frames, val_frames = [], []
     t0 = time.time()
@@ -528,6 +715,7 @@ def run_cv(
             {"run": "cv"},
             resume=resume,
             imagenet=imagenet,
+            shared=shared,
         )
         if not res:
             continue  # non-zero DDP rank
@@ -550,12 +738,24 @@ def run_cv(
             out / "baselines",
             positive_class=cfg.eval.positive_class,
             seed=cfg.cv.seed,
+            frozen=_frozen_features(shared, index, cfg),
         )
     if evaluate:
         from liverlesion.evaluate import evaluate_run
 
         evaluate_run(out)
     return out
+
+
+def _frozen_features(shared: dict[str, Any], index: pd.DataFrame, cfg: Config) -> pd.DataFrame | None:
+    """Frozen ImageNet features (identity view, mean over samples) for the frozen_lr baseline."""
+    cache = shared.get("cache")
+    if cache is None or cfg.model.weights.lower() != "imagenet":
+        return None
+    feats = np.stack([p[0].mean(0) for p in cache.pooled])
+    df = pd.DataFrame(feats, columns=[f"deep_{j}" for j in range(feats.shape[1])])
+    df.insert(0, "lesion_id", index["lesion_id"].astype(str).to_numpy())
+    return df
 
 
 def train_single(manifest: str | Path, out: str | Path, cfg: Config, resume: bool = False) -> Path:
@@ -575,10 +775,21 @@ def train_single(manifest: str | Path, out: str | Path, cfg: Config, resume: boo
         write_json(split_file, split)
     _, imagenet = _announce_init(cfg, manifest, out, patch_dir, classes, "train")
     arrays = load_patch_arrays(patch_dir, index)
+    shared = prepare_shared(cfg, index, arrays, patch_dir, classes, imagenet, int(arrays[0].shape[1]))
     fit = _subset(index, arrays, classes, split["train_patients"])
     val = _subset(index, arrays, classes, split["val_patients"])
     res = train_fold(
-        out, fit, val, {}, classes, cfg, "all", {"run": "train"}, resume=resume, imagenet=imagenet
+        out,
+        fit,
+        val,
+        {},
+        classes,
+        cfg,
+        "all",
+        {"run": "train"},
+        resume=resume,
+        imagenet=imagenet,
+        shared=shared,
     )
     if res:
         print(

@@ -1,0 +1,119 @@
+"""Lesion probabilities from a network: the one path from patches to calibrated probabilities.
+
+For each lesion, the network's logits are averaged over its samples (2-D mode: its slices) and over
+the test-time-augmentation views (``model.tta``: ``flips`` = identity, left-right, up-down, both),
+divided by the checkpoint's temperature and turned into probabilities with a softmax; an ensemble
+averages its members' probabilities. ``train`` (inner-validation and test predictions),
+``predict``, ``serve`` and ``export`` all go through these functions, and the class is then chosen
+by :func:`liverlesion.decision.decide` with the threshold stored in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+TTA_MODES = ("flips", "none")
+
+
+def tta_flips(mode: str) -> list[tuple[int, ...]]:
+    """The flip axes of each test-time view of an ``(N, C, H, W)`` batch (``()`` = identity)."""
+    if mode == "none":
+        return [()]
+    if mode == "flips":
+        return [(), (3,), (2,), (2, 3)]
+    raise ValueError(f"unknown TTA mode {mode!r}")
+
+
+def tta_views(x, mode: str) -> list:
+    """The test-time views of a torch batch ``(N, C, H, W)``, in :func:`tta_flips` order."""
+    import torch
+
+    return [x if not dims else torch.flip(x, dims=dims) for dims in tta_flips(mode)]
+
+
+def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """Softmax of ``logits / temperature`` (``(N, K)`` probabilities)."""
+    from scipy.special import softmax
+
+    return softmax(np.asarray(logits, dtype=np.float64) / float(temperature), axis=1)
+
+
+def _nll_at(logits: np.ndarray, y: np.ndarray, temperature: float) -> float:
+    from scipy.special import log_softmax
+
+    return float(-np.mean(log_softmax(logits / temperature, axis=1)[np.arange(len(y)), y]))
+
+
+def fit_temperature(logits: np.ndarray, y_true: Sequence[int] | np.ndarray) -> float:
+    """Temperature T minimising the NLL of ``softmax(logits / T)`` (Guo et al. 2017).
+
+    Fit on inner-validation logits only. Returns 1.0 when there are fewer than two samples
+    or only one class (T would run off to its bound).
+    """
+    from scipy.optimize import minimize_scalar
+
+    logits = np.asarray(logits, dtype=float)
+    y = np.asarray(y_true).astype(int)
+    if len(y) < 2 or len(np.unique(y)) < 2 or not np.isfinite(logits).all():
+        return 1.0
+    # Optimise log T so the search is symmetric in "sharpen" vs "soften"; T in [0.05, 20].
+    res = minimize_scalar(
+        lambda s: _nll_at(logits, y, math.exp(s)),
+        bounds=(math.log(0.05), math.log(20.0)),
+        method="bounded",
+        options={"xatol": 1e-4},
+    )
+    t = float(math.exp(res.x))
+    return t if _nll_at(logits, y, t) <= _nll_at(logits, y, 1.0) else 1.0
+
+
+def lesion_logits(
+    forward: Callable,
+    samples: Sequence[np.ndarray],
+    extra: np.ndarray | None = None,
+    tta: str = "flips",
+    batch_size: int = 64,
+    device: str = "cpu",
+) -> np.ndarray:
+    """Mean logits ``(n_lesions, K)`` over each lesion's samples and test-time views.
+
+    Args:
+        forward: ``forward(x, extra) -> logits`` for a batch ``x`` ``(B, C, H, W)`` (a ``LesionNet``,
+            or its upper part on cached activations) and per-sample ``extra`` features (or None).
+        samples: Per lesion, an array ``(S, C, H, W)`` (patches in ``[0, 1]``, or cached activations
+            whose views were computed with :func:`tta_views`, in which case ``tta`` is ``"none"``).
+        extra: Per-lesion extra inputs ``(n_lesions, F)`` (fusion features) or None.
+        tta: Test-time augmentation mode.
+    """
+    import torch
+
+    n = len(samples)
+    owner = np.concatenate([np.full(len(a), i) for i, a in enumerate(samples)]) if n else np.zeros(0, int)
+    flat = np.concatenate([np.asarray(a, dtype=np.float32) for a in samples]) if n else None
+    total: np.ndarray | None = None
+    count = np.zeros(n)
+    with torch.inference_mode():
+        for start in range(0, len(owner), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(flat[start : start + batch_size])).to(device)
+            who = owner[start : start + batch_size]
+            e = None
+            if extra is not None:
+                e = torch.from_numpy(np.ascontiguousarray(extra[who], dtype=np.float32)).to(device)
+            views = tta_views(x, tta)
+            logits = sum(forward(v, e).double() for v in views) / len(views)
+            lg = logits.cpu().numpy()
+            if total is None:
+                total = np.zeros((n, lg.shape[1]))
+            np.add.at(total, who, lg)
+            np.add.at(count, who, 1)
+    if total is None:
+        return np.zeros((0, 0))
+    return total / count[:, None]
+
+
+def ensemble_probs(member_probs: Sequence[np.ndarray]) -> np.ndarray:
+    """Ensemble probabilities: the mean of the members' calibrated probabilities."""
+    return np.mean(np.stack([np.asarray(p, dtype=np.float64) for p in member_probs]), axis=0)

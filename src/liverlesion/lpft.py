@@ -1,0 +1,328 @@
+"""Linear probing, then fine-tuning (Kumar et al., ICLR 2022): the default CPU training recipe.
+
+The pretrained backbone is only partly trained, so what ImageNet taught it is kept:
+
+1. **Cache.** The activations below the last ``train.finetune_blocks`` backbone blocks are computed
+   once per lesion and per view: the test-time views (``model.tta``) and ``train.aug_views``
+   augmented views (flips, rotation, zoom, intensity, as in end-to-end training). They do not depend
+   on the fold, so one pass serves every fold of a CV.
+2. **Probe.** The paper's head (GAP -> FC 512 -> Dropout 0.4 -> FC 512 -> classes) is trained on the
+   frozen pooled features of those views, with early stopping on the inner-validation patients.
+3. **Fine-tune.** The top blocks and the head are then trained from the probe on the cached
+   activations with a lower learning rate (BatchNorm statistics kept), again with early stopping on
+   inner validation only. If fine-tuning never beats the probe on inner validation, the probe is kept.
+
+The result is an ordinary ``LesionNet`` whose full forward pass gives the same logits as the staged
+one (tested), so ``predict`` needs nothing but the checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from liverlesion.config import Config
+from liverlesion.inference import tta_flips
+
+
+@dataclass
+class ViewCache:
+    """Per lesion, the cached activations ``(V, S, ...)`` of its views; views ``[:n_tta]`` are the TTA views."""
+
+    lower: list[np.ndarray]
+    pooled: list[np.ndarray]  # frozen pooled features (V, S, D) of the same views
+    n_tta: int
+    n_top: int
+
+
+def n_top_blocks(model, cfg: Config) -> tuple[int, str | None]:
+    """How many top blocks to fine-tune, and a note when the backbone cannot be split."""
+    want = int(cfg.train.finetune_blocks)
+    if want == 0:
+        return 0, None
+    blocks = model.blocks()
+    if not blocks:
+        return 0, f"{model.backbone_name}: blocks are not a plain sequence; probe only (no fine-tuning)"
+    return min(want, len(blocks) - 1), None
+
+
+def build_cache(model, arrays: list[np.ndarray], cfg: Config, n_top: int, progress: bool = True) -> ViewCache:
+    """Run the frozen lower backbone over every lesion's TTA and augmented views (once per run)."""
+    from liverlesion.data import Augment
+    from liverlesion.progress import progress_bar
+
+    t = cfg.train
+    aug = Augment(True, t.aug_rotate_deg, t.aug_scale, t.aug_intensity) if t.aug_views > 0 else None
+    flips = tta_flips(cfg.model.tta)
+    gen_state = torch.get_rng_state()
+    torch.manual_seed(t.seed)
+    model.eval()
+    lower, pooled = [], []
+    kids = model.blocks()
+    with torch.inference_mode():
+        for a in progress_bar(arrays, desc="caching frozen features", unit="lesion", enabled=progress):
+            x = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+            views = [x if not d else torch.flip(x, dims=d) for d in flips]
+            for _ in range(t.aug_views):
+                views.append(torch.stack([aug(s.clone()) for s in x]))
+            batch = torch.cat(views)  # (V*S, C, H, W)
+            h = model.forward_lower(batch, n_top) if kids else batch
+            f = h
+            if kids:
+                for _, m in kids[len(kids) - n_top :]:
+                    f = m(f)
+                f = model._pool(f)
+            else:
+                f = model.features(batch)
+            v, s = len(views), x.shape[0]
+            pooled.append(f.reshape(v, s, -1).numpy().astype(np.float32))
+            # probe only: the pooled features are all that is needed
+            lower.append(
+                h.reshape(v, s, *h.shape[1:]).numpy().astype(np.float32) if n_top > 0 else pooled[-1]
+            )
+    torch.set_rng_state(gen_state)
+    return ViewCache(lower, pooled, len(flips), n_top)
+
+
+# --------------------------------------------------------------------------- stage networks
+class _Probe(nn.Module):
+    """Stage 1: the head on frozen pooled features."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.head = model.head
+
+    def forward(self, f):
+        return self.head(f)
+
+
+class _Upper(nn.Module):
+    """Stage 2: the top blocks + pooling + head on cached lower activations."""
+
+    def __init__(self, model, n_top: int):
+        super().__init__()
+        kids = model.blocks()
+        self.top = nn.Sequential(*[m for _, m in kids[len(kids) - n_top :]])
+        self.head = model.head
+        self._pool = model._pool
+
+    def forward(self, h):
+        return self.head(self._pool(self.top(h)))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for m in self.top.modules():  # keep the pretrained BatchNorm statistics
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+        return self
+
+
+class _Views(torch.utils.data.Dataset):
+    """Training items: one (lesion, view, sample) each; validation items: a lesion's TTA views stacked."""
+
+    def __init__(self, source: list[np.ndarray], labels: np.ndarray, n_tta: int, train: bool):
+        self.source, self.labels, self.n_tta, self.train = source, labels, n_tta, train
+        if train:
+            self.items = [
+                (i, v, s) for i, a in enumerate(source) for v in range(a.shape[0]) for s in range(a.shape[1])
+            ]
+        else:
+            self.items = [(i, -1, -1) for i in range(len(source))]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, idx):
+        i, v, s = self.items[idx]
+        if self.train:
+            x = self.source[i][v, s]
+        else:
+            a = self.source[i][: self.n_tta]
+            x = a.reshape(-1, *a.shape[2:])
+        return torch.from_numpy(np.ascontiguousarray(x)), int(self.labels[i])
+
+
+def _stage_module(net: nn.Module, params, lr: float, cfg: Config, class_weights):
+    import lightning.pytorch as pl
+    import torch.nn.functional as F
+
+    class StageModule(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+            self.register_buffer(
+                "class_weights", None if class_weights is None else torch.as_tensor(class_weights).float()
+            )
+
+        def _loss(self, logits, y):
+            return F.cross_entropy(
+                logits, y, weight=self.class_weights, label_smoothing=cfg.train.label_smoothing
+            )
+
+        def training_step(self, batch, _):
+            x, y = batch
+            loss = self._loss(self.net(x), y)
+            self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
+            return loss
+
+        def validation_step(self, batch, _):
+            x, y = batch  # (B, V, ...) -> mean logits over the views, as at prediction
+            b, v = x.shape[:2]
+            logits = self.net(x.reshape(b * v, *x.shape[2:])).reshape(b, v, -1).mean(1)
+            self.log("val_loss", self._loss(logits, y), prog_bar=True, batch_size=len(y), sync_dist=True)
+            self.log(
+                "val_acc",
+                (logits.argmax(1) == y).float().mean(),
+                prog_bar=True,
+                batch_size=len(y),
+                sync_dist=True,
+            )
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.train.weight_decay)
+
+    return StageModule()
+
+
+class _KeepBest:
+    """Lightning callback: remember the weights of the epoch with the lowest inner-validation loss."""
+
+    def __new__(cls, *args, **kwargs):
+        from lightning.pytorch.callbacks import Callback
+
+        class KeepBest(Callback):
+            def __init__(self, net: nn.Module, best: float, state: dict | None):
+                self.net, self.best, self.state, self.improved = net, best, state, False
+
+            def on_validation_end(self, trainer, pl_module):
+                v = trainer.callback_metrics.get("val_loss")
+                if v is not None and float(v) < self.best - 1e-6:
+                    self.best, self.improved = float(v), True
+                    self.state = copy.deepcopy(self.net.state_dict())
+
+        return KeepBest(*args, **kwargs)
+
+
+def _val_loss(net: nn.Module, ds: _Views, class_weights, cfg: Config) -> float:
+    import torch.nn.functional as F
+
+    net.eval()
+    with torch.inference_mode():
+        xs = torch.stack([ds[i][0] for i in range(len(ds))])
+        y = torch.tensor([ds[i][1] for i in range(len(ds))])
+        b, v = xs.shape[:2]
+        logits = net(xs.reshape(b * v, *xs.shape[2:])).reshape(b, v, -1).mean(1)
+        w = None if class_weights is None else torch.as_tensor(class_weights).float()
+        return float(F.cross_entropy(logits, y, weight=w, label_smoothing=cfg.train.label_smoothing))
+
+
+def _fit_stage(net, params, lr, epochs, fit_ds, val_ds, cfg: Config, class_weights, fold_dir, name, progress):
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import EarlyStopping
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+    from torch.utils.data import DataLoader
+
+    start = _val_loss(net, val_ds, class_weights, cfg)
+    keep = _KeepBest(net, start, copy.deepcopy(net.state_dict()))
+    module = _stage_module(net, params, lr, cfg, class_weights)
+    g = torch.Generator().manual_seed(cfg.train.seed)
+    bs = cfg.train.batch_size
+    train_dl = DataLoader(fit_ds, batch_size=bs, shuffle=True, drop_last=len(fit_ds) > bs, generator=g)
+    val_dl = DataLoader(val_ds, batch_size=max(bs, 64), shuffle=False)
+    from liverlesion.progress import lightning_progress
+
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        deterministic=cfg.train.deterministic,
+        callbacks=[
+            EarlyStopping(monitor="val_loss", patience=cfg.train.patience, mode="min"),
+            keep,
+            *lightning_progress(progress),
+        ],
+        logger=[
+            TensorBoardLogger(fold_dir / "logs", name="", version=f"tensorboard_{name}"),
+            CSVLogger(fold_dir / "logs", name="", version=f"csv_{name}"),
+        ],
+        log_every_n_steps=1,
+        enable_progress_bar=bool(lightning_progress(progress)),
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        default_root_dir=fold_dir,
+    )
+    trainer.fit(module, train_dl, val_dl)
+    net.load_state_dict(keep.state)
+    return {
+        "start_val_loss": start,
+        "best_val_loss": keep.best,
+        "improved": keep.improved,
+        "epochs": int(trainer.current_epoch),
+    }
+
+
+def train_lpft(
+    model,
+    cache: ViewCache,
+    fit_idx: np.ndarray,
+    val_idx: np.ndarray,
+    labels: np.ndarray,
+    cfg: Config,
+    class_weights,
+    fold_dir,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Stages 2 and 3 for one fold (``fit_idx`` / ``val_idx`` index the cache); trains ``model`` in place."""
+    t = cfg.train
+    probe = _Probe(model)
+    info: dict[str, Any] = {"recipe": "lpft", "finetune_blocks": cache.n_top}
+    info["probe"] = _fit_stage(
+        probe,
+        list(probe.parameters()),
+        t.probe_lr,
+        t.probe_epochs,
+        _Views([cache.pooled[i] for i in fit_idx], labels[fit_idx], cache.n_tta, True),
+        _Views([cache.pooled[i] for i in val_idx], labels[val_idx], cache.n_tta, False),
+        cfg,
+        class_weights,
+        fold_dir,
+        "probe",
+        progress,
+    )
+    if cache.n_top > 0:
+        upper = _Upper(model, cache.n_top)
+        for p in upper.top.parameters():
+            p.requires_grad_(True)
+        info["finetune"] = _fit_stage(
+            upper,
+            list(upper.parameters()),
+            t.finetune_lr,
+            t.epochs,
+            _Views([cache.lower[i] for i in fit_idx], labels[fit_idx], cache.n_tta, True),
+            _Views([cache.lower[i] for i in val_idx], labels[val_idx], cache.n_tta, False),
+            cfg,
+            class_weights,
+            fold_dir,
+            "finetune",
+            progress,
+        )
+    return info
+
+
+def deep_logits_from_cache(model, cache: ViewCache, idx: np.ndarray) -> np.ndarray:
+    """Network logits ``(len(idx), K)`` from the cached TTA views: the same numbers as a full forward."""
+    from liverlesion.inference import lesion_logits
+
+    samples = [cache.lower[i][: cache.n_tta].reshape(-1, *cache.lower[i].shape[2:]) for i in idx]
+    model.eval()
+    if cache.n_top > 0:
+        upper = _Upper(model, cache.n_top).eval()
+        return lesion_logits(lambda h, _e: upper(h), samples, tta="none")
+    pooled = [cache.pooled[i][: cache.n_tta].reshape(-1, cache.pooled[i].shape[-1]) for i in idx]
+    return lesion_logits(lambda f, _e: model.head(f), pooled, tta="none")

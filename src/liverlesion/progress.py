@@ -1,0 +1,46 @@
+"""Progress display: bars on a terminal, at most a line per stage elsewhere (logs, CI, pipes)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def is_terminal() -> bool:
+    """True when stderr is an interactive terminal."""
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def progress_bar(
+    items: Iterable[T],
+    desc: str,
+    unit: str = "it",
+    enabled: bool = True,
+    total: int | None = None,
+    log: bool = True,
+) -> Iterator[T]:
+    """A tqdm bar on a terminal; elsewhere one line when the stage starts (none with ``log=False``)."""
+    if enabled and is_terminal():
+        from tqdm.auto import tqdm
+
+        yield from tqdm(items, desc=desc, unit=unit, total=total, file=sys.stderr, leave=False)
+        return
+    if enabled and log:
+        n = total if total is not None else (len(items) if hasattr(items, "__len__") else None)  # type: ignore[arg-type]
+        print(f"{desc}{f' ({n} {unit})' if n is not None else ''} ...", file=sys.stderr, flush=True)
+    yield from items
+
+
+def lightning_progress(enabled: bool) -> list[Any]:
+    """Lightning callbacks for a progress bar (only on a terminal)."""
+    if not (enabled and is_terminal()):
+        return []
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    return [TQDMProgressBar(refresh_rate=1)]
