@@ -58,3 +58,36 @@ def test_saved_config_round_trips(tmp_path):
     again = config_from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text()))
     assert again == cfg
     assert isinstance(again, Config)
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("train.class_weighting=lose", "train.class_weighting"),
+        ("train.optimizer=adam", "train.optimizer"),
+        ("train.recipe=magic", "train.recipe"),
+        ("model.fusion=deep", "model.fusion"),
+        ("model.tta=rotate", "model.tta"),
+        ("eval.threshold=1.5", "eval.threshold"),
+        ("train.epochs=0", "train.epochs"),
+        ("model.dropout=1.0", "model.dropout"),
+        ("patch.size_px=8", "patch.size_px"),
+        ("train.val_fraction=0", "train.val_fraction"),
+        ("train.devices=two", "train.devices"),
+    ],
+)
+def test_every_value_is_validated_when_the_config_is_loaded(override, named):
+    from liverlesion.config import load_config as load
+
+    with pytest.raises(UserError) as e:
+        load(overrides=[override])
+    msg = str(e.value)
+    assert named in msg and "\n" not in msg
+
+
+def test_presets_validate_and_choose_the_recipes():
+    from liverlesion.config import load_config as load
+
+    quick, paper = load(preset="quick"), load(preset="paper")
+    assert quick.patch.size_px >= 160 and quick.train.recipe == "lpft" and quick.model.fusion == "radiomics"
+    assert paper.train.recipe == "end_to_end" and paper.model.fusion == "none" and paper.patch.size_px == 299

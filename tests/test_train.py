@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from liverlesion.config import load_config
-from liverlesion.train import FoldData, _subset, predict_lesions, train_fold
+from liverlesion.inference import apply_temperature, lesion_logits
+from liverlesion.train import FoldData, _subset, prepare_shared, train_fold
 
 
 def _toy(n_patients: int, seed: int, size: int = 48):
@@ -36,10 +37,10 @@ def _toy(n_patients: int, seed: int, size: int = 48):
     return pd.DataFrame(rows), arrays
 
 
-def _cfg(tmp_epochs: int = 3):
+def _cfg(tmp_epochs: int = 3, recipe: str = "end_to_end"):
     return load_config(
         overrides={
-            "model": {"backbone": "resnet10t", "weights": "none"},
+            "model": {"backbone": "resnet10t", "weights": "none", "fusion": "none"},
             "patch": {"size_px": 48},
             "train": {
                 "epochs": tmp_epochs,
@@ -49,6 +50,9 @@ def _cfg(tmp_epochs: int = 3):
                 "backbone_lr_mult": 1.0,
                 "warmup_epochs": 0,
                 "max_threads": 2,
+                "recipe": recipe,
+                "aug_views": 2,
+                "probe_epochs": 5,
             },
         }
     )
@@ -83,7 +87,7 @@ def test_train_fold_writes_self_describing_checkpoint_and_learns(tmp_path):
     from liverlesion.model import load_checkpoint
 
     model, _ = load_checkpoint(tmp_path / "fold_0" / "model.pt")
-    _, p_fit = predict_lesions(model, fit)
+    p_fit = apply_temperature(lesion_logits(model, fit.arrays, tta="flips"), 1.0)
     assert (p_fit.argmax(1) == fit.labels).mean() >= 0.75
     assert (tmp_path / "fold_0" / "logs" / "csv" / "metrics.csv").exists()
     assert any((tmp_path / "fold_0" / "logs" / "tensorboard").glob("events.out.tfevents.*"))
@@ -93,12 +97,37 @@ def test_2d_mode_averages_slices_back_to_lesions():
     index, arrays = _toy(4, 1)
     # 3 slice samples per lesion, 1 channel each
     arrays = [np.repeat(a[:, :1], 3, axis=0) for a in arrays]
-    data = FoldData(index, arrays, np.zeros(len(arrays), dtype=int))
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(2))
-    model(torch.zeros(1, 1, 48, 48))
-    logits, probs = predict_lesions(model, data)
+    data = FoldData(index, arrays, np.zeros(len(arrays), dtype=int), np.arange(len(arrays)))
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    net(torch.zeros(1, 1, 48, 48))
+    logits = lesion_logits(lambda x, _e: net(x), data.arrays, tta="none")
     assert logits.shape == (len(arrays), 2)
-    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-6)
+    with torch.no_grad():
+        first = net(torch.from_numpy(arrays[0])).double().mean(0).numpy()
+    np.testing.assert_allclose(logits[0], first, atol=1e-6)  # the mean over the lesion's slices
+    np.testing.assert_allclose(apply_temperature(logits, 2.0).sum(1), 1.0, atol=1e-6)
+
+
+def test_lpft_staged_forward_matches_full_model_and_learns(tmp_path):
+    """lpft trains the top block on cached activations; the saved model's full forward gives the same logits."""
+    torch.set_num_threads(2)
+    index, arrays = _toy(16, 0)
+    classes = ["cyst", "metastasis"]
+    patients = sorted(index["patient_id"].unique())
+    cfg = _cfg(4, recipe="lpft")
+    shared = prepare_shared(cfg, index, arrays, tmp_path, classes, None, 3)
+    fit = _subset(index, arrays, classes, patients[:10])
+    val = _subset(index, arrays, classes, patients[10:13])
+    test = _subset(index, arrays, classes, patients[13:])
+    res = train_fold(tmp_path / "f", fit, val, {"test": test}, classes, cfg, 0, {}, shared=shared)
+    from liverlesion.model import load_checkpoint
+
+    model, meta = load_checkpoint(tmp_path / "f" / "model.pt")
+    assert meta["training"]["recipe"] == "lpft" and meta["training"]["finetune_blocks"] == 1
+    probs = apply_temperature(lesion_logits(model, test.arrays, tta="flips"), meta["temperature"])
+    np.testing.assert_allclose(res["test"]["prob_metastasis"].to_numpy(), probs[:, 1], atol=1e-5)
+    p_fit = lesion_logits(model, fit.arrays, tta="flips")
+    assert (p_fit.argmax(1) == fit.labels).mean() >= 0.75
 
 
 @pytest.mark.slow

@@ -290,7 +290,8 @@ def _prediction_frame(
             "true_class": idx["lesion_class"].astype(str),
         }
     )
-    small = np.array([too_small(v, dec["min_size_mm"]) for v in idx["min_axis_mm"]], dtype=bool)
+    sizes = idx["min_axis_mm"] if "min_axis_mm" in idx else pd.Series(np.inf, index=idx.index)
+    small = np.array([too_small(v, dec["min_size_mm"]) for v in sizes], dtype=bool)
     probs = np.where(small[:, None], np.nan, probs)
     for j, c in enumerate(classes):
         df[f"prob_{c}"] = probs[:, j]
@@ -391,7 +392,8 @@ def finish_fold(
         a = float(model.fusion_alpha.item())
         return a * deep + (1 - a) * _radiomics_logits(model, extra[data.rows])
 
-    ok = np.array([not too_small(v, cfg.eval.min_size_mm) for v in val.index["min_axis_mm"]], dtype=bool)
+    sizes = val.index["min_axis_mm"] if "min_axis_mm" in val.index else [np.inf] * len(val.index)
+    ok = np.array([not too_small(v, cfg.eval.min_size_mm) for v in sizes], dtype=bool)
     if model.fusion_features:
         _fit_fusion(model, extra[fit.rows], fit.labels, cfg.train.seed)
         rad = _radiomics_logits(model, extra[val.rows])
