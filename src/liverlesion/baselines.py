@@ -661,6 +661,24 @@ def _metrics_table(paths: dict[str, Path], classes: list[str], cfg) -> tuple[str
     return table, results
 
 
+def _frozen_table(cfg, patch_dir: Path, table: pd.DataFrame) -> pd.DataFrame | None:
+    """Frozen ImageNet features of every lesion (the ``frozen_lr`` baseline); None without ImageNet weights."""
+    if str(cfg.model.weights).lower() != "imagenet":
+        print("frozen_lr: skipped (model.weights is not imagenet)")
+        return None
+    from liverlesion.data import load_patch_arrays
+    from liverlesion.features import frozen_features
+    from liverlesion.model import build_model
+
+    arrays = load_patch_arrays(patch_dir, table)
+    model, init = build_model(cfg.model, num_classes=2, in_chans=int(arrays[0].shape[1]))
+    print(f"frozen_lr: pooled {cfg.model.backbone} features ({init}) of {len(arrays)} lesions")
+    feats = frozen_features(model, arrays)
+    df = pd.DataFrame(feats, columns=[f"deep_{j}" for j in range(feats.shape[1])])
+    df.insert(0, "lesion_id", table["lesion_id"].astype(str).to_numpy())
+    return df
+
+
 def run_baselines_cli(manifest: str | Path, out: str | Path, cfg) -> dict[str, Path]:
     """``liverlesion baselines``: patches, splits, baselines and a metrics table.
 
@@ -694,7 +712,13 @@ def run_baselines_cli(manifest: str | Path, out: str | Path, cfg) -> dict[str, P
         f"{cfg.cv.folds}-fold patient-level CV (same splits.json as `liverlesion cv` with this config)"
     )
     paths = run_baselines(
-        table, patch_dir, splits, out / "baselines", positive_class=cfg.eval.positive_class, seed=cfg.cv.seed
+        table,
+        patch_dir,
+        splits,
+        out / "baselines",
+        positive_class=cfg.eval.positive_class,
+        seed=cfg.cv.seed,
+        frozen=_frozen_table(cfg, patch_dir, table),
     )
     text, results = _metrics_table(paths, classes, cfg)
     write_json(

@@ -1,0 +1,120 @@
+"""Accuracy benchmark: network variants against every baseline, on the same patient-level folds.
+
+For each synthetic cohort (difficulty 0, 1, 2; two seeds each by default) this runs ``liverlesion
+cv`` once per network variant, with the baselines (mean HU, radiomics LR / RF, frozen ImageNet
+features + LR) computed on the same folds in the same run, and prints pooled ROC AUC, accuracy and
+F1 with patient-bootstrap 95% CIs, plus the paired patient-bootstrap AUC difference of each variant
+against the best baseline of that cohort. Nothing here is a timed test; record results in
+benchmarks/README.md.
+
+Variants (all inception_v3 with ImageNet weights, the quick preset's folds and bootstrap):
+  * ``today``:   the previous quick recipe (end-to-end fine-tuning at 80 px, no TTA, no fusion)
+  * ``lpft``:    the new default recipe (frozen-feature head, then the top block fine-tuned), 160 px
+  * ``fusion``:  ``lpft`` + radiomics late fusion (the quick preset as shipped)
+  * ``e2e160``:  end-to-end fine-tuning at the quick preset's 160 px
+
+Usage:
+    python benchmarks/bench_accuracy.py [--difficulties 0 1 2] [--seeds 0 1] [--variants ...]
+        [--patients 63 --lesions 230] [--out /tmp/bench_accuracy]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from _common import cpu_info
+
+VARIANTS = {
+    "today": [
+        "patch.size_px=80", "train.recipe=end_to_end", "model.fusion=none", "model.tta=none",
+        "train.epochs=8", "train.batch_size=16", "train.lr=1e-3", "train.patience=4", "train.warmup_epochs=0",
+    ],
+    "lpft": ["model.fusion=none"],
+    "fusion": [],
+    "e2e160": ["train.recipe=end_to_end", "model.fusion=none", "train.epochs=8", "train.patience=4"],
+}  # fmt: skip
+
+
+def _ci(m: dict | None) -> str:
+    if not m or m.get("value") is None:
+        return "n/a"
+    lo, hi = m.get("ci_low"), m.get("ci_high")
+    return f"{m['value']:.3f} [{lo:.3f}-{hi:.3f}]" if lo is not None else f"{m['value']:.3f}"
+
+
+def _num(x) -> str:
+    return "n/a" if x is None else f"{x:+.3f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--difficulties", type=float, nargs="+", default=[0.0, 1.0, 2.0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--patients", type=int, default=63)
+    ap.add_argument("--lesions", type=int, default=230)
+    ap.add_argument("--out", type=Path, default=Path("/tmp/bench_accuracy"))
+    args = ap.parse_args()
+
+    from liverlesion.config import load_config
+    from liverlesion.synth import generate_cohort
+    from liverlesion.train import run_cv
+
+    print(json.dumps({"machine": cpu_info()}))
+    t_all = time.time()
+    rows = []
+    for d in args.difficulties:
+        for seed in args.seeds:
+            cohort = args.out / f"cohort_d{d:g}_s{seed}"
+            if not (cohort / "manifest.csv").exists():
+                generate_cohort(cohort, patients=args.patients, lesions=args.lesions, seed=seed, difficulty=d)
+            for i, v in enumerate(args.variants):
+                run = args.out / f"run_d{d:g}_s{seed}_{v}"
+                cfg = load_config(preset="quick", overrides=VARIANTS[v])
+                t0 = time.time()
+                if not (run / "metrics.json").exists():
+                    run_cv(cohort / "manifest.csv", run, cfg, resume=run.exists(), baselines=True)
+                m = json.loads((run / "metrics.json").read_text())
+                secs = time.time() - t0
+                bases = m["baselines"]
+                cmp = m.get("comparison") or {}
+                best = cmp.get("b", "?")
+                row = {
+                    "cohort": f"d{d:g} s{seed}",
+                    "method": v,
+                    "auc": _ci(m["network"]["metrics"].get("roc_auc")),
+                    "accuracy": _ci(m["network"]["metrics"].get("accuracy")),
+                    "f1": _ci(m["network"]["metrics"].get("f1")),
+                    "vs_best": f"{best}: {_num(cmp.get('difference'))} "
+                    f"[{_num(cmp.get('ci_low'))}, {_num(cmp.get('ci_high'))}]",
+                    "seconds": round(secs),
+                    "coverage": f"{m['coverage']['n_classified']}/{m['coverage']['n_lesions']}",
+                }
+                rows.append(row)
+                print(json.dumps(row))
+                if i == 0:  # the baselines are identical across variants (same folds, same lesions)
+                    for b, bm in bases.items():
+                        rows.append(
+                            {
+                                "cohort": f"d{d:g} s{seed}",
+                                "method": f"baseline {b}",
+                                "auc": _ci(bm["metrics"].get("roc_auc")),
+                                "accuracy": _ci(bm["metrics"].get("accuracy")),
+                                "f1": _ci(bm["metrics"].get("f1")),
+                                "vs_best": "",
+                                "seconds": "",
+                                "coverage": "",
+                            }
+                        )
+    cols = ["cohort", "method", "auc", "accuracy", "f1", "vs_best", "coverage", "seconds"]
+    print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(str(r[c]) for c in cols) + " |")
+    print(f"\nwall time {time.time() - t_all:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
