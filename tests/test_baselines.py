@@ -11,11 +11,15 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 import liverlesion.baselines as bl
-from liverlesion.baselines import BASELINES, extract_features, lesion_features, run_baselines
+from liverlesion.baselines import BASELINES as ALL_BASELINES
+from liverlesion.baselines import extract_features, lesion_features, run_baselines
 from liverlesion.errors import UserError
 from liverlesion.splits import make_splits
 
 SIZE = 48
+
+# frozen_lr needs frozen deep features (given by cv, or by the CLI with ImageNet weights)
+BASELINES = tuple(b for b in ALL_BASELINES if b != "frozen_lr")
 
 
 def _lesion_patch(rng: np.random.Generator, kind: str, radius_px: float) -> tuple[np.ndarray, np.ndarray]:
@@ -286,7 +290,20 @@ def test_cli_end_to_end_on_synthetic_cohort(tmp_path, capsys, small_forest):
     out = tmp_path / "run"
     args = ["baselines", str(tmp_path / "cohort" / "manifest.csv"), str(out)]
     assert (
-        main([*args, "--set", "cv.folds=2", "--set", "eval.n_bootstrap=20", "--set", "patch.size_px=32"]) == 0
+        main(
+            [
+                *args,
+                "--set",
+                "cv.folds=2",
+                "--set",
+                "eval.n_bootstrap=20",
+                "--set",
+                "patch.size_px=32",
+                "--set",
+                "model.weights=none",
+            ]
+        )
+        == 0
     )
     printed = capsys.readouterr().out
     assert all(name in printed for name in BASELINES) and "research use" in printed

@@ -71,7 +71,7 @@ def test_saved_config_round_trips(tmp_path):
         ("eval.threshold=1.5", "eval.threshold"),
         ("train.epochs=0", "train.epochs"),
         ("model.dropout=1.0", "model.dropout"),
-        ("patch.size_px=8", "patch.size_px"),
+        ("patch.size_px=4", "patch.size_px"),
         ("train.val_fraction=0", "train.val_fraction"),
         ("train.devices=two", "train.devices"),
     ],

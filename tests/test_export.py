@@ -47,8 +47,11 @@ def resnet(tmp_path_factory):
 
 
 def _expected(model, x: torch.Tensor, temperature: float) -> np.ndarray:
-    with torch.no_grad():
-        return torch.softmax(model(x) / temperature, dim=1).numpy()
+    """What liverlesion.inference computes: logits averaged over the flip TTA views, then T."""
+    from liverlesion.inference import apply_temperature, lesion_logits
+
+    logits = lesion_logits(model, [a[None] for a in x.numpy()], tta="flips")
+    return apply_temperature(logits, temperature).astype(np.float32)
 
 
 def _onnx_run(path, x: torch.Tensor) -> np.ndarray:

@@ -116,7 +116,7 @@ def test_inception_normalises_to_minus_one_one(inception: LesionNet) -> None:
     assert seen[0][0].max().item() == pytest.approx(-1.0) and seen[0][1].min().item() == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("backbone,expected", [("resnet18", "layer4"), ("efficientnet_b0", "blocks.6")])
+@pytest.mark.parametrize("backbone,expected", [("resnet18", "layer4"), ("efficientnet_b0", "bn2")])
 def test_cam_layers_are_4d(backbone: str, expected: str) -> None:
     model, _ = build_model(_none(backbone), num_classes=2, in_chans=3)
     model.eval()
@@ -130,8 +130,22 @@ def test_cam_layers_are_4d(backbone: str, expected: str) -> None:
     assert acts and acts[0].ndim == 4
 
 
+def test_inception_cam_layer_has_a_map_of_at_least_5x5(inception: LesionNet) -> None:
+    """At 160 px Mixed_7c is 3x3, so Grad-CAM explains Mixed_6e (8x8); at 80 px nothing qualifies."""
+    (layer,) = inception.cam_target_layers((160, 160))
+    assert layer is inception.backbone.Mixed_6e
+    assert inception.cam_target_layers((299, 299))[0] is inception.backbone.Mixed_7c
+    shapes = []
+    (small,) = inception.cam_target_layers((80, 80))
+    h = small.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape)))
+    with torch.no_grad():
+        inception(torch.rand(1, 3, 80, 80))
+    h.remove()
+    assert min(shapes[0][2:]) >= 5
+
+
 def test_inception_cam_layer_is_mixed_7c(inception: LesionNet) -> None:
-    (layer,) = inception.cam_target_layers()
+    (layer,) = inception.cam_target_layers((299, 299))
     assert layer is inception.backbone.Mixed_7c
     acts = []
     h = layer.register_forward_hook(lambda m, i, o: acts.append(o))

@@ -123,7 +123,8 @@ def test_deterministic_mode_repeats_exactly(tmp_path):
     )
     data = FoldData(index, arrays, np.array([0, 1] * 8))
     cfg = load_config(
-        overrides=[a for a in TINY if a != "--set"] + ["train.deterministic=true", "train.seed=7"]
+        overrides=[a for a in TINY if a != "--set"]
+        + ["train.deterministic=true", "train.seed=7", "train.recipe=end_to_end", "model.fusion=none"]
     )
     classes = ["cyst", "metastasis"]
     a = train_fold(tmp_path / "a", data, data, {"test": data}, classes, cfg, 0, {})

@@ -203,7 +203,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 _RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "patch.neighbours": (0, 10, True),
     "patch.slice_step_mm": (0, 50, True),
-    "patch.size_px": (32, 1024, True),
+    "patch.size_px": (8, 1024, True),
     "patch.margin_mm": (0, 100, True),
     "patch.min_field_mm": (1, 500, True),
     "patch.window_width": (1, 5000, True),

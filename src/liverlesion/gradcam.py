@@ -33,7 +33,10 @@ def _target_layers(model: Any, size: tuple[int, int] | None = None) -> list:
     import torch
 
     if hasattr(model, "cam_target_layers"):
-        layers = list(model.cam_target_layers(size))
+        import inspect
+
+        takes_size = bool(inspect.signature(model.cam_target_layers).parameters)
+        layers = list(model.cam_target_layers(size) if takes_size else model.cam_target_layers())
         if layers:
             return layers
         raise CamUnavailable(

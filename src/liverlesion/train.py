@@ -180,7 +180,9 @@ class FoldData:
     index: pd.DataFrame  # lesion rows of this subset
     arrays: list[np.ndarray]
     labels: np.ndarray
-    rows: np.ndarray  # positions of these lesions in the run's lesion table (feature and view caches)
+    rows: np.ndarray | None = (
+        None  # positions of these lesions in the run's lesion table (feature and view caches)
+    )
 
 
 def _subset(index: pd.DataFrame, arrays: list[np.ndarray], classes: list[str], patients) -> FoldData:
