@@ -368,6 +368,46 @@ def physical_bounds(volume: Volume) -> tuple[np.ndarray, np.ndarray]:
     return pts.min(axis=0), pts.max(axis=0)
 
 
+#: Largest lesion diameter accepted for a click, mm (a whole adult liver is about 150-200 mm wide).
+MAX_DIAMETER_MM = 300.0
+
+
+def check_diameter(diameter_mm, name: str = "--diameter", image: Volume | None = None) -> float:
+    """Refuse a click diameter that is not a finite positive number of mm, or implausibly large.
+
+    Args:
+        diameter_mm: The diameter in mm.
+        name: How the value is named in the message (e.g. ``"--diameter"``).
+        image: When given, the diameter must also not exceed the image's largest extent.
+
+    Returns:
+        The diameter as a float.
+
+    Raises:
+        UserError: Naming ``name`` and the value.
+    """
+    try:
+        d = float(diameter_mm)
+    except (TypeError, ValueError):
+        d = math.nan
+    if not (math.isfinite(d) and d > 0):
+        raise UserError(f"{name} {diameter_mm!r}: must be a positive, finite number of mm (e.g. 15)")
+    if d > MAX_DIAMETER_MM:
+        raise UserError(
+            f"{name} {d:g} mm: larger than any plausible liver lesion (at most {MAX_DIAMETER_MM:g} mm); "
+            f"give the lesion's diameter in mm (not um or another unit), e.g. 15"
+        )
+    if image is not None:
+        lo, hi = physical_bounds(image)
+        extent = float(np.max(hi - lo))
+        if d > extent:
+            raise UserError(
+                f"{name} {d:g} mm: larger than the image itself (largest extent {extent:.1f} mm); "
+                f"give the lesion's diameter in mm, e.g. 15"
+            )
+    return d
+
+
 def _fmt_xyz(p: Sequence[float]) -> str:
     return "(" + ", ".join(f"{v:.1f}" for v in p) + ")"
 
@@ -408,8 +448,7 @@ def lesion_from_click(
     point = np.asarray(point_xyz_mm, dtype=float).reshape(-1)
     if point.shape != (3,) or not np.all(np.isfinite(point)):
         raise UserError(f"{point_name} {tuple(point_xyz_mm)}: expected three finite numbers x,y,z in LPS mm")
-    if not (math.isfinite(diameter_mm) and diameter_mm > 0):
-        raise UserError(f"{point_name}: diameter {diameter_mm} mm must be a positive number of mm")
+    check_diameter(diameter_mm, f"{point_name} diameter", image)
     centre = image.physical_to_index(point)
     if not image.contains_index(centre):
         lo, hi = physical_bounds(image)
@@ -439,24 +478,26 @@ def lesion_from_click(
     half = radius / spacing  # radius in voxels along z, y, x
     lo = np.floor(centre - half).astype(int)
     hi = np.ceil(centre + half).astype(int) + 1
-    grids = np.meshgrid(*(np.arange(a, b) for a, b in zip(lo, hi, strict=True)), indexing="ij")
-    # Direction cosines are orthonormal, so distances in index space scaled by spacing are mm.
-    dist2 = sum(((g - c) * s) ** 2 for g, c, s in zip(grids, centre, spacing, strict=True))
-    sphere = dist2 <= radius**2
-    sphere[tuple(n - start for n, start in zip(near, lo, strict=True))] = True
+    # Build the sphere only inside the image (open grids, no full-size meshgrid): a large
+    # diameter then costs at most one image-sized boolean array.
     clo = np.maximum(lo, 0)
     chi = np.minimum(hi, shape)
-    crop = sphere[tuple(slice(a - start, b - start) for a, b, start in zip(clo, chi, lo, strict=True))]
-    lost = int(sphere.sum() - crop.sum())
-    if lost:
-        log.warning(
-            "%s %s mm: the %.1f mm sphere extends past the image edge; %d of %d voxels clipped",
-            point_name,
-            _fmt_xyz(point),
-            diameter_mm,
-            lost,
-            int(sphere.sum()),
-        )
+    axes = [((np.arange(a, b) - c) * s) ** 2 for a, b, c, s in zip(clo, chi, centre, spacing, strict=True)]
+    crop = (axes[0][:, None, None] + axes[1][None, :, None] + axes[2][None, None, :]) <= radius**2
+    crop[tuple(n - a for n, a in zip(near, clo, strict=True))] = True
+    if np.any(lo < 0) or np.any(hi > shape):
+        # Voxels of the whole sphere, estimated from its volume (it is not built outside the image).
+        full_voxels = max(int(round(math.pi / 6 * diameter_mm**3 / float(np.prod(spacing)))), 1)
+        lost = full_voxels - int(crop.sum())
+        if lost > 0:
+            log.warning(
+                "%s %s mm: the %.1f mm sphere extends past the image edge; about %d of %d voxels clipped",
+                point_name,
+                _fmt_xyz(point),
+                diameter_mm,
+                lost,
+                full_voxels,
+            )
     sub = _foreground_box(crop)
     assert sub is not None
     off = tuple(int(a) + s.start for a, s in zip(clo, sub, strict=True))

@@ -843,8 +843,10 @@ def predict_cli(
         raise UserError(
             f"--diameter {diameter}: only used with --point x,y,z; add --point or drop --diameter"
         )
-    if diameter is not None and not (math.isfinite(diameter) and diameter > 0):
-        raise UserError(f"--diameter {diameter}: must be a positive number of mm")
+    if diameter is not None:
+        from liverlesion.lesions import check_diameter
+
+        check_diameter(diameter, "--diameter")
     xyz = parse_point(point) if point is not None else None
     _check_min_size(min_size_mm)
     out = Path(out)

@@ -179,8 +179,9 @@ def _run_prediction(clf, fields: dict[str, FormField], workdir: Path) -> dict[st
         xyz = parse_point(point_txt, "point")
         if diameter is None:
             raise UserError(f"point {point_txt!r}: also give the lesion diameter in mm")
-        if diameter <= 0:
-            raise UserError(f"diameter (mm) {diameter:g}: must be a positive number of mm")
+        from liverlesion.lesions import check_diameter
+
+        check_diameter(diameter, "diameter (mm)")
     elif diameter is not None:
         raise UserError(
             f"diameter (mm) {diameter:g}: only used with a point; enter a point or clear the diameter"

@@ -52,6 +52,7 @@ import numpy as np
 
 from liverlesion import DISCLAIMER, __version__
 from liverlesion.errors import UserError
+from liverlesion.io import check_zip_members
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +159,7 @@ class _Part:
 def _index_zip(path: Path, name: str) -> _Part:
     try:
         with zipfile.ZipFile(path) as zf:
-            members = [m for m in zf.namelist() if not m.endswith("/")]
+            members = [i.filename for i in check_zip_members(zf, name, path)]
     except (zipfile.BadZipFile, OSError) as e:
         raise UserError(
             f"{path}: not a readable zip file ({e}); re-download it or extract it to a {name} folder"
