@@ -173,3 +173,46 @@ def test_good_zip_still_reads_and_leaves_no_temp(tmp_path, tiny_dicom_dir, monke
     vol = read_volume(z)
     assert vol.shape == (24, 48, 48)
     assert list(tmpdir.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- 4. implausible masks
+
+
+def _inspect_with_mask(tmp_path, capsys, mask_array, *names):
+    image, mask = make_ct_array()
+    write_volume(image, tmp_path / "image.nii.gz")
+    write_volume(mask.with_array(mask_array), tmp_path / "mask.nii.gz")
+    m = write_manifest(
+        tmp_path / "m.csv", "patient_id,image,lesion_class,mask", "p1,image.nii.gz,cyst,mask.nii.gz"
+    )
+    out = tmp_path / "t.csv"
+    err = cli_fails(capsys, ["inspect", m, "--out", out], "row 1 mask", *names)
+    assert not out.exists()
+    return err
+
+
+def test_mask_of_ones_is_refused(tmp_path, capsys):
+    _inspect_with_mask(tmp_path, capsys, np.ones((24, 48, 48), np.uint8), "all six faces")
+
+
+def test_mask_covering_most_of_the_body_is_refused(tmp_path, capsys):
+    image, _ = make_ct_array()
+    body = (image.array > -500).astype(np.uint8)
+    body[0] = body[-1] = 0  # not touching every face
+    _inspect_with_mask(tmp_path, capsys, body, "of the body")
+
+
+def test_ct_passed_as_mask_is_refused(tmp_path, capsys):
+    image, _ = make_ct_array()
+    _inspect_with_mask(tmp_path, capsys, image.array, "negative values")
+
+
+def test_non_integer_mask_is_refused(tmp_path, capsys):
+    _, mask = make_ct_array()
+    _inspect_with_mask(tmp_path, capsys, mask.array.astype(np.float32) * 0.5, "non-integer")
+
+
+def test_mask_with_too_many_components_is_refused(tmp_path, capsys):
+    arr = np.zeros((24, 48, 48), np.uint8)
+    arr[2:22:2, 6:42:2, 6:42:2] = 1  # 10 x 18 x 18 isolated voxels
+    _inspect_with_mask(tmp_path, capsys, arr, "connected components")

@@ -411,11 +411,18 @@ def _convert_array(array: np.ndarray, kind: str, label: str, path: Path) -> np.n
         if array.dtype.kind not in "iuf" or array.dtype == np.bool_:
             raise UserError(f"{label}: {path} has voxel type {array.dtype}; a numeric CT image is needed")
         return array.astype(np.float32, copy=False)
+    if array.size and array.dtype.kind in "if" and float(array.min()) < 0:
+        raise UserError(
+            f"{label}: {path} is a mask with negative values (down to {float(array.min()):g}): it looks like a "
+            f"CT image in HU, not a label mask (0 = background, 1, 2, ... = lesions); pass the lesion mask "
+            f"(were the image and the mask swapped?)"
+        )
     if np.issubdtype(array.dtype, np.floating):
         if not np.all(array == np.round(array)):
             raise UserError(
                 f"{label}: {path} is a mask with non-integer values (e.g. {float(array[array != np.round(array)][0]):g}); "
-                f"a label mask must hold whole numbers: threshold or round it (or did you pass an image as the mask?)"
+                f"a label mask must hold whole numbers (0 = background, 1, 2, ... = lesions): threshold or round it "
+                f"(or did you pass an image as the mask?)"
             )
         lo, hi = float(array.min()), float(array.max())
         for dtype in (np.uint8, np.int16, np.int32):

@@ -244,6 +244,51 @@ def _foreground_box(arr: np.ndarray) -> tuple[slice, slice, slice] | None:
 
 # ----------------------------------------------------------------------------- masks
 
+#: A lesion mask whose foreground covers more than this fraction of the body (voxels above
+#: :data:`AIR_HU`) is not a lesion mask (a body/organ mask, or an image passed as the mask).
+MAX_BODY_FRACTION = 0.5
+#: More connected components than this in a lesion mask is not plausible.
+MAX_COMPONENTS = 500
+
+
+def check_mask_foreground(
+    image: Volume, mask: Volume, mask_name: str = "mask", box: tuple[slice, slice, slice] | None = None
+) -> None:
+    """Refuse masks that cannot be lesion masks, cheaply (before any per-lesion work).
+
+    Refused: foreground touching all six faces of the volume (e.g. a mask that is 1
+    everywhere), and foreground covering more than :data:`MAX_BODY_FRACTION` of the body
+    (voxels above :data:`AIR_HU` in ``image``).
+
+    Args:
+        image: The CT (HU) on the same grid as ``mask``.
+        mask: The mask.
+        mask_name: How the mask is named in the message.
+        box: The foreground's bounding box, when already known.
+
+    Raises:
+        UserError: Naming the mask and what is wrong.
+    """
+    arr = mask.array
+    if box is None:
+        box = _foreground_box(arr)
+    if box is None:
+        return
+    hint = (
+        "give the lesion mask (lesions > 0, background 0), not a liver/body mask or an image; "
+        "check --image and --mask are not swapped"
+    )
+    if tuple(s.stop - s.start for s in box) == tuple(arr.shape):
+        raise UserError(f"{mask_name}: the foreground touches all six faces of the volume; {hint}")
+    n_fg = int(np.count_nonzero(arr[box] > 0))
+    n_body = int(np.count_nonzero(image.array > AIR_HU))
+    if n_fg > MAX_BODY_FRACTION * max(n_body, 1):
+        pct = 100.0 * n_fg / max(n_body, 1)
+        raise UserError(
+            f"{mask_name}: the foreground ({n_fg} voxels) covers {pct:.0f}% of the body (voxels above "
+            f"{AIR_HU:.0f} HU), more than {100 * MAX_BODY_FRACTION:.0f}%; {hint}"
+        )
+
 
 def lesions_from_mask(
     image: Volume,
@@ -294,6 +339,7 @@ def lesions_from_mask(
         raise UserError(
             f"{mask_name}: the mask is empty (no voxel > 0); give a mask that contains the lesion(s)"
         )
+    check_mask_foreground(image, mask, mask_name, box=box)
     label = int(label) if label else None
     offset = tuple(s.start for s in box)
     # Everything below works inside the foreground's box: a full-size int32 label image of
@@ -303,6 +349,12 @@ def lesions_from_mask(
     lesions: list[tuple[np.ndarray, tuple[int, int, int]]] = []  # (crop, offset)
     if label is None:
         comp, n = ndimage.label(fg, structure=np.ones((3, 3, 3), dtype=bool))
+        if n > MAX_COMPONENTS:
+            raise UserError(
+                f"{mask_name}: {n} separate connected components, more than {MAX_COMPONENTS} lesions is not "
+                f"plausible (a noisy or thresholded image rather than a lesion mask?); give the lesion mask, "
+                f"or select one lesion with its label"
+            )
         sizes = np.bincount(comp.ravel(), minlength=n + 1)  # voxels per component, in one pass
         for k, sl in enumerate(ndimage.find_objects(comp), start=1):
             if sizes[k] >= min_voxels:
