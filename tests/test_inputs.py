@@ -216,3 +216,29 @@ def test_mask_with_too_many_components_is_refused(tmp_path, capsys):
     arr = np.zeros((24, 48, 48), np.uint8)
     arr[2:22:2, 6:42:2, 6:42:2] = 1  # 10 x 18 x 18 isolated voxels
     _inspect_with_mask(tmp_path, capsys, arr, "connected components")
+
+
+# --------------------------------------------------------------------------- 5. truncated / non-NIfTI files
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
+def test_truncated_nifti_is_refused(tmp_path, capsys, tiny_ct, suffix):
+    image, mask = tiny_ct
+    path = write_volume(image, tmp_path / f"image{suffix}")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(UserError, match="truncated") as e:
+        read_volume(path, name="--image")
+    assert f"image{suffix}" in str(e.value)
+    write_volume(mask, tmp_path / "mask.nii.gz")
+    m = write_manifest(
+        tmp_path / "m.csv", "patient_id,image,lesion_class,mask", f"p1,image{suffix},cyst,mask.nii.gz"
+    )
+    cli_fails(capsys, ["inspect", m], "truncated", f"image{suffix}")
+
+
+def test_random_bytes_named_nifti_is_refused(tmp_path):
+    path = tmp_path / "x.nii"
+    path.write_bytes(np.random.default_rng(0).bytes(5000))
+    with pytest.raises(UserError, match="not a NIfTI image"):
+        read_volume(path, name="--image")

@@ -333,11 +333,19 @@ def serve(
         str, typer.Option("--host", help="Address to bind (no authentication: keep 127.0.0.1).")
     ] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8765,
+    max_upload_mb: Annotated[
+        float,
+        typer.Option("--max-upload-mb", help="Largest accepted upload (MiB); bigger ones get HTTP 413."),
+    ] = 2048.0,
 ) -> None:
     """Serve a local browser UI (and JSON API) to classify a lesion."""
+    import math
+
     from liverlesion.serve import serve as run_server
 
-    run_server(model, host=host, port=port)
+    if not (math.isfinite(max_upload_mb) and max_upload_mb > 0):
+        raise UserError(f"--max-upload-mb {max_upload_mb:g}: must be a positive number of MiB (default 2048)")
+    run_server(model, host=host, port=port, max_upload_bytes=int(max_upload_mb * 1024**2))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -283,14 +283,16 @@ def _read_sitk_file(path: Path, kind: str, label: str, fmt: str) -> Volume:
     import SimpleITK as sitk
 
     if fmt == "nifti":
+        _check_nifti_complete(path, label)  # before ITK, which zero-fills truncated data silently
         _check_nifti_voxel_size(path, label)  # before ITK, which "repairs" it with a warning
     try:
         img = sitk.ReadImage(str(path))
     except RuntimeError as exc:
+        log.debug("%s: ITK could not read %s: %s", label, path, exc)
         raise UserError(
             f"{label}: {path} could not be read as a {fmt} image (corrupt, truncated or not an image file); "
-            f"re-export it ({_first_line(exc)})"
-        ) from exc
+            f"re-export it or copy it again"
+        ) from None
     if fmt == "nifti":
         _check_nifti_finite(path, label)
     img = _check_dimensions(img, label, path)
@@ -351,6 +353,73 @@ def _check_nifti_finite(path: Path, label: str) -> None:
         raise UserError(
             f"{label}: {path} has {bad} NaN/inf voxels of {data.size}; fix the file "
             f"(e.g. replace them with -1024 HU for an image or 0 for a mask) and try again"
+        )
+
+
+def _nifti_header(path: Path):
+    """The NIfTI-1/2 header exactly as stored, or None when nibabel cannot parse it."""
+    from nibabel.nifti1 import Nifti1Header
+    from nibabel.nifti2 import Nifti2Header
+    from nibabel.openers import ImageOpener
+
+    try:
+        with ImageOpener(str(path)) as f:
+            first = f.read(4)
+            f.seek(0)
+            sizes = {int.from_bytes(first, "little"), int.from_bytes(first, "big")}
+            if not sizes & {348, 540}:
+                return None
+            return (Nifti2Header if 540 in sizes else Nifti1Header).from_fileobj(f, check=False)
+    except Exception:
+        return None
+
+
+def _check_nifti_complete(path: Path, label: str) -> None:
+    """Refuse a NIfTI file that is not one, or whose voxel data is shorter than its header says.
+
+    ITK reads a truncated ``.nii``/``.nii.gz`` without complaint and fills the missing voxels
+    with zeros; here the decompressed stream is counted (not kept) and compared with
+    ``vox_offset + voxels x bytes per voxel``.
+    """
+    import gzip
+    import zlib
+
+    header = _nifti_header(path)
+    if header is None:
+        raise UserError(
+            f"{label}: {path} is not a NIfTI image (no NIfTI-1/2 header found; a corrupt download, or another "
+            f"format with a .nii name); re-export or copy the file again"
+        )
+    try:
+        shape = header.get_data_shape()
+        itemsize = header.get_data_dtype().itemsize
+        offset = int(header.get_data_offset())
+    except Exception as exc:
+        raise UserError(
+            f"{label}: {path} has an invalid NIfTI header ({_first_line(exc)}); re-export the image"
+        ) from exc
+    expected = offset + int(np.prod(shape, dtype=np.int64)) * itemsize
+    name = path.name.lower()
+    try:
+        if name.endswith(".gz"):
+            size = 0
+            with gzip.open(path, "rb") as f:
+                while size < expected:
+                    chunk = f.read(min(1 << 22, expected - size))
+                    if not chunk:
+                        break
+                    size += len(chunk)
+        else:
+            size = path.stat().st_size
+    except (EOFError, OSError, zlib.error) as exc:
+        raise UserError(
+            f"{label}: {path} is truncated or corrupt (the compressed data ends early or is damaged: "
+            f"{_first_line(exc)}); copy or export the file again"
+        ) from exc
+    if size < expected:
+        raise UserError(
+            f"{label}: {path} is truncated: its header describes {expected} bytes (shape {tuple(shape)}, "
+            f"{itemsize} bytes per voxel) but the file holds {size}; copy or export the file again"
         )
 
 

@@ -439,7 +439,8 @@ class _Handler(BaseHTTPRequestHandler):
                 api,
                 HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                 f"upload of {length / 1e6:.1f} MB: over the server's limit of {limit / 1e6:.1f} MB; "
-                "upload a smaller file (e.g. a NIfTI of the series) or restart the server with a larger limit",
+                "upload a smaller file (e.g. a NIfTI of the series) or restart the server with a larger "
+                f"--max-upload-mb (now {limit / 1024**2:g})",
             )
             return
         workdir = Path(tempfile.mkdtemp(prefix="liverlesion-serve-"))  # mode 0700: private
