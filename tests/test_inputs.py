@@ -242,3 +242,32 @@ def test_random_bytes_named_nifti_is_refused(tmp_path):
     path.write_bytes(np.random.default_rng(0).bytes(5000))
     with pytest.raises(UserError, match="not a NIfTI image"):
         read_volume(path, name="--image")
+
+
+# --------------------------------------------------------------------------- 6. folds vs patients
+
+
+def test_cv_too_many_folds_is_refused_before_any_work(tmp_path, capsys):
+    rows = []
+    for i in range(3):
+        image, mask = make_ct_array(seed=i)
+        write_volume(image, tmp_path / f"ct{i}.nii.gz")
+        write_volume(mask, tmp_path / f"mask{i}.nii.gz")
+        rows.append(f"p{i},ct{i}.nii.gz,{['cyst', 'metastasis'][i % 2]},mask{i}.nii.gz")
+    m = write_manifest(tmp_path / "m.csv", "patient_id,image,lesion_class,mask", *rows)
+    out = tmp_path / "run"
+    before = set(tmp_path.iterdir())
+    cli_fails(capsys, ["cv", m, out, "--folds", "7"], "--folds=7", "3 patients", "at most 3")
+    assert set(tmp_path.iterdir()) == before  # no run folder, no patch cache
+    cli_fails(capsys, ["cv", m, out, "--folds", "1"], "--folds=1")
+
+
+def test_check_folds_limits():
+    from liverlesion.splits import check_folds
+
+    check_folds(3, 3)
+    check_folds(63, 5)
+    with pytest.raises(UserError, match="at most 3"):
+        check_folds(3, 4)
+    with pytest.raises(UserError, match="at least 3"):
+        check_folds(2, 2)

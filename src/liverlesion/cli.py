@@ -208,6 +208,14 @@ def cv(
         set_,
         **{"model.weights": weights, "model.backbone": backbone, "train.epochs": epochs, "cv.folds": folds},
     )
+    from liverlesion.manifest import read_manifest
+    from liverlesion.splits import check_folds
+
+    # Before any work (the patch cache is written first): enough patients for the folds?
+    n_patients = int(read_manifest(manifest)["patient_id"].astype(str).nunique())
+    check_folds(
+        n_patients, cfg.cv.folds, cfg.train.val_fraction, "--folds" if folds is not None else "cv.folds"
+    )
     run_cv(manifest, out, cfg, resume=resume, baselines=baselines)
 
 
