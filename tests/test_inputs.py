@@ -271,3 +271,29 @@ def test_check_folds_limits():
         check_folds(3, 4)
     with pytest.raises(UserError, match="at least 3"):
         check_folds(2, 2)
+
+
+# --------------------------------------------------------------------------- 7. --dicom-sr on NIfTI
+
+
+def test_dicom_sr_on_nifti_is_refused_before_loading_models(tmp_path, capsys, tiny_nifti):
+    image, mask = tiny_nifti
+    out = tmp_path / "out"
+    err = cli_fails(
+        capsys,
+        ["predict", "--model", tmp_path / "missing.ckpt", "--out", out, "--image", image, "--mask", mask]
+        + ["--dicom-sr"],
+        "--dicom-sr",
+        "image.nii.gz",
+    )
+    assert "missing.ckpt" not in err
+    m = write_manifest(
+        tmp_path / "m.csv", "patient_id,image,lesion_class,mask", "p1,image.nii.gz,cyst,mask.nii.gz"
+    )
+    cli_fails(
+        capsys,
+        ["predict", "--model", tmp_path / "missing.ckpt", "--out", out, "--manifest", m, "--dicom-sr"],
+        "row 1 image",
+        "image.nii.gz",
+    )
+    assert empty_or_missing(out)
