@@ -297,3 +297,28 @@ def test_dicom_sr_on_nifti_is_refused_before_loading_models(tmp_path, capsys, ti
         "image.nii.gz",
     )
     assert empty_or_missing(out)
+
+
+# --------------------------------------------------------------------------- 9. progress bars only on a TTY
+
+
+def test_no_progress_bars_when_stderr_is_not_a_tty(tmp_path, capsys, tiny_nifti, monkeypatch):
+    import io as stdio
+
+    from liverlesion.progress import progress_disabled
+
+    monkeypatch.delenv("LIVERLESION_PROGRESS", raising=False)
+    m = write_manifest(
+        tmp_path / "m.csv", "patient_id,image,lesion_class,mask", "p1,image.nii.gz,cyst,mask.nii.gz"
+    )
+    assert main(["inspect", str(m)]) == 0
+    assert "\r" not in capsys.readouterr().err
+    assert progress_disabled(stdio.StringIO())
+
+    class Tty(stdio.StringIO):
+        def isatty(self):
+            return True
+
+    assert not progress_disabled(Tty())
+    monkeypatch.setenv("LIVERLESION_PROGRESS", "0")
+    assert progress_disabled(Tty())

@@ -625,6 +625,8 @@ def _scan_dicom(folder: Path, label: str, with_skipped: bool = False):
     """Group the image files under ``folder`` (recursively) by SeriesInstanceUID."""
     from tqdm import tqdm
 
+    from liverlesion.progress import progress_disabled
+
     files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
     series: dict[str, _Series] = {}
     skipped: Counter[str] = Counter()
@@ -633,7 +635,7 @@ def _scan_dicom(folder: Path, label: str, with_skipped: bool = False):
         desc=f"reading DICOM headers ({folder.name})",
         unit="file",
         leave=False,
-        disable=len(files) < 50,
+        disable=len(files) < 50 or progress_disabled(),
     ):
         if f.name.upper() == "DICOMDIR":
             skipped["DICOMDIR"] += 1

@@ -617,6 +617,7 @@ def iter_manifest_lesions(
     from tqdm.auto import tqdm
 
     from liverlesion.io import check_tolerance, read_volume
+    from liverlesion.progress import progress_disabled
 
     check_tolerance(tolerance)  # before reading any image
     df = _as_manifest(manifest)
@@ -626,7 +627,13 @@ def iter_manifest_lesions(
         groups.setdefault(key, []).append(rec)
     counters: dict[str, int] = {}
     # `with` closes the bar when an error propagates, so the message starts on its own line.
-    with tqdm(groups.items(), desc="lesions", unit="image", disable=not progress, file=sys.stderr) as bar:
+    with tqdm(
+        groups.items(),
+        desc="lesions",
+        unit="image",
+        disable=not progress or progress_disabled(),
+        file=sys.stderr,
+    ) as bar:
         for (image_path, image_series), recs in bar:
             image = read_volume(
                 image_path,

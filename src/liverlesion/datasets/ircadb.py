@@ -53,6 +53,7 @@ import numpy as np
 from liverlesion import DISCLAIMER, __version__
 from liverlesion.errors import UserError
 from liverlesion.io import check_zip_members
+from liverlesion.progress import progress_disabled
 
 log = logging.getLogger(__name__)
 
@@ -605,7 +606,7 @@ def import_ircadb(src: str | Path, out: str | Path, overwrite: bool = False) -> 
         atomic_dir(out, overwrite=overwrite) as tmp_out,
         tempfile.TemporaryDirectory(prefix="ll-ircadb-") as tmp,
     ):
-        for patient in tqdm(patients, desc="import ircadb", unit="patient"):
+        for patient in tqdm(patients, desc="import ircadb", unit="patient", disable=progress_disabled()):
             p_rows, p_report = _import_patient(patient, tmp_out, Path(tmp))
             rows += p_rows
             reports.append(p_report)
