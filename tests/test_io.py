@@ -264,12 +264,13 @@ def test_several_series_need_a_choice(tmp_path, tiny_ct):
 
 
 def test_mr_is_refused_for_images_only(tmp_path, tiny_ct):
-    image, _ = tiny_ct
+    image, mask = tiny_ct
     write_dicom_series(image, tmp_path / "mr", modality="MR")
     with pytest.raises(UserError) as exc:
         read_volume(tmp_path / "mr", name="--image")
     assert "modality MR" in one_line(exc) and "not CT" in str(exc.value)
-    assert read_volume(tmp_path / "mr", kind="mask").shape == image.shape
+    write_dicom_series(mask.with_array(mask.array.astype(np.float32)), tmp_path / "mr_mask", modality="MR")
+    assert read_volume(tmp_path / "mr_mask", kind="mask").shape == image.shape
 
 
 def test_missing_slice_names_the_gap(tmp_path, tiny_ct):

@@ -606,7 +606,8 @@ def test_patch_of_lesion_at_the_volume_corner_matches_a_full_size_reference():
 
 
 @pytest.mark.skipif(_LESIONS_ERROR is not None, reason=_LESIONS_ERROR or "")
-def test_build_patches_shows_one_progress_bar(tmp_path, capsys):
+def test_build_patches_shows_one_progress_bar(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LIVERLESION_PROGRESS", "1")  # captured stderr is not a TTY: force the bars on
     man = _write_nifti_cohort(tmp_path / "data")
     capsys.readouterr()
     P.build_patches(man, tmp_path / "patches", cfg_())

@@ -186,3 +186,38 @@ def test_cli_serve_bad_model_is_one_line(tmp_path, capsys):
     assert main(["serve", "--model", str(tmp_path / "missing.pt")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("liverlesion: error: --model") and "\n" not in err
+
+
+def test_random_bytes_nifti_upload_is_a_clean_400(served):
+    rng = np.random.default_rng(0)
+    for name in ("ct.nii.gz", "ct.nii"):
+        body, ctype = _multipart({"point": "0,0,120", "diameter": "12"}, {"image": (name, rng.bytes(20000))})
+        status, api_b = _post(served["url"] + "/api/predict", body, ctype)
+        assert status == 400
+        err = json.loads(api_b)["error"]
+        assert "\n" not in err and name in err and "not a NIfTI" in err
+        assert "itk" not in err.lower() and "liverlesion-serve-" not in err
+
+
+def test_413_names_the_option(served):
+    port = int(served["url"].rsplit(":", 1)[1])
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.putrequest("POST", "/api/predict")
+        conn.putheader("Content-Type", "multipart/form-data; boundary=x")
+        conn.putheader("Content-Length", str(5_000_001))
+        conn.endheaders()
+        resp = conn.getresponse()
+        assert resp.status == 413
+        assert "--max-upload-mb" in json.loads(resp.read())["error"]
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan"])
+def test_cli_serve_bad_max_upload_is_one_line(tmp_path, capsys, value):
+    from liverlesion.cli import main
+
+    assert main(["serve", "--model", str(tmp_path / "m.pt"), f"--max-upload-mb={value}"]) == 2
+    err = capsys.readouterr().err
+    assert "--max-upload-mb" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -42,8 +42,28 @@ def test_no_patient_in_two_folds_and_all_covered():
 def test_check_splits_catches_leak():
     s = make_splits(_table(), folds=4, seed=1)
     s["splits"][1]["test_patients"].append(s["splits"][0]["test_patients"][0])
-    with pytest.raises(AssertionError):
+    with pytest.raises(UserError, match="fold 1"):
         check_splits(s)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda s: s["splits"][1]["test_patients"].append(s["splits"][0]["test_patients"][0]),
+        lambda s: s["splits"][0]["train_patients"].append(s["splits"][0]["test_patients"][0]),
+        lambda s: s["splits"][0].pop("val_patients"),
+        lambda s: s.pop("splits"),
+        lambda s: s["splits"][0].update(test_patients="P001"),
+    ],
+)
+def test_edited_splits_file_is_user_error_naming_it(tmp_path, edit):
+    table = _table()
+    path = tmp_path / "splits.json"
+    s = load_or_create_splits(path, table, folds=4, seed=0)
+    edit(s)
+    path.write_text(json.dumps(s))
+    with pytest.raises(UserError, match="splits.json"):
+        load_or_create_splits(path, table, folds=4, seed=0)
 
 
 def test_written_once_and_reused(tmp_path):

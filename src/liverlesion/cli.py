@@ -46,6 +46,22 @@ def _config(config: Path | None, preset: str | None, sets: list[str] | None, **e
     return load_config(config, preset, overrides)
 
 
+def _out_dir(path: Path | None, name: str = "OUT") -> None:
+    """Refuse an output folder that exists as a file (or lies under one) before any work."""
+    if path is not None:
+        from liverlesion.fileio import check_output_dir
+
+        check_output_dir(path, name)
+
+
+def _out_file(path: Path | None, name: str) -> None:
+    """Refuse an output file that is a folder (or lies under a file) before any work."""
+    if path is not None:
+        from liverlesion.fileio import check_output_file
+
+        check_output_file(path, name)
+
+
 def _version_callback(value: bool) -> None:
     if value:
         typer.echo(f"liverlesion {__version__}")
@@ -73,6 +89,7 @@ def synth(
     """Generate a synthetic CT cohort (metastases vs cysts) with a manifest."""
     from liverlesion.synth import generate_cohort
 
+    _out_dir(out)
     generate_cohort(
         out, patients=patients, lesions=lesions, seed=seed, difficulty=difficulty, overwrite=overwrite
     )
@@ -90,6 +107,7 @@ def inspect(
     """Compute and print the lesion table and a summary for a manifest."""
     from liverlesion.lesions import inspect_manifest
 
+    _out_file(out, "--out")
     inspect_manifest(manifest, out=out, tolerance=tolerance, series=series)
 
 
@@ -105,6 +123,7 @@ def import_ircadb(
     from liverlesion.datasets.ircadb import import_ircadb as _imp
     from liverlesion.datasets.ircadb import import_summary
 
+    _out_dir(out)
     manifest = _imp(src, out, overwrite=overwrite)
     typer.echo(import_summary(manifest.parent))
 
@@ -127,6 +146,7 @@ def patches(
     """Cut lesion-centred patches (cached) and draw a PNG contact sheet."""
     from liverlesion.patches import build_patches
 
+    _out_dir(out)
     cfg = _config(config, preset, set_)
     folder = build_patches(manifest, out, cfg.patch, tolerance=tolerance, series=series, overwrite=overwrite)
     typer.echo(f"patches: {folder} (index.csv, contact_sheet.png)")
@@ -157,6 +177,7 @@ def train(
     """Train one model on the whole manifest (inner validation split for early stopping)."""
     from liverlesion.train import train_single
 
+    _out_dir(out)
     cfg = _config(
         config, preset, set_, **{"model.weights": weights, "model.backbone": backbone, "train.epochs": epochs}
     )
@@ -180,11 +201,20 @@ def cv(
     """Patient-level cross-validation: out-of-fold predictions.csv, then evaluation."""
     from liverlesion.train import run_cv
 
+    _out_dir(out)
     cfg = _config(
         config,
         preset,
         set_,
         **{"model.weights": weights, "model.backbone": backbone, "train.epochs": epochs, "cv.folds": folds},
+    )
+    from liverlesion.manifest import read_manifest
+    from liverlesion.splits import check_folds
+
+    # Before any work (the patch cache is written first): enough patients for the folds?
+    n_patients = int(read_manifest(manifest)["patient_id"].astype(str).nunique())
+    check_folds(
+        n_patients, cfg.cv.folds, cfg.train.val_fraction, "--folds" if folds is not None else "cv.folds"
     )
     run_cv(manifest, out, cfg, resume=resume, baselines=baselines)
 
@@ -199,6 +229,7 @@ def demo(
     """Synthetic cohort -> patient-level CV with the paper's network -> metrics."""
     from liverlesion.demo import run_demo
 
+    _out_dir(out)
     run_demo(out, preset=preset, weights=weights, overwrite=overwrite)
 
 
@@ -228,6 +259,7 @@ def baselines(
     """Run the mean-HU and radiomics-style baselines with patient-level CV."""
     from liverlesion.baselines import run_baselines_cli
 
+    _out_dir(out)
     cfg = _config(config, preset, set_)
     run_baselines_cli(manifest, out, cfg)
 
@@ -268,6 +300,7 @@ def predict(
     """Classify lesions in a new study with one or more checkpoints."""
     from liverlesion.predict import predict_cli
 
+    _out_dir(out, "--out")
     predict_cli(
         models=model,
         out=out,
@@ -296,6 +329,7 @@ def export(
     """Export a checkpoint to ONNX or TorchScript."""
     from liverlesion.export import export_model
 
+    _out_file(out, "OUT")
     path = export_model(model, format, out)
     typer.echo(f"wrote {path} and {path.name}.json (input: [0, 1] patches; output: class probabilities)")
 
@@ -307,11 +341,19 @@ def serve(
         str, typer.Option("--host", help="Address to bind (no authentication: keep 127.0.0.1).")
     ] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8765,
+    max_upload_mb: Annotated[
+        float,
+        typer.Option("--max-upload-mb", help="Largest accepted upload (MiB); bigger ones get HTTP 413."),
+    ] = 2048.0,
 ) -> None:
     """Serve a local browser UI (and JSON API) to classify a lesion."""
+    import math
+
     from liverlesion.serve import serve as run_server
 
-    run_server(model, host=host, port=port)
+    if not (math.isfinite(max_upload_mb) and max_upload_mb > 0):
+        raise UserError(f"--max-upload-mb {max_upload_mb:g}: must be a positive number of MiB (default 2048)")
+    run_server(model, host=host, port=port, max_upload_bytes=int(max_upload_mb * 1024**2))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,6 +26,11 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
             so writers that dispatch on extension, such as SimpleITK, still work).
     """
     path = Path(path)
+    if path.is_dir():
+        from liverlesion.errors import UserError
+
+        raise UserError(f"{path}: is a folder; give a file path")
+    _check_parents(path, "output file")
     path.parent.mkdir(parents=True, exist_ok=True)
     if suffix is None:
         suffix = "".join(path.suffixes)
@@ -94,6 +99,59 @@ def write_csv(path: str | os.PathLike, df) -> Path:
     return Path(path)
 
 
+def _check_parents(path: Path, name: str) -> None:
+    """Refuse a path whose nearest existing ancestor is a file or not writable."""
+    from liverlesion.errors import UserError
+
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise UserError(
+            f"{name} {path}: {parent} exists as a file, not a folder; choose an output path outside it"
+        )
+    if parent.exists() and not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(
+            f"{name} {path}: folder {parent} is not writable; choose an output path you can write to"
+        )
+
+
+def check_output_dir(path: str | os.PathLike, name: str = "output folder") -> Path:
+    """Refuse an output folder path that cannot become a folder (before any work is done).
+
+    Args:
+        path: The output folder (new, empty or, with ``--overwrite``/``--resume``, existing).
+        name: How the argument is named in messages (e.g. ``"OUT"`` or ``"--out"``).
+
+    Raises:
+        UserError: ``path`` exists as a file, or an ancestor is a file or not writable.
+    """
+    from liverlesion.errors import UserError
+
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UserError(
+            f"{name} {path}: exists as a file, not a folder; give a new or empty folder path, or move the file away"
+        )
+    _check_parents(path, name)
+    return path
+
+
+def check_output_file(path: str | os.PathLike, name: str = "output file") -> Path:
+    """Refuse an output file path that is a folder or lies under a file (before any work is done).
+
+    Raises:
+        UserError: ``path`` is a folder, or an ancestor is a file or not writable.
+    """
+    from liverlesion.errors import UserError
+
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise UserError(f"{name} {path}: is a folder; give a file path, e.g. {path / 'out'}")
+    _check_parents(path, name)
+    return path
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that is renamed to ``path`` on success.
@@ -102,7 +160,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     """
     from liverlesion.errors import UserError
 
-    path = Path(path)
+    path = check_output_dir(path)
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise UserError(
             f"{path}: output folder already exists and is not empty; choose another path or pass --overwrite"

@@ -283,14 +283,16 @@ def _read_sitk_file(path: Path, kind: str, label: str, fmt: str) -> Volume:
     import SimpleITK as sitk
 
     if fmt == "nifti":
+        _check_nifti_complete(path, label)  # before ITK, which zero-fills truncated data silently
         _check_nifti_voxel_size(path, label)  # before ITK, which "repairs" it with a warning
     try:
         img = sitk.ReadImage(str(path))
     except RuntimeError as exc:
+        log.debug("%s: ITK could not read %s: %s", label, path, exc)
         raise UserError(
             f"{label}: {path} could not be read as a {fmt} image (corrupt, truncated or not an image file); "
-            f"re-export it ({_first_line(exc)})"
-        ) from exc
+            f"re-export it or copy it again"
+        ) from None
     if fmt == "nifti":
         _check_nifti_finite(path, label)
     img = _check_dimensions(img, label, path)
@@ -354,6 +356,73 @@ def _check_nifti_finite(path: Path, label: str) -> None:
         )
 
 
+def _nifti_header(path: Path):
+    """The NIfTI-1/2 header exactly as stored, or None when nibabel cannot parse it."""
+    from nibabel.nifti1 import Nifti1Header
+    from nibabel.nifti2 import Nifti2Header
+    from nibabel.openers import ImageOpener
+
+    try:
+        with ImageOpener(str(path)) as f:
+            first = f.read(4)
+            f.seek(0)
+            sizes = {int.from_bytes(first, "little"), int.from_bytes(first, "big")}
+            if not sizes & {348, 540}:
+                return None
+            return (Nifti2Header if 540 in sizes else Nifti1Header).from_fileobj(f, check=False)
+    except Exception:
+        return None
+
+
+def _check_nifti_complete(path: Path, label: str) -> None:
+    """Refuse a NIfTI file that is not one, or whose voxel data is shorter than its header says.
+
+    ITK reads a truncated ``.nii``/``.nii.gz`` without complaint and fills the missing voxels
+    with zeros; here the decompressed stream is counted (not kept) and compared with
+    ``vox_offset + voxels x bytes per voxel``.
+    """
+    import gzip
+    import zlib
+
+    header = _nifti_header(path)
+    if header is None:
+        raise UserError(
+            f"{label}: {path} is not a NIfTI image (no NIfTI-1/2 header found; a corrupt download, or another "
+            f"format with a .nii name); re-export or copy the file again"
+        )
+    try:
+        shape = header.get_data_shape()
+        itemsize = header.get_data_dtype().itemsize
+        offset = int(header.get_data_offset())
+    except Exception as exc:
+        raise UserError(
+            f"{label}: {path} has an invalid NIfTI header ({_first_line(exc)}); re-export the image"
+        ) from exc
+    expected = offset + int(np.prod(shape, dtype=np.int64)) * itemsize
+    name = path.name.lower()
+    try:
+        if name.endswith(".gz"):
+            size = 0
+            with gzip.open(path, "rb") as f:
+                while size < expected:
+                    chunk = f.read(min(1 << 22, expected - size))
+                    if not chunk:
+                        break
+                    size += len(chunk)
+        else:
+            size = path.stat().st_size
+    except (EOFError, OSError, zlib.error) as exc:
+        raise UserError(
+            f"{label}: {path} is truncated or corrupt (the compressed data ends early or is damaged: "
+            f"{_first_line(exc)}); copy or export the file again"
+        ) from exc
+    if size < expected:
+        raise UserError(
+            f"{label}: {path} is truncated: its header describes {expected} bytes (shape {tuple(shape)}, "
+            f"{itemsize} bytes per voxel) but the file holds {size}; copy or export the file again"
+        )
+
+
 def _nifti_voxel_size(path: Path) -> list[float] | None:
     """The spatial ``pixdim`` values exactly as stored (None when nibabel cannot parse the header).
 
@@ -411,11 +480,18 @@ def _convert_array(array: np.ndarray, kind: str, label: str, path: Path) -> np.n
         if array.dtype.kind not in "iuf" or array.dtype == np.bool_:
             raise UserError(f"{label}: {path} has voxel type {array.dtype}; a numeric CT image is needed")
         return array.astype(np.float32, copy=False)
+    if array.size and array.dtype.kind in "if" and float(array.min()) < 0:
+        raise UserError(
+            f"{label}: {path} is a mask with negative values (down to {float(array.min()):g}): it looks like a "
+            f"CT image in HU, not a label mask (0 = background, 1, 2, ... = lesions); pass the lesion mask "
+            f"(were the image and the mask swapped?)"
+        )
     if np.issubdtype(array.dtype, np.floating):
         if not np.all(array == np.round(array)):
             raise UserError(
                 f"{label}: {path} is a mask with non-integer values (e.g. {float(array[array != np.round(array)][0]):g}); "
-                f"a label mask must hold whole numbers: threshold or round it (or did you pass an image as the mask?)"
+                f"a label mask must hold whole numbers (0 = background, 1, 2, ... = lesions): threshold or round it "
+                f"(or did you pass an image as the mask?)"
             )
         lo, hi = float(array.min()), float(array.max())
         for dtype in (np.uint8, np.int16, np.int32):
@@ -549,6 +625,8 @@ def _scan_dicom(folder: Path, label: str, with_skipped: bool = False):
     """Group the image files under ``folder`` (recursively) by SeriesInstanceUID."""
     from tqdm import tqdm
 
+    from liverlesion.progress import progress_disabled
+
     files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
     series: dict[str, _Series] = {}
     skipped: Counter[str] = Counter()
@@ -557,7 +635,7 @@ def _scan_dicom(folder: Path, label: str, with_skipped: bool = False):
         desc=f"reading DICOM headers ({folder.name})",
         unit="file",
         leave=False,
-        disable=len(files) < 50,
+        disable=len(files) < 50 or progress_disabled(),
     ):
         if f.name.upper() == "DICOMDIR":
             skipped["DICOMDIR"] += 1
@@ -895,26 +973,91 @@ def _finish_dicom(
     return vol
 
 
+def unsafe_zip_member(info: zipfile.ZipInfo) -> str | None:
+    """Why a zip entry must not be extracted (None when it is safe).
+
+    Entries whose names leave the archive's folder (``..`` parts, absolute paths, drive
+    letters, backslash-rooted names) and symbolic links are refused: extracting them
+    could write or read outside the target folder.
+    """
+    import stat
+
+    name = info.filename.replace("\\", "/")
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if name.startswith("/"):
+        return "an absolute path"
+    if len(name) >= 2 and name[1] == ":" and name[0].isalpha():
+        return "a Windows drive letter"
+    if any(p == ".." for p in parts):
+        return "a '..' component (it points outside the archive)"
+    if any(":" in p for p in parts):
+        return "a ':' in a name (a drive or stream name)"
+    if stat.S_ISLNK(info.external_attr >> 16):
+        return "a symbolic link"
+    return None
+
+
+def check_zip_members(zf: zipfile.ZipFile, label: str, path: Path) -> list[zipfile.ZipInfo]:
+    """The file entries of an open zip, after refusing unsafe entry names (see :func:`unsafe_zip_member`).
+
+    Raises:
+        UserError: Naming the first unsafe entry.
+    """
+    infos = zf.infolist()
+    for info in infos:
+        why = unsafe_zip_member(info)
+        if why is not None:
+            raise UserError(
+                f"{label}: {path} has an entry {info.filename!r} with {why}; refusing to read the archive: "
+                f"re-create the zip from the DICOM folder itself (e.g. zip -r series.zip SERIES_FOLDER)"
+            )
+    return [i for i in infos if not i.is_dir()]
+
+
 class _extracted_zip:
-    """Context manager: extract a zip to a temporary folder, removed afterwards."""
+    """Context manager: extract a zip to a private temporary folder, removed afterwards.
+
+    Entry names are checked first (no writes or reads outside the temporary folder) and the
+    total uncompressed size is compared with the free space there.
+    """
 
     def __init__(self, path: Path, label: str):
         self.path, self.label = path, label
-        self._tmp: tempfile.TemporaryDirectory | None = None
+        self._tmp: str | None = None
 
     def __enter__(self) -> Path:
-        self._tmp = tempfile.TemporaryDirectory(prefix="liverlesion-zip-")
+        import shutil
+
+        self._tmp = tempfile.mkdtemp(prefix="liverlesion-zip-")  # mode 0700
         try:
             with zipfile.ZipFile(self.path) as zf:
-                # ZipFile.extractall strips absolute paths and '..' (no writes outside the temp dir).
-                zf.extractall(self._tmp.name)
-        except (zipfile.BadZipFile, OSError, RuntimeError) as exc:
-            self._tmp.cleanup()
+                members = check_zip_members(zf, self.label, self.path)
+                total = sum(i.file_size for i in members)
+                free = shutil.disk_usage(self._tmp).free
+                if total > free:
+                    raise UserError(
+                        f"{self.label}: {self.path} unpacks to {total / 1e9:.1f} GB but the temporary folder "
+                        f"{tempfile.gettempdir()} has {free / 1e9:.1f} GB free; set TMPDIR to a larger disk or "
+                        f"pass the unzipped folder"
+                    )
+                for info in members:
+                    zf.extract(info, self._tmp)
+        except (zipfile.BadZipFile, OSError, RuntimeError, EOFError, ValueError) as exc:
+            self._cleanup()
             raise UserError(
                 f"{self.label}: {self.path} is not a readable zip file ({exc}); re-create it or pass the unzipped folder"
             ) from exc
-        return Path(self._tmp.name)
+        except BaseException:
+            self._cleanup()
+            raise
+        return Path(self._tmp)
+
+    def _cleanup(self) -> None:
+        import shutil
+
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
 
     def __exit__(self, *exc_info) -> None:
-        if self._tmp is not None:
-            self._tmp.cleanup()
+        self._cleanup()

@@ -244,6 +244,51 @@ def _foreground_box(arr: np.ndarray) -> tuple[slice, slice, slice] | None:
 
 # ----------------------------------------------------------------------------- masks
 
+#: A lesion mask whose foreground covers more than this fraction of the body (voxels above
+#: :data:`AIR_HU`) is not a lesion mask (a body/organ mask, or an image passed as the mask).
+MAX_BODY_FRACTION = 0.5
+#: More connected components than this in a lesion mask is not plausible.
+MAX_COMPONENTS = 500
+
+
+def check_mask_foreground(
+    image: Volume, mask: Volume, mask_name: str = "mask", box: tuple[slice, slice, slice] | None = None
+) -> None:
+    """Refuse masks that cannot be lesion masks, cheaply (before any per-lesion work).
+
+    Refused: foreground touching all six faces of the volume (e.g. a mask that is 1
+    everywhere), and foreground covering more than :data:`MAX_BODY_FRACTION` of the body
+    (voxels above :data:`AIR_HU` in ``image``).
+
+    Args:
+        image: The CT (HU) on the same grid as ``mask``.
+        mask: The mask.
+        mask_name: How the mask is named in the message.
+        box: The foreground's bounding box, when already known.
+
+    Raises:
+        UserError: Naming the mask and what is wrong.
+    """
+    arr = mask.array
+    if box is None:
+        box = _foreground_box(arr)
+    if box is None:
+        return
+    hint = (
+        "give the lesion mask (lesions > 0, background 0), not a liver/body mask or an image; "
+        "check --image and --mask are not swapped"
+    )
+    if tuple(s.stop - s.start for s in box) == tuple(arr.shape):
+        raise UserError(f"{mask_name}: the foreground touches all six faces of the volume; {hint}")
+    n_fg = int(np.count_nonzero(arr[box] > 0))
+    n_body = int(np.count_nonzero(image.array > AIR_HU))
+    if n_fg > MAX_BODY_FRACTION * max(n_body, 1):
+        pct = 100.0 * n_fg / max(n_body, 1)
+        raise UserError(
+            f"{mask_name}: the foreground ({n_fg} voxels) covers {pct:.0f}% of the body (voxels above "
+            f"{AIR_HU:.0f} HU), more than {100 * MAX_BODY_FRACTION:.0f}%; {hint}"
+        )
+
 
 def lesions_from_mask(
     image: Volume,
@@ -294,6 +339,7 @@ def lesions_from_mask(
         raise UserError(
             f"{mask_name}: the mask is empty (no voxel > 0); give a mask that contains the lesion(s)"
         )
+    check_mask_foreground(image, mask, mask_name, box=box)
     label = int(label) if label else None
     offset = tuple(s.start for s in box)
     # Everything below works inside the foreground's box: a full-size int32 label image of
@@ -303,6 +349,12 @@ def lesions_from_mask(
     lesions: list[tuple[np.ndarray, tuple[int, int, int]]] = []  # (crop, offset)
     if label is None:
         comp, n = ndimage.label(fg, structure=np.ones((3, 3, 3), dtype=bool))
+        if n > MAX_COMPONENTS:
+            raise UserError(
+                f"{mask_name}: {n} separate connected components, more than {MAX_COMPONENTS} lesions is not "
+                f"plausible (a noisy or thresholded image rather than a lesion mask?); give the lesion mask, "
+                f"or select one lesion with its label"
+            )
         sizes = np.bincount(comp.ravel(), minlength=n + 1)  # voxels per component, in one pass
         for k, sl in enumerate(ndimage.find_objects(comp), start=1):
             if sizes[k] >= min_voxels:
@@ -368,6 +420,46 @@ def physical_bounds(volume: Volume) -> tuple[np.ndarray, np.ndarray]:
     return pts.min(axis=0), pts.max(axis=0)
 
 
+#: Largest lesion diameter accepted for a click, mm (a whole adult liver is about 150-200 mm wide).
+MAX_DIAMETER_MM = 300.0
+
+
+def check_diameter(diameter_mm, name: str = "--diameter", image: Volume | None = None) -> float:
+    """Refuse a click diameter that is not a finite positive number of mm, or implausibly large.
+
+    Args:
+        diameter_mm: The diameter in mm.
+        name: How the value is named in the message (e.g. ``"--diameter"``).
+        image: When given, the diameter must also not exceed the image's largest extent.
+
+    Returns:
+        The diameter as a float.
+
+    Raises:
+        UserError: Naming ``name`` and the value.
+    """
+    try:
+        d = float(diameter_mm)
+    except (TypeError, ValueError):
+        d = math.nan
+    if not (math.isfinite(d) and d > 0):
+        raise UserError(f"{name} {diameter_mm!r}: must be a positive, finite number of mm (e.g. 15)")
+    if d > MAX_DIAMETER_MM:
+        raise UserError(
+            f"{name} {d:g} mm: larger than any plausible liver lesion (at most {MAX_DIAMETER_MM:g} mm); "
+            f"give the lesion's diameter in mm (not um or another unit), e.g. 15"
+        )
+    if image is not None:
+        lo, hi = physical_bounds(image)
+        extent = float(np.max(hi - lo))
+        if d > extent:
+            raise UserError(
+                f"{name} {d:g} mm: larger than the image itself (largest extent {extent:.1f} mm); "
+                f"give the lesion's diameter in mm, e.g. 15"
+            )
+    return d
+
+
 def _fmt_xyz(p: Sequence[float]) -> str:
     return "(" + ", ".join(f"{v:.1f}" for v in p) + ")"
 
@@ -408,8 +500,7 @@ def lesion_from_click(
     point = np.asarray(point_xyz_mm, dtype=float).reshape(-1)
     if point.shape != (3,) or not np.all(np.isfinite(point)):
         raise UserError(f"{point_name} {tuple(point_xyz_mm)}: expected three finite numbers x,y,z in LPS mm")
-    if not (math.isfinite(diameter_mm) and diameter_mm > 0):
-        raise UserError(f"{point_name}: diameter {diameter_mm} mm must be a positive number of mm")
+    check_diameter(diameter_mm, f"{point_name} diameter", image)
     centre = image.physical_to_index(point)
     if not image.contains_index(centre):
         lo, hi = physical_bounds(image)
@@ -439,24 +530,26 @@ def lesion_from_click(
     half = radius / spacing  # radius in voxels along z, y, x
     lo = np.floor(centre - half).astype(int)
     hi = np.ceil(centre + half).astype(int) + 1
-    grids = np.meshgrid(*(np.arange(a, b) for a, b in zip(lo, hi, strict=True)), indexing="ij")
-    # Direction cosines are orthonormal, so distances in index space scaled by spacing are mm.
-    dist2 = sum(((g - c) * s) ** 2 for g, c, s in zip(grids, centre, spacing, strict=True))
-    sphere = dist2 <= radius**2
-    sphere[tuple(n - start for n, start in zip(near, lo, strict=True))] = True
+    # Build the sphere only inside the image (open grids, no full-size meshgrid): a large
+    # diameter then costs at most one image-sized boolean array.
     clo = np.maximum(lo, 0)
     chi = np.minimum(hi, shape)
-    crop = sphere[tuple(slice(a - start, b - start) for a, b, start in zip(clo, chi, lo, strict=True))]
-    lost = int(sphere.sum() - crop.sum())
-    if lost:
-        log.warning(
-            "%s %s mm: the %.1f mm sphere extends past the image edge; %d of %d voxels clipped",
-            point_name,
-            _fmt_xyz(point),
-            diameter_mm,
-            lost,
-            int(sphere.sum()),
-        )
+    axes = [((np.arange(a, b) - c) * s) ** 2 for a, b, c, s in zip(clo, chi, centre, spacing, strict=True)]
+    crop = (axes[0][:, None, None] + axes[1][None, :, None] + axes[2][None, None, :]) <= radius**2
+    crop[tuple(n - a for n, a in zip(near, clo, strict=True))] = True
+    if np.any(lo < 0) or np.any(hi > shape):
+        # Voxels of the whole sphere, estimated from its volume (it is not built outside the image).
+        full_voxels = max(int(round(math.pi / 6 * diameter_mm**3 / float(np.prod(spacing)))), 1)
+        lost = full_voxels - int(crop.sum())
+        if lost > 0:
+            log.warning(
+                "%s %s mm: the %.1f mm sphere extends past the image edge; about %d of %d voxels clipped",
+                point_name,
+                _fmt_xyz(point),
+                diameter_mm,
+                lost,
+                full_voxels,
+            )
     sub = _foreground_box(crop)
     assert sub is not None
     off = tuple(int(a) + s.start for a, s in zip(clo, sub, strict=True))
@@ -524,6 +617,7 @@ def iter_manifest_lesions(
     from tqdm.auto import tqdm
 
     from liverlesion.io import check_tolerance, read_volume
+    from liverlesion.progress import progress_disabled
 
     check_tolerance(tolerance)  # before reading any image
     df = _as_manifest(manifest)
@@ -533,7 +627,13 @@ def iter_manifest_lesions(
         groups.setdefault(key, []).append(rec)
     counters: dict[str, int] = {}
     # `with` closes the bar when an error propagates, so the message starts on its own line.
-    with tqdm(groups.items(), desc="lesions", unit="image", disable=not progress, file=sys.stderr) as bar:
+    with tqdm(
+        groups.items(),
+        desc="lesions",
+        unit="image",
+        disable=not progress or progress_disabled(),
+        file=sys.stderr,
+    ) as bar:
         for (image_path, image_series), recs in bar:
             image = read_volume(
                 image_path,

@@ -246,6 +246,13 @@ def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
                 raise UserError(
                     f"{where}: diameter_mm={click_text['diameter_mm']!r} must be > 0; give the lesion diameter in mm"
                 )
+            from liverlesion.lesions import MAX_DIAMETER_MM
+
+            if rec["diameter_mm"] > MAX_DIAMETER_MM:
+                raise UserError(
+                    f"{where}: diameter_mm={click_text['diameter_mm']!r} is larger than any plausible liver lesion "
+                    f"(at most {MAX_DIAMETER_MM:g} mm); give the lesion diameter in mm"
+                )
         image_path = _resolve(base, rec["image"])
         if not image_path.exists():
             raise UserError(

@@ -424,6 +424,7 @@ def build_patches(
     from tqdm import tqdm
 
     from liverlesion.io import check_tolerance
+    from liverlesion.progress import progress_disabled
 
     check_patch_config(cfg)
     check_tolerance(tolerance)
@@ -446,6 +447,7 @@ def build_patches(
             desc="patches",
             unit="image",
             file=sys.stderr,
+            disable=progress_disabled(),
         )
         for volume, lesions in bar:
             for lesion, lesion_mask in lesions:

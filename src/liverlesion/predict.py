@@ -874,10 +874,16 @@ def predict_cli(
         raise UserError(
             f"--diameter {diameter}: only used with --point x,y,z; add --point or drop --diameter"
         )
-    if diameter is not None and not (math.isfinite(diameter) and diameter > 0):
-        raise UserError(f"--diameter {diameter}: must be a positive number of mm")
+    if diameter is not None:
+        from liverlesion.lesions import check_diameter
+
+        check_diameter(diameter, "--diameter")
     xyz = parse_point(point) if point is not None else None
     _check_min_size(min_size_mm)
+    if dicom_sr:  # before any compute: every image must be a DICOM series
+        from liverlesion.sr import check_sr_inputs
+
+        check_sr_inputs(image=image, manifest=manifest)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: is a file; give a folder path")

@@ -1,7 +1,12 @@
-"""Progress display: bars on a terminal, at most a line per stage elsewhere (logs, CI, pipes)."""
+"""Progress display: bars on a terminal, at most a line per stage elsewhere (logs, CI, pipes).
+
+Bars are drawn only when stderr is a terminal: in logs, CI and pipes tqdm's carriage-return
+updates become many lines of noise. ``LIVERLESION_PROGRESS=1`` forces them on, ``=0`` off.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
@@ -9,12 +14,23 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-def is_terminal() -> bool:
-    """True when stderr is an interactive terminal."""
-    try:
-        return sys.stderr.isatty()
-    except (AttributeError, ValueError):
+def progress_disabled(stream=None) -> bool:
+    """True unless progress bars should be drawn on ``stream`` (default: stderr)."""
+    forced = os.environ.get("LIVERLESION_PROGRESS", "").strip().lower()
+    if forced in ("1", "true", "yes", "on", "always"):
         return False
+    if forced in ("0", "false", "no", "off", "never"):
+        return True
+    stream = sys.stderr if stream is None else stream
+    try:
+        return not stream.isatty()
+    except (AttributeError, ValueError, OSError):  # closed or replaced stream
+        return True
+
+
+def is_terminal() -> bool:
+    """True when progress bars should be drawn (stderr is a terminal, or forced)."""
+    return not progress_disabled()
 
 
 def progress_bar(

@@ -179,8 +179,9 @@ def _run_prediction(clf, fields: dict[str, FormField], workdir: Path) -> dict[st
         xyz = parse_point(point_txt, "point")
         if diameter is None:
             raise UserError(f"point {point_txt!r}: also give the lesion diameter in mm")
-        if diameter <= 0:
-            raise UserError(f"diameter (mm) {diameter:g}: must be a positive number of mm")
+        from liverlesion.lesions import check_diameter
+
+        check_diameter(diameter, "diameter (mm)")
     elif diameter is not None:
         raise UserError(
             f"diameter (mm) {diameter:g}: only used with a point; enter a point or clear the diameter"
@@ -438,7 +439,8 @@ class _Handler(BaseHTTPRequestHandler):
                 api,
                 HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                 f"upload of {length / 1e6:.1f} MB: over the server's limit of {limit / 1e6:.1f} MB; "
-                "upload a smaller file (e.g. a NIfTI of the series) or restart the server with a larger limit",
+                "upload a smaller file (e.g. a NIfTI of the series) or restart the server with a larger "
+                f"--max-upload-mb (now {limit / 1024**2:g})",
             )
             return
         workdir = Path(tempfile.mkdtemp(prefix="liverlesion-serve-"))  # mode 0700: private

@@ -10,6 +10,7 @@ set, never the test fold.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,43 @@ from liverlesion.fileio import write_json
 def _patient_label(lesions: pd.DataFrame) -> pd.Series:
     """Label per lesion used for stratification: its own class."""
     return lesions["lesion_class"].astype(str)
+
+
+def check_folds(n_patients: int, folds: int, val_fraction: float = 0.2, name: str = "cv.folds") -> None:
+    """Refuse a number of folds the patients cannot fill, before any work is done.
+
+    Each fold needs at least one test patient, and its training patients must still split
+    (by patient) into an inner training and an inner validation set, so at least 2 remain.
+
+    Args:
+        n_patients: Distinct patients in the manifest.
+        folds: Requested number of outer folds.
+        val_fraction: Inner validation fraction (only for the message).
+        name: How the setting is named in the message (``--folds`` or ``cv.folds``).
+
+    Raises:
+        UserError: Naming ``name``, the value and the largest usable number of folds.
+    """
+    try:
+        k = int(folds)
+    except (TypeError, ValueError):
+        k = 0
+    if k != folds or k < 2:
+        raise UserError(f"{name}={folds!r}: need a whole number of at least 2 folds (e.g. 5)")
+    # Largest k with at least one test patient per fold and >= 2 training patients in every fold.
+    best = max(
+        (j for j in range(2, n_patients + 1) if n_patients - math.ceil(n_patients / j) >= 2), default=None
+    )
+    if best is None:
+        raise UserError(
+            f"{name}={k}: the manifest has only {n_patients} patient(s); patient-level cross-validation needs "
+            f"at least 3 (one to test, two to train and validate per fold); add patients"
+        )
+    if k > best:
+        raise UserError(
+            f"{name}={k}: the manifest has only {n_patients} patients; each fold needs a test patient and at "
+            f"least 2 training patients (inner validation {val_fraction:g}): use at most {best} folds"
+        )
 
 
 def _stratified_group_split(
@@ -54,8 +92,7 @@ def make_splits(
         seed: Shuffling seed.
         val_fraction: Fraction of each fold's training patients held out for inner validation.
     """
-    if folds < 2:
-        raise UserError(f"cv.folds={folds}: need at least 2 folds")
+    check_folds(int(lesions["patient_id"].nunique()), folds, val_fraction)
     outer = _stratified_group_split(lesions, folds, seed)
     splits = []
     for k, (train_p, test_p) in enumerate(outer):
@@ -77,14 +114,41 @@ def make_splits(
     return result
 
 
-def check_splits(splits: dict[str, Any]) -> None:
-    """Invariants: no patient in two test folds, none shared between train/val/test of a fold."""
-    seen: dict[str, int] = {}
-    for s in splits["splits"]:
-        tr, va, te = set(s["train_patients"]), set(s["val_patients"]), set(s["test_patients"])
-        assert not (tr & te) and not (va & te) and not (tr & va), f"fold {s['fold']}: patient overlap"
+def check_splits(splits: dict[str, Any], path: str | Path | None = None) -> None:
+    """Check a splits dict (e.g. read from an edited ``splits.json``): its structure, and that no
+    patient is in two test folds or shared between train/val/test of a fold.
+
+    Args:
+        splits: The splits.
+        path: The file it was read from (named in messages).
+
+    Raises:
+        UserError: Naming the file and what is wrong.
+    """
+    where = f"{path}" if path is not None else "splits"
+    fix = "delete it to create new splits" if path is not None else "this is a bug: please report it"
+    folds = splits.get("splits") if isinstance(splits, dict) else None
+    if not isinstance(folds, list) or not folds:
+        raise UserError(f"{where}: has no list of folds under 'splits'; {fix}")
+    keys = ("fold", "train_patients", "val_patients", "test_patients")
+    seen: dict[str, Any] = {}
+    for i, s in enumerate(folds):
+        if not isinstance(s, dict) or any(k not in s for k in keys):
+            raise UserError(f"{where}: fold entry {i} lacks one of {', '.join(keys)}; {fix}")
+        if not all(isinstance(s[k], list) for k in keys[1:]):
+            raise UserError(f"{where}: fold {s['fold']}: patient lists must be JSON lists; {fix}")
+        tr, va, te = (set(map(str, s[k])) for k in keys[1:])
+        if not te or not tr or not va:
+            raise UserError(f"{where}: fold {s['fold']} has an empty train, val or test patient list; {fix}")
+        overlap = (tr & te) | (va & te) | (tr & va)
+        if overlap:
+            raise UserError(
+                f"{where}: fold {s['fold']}: patient(s) {', '.join(sorted(overlap)[:5])} are in more than one of "
+                f"train/val/test (leakage); {fix}"
+            )
         for p in te:
-            assert p not in seen, f"patient {p} is in test folds {seen[p]} and {s['fold']}"
+            if p in seen:
+                raise UserError(f"{where}: patient {p} is in test folds {seen[p]} and {s['fold']}; {fix}")
             seen[p] = s["fold"]
 
 
@@ -96,16 +160,16 @@ def load_or_create_splits(
     if path.exists():
         try:
             splits = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"{path}: not valid JSON ({e}); delete it to create new splits") from e
+        check_splits(splits, path)
         patients = set(lesions["patient_id"].astype(str))
-        in_file = {p for s in splits["splits"] for p in s["test_patients"]}
+        in_file = {str(p) for s in splits["splits"] for p in s["test_patients"]}
         if patients != in_file or splits.get("folds") != folds:
             raise UserError(
                 f"{path}: existing splits ({splits.get('folds')} folds, {len(in_file)} patients) do not match this "
                 f"run ({folds} folds, {len(patients)} patients); delete it or use a new output folder"
             )
-        check_splits(splits)
         return splits
     splits = make_splits(lesions, folds, seed, val_fraction)
     write_json(path, splits)

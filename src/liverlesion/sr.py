@@ -74,6 +74,39 @@ def class_concept(name: str) -> Any:
     return _private(f"class:{name}", str(name))
 
 
+def check_sr_inputs(image=None, manifest=None) -> None:
+    """Before any work: refuse ``--dicom-sr`` when an input image is not DICOM (judged by its path).
+
+    Args:
+        image: The ``--image`` path, or None.
+        manifest: The ``--manifest`` path, or None (every image it names is checked).
+
+    Raises:
+        UserError: Naming the first non-DICOM image.
+    """
+    from liverlesion.io import SITK_SUFFIXES, _suffix
+
+    items = []
+    if image is not None:
+        items.append(("--image", Path(image)))
+    if manifest is not None:
+        from liverlesion.manifest import read_manifest
+
+        df = read_manifest(manifest)
+        items += [(f"manifest {manifest} row {r.row} image", Path(r.image_path)) for r in df.itertuples()]
+    for name, path in items:
+        if not path.is_dir() and _suffix(path) in SITK_SUFFIXES:
+            need = (
+                "a DICOM --image so the report can reference its series: it"
+                if name == "--image"
+                else f"DICOM images so each report can reference its series: {name}"
+            )
+            raise UserError(
+                f"--dicom-sr needs {need} ({path}) is a {SITK_SUFFIXES[_suffix(path)]} file, not DICOM; "
+                f"pass the DICOM folder/zip, or drop --dicom-sr"
+            )
+
+
 def check_sr_source(source: Volume, name: str = "--image") -> None:
     """Raise UserError unless ``source`` was read from DICOM (an SR must reference its series).
 

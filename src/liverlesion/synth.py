@@ -908,6 +908,7 @@ def generate_cohort(
     from tqdm import tqdm
 
     from liverlesion.fileio import atomic_dir, write_csv, write_json
+    from liverlesion.progress import progress_disabled
 
     out = Path(out)
     _check_args(out, patients, lesions, seed, difficulty, overwrite)
@@ -918,7 +919,11 @@ def generate_cohort(
     with _single_thread_blas(), atomic_dir(out, overwrite=overwrite) as tmp:
         (tmp / "images").mkdir()
         (tmp / "masks").mkdir()
-        for i, classes in enumerate(tqdm(alloc, desc="synthetic patients", unit="patient", file=sys.stderr)):
+        for i, classes in enumerate(
+            tqdm(
+                alloc, desc="synthetic patients", unit="patient", file=sys.stderr, disable=progress_disabled()
+            )
+        ):
             pid = f"syn{i + 1:03d}"
             pat = simulate_patient(pid, classes, seed=[seed, i], difficulty=difficulty)
             _write_nifti(pat.hu, pat.spacing, pat.origin, tmp / "images" / f"{pid}.nii.gz")

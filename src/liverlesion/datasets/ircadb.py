@@ -52,6 +52,8 @@ import numpy as np
 
 from liverlesion import DISCLAIMER, __version__
 from liverlesion.errors import UserError
+from liverlesion.io import check_zip_members
+from liverlesion.progress import progress_disabled
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +160,7 @@ class _Part:
 def _index_zip(path: Path, name: str) -> _Part:
     try:
         with zipfile.ZipFile(path) as zf:
-            members = [m for m in zf.namelist() if not m.endswith("/")]
+            members = [i.filename for i in check_zip_members(zf, name, path)]
     except (zipfile.BadZipFile, OSError) as e:
         raise UserError(
             f"{path}: not a readable zip file ({e}); re-download it or extract it to a {name} folder"
@@ -604,7 +606,7 @@ def import_ircadb(src: str | Path, out: str | Path, overwrite: bool = False) -> 
         atomic_dir(out, overwrite=overwrite) as tmp_out,
         tempfile.TemporaryDirectory(prefix="ll-ircadb-") as tmp,
     ):
-        for patient in tqdm(patients, desc="import ircadb", unit="patient"):
+        for patient in tqdm(patients, desc="import ircadb", unit="patient", disable=progress_disabled()):
             p_rows, p_report = _import_patient(patient, tmp_out, Path(tmp))
             rows += p_rows
             reports.append(p_report)

@@ -1,0 +1,324 @@
+"""Bad inputs are refused up front: one line, non-zero exit, no traceback, nothing half-written."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import make_ct_array
+from liverlesion.cli import main
+from liverlesion.errors import UserError
+from liverlesion.io import read_volume, write_volume
+
+
+def cli_fails(capsys, args, *names) -> str:
+    """Run the CLI; assert it failed with a short, traceback-free message naming ``names``."""
+    rc = main([str(a) for a in args])
+    err = capsys.readouterr().err
+    assert rc != 0, err
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert 1 <= len(lines) <= 3, err
+    for n in names:
+        assert str(n) in err, (n, err)
+    return err
+
+
+def empty_or_missing(path: Path) -> bool:
+    return not path.exists() or (path.is_dir() and not any(path.iterdir()))
+
+
+def write_manifest(path: Path, header: str, *rows: str) -> Path:
+    path.write_text(header + "\n" + "\n".join(rows) + "\n")
+    return path
+
+
+# --------------------------------------------------------------------------- 1. diameters
+
+
+@pytest.mark.parametrize("diameter", ["10000", "nan", "inf", "-3", "0"])
+def test_predict_refuses_bad_diameter_before_loading_models(tmp_path, capsys, tiny_nifti, diameter):
+    image, _ = tiny_nifti
+    out = tmp_path / "out"
+    err = cli_fails(
+        capsys,
+        ["predict", "--model", tmp_path / "missing.ckpt", "--out", out, "--image", image]
+        + ["--point", "0,0,130", f"--diameter={diameter}"],
+        "--diameter",
+    )
+    assert "missing.ckpt" not in err  # refused before the checkpoint is even looked at
+    assert empty_or_missing(out)
+
+
+def test_inspect_refuses_huge_click_diameter_in_manifest(tmp_path, capsys, tiny_nifti):
+    m = write_manifest(
+        tmp_path / "m.csv",
+        "patient_id,image,lesion_class,x_mm,y_mm,z_mm,diameter_mm",
+        "p1,image.nii.gz,cyst,0,0,130,10000",
+    )
+    cli_fails(capsys, ["inspect", m, "--out", tmp_path / "t.csv"], "diameter_mm", "10000", "m.csv")
+    assert not (tmp_path / "t.csv").exists()
+
+
+def test_click_diameter_larger_than_image_is_refused(tiny_ct):
+    from liverlesion.lesions import lesion_from_click
+
+    image, _ = tiny_ct
+    with pytest.raises(UserError, match=r"point diameter 250 mm: larger than the image"):
+        lesion_from_click(image, image.index_to_physical(np.array([11.5, 23.5, 23.5])), 250.0)
+
+
+def test_large_click_near_edge_builds_only_inside_image(tiny_ct):
+    from liverlesion.lesions import lesion_from_click
+
+    image, _ = tiny_ct
+    lesion, mask = lesion_from_click(image, image.index_to_physical(np.array([11.5, 23.5, 23.5])), 40.0)
+    assert mask.shape == image.shape and lesion.n_voxels == int(mask.sum()) > 0
+
+
+# --------------------------------------------------------------------------- 2. output paths
+
+
+def test_patches_out_existing_file_is_refused(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.write_text("not a folder")
+    cli_fails(capsys, ["patches", tmp_path / "m.csv", out], str(out), "exists as a file")
+    assert out.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["synth", "{out}"],
+        ["patches", "m.csv", "{out}"],
+        ["train", "m.csv", "{out}"],
+        ["cv", "m.csv", "{out}"],
+        ["baselines", "m.csv", "{out}"],
+        ["demo", "{out}"],
+        ["import", "ircadb", "src", "{out}"],
+        ["predict", "--model", "x.ckpt", "--out", "{out}", "--manifest", "m.csv"],
+    ],
+)
+def test_output_folder_that_is_a_file_is_refused(tmp_path, capsys, args):
+    out = tmp_path / "taken"
+    out.write_text("x")
+    cli_fails(capsys, [a.format(out=out) for a in args], str(out), "exists as a file")
+    under = tmp_path / "taken" / "sub"
+    cli_fails(capsys, [a.format(out=under) for a in args], "exists as a file")
+
+
+def test_output_file_that_is_a_folder_is_refused(tmp_path, capsys):
+    (tmp_path / "dir.csv").mkdir()
+    cli_fails(capsys, ["inspect", tmp_path / "m.csv", "--out", tmp_path / "dir.csv"], "dir.csv", "folder")
+    cli_fails(
+        capsys, ["export", "--model", "x.ckpt", "--format", "onnx", tmp_path / "dir.csv"], "dir.csv", "folder"
+    )
+
+
+# --------------------------------------------------------------------------- 3. zip entry names
+
+
+@pytest.mark.parametrize(
+    "bad", ["../evil.dcm", "/abs/evil.dcm", "C:/evil.dcm", "a/../../evil.dcm", "..\\evil.dcm"]
+)
+def test_zip_with_escaping_entry_is_refused(tmp_path, tiny_dicom_dir, bad):
+    z = tmp_path / "series.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        for f in sorted(tiny_dicom_dir.iterdir()):
+            zf.write(f, f"series/{f.name}")
+        zf.writestr(bad, b"x")
+    with pytest.raises(UserError, match="refusing to read the archive") as e:
+        read_volume(z, name="--image")
+    assert repr(bad) in str(e.value) and "series.zip" in str(e.value)
+    assert not (tmp_path / "evil.dcm").exists()
+
+
+def test_inspect_refuses_escaping_zip(tmp_path, capsys, tiny_dicom_dir, tiny_ct):
+    z = tmp_path / "series.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        for f in sorted(tiny_dicom_dir.iterdir()):
+            zf.write(f, f.name)
+        zf.writestr("../outside.dcm", b"x")
+    write_volume(tiny_ct[1], tmp_path / "mask.nii.gz")
+    m = write_manifest(
+        tmp_path / "m.csv", "patient_id,image,lesion_class,mask", "p1,series.zip,cyst,mask.nii.gz"
+    )
+    cli_fails(capsys, ["inspect", m], "series.zip", "../outside.dcm")
+
+
+def test_ircadb_zip_with_escaping_entry_is_refused(tmp_path):
+    from liverlesion.datasets.ircadb import _index_zip
+
+    z = tmp_path / "PATIENT_DICOM.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        zf.writestr("PATIENT_DICOM/image_0", b"x")
+        zf.writestr("PATIENT_DICOM/../../x", b"x")
+    with pytest.raises(UserError, match=r"PATIENT_DICOM/\.\./\.\./x"):
+        _index_zip(z, "PATIENT_DICOM")
+
+
+def test_good_zip_still_reads_and_leaves_no_temp(tmp_path, tiny_dicom_dir, monkeypatch):
+    import tempfile
+
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmpdir))
+    z = tmp_path / "series.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        for f in sorted(tiny_dicom_dir.iterdir()):
+            zf.write(f, f"series/{f.name}")
+    vol = read_volume(z)
+    assert vol.shape == (24, 48, 48)
+    assert list(tmpdir.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- 4. implausible masks
+
+
+def _inspect_with_mask(tmp_path, capsys, mask_array, *names):
+    image, mask = make_ct_array()
+    write_volume(image, tmp_path / "image.nii.gz")
+    write_volume(mask.with_array(mask_array), tmp_path / "mask.nii.gz")
+    m = write_manifest(
+        tmp_path / "m.csv", "patient_id,image,lesion_class,mask", "p1,image.nii.gz,cyst,mask.nii.gz"
+    )
+    out = tmp_path / "t.csv"
+    err = cli_fails(capsys, ["inspect", m, "--out", out], "row 1 mask", *names)
+    assert not out.exists()
+    return err
+
+
+def test_mask_of_ones_is_refused(tmp_path, capsys):
+    _inspect_with_mask(tmp_path, capsys, np.ones((24, 48, 48), np.uint8), "all six faces")
+
+
+def test_mask_covering_most_of_the_body_is_refused(tmp_path, capsys):
+    image, _ = make_ct_array()
+    body = (image.array > -500).astype(np.uint8)
+    body[0] = body[-1] = 0  # not touching every face
+    _inspect_with_mask(tmp_path, capsys, body, "of the body")
+
+
+def test_ct_passed_as_mask_is_refused(tmp_path, capsys):
+    image, _ = make_ct_array()
+    _inspect_with_mask(tmp_path, capsys, image.array, "negative values")
+
+
+def test_non_integer_mask_is_refused(tmp_path, capsys):
+    _, mask = make_ct_array()
+    _inspect_with_mask(tmp_path, capsys, mask.array.astype(np.float32) * 0.5, "non-integer")
+
+
+def test_mask_with_too_many_components_is_refused(tmp_path, capsys):
+    arr = np.zeros((24, 48, 48), np.uint8)
+    arr[2:22:2, 6:42:2, 6:42:2] = 1  # 10 x 18 x 18 isolated voxels
+    _inspect_with_mask(tmp_path, capsys, arr, "connected components")
+
+
+# --------------------------------------------------------------------------- 5. truncated / non-NIfTI files
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
+def test_truncated_nifti_is_refused(tmp_path, capsys, tiny_ct, suffix):
+    image, mask = tiny_ct
+    path = write_volume(image, tmp_path / f"image{suffix}")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(UserError, match="truncated") as e:
+        read_volume(path, name="--image")
+    assert f"image{suffix}" in str(e.value)
+    write_volume(mask, tmp_path / "mask.nii.gz")
+    m = write_manifest(
+        tmp_path / "m.csv", "patient_id,image,lesion_class,mask", f"p1,image{suffix},cyst,mask.nii.gz"
+    )
+    cli_fails(capsys, ["inspect", m], "truncated", f"image{suffix}")
+
+
+def test_random_bytes_named_nifti_is_refused(tmp_path):
+    path = tmp_path / "x.nii"
+    path.write_bytes(np.random.default_rng(0).bytes(5000))
+    with pytest.raises(UserError, match="not a NIfTI image"):
+        read_volume(path, name="--image")
+
+
+# --------------------------------------------------------------------------- 6. folds vs patients
+
+
+def test_cv_too_many_folds_is_refused_before_any_work(tmp_path, capsys):
+    rows = []
+    for i in range(3):
+        image, mask = make_ct_array(seed=i)
+        write_volume(image, tmp_path / f"ct{i}.nii.gz")
+        write_volume(mask, tmp_path / f"mask{i}.nii.gz")
+        rows.append(f"p{i},ct{i}.nii.gz,{['cyst', 'metastasis'][i % 2]},mask{i}.nii.gz")
+    m = write_manifest(tmp_path / "m.csv", "patient_id,image,lesion_class,mask", *rows)
+    out = tmp_path / "run"
+    before = set(tmp_path.iterdir())
+    cli_fails(capsys, ["cv", m, out, "--folds", "7"], "--folds=7", "3 patients", "at most 3")
+    assert set(tmp_path.iterdir()) == before  # no run folder, no patch cache
+    cli_fails(capsys, ["cv", m, out, "--folds", "1"], "--folds=1")
+
+
+def test_check_folds_limits():
+    from liverlesion.splits import check_folds
+
+    check_folds(3, 3)
+    check_folds(63, 5)
+    with pytest.raises(UserError, match="at most 3"):
+        check_folds(3, 4)
+    with pytest.raises(UserError, match="at least 3"):
+        check_folds(2, 2)
+
+
+# --------------------------------------------------------------------------- 7. --dicom-sr on NIfTI
+
+
+def test_dicom_sr_on_nifti_is_refused_before_loading_models(tmp_path, capsys, tiny_nifti):
+    image, mask = tiny_nifti
+    out = tmp_path / "out"
+    err = cli_fails(
+        capsys,
+        ["predict", "--model", tmp_path / "missing.ckpt", "--out", out, "--image", image, "--mask", mask]
+        + ["--dicom-sr"],
+        "--dicom-sr",
+        "image.nii.gz",
+    )
+    assert "missing.ckpt" not in err
+    m = write_manifest(
+        tmp_path / "m.csv", "patient_id,image,lesion_class,mask", "p1,image.nii.gz,cyst,mask.nii.gz"
+    )
+    cli_fails(
+        capsys,
+        ["predict", "--model", tmp_path / "missing.ckpt", "--out", out, "--manifest", m, "--dicom-sr"],
+        "row 1 image",
+        "image.nii.gz",
+    )
+    assert empty_or_missing(out)
+
+
+# --------------------------------------------------------------------------- 9. progress bars only on a TTY
+
+
+def test_no_progress_bars_when_stderr_is_not_a_tty(tmp_path, capsys, tiny_nifti, monkeypatch):
+    import io as stdio
+
+    from liverlesion.progress import progress_disabled
+
+    monkeypatch.delenv("LIVERLESION_PROGRESS", raising=False)
+    m = write_manifest(
+        tmp_path / "m.csv", "patient_id,image,lesion_class,mask", "p1,image.nii.gz,cyst,mask.nii.gz"
+    )
+    assert main(["inspect", str(m)]) == 0
+    assert "\r" not in capsys.readouterr().err
+    assert progress_disabled(stdio.StringIO())
+
+    class Tty(stdio.StringIO):
+        def isatty(self):
+            return True
+
+    assert not progress_disabled(Tty())
+    monkeypatch.setenv("LIVERLESION_PROGRESS", "0")
+    assert progress_disabled(Tty())
