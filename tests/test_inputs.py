@@ -322,3 +322,22 @@ def test_no_progress_bars_when_stderr_is_not_a_tty(tmp_path, capsys, tiny_nifti,
     assert not progress_disabled(Tty())
     monkeypatch.setenv("LIVERLESION_PROGRESS", "0")
     assert progress_disabled(Tty())
+
+
+# --------------------------------------------------------------------------- wrong file in the wrong slot
+
+
+def test_image_given_as_its_own_mask_is_refused(tmp_path, capsys, tiny_nifti):
+    image, _ = tiny_nifti
+    m = write_manifest(
+        tmp_path / "m.csv", "patient_id,image,lesion_class,mask", "p1,image.nii.gz,cyst,image.nii.gz"
+    )
+    cli_fails(capsys, ["inspect", m], "row 1", "is the image itself")
+    out = tmp_path / "out"
+    cli_fails(
+        capsys,
+        ["predict", "--model", tmp_path / "x.ckpt", "--out", out, "--image", image, "--mask", image],
+        "--mask",
+        "image.nii.gz",
+    )
+    assert empty_or_missing(out)
