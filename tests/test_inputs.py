@@ -341,3 +341,34 @@ def test_image_given_as_its_own_mask_is_refused(tmp_path, capsys, tiny_nifti):
         "image.nii.gz",
     )
     assert empty_or_missing(out)
+
+
+# --------------------------------------------------------------------------- size: headers claiming huge volumes
+
+
+def test_nifti_header_claiming_a_huge_volume_is_refused(tmp_path, capsys):
+    import nibabel as nib
+
+    img = nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), np.eye(4))
+    path = tmp_path / "huge.nii"
+    nib.save(img, path)
+    data = bytearray(path.read_bytes())
+    hdr = nib.Nifti1Header.from_fileobj(open(path, "rb"))
+    hdr.set_data_shape((4000, 4000, 4000))
+    data[:348] = hdr.binaryblock
+    path.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="voxels") as e:
+        read_volume(path, name="--image")
+    assert "huge.nii" in str(e.value)
+
+
+def test_memory_error_is_one_line(monkeypatch, capsys):
+    import liverlesion.cli as cli
+
+    def boom(*a, **k):
+        raise MemoryError
+
+    monkeypatch.setattr(cli, "app", boom)
+    assert cli.main(["inspect", "x"]) == 1
+    err = capsys.readouterr().err
+    assert "out of memory" in err and len(err.strip().splitlines()) == 1

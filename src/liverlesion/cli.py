@@ -366,6 +366,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         typer.echo("liverlesion: interrupted", err=True)
         return 130
+    except MemoryError:
+        typer.echo(
+            "liverlesion: error: out of memory; the input is too large for this machine: crop or downsample it, "
+            "or use a machine with more memory",
+            err=True,
+        )
+        return 1
     except typer.Exit as e:
         return e.exit_code
     except SystemExit as e:  # click usage errors already printed
