@@ -372,3 +372,25 @@ def test_memory_error_is_one_line(monkeypatch, capsys):
     assert cli.main(["inspect", "x"]) == 1
     err = capsys.readouterr().err
     assert "out of memory" in err and len(err.strip().splitlines()) == 1
+
+
+def test_subprocess_errors_are_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    out.write_text("x")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    for args in (
+        ["patches", str(tmp_path / "m.csv"), str(out)],
+        ["predict", "--model", "m.pt", "--out", str(tmp_path / "o"), "--image", "x.nii.gz"]
+        + ["--point", "0,0,0", "--diameter", "10000"],
+    ):
+        r = subprocess.run(
+            [sys.executable, "-m", "liverlesion", *args], capture_output=True, text=True, env=env
+        )
+        assert r.returncode == 2, r.stderr
+        assert "Traceback" not in r.stderr
+        assert len([ln for ln in r.stderr.splitlines() if ln.strip()]) == 1, r.stderr
+    assert not (tmp_path / "o").exists()
