@@ -322,3 +322,75 @@ def test_no_progress_bars_when_stderr_is_not_a_tty(tmp_path, capsys, tiny_nifti,
     assert not progress_disabled(Tty())
     monkeypatch.setenv("LIVERLESION_PROGRESS", "0")
     assert progress_disabled(Tty())
+
+
+# --------------------------------------------------------------------------- wrong file in the wrong slot
+
+
+def test_image_given_as_its_own_mask_is_refused(tmp_path, capsys, tiny_nifti):
+    image, _ = tiny_nifti
+    m = write_manifest(
+        tmp_path / "m.csv", "patient_id,image,lesion_class,mask", "p1,image.nii.gz,cyst,image.nii.gz"
+    )
+    cli_fails(capsys, ["inspect", m], "row 1", "is the image itself")
+    out = tmp_path / "out"
+    cli_fails(
+        capsys,
+        ["predict", "--model", tmp_path / "x.ckpt", "--out", out, "--image", image, "--mask", image],
+        "--mask",
+        "image.nii.gz",
+    )
+    assert empty_or_missing(out)
+
+
+# --------------------------------------------------------------------------- size: headers claiming huge volumes
+
+
+def test_nifti_header_claiming_a_huge_volume_is_refused(tmp_path, capsys):
+    import nibabel as nib
+
+    img = nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), np.eye(4))
+    path = tmp_path / "huge.nii"
+    nib.save(img, path)
+    data = bytearray(path.read_bytes())
+    hdr = nib.Nifti1Header.from_fileobj(open(path, "rb"))
+    hdr.set_data_shape((4000, 4000, 4000))
+    data[:348] = hdr.binaryblock
+    path.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="voxels") as e:
+        read_volume(path, name="--image")
+    assert "huge.nii" in str(e.value)
+
+
+def test_memory_error_is_one_line(monkeypatch, capsys):
+    import liverlesion.cli as cli
+
+    def boom(*a, **k):
+        raise MemoryError
+
+    monkeypatch.setattr(cli, "app", boom)
+    assert cli.main(["inspect", "x"]) == 1
+    err = capsys.readouterr().err
+    assert "out of memory" in err and len(err.strip().splitlines()) == 1
+
+
+def test_subprocess_errors_are_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    out.write_text("x")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    for args in (
+        ["patches", str(tmp_path / "m.csv"), str(out)],
+        ["predict", "--model", "m.pt", "--out", str(tmp_path / "o"), "--image", "x.nii.gz"]
+        + ["--point", "0,0,0", "--diameter", "10000"],
+    ):
+        r = subprocess.run(
+            [sys.executable, "-m", "liverlesion", *args], capture_output=True, text=True, env=env
+        )
+        assert r.returncode == 2, r.stderr
+        assert "Traceback" not in r.stderr
+        assert len([ln for ln in r.stderr.splitlines() if ln.strip()]) == 1, r.stderr
+    assert not (tmp_path / "o").exists()

@@ -212,9 +212,13 @@ def cv(
     from liverlesion.splits import check_folds
 
     # Before any work (the patch cache is written first): enough patients for the folds?
-    n_patients = int(read_manifest(manifest)["patient_id"].astype(str).nunique())
+    df = read_manifest(manifest)
     check_folds(
-        n_patients, cfg.cv.folds, cfg.train.val_fraction, "--folds" if folds is not None else "cv.folds"
+        int(df["patient_id"].astype(str).nunique()),
+        cfg.cv.folds,
+        cfg.train.val_fraction,
+        "--folds" if folds is not None else "cv.folds",
+        classes=list(df["lesion_class"].astype(str)),
     )
     run_cv(manifest, out, cfg, resume=resume, baselines=baselines)
 
@@ -366,6 +370,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         typer.echo("liverlesion: interrupted", err=True)
         return 130
+    except MemoryError:
+        typer.echo(
+            "liverlesion: error: out of memory; the input is too large for this machine: crop or downsample it, "
+            "or use a machine with more memory",
+            err=True,
+        )
+        return 1
     except typer.Exit as e:
         return e.exit_code
     except SystemExit as e:  # click usage errors already printed

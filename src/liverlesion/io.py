@@ -374,6 +374,19 @@ def _nifti_header(path: Path):
         return None
 
 
+#: Largest volume read (voxels): 2**30 float32 voxels are 4 GiB, far above a thin-slice abdominal CT
+#: (512 x 512 x 1500 = 0.4 G voxels). A header claiming more is corrupt or not a single CT volume.
+MAX_VOXELS = 2**30
+
+
+def _check_voxel_count(n_voxels: int, shape: tuple, label: str, path: Path) -> None:
+    if n_voxels > MAX_VOXELS:
+        raise UserError(
+            f"{label}: {path} has {n_voxels:.3g} voxels (size {shape}), more than the {MAX_VOXELS:.3g} this tool "
+            f"reads (a corrupt header, or not one CT volume); crop or downsample the image, or check the file"
+        )
+
+
 def _check_nifti_complete(path: Path, label: str) -> None:
     """Refuse a NIfTI file that is not one, or whose voxel data is shorter than its header says.
 
@@ -398,7 +411,9 @@ def _check_nifti_complete(path: Path, label: str) -> None:
         raise UserError(
             f"{label}: {path} has an invalid NIfTI header ({_first_line(exc)}); re-export the image"
         ) from exc
-    expected = offset + int(np.prod(shape, dtype=np.int64)) * itemsize
+    n_voxels = int(np.prod(shape, dtype=np.int64))
+    _check_voxel_count(n_voxels, tuple(shape), label, path)
+    expected = offset + n_voxels * itemsize
     name = path.name.lower()
     try:
         if name.endswith(".gz"):
@@ -784,6 +799,8 @@ def _read_series(s: _Series, kind: str, label: str, path: Path, slice_tolerance:
         # The per-frame geometry sequences were not parsed by the scan.
         full = _read_header(s.files[0][0], full=True)
         return _read_multiframe(_Series(s.uid, [(s.files[0][0], full or s.first)]), kind, label, path, fmt)
+    rows, cols = int(ds0.get("Rows", 0) or 0), int(ds0.get("Columns", 0) or 0)
+    _check_voxel_count(rows * cols * len(s.files), (len(s.files), rows, cols), label, path)
     files, geometry = _sort_and_check_slices(s, label, path, slice_tolerance)
     img = _read_pixels([f for f, _ in files], kind, label, path)
     spacing_xy, positions, direction, gap = geometry

@@ -269,6 +269,10 @@ def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
                     "paths are relative to the manifest's folder, or give an absolute path"
                 )
             rec["mask_path"] = str(mask_path.resolve())
+            if rec["mask_path"] == rec["image_path"]:
+                raise UserError(
+                    f"{where}: mask {rec['mask']!r} is the image itself; give the lesion mask file in the mask column"
+                )
         rec["row"] = row
         # The same image under two patient IDs would put one scan in two CV folds.
         owner = image_patient.setdefault(rec["image_path"], (rec["patient_id"], row))

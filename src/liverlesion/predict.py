@@ -866,6 +866,8 @@ def predict_cli(
         raise UserError(
             "--patient-id '': must not be empty; give an id such as case01, or leave the option out"
         )
+    if mask is not None and image is not None and Path(mask).resolve() == Path(image).resolve():
+        raise UserError(f"--mask {mask}: is the --image itself; give the lesion mask file")
     if label is not None and mask is None:
         raise UserError(f"--label {label}: selects a lesion in --mask; give --mask too, or drop --label")
     if point is not None and diameter is None:

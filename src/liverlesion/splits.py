@@ -27,7 +27,13 @@ def _patient_label(lesions: pd.DataFrame) -> pd.Series:
     return lesions["lesion_class"].astype(str)
 
 
-def check_folds(n_patients: int, folds: int, val_fraction: float = 0.2, name: str = "cv.folds") -> None:
+def check_folds(
+    n_patients: int,
+    folds: int,
+    val_fraction: float = 0.2,
+    name: str = "cv.folds",
+    classes: list[str] | None = None,
+) -> None:
     """Refuse a number of folds the patients cannot fill, before any work is done.
 
     Each fold needs at least one test patient, and its training patients must still split
@@ -38,10 +44,18 @@ def check_folds(n_patients: int, folds: int, val_fraction: float = 0.2, name: st
         folds: Requested number of outer folds.
         val_fraction: Inner validation fraction (only for the message).
         name: How the setting is named in the message (``--folds`` or ``cv.folds``).
+        classes: The manifest's lesion classes, when known: at least two are needed.
 
     Raises:
         UserError: Naming ``name``, the value and the largest usable number of folds.
     """
+    if classes is not None and len(set(classes)) < 2:
+        names = sorted(set(classes))
+        raise UserError(
+            f"manifest lesion_class: only one class ({names[0]!r}) present; a classifier needs at least two"
+            if names
+            else "manifest: no lesions; a classifier needs lesions of at least two classes"
+        )
     try:
         k = int(folds)
     except (TypeError, ValueError):

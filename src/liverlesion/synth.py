@@ -615,7 +615,11 @@ class _Phantom:
                         break
                 if centre is None:  # crowded liver: shrink this lesion and retry
                     shape["rec"].diameter_mm = round(shape["rec"].diameter_mm * 0.8, 2)
-                    assert shape["rec"].diameter_mm >= 2.0, "liver too small for the requested lesions"
+                    if shape["rec"].diameter_mm < 2.0:
+                        raise UserError(
+                            f"--lesions: {len(classes)} lesions do not fit in one synthetic liver; "
+                            f"use fewer --lesions per patient (or more --patients)"
+                        )
             placed.append((centre, reach))
             shape["rec"].centre_mm = tuple(round(float(c), 2) for c in centre)
             self._render_lesion(labels, centre, shape, p)
