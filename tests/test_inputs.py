@@ -259,7 +259,7 @@ def test_cv_too_many_folds_is_refused_before_any_work(tmp_path, capsys):
     before = set(tmp_path.iterdir())
     cli_fails(capsys, ["cv", m, out, "--folds", "7"], "--folds=7", "3 patients", "at most 3")
     assert set(tmp_path.iterdir()) == before  # no run folder, no patch cache
-    cli_fails(capsys, ["cv", m, out, "--folds", "1"], "--folds=1")
+    cli_fails(capsys, ["cv", m, out, "--folds", "1"], "folds=1")  # the config check names cv.folds
 
 
 def test_check_folds_limits():
