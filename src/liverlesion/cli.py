@@ -213,6 +213,9 @@ def cv(
 
     # Before any work (the patch cache is written first): enough patients for the folds?
     df = read_manifest(manifest)
+    from liverlesion.train import class_names_from
+
+    class_names_from(df)  # one class only: its own message comes first
     check_folds(
         int(df["patient_id"].astype(str).nunique()),
         cfg.cv.folds,
