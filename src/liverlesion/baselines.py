@@ -33,6 +33,7 @@ import pandas as pd
 
 from liverlesion import DISCLAIMER
 from liverlesion.errors import UserError
+from liverlesion.features import TABLE_FEATURES  # the one list, shared with the fusion model
 from liverlesion.fileio import write_csv, write_json
 
 BASELINES = ("mean_hu", "radiomics_lr", "radiomics_rf", "frozen_lr")
@@ -42,8 +43,6 @@ GLCM_DISTANCES_MM = (1.0, 2.0, 3.0)  # in mm, so patches resampled to different 
 HIST_BIN_HU = 25.0  # histogram bin width for entropy/uniformity (PyRadiomics' default binWidth)
 RF_TREES = 300  # random forest size
 DEFAULT_WINDOW = (60.0, 250.0)  # liver window (centre, width) when the cache has no settings.json
-# 3-D measurements from the lesion table used as features next to the patch features
-TABLE_FEATURES = ("volume_ml", "max_axial_diameter_mm", "min_axis_mm", "hu_mean", "hu_std")
 _TEXT_COLUMNS = ("lesion_id", "patient_id", "lesion_class", "image", "mask", "source", "file")
 
 
@@ -667,16 +666,13 @@ def _frozen_table(cfg, patch_dir: Path, table: pd.DataFrame) -> pd.DataFrame | N
         print("frozen_lr: skipped (model.weights is not imagenet)")
         return None
     from liverlesion.data import load_patch_arrays
-    from liverlesion.features import frozen_features
+    from liverlesion.features import frozen_features, frozen_table
     from liverlesion.model import build_model
 
     arrays = load_patch_arrays(patch_dir, table)
     model, init = build_model(cfg.model, num_classes=2, in_chans=int(arrays[0].shape[1]))
     print(f"frozen_lr: pooled {cfg.model.backbone} features ({init}) of {len(arrays)} lesions")
-    feats = frozen_features(model, arrays)
-    df = pd.DataFrame(feats, columns=[f"deep_{j}" for j in range(feats.shape[1])])
-    df.insert(0, "lesion_id", table["lesion_id"].astype(str).to_numpy())
-    return df
+    return frozen_table(table["lesion_id"], frozen_features(model, arrays))
 
 
 def run_baselines_cli(manifest: str | Path, out: str | Path, cfg) -> dict[str, Path]:

@@ -81,3 +81,10 @@ def frozen_features(model, arrays: Sequence[np.ndarray], batch_size: int = 32) -
                 feats.append(model.features(x[s : s + batch_size]).double())
             out.append(torch.cat(feats).mean(0).numpy())
     return np.stack(out) if out else np.zeros((0, 0))
+
+
+def frozen_table(lesion_ids: Sequence[str], feats: np.ndarray) -> pd.DataFrame:
+    """``lesion_id`` + ``deep_<j>`` columns: the frozen features in the form the baselines read."""
+    df = pd.DataFrame(feats, columns=[f"deep_{j}" for j in range(feats.shape[1])])
+    df.insert(0, "lesion_id", [str(x) for x in lesion_ids])
+    return df

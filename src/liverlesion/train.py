@@ -756,10 +756,9 @@ def _frozen_features(shared: dict[str, Any], index: pd.DataFrame, cfg: Config) -
     cache = shared.get("cache")
     if cache is None or cfg.model.weights.lower() != "imagenet":
         return None
-    feats = np.stack([p[0].mean(0) for p in cache.pooled])
-    df = pd.DataFrame(feats, columns=[f"deep_{j}" for j in range(feats.shape[1])])
-    df.insert(0, "lesion_id", index["lesion_id"].astype(str).to_numpy())
-    return df
+    from liverlesion.features import frozen_table
+
+    return frozen_table(index["lesion_id"], np.stack([p[0].mean(0) for p in cache.pooled]))
 
 
 def train_single(manifest: str | Path, out: str | Path, cfg: Config, resume: bool = False) -> Path:
