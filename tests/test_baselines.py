@@ -285,7 +285,7 @@ def test_cli_end_to_end_on_synthetic_cohort(tmp_path, capsys, small_forest):
     from liverlesion.cli import main
     from liverlesion.synth import generate_cohort
 
-    generate_cohort(tmp_path / "cohort", patients=6, lesions=16, seed=2)
+    generate_cohort(tmp_path / "cohort", patients=6, lesions=16, seed=2, matrix=192)
     capsys.readouterr()
     out = tmp_path / "run"
     args = ["baselines", str(tmp_path / "cohort" / "manifest.csv"), str(out)]

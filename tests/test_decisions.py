@@ -26,7 +26,7 @@ def cv_run(tmp_path_factory):
     from liverlesion.train import run_cv
 
     root = tmp_path_factory.mktemp("decisions")
-    generate_cohort(root / "cohort", patients=10, lesions=30, seed=5)
+    generate_cohort(root / "cohort", patients=10, lesions=30, seed=5, matrix=192)
     cfg = load_config(
         overrides={
             "model": {"backbone": "resnet10t", "weights": "none", "fusion": "radiomics", "tta": "flips"},

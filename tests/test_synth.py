@@ -24,7 +24,7 @@ def _read(path: Path) -> tuple[np.ndarray, sitk.Image]:
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("synth") / "cohort"
-    summary = generate_cohort(out, patients=3, lesions=8, seed=1)
+    summary = generate_cohort(out, patients=3, lesions=8, seed=1, workers=1)
     return out, summary
 
 
@@ -47,7 +47,7 @@ def test_files_and_manifest(cohort):
         )
         assert np.allclose(img.GetDirection(), np.eye(3).ravel())
         sx, sy, sz = img.GetSpacing()
-        assert 1.0 < sx < 2.5 and sx == sy and 1.0 <= sz <= 5.0
+        assert 0.6 < sx < 1.1 and sx == sy and 1.0 <= sz <= 5.0  # 384 matrix: near clinical pixels
         assert 40 <= hu.shape[0] <= 80
         # CT-like values: air outside, bone inside
         assert hu[:, 0, 0].mean() < -900 and hu.max() > 500
@@ -106,9 +106,10 @@ def _centre_index(pat, centre_xyz):
 
 
 def test_deterministic_for_seed(tmp_path, cohort):
+    """Same seed, same cohort, whether one process or several simulate the patients."""
     out, _ = cohort
     again = tmp_path / "again"
-    generate_cohort(again, patients=3, lesions=8, seed=1)
+    generate_cohort(again, patients=3, lesions=8, seed=1, workers=2)
     assert (again / "manifest.csv").read_text() == (out / "manifest.csv").read_text()
     for pid in pd.read_csv(out / "manifest.csv")["patient_id"].unique():
         for kind in ("images", "masks"):
@@ -134,8 +135,8 @@ def test_overwrite_protection(tmp_path):
 
 def test_overwrite_replaces_cohort(tmp_path):
     out = tmp_path / "c"
-    generate_cohort(out, patients=1, lesions=1, seed=3)
-    generate_cohort(out, patients=1, lesions=2, seed=3, overwrite=True)
+    generate_cohort(out, patients=1, lesions=1, seed=3, matrix=128)
+    generate_cohort(out, patients=1, lesions=2, seed=3, overwrite=True, matrix=128)
     assert len(pd.read_csv(out / "manifest.csv")) == 2
 
 
@@ -154,7 +155,7 @@ def test_crash_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(synth, "simulate_patient", flaky)
     out = tmp_path / "c"
     with pytest.raises(RuntimeError):
-        generate_cohort(out, patients=2, lesions=2)
+        generate_cohort(out, patients=2, lesions=2, workers=1, matrix=128)
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []
 
@@ -167,6 +168,9 @@ def test_crash_leaves_nothing(tmp_path, monkeypatch):
         ({"patients": 1, "lesions": 40}, "--lesions"),
         ({"seed": -1}, "--seed"),
         ({"difficulty": 3.0}, "--difficulty"),
+        ({"matrix": 10}, "--matrix"),
+        ({"matrix": 5000}, "--matrix"),
+        ({"workers": 0}, "--workers"),
     ],
 )
 def test_bad_arguments(tmp_path, kwargs, match):
@@ -219,4 +223,30 @@ def test_default_cohort_not_separable_by_mean_hu(tmp_path):
     auc = summary["mean_hu_threshold"]["auc"]
     assert 0.7 <= auc <= 0.92, auc
     assert summary["diameter_mm"]["fraction_under_10mm"] > 0.25
-    assert summary["seconds"] < 240
+
+
+def test_ct_noise_has_a_band_pass_power_spectrum():
+    """Filtered back-projection noise: no power at zero frequency, a peak near 0.3 lp/mm, the asked SD."""
+    from liverlesion.synth import NPS_PEAK_LP_MM, ct_noise
+
+    pixel = 0.8
+    noise = ct_noise(np.random.default_rng(0), (8, 256, 256), pixel, 15.0)
+    assert noise.dtype == np.float32 and abs(noise.std() - 15.0) < 0.1
+    nps = (np.abs(np.fft.fft2(noise, axes=(1, 2))) ** 2).mean(0)
+    f = np.hypot(*np.meshgrid(np.fft.fftfreq(256, pixel), np.fft.fftfreq(256, pixel), indexing="ij"))
+    bins = np.digitize(f, np.linspace(0, f.max(), 40))
+    radial = np.array([nps[bins == b].mean() for b in range(1, 40)])
+    centres = np.linspace(0, f.max(), 40)[:-1] + f.max() / 80
+    peak = centres[np.argmax(radial)]
+    assert abs(peak - NPS_PEAK_LP_MM) < 0.08, peak
+    assert radial[0] < 0.2 * radial.max()  # the ramp: nearly no power at the lowest frequencies
+    # neighbouring pixels are anti-correlated or nearly independent, not blotchy (low-pass noise is > 0.5)
+    r1 = np.corrcoef(noise[:, :, :-1].ravel(), noise[:, :, 1:].ravel())[0, 1]
+    assert r1 < 0.5, r1
+
+
+def test_matrix_sets_the_pixel_size():
+    small = simulate_patient("m", ["cyst"], seed=[4, 0], matrix=128)
+    big = simulate_patient("m", ["cyst"], seed=[4, 0], matrix=256)
+    assert small.hu.shape[1:] == (128, 128) and big.hu.shape[1:] == (256, 256)
+    assert small.spacing[1] == pytest.approx(2 * big.spacing[1], rel=1e-6)

@@ -135,7 +135,7 @@ def test_cv_end_to_end_on_tiny_synthetic_cohort(tmp_path):
     from liverlesion.synth import generate_cohort
     from liverlesion.train import run_cv
 
-    generate_cohort(tmp_path / "cohort", patients=12, lesions=40, seed=3)
+    generate_cohort(tmp_path / "cohort", patients=12, lesions=40, seed=3, matrix=192)
     cfg = load_config(
         overrides={
             "model": {"backbone": "resnet18", "weights": "none"},

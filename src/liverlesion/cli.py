@@ -84,6 +84,12 @@ def synth(
     lesions: Annotated[int, typer.Option(help="Total number of lesions.")] = 230,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     difficulty: Annotated[float, typer.Option(help="0 = easy, 1 = default, 2 = hard.")] = 1.0,
+    matrix: Annotated[
+        int, typer.Option(help="In-plane matrix (384: 0.75-1.0 mm pixels; smaller is faster, coarser).")
+    ] = 384,
+    workers: Annotated[
+        Optional[int], typer.Option(help="Parallel processes (default: free cores, at most 4).")
+    ] = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Generate a synthetic CT cohort (metastases vs cysts) with a manifest."""
@@ -91,7 +97,14 @@ def synth(
 
     _out_dir(out)
     generate_cohort(
-        out, patients=patients, lesions=lesions, seed=seed, difficulty=difficulty, overwrite=overwrite
+        out,
+        patients=patients,
+        lesions=lesions,
+        seed=seed,
+        difficulty=difficulty,
+        overwrite=overwrite,
+        matrix=matrix,
+        workers=workers,
     )
 
 

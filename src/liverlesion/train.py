@@ -418,6 +418,15 @@ def finish_fold(
         "min_size_mm": cfg.eval.min_size_mm,
     }
     results = {"val": _prediction_frame(val, classes, val_logits, val_probs, fold, dec)}
+    if model.fusion_features and len(val.rows):
+        # weight, temperature and threshold are chosen; the radiomics half is refit on every training
+        # patient (fit + inner validation), as the radiomics baselines are, before the test folds
+        _fit_fusion(
+            model,
+            extra[np.concatenate([fit.rows, val.rows])],
+            np.concatenate([fit.labels, val.labels]),
+            cfg.train.seed,
+        )
     for name, data in tests.items():
         if len(data.arrays):
             lg = fused(data, deep_logits(data))
