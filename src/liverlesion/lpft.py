@@ -167,7 +167,15 @@ def _stage_module(net: nn.Module, params, lr: float, cfg: Config, class_weights)
         def training_step(self, batch, _):
             x, y = batch
             loss = self._loss(self.net(x), y)
-            self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
+            self.log(
+                "train_loss",
+                loss,
+                on_step=False,
+                on_epoch=True,
+                prog_bar=True,
+                batch_size=len(y),
+                sync_dist=True,
+            )
             return loss
 
         def validation_step(self, batch, _):

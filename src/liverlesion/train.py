@@ -124,7 +124,15 @@ def _make_lightning_module(model, cfg: Config, class_weights):
         def training_step(self, batch, batch_idx):
             x, y, _ = batch
             loss = self._loss(self(x), y)
-            self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
+            self.log(
+                "train_loss",
+                loss,
+                on_step=False,
+                on_epoch=True,
+                prog_bar=True,
+                batch_size=len(y),
+                sync_dist=True,
+            )
             return loss
 
         def validation_step(self, batch, batch_idx):
@@ -350,16 +358,33 @@ def _fit_fusion(model, fit_x: np.ndarray, fit_y: np.ndarray, seed: int) -> None:
 
 
 def _choose_alpha(deep: np.ndarray, rad: np.ndarray, y: np.ndarray) -> tuple[float, dict[str, float]]:
-    """Weight of the network in the fused logits, chosen by inner-validation NLL (after temperature)."""
-    from liverlesion.inference import _nll_at, fit_temperature
+    """Weight of the network in the fused logits, from inner-validation NLL (after temperature).
 
-    scores = {}
+    A grid of weights is scored on a few dozen lesions, so the winner is partly noise. A mixture is
+    taken only when it beats the better half by more than one standard error of the paired
+    per-lesion NLL difference (the one-standard-error rule); otherwise the better half alone is
+    used. So on cohorts where one half is weak, fusion falls back to the other instead of mixing
+    in noise.
+    """
+    from scipy.special import log_softmax
+
+    from liverlesion.inference import fit_temperature
+
+    if not len(y):
+        return 0.5, {}
+    losses: dict[float, np.ndarray] = {}
     for a in np.round(np.linspace(0.0, 1.0, 21), 2):
         z = a * deep + (1 - a) * rad
-        scores[float(a)] = _nll_at(z, y, fit_temperature(z, y)) if len(y) else 0.0
+        t = fit_temperature(z, y)
+        losses[float(a)] = -log_softmax(z / t, axis=1)[np.arange(len(y)), y]
+    scores = {a: float(v.mean()) for a, v in losses.items()}
     best = min(scores.values())
     # ties (e.g. both halves perfect on inner validation): the most even mix
-    alpha = min((a for a, v in scores.items() if v <= best + 1e-4), key=lambda a: abs(a - 0.5))
+    mix = min((a for a, v in scores.items() if v <= best + 1e-4), key=lambda a: abs(a - 0.5))
+    half = 0.0 if scores[0.0] <= scores[1.0] else 1.0
+    gain = losses[half] - losses[mix]
+    se = float(gain.std(ddof=1) / np.sqrt(len(gain))) if len(gain) > 1 else 0.0
+    alpha = mix if float(gain.mean()) > se else half
     return alpha, scores
 
 
@@ -632,12 +657,51 @@ def _start_run(manifest: str | Path, out: str | Path, cfg: Config, resume: bool,
     manifest = Path(manifest)
     # Validate the manifest and its classes before creating anything.
     class_names_from(read_manifest(manifest))
-    out = _prepare_run_dir(Path(out), resume)
+    rank = _init_distributed(cfg)
+    out = Path(out)
+    if rank == 0:  # under torchrun the first process sets the run folder up, the others wait for it
+        out = _prepare_run_dir(out, resume)
     _set_threads(cfg)
-    cfg.save(out / "config.yaml")
-    print(f"liverlesion {kind}: {DISCLAIMER}")
-    patch_dir, index = prepare_patches(manifest, out, cfg)
+    if rank == 0:
+        cfg.save(out / "config.yaml")
+        print(f"liverlesion {kind}: {DISCLAIMER}")
+        patch_dir, index = prepare_patches(manifest, out, cfg)
+    _barrier()
+    if rank != 0:
+        patch_dir, index = prepare_patches(manifest, out, cfg)  # the finished cache: nothing is recut
     return manifest, out, patch_dir, index, class_names_from(index)
+
+
+def _init_distributed(cfg: Config) -> int:
+    """Global rank; under ``torchrun`` (``WORLD_SIZE`` > 1) the process group is set up here.
+
+    Lightning's DDP strategy reuses an initialised group, so the run folder, patches and splits
+    can be made by rank 0 alone before training starts (the other ranks wait at a barrier).
+    gloo on CPU, nccl when the run uses CUDA.
+    """
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return 0
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        use_cuda = torch.cuda.is_available() and cfg.train.accelerator not in ("cpu",)
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return int(dist.get_rank())
+
+
+def _barrier() -> None:
+    import sys
+
+    if "torch" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def _announce_init(
@@ -674,9 +738,12 @@ def run_cv(
     from liverlesion.splits import load_or_create_splits
 
     manifest, out, patch_dir, index, classes = _start_run(manifest, out, cfg, resume, "cv")
-    splits = load_or_create_splits(
-        out / "splits.json", index, cfg.cv.folds, cfg.cv.seed, cfg.train.val_fraction
-    )
+    for turn in ("first", "rest"):  # rank 0 writes splits.json, the other ranks then read it
+        if (_init_distributed(cfg) == 0) == (turn == "first"):
+            splits = load_or_create_splits(
+                out / "splits.json", index, cfg.cv.folds, cfg.cv.seed, cfg.train.val_fraction
+            )
+        _barrier()
     info, imagenet = _announce_init(cfg, manifest, out, patch_dir, classes, "cv")
     print(
         f"{len(index)} lesions, {index['patient_id'].nunique()} patients, classes {classes}; "
@@ -778,13 +845,13 @@ def train_single(manifest: str | Path, out: str | Path, cfg: Config, resume: boo
     manifest, out, patch_dir, index, classes = _start_run(manifest, out, cfg, resume, "train")
     n_inner = max(2, int(round(1 / max(cfg.train.val_fraction, 1e-6))))
     split_file = out / "splits.json"
-    if split_file.exists():
-        split = json.loads(split_file.read_text())
-    else:
+    if _init_distributed(cfg) == 0 and not split_file.exists():
         split = make_splits(index, n_inner, cfg.cv.seed, cfg.train.val_fraction)["splits"][0]
         fit_p = sorted(set(split["train_patients"]) | set(split["val_patients"]))
         split = {"group": "patient_id", "train_patients": fit_p, "val_patients": split["test_patients"]}
         write_json(split_file, split)
+    _barrier()  # under torchrun every rank reads the split rank 0 wrote
+    split = json.loads(split_file.read_text())
     _, imagenet = _announce_init(cfg, manifest, out, patch_dir, classes, "train")
     arrays = load_patch_arrays(patch_dir, index)
     shared = prepare_shared(cfg, index, arrays, patch_dir, classes, imagenet, int(arrays[0].shape[1]))
