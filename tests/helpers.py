@@ -163,6 +163,7 @@ def write_dicom_series(
     suffix: str = "",
     seed: int = 0,
     patient_name: str = "Test^Synthetic",
+    tags: dict[str, str] | None = None,
 ) -> list[Path]:
     """Write a volume as a classic single-frame DICOM series with pydicom.
 
@@ -186,6 +187,8 @@ def write_dicom_series(
         suffix: File name suffix (``""`` like many scanners, or ``".dcm"``).
         seed: Seed for the shuffles.
         patient_name: PatientName written into every file (readers must never print it).
+        tags: Further data elements by keyword, set last (so they may replace the ones above),
+            e.g. ``{"InstitutionName": "..."}``.
 
     Returns:
         The written file paths in array slice order.
@@ -261,6 +264,8 @@ def write_dicom_series(
         ds.RescaleIntercept = f"{intercept:g}"
         ds.RescaleType = "HU"
         ds.PixelData = np.ascontiguousarray(stored[k]).tobytes()
+        for keyword, value in (tags or {}).items():
+            setattr(ds, keyword, value)
         path = folder / names[k]
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)

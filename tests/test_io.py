@@ -148,17 +148,17 @@ def test_dicom_series_matches_source(tiny_ct, tiny_dicom_dir):
     assert_same_geometry(vol, image)
     assert vol.meta["modality"] == "CT" and vol.meta["format"] == "dicom"
     assert vol.meta["series_description"] == "synthetic"
-    ref = vol.meta["dicom_reference"]
-    assert ref["sop_class_uid"] == "1.2.840.10008.5.1.4.1.1.2"
-    assert ref["series_instance_uid"] == vol.meta["series_uid"]
-    assert "PixelData" not in ref["header"]
-    assert ref["slices_along_array_z"] is True
+    ref = vol.dicom
+    assert ref.sop_class_uid == "1.2.840.10008.5.1.4.1.1.2"
+    assert ref.series_instance_uid == str(pydicom.dcmread(next(tiny_dicom_dir.iterdir())).SeriesInstanceUID)
+    assert "PixelData" not in ref.header
+    assert ref.slices_along_array_z is True
     # SOP instances in array slice order: the k-th UID is the file whose position is slice k.
     by_uid = {}
     for f in tiny_dicom_dir.iterdir():
         ds = pydicom.dcmread(f, stop_before_pixels=True)
         by_uid[ds.SOPInstanceUID] = float(ds.ImagePositionPatient[2])
-    z = [by_uid[u] for u in ref["sop_instance_uids"]]
+    z = [by_uid[u] for u in ref.sop_instance_uids]
     np.testing.assert_allclose(z, [vol.index_to_physical([k, 0, 0])[2] for k in range(vol.shape[0])])
 
 
@@ -361,7 +361,7 @@ def test_zip_input_reads_and_cleans_up(tmp_path, tiny_ct, tiny_dicom_dir, monkey
     vol = read_volume(archive)
     np.testing.assert_array_equal(vol.array, quantised_hu(image.array))
     assert vol.meta["format"] == "dicom-zip" and vol.meta["source"] == str(archive)
-    assert "PatientName" in vol.meta["dicom_reference"]["header"]  # usable after the temp dir is gone
+    assert "PatientName" in vol.dicom.header  # usable after the temp dir is gone
     assert list(scratch.iterdir()) == []
     assert list_series(archive)[0]["n_slices"] == image.shape[0]
     bad = tmp_path / "bad.zip"
@@ -471,7 +471,7 @@ def test_sagittal_series_is_reoriented_to_axial_array(tmp_path):
         back = np.round(vol.physical_to_index(point)).astype(int)
         np.testing.assert_allclose(vol.index_to_physical(back), point, atol=1e-4)
         assert vol.array[tuple(back)] == quantised_hu(image.array[idx])
-    assert vol.meta["dicom_reference"]["slices_along_array_z"] is False
+    assert vol.dicom.slices_along_array_z is False
 
 
 # --------------------------------------------------------------------------- H9: voxel size, fast paths
@@ -555,7 +555,7 @@ def test_dicom_reference_header_is_complete_although_the_scan_reads_few_tags(tin
     from liverlesion.io import _SCAN_TAGS
 
     vol = read_volume(tiny_dicom_dir)
-    header = vol.meta["dicom_reference"]["header"]
+    header = vol.dicom.header
     first_file = min(
         tiny_dicom_dir.iterdir(), key=lambda p: float(pydicom.dcmread(p).ImagePositionPatient[2])
     )

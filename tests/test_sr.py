@@ -201,7 +201,7 @@ def test_point_region_without_masks_and_messy_headers(ckpt, dicom_case, tmp_path
 
     volume = read_volume(dicom_case["dir"])
     df = _prediction(ckpt, volume, dicom_case["mask"])
-    header = volume.meta["dicom_reference"]["header"]
+    header = volume.dicom.header
     for key in (
         "PatientSex",
         "AccessionNumber",
@@ -224,14 +224,14 @@ def test_multiframe_source_uses_3d_coordinates(ckpt, dicom_case, tmp_path):
 
     volume = read_volume(dicom_case["dir"])
     df = _prediction(ckpt, volume, dicom_case["mask"])
-    ref = volume.meta["dicom_reference"]
+    ref = volume.dicom
     # An enhanced (multi-frame) CT: one SOP instance for the whole volume.
-    volume.meta["dicom_reference"] = {**ref, "sop_instance_uids": ref["sop_instance_uids"][:1]}
+    volume.dicom = ref.replace(sop_instance_uids=ref.sop_instance_uids[:1])
     path = write_sr(df, volume, tmp_path / "mf.dcm")
     groups = hd.sr.srread(path).content.get_planar_roi_measurement_groups()
     roi = groups[0].roi
     assert isinstance(roi, hd.sr.ImageRegion3D) and roi.GraphicType == "POINT"
-    assert roi.ReferencedFrameOfReferenceUID == ref["frame_of_reference_uid"]
+    assert roi.ReferencedFrameOfReferenceUID == ref.frame_of_reference_uid
     np.testing.assert_allclose(
         np.asarray(roi.value)[0, :2], df[["centroid_x_mm", "centroid_y_mm"]].iloc[0].to_numpy(float), atol=0.6
     )
@@ -255,10 +255,9 @@ def test_write_sr_without_lesions_or_uids(ckpt, dicom_case, tmp_path):
     with pytest.raises(UserError, match="no lesions"):
         write_sr(df.iloc[:0], volume, tmp_path / "r.dcm")
     broken = copy.copy(volume)
-    broken.meta = {**volume.meta, "dicom_reference": dict(volume.meta["dicom_reference"])}
-    header = copy.deepcopy(broken.meta["dicom_reference"]["header"])
+    header = copy.deepcopy(volume.dicom.header)
     del header.StudyInstanceUID
-    broken.meta["dicom_reference"]["header"] = header
+    broken.dicom = volume.dicom.replace(header=header)
     with pytest.raises(UserError, match="StudyInstanceUID"):
         write_sr(df, broken, tmp_path / "r.dcm")
     assert not list(tmp_path.glob("*.dcm"))
@@ -289,8 +288,8 @@ def test_real_ct_series_sr(ckpt, ircad_patient1, tmp_path):
     df = Classifier.load(ckpt).predict(volume, mask=mask, label=None)
     path = write_sr(df, volume, tmp_path / "real.dcm", lesion_masks=None)
     ds = pydicom.dcmread(path)
-    assert ds.StudyInstanceUID == volume.meta["dicom_reference"]["study_instance_uid"]
+    assert ds.StudyInstanceUID == volume.dicom.study_instance_uid
     groups = hd.sr.srread(path).content.get_planar_roi_measurement_groups()
     assert len(groups) == len(df) >= 1
     uid = str(groups[0].roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
-    assert uid in volume.meta["dicom_reference"]["sop_instance_uids"]
+    assert uid in volume.dicom.sop_instance_uids

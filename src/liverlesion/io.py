@@ -8,8 +8,9 @@ DICOM headers are read with pydicom (pixel data deferred, not loaded) to find, s
 check the series; pixels are decoded by SimpleITK/GDCM, which also applies the
 rescale slope/intercept (so we never apply it a second time).
 
-``Volume.meta["dicom_reference"]["header"]`` holds a pydicom Dataset with
-identifying tags (for a later DICOM SR writer): never print, log or serialise it.
+A DICOM volume carries a :class:`~liverlesion.volume.DicomReference` in ``Volume.dicom``;
+its ``header`` is a pydicom Dataset with identifying tags (for the DICOM SR writer): never
+print, log or serialise it. ``Volume.meta`` holds only non-identifying facts.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from liverlesion.errors import UserError
-from liverlesion.volume import Volume
+from liverlesion.volume import DicomReference, Volume
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ _DEFER_SIZE = 64 * 1024
 # The tags the header scan needs to find, select, sort and check a series. pydicom seeks
 # past all others (20-40 % faster on a typical 250-element CT header; vendor private
 # blocks are skipped unread); the first file of the chosen series is then read in full
-# for ``meta["dicom_reference"]["header"]``.
+# for ``Volume.dicom.header``.
 _SCAN_TAGS = (
     "SOPClassUID",
     "SOPInstanceUID",
@@ -122,7 +123,7 @@ def read_volume(
             relative to the median.
 
     Returns:
-        The volume, with non-identifying ``meta`` (plus ``dicom_reference`` for DICOM).
+        The volume, with non-identifying ``meta`` (and, for DICOM, the typed reference ``dicom``).
 
     Raises:
         UserError: Missing/unreadable input, non-CT modality, several series without
@@ -303,9 +304,6 @@ def _read_sitk_file(path: Path, kind: str, label: str, fmt: str) -> Volume:
         )
     meta = {
         "modality": None,  # not recorded by these formats; the user vouches it is CT
-        "series_uid": None,
-        "study_uid": None,
-        "frame_of_reference_uid": None,
         "series_description": None,
         "manufacturer": None,
         "source": str(path),
@@ -950,9 +948,6 @@ def _finish_dicom(
     ds0 = files[0][1] if header_is_full else (_read_header(files[0][0], full=True) or files[0][1])
     meta = {
         "modality": str(ds0.get("Modality", "") or "") or None,
-        "series_uid": str(ds0.get("SeriesInstanceUID", "")) or None,
-        "study_uid": str(ds0.get("StudyInstanceUID", "")) or None,
-        "frame_of_reference_uid": str(ds0.get("FrameOfReferenceUID", "")) or None,
         "series_description": str(ds0.get("SeriesDescription", "") or "") or None,
         "manufacturer": str(ds0.get("Manufacturer", "") or "") or None,
         "source": str(path),
@@ -976,17 +971,15 @@ def _finish_dicom(
         # Drop pixel data, and values still deferred (they would reopen a file that may be gone).
         if tag.group == 0x7FE0 or (getattr(el, "value", 0) is None and hasattr(el, "value_tell")):
             del header[tag]
-    vol.meta["dicom_reference"] = {
-        "study_instance_uid": meta["study_uid"],
-        "series_instance_uid": meta["series_uid"],
-        "frame_of_reference_uid": meta["frame_of_reference_uid"],
-        "sop_class_uid": str(ds0.get("SOPClassUID", "")) or None,
-        # In array slice order when slices_along_array_z (sop_instance_uids[k] is array slice k),
-        # else in file/frame order.
-        "sop_instance_uids": sop_uids,
-        "slices_along_array_z": bool(per_slice),
-        "header": header,  # identifying: never print or serialise
-    }
+    vol.dicom = DicomReference(
+        study_instance_uid=str(ds0.get("StudyInstanceUID", "")) or None,
+        series_instance_uid=str(ds0.get("SeriesInstanceUID", "")) or None,
+        frame_of_reference_uid=str(ds0.get("FrameOfReferenceUID", "")) or None,
+        sop_class_uid=str(ds0.get("SOPClassUID", "")) or None,
+        sop_instance_uids=tuple(sop_uids),
+        slices_along_array_z=bool(per_slice),
+        header=header,
+    )
     return vol
 
 

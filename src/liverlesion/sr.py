@@ -37,7 +37,7 @@ import pandas as pd
 
 from liverlesion import DISCLAIMER, __version__
 from liverlesion.errors import UserError
-from liverlesion.volume import Volume
+from liverlesion.volume import DicomReference, Volume
 
 __all__ = ["check_sr_source", "write_sr", "class_concept", "PRIVATE_SCHEME"]
 
@@ -114,14 +114,14 @@ def check_sr_source(source: Volume, name: str = "--image") -> None:
         source: The CT volume the results belong to.
         name: How the input is named in the message (the path is appended).
     """
-    ref = source.meta.get("dicom_reference")
-    if not ref or ref.get("header") is None:
+    ref = source.dicom
+    if ref is None or ref.header is None:
         where = f" ({name})" if name and name != "--image" else ""
         raise UserError(
             f"--dicom-sr needs a DICOM --image so the report can reference its series{where}: the image is "
             f"{source.meta.get('format') or 'not DICOM'}; pass the DICOM folder/zip, or drop --dicom-sr"
         )
-    hdr = ref["header"]
+    hdr = ref.header
     missing = [
         k for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID") if not str(hdr.get(k, "") or "")
     ]
@@ -170,7 +170,7 @@ def _to_source_pixels(points_lps: np.ndarray, header) -> np.ndarray:
     return np.column_stack([col, row])
 
 
-def _region(row: pd.Series, source: Volume, ref: dict, mask: np.ndarray | None, classic: bool):
+def _region(row: pd.Series, source: Volume, ref: DicomReference, mask: np.ndarray | None, classic: bool):
     """The lesion's image region on its centre slice (outline, or centre point)."""
     import highdicom as hd
 
@@ -184,15 +184,15 @@ def _region(row: pd.Series, source: Volume, ref: dict, mask: np.ndarray | None, 
         idx = np.array([[z, c[1], c[2]]], dtype=float)
     lps = source.index_to_physical(idx)
     if classic:
-        uid = ref["sop_instance_uids"][z]
-        pix = _to_source_pixels(lps, ref["header"])
+        uid = ref.sop_instance_uids[z]
+        pix = _to_source_pixels(lps, ref.header)
         region = hd.sr.ImageRegion(
             graphic_type=hd.sr.GraphicTypeValues.POLYLINE
             if outline is not None
             else hd.sr.GraphicTypeValues.POINT,
             graphic_data=pix.astype(np.float32),
             source_image=hd.sr.SourceImageForRegion(
-                referenced_sop_class_uid=str(ref["sop_class_uid"]), referenced_sop_instance_uid=str(uid)
+                referenced_sop_class_uid=str(ref.sop_class_uid), referenced_sop_instance_uid=str(uid)
             ),
         )
         return region, uid
@@ -201,7 +201,7 @@ def _region(row: pd.Series, source: Volume, ref: dict, mask: np.ndarray | None, 
         if outline is not None
         else hd.sr.GraphicTypeValues3D.POINT,
         graphic_data=lps.astype(np.float32),
-        frame_of_reference_uid=str(ref["frame_of_reference_uid"]),
+        frame_of_reference_uid=str(ref.frame_of_reference_uid),
     )
     return region, None
 
@@ -254,7 +254,7 @@ def write_sr(
         results_df: Rows of predict's results table for lesions of ``source``
             (needs lesion_id, pred_class, prob_*, max_axial_diameter_mm, volume_ml,
             centroid_*_mm, centre_slice).
-        source: The CT volume read from DICOM (``meta["dicom_reference"]``).
+        source: The CT volume read from DICOM (its ``dicom`` reference is used).
         out_path: Destination ``.dcm`` (written atomically).
         lesion_masks: Full-size boolean masks by lesion_id, for the outlines; without
             them each lesion is referenced by a point at its centre.
@@ -275,9 +275,10 @@ def write_sr(
     check_sr_source(source)
     if results_df is None or len(results_df) == 0:
         raise UserError("--dicom-sr: no lesions to report; a measurement report needs at least one lesion")
-    ref = source.meta["dicom_reference"]
-    header = ref["header"]
-    uids = list(ref.get("sop_instance_uids") or [])
+    ref = source.dicom
+    assert ref is not None  # check_sr_source
+    header = ref.header
+    uids = list(ref.sop_instance_uids)
     # A classic series has one SOP instance per array slice; otherwise (multi-frame) use 3-D coordinates.
     classic = (
         len(uids) == source.shape[0]
@@ -285,7 +286,7 @@ def write_sr(
         and "ImageOrientationPatient" in header
         and "PixelSpacing" in header
     )
-    if not classic and not ref.get("frame_of_reference_uid"):
+    if not classic and not ref.frame_of_reference_uid:
         raise UserError(
             "--dicom-sr: the DICOM source has no per-slice instances and no FrameOfReferenceUID, so lesion "
             "positions cannot be referenced; convert it to a classic slice series, or drop --dicom-sr"
