@@ -81,6 +81,7 @@ def test_torchrun_two_processes_match_one(tmp_path, recipe):
     assert pb["prob_metastasis"].between(0, 1).all()
     # the model from two processes is usable by predict like any other
     pred = _run(
-        [_liverlesion(), "predict", "--model", "two/model.pt", "--manifest", manifest, "--out", "pred"], tmp_path
+        [_liverlesion(), "predict", "--model", "two/model.pt", "--manifest", manifest, "--out", "pred"],
+        tmp_path,
     )
     assert pred.returncode == 0, pred.stderr[-2000:]

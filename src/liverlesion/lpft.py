@@ -206,11 +206,13 @@ class _KeepBest:
         class KeepBest(Callback):
             def __init__(self, net: nn.Module, best: float, state: dict | None):
                 self.net, self.best, self.state, self.improved = net, best, state, False
+                self.best_epochs = 0  # epochs trained when the kept weights were reached
 
             def on_validation_end(self, trainer, pl_module):
                 v = trainer.callback_metrics.get("val_loss")
                 if v is not None and float(v) < self.best - 1e-6:
                     self.best, self.improved = float(v), True
+                    self.best_epochs = int(trainer.current_epoch) + 1
                     self.state = copy.deepcopy(self.net.state_dict())
 
         return KeepBest(*args, **kwargs)
@@ -272,6 +274,7 @@ def _fit_stage(net, params, lr, epochs, fit_ds, val_ds, cfg: Config, class_weigh
         "best_val_loss": keep.best,
         "improved": keep.improved,
         "epochs": int(trainer.current_epoch),
+        "best_epochs": keep.best_epochs,
     }
 
 
@@ -334,3 +337,67 @@ def deep_logits_from_cache(model, cache: ViewCache, idx: np.ndarray) -> np.ndarr
         return lesion_logits(lambda h, _e: upper(h), samples, tta="none")
     pooled = [cache.pooled[i][: cache.n_tta].reshape(-1, cache.pooled[i].shape[-1]) for i in idx]
     return lesion_logits(lambda f, _e: model.head(f), pooled, tta="none")
+
+
+def cross_fitted_probe_logits(
+    head: nn.Module,
+    cache: ViewCache,
+    idx: np.ndarray,
+    labels: np.ndarray,
+    splits: list[tuple[np.ndarray, np.ndarray]],
+    cfg: Config,
+    epochs: int,
+) -> np.ndarray:
+    """Out-of-fold probe logits ``(len(idx), K)`` over the training patients, on inner patient ``splits``.
+
+    Each inner fold trains a fresh copy of ``head`` (the untrained paper head) on the frozen pooled
+    features of the other patients' views, for the ``epochs`` the fold's own probe needed (chosen on
+    its inner validation, so nothing here looks at the held-out patients), then scores the held-out
+    lesions' TTA views. These logits let the fusion weight be chosen on every training lesion
+    instead of the few dozen inner-validation ones. A plain loop: the head is small.
+    """
+    import torch.nn.functional as F
+
+    t = cfg.train
+    idx = np.asarray(idx)
+    y_all = np.asarray(labels)[idx]
+    k = int(head(torch.zeros(1, cache.pooled[int(idx[0])].shape[-1])).shape[1])
+    out = np.zeros((len(idx), k))
+    if epochs < 1:
+        return out  # the fold's probe never beat its untrained start: no signal to cross-fit
+    g = torch.Generator().manual_seed(t.seed)
+    for tr, te in splits:
+        net = copy.deepcopy(head)
+        x = torch.from_numpy(
+            np.concatenate(
+                [cache.pooled[int(i)].reshape(-1, cache.pooled[int(i)].shape[-1]) for i in idx[tr]]
+            )
+        ).float()
+        y = torch.from_numpy(
+            np.concatenate(
+                [
+                    np.full(cache.pooled[int(i)].shape[0] * cache.pooled[int(i)].shape[1], lab)
+                    for i, lab in zip(idx[tr], y_all[tr], strict=True)
+                ]
+            )
+        ).long()
+        w = None
+        if t.class_weighting == "loss":  # as the fold's probe: weighted cross-entropy
+            counts = torch.bincount(y, minlength=k).float().clamp(min=1)
+            w = counts.sum() / (k * counts)
+        opt = torch.optim.AdamW(net.parameters(), lr=t.probe_lr, weight_decay=t.weight_decay)
+        net.train()
+        for _ in range(epochs):
+            order = torch.randperm(len(y), generator=g)
+            for s in range(0, len(y), t.batch_size):
+                b = order[s : s + t.batch_size]
+                loss = F.cross_entropy(net(x[b]), y[b], weight=w, label_smoothing=t.label_smoothing)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        net.eval()
+        with torch.inference_mode():
+            for j in te:
+                f = cache.pooled[int(idx[j])][: cache.n_tta]
+                out[j] = net(torch.from_numpy(f.reshape(-1, f.shape[-1])).float()).double().mean(0).numpy()
+    return out

@@ -328,9 +328,8 @@ def _radiomics_logits(model, extra: np.ndarray) -> np.ndarray:
         return model.fusion_head((e - model.fusion_mean) / model.fusion_std).double().numpy()
 
 
-def _fit_fusion(model, fit_x: np.ndarray, fit_y: np.ndarray, seed: int) -> None:
-    """The fusion branch: a class-balanced logistic regression on training-fold-standardised features."""
-    import torch
+def _radiomics_lr(fit_x: np.ndarray, fit_y: np.ndarray, k: int, seed: int):
+    """Class-balanced logistic regression on standardised features: (fill, mean, std, W, b) as logits."""
     from sklearn.linear_model import LogisticRegression
 
     fill = np.nanmedian(np.where(np.isfinite(fit_x), fit_x, np.nan), axis=0)
@@ -340,7 +339,6 @@ def _fit_fusion(model, fit_x: np.ndarray, fit_y: np.ndarray, seed: int) -> None:
     std = np.where(std > 1e-8, std, 1.0)
     lr = LogisticRegression(class_weight="balanced", max_iter=5000, random_state=seed)
     lr.fit((x - mean) / std, fit_y)
-    k = model.num_classes
     w = np.zeros((k, x.shape[1]))
     b = np.zeros(k)
     if len(lr.classes_) == 2 and k == 2:
@@ -349,6 +347,20 @@ def _fit_fusion(model, fit_x: np.ndarray, fit_y: np.ndarray, seed: int) -> None:
     else:
         for j, c in enumerate(lr.classes_):
             w[c], b[c] = lr.coef_[j], lr.intercept_[j]
+    return fill, mean, std, w, b
+
+
+def _radiomics_lr_logits(params, x: np.ndarray) -> np.ndarray:
+    fill, mean, std, w, b = params
+    x = np.where(np.isfinite(x), x, fill)
+    return ((x - mean) / std) @ w.T + b
+
+
+def _fit_fusion(model, fit_x: np.ndarray, fit_y: np.ndarray, seed: int) -> None:
+    """The fusion branch: a class-balanced logistic regression on training-fold-standardised features."""
+    import torch
+
+    fill, mean, std, w, b = _radiomics_lr(fit_x, fit_y, model.num_classes, seed)
     with torch.no_grad():
         model.fusion_fill.copy_(torch.as_tensor(fill, dtype=torch.float32))
         model.fusion_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
@@ -388,6 +400,26 @@ def _choose_alpha(deep: np.ndarray, rad: np.ndarray, y: np.ndarray) -> tuple[flo
     return alpha, scores
 
 
+def inner_patient_splits(groups: np.ndarray, n_splits: int = 5) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Patient-grouped inner folds over a training fold (positions into ``groups``)."""
+    from sklearn.model_selection import GroupKFold
+
+    n = min(n_splits, len(np.unique(groups)))
+    return list(GroupKFold(n_splits=n).split(np.zeros(len(groups)), groups=groups)) if n >= 2 else []
+
+
+def cross_fitted_radiomics(
+    x: np.ndarray, y: np.ndarray, splits: list[tuple[np.ndarray, np.ndarray]], k: int, seed: int
+) -> np.ndarray:
+    """Out-of-fold radiomics-LR logits on the same inner splits as the probe's."""
+    out = np.zeros((len(y), k))
+    for tr, te in splits:
+        if len(np.unique(y[tr])) < 2:
+            continue  # an inner fold with one class: no model, neutral logits
+        out[te] = _radiomics_lr_logits(_radiomics_lr(x[tr], y[tr], k, seed), x[te])
+    return out
+
+
 def finish_fold(
     model,
     deep_logits,
@@ -398,12 +430,17 @@ def finish_fold(
     cfg: Config,
     extra: np.ndarray | None,
     fold: Any,
+    cross_fitted=None,
 ) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
     """Fusion weight, temperature and threshold on inner validation; predictions of every set.
 
     ``deep_logits(data)`` gives the network's lesion logits of a set (TTA views and samples averaged
     by :mod:`liverlesion.inference`). The threshold is fitted on the same calibrated probabilities
     it is compared with later, on the lesions the size rule lets through.
+
+    ``cross_fitted(extra_rows_fit_val)`` (lpft recipe) returns out-of-fold ``(deep, radiomics,
+    labels, min_axis_mm)`` over every training patient; the fusion weight is then chosen on all of
+    them rather than on the inner-validation lesions alone.
     """
     import torch
 
@@ -423,11 +460,19 @@ def finish_fold(
     ok = np.array([not too_small(v, cfg.eval.min_size_mm) for v in sizes], dtype=bool)
     if model.fusion_features:
         _fit_fusion(model, extra[fit.rows], fit.labels, cfg.train.seed)
-        rad = _radiomics_logits(model, extra[val.rows])
-        alpha, scores = _choose_alpha(val_deep[ok], rad[ok], val.labels[ok])
+        oof = cross_fitted() if cross_fitted is not None else None
+        if oof is not None:
+            d_oof, r_oof, y_oof, size_oof = oof
+            keep = np.array([not too_small(v, cfg.eval.min_size_mm) for v in size_oof], dtype=bool)
+            alpha, scores = _choose_alpha(d_oof[keep], r_oof[keep], y_oof[keep])
+            chosen_on = f"out-of-fold over {int(keep.sum())} training lesions (inner patient folds)"
+        else:
+            rad = _radiomics_logits(model, extra[val.rows])
+            alpha, scores = _choose_alpha(val_deep[ok], rad[ok], val.labels[ok])
+            chosen_on = f"{int(ok.sum())} inner-validation lesions"
         with torch.no_grad():
             model.fusion_alpha.fill_(alpha)
-        info["fusion"] = {"alpha": alpha, "val_nll_by_alpha": scores}
+        info["fusion"] = {"alpha": alpha, "chosen_on": chosen_on, "nll_by_alpha": scores}
     val_logits = fused(val, val_deep)
     temperature = float(fit_temperature(val_logits[ok], val.labels[ok]))
     val_probs = apply_temperature(val_logits, temperature)
@@ -525,6 +570,7 @@ def train_fold(
     in_chans = int(fit.arrays[0].shape[1])
     t0 = time.time()
     extra, names = shared.get("extra"), shared.get("extra_names", [])
+    cross_fitted = None
     if cfg.train.recipe == "lpft":
         from liverlesion.lpft import deep_logits_from_cache, train_lpft
 
@@ -534,11 +580,27 @@ def train_fold(
         labels = np.full(max(len(cache.lower), 1), -1)
         labels[fit.rows], labels[val.rows] = fit.labels, val.labels
         weights = _class_weights(fit.labels, len(classes), cfg.train.class_weighting)
+        head0 = copy.deepcopy(model.head)  # the untrained head, for the cross-fitted probes
         train_info = train_lpft(model, cache, fit.rows, val.rows, labels, cfg, weights, fold_dir)
         rank = 0
 
         def deep(data: FoldData) -> np.ndarray:
             return deep_logits_from_cache(model, cache, data.rows)
+
+        if extra is not None:
+
+            def cross_fitted():
+                from liverlesion.lpft import cross_fitted_probe_logits
+
+                rows = np.concatenate([fit.rows, val.rows])
+                idx = pd.concat([fit.index, val.index], ignore_index=True)
+                y = np.concatenate([fit.labels, val.labels])
+                splits = inner_patient_splits(idx["patient_id"].astype(str).to_numpy())
+                epochs = int(train_info["probe"].get("best_epochs", 0))
+                d = cross_fitted_probe_logits(head0, cache, rows, labels, splits, cfg, epochs)
+                r = cross_fitted_radiomics(extra[rows], y, splits, len(classes), cfg.train.seed)
+                sizes = idx["min_axis_mm"] if "min_axis_mm" in idx else np.full(len(idx), np.inf)
+                return d, r, y, np.asarray(sizes, dtype=float)
     else:
         model, init = build_model(
             cfg.model, num_classes=len(classes), in_chans=in_chans, imagenet=imagenet, fusion_features=names
@@ -547,7 +609,9 @@ def train_fold(
         deep = _full_deep_logits(model, cfg)
     if rank != 0:
         return {}
-    results, dec = finish_fold(model, deep, fit, val, tests, classes, cfg, extra, fold)
+    results, dec = finish_fold(
+        model, deep, fit, val, tests, classes, cfg, extra, fold, cross_fitted=cross_fitted
+    )
     save_checkpoint(
         fold_dir / "model.pt",
         model,
