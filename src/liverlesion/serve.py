@@ -516,6 +516,7 @@ def make_server(
     host: str = "127.0.0.1",
     port: int = 8765,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    **load: Any,
 ) -> ThreadingHTTPServer:
     """Load the classifier once and bind the server (not yet serving).
 
@@ -524,6 +525,8 @@ def make_server(
         host: Address to bind; 127.0.0.1 keeps it local (there is no authentication).
         port: TCP port; 0 picks a free one (see ``server.server_address``).
         max_upload_bytes: Bigger requests get HTTP 413.
+        **load: ``device``, ``backend``, ``threads``, ``batch_size`` for
+            :meth:`~liverlesion.predict.Classifier.load`.
 
     Raises:
         UserError: Unreadable checkpoints, bad limit, or the port cannot be bound.
@@ -534,7 +537,7 @@ def make_server(
         raise UserError(f"max upload size {max_upload_bytes!r}: must be a positive number of bytes")
     if not (0 <= int(port) <= 65535):
         raise UserError(f"--port {port}: must be between 0 and 65535 (default 8765)")
-    clf = models if isinstance(models, Classifier) else Classifier.load([Path(m) for m in models])
+    clf = models if isinstance(models, Classifier) else Classifier.load([Path(m) for m in models], **load)
     try:
         return _Server((host, int(port)), clf, max_upload_bytes)
     except OSError as e:
@@ -548,8 +551,11 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8765,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    **load: Any,
 ) -> None:
     """``liverlesion serve``: load the checkpoints and serve the UI until Ctrl-C.
+
+    ``load``: ``device``, ``backend``, ``threads``, ``batch_size`` (see :func:`make_server`).
 
     Raises:
         UserError: See :func:`make_server`.
@@ -560,7 +566,7 @@ def serve(
             "this address can upload CT data and see results. Use 127.0.0.1 unless the network is trusted.",
             file=sys.stderr,
         )
-    server = make_server(models, host, port, max_upload_bytes)
+    server = make_server(models, host, port, max_upload_bytes, **load)
     if not logging.getLogger().handlers:
         logging.basicConfig(
             level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr
