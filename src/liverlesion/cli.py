@@ -100,7 +100,8 @@ _notes: list[str] = []
 
 
 def _out_opt(help: str, default: str | None = None):  # noqa: A002 (typer's word)
-    return typer.Option("-o", "--out", help=help, show_default=default or False)
+    # No default means required (unless the deprecated positional OUT is given; see _output).
+    return typer.Option("-o", "--out", help=help, show_default=default or "required")
 
 
 def _output(
@@ -509,7 +510,7 @@ IMAGE_FORMATS = (
 @app.command()
 def predict(
     model: Annotated[list[Path], typer.Option("--model", help="Checkpoint(s); several = ensemble.")],
-    out: Annotated[Path, _out_opt("Output folder.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Output folder.")],
     image: Annotated[
         Optional[Path], typer.Option("--image", help=f"The CT: {IMAGE_FORMATS}.", show_default="none")
     ] = None,
