@@ -522,6 +522,36 @@ class Classifier:
             df.attrs["gradcam"] = {r.row["lesion_id"]: r.cam for r in case.results if r.cam is not None}
         return df
 
+    def predict_manifest(
+        self,
+        manifest: str | os.PathLike,
+        min_size_mm: float = 5.0,
+        gradcam: bool = False,
+        *,
+        tolerance: float = 1e-3,
+    ) -> pd.DataFrame:
+        """Classify every lesion of a manifest CSV (the same path as ``liverlesion predict --manifest``).
+
+        Args:
+            manifest: A manifest (``patient_id,image,mask,label[,lesion_class]``); paths relative to it.
+            min_size_mm: Lesions whose smallest axis is below this are flagged, not classified.
+            gradcam: Also compute Grad-CAM maps (``df.attrs["gradcam"]``, lesion_id -> (H, W)).
+            tolerance: Geometry tolerance (mm) between image and mask.
+
+        Returns:
+            One row per lesion (see :func:`result_columns`); ``true_class`` when the manifest has
+            ``lesion_class``.
+
+        Raises:
+            UserError: Bad manifest rows, images or masks (one line naming the row's file).
+        """
+        cases = _predict_manifest(self, Path(manifest), min_size_mm, gradcam, tolerance)
+        results = [r for case in cases for r in case.results]
+        df = self._frame([r.row for r in results])
+        if gradcam:
+            df.attrs["gradcam"] = {r.row["lesion_id"]: r.cam for r in results if r.cam is not None}
+        return df
+
     def _predict_case(
         self,
         volume: Volume,
