@@ -202,3 +202,22 @@ def test_default_threads_are_the_free_cores(monkeypatch):
     monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
     assert runtime.free_cores() == 8
     assert runtime.resolve_threads(3) == 3
+
+
+def test_root_dash_h(capsys):
+    rc, out, _ = _run(["-h"], capsys)
+    assert rc == 0 and "predict" in out and "Usage:" in out
+
+
+def test_training_resource_options_become_settings(monkeypatch):
+    from liverlesion.cli import _config, _training_overrides
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    cfg = _config(None, None, None, **_training_overrides("cpu", 3, 8))
+    assert (cfg.train.accelerator, cfg.train.max_threads, cfg.train.batch_size) == ("cpu", 3, 8)
+    cfg = _config(None, None, None, **_training_overrides("cuda:1", None, None))
+    assert (cfg.train.accelerator, str(cfg.train.devices)) == ("gpu", "1")
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "1"  # that GPU only
+    default = _config(None, None, None)
+    cfg = _config(None, None, None, **_training_overrides("auto", None, None))
+    assert cfg.train == default.train
