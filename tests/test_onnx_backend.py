@@ -139,3 +139,14 @@ def test_repr_and_printed_results(ckpts, case):
     assert len(shown.splitlines()) == len(df) + 3
     assert "checkpoint_sha256" in df.columns  # every column is still there
     assert "lesion_id" in repr(df[["lesion_id"]])  # a column selection prints as pandas does
+
+
+def test_gradcam_with_onnx_loads_the_torch_network(ckpts, case):
+    onnx_clf = Classifier.load(ckpts["a"], device="cpu", backend="onnx", threads=1)
+    torch_clf = Classifier.load(ckpts["a"], device="cpu", backend="torch")
+    ct, mask = read_volume(case["image"]), read_volume(case["mask"], kind="mask")
+    got = onnx_clf.predict(ct, mask=mask, gradcam=True).attrs["gradcam"]
+    want = torch_clf.predict(ct, mask=mask, gradcam=True).attrs["gradcam"]
+    assert list(got) == list(want) == ["case-L01"]
+    np.testing.assert_allclose(got["case-L01"], want["case-L01"], atol=1e-4)
+    assert onnx_clf.backend == "onnx"  # the probabilities still come from onnxruntime
