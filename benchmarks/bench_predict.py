@@ -142,6 +142,7 @@ def bench_size(
     from liverlesion.onnx_backend import export_path
     from liverlesion.patches import extract_patch
     from liverlesion.predict import Classifier, check_ct_volume
+    from liverlesion.runtime import resolve_threads
 
     ckpt = make_checkpoint(tmp / f"model_{size}" / "model.pt", size, args.backbone)
     rows = []
@@ -153,7 +154,9 @@ def bench_size(
         t0 = time.perf_counter()
         export_model(ckpt, "onnx", export_path(ckpt))  # what `liverlesion export --model CKPT` writes
         rows.append(("liverlesion export (once per checkpoint)", [time.perf_counter() - t0]))
-        onnx_clf = Classifier.load(ckpt, device="cpu", backend="onnx", threads=args.threads or None)
+        onnx_clf = Classifier.load(
+            ckpt, device="cpu", backend="onnx", threads=resolve_threads(args.threads or None)
+        )
 
     def predict(gradcam: bool, which=clf):
         df = which.predict(volume, mask=mask_vol, gradcam=gradcam)
@@ -255,6 +258,7 @@ def serve_times(ckpt: Path, image_file: Path, mask_file: Path, args) -> list[flo
     import urllib.request
     import uuid
 
+    from liverlesion.runtime import resolve_threads
     from liverlesion.serve import make_server
 
     boundary = uuid.uuid4().hex
@@ -267,7 +271,8 @@ def serve_times(ckpt: Path, image_file: Path, mask_file: Path, args) -> list[flo
         parts.append(head.encode() + path.read_bytes() + b"\r\n")
     parts.append(f"--{boundary}--\r\n".encode())
     body = b"".join(parts)
-    server = make_server([ckpt], port=0, threads=args.threads or None, device=args.device)
+    # as `liverlesion serve --model CKPT` does: threads default to the free cores
+    server = make_server([ckpt], port=0, threads=resolve_threads(args.threads or None), device=args.device)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{server.server_address[1]}/api/predict"

@@ -216,13 +216,16 @@ class Classifier:
         >>> df = clf.predict(read_volume("ct/"), mask=read_volume("mask.nii.gz", kind="mask"))  # doctest: +SKIP
     """
 
-    def __init__(self, members: list[_Member], device: str = "cpu", batch_size: int = 64):
+    def __init__(
+        self, members: list[_Member], device: str = "cpu", batch_size: int = 64, threads: int | None = None
+    ):
         assert members, "a Classifier needs at least one checkpoint"
         from liverlesion.config import config_from_dict
 
         self.members = members
         self.device = device
         self.batch_size = int(batch_size)  # patches per forward call
+        self.threads = threads  # CPU threads asked for (None: as found)
         first = members[0].ckpt
         self.config = config_from_dict(first["config"])
         self.class_names: list[str] = [str(c) for c in first["class_names"]]
@@ -316,7 +319,7 @@ class Classifier:
                     for p, h, (f, info) in zip(paths, hashes, found, strict=True)
                 ]
                 _check_members(members)
-                return cls(members, device="cpu", batch_size=batch_size)
+                return cls(members, device="cpu", batch_size=batch_size, threads=n)
             if backend == "onnx":
                 raise UserError(f"--backend onnx: {missing[0]}; or use --backend torch")
 
@@ -331,7 +334,7 @@ class Classifier:
             model.eval().to(device)
             members.append(_Member(path=p, model=model, ckpt=data, sha256=checkpoint_hash(p)))
         _check_members(members)
-        return cls(members, device=device, batch_size=batch_size)
+        return cls(members, device=device, batch_size=batch_size, threads=threads)
 
     @property
     def backend(self) -> str:
@@ -454,10 +457,12 @@ class Classifier:
         sample = x[x.shape[0] // 2]  # 2-D mode: the centre slice; 2.5-D: the only sample
         if sample.shape[0] == 1 and self.in_chans > 1:
             sample = np.repeat(sample, self.in_chans, axis=0)
-        cams = [
-            np.asarray(compute_cam(m.network(self.device), sample, target), dtype=np.float32)
-            for m in self.members
-        ]
+        nets = [m.network(self.device) for m in self.members]
+        if self.threads is not None:  # with onnx, torch was imported just now, with a thread per core
+            from liverlesion.runtime import apply_torch_threads
+
+            apply_torch_threads(self.threads)
+        cams = [np.asarray(compute_cam(net, sample, target), dtype=np.float32) for net in nets]
         return np.clip(np.mean(cams, axis=0), 0.0, 1.0)
 
     # ------------------------------------------------------------------ lesions

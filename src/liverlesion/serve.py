@@ -19,6 +19,7 @@ only bind to another host than 127.0.0.1 on a trusted network.
 from __future__ import annotations
 
 import base64
+import email.message
 import email.parser
 import email.policy
 import html
@@ -68,7 +69,11 @@ class FormField:
 
 
 def parse_multipart(content_type: str, body_file: Any) -> dict[str, FormField]:
-    """Parse a ``multipart/form-data`` body with the stdlib ``email`` parser.
+    """Parse a ``multipart/form-data`` body.
+
+    The parts are found with ``bytes.find`` on the boundary and only their small headers go through
+    the stdlib ``email`` parser: the ``email`` parser on a whole 50 MB upload took ~3 s, most of a
+    request.
 
     Args:
         content_type: The request's Content-Type header (with its boundary).
@@ -85,20 +90,44 @@ def parse_multipart(content_type: str, body_file: Any) -> dict[str, FormField]:
             f"request Content-Type {content_type or 'none'!r}: expected multipart/form-data with a boundary; "
             "submit the form from the page, or post the fields as multipart/form-data"
         )
-    parser = email.parser.BytesFeedParser(policy=email.policy.HTTP)
-    parser.feed(f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode("latin-1"))
-    while chunk := body_file.read(_CHUNK):
-        parser.feed(chunk)
-    msg = parser.close()
-    if not msg.is_multipart():
+    ctype = email.message.Message()
+    ctype["Content-Type"] = content_type
+    boundary = ctype.get_param("boundary")
+    if not isinstance(boundary, str) or not boundary:
         raise UserError("request body: not a multipart/form-data body; submit the form from the page")
+    body = body_file.read()
+    delim = b"--" + boundary.encode("latin-1")
     fields: dict[str, FormField] = {}
-    for part in msg.iter_parts():
-        name = part.get_param("name", header="content-disposition")
+    pos = body.find(delim)
+    while pos >= 0:
+        start = pos + len(delim)
+        if body[start : start + 2] == b"--":  # the closing delimiter
+            break
+        line_end = body.find(b"\n", start)
+        nxt = body.find(b"\r\n" + delim, line_end) if line_end >= 0 else -1
+        if nxt < 0:  # truncated: no delimiter after this part
+            break
+        part = body[line_end + 1 : nxt]
+        pos = nxt + 2
+        split = part.find(b"\r\n\r\n")
+        if part.startswith(b"\r\n"):
+            head, data = b"", part[2:]
+        elif split >= 0:
+            head, data = part[:split], part[split + 4 :]
+        else:
+            continue
+        headers = email.parser.BytesHeaderParser(policy=email.policy.HTTP).parsebytes(head + b"\r\n\r\n")
+        name = headers.get_param("name", header="content-disposition")
         if not name or name in fields:
             continue
-        data = part.get_payload(decode=True) or b""
-        filename = part.get_filename()
+        encoding = str(headers.get("content-transfer-encoding", "")).strip().lower()
+        if encoding == "base64":
+            data = base64.b64decode(data)
+        elif encoding == "quoted-printable":
+            import quopri
+
+            data = quopri.decodestring(data)
+        filename = headers.get_filename()
         fields[str(name)] = FormField(str(name), data, str(filename) if filename is not None else None)
     if not fields:
         raise UserError("request body: no form fields found; submit the form from the page")
