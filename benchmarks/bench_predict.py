@@ -15,10 +15,14 @@ the paper preset), it times:
   (CT checks, ``check_geometry``, ``lesions_from_mask``, ``extract_patch`` with the
   checkpoint's patch settings, the temperature-scaled softmax, the decision), without and
   with Grad-CAM; and each of those stages alone;
-* **ours, CLI**: ``liverlesion predict --model ... --image ... --mask ... --out ...`` in a fresh
+* **ours, CLI**: ``liverlesion predict --model ... --image ... --mask ... -o ...`` in a fresh
   process (interpreter start, imports, checkpoint load, NIfTI reads, results.csv/json, overlay
-  PNG), with ``--no-gradcam`` and as by default (Grad-CAM on); next to it the floor of any CLI
-  run: a fresh interpreter importing torch, timm, SimpleITK and liverlesion.predict;
+  PNG): with default settings, the checkpoint having its ONNX export next to it (``liverlesion
+  export``), so ``--backend auto`` runs onnxruntime and torch is never imported; and with
+  ``--backend torch``, ``--no-gradcam`` and as by default (Grad-CAM on); next to them, in the same
+  run, the reference for a CLI run: a fresh ``python -c "import torch"``;
+* **ours, serve**: ``make_server`` (defaults: onnx backend, Grad-CAM on) in a thread of this
+  process, then ``POST /api/predict`` with the NIfTI image and mask (one lesion), per request;
 * **the reference**: the same ``LesionNet`` forward on a ready ``(1, 3, S, S)`` tensor
   (``torch.inference_mode``), i.e. what the network itself costs.
 
@@ -129,22 +133,33 @@ def run_cli(args_list: list[str], env: dict) -> float:
 def bench_size(
     args, size: int, tmp: Path, image_file: Path | None, mask_file: Path | None, volume, mask_vol, env
 ) -> list:
-    """All rows for one patch size: ``(name, seconds per run)``; row 1 is the bare reference."""
+    """All rows for one patch size: ``(name, seconds per run)``; the "(b)" row is the bare reference."""
     import torch
 
+    from liverlesion.export import export_model
     from liverlesion.io import check_geometry
     from liverlesion.lesions import lesions_from_mask
+    from liverlesion.onnx_backend import export_path
     from liverlesion.patches import extract_patch
     from liverlesion.predict import Classifier, check_ct_volume
+    from liverlesion.runtime import resolve_threads
 
-    ckpt = make_checkpoint(tmp / f"model_{size}.pt", size, args.backbone)
+    ckpt = make_checkpoint(tmp / f"model_{size}" / "model.pt", size, args.backbone)
     rows = []
     t0 = time.perf_counter()
-    clf = Classifier.load(ckpt, device=args.device)
+    clf = Classifier.load(ckpt, device=args.device, backend="torch")
     rows.append(("Classifier.load (once per session)", [time.perf_counter() - t0]))
+    onnx_clf = None
+    if not args.device.startswith("cuda"):
+        t0 = time.perf_counter()
+        export_model(ckpt, "onnx", export_path(ckpt))  # what `liverlesion export --model CKPT` writes
+        rows.append(("liverlesion export (once per checkpoint)", [time.perf_counter() - t0]))
+        onnx_clf = Classifier.load(
+            ckpt, device="cpu", backend="onnx", threads=resolve_threads(args.threads or None)
+        )
 
-    def predict(gradcam: bool):
-        df = clf.predict(volume, mask=mask_vol, gradcam=gradcam)
+    def predict(gradcam: bool, which=clf):
+        df = which.predict(volume, mask=mask_vol, gradcam=gradcam)
         assert len(df) == 1 and df["status"].iloc[0] == "classified", df[["lesion_id", "status"]]
 
     def find():
@@ -169,6 +184,9 @@ def bench_size(
         ("      extract_patch", lambda: extract_patch(volume, lesion_mask, clf.patch_config)),
         ("      Classifier.member_probs (network + softmax)", lambda: clf.member_probs(patch.image)),
     ]
+    if onnx_clf is not None:
+        fns.append(("(a) Classifier.predict, onnx backend, no Grad-CAM", lambda: predict(False, onnx_clf)))
+        fns.append(("      member_probs, onnx backend", lambda: onnx_clf.member_probs(patch.image)))
     large = size >= LARGE_PX
     if not args.quick and not large and args.gradcam:
         fns.append(("(a) Classifier.predict, 1 lesion, with Grad-CAM", lambda: predict(True)))
@@ -210,16 +228,69 @@ def bench_size(
         "--mask",
         str(mask_file),
     ]
-    modes = [("no_cam", "(a) CLI `liverlesion predict --no-gradcam`, new process", ["--no-gradcam"])]
+    modes = []
+    if onnx_clf is not None:
+        modes.append(("default", CLI_DEFAULT, []))
+    modes.append(("no_cam", "(a) CLI `predict --backend torch --no-gradcam`, new process", TORCH_NO_CAM))
     if not args.quick and not large and args.gradcam:
-        modes.append(("cam", "(a) CLI `liverlesion predict` (Grad-CAM on), new process", []))
+        modes.append(
+            ("cam", "(a) CLI `predict --backend torch` (Grad-CAM on), new process", ["--backend", "torch"])
+        )
     for key, name, extra in modes:
         walls = [
-            run_cli([*base, "--out", str(tmp / f"out_{size}_{key}_{i}"), *extra], env)
+            run_cli([*base, "-o", str(tmp / f"out_{size}_{key}_{i}"), *extra], env)
             for i in range(args.cli_repeat)
         ]
         rows.append((name, walls))
+    if onnx_clf is not None and not args.quick:
+        rows.append((SERVE_ROW, serve_times(ckpt, image_file, mask_file, args)))
     return rows
+
+
+CLI_DEFAULT = "(a) CLI `liverlesion predict`, defaults (onnx export present), new process"
+TORCH_NO_CAM = ["--backend", "torch", "--no-gradcam"]
+SERVE_ROW = "(a) serve: POST /api/predict, 1 lesion (defaults: onnx, Grad-CAM)"
+
+
+def serve_times(ckpt: Path, image_file: Path, mask_file: Path, args) -> list[float]:
+    """Seconds per ``POST /api/predict`` (NIfTI image + mask, one lesion) after one warm-up request."""
+    import threading
+    import urllib.request
+    import uuid
+
+    from liverlesion.runtime import resolve_threads
+    from liverlesion.serve import make_server
+
+    boundary = uuid.uuid4().hex
+    parts = []
+    for name, path in (("image", image_file), ("mask", mask_file)):
+        head = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{path.name}"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n"
+        )
+        parts.append(head.encode() + path.read_bytes() + b"\r\n")
+    parts.append(f"--{boundary}--\r\n".encode())
+    body = b"".join(parts)
+    # as `liverlesion serve --model CKPT` does: threads default to the free cores
+    server = make_server([ckpt], port=0, threads=resolve_threads(args.threads or None), device=args.device)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/api/predict"
+    times = []
+    try:
+        for i in range(1 + args.serve_repeat):
+            req = urllib.request.Request(
+                url, data=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
+            )
+            t0 = time.perf_counter()
+            with urllib.request.urlopen(req, timeout=600) as r:
+                r.read()
+            if i:  # the first request loads torch for Grad-CAM, once per server
+                times.append(time.perf_counter() - t0)
+    finally:
+        server.shutdown()
+        server.server_close()
+    return times
 
 
 # ----------------------------------------------------------------------------- driver
@@ -239,8 +310,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--cli-repeat", type=int, default=1, help="CLI runs per mode and size (default: %(default)s)"
     )
+    ap.add_argument(
+        "--serve-repeat", type=int, default=3, help="timed serve requests per size (default: %(default)s)"
+    )
     ap.add_argument("--device", default="auto", help="auto (cuda when present) | cpu | cuda[:N]")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU threads (default: as the CLI, the free cores; torch rows in process: torch's)",
+    )
     ap.add_argument(
         "--quick",
         action="store_true",
@@ -261,7 +340,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.notes.append("SimpleITK is not installed: no NIfTI files, so no CLI rows and no import floor")
     if not args.gradcam:
         args.notes.append("pytorch-grad-cam is not installed: no Grad-CAM rows")
-    for name in ("repeat", "repeat_large", "cli_repeat"):
+    for name in ("repeat", "repeat_large", "cli_repeat", "serve_repeat"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
     if any(s < 75 for s in args.sizes) and args.backbone.startswith("inception"):
@@ -269,9 +348,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+FLOOR_CODE = "import torch"  # issue 11's reference for a CLI run
+
+
 def _import_floor(env: dict, repeat: int) -> list[float]:
-    code = "import torch, timm, SimpleITK, liverlesion.predict, liverlesion.cli"
-    return [run_cli([sys.executable, "-c", code], env) for _ in range(repeat)]
+    return [run_cli([sys.executable, "-c", FLOOR_CODE], env) for _ in range(repeat)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -311,8 +392,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         for note in args.notes:
             print(f"note: {note}")
-        floor = [] if args.quick or not args.files else _import_floor(env, args.cli_repeat)
+        floor = []
         for size in args.sizes:
+            if args.files:  # taken next to each size's CLI rows, so both see the same load
+                floor += _import_floor(env, args.cli_repeat)
             results[size] = bench_size(args, size, tmp, image_file, mask_file, volume, mask_vol, env)
     info["load_avg_after"] = _common.load_avg()
 
@@ -326,15 +409,22 @@ def main(argv: list[str] | None = None) -> int:
     header = f"{'size':>4}  {'step':<58} {'median ms':>10} {'min ms':>9} {'vs bare':>9}"
     rule = _common.print_header(header)
     for size, rows in results.items():
-        ref = statistics.median(rows[1][1])
+        ref = statistics.median(next(secs for name, secs in rows if name.startswith("(b)")))
         for name, secs in rows:
             med = statistics.median(secs)
-            ratio = f"{med / ref:.2f}x" if not name.startswith("Classifier.load") else ""
+            once = name.startswith(("Classifier.load", "liverlesion export"))
+            ratio = f"{med / ref:.2f}x" if not once else ""
             print(f"{size:>4}  {name:<58} {1000 * med:>10.1f} {1000 * min(secs):>9.1f} {ratio:>9}")
         print(rule)
     if floor:
-        name = "fresh python: import torch, timm, SimpleITK, liverlesion"
-        print(f"{'':>4}  {name:<58} {1000 * statistics.median(floor):>10.1f} {1000 * min(floor):>9.1f}")
+        name = f'reference: fresh `python -c "{FLOOR_CODE}"`'
+        ref = statistics.median(floor)
+        print(f"{'':>4}  {name:<58} {1000 * ref:>10.1f} {1000 * min(floor):>9.1f}")
+        for size, rows in results.items():
+            for name, secs in rows:
+                if name.startswith("(a) CLI"):
+                    print(f"{size:>4}  {name[4:]:<58} {statistics.median(secs) / ref:>9.2f}x import torch")
+        print("target (issue 11): CLI defaults <= 1.5x import torch; serve <= 1 s per lesion")
     print("vs bare: this step's median / the bare forward's median at the same size")
     _common.write_results(
         args.json,

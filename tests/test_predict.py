@@ -254,6 +254,17 @@ def test_manifest_batch_mode(ckpts, tmp_path, capsys):
         read_volume(data / "p2.nii.gz"), point=tuple(centres["p2"]), diameter_mm=12, patient_id="p2"
     )
     assert df["prob_metastasis"].iloc[2] == pytest.approx(p2["prob_metastasis"].iloc[0], rel=1e-9)
+    # The manifest-level Python call: the CLI's table.
+    api = clf.predict_manifest(manifest)
+    assert list(api["lesion_id"]) == list(df["lesion_id"]) and list(api["true_class"]) == list(
+        df["true_class"]
+    )
+    np.testing.assert_allclose(
+        api["prob_metastasis"].to_numpy(float),
+        df["prob_metastasis"].to_numpy(float),
+        rtol=1e-9,
+        equal_nan=True,
+    )
     info = json.loads((out / "results.json").read_text())
     assert [s["n_lesions"] for s in info["sources"]] == [2, 1]
     assert sorted(p.name for p in (out / "overlays").iterdir()) == ["p1-L01.png", "p1-L02.png", "p2-L01.png"]

@@ -221,3 +221,29 @@ def test_cli_serve_bad_max_upload_is_one_line(tmp_path, capsys, value):
     assert main(["serve", "--model", str(tmp_path / "m.pt"), f"--max-upload-mb={value}"]) == 2
     err = capsys.readouterr().err
     assert "--max-upload-mb" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_parse_multipart_binary_fields():
+    import io
+
+    from liverlesion.serve import parse_multipart
+
+    payload = bytes(range(256)) * 3 + b"\r\n--not-the-boundary\r\n\r\n" + b"\x00\r\n"
+    b = "XyZ123"
+
+    def part(name: str, data: bytes, filename: str | None = None) -> bytes:
+        disp = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        return f"--{b}\r\nContent-Disposition: {disp}\r\n\r\n".encode() + data + b"\r\n"
+
+    body = (
+        part("point", b"1,2,3")
+        + part("image", payload, "ct.nii")
+        + part("image", b"ignored", "second.nii")  # a repeated name: the first wins
+        + f"--{b}--\r\n".encode()
+    )
+    fields = parse_multipart(f'multipart/form-data; boundary="{b}"', io.BytesIO(body))
+    assert fields["image"].data == payload and fields["image"].filename == "ct.nii"
+    assert fields["point"].text == "1,2,3" and fields["point"].filename is None
+    assert set(fields) == {"point", "image"}
+    with pytest.raises(UserError, match="no form fields"):
+        parse_multipart(f"multipart/form-data; boundary={b}", io.BytesIO(b"just some bytes"))

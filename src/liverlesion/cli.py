@@ -17,23 +17,109 @@ import typer
 from liverlesion import DISCLAIMER, __version__
 from liverlesion.errors import UserError
 
+
+def _keep_argument_help() -> None:
+    """Typer 0.20 sets an argument's help before calling click's ``Argument.__init__``, which (click >=
+    8.2) resets it to None: positional arguments then show no description. Set it again afterwards."""
+    from typer.core import TyperArgument
+
+    init = TyperArgument.__init__
+    if getattr(init, "_keeps_help", False):
+        return
+
+    def __init__(self, *args, help=None, **kwargs):  # noqa: A002 (typer's keyword)
+        init(self, *args, help=help, **kwargs)
+        if help is not None and getattr(self, "help", None) is None:
+            self.help = help
+
+    __init__._keeps_help = True
+    TyperArgument.__init__ = __init__
+
+
+_keep_argument_help()
+
+# -h as well as --help, on every command (as nnU-Net, TotalSegmentator and pyradiomics).
+_CONTEXT = {"help_option_names": ["-h", "--help"]}
+
 app = typer.Typer(
     name="liverlesion",
     help=f"Focal liver lesion classification on abdominal CT ({DISCLAIMER}).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings=_CONTEXT,
+    suggest_commands=False,  # click already says "Did you mean ...?"; typer's own would repeat it
 )
-import_app = typer.Typer(help="Import public datasets into a liverlesion manifest.", no_args_is_help=True)
+import_app = typer.Typer(
+    help="Import public datasets into a liverlesion manifest.",
+    no_args_is_help=True,
+    context_settings=_CONTEXT,
+    suggest_commands=False,
+)
 app.add_typer(import_app, name="import")
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="YAML config file (see config.py).")]
-PresetOpt = Annotated[Optional[str], typer.Option("--preset", help="Preset: quick | paper | default.")]
+ConfigOpt = Annotated[
+    Optional[Path], typer.Option("--config", help="YAML config file (see config.py).", show_default="none")
+]
+PresetOpt = Annotated[
+    Optional[str],
+    typer.Option("--preset", help="Preset: quick | paper | default.", show_default="none: built-in defaults"),
+]
 SetOpt = Annotated[
     Optional[list[str]],
-    typer.Option("--set", help="Override a setting, e.g. --set train.epochs=5 (repeatable)."),
+    typer.Option(
+        "--set", help="Override a setting, e.g. --set train.epochs=5 (repeatable).", show_default="none"
+    ),
 ]
-OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")]
+OverwriteOpt = Annotated[
+    bool, typer.Option("--overwrite", help="Replace an existing output folder.", show_default="off")
+]
+FROM_CONFIG = "from the config"
+
+# Inference and training resources (predict, serve, cv, train).
+DeviceOpt = Annotated[
+    str, typer.Option("--device", help="cpu | cuda | cuda:N | auto (CUDA when present, else CPU).")
+]
+ThreadsOpt = Annotated[
+    Optional[int],
+    typer.Option("--threads", help="CPU threads.", show_default="the free cores: affinity minus load, >= 1"),
+]
+BackendOpt = Annotated[
+    str,
+    typer.Option(
+        "--backend",
+        help="onnx (onnxruntime, CPU; needs the model.onnx that `liverlesion export` writes next to each "
+        "checkpoint) | torch | auto (onnx when on the CPU and every checkpoint has an up-to-date export).",
+    ),
+]
+
+# The output convention: -o/--out on every command that writes (as nnU-Net, TotalSegmentator and
+# pyradiomics). OUT as a positional argument (the old spelling) still works, with a note.
+_DEPRECATED_OUT = "Deprecated spelling of -o/--out (still accepted)."
+_notes: list[str] = []
+
+
+def _out_opt(help: str, default: str | None = None):  # noqa: A002 (typer's word)
+    # No default means required (unless the deprecated positional OUT is given; see _output).
+    return typer.Option("-o", "--out", help=help, show_default=default or "required")
+
+
+def _output(
+    out: Path | None, positional: Path | None, what: str, default: Path | None = None
+) -> tuple[Path, str]:
+    """The output path and how to name it in messages; refuses it missing or given twice."""
+    if out is not None and positional is not None:
+        raise UserError(f"-o/--out {out} and positional OUT {positional}: give the {what} once, as -o/--out")
+    if positional is not None:
+        _notes.append(
+            f"note: OUT as a positional argument is deprecated; write -o {positional} (it works the same)"
+        )
+        return positional, "OUT"
+    if out is None:
+        if default is None:
+            raise UserError(f"missing -o/--out: give the {what}, e.g. -o results/")
+        return default, "--out"
+    return out, "--out"
 
 
 def _config(config: Path | None, preset: str | None, sets: list[str] | None, **extra):
@@ -62,6 +148,41 @@ def _out_file(path: Path | None, name: str) -> None:
         check_output_file(path, name)
 
 
+def _resources(device: str, threads: int | None, batch_size: int | None) -> tuple[str, int | None]:
+    """Check --device, --threads and --batch-size before any work; the device normalised."""
+    from liverlesion.runtime import check_device, check_positive_int
+
+    check_positive_int(threads, "--threads", "CPU threads")
+    check_positive_int(batch_size, "--batch-size", "patches per batch")
+    return check_device(device), threads
+
+
+def _training_overrides(device: str, threads: int | None, batch_size: int | None) -> dict:
+    """--device / --threads / --batch-size as train.* settings (cuda:N: that GPU only)."""
+    import os
+
+    device, threads = _resources(device, threads, batch_size)
+    extra: dict = {"train.batch_size": batch_size, "train.max_threads": threads}
+    if device == "cpu":
+        extra["train.accelerator"] = "cpu"
+    elif device.startswith("cuda"):
+        extra["train.accelerator"] = "gpu"
+        extra["train.devices"] = 1
+        if ":" in device:  # before torch is imported: the process sees that GPU only
+            os.environ["CUDA_VISIBLE_DEVICES"] = device.split(":")[1]
+    return extra
+
+
+def _default_training_threads(cfg, threads: int | None) -> None:
+    """Neither --threads nor train.max_threads: torch uses the free cores, not every core."""
+    if threads is None and cfg.train.max_threads == 0:
+        import torch
+
+        from liverlesion.runtime import free_cores
+
+        torch.set_num_threads(free_cores())
+
+
 def _version_callback(value: bool) -> None:
     if value:
         typer.echo(f"liverlesion {__version__}")
@@ -79,7 +200,10 @@ def _root(
 
 @app.command()
 def synth(
-    out: Annotated[Path, typer.Argument(help="Output folder for volumes, masks and manifest.csv.")],
+    out: Annotated[
+        Optional[Path], typer.Argument(metavar="[OUT]", help=_DEPRECATED_OUT, show_default=False)
+    ] = None,
+    out_opt: Annotated[Optional[Path], _out_opt("Output folder for volumes, masks and manifest.csv.")] = None,
     patients: Annotated[int, typer.Option(help="Number of patients.")] = 63,
     lesions: Annotated[int, typer.Option(help="Total number of lesions.")] = 230,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
@@ -95,7 +219,8 @@ def synth(
     """Generate a synthetic CT cohort (metastases vs cysts) with a manifest."""
     from liverlesion.synth import generate_cohort
 
-    _out_dir(out)
+    out, name = _output(out_opt, out, "output folder")
+    _out_dir(out, name)
     generate_cohort(
         out,
         patients=patients,
@@ -111,10 +236,13 @@ def synth(
 @app.command()
 def inspect(
     manifest: Annotated[Path, typer.Argument(help="Manifest CSV.")],
-    out: Annotated[Optional[Path], typer.Option("--out", help="Write the lesion table to this CSV.")] = None,
+    out: Annotated[
+        Optional[Path], _out_opt("Also write the lesion table to this CSV.", "none: print only")
+    ] = None,
     tolerance: Annotated[float, typer.Option(help="Geometry tolerance (mm) between image and mask.")] = 1e-3,
     series: Annotated[
-        Optional[str], typer.Option(help="SeriesInstanceUID when a folder holds several.")
+        Optional[str],
+        typer.Option(help="SeriesInstanceUID when a folder holds several.", show_default="the only series"),
     ] = None,
 ) -> None:
     """Compute and print the lesion table and a summary for a manifest."""
@@ -129,14 +257,18 @@ def import_ircadb(
     src: Annotated[
         Path, typer.Argument(help="3D-IRCADb-01 folder (holding 3Dircadb1.N) or one 3Dircadb1.N.")
     ],
-    out: Annotated[Path, typer.Argument(help="Output folder for NIfTI files and manifest.csv.")],
+    out: Annotated[
+        Optional[Path], typer.Argument(metavar="[OUT]", help=_DEPRECATED_OUT, show_default=False)
+    ] = None,
+    out_opt: Annotated[Optional[Path], _out_opt("Output folder for NIfTI files and manifest.csv.")] = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Import 3D-IRCADb-01 (tumours -> metastasis, cysts -> cyst)."""
     from liverlesion.datasets.ircadb import import_ircadb as _imp
     from liverlesion.datasets.ircadb import import_summary
 
-    _out_dir(out)
+    out, name = _output(out_opt, out, "output folder")
+    _out_dir(out, name)
     manifest = _imp(src, out, overwrite=overwrite)
     typer.echo(import_summary(manifest.parent))
 
@@ -144,25 +276,70 @@ def import_ircadb(
 @app.command()
 def patches(
     manifest: Annotated[Path, typer.Argument(help="Manifest CSV.")],
-    out: Annotated[Path, typer.Argument(help="Output folder for patch arrays and contact sheet.")],
+    out: Annotated[
+        Optional[Path], typer.Argument(metavar="[OUT]", help=_DEPRECATED_OUT, show_default=False)
+    ] = None,
+    out_opt: Annotated[Optional[Path], _out_opt("Output folder for patch arrays and contact sheet.")] = None,
+    model: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--model",
+            help="Cut with this checkpoint's patch settings (what it was trained on, what predict uses); "
+            "not with --config/--preset/--set.",
+            show_default="none: the config's settings",
+        ),
+    ] = None,
     config: ConfigOpt = None,
     preset: PresetOpt = None,
     set_: SetOpt = None,
     tolerance: Annotated[float, typer.Option(help="Geometry tolerance (mm) between image and mask.")] = 1e-3,
     series: Annotated[
-        Optional[str], typer.Option(help="SeriesInstanceUID for rows whose series column is empty.")
+        Optional[str],
+        typer.Option(
+            help="SeriesInstanceUID for rows whose series column is empty.", show_default="the only series"
+        ),
     ] = None,
     overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Recompute the patches even when an up-to-date cache exists.")
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Recompute the patches even when an up-to-date cache exists.",
+            show_default="off",
+        ),
     ] = False,
 ) -> None:
     """Cut lesion-centred patches (cached) and draw a PNG contact sheet."""
     from liverlesion.patches import build_patches
 
-    _out_dir(out)
-    cfg = _config(config, preset, set_)
-    folder = build_patches(manifest, out, cfg.patch, tolerance=tolerance, series=series, overwrite=overwrite)
+    out, name = _output(out_opt, out, "output folder")
+    _out_dir(out, name)
+    if model is not None:
+        given = [n for n, v in (("--config", config), ("--preset", preset), ("--set", set_)) if v]
+        if given:
+            raise UserError(
+                f"--model {model} with {' and '.join(given)}: the checkpoint fixes the patch settings; "
+                f"drop {' and '.join(given)}, or drop --model"
+            )
+        patch_cfg = _checkpoint_patch_config(model)
+    else:
+        patch_cfg = _config(config, preset, set_).patch
+    folder = build_patches(manifest, out, patch_cfg, tolerance=tolerance, series=series, overwrite=overwrite)
     typer.echo(f"patches: {folder} (index.csv, contact_sheet.png)")
+
+
+def _checkpoint_patch_config(path: Path):
+    """The PatchConfig a checkpoint was trained with (its export's sidecar when up to date: no torch)."""
+    from liverlesion.config import config_from_dict
+    from liverlesion.onnx_backend import fresh_export
+
+    if not Path(path).is_file():
+        raise UserError(f"--model {path}: file not found; give the path of a model.pt written by train or cv")
+    found, info = fresh_export(path)
+    if found is None:
+        from liverlesion.model import load_checkpoint
+
+        info = load_checkpoint(path)[1]
+    return config_from_dict(info["config"]).patch
 
 
 @app.command()
@@ -178,51 +355,90 @@ def weights(
 @app.command()
 def train(
     manifest: Annotated[Path, typer.Argument(help="Manifest CSV.")],
-    out: Annotated[Path, typer.Argument(help="Run folder.")],
+    out: Annotated[
+        Optional[Path], typer.Argument(metavar="[OUT]", help=_DEPRECATED_OUT, show_default=False)
+    ] = None,
+    out_opt: Annotated[Optional[Path], _out_opt("Run folder.")] = None,
     config: ConfigOpt = None,
     preset: PresetOpt = None,
     set_: SetOpt = None,
-    weights: Annotated[Optional[str], typer.Option("--weights", help="imagenet | none | PATH.")] = None,
-    backbone: Annotated[Optional[str], typer.Option(help="timm backbone name.")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Maximum epochs.")] = None,
-    resume: Annotated[bool, typer.Option(help="Resume an interrupted run in OUT.")] = False,
+    weights: Annotated[
+        Optional[str], typer.Option("--weights", help="imagenet | none | PATH.", show_default=FROM_CONFIG)
+    ] = None,
+    backbone: Annotated[
+        Optional[str], typer.Option(help="timm backbone name.", show_default=FROM_CONFIG)
+    ] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Maximum epochs.", show_default=FROM_CONFIG)] = None,
+    device: DeviceOpt = "auto",
+    threads: ThreadsOpt = None,
+    batch_size: Annotated[
+        Optional[int], typer.Option("--batch-size", help="Training batch size.", show_default=FROM_CONFIG)
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Resume an interrupted run in the run folder.")] = False,
 ) -> None:
     """Train one model on the whole manifest (inner validation split for early stopping)."""
+    out, name = _output(out_opt, out, "run folder")
+    _out_dir(out, name)
+    extra = _training_overrides(device, threads, batch_size)
+    cfg = _config(
+        config,
+        preset,
+        set_,
+        **{"model.weights": weights, "model.backbone": backbone, "train.epochs": epochs, **extra},
+    )
     from liverlesion.train import train_single
 
-    _out_dir(out)
-    cfg = _config(
-        config, preset, set_, **{"model.weights": weights, "model.backbone": backbone, "train.epochs": epochs}
-    )
+    _default_training_threads(cfg, threads)
     train_single(manifest, out, cfg, resume=resume)
 
 
 @app.command()
 def cv(
     manifest: Annotated[Path, typer.Argument(help="Manifest CSV.")],
-    out: Annotated[Path, typer.Argument(help="Run folder.")],
-    folds: Annotated[Optional[int], typer.Option(help="Number of patient-level folds.")] = None,
+    out: Annotated[
+        Optional[Path], typer.Argument(metavar="[OUT]", help=_DEPRECATED_OUT, show_default=False)
+    ] = None,
+    out_opt: Annotated[Optional[Path], _out_opt("Run folder.")] = None,
+    folds: Annotated[
+        Optional[int], typer.Option(help="Number of patient-level folds.", show_default=FROM_CONFIG)
+    ] = None,
     config: ConfigOpt = None,
     preset: PresetOpt = None,
     set_: SetOpt = None,
-    weights: Annotated[Optional[str], typer.Option("--weights", help="imagenet | none | PATH.")] = None,
-    backbone: Annotated[Optional[str], typer.Option(help="timm backbone name.")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Maximum epochs.")] = None,
+    weights: Annotated[
+        Optional[str], typer.Option("--weights", help="imagenet | none | PATH.", show_default=FROM_CONFIG)
+    ] = None,
+    backbone: Annotated[
+        Optional[str], typer.Option(help="timm backbone name.", show_default=FROM_CONFIG)
+    ] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Maximum epochs.", show_default=FROM_CONFIG)] = None,
+    device: DeviceOpt = "auto",
+    threads: ThreadsOpt = None,
+    batch_size: Annotated[
+        Optional[int], typer.Option("--batch-size", help="Training batch size.", show_default=FROM_CONFIG)
+    ] = None,
     resume: Annotated[bool, typer.Option(help="Skip finished folds and resume the interrupted one.")] = False,
     baselines: Annotated[bool, typer.Option(help="Also run the baselines on the same folds.")] = True,
 ) -> None:
     """Patient-level cross-validation: out-of-fold predictions.csv, then evaluation."""
-    from liverlesion.train import run_cv
-
-    _out_dir(out)
+    out, name = _output(out_opt, out, "run folder")
+    _out_dir(out, name)
+    extra = _training_overrides(device, threads, batch_size)
     cfg = _config(
         config,
         preset,
         set_,
-        **{"model.weights": weights, "model.backbone": backbone, "train.epochs": epochs, "cv.folds": folds},
+        **{
+            "model.weights": weights,
+            "model.backbone": backbone,
+            "train.epochs": epochs,
+            "cv.folds": folds,
+            **extra,
+        },
     )
     from liverlesion.manifest import read_manifest
     from liverlesion.splits import check_folds
+    from liverlesion.train import run_cv
 
     # Before any work (the patch cache is written first): enough patients for the folds?
     df = read_manifest(manifest)
@@ -236,20 +452,28 @@ def cv(
         "--folds" if folds is not None else "cv.folds",
         classes=list(df["lesion_class"].astype(str)),
     )
+    _default_training_threads(cfg, threads)
     run_cv(manifest, out, cfg, resume=resume, baselines=baselines)
 
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Argument(help="Output folder.")] = Path("liverlesion-demo"),
+    out: Annotated[
+        Optional[Path], typer.Argument(metavar="[OUT]", help=_DEPRECATED_OUT, show_default=False)
+    ] = None,
+    out_opt: Annotated[Optional[Path], _out_opt("Output folder.", "liverlesion-demo")] = None,
     preset: Annotated[str, typer.Option(help="quick (CPU, minutes) | paper (GPU, full protocol).")] = "quick",
-    weights: Annotated[Optional[str], typer.Option("--weights", help="imagenet | none | PATH.")] = None,
+    weights: Annotated[
+        Optional[str],
+        typer.Option("--weights", help="imagenet | none | PATH.", show_default="the preset's"),
+    ] = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Synthetic cohort -> patient-level CV with the paper's network -> metrics."""
     from liverlesion.demo import run_demo
 
-    _out_dir(out)
+    out, name = _output(out_opt, out, "output folder", default=Path("liverlesion-demo"))
+    _out_dir(out, name)
     run_demo(out, preset=preset, weights=weights, overwrite=overwrite)
 
 
@@ -257,9 +481,11 @@ def demo(
 def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="Run folder holding predictions.csv.")],
     positive_class: Annotated[
-        Optional[str], typer.Option(help="Positive class (default: metastasis).")
+        Optional[str], typer.Option(help="Positive class.", show_default="metastasis")
     ] = None,
-    n_bootstrap: Annotated[Optional[int], typer.Option(help="Bootstrap resamples.")] = None,
+    n_bootstrap: Annotated[
+        Optional[int], typer.Option(help="Bootstrap resamples.", show_default="the run's config")
+    ] = None,
     gradcam: Annotated[bool, typer.Option(help="Draw the Grad-CAM gallery (needs fold models).")] = True,
 ) -> None:
     """Metrics with patient-bootstrap CIs, calibration, plots and report.html."""
@@ -271,7 +497,10 @@ def evaluate(
 @app.command()
 def baselines(
     manifest: Annotated[Path, typer.Argument(help="Manifest CSV.")],
-    out: Annotated[Path, typer.Argument(help="Output folder.")],
+    out: Annotated[
+        Optional[Path], typer.Argument(metavar="[OUT]", help=_DEPRECATED_OUT, show_default=False)
+    ] = None,
+    out_opt: Annotated[Optional[Path], _out_opt("Output folder.")] = None,
     config: ConfigOpt = None,
     preset: PresetOpt = None,
     set_: SetOpt = None,
@@ -279,45 +508,79 @@ def baselines(
     """Run the mean-HU and radiomics-style baselines with patient-level CV."""
     from liverlesion.baselines import run_baselines_cli
 
-    _out_dir(out)
+    out, name = _output(out_opt, out, "output folder")
+    _out_dir(out, name)
     cfg = _config(config, preset, set_)
     run_baselines_cli(manifest, out, cfg)
+
+
+IMAGE_FORMATS = (
+    "DICOM series folder, .zip of one DICOM series, single (multi-frame) DICOM file, "
+    "NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr) or MetaImage (.mha, .mhd)"
+)
 
 
 @app.command()
 def predict(
     model: Annotated[list[Path], typer.Option("--model", help="Checkpoint(s); several = ensemble.")],
-    out: Annotated[Path, typer.Option("--out", help="Output folder.")],
-    image: Annotated[Optional[Path], typer.Option("--image", help="DICOM folder/zip or NIfTI.")] = None,
-    mask: Annotated[Optional[Path], typer.Option("--mask", help="Lesion mask aligned with --image.")] = None,
-    label: Annotated[
-        Optional[int], typer.Option("--label", help="Lesion label in the mask (default: all).")
+    out: Annotated[Path, typer.Option("-o", "--out", help="Output folder.")],
+    image: Annotated[
+        Optional[Path], typer.Option("--image", help=f"The CT: {IMAGE_FORMATS}.", show_default="none")
     ] = None,
-    point: Annotated[Optional[str], typer.Option("--point", help="Click x,y,z in LPS mm.")] = None,
+    mask: Annotated[
+        Optional[Path],
+        typer.Option("--mask", help="Lesion mask aligned with --image (same formats).", show_default="none"),
+    ] = None,
+    label: Annotated[
+        Optional[int], typer.Option("--label", help="Lesion label in the mask.", show_default="every label")
+    ] = None,
+    point: Annotated[
+        Optional[str], typer.Option("--point", help="Click x,y,z in LPS mm.", show_default="none")
+    ] = None,
     diameter: Annotated[
-        Optional[float], typer.Option("--diameter", help="Lesion diameter in mm (with --point).")
+        Optional[float],
+        typer.Option("--diameter", help="Lesion diameter in mm (with --point).", show_default="none"),
     ] = None,
     manifest: Annotated[
-        Optional[Path], typer.Option("--manifest", help="Batch of studies as a manifest CSV.")
+        Optional[Path],
+        typer.Option("--manifest", help="Batch of studies as a manifest CSV.", show_default="none"),
     ] = None,
     series: Annotated[
-        Optional[str], typer.Option(help="SeriesInstanceUID when a folder holds several.")
+        Optional[str],
+        typer.Option(help="SeriesInstanceUID when a folder holds several.", show_default="the only series"),
     ] = None,
     patient_id: Annotated[
         Optional[str],
-        typer.Option("--patient-id", help="Patient id for the lesion ids with --image (default: case)."),
+        typer.Option("--patient-id", help="Patient id for the lesion ids with --image.", show_default="case"),
     ] = None,
     tolerance: Annotated[float, typer.Option(help="Geometry tolerance (mm) between image and mask.")] = 1e-3,
     min_size_mm: Annotated[
         float, typer.Option(help="Smaller lesions are flagged 'too small to characterise'.")
     ] = 5.0,
     dicom_sr: Annotated[
-        bool, typer.Option("--dicom-sr", help="Also write a DICOM Structured Report.")
+        bool, typer.Option("--dicom-sr", help="Also write a DICOM Structured Report.", show_default="off")
     ] = False,
-    gradcam: Annotated[bool, typer.Option(help="Draw Grad-CAM overlays.")] = True,
+    gradcam: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--gradcam/--no-gradcam",
+            help="Draw Grad-CAM overlays (they need torch: with the onnx backend, --gradcam loads it).",
+            show_default="on with the torch backend, off with onnx",
+        ),
+    ] = None,
+    device: DeviceOpt = "auto",
+    backend: BackendOpt = "auto",
+    threads: ThreadsOpt = None,
+    batch_size: Annotated[
+        Optional[int], typer.Option("--batch-size", help="Patches per forward call.", show_default="64")
+    ] = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Classify lesions in a new study with one or more checkpoints."""
+    from liverlesion.runtime import check_backend
+
+    _resources(device, threads, batch_size)
+    check_backend(backend)
     from liverlesion.predict import predict_cli
 
     _out_dir(out, "--out")
@@ -337,19 +600,37 @@ def predict(
         dicom_sr=dicom_sr,
         gradcam=gradcam,
         overwrite=overwrite,
+        device=device,
+        backend=backend,
+        threads=threads,
+        batch_size=batch_size,
     )
 
 
 @app.command()
 def export(
     model: Annotated[Path, typer.Option("--model", help="Checkpoint to export.")],
-    format: Annotated[str, typer.Option("--format", help="onnx | torchscript.")],
-    out: Annotated[Path, typer.Argument(help="Output file.")],
+    format: Annotated[str, typer.Option("--format", help="onnx | torchscript.")] = "onnx",
+    out: Annotated[
+        Optional[Path], typer.Argument(metavar="[OUT]", help=_DEPRECATED_OUT, show_default=False)
+    ] = None,
+    out_opt: Annotated[
+        Optional[Path],
+        _out_opt(
+            "Output file (predict --backend auto/onnx uses model.onnx next to model.pt).",
+            "next to the checkpoint: model.onnx | model.ts.pt",
+        ),
+    ] = None,
 ) -> None:
     """Export a checkpoint to ONNX or TorchScript."""
+    from liverlesion.onnx_backend import export_path
+
+    fmt = str(format).strip().lower()
+    default = export_path(model) if fmt == "onnx" else Path(model).with_suffix(".ts.pt")
+    out, name = _output(out_opt, out, "output file", default=default)
+    _out_file(out, name)
     from liverlesion.export import export_model
 
-    _out_file(out, "OUT")
     path = export_model(model, format, out)
     typer.echo(f"wrote {path} and {path.name}.json (input: [0, 1] patches; output: class probabilities)")
 
@@ -365,21 +646,43 @@ def serve(
         float,
         typer.Option("--max-upload-mb", help="Largest accepted upload (MiB); bigger ones get HTTP 413."),
     ] = 2048.0,
+    device: DeviceOpt = "auto",
+    backend: BackendOpt = "auto",
+    threads: ThreadsOpt = None,
+    batch_size: Annotated[
+        Optional[int], typer.Option("--batch-size", help="Patches per forward call.", show_default="64")
+    ] = None,
 ) -> None:
     """Serve a local browser UI (and JSON API) to classify a lesion."""
     import math
 
-    from liverlesion.serve import serve as run_server
+    from liverlesion.runtime import check_backend, resolve_threads
 
     if not (math.isfinite(max_upload_mb) and max_upload_mb > 0):
         raise UserError(f"--max-upload-mb {max_upload_mb:g}: must be a positive number of MiB (default 2048)")
-    run_server(model, host=host, port=port, max_upload_bytes=int(max_upload_mb * 1024**2))
+    _resources(device, threads, batch_size)
+    check_backend(backend)
+    from liverlesion.serve import serve as run_server
+
+    run_server(
+        model,
+        host=host,
+        port=port,
+        max_upload_bytes=int(max_upload_mb * 1024**2),
+        device=device,
+        backend=backend,
+        threads=resolve_threads(threads),
+        batch_size=batch_size,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turning user errors into one-line messages."""
+    _notes.clear()
     try:
         app(args=argv, standalone_mode=False)
+        for note in _notes:  # after the work, so an error stays the only line on stderr
+            typer.echo(f"liverlesion: {note}", err=True)
     except UserError as e:
         typer.echo(f"liverlesion: error: {e}", err=True)
         return e.exit_code

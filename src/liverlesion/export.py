@@ -24,6 +24,8 @@ from liverlesion.errors import UserError
 
 FORMATS = ("onnx", "torchscript")
 ONNX_OPSET = 17
+# 2: ONNX graphs also output "logits"; the sidecar holds the full config (onnx_backend reads it).
+EXPORT_VERSION = 2
 
 
 class ProbabilityModel(nn.Module):
@@ -34,19 +36,28 @@ class ProbabilityModel(nn.Module):
     the radiomics-style features named in the metadata (``fusion_features``; NaN = missing).
     """
 
-    def __init__(self, model: nn.Module, temperature: float = 1.0, tta: str = "none"):
+    def __init__(
+        self, model: nn.Module, temperature: float = 1.0, tta: str = "none", with_logits: bool = False
+    ):
         super().__init__()
         from liverlesion.inference import tta_flips
 
         self.model = model
         self.flips = tta_flips(tta)
+        self.with_logits = with_logits
         self.register_buffer("temperature", torch.tensor(float(temperature)))
 
-    def forward(self, image: Tensor, features: Tensor | None = None) -> Tensor:
-        """``softmax(mean_views(logits) / temperature)`` for ``[0, 1]`` patches ``(N, C, H, W)``."""
+    def forward(self, image: Tensor, features: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """``softmax(mean_views(logits) / temperature)`` for ``[0, 1]`` patches ``(N, C, H, W)``.
+
+        With ``with_logits`` also the view-mean logits, before the temperature: ``predict``'s
+        onnxruntime backend averages them over a lesion's slice samples first, as
+        :func:`liverlesion.inference.lesion_logits` does, then applies the temperature itself.
+        """
         views = [image if not d else torch.flip(image, dims=d) for d in self.flips]
         logits = sum(self.model(v, features) for v in views) / len(views)
-        return torch.softmax(logits / self.temperature, dim=1)
+        probs = torch.softmax(logits / self.temperature, dim=1)
+        return (probs, logits) if self.with_logits else probs
 
 
 def export_metadata(
@@ -82,6 +93,12 @@ def export_metadata(
         "checkpoint_liverlesion_version": meta.get("liverlesion_version"),
         "exported_by_liverlesion": __version__,
         "torch": torch.__version__,
+        # What predict's onnxruntime backend needs to stand in for the checkpoint (see onnx_backend).
+        "export_version": EXPORT_VERSION,
+        "config": cfg,
+        "in_chans": int(in_chans),
+        "fold": meta.get("fold"),
+        "created": meta.get("created"),
     }
 
 
@@ -115,7 +132,9 @@ def export_model(ckpt_path: str | Path, format: str, out: str | Path) -> Path:
         )
     in_chans = int(meta["in_chans"])
     tta = str(meta["config"].get("model", {}).get("tta", "none"))
-    wrapper = ProbabilityModel(model, float(meta.get("temperature", 1.0)), tta).eval()
+    wrapper = ProbabilityModel(
+        model, float(meta.get("temperature", 1.0)), tta, with_logits=fmt == "onnx"
+    ).eval()
     dummy: tuple[Tensor, ...] = (
         torch.rand(1, in_chans, size, size, generator=torch.Generator().manual_seed(0)),
     )
@@ -150,8 +169,13 @@ def _export_onnx(wrapper: nn.Module, dummy: tuple[Tensor, ...], tmp: Path, info:
             dummy,
             str(tmp),
             input_names=["image", "features"][: len(dummy)],
-            output_names=["probabilities"],
-            dynamic_axes={"image": {0: "batch"}, "features": {0: "batch"}, "probabilities": {0: "batch"}},
+            output_names=["probabilities", "logits"],
+            dynamic_axes={
+                "image": {0: "batch"},
+                "features": {0: "batch"},
+                "probabilities": {0: "batch"},
+                "logits": {0: "batch"},
+            },
             opset_version=ONNX_OPSET,
             do_constant_folding=True,
             dynamo=False,

@@ -93,32 +93,50 @@ def lesion_logits(
     Args:
         forward: ``forward(x, extra) -> logits`` for a batch ``x`` ``(B, C, H, W)`` (a ``LesionNet``,
             or its upper part on cached activations) and per-sample ``extra`` features (or None).
+            An exported graph (``forward.takes_numpy``, see :mod:`liverlesion.onnx_backend`) takes and
+            returns numpy arrays and averages its test-time views itself: torch is not imported.
         samples: Per lesion, an array ``(S, C, H, W)`` (patches in ``[0, 1]``, or cached activations
             whose views were computed with :func:`tta_views`, in which case ``tta`` is ``"none"``).
         extra: Per-lesion extra inputs ``(n_lesions, F)`` (fusion features) or None.
         tta: Test-time augmentation mode.
+        batch_size: Samples per forward call.
+        device: Torch device of ``forward``.
     """
+    if getattr(forward, "takes_numpy", False):
+        # The graph holds its own views (export.ProbabilityModel); they must be the ones asked for.
+        assert forward.tta == tta, f"exported graph has tta={forward.tta!r}, asked for {tta!r}"
+        return _mean_over_samples(forward, samples, extra, batch_size)
+
     import torch
 
+    def run(x: np.ndarray, e: np.ndarray | None) -> np.ndarray:
+        xt = torch.from_numpy(x).to(device)
+        et = None if e is None else torch.from_numpy(e).to(device)
+        views = tta_views(xt, tta)
+        return (sum(forward(v, et).double() for v in views) / len(views)).cpu().numpy()
+
+    with torch.inference_mode():
+        return _mean_over_samples(run, samples, extra, batch_size)
+
+
+def _mean_over_samples(
+    run: Callable, samples: Sequence[np.ndarray], extra: np.ndarray | None, batch_size: int
+) -> np.ndarray:
+    """``run(x, e)`` over batches of all lesions' samples; each lesion's mean logits (float64)."""
     n = len(samples)
     owner = np.concatenate([np.full(len(a), i) for i, a in enumerate(samples)]) if n else np.zeros(0, int)
     flat = np.concatenate([np.asarray(a, dtype=np.float32) for a in samples]) if n else None
     total: np.ndarray | None = None
     count = np.zeros(n)
-    with torch.inference_mode():
-        for start in range(0, len(owner), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(flat[start : start + batch_size])).to(device)
-            who = owner[start : start + batch_size]
-            e = None
-            if extra is not None:
-                e = torch.from_numpy(np.ascontiguousarray(extra[who], dtype=np.float32)).to(device)
-            views = tta_views(x, tta)
-            logits = sum(forward(v, e).double() for v in views) / len(views)
-            lg = logits.cpu().numpy()
-            if total is None:
-                total = np.zeros((n, lg.shape[1]))
-            np.add.at(total, who, lg)
-            np.add.at(count, who, 1)
+    for start in range(0, len(owner), batch_size):
+        x = np.ascontiguousarray(flat[start : start + batch_size])
+        who = owner[start : start + batch_size]
+        e = None if extra is None else np.ascontiguousarray(extra[who], dtype=np.float32)
+        lg = np.asarray(run(x, e), dtype=np.float64)
+        if total is None:
+            total = np.zeros((n, lg.shape[1]))
+        np.add.at(total, who, lg)
+        np.add.at(count, who, 1)
     if total is None:
         return np.zeros((0, 0))
     return total / count[:, None]

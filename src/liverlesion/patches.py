@@ -502,7 +502,7 @@ def resolve_patch_dir(patch_dir: str | Path) -> Path:
         names = ", ".join(p.parent.name for p in children)
         raise UserError(f"patch folder {patch_dir}: holds several patch caches ({names}); pass one of them")
     raise UserError(
-        f"patch folder {patch_dir}: no index.csv found; run `liverlesion patches MANIFEST OUT` first "
+        f"patch folder {patch_dir}: no index.csv found; run `liverlesion patches MANIFEST -o OUT` first "
         "and pass the folder it prints"
     )
 

@@ -37,6 +37,8 @@ from liverlesion.volume import Volume
 
 __all__ = [
     "Classifier",
+    "Results",
+    "format_results",
     "TOO_SMALL",
     "check_ct_volume",
     "draw_lesion_overlay",
@@ -59,9 +61,24 @@ _MAX_SPACING_MM = 50.0
 @dataclass
 class _Member:
     path: Path
-    model: Any  # torch.nn.Module (LesionNet)
-    ckpt: dict
+    model: Any  # torch.nn.Module (LesionNet), or onnx_backend.OnnxNet (its exported graph)
+    ckpt: dict  # the checkpoint without weights (onnx: the same fields, from the export's sidecar)
     sha256: str
+    torch_model: Any = None  # with onnx: the LesionNet, loaded only when Grad-CAM needs it
+
+    @property
+    def backend(self) -> str:
+        return "onnx" if getattr(self.model, "takes_numpy", False) else "torch"
+
+    def network(self, device: str = "cpu"):
+        """The torch LesionNet (for Grad-CAM); with the onnx backend loaded now, once."""
+        if self.backend == "torch":
+            return self.model
+        if self.torch_model is None:
+            from liverlesion.model import load_checkpoint
+
+            self.torch_model = load_checkpoint(self.path)[0].eval().to(device)
+        return self.torch_model
 
     @property
     def temperature(self) -> float:
@@ -85,6 +102,8 @@ class _Member:
             "threshold": self.threshold,
             "positive_class": self.ckpt.get("positive_class"),
             "created": self.ckpt.get("created"),
+            "backend": self.backend,
+            "onnx": str(self.model.path) if self.backend == "onnx" else None,
         }
 
 
@@ -197,12 +216,16 @@ class Classifier:
         >>> df = clf.predict(read_volume("ct/"), mask=read_volume("mask.nii.gz", kind="mask"))  # doctest: +SKIP
     """
 
-    def __init__(self, members: list[_Member], device: str = "cpu"):
+    def __init__(
+        self, members: list[_Member], device: str = "cpu", batch_size: int = 64, threads: int | None = None
+    ):
         assert members, "a Classifier needs at least one checkpoint"
         from liverlesion.config import config_from_dict
 
         self.members = members
         self.device = device
+        self.batch_size = int(batch_size)  # patches per forward call
+        self.threads = threads  # CPU threads asked for (None: as found)
         first = members[0].ckpt
         self.config = config_from_dict(first["config"])
         self.class_names: list[str] = [str(c) for c in first["class_names"]]
@@ -228,39 +251,105 @@ class Classifier:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def load(cls, ckpt: str | os.PathLike | Sequence[str | os.PathLike], device: str = "auto") -> Classifier:
+    def load(
+        cls,
+        ckpt: str | os.PathLike | Sequence[str | os.PathLike],
+        device: str = "auto",
+        backend: str = "auto",
+        threads: int | None = None,
+        batch_size: int | None = None,
+    ) -> Classifier:
         """Load one checkpoint, or several as an ensemble.
 
         Args:
             ckpt: A ``model.pt`` path or a list of them.
-            device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ...
+            device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+            backend: ``"torch"``, ``"onnx"`` (onnxruntime on the CPU, from the up-to-date
+                ``model.onnx`` that ``liverlesion export`` writes next to each checkpoint; torch
+                is not imported) or ``"auto"`` (onnx when on the CPU and every checkpoint has
+                such an export, else torch). Both give the same probabilities (to 1e-4).
+            threads: CPU threads (onnxruntime's pool; torch's intra-op threads, set globally).
+                Default: torch's own setting; onnxruntime: the free cores.
+            batch_size: Patches per forward call (default 64).
 
         Raises:
-            UserError: Unreadable/foreign/newer checkpoint, or ensemble members that
-                disagree on class names, positive class, input channels or patch settings.
+            UserError: Unreadable/foreign/newer checkpoint, ensemble members that disagree on
+                class names, positive class, input channels or patch settings, a bad device, or
+                ``backend="onnx"`` without an up-to-date export.
         """
-        import torch
-
-        from liverlesion.model import checkpoint_hash, load_checkpoint
+        from liverlesion.onnx_backend import OnnxNet, checkpoint_view, file_hash, fresh_export
+        from liverlesion.runtime import (
+            apply_torch_threads,
+            check_backend,
+            check_device,
+            check_positive_int,
+            cuda_maybe_present,
+            resolve_threads,
+            resolve_torch_device,
+        )
 
         paths = [Path(ckpt)] if isinstance(ckpt, str | os.PathLike) else [Path(p) for p in ckpt]
         if not paths:
             raise UserError(
                 "--model: no checkpoint given; pass --model PATH/model.pt (repeat it for an ensemble)"
             )
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        members = []
+        device = check_device(device)
+        backend = check_backend(backend)
+        check_positive_int(threads, "--threads", "CPU threads")
+        batch_size = check_positive_int(batch_size, "--batch-size", "patches per forward call") or 64
+        if backend == "onnx" and device.startswith("cuda"):
+            raise UserError(
+                f"--backend onnx with --device {device}: the onnx backend runs on the CPU; "
+                "use --backend torch for CUDA, or --device cpu"
+            )
         for p in paths:
             if not p.is_file():
                 raise UserError(
                     f"--model {p}: file not found; give the path of a model.pt written by train or cv"
                 )
+        on_cpu = device == "cpu" or (device == "auto" and (backend == "onnx" or not cuda_maybe_present()))
+        if backend != "torch" and on_cpu:
+            hashes = [file_hash(p) for p in paths]
+            found = [fresh_export(p, h) for p, h in zip(paths, hashes, strict=True)]
+            missing = [why for f, why in found if f is None]
+            if not missing:
+                n = resolve_threads(threads)
+                members = [
+                    _Member(path=p, model=OnnxNet(f, info, threads=n), ckpt=checkpoint_view(info), sha256=h)
+                    for p, h, (f, info) in zip(paths, hashes, found, strict=True)
+                ]
+                _check_members(members)
+                return cls(members, device="cpu", batch_size=batch_size, threads=n)
+            if backend == "onnx":
+                raise UserError(f"--backend onnx: {missing[0]}; or use --backend torch")
+
+        from liverlesion.model import checkpoint_hash, load_checkpoint
+
+        device = resolve_torch_device(device)
+        if threads is not None:
+            apply_torch_threads(threads)
+        members = []
+        for p in paths:
             model, data = load_checkpoint(p)
             model.eval().to(device)
             members.append(_Member(path=p, model=model, ckpt=data, sha256=checkpoint_hash(p)))
         _check_members(members)
-        return cls(members, device=device)
+        return cls(members, device=device, batch_size=batch_size, threads=threads)
+
+    @property
+    def backend(self) -> str:
+        """``"onnx"`` (onnxruntime) or ``"torch"``."""
+        return self.members[0].backend
+
+    def __repr__(self) -> str:
+        pc = self.patch_config
+        names = ", ".join(m.path.name if len(self.members) > 1 else str(m.path) for m in self.members)
+        return (
+            f"Classifier({self.n_models} model(s): {names}; classes {self.class_names}; "
+            f"decision: {self.decision_rule}; patch {pc.mode} {pc.size_px} px, "
+            f"window {pc.window_center:g}/{pc.window_width:g} HU; "
+            f"{self.backend} on {self.device}; research use, not for diagnosis)"
+        )
 
     # ------------------------------------------------------------------ properties
     @property
@@ -341,7 +430,9 @@ class Classifier:
         e = None if extra is None else np.asarray(extra, dtype=np.float64)[None]
         out = []
         for m in self.members:
-            logits = lesion_logits(m.model, [x], e, tta=self.config.model.tta, device=self.device)
+            logits = lesion_logits(
+                m.model, [x], e, tta=self.config.model.tta, batch_size=self.batch_size, device=self.device
+            )
             out.append(apply_temperature(logits, m.temperature)[0])
         return np.stack(out)
 
@@ -366,7 +457,12 @@ class Classifier:
         sample = x[x.shape[0] // 2]  # 2-D mode: the centre slice; 2.5-D: the only sample
         if sample.shape[0] == 1 and self.in_chans > 1:
             sample = np.repeat(sample, self.in_chans, axis=0)
-        cams = [np.asarray(compute_cam(m.model, sample, target), dtype=np.float32) for m in self.members]
+        nets = [m.network(self.device) for m in self.members]
+        if self.threads is not None:  # with onnx, torch was imported just now, with a thread per core
+            from liverlesion.runtime import apply_torch_threads
+
+            apply_torch_threads(self.threads)
+        cams = [np.asarray(compute_cam(net, sample, target), dtype=np.float32) for net in nets]
         return np.clip(np.mean(cams, axis=0), 0.0, 1.0)
 
     # ------------------------------------------------------------------ lesions
@@ -429,6 +525,36 @@ class Classifier:
         df = self._frame([r.row for r in case.results])
         if gradcam:
             df.attrs["gradcam"] = {r.row["lesion_id"]: r.cam for r in case.results if r.cam is not None}
+        return df
+
+    def predict_manifest(
+        self,
+        manifest: str | os.PathLike,
+        min_size_mm: float = 5.0,
+        gradcam: bool = False,
+        *,
+        tolerance: float = 1e-3,
+    ) -> pd.DataFrame:
+        """Classify every lesion of a manifest CSV (the same path as ``liverlesion predict --manifest``).
+
+        Args:
+            manifest: A manifest (``patient_id,image,mask,label[,lesion_class]``); paths relative to it.
+            min_size_mm: Lesions whose smallest axis is below this are flagged, not classified.
+            gradcam: Also compute Grad-CAM maps (``df.attrs["gradcam"]``, lesion_id -> (H, W)).
+            tolerance: Geometry tolerance (mm) between image and mask.
+
+        Returns:
+            One row per lesion (see :func:`result_columns`); ``true_class`` when the manifest has
+            ``lesion_class``.
+
+        Raises:
+            UserError: Bad manifest rows, images or masks (one line naming the row's file).
+        """
+        cases = _predict_manifest(self, Path(manifest), min_size_mm, gradcam, tolerance)
+        results = [r for case in cases for r in case.results]
+        df = self._frame([r.row for r in results])
+        if gradcam:
+            df.attrs["gradcam"] = {r.row["lesion_id"]: r.cam for r in results if r.cam is not None}
         return df
 
     def _predict_case(
@@ -588,9 +714,61 @@ class Classifier:
         cols = result_columns(self.class_names)
         if any("true_class" in r for r in rows):
             cols.insert(cols.index("pred_class"), "true_class")
-        df = pd.DataFrame(rows, columns=cols)
+        df = Results(rows, columns=cols)
         df["label"] = df["label"].astype("Int64")
+        df.attrs.update(
+            class_names=list(self.class_names),
+            positive_class=self.positive_class,
+            decision_rule=self.decision_rule,
+            n_models=self.n_models,
+        )
         return df
+
+
+class Results(pd.DataFrame):
+    """The results table (one row per lesion, :func:`result_columns`); a plain DataFrame that prints short.
+
+    ``print(clf.predict(...))`` shows the lesion id, class, probability, uncertainty and size of each
+    lesion, the decision rule and the disclaimer; every column is still in the frame
+    (``df.to_string()`` or ``pd.DataFrame(df)`` show them all).
+    """
+
+    @property
+    def _constructor(self):
+        return Results
+
+    def __repr__(self) -> str:
+        a = self.attrs
+        if "class_names" not in a or not {"lesion_id", "pred_class", "uncertainty"} <= set(self.columns):
+            return super().__repr__()  # a selection of columns: print it as pandas does
+        return format_results(self, a["class_names"], a.get("positive_class"), a.get("decision_rule"))
+
+
+def format_results(
+    df: pd.DataFrame,
+    class_names: Sequence[str],
+    positive_class: str | None = None,
+    decision_rule: str | None = None,
+    n_models: int | None = None,
+) -> str:
+    """The short results table that ``predict`` prints (and ``print(results)`` shows)."""
+    cols = ["lesion_id", "pred_class"]
+    if positive_class is not None:
+        cols.append(f"prob_{positive_class}")
+    else:
+        cols += [f"prob_{c}" for c in class_names]
+    cols += ["uncertainty", "max_axial_diameter_mm", "volume_ml"]
+    show = pd.DataFrame(df)[[c for c in cols if c in df.columns]]
+    show = show.rename(columns={"max_axial_diameter_mm": "diam_mm", "volume_ml": "vol_ml"})
+    with pd.option_context("display.max_rows", 40, "display.width", 160):
+        table = show.to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="-")
+    n_models = n_models if n_models is not None else df.attrs.get("n_models")
+    tail = f"{len(df)} lesion(s)"
+    if decision_rule:
+        tail += f"; decision: {decision_rule}"
+    if n_models:
+        tail += f"; {n_models} model(s)"
+    return f"{table}\n{tail}\nliverlesion: {DISCLAIMER}"
 
 
 def result_columns(class_names: Sequence[str]) -> list[str]:
@@ -777,18 +955,7 @@ def _source_info(case: _Case) -> dict[str, Any]:
 
 
 def _print_table(df: pd.DataFrame, clf: Classifier) -> None:
-    cols = ["lesion_id", "pred_class"]
-    show = df.copy()
-    if clf.positive_class is not None:
-        cols.append(f"prob_{clf.positive_class}")
-    else:
-        cols += [f"prob_{c}" for c in clf.class_names]
-    cols += ["uncertainty", "max_axial_diameter_mm", "volume_ml"]
-    show = show[cols].rename(columns={"max_axial_diameter_mm": "diam_mm", "volume_ml": "vol_ml"})
-    with pd.option_context("display.max_rows", 40, "display.width", 160):
-        print(show.to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="-"))
-    print(f"{len(df)} lesion(s); decision: {clf.decision_rule}; {clf.n_models} model(s)")
-    print(f"liverlesion: {DISCLAIMER}")
+    print(format_results(df, clf.class_names, clf.positive_class, clf.decision_rule, clf.n_models))
 
 
 def results_info(
@@ -820,10 +987,14 @@ def predict_cli(
     series: str | None = None,
     min_size_mm: float = 5.0,
     dicom_sr: bool = False,
-    gradcam: bool = True,
+    gradcam: bool | None = True,
     overwrite: bool = False,
     tolerance: float = 1e-3,
     patient_id: str | None = None,
+    device: str = "auto",
+    backend: str = "auto",
+    threads: int | None = None,
+    batch_size: int | None = None,
 ) -> pd.DataFrame:
     """``liverlesion predict``: classify lesions and write results into ``out``.
 
@@ -835,6 +1006,10 @@ def predict_cli(
 
     ``patient_id`` (``--image`` only) names the lesions ``{patient_id}-L01``, ...
     (default ``case``); with ``manifest`` the ids come from its patient_id column.
+
+    ``device``, ``backend``, ``threads`` and ``batch_size`` go to :meth:`Classifier.load`;
+    ``threads=None`` means the free cores. ``gradcam=None``: Grad-CAM with the torch backend,
+    none with onnx (a Grad-CAM needs the torch network, whose import is most of a run's time).
 
     Returns:
         The results table (as written to results.csv).
@@ -894,7 +1069,13 @@ def predict_cli(
             f"--out {out}: folder already exists and is not empty; choose another path or pass --overwrite"
         )
 
-    clf = Classifier.load(list(models))
+    from liverlesion.runtime import resolve_threads
+
+    clf = Classifier.load(
+        list(models), device=device, backend=backend, threads=resolve_threads(threads), batch_size=batch_size
+    )
+    if gradcam is None:
+        gradcam = clf.backend == "torch"
     if manifest is not None:
         cases = _predict_manifest(clf, Path(manifest), min_size_mm, gradcam, tolerance)
     else:
