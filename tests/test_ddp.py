@@ -46,7 +46,7 @@ def test_torchrun_two_processes_match_one(tmp_path, recipe):
     generate_cohort(tmp_path / "cohort", patients=6, lesions=14, seed=2, matrix=192, workers=1)
     sets = [a for s in [*SETTINGS, f"train.recipe={recipe}"] for a in ("--set", s)]
     manifest = str(tmp_path / "cohort" / "manifest.csv")
-    one = _run([_liverlesion(), "train", manifest, "one", *sets, "--set", "train.devices=1"], tmp_path)
+    one = _run([_liverlesion(), "train", manifest, "-o", "one", *sets, "--set", "train.devices=1"], tmp_path)
     assert one.returncode == 0, one.stderr[-2000:]
     two = _run(
         [
@@ -56,6 +56,7 @@ def test_torchrun_two_processes_match_one(tmp_path, recipe):
             _liverlesion(),
             "train",
             manifest,
+            "-o",
             "two",
             *sets,
             "--set",
