@@ -212,7 +212,10 @@ def synth(
         int, typer.Option(help="In-plane matrix (384: 0.75-1.0 mm pixels; smaller is faster, coarser).")
     ] = 384,
     workers: Annotated[
-        Optional[int], typer.Option(help="Parallel processes (default: free cores, at most 4).")
+        Optional[int],
+        typer.Option(
+            help="Parallel processes (same cohort for any number).", show_default="the free cores, at most 4"
+        ),
     ] = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
