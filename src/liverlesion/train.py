@@ -735,8 +735,18 @@ def run_cv(
         evaluate: Run ``evaluate_run`` at the end.
     """
     from liverlesion.data import load_patch_arrays
-    from liverlesion.splits import load_or_create_splits
+    from liverlesion.manifest import read_manifest
+    from liverlesion.splits import check_folds, load_or_create_splits
 
+    # Validate, then work: the same fold checks as the CLI, before the run folder or patches exist.
+    df = read_manifest(manifest)
+    class_names_from(df)
+    check_folds(
+        int(df["patient_id"].astype(str).nunique()),
+        cfg.cv.folds,
+        cfg.train.val_fraction,
+        classes=list(df["lesion_class"].astype(str)),
+    )
     manifest, out, patch_dir, index, classes = _start_run(manifest, out, cfg, resume, "cv")
     for turn in ("first", "rest"):  # rank 0 writes splits.json, the other ranks then read it
         if (_init_distributed(cfg) == 0) == (turn == "first"):
