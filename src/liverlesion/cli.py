@@ -365,6 +365,12 @@ def serve(
         float,
         typer.Option("--max-upload-mb", help="Largest accepted upload (MiB); bigger ones get HTTP 413."),
     ] = 2048.0,
+    max_concurrent: Annotated[
+        int,
+        typer.Option(
+            "--max-concurrent", help="Prediction requests in flight at once; more get HTTP 503 (retry)."
+        ),
+    ] = 64,
 ) -> None:
     """Serve a local browser UI (and JSON API) to classify a lesion."""
     import math
@@ -373,7 +379,13 @@ def serve(
 
     if not (math.isfinite(max_upload_mb) and max_upload_mb > 0):
         raise UserError(f"--max-upload-mb {max_upload_mb:g}: must be a positive number of MiB (default 2048)")
-    run_server(model, host=host, port=port, max_upload_bytes=int(max_upload_mb * 1024**2))
+    run_server(
+        model,
+        host=host,
+        port=port,
+        max_upload_bytes=int(max_upload_mb * 1024**2),
+        max_concurrent=max_concurrent,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
