@@ -262,6 +262,26 @@ def test_cv_too_many_folds_is_refused_before_any_work(tmp_path, capsys):
     cli_fails(capsys, ["cv", m, out, "--folds", "1"], "folds=1")  # the config check names cv.folds
 
 
+def test_run_cv_from_python_checks_folds_before_any_work(tmp_path):
+    """The library path validates as the CLI does: no run folder, no patch cache."""
+    from liverlesion.config import load_config
+    from liverlesion.train import run_cv
+
+    rows = []
+    for i in range(8):  # one lesion each: 4 per class
+        image, mask = make_ct_array(seed=i)
+        write_volume(image, tmp_path / f"ct{i}.nii.gz")
+        write_volume(mask, tmp_path / f"mask{i}.nii.gz")
+        rows.append(f"p{i},ct{i}.nii.gz,{['cyst', 'metastasis'][i % 2]},mask{i}.nii.gz")
+    m = write_manifest(tmp_path / "m.csv", "patient_id,image,lesion_class,mask", *rows)
+    before = set(tmp_path.iterdir())
+    for folds, msg in ((9, "at most 8 folds"), (5, "at most 4 folds")):
+        cfg = load_config(overrides={"cv": {"folds": folds}})
+        with pytest.raises(UserError, match=f"cv.folds={folds}: .*{msg}"):
+            run_cv(m, tmp_path / "run", cfg, baselines=False, evaluate=False)
+        assert set(tmp_path.iterdir()) == before
+
+
 def test_check_folds_limits():
     from liverlesion.splits import check_folds
 

@@ -563,3 +563,28 @@ def test_bad_tolerance_is_refused_before_reading(study: Path, tolerance, monkeyp
     monkeypatch.setattr(io, "read_volume", no_read)
     with pytest.raises(UserError, match="--tolerance"):
         list(iter_manifest_lesions(study, tolerance=tolerance, progress=False))
+
+
+def test_lesion_masks_are_crops_and_patches_do_not_change():
+    """Each lesion is handed on as its bounding-box crop; patches cut from it equal those from the full mask."""
+    from liverlesion.config import PatchConfig
+    from liverlesion.lesions import LesionMask
+    from liverlesion.patches import extract_patch
+
+    m = three_blob_mask()
+    image = with_lesion(body_volume(m.shape, (2.0, 0.8, 0.8)), m > 0, 30.0)
+    items = lesions_from_mask(image, image.with_array(m), None, "P")
+    items.append(lesion_from_click(image, image.index_to_physical(np.array([6.0, 15.0, 15.0])), 6.0))
+    cfg = PatchConfig(size_px=32, neighbours=1)
+    for lesion, mask in items:
+        assert isinstance(mask, LesionMask)
+        z0, y0, x0, z1, y1, x1 = lesion.bbox_zyx
+        assert mask.crop.shape == (z1 - z0, y1 - y0, x1 - x0) and mask.offset == (z0, y0, x0)
+        full = np.asarray(mask)
+        assert full.shape == image.shape and full.sum() == mask.sum() == lesion.n_voxels
+        for z in (0, z0, z1 - 1, -1):
+            np.testing.assert_array_equal(mask[z], full[z])
+        a, b = extract_patch(image, mask, cfg), extract_patch(image, full, cfg)
+        for k in ("image", "mask", "hu"):
+            np.testing.assert_array_equal(getattr(a, k), getattr(b, k))
+        assert a.meta == b.meta

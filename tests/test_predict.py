@@ -408,3 +408,26 @@ def test_bad_input_is_one_line_and_writes_nothing(name, ckpts, case, tmp_path, c
     assert "Traceback" not in err
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # no temp folder left
+
+
+def test_predict_leaves_no_torchinductor_folder_in_tmpdir(ckpts, case, tmp_path):
+    """timm -> torchvision -> torch._dynamo makes TMPDIR/torchinductor_<user> on import; not ours."""
+    import os
+    import subprocess
+    import sys
+
+    tmp = tmp_path / "tmpdir"
+    tmp.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    env.update(TMPDIR=str(tmp), OMP_NUM_THREADS="1")
+    args = ["predict", "--model", str(ckpts["a"]), "--image", str(case["image"]), "--mask", str(case["mask"])]
+    r = subprocess.run(
+        [sys.executable, "-m", "liverlesion", *args, "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "out" / "results.csv").exists()
+    assert sorted(p.name for p in tmp.iterdir()) == []
+    # the cause is real: the same import without liverlesion does make the folder
+    r = subprocess.run([sys.executable, "-c", "import timm"], env=env, timeout=300)
+    assert r.returncode == 0 and any(p.name.startswith("torchinductor_") for p in tmp.iterdir())

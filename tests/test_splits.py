@@ -85,3 +85,25 @@ def test_mismatched_existing_splits_is_user_error(tmp_path):
 def test_too_few_patients():
     with pytest.raises(UserError, match="at most 3 folds"):
         make_splits(_table(n_patients=3), folds=5)
+
+
+def _one_lesion_each(n: int) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "patient_id": [f"P{i}" for i in range(n)],
+            "lesion_class": [["cyst", "metastasis"][i % 2] for i in range(n)],
+        }
+    )
+
+
+def test_inner_split_is_capped_by_the_lesions_per_class():
+    """8 patients with one lesion each: 3 lesions per class in a training fold, fewer than 5 inner splits."""
+    s = make_splits(_one_lesion_each(8), folds=4, seed=0)
+    for f in s["splits"]:
+        assert f["train_patients"] and f["val_patients"] and f["test_patients"]
+    assert sorted(p for f in s["splits"] for p in f["test_patients"]) == sorted(f"P{i}" for i in range(8))
+
+
+def test_more_folds_than_lesions_per_class_is_a_user_error():
+    with pytest.raises(UserError, match=r"cv.folds=5: the largest class .* 4 lesion\(s\).* at most 4 folds"):
+        make_splits(_one_lesion_each(8), folds=5)

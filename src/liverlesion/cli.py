@@ -655,6 +655,12 @@ def serve(
     batch_size: Annotated[
         Optional[int], typer.Option("--batch-size", help="Patches per forward call.", show_default="64")
     ] = None,
+    max_concurrent: Annotated[
+        int,
+        typer.Option(
+            "--max-concurrent", help="Prediction requests in flight at once; more get HTTP 503 (retry)."
+        ),
+    ] = 64,
 ) -> None:
     """Serve a local browser UI (and JSON API) to classify a lesion."""
     import math
@@ -676,6 +682,7 @@ def serve(
         backend=backend,
         threads=resolve_threads(threads),
         batch_size=batch_size,
+        max_concurrent=max_concurrent,
     )
 
 

@@ -17,9 +17,11 @@ handled by construction:
   used to flag lesions too small to characterise.
 * ``hu_mean`` / ``hu_std``: HU statistics over the lesion voxels.
 
-Masks handed to callers are **full-size** boolean arrays (same shape as the
-image); :func:`iter_manifest_lesions` yields them one image at a time so only
-that image's lesions are in memory.
+Masks handed to callers are **crops** (:class:`LesionMask`: the boolean array of the
+lesion's bounding box, its offset and the image shape), never full-size copies: on a
+512 x 512 x 900 CT a full-size boolean mask is 236 MB per lesion. A crop still reads
+as the full-size array where a caller needs one (``np.asarray``, ``mask[z]``), one
+lesion at a time. :func:`iter_manifest_lesions` yields them one image at a time.
 """
 
 from __future__ import annotations
@@ -71,7 +73,61 @@ LESION_COLUMNS = (
 #: HU below which a clicked point is taken to be in air (outside the body, lung or gas).
 AIR_HU = -500.0
 
-LesionWithMask = tuple["Lesion", np.ndarray]
+
+@dataclass(frozen=True, eq=False)
+class LesionMask:
+    """One lesion's voxels as a crop: ``crop`` is the boolean bounding box at ``offset`` in ``shape``.
+
+    Behaves as the full-size boolean ``[z, y, x]`` array where asked (``np.asarray(m)``, ``m[z]``,
+    ``m.any()``, ``m.sum()``), building only what is asked for; ``extract_patch`` and the
+    measurements use the crop itself.
+    """
+
+    crop: np.ndarray
+    offset: tuple[int, int, int]
+    shape: tuple[int, int, int]
+
+    dtype = np.dtype(bool)
+    ndim = 3
+
+    @property
+    def slices(self) -> tuple[slice, slice, slice]:
+        """Where the crop lies in the full array."""
+        return tuple(slice(o, o + n) for o, n in zip(self.offset, self.crop.shape, strict=True))  # type: ignore[return-value]
+
+    def full(self) -> np.ndarray:
+        """The full-size boolean array (allocates ``prod(shape)`` bytes)."""
+        out = np.zeros(self.shape, dtype=bool)
+        out[self.slices] = self.crop
+        return out
+
+    def __array__(self, dtype=None, copy=None):
+        a = self.full()
+        return a if dtype is None else a.astype(dtype)
+
+    def __getitem__(self, key):
+        if isinstance(key, (int, np.integer)):  # one axial slice, as an overlay needs it
+            z = int(key) + (self.shape[0] if key < 0 else 0)
+            if not 0 <= z < self.shape[0]:
+                raise IndexError(f"slice {key} out of range for {self.shape[0]} slices")
+            out = np.zeros(self.shape[1:], dtype=bool)
+            k = z - self.offset[0]
+            if 0 <= k < self.crop.shape[0]:
+                out[self.slices[1:]] = self.crop[k]
+            return out
+        return self.full()[key]
+
+    def any(self) -> bool:
+        return bool(self.crop.any())
+
+    def sum(self) -> int:
+        return int(np.count_nonzero(self.crop))
+
+    def astype(self, dtype, copy: bool = True) -> np.ndarray:
+        return self.full().astype(dtype)
+
+
+LesionWithMask = tuple["Lesion", LesionMask]
 
 
 @dataclass
@@ -323,7 +379,7 @@ def lesions_from_mask(
         min_voxels: Components with fewer voxels are dropped (speckle).
 
     Returns:
-        ``(Lesion, mask)`` pairs; each mask is a full-size boolean array.
+        ``(Lesion, LesionMask)`` pairs: each lesion's voxels as a crop of its bounding box.
 
     Raises:
         UserError: Shape mismatch, empty mask, label absent, or nothing left after ``min_voxels``.
@@ -402,10 +458,8 @@ def lesions_from_mask(
             source="mask",
             **m,
         )
-        full = np.zeros(image.shape, dtype=bool)
         assert crop.shape == tuple(h - lo for lo, h in zip(off, m["bbox_zyx"][3:], strict=True))
-        full[lesion.bbox_slices] = crop
-        out.append((lesion, full))
+        out.append((lesion, LesionMask(crop, tuple(int(o) for o in off), tuple(image.shape))))
     return out
 
 
@@ -492,7 +546,7 @@ def lesion_from_click(
         point_name: How the point is named in error messages.
 
     Returns:
-        ``(Lesion, mask)`` with a full-size boolean mask.
+        ``(Lesion, LesionMask)``: the sphere's voxels inside the image, as a crop.
 
     Raises:
         UserError: Bad diameter, point outside the volume, or point in air.
@@ -565,9 +619,7 @@ def lesion_from_click(
         source="click",
         **m,
     )
-    full = np.zeros(image.shape, dtype=bool)
-    full[lesion.bbox_slices] = crop
-    return lesion, full
+    return lesion, LesionMask(crop, tuple(int(o) for o in off), tuple(image.shape))
 
 
 # ----------------------------------------------------------------------------- manifests
@@ -612,7 +664,7 @@ def iter_manifest_lesions(
         min_voxels: Mask components with fewer voxels are dropped.
 
     Yields:
-        ``(image, [(Lesion, full-size bool mask), ...])``, one image at a time.
+        ``(image, [(Lesion, LesionMask), ...])``, one image at a time.
     """
     from tqdm.auto import tqdm
 

@@ -193,22 +193,30 @@ def _bounding_box(mask: np.ndarray) -> tuple[slice, slice, slice] | None:
     return slice(z[0], z[-1] + 1), slice(y[0], y[-1] + 1), slice(x[0], x[-1] + 1)
 
 
-def extract_patch(volume: Volume, lesion_mask: np.ndarray, cfg: PatchConfig) -> LesionPatch:
+def extract_patch(volume: Volume, lesion_mask: Any, cfg: PatchConfig) -> LesionPatch:
     """Cut one lesion's patch from a CT volume.
 
     Args:
         volume: CT in HU, canonical LPS (see volume.py).
-        lesion_mask: Boolean ``[z, y, x]`` mask of this one lesion, same shape as ``volume``.
+        lesion_mask: This one lesion: a ``lesions.LesionMask`` crop, or a boolean ``[z, y, x]`` array
+            the shape of ``volume``.
         cfg: Patch settings.
 
     Returns:
         The patch arrays and the geometry used (``meta``).
     """
+    from liverlesion.lesions import LesionMask
+
     check_patch_config(cfg)
-    mask = np.asarray(lesion_mask)
-    if mask.shape != volume.shape:
+    if isinstance(lesion_mask, LesionMask):  # a crop already: no full-size array is made
+        mask, base = lesion_mask.crop, lesion_mask.offset
+        shape = tuple(lesion_mask.shape)
+    else:
+        mask, base = np.asarray(lesion_mask), (0, 0, 0)
+        shape = tuple(mask.shape)
+    if shape != tuple(volume.shape):
         raise UserError(
-            f"lesion mask shape {tuple(mask.shape)} differs from the image shape {volume.shape}; "
+            f"lesion mask shape {shape} differs from the image shape {volume.shape}; "
             "resample the mask onto the image grid"
         )
     mask = mask.astype(bool, copy=False)
@@ -217,7 +225,7 @@ def extract_patch(volume: Volume, lesion_mask: np.ndarray, cfg: PatchConfig) -> 
         raise UserError("lesion mask is empty (no non-zero voxels); check the mask file and the label value")
     # Work on the lesion's bounding box: the full-size mask is mostly empty.
     crop = mask[box]
-    offset = tuple(int(s.start) for s in box)
+    offset = tuple(int(s.start) + b for s, b in zip(box, base, strict=True))
     zz, yy, xx = np.nonzero(crop)
     zz, yy, xx = zz + offset[0], yy + offset[1], xx + offset[2]
     nz = volume.shape[0]

@@ -42,7 +42,14 @@ from typing import Any
 from liverlesion import DISCLAIMER, __version__
 from liverlesion.errors import UserError
 
-__all__ = ["DEFAULT_MAX_UPLOAD_BYTES", "make_server", "parse_multipart", "serve"]
+__all__ = [
+    "DEFAULT_MAX_CONCURRENT",
+    "DEFAULT_MAX_UPLOAD_BYTES",
+    "make_server",
+    "parse_multipart",
+    "serve",
+    "stream_multipart",
+]
 
 log = logging.getLogger(__name__)
 
@@ -55,82 +62,176 @@ _CHUNK = 1024 * 1024
 # --------------------------------------------------------------------------- multipart
 
 
+DEFAULT_MAX_CONCURRENT = 64  # requests in flight (uploading or waiting for the model); more get 503
+_MAX_TEXT_FIELD = 64 * 1024  # a form's text fields are a few bytes; anything larger is refused
+_MAX_PARTS = 32
+_MAX_PART_HEADERS = 16 * 1024
+
+
 @dataclass
 class FormField:
-    """One multipart form field: ``filename`` is None for plain text fields."""
+    """One multipart form field: ``filename`` is None for plain text fields.
+
+    An uploaded file is streamed to ``path`` (in the request's private folder, ``size`` bytes) and
+    ``data`` is empty; :func:`parse_multipart` (the in-memory form) fills ``data`` instead.
+    """
 
     name: str
     data: bytes
     filename: str | None = None
+    path: Path | None = None
+    size: int = 0
 
     @property
     def text(self) -> str:
         return self.data.decode("utf-8", errors="replace").strip()
 
+    def save(self, dest: Path) -> None:
+        """Put the file's bytes at ``dest`` (a rename when it was streamed to disk)."""
+        if self.path is not None:
+            os.replace(self.path, dest)
+            self.path = dest
+        else:
+            dest.write_bytes(self.data)
+
+
+def _boundary(content_type: str) -> bytes:
+    from email.message import Message
+
+    if content_type.lower().startswith("multipart/form-data"):
+        m = Message()
+        m["Content-Type"] = content_type
+        b = m.get_param("boundary")
+        if isinstance(b, str) and 0 < len(b) <= 200:
+            return b.encode("latin-1")
+    raise UserError(
+        f"request Content-Type {content_type or 'none'!r}: expected multipart/form-data with a boundary; "
+        "submit the form from the page, or post the fields as multipart/form-data"
+    )
+
+
+def stream_multipart(content_type: str, read: Any, length: int, workdir: Path) -> dict[str, FormField]:
+    """Parse a ``multipart/form-data`` body as it arrives, writing file parts straight to disk.
+
+    Only a chunk of the body (plus one boundary) is in memory at a time; text fields are capped at
+    64 KiB each. Exactly ``length`` bytes are read from ``read`` (e.g. ``rfile.read``).
+
+    Args:
+        content_type: The request's Content-Type header (with its boundary).
+        read: ``read(n) -> bytes`` of the request body.
+        length: The body's length (Content-Length).
+        workdir: Private folder for the uploaded files (``upload-N``).
+
+    Returns:
+        Field name -> :class:`FormField` (the first of repeated names wins).
+
+    Raises:
+        UserError: Not multipart, malformed, truncated, or a text field too large.
+    """
+    dash = b"--" + _boundary(content_type)
+    delim = b"\r\n" + dash
+    left = int(length)
+    buf = b""
+
+    def more() -> bool:
+        nonlocal buf, left
+        if left <= 0:
+            return False
+        chunk = read(min(_CHUNK, left))
+        if not chunk:
+            raise UserError("request: upload ended early; try again")
+        left -= len(chunk)
+        buf += chunk
+        return True
+
+    def malformed(what: str) -> UserError:
+        return UserError(f"request body: {what}; submit the form from the page")
+
+    while (i := buf.find(dash)) < 0:  # preamble
+        buf = buf[-len(dash) :]
+        if not more():
+            raise malformed("not a multipart/form-data body (no boundary)")
+    buf = buf[i + len(dash) :]
+    fields: dict[str, FormField] = {}
+    parser = email.parser.BytesHeaderParser(policy=email.policy.HTTP)
+    for n in range(_MAX_PARTS + 1):
+        while len(buf) < 2 and more():
+            pass
+        if buf[:2] == b"--":
+            break  # closing boundary
+        if buf[:2] != b"\r\n" or n == _MAX_PARTS:
+            raise malformed(
+                "malformed multipart boundary" if n < _MAX_PARTS else f"more than {_MAX_PARTS} parts"
+            )
+        buf = buf[2:]
+        while (h := buf.find(b"\r\n\r\n")) < 0:
+            if len(buf) > _MAX_PART_HEADERS or not more():
+                raise malformed("malformed part headers")
+        headers = parser.parsebytes(buf[:h])
+        buf = buf[h + 4 :]
+        name = headers.get_param("name", header="content-disposition")
+        filename = headers.get_filename()
+        keep = str(name) not in fields and bool(name)
+        path = workdir / f"upload-{n}" if keep and filename is not None else None
+        sink = open(path, "wb") if path is not None else None  # noqa: SIM115 (closed below)
+        text = bytearray()
+        size = 0
+        try:
+            while True:
+                i = buf.find(delim)
+                part, done = (buf[:i], True) if i >= 0 else (buf[: max(len(buf) - len(delim) + 1, 0)], False)
+                buf = buf[i + len(delim) :] if done else buf[len(part) :]
+                size += len(part)
+                if sink is not None:
+                    sink.write(part)
+                elif keep:
+                    text += part
+                    if len(text) > _MAX_TEXT_FIELD:
+                        raise UserError(
+                            f"form field {name!r}: over {_MAX_TEXT_FIELD // 1024} KiB; text fields hold a "
+                            "point, a diameter or a label"
+                        )
+                if done:
+                    break
+                if not more():
+                    raise malformed("ended inside a part (no closing boundary)")
+        finally:
+            if sink is not None:
+                sink.close()
+        if keep:
+            fields[str(name)] = FormField(
+                str(name), bytes(text), str(filename) if filename is not None else None, path, size
+            )
+    if not fields:
+        raise UserError("request body: no form fields found; submit the form from the page")
+    while left > 0:  # the epilogue, if any
+        more()
+        buf = b""
+    return fields
+
 
 def parse_multipart(content_type: str, body_file: Any) -> dict[str, FormField]:
-    """Parse a ``multipart/form-data`` body.
-
-    The parts are found with ``bytes.find`` on the boundary and only their small headers go through
-    the stdlib ``email`` parser: the ``email`` parser on a whole 50 MB upload took ~3 s, most of a
-    request.
+    """Parse a whole ``multipart/form-data`` body from a file object into memory.
 
     Args:
         content_type: The request's Content-Type header (with its boundary).
         body_file: A binary file object holding the request body.
 
     Returns:
-        Field name -> :class:`FormField` (the first of repeated names wins).
+        Field name -> :class:`FormField` with ``data`` filled (the first of repeated names wins).
 
     Raises:
         UserError: Not multipart/form-data, or no parts found.
     """
-    if not content_type.lower().startswith("multipart/form-data") or "boundary=" not in content_type:
-        raise UserError(
-            f"request Content-Type {content_type or 'none'!r}: expected multipart/form-data with a boundary; "
-            "submit the form from the page, or post the fields as multipart/form-data"
-        )
-    ctype = email.message.Message()
-    ctype["Content-Type"] = content_type
-    boundary = ctype.get_param("boundary")
-    if not isinstance(boundary, str) or not boundary:
-        raise UserError("request body: not a multipart/form-data body; submit the form from the page")
-    body = body_file.read()
-    delim = b"--" + boundary.encode("latin-1")
-    fields: dict[str, FormField] = {}
-    pos = body.find(delim)
-    while pos >= 0:
-        start = pos + len(delim)
-        if body[start : start + 2] == b"--":  # the closing delimiter
-            break
-        line_end = body.find(b"\n", start)
-        nxt = body.find(b"\r\n" + delim, line_end) if line_end >= 0 else -1
-        if nxt < 0:  # truncated: no delimiter after this part
-            break
-        part = body[line_end + 1 : nxt]
-        pos = nxt + 2
-        split = part.find(b"\r\n\r\n")
-        if part.startswith(b"\r\n"):
-            head, data = b"", part[2:]
-        elif split >= 0:
-            head, data = part[:split], part[split + 4 :]
-        else:
-            continue
-        headers = email.parser.BytesHeaderParser(policy=email.policy.HTTP).parsebytes(head + b"\r\n\r\n")
-        name = headers.get_param("name", header="content-disposition")
-        if not name or name in fields:
-            continue
-        encoding = str(headers.get("content-transfer-encoding", "")).strip().lower()
-        if encoding == "base64":
-            data = base64.b64decode(data)
-        elif encoding == "quoted-printable":
-            import quopri
-
-            data = quopri.decodestring(data)
-        filename = headers.get_filename()
-        fields[str(name)] = FormField(str(name), data, str(filename) if filename is not None else None)
-    if not fields:
-        raise UserError("request body: no form fields found; submit the form from the page")
+    _boundary(content_type)
+    body_file.seek(0, os.SEEK_END)
+    length = body_file.tell()
+    body_file.seek(0)
+    with tempfile.TemporaryDirectory(prefix="liverlesion-serve-") as tmp:
+        fields = stream_multipart(content_type, body_file.read, length, Path(tmp))
+        for f in fields.values():
+            if f.path is not None:
+                f.data, f.path = f.path.read_bytes(), None
     return fields
 
 
@@ -147,7 +248,7 @@ def _suffix(filename: str, allowed: Sequence[str]) -> str:
 
 def _file(fields: dict[str, FormField], name: str) -> FormField | None:
     f = fields.get(name)
-    return f if f is not None and f.filename and f.data else None
+    return f if f is not None and f.filename and (f.data or f.size) else None
 
 
 def _text(fields: dict[str, FormField], name: str) -> str:
@@ -219,7 +320,7 @@ def _run_prediction(clf, fields: dict[str, FormField], workdir: Path) -> dict[st
     image_name = f"CT file {image_f.filename!r}"
     image_suf = _suffix(image_f.filename or "", _IMAGE_SUFFIXES)
     image_path = workdir / f"image{image_suf}"
-    image_path.write_bytes(image_f.data)
+    image_f.save(image_path)
     replace = {str(image_path): repr(image_f.filename)}
     mask_path = None
     if mask_f is not None:
@@ -227,7 +328,7 @@ def _run_prediction(clf, fields: dict[str, FormField], workdir: Path) -> dict[st
         if not mask_suf:
             raise UserError(f"mask file {mask_f.filename!r}: expected a NIfTI file (.nii or .nii.gz)")
         mask_path = workdir / f"mask{mask_suf}"
-        mask_path.write_bytes(mask_f.data)
+        mask_f.save(mask_path)
         replace[str(mask_path)] = repr(mask_f.filename)
     try:
         volume = read_volume(image_path, kind="image", name=image_name)
@@ -417,6 +518,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
         self.send_header("X-Content-Type-Options", "nosniff")
+        if status == HTTPStatus.SERVICE_UNAVAILABLE:
+            self.send_header("Retry-After", "5")
         self.send_header("Connection", "close")
         self.end_headers()
         if self.command != "HEAD":
@@ -472,27 +575,39 @@ class _Handler(BaseHTTPRequestHandler):
                 f"--max-upload-mb (now {limit / 1024**2:g})",
             )
             return
-        workdir = Path(tempfile.mkdtemp(prefix="liverlesion-serve-"))  # mode 0700: private
+        slots = self.server.slots
+        if not slots.acquire(blocking=False):
+            self._drain(length)
+            n = self.server.max_concurrent
+            self._error(
+                api,
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                f"server busy: {n} requests already in progress (--max-concurrent {n}); retry in a few seconds",
+            )
+            return
         try:
-            body_path = workdir / "body"
-            with open(body_path, "wb") as f:
-                remaining = length
-                while remaining > 0:
-                    chunk = self.rfile.read(min(_CHUNK, remaining))
-                    if not chunk:
-                        raise UserError("request: upload ended early; try again")
-                    f.write(chunk)
-                    remaining -= len(chunk)
-            with open(body_path, "rb") as f:
-                fields = parse_multipart(self.headers.get("Content-Type", ""), f)
-            body_path.unlink()
+            self._predict(api, length)
+        finally:
+            slots.release()
+
+    def _drain(self, length: int) -> None:
+        """Read a small refused body, so closing the socket does not reset the reply."""
+        if 0 < length <= _CHUNK:
+            self.rfile.read(length)
+
+    def _predict(self, api: bool, length: int) -> None:
+        workdir = Path(tempfile.mkdtemp(prefix="liverlesion-serve-"))  # mode 0700: private
+        reply: tuple[int, Any] = (HTTPStatus.INTERNAL_SERVER_ERROR, "internal error")
+        try:
+            # The body goes straight to files in workdir: never whole in memory.
+            fields = stream_multipart(self.headers.get("Content-Type", ""), self.rfile.read, length, workdir)
             # One prediction at a time: models and Grad-CAM hooks are not thread-safe.
             with self.server.predict_lock:
                 result = _run_prediction(self.server.classifier, fields, workdir)
             del fields
             if api:
                 info = result["info"]
-                self._send_json(
+                reply = (
                     HTTPStatus.OK,
                     {
                         k: info[k]
@@ -509,11 +624,9 @@ class _Handler(BaseHTTPRequestHandler):
                     },
                 )
             else:
-                self._send(
-                    HTTPStatus.OK, _results_html(self.server.classifier, result), "text/html; charset=utf-8"
-                )
+                reply = (HTTPStatus.OK, _results_html(self.server.classifier, result))
         except UserError as e:
-            self._error(api, HTTPStatus.BAD_REQUEST, str(e))
+            reply = (HTTPStatus.BAD_REQUEST, str(e))
         except Exception as e:
             # Log where it failed, not the message: it may quote file names or values from the upload.
             log.error(
@@ -521,21 +634,37 @@ class _Handler(BaseHTTPRequestHandler):
                 type(e).__name__,
                 "".join(traceback.format_tb(e.__traceback__)),
             )
-            self._error(
-                api,
+            reply = (
                 HTTPStatus.INTERNAL_SERVER_ERROR,
                 "internal error while classifying; the server log has the details (no patient data is logged)",
             )
         finally:
+            # removed before the reply is sent: a client that has its answer finds no upload left
             shutil.rmtree(workdir, ignore_errors=True)
+        status, payload = reply
+        if status != HTTPStatus.OK:
+            self._error(api, status, str(payload))
+        elif api:
+            self._send_json(status, payload)
+        else:
+            self._send(status, payload, "text/html; charset=utf-8")
 
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 256  # listen backlog: a burst of clients is queued, not refused (default 5)
 
-    def __init__(self, address: tuple[str, int], classifier, max_upload_bytes: int):
+    def __init__(
+        self,
+        address: tuple[str, int],
+        classifier,
+        max_upload_bytes: int,
+        max_concurrent: int = DEFAULT_MAX_CONCURRENT,
+    ):
         self.classifier = classifier
         self.max_upload_bytes = int(max_upload_bytes)
+        self.max_concurrent = int(max_concurrent)
+        self.slots = threading.BoundedSemaphore(self.max_concurrent)  # POSTs in flight
         self.predict_lock = threading.Lock()
         super().__init__(address, _Handler)
 
@@ -545,6 +674,7 @@ def make_server(
     host: str = "127.0.0.1",
     port: int = 8765,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    max_concurrent: int = DEFAULT_MAX_CONCURRENT,
     **load: Any,
 ) -> ThreadingHTTPServer:
     """Load the classifier once and bind the server (not yet serving).
@@ -556,6 +686,10 @@ def make_server(
         max_upload_bytes: Bigger requests get HTTP 413.
         **load: ``device``, ``backend``, ``threads``, ``batch_size`` for
             :meth:`~liverlesion.predict.Classifier.load`.
+        max_upload_bytes: Bigger requests get HTTP 413 (refused from the headers, before the body is read).
+        max_concurrent: Prediction requests in flight at once (uploading, or queued for the model, which
+            classifies one at a time); more get HTTP 503 with Retry-After. Each holds at most
+            ``max_upload_bytes`` on disk in its private temp folder, none in memory.
 
     Raises:
         UserError: Unreadable checkpoints, bad limit, or the port cannot be bound.
@@ -564,11 +698,16 @@ def make_server(
 
     if not (isinstance(max_upload_bytes, int) and max_upload_bytes > 0):
         raise UserError(f"max upload size {max_upload_bytes!r}: must be a positive number of bytes")
+    if not (isinstance(max_concurrent, int) and 1 <= max_concurrent <= 10_000):
+        raise UserError(
+            f"--max-concurrent {max_concurrent!r}: must be a whole number from 1 to 10000 "
+            f"(default {DEFAULT_MAX_CONCURRENT})"
+        )
     if not (0 <= int(port) <= 65535):
         raise UserError(f"--port {port}: must be between 0 and 65535 (default 8765)")
     clf = models if isinstance(models, Classifier) else Classifier.load([Path(m) for m in models], **load)
     try:
-        return _Server((host, int(port)), clf, max_upload_bytes)
+        return _Server((host, int(port)), clf, max_upload_bytes, max_concurrent)
     except OSError as e:
         raise UserError(
             f"--host {host} --port {port}: cannot listen there ({e.strerror or e}); choose another --port"
@@ -580,6 +719,7 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8765,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    max_concurrent: int = DEFAULT_MAX_CONCURRENT,
     **load: Any,
 ) -> None:
     """``liverlesion serve``: load the checkpoints and serve the UI until Ctrl-C.
@@ -595,7 +735,7 @@ def serve(
             "this address can upload CT data and see results. Use 127.0.0.1 unless the network is trusted.",
             file=sys.stderr,
         )
-    server = make_server(models, host, port, max_upload_bytes, **load)
+    server = make_server(models, host, port, max_upload_bytes, max_concurrent, **load)
     if not logging.getLogger().handlers:
         logging.basicConfig(
             level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,14 @@ def check_folds(
             f"{name}={k}: the manifest has only {n_patients} patients; each fold needs a test patient and at "
             f"least 2 training patients (inner validation {val_fraction:g}): use at most {best} folds"
         )
+    if classes is not None:
+        # Stratified folds need one class with at least as many lesions as there are folds.
+        counts = pd.Series(list(map(str, classes))).value_counts()
+        if int(counts.max()) < k:
+            raise UserError(
+                f"{name}={k}: the largest class ({counts.index[0]!r}) has only {int(counts.max())} lesion(s), "
+                f"too few to stratify {k} folds; use at most {max(int(counts.max()), 2)} folds or add lesions"
+            )
 
 
 def _stratified_group_split(
@@ -90,8 +99,10 @@ def _stratified_group_split(
         )
     sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     out = []
-    for tr, te in sgkf.split(np.zeros(len(y)), y, groups):
-        out.append((sorted(set(groups[tr])), sorted(set(groups[te]))))
+    with warnings.catch_warnings():  # a rare class with fewer lesions than folds is expected, not news
+        warnings.filterwarnings("ignore", message=r".*least populated class.*")
+        for tr, te in sgkf.split(np.zeros(len(y)), y, groups):
+            out.append((sorted(set(groups[tr])), sorted(set(groups[te]))))
     return out
 
 
@@ -106,13 +117,22 @@ def make_splits(
         seed: Shuffling seed.
         val_fraction: Fraction of each fold's training patients held out for inner validation.
     """
-    check_folds(int(lesions["patient_id"].nunique()), folds, val_fraction)
+    check_folds(
+        int(lesions["patient_id"].nunique()), folds, val_fraction, classes=list(_patient_label(lesions))
+    )
     outer = _stratified_group_split(lesions, folds, seed)
     splits = []
     for k, (train_p, test_p) in enumerate(outer):
         inner = lesions[lesions["patient_id"].astype(str).isin(train_p)]
         n_inner = max(2, int(round(1.0 / max(val_fraction, 1e-6))))
-        n_inner = min(n_inner, inner["patient_id"].nunique())
+        # sklearn refuses more splits than the largest class has lesions: cap the inner split there
+        largest = int(_patient_label(inner).value_counts().max())
+        n_inner = min(n_inner, inner["patient_id"].nunique(), largest)
+        if n_inner < 2:
+            raise UserError(
+                f"cv.folds={folds}: fold {k}'s training patients have one lesion per class, too few to split "
+                f"off an inner validation set by patient; use fewer folds or add lesions"
+            )
         fit_p, val_p = _stratified_group_split(inner, n_inner, seed + 1000 + k)[0]
         splits.append({"fold": k, "train_patients": fit_p, "val_patients": val_p, "test_patients": test_p})
     result = {

@@ -944,7 +944,9 @@ def _check_args(
         raise UserError(f"--workers {workers}: use at least 1 process (or leave it unset for the free cores)")
     lo, hi = MATRIX_RANGE
     if not (lo <= matrix <= hi):
-        raise UserError(f"--matrix {matrix}: use an in-plane matrix from {lo} to {hi} pixels (default {IN_PLANE_PX})")
+        raise UserError(
+            f"--matrix {matrix}: use an in-plane matrix from {lo} to {hi} pixels (default {IN_PLANE_PX})"
+        )
     if patients < 1:
         raise UserError(f"--patients {patients}: need at least 1 patient")
     if lesions < patients:
@@ -1022,9 +1024,16 @@ def generate_cohort(
     with _single_thread_blas(), atomic_dir(out, overwrite=overwrite) as tmp:
         (tmp / "images").mkdir()
         (tmp / "masks").mkdir()
-        jobs = [(tmp, f"syn{i + 1:03d}", classes, [seed, i], difficulty, matrix) for i, classes in enumerate(alloc)]
+        jobs = [
+            (tmp, f"syn{i + 1:03d}", classes, [seed, i], difficulty, matrix)
+            for i, classes in enumerate(alloc)
+        ]
         bar = tqdm(
-            total=len(jobs), desc="synthetic patients", unit="patient", file=sys.stderr, disable=progress_disabled()
+            total=len(jobs),
+            desc="synthetic patients",
+            unit="patient",
+            file=sys.stderr,
+            disable=progress_disabled(),
         )
         with bar:
             if n_workers == 1:

@@ -144,6 +144,9 @@ def _make_lightning_module(model, cfg: Config, class_weights):
             self.log("val_acc", acc, prog_bar=True, batch_size=len(y), sync_dist=True)
 
         def on_train_epoch_start(self):
+            # Augmentation and dropout draw from (seed, epoch) alone, so resuming from last.ckpt at
+            # epoch N continues exactly as an uninterrupted run (with train.num_workers=0).
+            torch.manual_seed(cfg.train.seed * 100_003 + self.current_epoch)
             # Optionally keep the pretrained backbone frozen for the first epochs (head warm-up).
             frozen = self.current_epoch < cfg.model.freeze_backbone_epochs
             for p in self.model.backbone.parameters():
@@ -203,9 +206,36 @@ def _subset(index: pd.DataFrame, arrays: list[np.ndarray], classes: list[str], p
     )
 
 
+class _EpochSampler:
+    """Training order drawn from ``(seed, epoch)`` alone, so a run resumed at epoch N sees the batches an
+    uninterrupted run would (a shuffled permutation, or class-balanced draws with ``weights``).
+
+    Lightning calls ``set_epoch`` before each epoch's first batch; the order is drawn lazily then.
+    """
+
+    def __init__(self, n: int, seed: int, weights=None):
+        self.n, self.seed, self.weights, self.epoch = n, int(seed), weights, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        import torch
+
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        if self.weights is None:
+            order = torch.randperm(self.n, generator=g)
+        else:
+            order = torch.multinomial(self.weights, self.n, replacement=True, generator=g)
+        return iter(order.tolist())
+
+
 def _loaders(fit: FoldData, val: FoldData, cfg: Config):
     import torch
-    from torch.utils.data import DataLoader, WeightedRandomSampler
+    from torch.utils.data import DataLoader
 
     from liverlesion.data import Augment, PatchDataset
 
@@ -213,11 +243,11 @@ def _loaders(fit: FoldData, val: FoldData, cfg: Config):
     aug = Augment(t.aug_flip, t.aug_rotate_deg, t.aug_scale, t.aug_intensity)
     train_ds = PatchDataset(fit.arrays, fit.labels, augment=aug)
     val_ds = PatchDataset(val.arrays, val.labels)
-    sampler = None
+    weights = None
     if t.class_weighting == "sampler":
         y = train_ds.sample_labels()
-        w = 1.0 / np.bincount(y, minlength=y.max() + 1)[y]
-        sampler = WeightedRandomSampler(torch.as_tensor(w, dtype=torch.double), len(y), replacement=True)
+        weights = torch.as_tensor(1.0 / np.bincount(y, minlength=y.max() + 1)[y], dtype=torch.double)
+    sampler = _EpochSampler(len(train_ds), t.seed, weights)
     g = torch.Generator().manual_seed(t.seed)
     common = {
         "batch_size": t.batch_size,
@@ -226,7 +256,6 @@ def _loaders(fit: FoldData, val: FoldData, cfg: Config):
     }
     train_dl = DataLoader(
         train_ds,
-        shuffle=sampler is None,
         sampler=sampler,
         drop_last=len(train_ds) > t.batch_size,
         generator=g,
@@ -518,7 +547,7 @@ def _train_end_to_end(
     train_dl, val_dl = _loaders(fit, val, cfg)
     trainer, ckpt_cb = _trainer(cfg, fold_dir)
     last = fold_dir / "checkpoints" / "last.ckpt"
-    trainer.fit(module, train_dl, val_dl, ckpt_path=str(last) if resume and last.exists() else None)
+    trainer.fit(module, train_dl, val_dl, ckpt_path=_resume_checkpoint(last) if resume else None)
     if ckpt_cb.best_model_path:
         state = torch.load(ckpt_cb.best_model_path, map_location="cpu", weights_only=False)["state_dict"]
         module.load_state_dict(state)
@@ -527,6 +556,23 @@ def _train_end_to_end(
         trainer.global_rank,
         {"recipe": "end_to_end", "epochs": int(trainer.current_epoch)},
     )
+
+
+def _resume_checkpoint(last: Path) -> str | None:
+    """``last.ckpt`` when it can be resumed from; None (the fold restarts) when absent or unreadable.
+
+    A process killed while Lightning wrote the file leaves it truncated.
+    """
+    import torch
+
+    if not last.exists():
+        return None
+    try:
+        torch.load(last, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated or corrupt: any unpickling error
+        print(f"Note: {last} is unreadable ({type(e).__name__}); this fold restarts from epoch 0")
+        return None
+    return str(last)
 
 
 def _full_deep_logits(model, cfg: Config):
@@ -658,8 +704,13 @@ def prepare_shared(
         shared["extra"] = table[names].to_numpy(np.float64)
         shared["extra_names"] = names
     if cfg.train.recipe == "lpft":
+        import torch
+
         from liverlesion.lpft import build_cache, n_top_blocks
 
+        # the template's random parts (the head; all of it with weights=none) are the same in every
+        # process: a resumed run retrains its interrupted fold from this very template
+        torch.manual_seed(cfg.train.seed)
         model, init = build_model(
             cfg.model,
             num_classes=len(classes),
@@ -793,14 +844,26 @@ def run_cv(
         manifest: Manifest CSV.
         out: Run folder.
         cfg: Resolved config.
-        resume: Continue an interrupted run (finished folds are skipped, the current one resumes
-            from its last Lightning checkpoint).
+        resume: Continue an interrupted run: finished folds are skipped; the interrupted one resumes
+            from its ``last.ckpt`` (end_to_end, at most the epoch in progress is lost) or is retrained
+            from its start (lpft: no checkpoints). With ``train.deterministic`` and
+            ``train.num_workers=0`` the result is byte-identical to an uninterrupted run.
         baselines: Also run the mean-HU and radiomics baselines on the same folds.
         evaluate: Run ``evaluate_run`` at the end.
     """
     from liverlesion.data import load_patch_arrays
-    from liverlesion.splits import load_or_create_splits
+    from liverlesion.manifest import read_manifest
+    from liverlesion.splits import check_folds, load_or_create_splits
 
+    # Validate, then work: the same fold checks as the CLI, before the run folder or patches exist.
+    df = read_manifest(manifest)
+    class_names_from(df)
+    check_folds(
+        int(df["patient_id"].astype(str).nunique()),
+        cfg.cv.folds,
+        cfg.train.val_fraction,
+        classes=list(df["lesion_class"].astype(str)),
+    )
     manifest, out, patch_dir, index, classes = _start_run(manifest, out, cfg, resume, "cv")
     for turn in ("first", "rest"):  # rank 0 writes splits.json, the other ranks then read it
         if (_init_distributed(cfg) == 0) == (turn == "first"):
@@ -837,8 +900,13 @@ def run_cv(
         done = fold_dir / "model.pt"
         if done.exists() and (fold_dir / "test_predictions.csv").exists():
             print(f"Fold {k + 1}/{cfg.cv.folds}: already trained, reusing {done}")
-            test_frames.append(pd.read_csv(fold_dir / "test_predictions.csv"))
-            val_frames.append(pd.read_csv(fold_dir / "val_predictions.csv"))
+            # the values as written (ids as text, floats round-trip), so a resumed run's predictions.csv
+            # is byte-identical to an uninterrupted one
+            ids = {c: str for c in ("patient_id", "lesion_id", "true_class", "pred_class")}
+            for frames, name in ((test_frames, "test"), (val_frames, "val")):
+                frames.append(
+                    pd.read_csv(fold_dir / f"{name}_predictions.csv", dtype=ids, float_precision="round_trip")
+                )
             continue
         fit = _subset(index, arrays, classes, s["train_patients"])
         val = _subset(index, arrays, classes, s["val_patients"])
