@@ -566,3 +566,20 @@ def test_dicom_reference_header_is_complete_although_the_scan_reads_few_tags(tin
         assert header[keyword].value == full[keyword].value
     assert header.SOPInstanceUID == full.SOPInstanceUID
     assert 0x7FE00010 not in header  # no pixel data kept
+
+
+def test_truncated_metaimage_refused_before_itk(tmp_path, capfd):
+    """A cut-short .mha is named in one line; ITK's MetaIO never gets to print its own lines."""
+    import SimpleITK as sitk
+
+    from liverlesion.errors import UserError
+    from liverlesion.io import read_volume
+
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((6, 16, 16), np.int16)), str(tmp_path / "ct.mha"))
+    data = (tmp_path / "ct.mha").read_bytes()
+    (tmp_path / "cut.mha").write_bytes(data[: len(data) - 100])
+    assert read_volume(tmp_path / "ct.mha").array.shape == (6, 16, 16)
+    with pytest.raises(UserError, match=r"cut\.mha is truncated.*copy or export it again"):
+        read_volume(tmp_path / "cut.mha")
+    err = capfd.readouterr().err
+    assert "MetaImage" not in err

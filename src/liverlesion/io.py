@@ -286,6 +286,8 @@ def _read_sitk_file(path: Path, kind: str, label: str, fmt: str) -> Volume:
     if fmt == "nifti":
         _check_nifti_complete(path, label)  # before ITK, which zero-fills truncated data silently
         _check_nifti_voxel_size(path, label)  # before ITK, which "repairs" it with a warning
+    elif path.name.lower().endswith(".mha"):
+        _check_metaimage_complete(path, label)  # before ITK, whose MetaIO prints to stderr
     try:
         img = sitk.ReadImage(str(path))
     except RuntimeError as exc:
@@ -312,6 +314,47 @@ def _read_sitk_file(path: Path, kind: str, label: str, fmt: str) -> Volume:
     vol = _to_volume(img, meta)
     vol.array = _convert_array(vol.array, kind, label, path)
     return vol
+
+
+_META_BYTES = {
+    "MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
+    "MET_LONG": 8, "MET_ULONG": 8, "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4, "MET_DOUBLE": 8,
+}  # fmt: skip
+
+
+def _check_metaimage_complete(path: Path, label: str) -> None:
+    """Refuse an uncompressed ``.mha`` whose pixel data is shorter than its header says."""
+    with open(path, "rb") as f:
+        head = f.read(64 * 1024)
+    end = head.find(b"ElementDataFile")
+    if end < 0:
+        return  # not a MetaImage header we understand: leave the judgement to ITK
+    line_end = head.find(b"\n", end)
+    if line_end < 0:
+        return
+    fields = {}
+    for line in head[:line_end].decode("latin-1", "replace").splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            fields[key.strip()] = value.strip()
+    if (
+        fields.get("ElementDataFile", "").upper() != "LOCAL"
+        or fields.get("CompressedData", "False") == "True"
+    ):
+        return
+    try:
+        dims = [int(v) for v in fields["DimSize"].split()]
+        channels = int(fields.get("ElementNumberOfChannels", "1"))
+        size = _META_BYTES[fields["ElementType"]]
+    except (KeyError, ValueError):
+        return
+    expected = math.prod(dims) * channels * size
+    actual = path.stat().st_size - (line_end + 1)
+    if actual < expected:
+        raise UserError(
+            f"{label}: {path} is truncated: its header promises {expected} bytes of pixel data but the file "
+            f"holds {actual}; copy or export it again"
+        )
 
 
 def _to_volume(img, meta: dict[str, Any]) -> Volume:
