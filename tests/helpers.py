@@ -298,3 +298,33 @@ def write_non_image_objects(folder: str | Path, study_uid: str | None = None) ->
     paths[2].write_text("exported by PACS\n")
     paths[3].write_bytes(bytes(range(256)))
     return paths
+
+
+def multipart_body(fields: dict[str, str], files: dict[str, tuple[str, bytes]]) -> tuple[bytes, str]:
+    """A ``multipart/form-data`` request body and its Content-Type (text ``fields``, then ``files``)."""
+    boundary = "liverlesionboundary7f3a"
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+        for k, v in fields.items()
+    ]
+    for name, (filename, data) in files.items():
+        head = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n"
+        )
+        parts.append(head.encode() + data + b"\r\n")
+    parts.append(f"--{boundary}--\r\n".encode())
+    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+
+
+def http_post(url: str, body: bytes, ctype: str, timeout: float = 120) -> tuple[int, bytes]:
+    """POST ``body``; (status, response body), HTTP errors included."""
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": ctype}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()

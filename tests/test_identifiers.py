@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from helpers import make_ct_array, torch_threads, write_dicom_series
+from helpers import http_post, make_ct_array, multipart_body, torch_threads, write_dicom_series
 from liverlesion.cli import main
 from liverlesion.io import read_volume, write_volume
 from liverlesion.volume import Volume
@@ -368,42 +368,17 @@ def test_export(cv_run, tmp_path, watch):
     assert onnx.stat().st_size > 0 and not dicom
 
 
-def _multipart(files: dict[str, tuple[str, bytes]], fields: dict[str, str]) -> tuple[bytes, str]:
-    boundary = "liverlesionboundary7f3a"
-    parts = [
-        f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
-        for k, v in fields.items()
-    ]
-    for name, (filename, data) in files.items():
-        head = (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
-            "Content-Type: application/octet-stream\r\n\r\n"
-        )
-        parts.append(head.encode() + data + b"\r\n")
-    parts.append(f"--{boundary}--\r\n".encode())
-    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
-
-
-def _post(url: str, body: bytes, ctype: str) -> tuple[int, bytes]:
-    req = urllib.request.Request(url, data=body, headers={"Content-Type": ctype}, method="POST")
-    try:
-        with urllib.request.urlopen(req, timeout=120) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-
-
 def test_serve(cohort, cv_run, tmp_path, watch):
     from liverlesion.serve import make_server
 
     image = ("ct1.zip", (cohort / "ct1.zip").read_bytes())
     mask1 = tmp_path / "mask1.nii.gz"
     write_volume(read_volume(cohort / "mask1", kind="mask"), mask1)
-    good, ctype = _multipart(
-        {"image": image, "mask": ("mask1.nii.gz", mask1.read_bytes())}, {"min_size_mm": "5"}
+    good, ctype = multipart_body(
+        {"min_size_mm": "5"}, {"image": image, "mask": ("mask1.nii.gz", mask1.read_bytes())}
     )
     # an error path: the click lies outside the image
-    bad, ctype_bad = _multipart({"image": image}, {"point": "900,900,900", "diameter": "10"})
+    bad, ctype_bad = multipart_body({"point": "900,900,900", "diameter": "10"}, {"image": image})
     responses = []
     with torch_threads(1):
         server = make_server(
@@ -419,7 +394,7 @@ def test_serve(cohort, cv_run, tmp_path, watch):
                 ("/api/predict", bad, ctype_bad),
                 ("/predict", bad, ctype_bad),
             ]:
-                responses.append((path, *_post(url + path, body, ct)))
+                responses.append((path, *http_post(url + path, body, ct)))
             with urllib.request.urlopen(url + "/", timeout=10) as r:
                 responses.append(("/", r.status, r.read()))
         finally:

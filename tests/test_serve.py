@@ -9,44 +9,17 @@ import re
 import threading
 import urllib.error
 import urllib.request
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from helpers import make_ct_with_two_lesions, make_tiny_checkpoint, torch_threads
+from helpers import http_post, make_ct_with_two_lesions, make_tiny_checkpoint, multipart_body, torch_threads
 from liverlesion import DISCLAIMER
 from liverlesion.errors import UserError
 from liverlesion.io import read_volume, write_volume
 from liverlesion.predict import Classifier
 from liverlesion.serve import make_server
-
-
-def _multipart(fields: dict[str, str], files: dict[str, tuple[str, bytes]]) -> tuple[bytes, str]:
-    boundary = uuid.uuid4().hex
-    parts = []
-    for name, value in fields.items():
-        parts.append(
-            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
-        )
-    for name, (filename, data) in files.items():
-        head = (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
-            "Content-Type: application/octet-stream\r\n\r\n"
-        )
-        parts.append(head.encode() + data + b"\r\n")
-    parts.append(f"--{boundary}--\r\n".encode())
-    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
-
-
-def _post(url: str, body: bytes, ctype: str) -> tuple[int, bytes]:
-    req = urllib.request.Request(url, data=body, headers={"Content-Type": ctype}, method="POST")
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +60,8 @@ def test_predict_page_matches_classifier(served):
         "image": ("ct.nii.gz", (d / "ct.nii.gz").read_bytes()),
         "mask": ("mask.nii.gz", (d / "mask.nii.gz").read_bytes()),
     }
-    body, ctype = _multipart({"label": "", "point": "", "diameter": "", "min_size_mm": "5"}, files)
-    status, page_b = _post(served["url"] + "/predict", body, ctype)
+    body, ctype = multipart_body({"label": "", "point": "", "diameter": "", "min_size_mm": "5"}, files)
+    status, page_b = http_post(served["url"] + "/predict", body, ctype)
     page = page_b.decode()
     assert status == 200, page
     assert "Research use, not for diagnosis" in page
@@ -119,7 +92,7 @@ def test_predict_page_matches_classifier(served):
         assert g["volume_ml"] == pytest.approx(row["volume_ml"], abs=1e-9)
 
     # The JSON API gives the same rows.
-    status, api_b = _post(served["url"] + "/api/predict", body, ctype)
+    status, api_b = http_post(served["url"] + "/api/predict", body, ctype)
     assert status == 200
     api = json.loads(api_b)
     assert api["disclaimer"] == DISCLAIMER
@@ -130,17 +103,17 @@ def test_predict_page_matches_classifier(served):
 
 
 def test_text_file_as_image_is_400_one_line(served):
-    body, ctype = _multipart(
+    body, ctype = multipart_body(
         {"point": "0,0,120", "diameter": "12"}, {"image": ("notes.txt", b"this is not a CT\n" * 10)}
     )
-    status, page_b = _post(served["url"] + "/predict", body, ctype)
+    status, page_b = http_post(served["url"] + "/predict", body, ctype)
     page = page_b.decode()
     assert status == 400
     msg = re.search(r"<p class='err'>(.*?)</p>", page, re.S).group(1)
     assert "\n" not in msg and "notes.txt" in msg
     assert "liverlesion-serve-" not in msg  # the private temp path is not shown
 
-    status, api_b = _post(served["url"] + "/api/predict", body, ctype)
+    status, api_b = http_post(served["url"] + "/api/predict", body, ctype)
     assert status == 400
     err = json.loads(api_b)["error"]
     assert "\n" not in err and "notes.txt" in err
@@ -148,15 +121,15 @@ def test_text_file_as_image_is_400_one_line(served):
 
 def test_missing_lesion_source_and_too_large(served):
     d: Path = served["dir"]
-    body, ctype = _multipart({}, {"image": ("ct.nii.gz", (d / "ct.nii.gz").read_bytes())})
-    status, page_b = _post(served["url"] + "/api/predict", body, ctype)
+    body, ctype = multipart_body({}, {"image": ("ct.nii.gz", (d / "ct.nii.gz").read_bytes())})
+    status, page_b = http_post(served["url"] + "/api/predict", body, ctype)
     assert status == 400
     assert "neither a mask nor a point" in json.loads(page_b)["error"]
 
-    body, ctype = _multipart(
+    body, ctype = multipart_body(
         {"point": "1,2", "diameter": "10"}, {"image": ("ct.nii.gz", (d / "ct.nii.gz").read_bytes())}
     )
-    status, page_b = _post(served["url"] + "/predict", body, ctype)
+    status, page_b = http_post(served["url"] + "/predict", body, ctype)
     assert status == 400 and "point" in page_b.decode() and "x,y,z" in page_b.decode()
 
     # Too large: refused from the headers alone, before the body is read (a client that
@@ -191,8 +164,10 @@ def test_cli_serve_bad_model_is_one_line(tmp_path, capsys):
 def test_random_bytes_nifti_upload_is_a_clean_400(served):
     rng = np.random.default_rng(0)
     for name in ("ct.nii.gz", "ct.nii"):
-        body, ctype = _multipart({"point": "0,0,120", "diameter": "12"}, {"image": (name, rng.bytes(20000))})
-        status, api_b = _post(served["url"] + "/api/predict", body, ctype)
+        body, ctype = multipart_body(
+            {"point": "0,0,120", "diameter": "12"}, {"image": (name, rng.bytes(20000))}
+        )
+        status, api_b = http_post(served["url"] + "/api/predict", body, ctype)
         assert status == 400
         err = json.loads(api_b)["error"]
         assert "\n" not in err and name in err and "not a NIfTI" in err
@@ -259,7 +234,7 @@ def test_streamed_multipart_writes_files_to_disk_across_chunk_edges(tmp_path):
     from liverlesion.serve import stream_multipart
 
     payload = np.random.default_rng(1).bytes(50_000) + b"\r\n--"  # looks like a boundary start
-    body, ctype = _multipart({"point": "1,2,3", "diameter": "12"}, {"image": ("ct.nii.gz", payload)})
+    body, ctype = multipart_body({"point": "1,2,3", "diameter": "12"}, {"image": ("ct.nii.gz", payload)})
     for step in (1, 7, 4096, len(body)):
         src = io.BytesIO(body)
         work = tmp_path / f"w{step}"
@@ -271,7 +246,7 @@ def test_streamed_multipart_writes_files_to_disk_across_chunk_edges(tmp_path):
         assert fields["point"].text == "1,2,3" and fields["diameter"].text == "12"
     with pytest.raises(UserError, match="ended early"):
         stream_multipart(ctype, io.BytesIO(body[:-100]).read, len(body), tmp_path)
-    big, ctype = _multipart({"point": "9" * 100_000}, {})
+    big, ctype = multipart_body({"point": "9" * 100_000}, {})
     with pytest.raises(UserError, match="form field 'point': over 64 KiB"):
         stream_multipart(ctype, io.BytesIO(big).read, len(big), tmp_path)
 
@@ -286,11 +261,11 @@ def test_concurrent_requests_all_answered_and_temp_folders_removed(served, tmp_p
         "image": ("ct.nii.gz", (d / "ct.nii.gz").read_bytes()),
         "mask": ("mask.nii.gz", (d / "mask.nii.gz").read_bytes()),
     }
-    body, ctype = _multipart({"min_size_mm": "5"}, files)
+    body, ctype = multipart_body({"min_size_mm": "5"}, files)
     old, tempfile.tempdir = tempfile.tempdir, str(tmp_path)
     try:
         with ThreadPoolExecutor(12) as pool:
-            got = list(pool.map(lambda _: _post(served["url"] + "/api/predict", body, ctype), range(12)))
+            got = list(pool.map(lambda _: http_post(served["url"] + "/api/predict", body, ctype), range(12)))
     finally:
         tempfile.tempdir = old
     assert [s for s, _ in got] == [200] * 12
@@ -317,8 +292,8 @@ def test_saturated_server_answers_503_in_one_line(tmp_path):
             if server.slots._value == 0:
                 break
             threading.Event().wait(0.05)
-        body, ctype = _multipart({"point": "1,2,3", "diameter": "5"}, {})
-        status, resp = _post(f"http://127.0.0.1:{port}/api/predict", body, ctype)
+        body, ctype = multipart_body({"point": "1,2,3", "diameter": "5"}, {})
+        status, resp = http_post(f"http://127.0.0.1:{port}/api/predict", body, ctype)
         assert status == 503
         err = json.loads(resp)["error"]
         assert "\n" not in err and "busy" in err and "--max-concurrent 1" in err

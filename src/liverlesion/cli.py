@@ -76,6 +76,14 @@ OverwriteOpt = Annotated[
 ]
 FROM_CONFIG = "from the config"
 
+WeightsOpt = Annotated[
+    Optional[str], typer.Option("--weights", help="imagenet | none | PATH.", show_default=FROM_CONFIG)
+]
+BackboneOpt = Annotated[Optional[str], typer.Option(help="timm backbone name.", show_default=FROM_CONFIG)]
+EpochsOpt = Annotated[Optional[int], typer.Option(help="Maximum epochs.", show_default=FROM_CONFIG)]
+TrainBatchOpt = Annotated[
+    Optional[int], typer.Option("--batch-size", help="Training batch size.", show_default=FROM_CONFIG)
+]
 # Inference and training resources (predict, serve, cv, train).
 DeviceOpt = Annotated[
     str, typer.Option("--device", help="cpu | cuda | cuda:N | auto (CUDA when present, else CPU).")
@@ -365,18 +373,12 @@ def train(
     config: ConfigOpt = None,
     preset: PresetOpt = None,
     set_: SetOpt = None,
-    weights: Annotated[
-        Optional[str], typer.Option("--weights", help="imagenet | none | PATH.", show_default=FROM_CONFIG)
-    ] = None,
-    backbone: Annotated[
-        Optional[str], typer.Option(help="timm backbone name.", show_default=FROM_CONFIG)
-    ] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Maximum epochs.", show_default=FROM_CONFIG)] = None,
+    weights: WeightsOpt = None,
+    backbone: BackboneOpt = None,
+    epochs: EpochsOpt = None,
     device: DeviceOpt = "auto",
     threads: ThreadsOpt = None,
-    batch_size: Annotated[
-        Optional[int], typer.Option("--batch-size", help="Training batch size.", show_default=FROM_CONFIG)
-    ] = None,
+    batch_size: TrainBatchOpt = None,
     resume: Annotated[bool, typer.Option(help="Resume an interrupted run in the run folder.")] = False,
 ) -> None:
     """Train one model on the whole manifest (inner validation split for early stopping)."""
@@ -408,18 +410,12 @@ def cv(
     config: ConfigOpt = None,
     preset: PresetOpt = None,
     set_: SetOpt = None,
-    weights: Annotated[
-        Optional[str], typer.Option("--weights", help="imagenet | none | PATH.", show_default=FROM_CONFIG)
-    ] = None,
-    backbone: Annotated[
-        Optional[str], typer.Option(help="timm backbone name.", show_default=FROM_CONFIG)
-    ] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Maximum epochs.", show_default=FROM_CONFIG)] = None,
+    weights: WeightsOpt = None,
+    backbone: BackboneOpt = None,
+    epochs: EpochsOpt = None,
     device: DeviceOpt = "auto",
     threads: ThreadsOpt = None,
-    batch_size: Annotated[
-        Optional[int], typer.Option("--batch-size", help="Training batch size.", show_default=FROM_CONFIG)
-    ] = None,
+    batch_size: TrainBatchOpt = None,
     resume: Annotated[bool, typer.Option(help="Skip finished folds and resume the interrupted one.")] = False,
     baselines: Annotated[bool, typer.Option(help="Also run the baselines on the same folds.")] = True,
 ) -> None:

@@ -12,7 +12,6 @@ ReLU -> FC (classes); softmax is applied by the loss / at prediction.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import pickle
 import platform
 import zipfile
@@ -668,8 +667,6 @@ def _foreign_kind(obj: Any) -> str:
 
 def checkpoint_hash(path: str | Path) -> str:
     """First 12 hex digits of the file's sha256 (provenance in reports and exports)."""
-    h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:12]
+    from liverlesion.onnx_backend import file_hash  # the torch-free owner of the hash
+
+    return file_hash(path)

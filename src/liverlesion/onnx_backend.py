@@ -33,7 +33,7 @@ def sidecar_path(exported: str | Path) -> Path:
 
 
 def file_hash(path: str | Path) -> str:
-    """First 12 hex digits of the file's sha256 (the same as ``model.checkpoint_hash``, without torch)."""
+    """First 12 hex digits of the file's sha256 (``model.checkpoint_hash`` calls this; no torch needed)."""
     h = hashlib.sha256()
     with Path(path).open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
