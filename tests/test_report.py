@@ -50,7 +50,9 @@ def test_report_is_self_contained_and_disclaimed(binary_run: Path):
     images = _data_uris(text)
     assert len(images) >= 5 and all(img.startswith(PNG) for img in images)
     assert not re.search(r"https?://", text), "report must not reference anything online"
-    assert "<script" not in text.lower() and "<link" not in text.lower()
+    # self-contained: the only script is the inline table sorter, nothing is loaded
+    assert not re.search(r"<script[^>]*\bsrc=", text, re.I) and "<link" not in text.lower()
+    assert text.lower().count("<script") == 1
     assert "run &amp; co" in text and "run & co" not in text  # escaped
     for section in (
         "Summary",
@@ -64,8 +66,15 @@ def test_report_is_self_contained_and_disclaimed(binary_run: Path):
         "Model card",
         "config.yaml",
         "Library versions",
+        "Per patient",
+        "Per lesion",
+        "Run time and hardware",
     ):
         assert section in text, section
+    # a table of contents with one working link per section
+    ids = re.findall(r'<h2 id="(s\d+)">', text)
+    links = re.findall(r'<li><a href="#(s\d+)">', text)
+    assert ids and ids == links and text.count("<h2") == len(ids)
     assert "0.96" in text and "0.92" in text and "not comparable" in text  # the paper's numbers as context
     assert "Grad-CAM gallery not drawn" in text  # the reason is shown, not hidden
     assert "mean_hu" in text and "Paired patient-bootstrap test" in text
@@ -121,3 +130,28 @@ def test_redraw_without_metrics_is_a_user_error(tmp_path):
     (tmp_path / "metrics.json").write_text("{not json")
     with pytest.raises(UserError, match="not valid JSON"):
         load_metrics(tmp_path)
+
+
+def test_per_lesion_table_and_loss_curves(tmp_path):
+    """Every predictions.csv row is in the sortable lesion table; Lightning CSV logs become loss curves."""
+    import pandas as pd
+
+    test = helpers.synth_predictions(10, n_patients=8)
+    run = helpers.write_run(tmp_path / "run", test, helpers.synth_val(3), n_bootstrap=20)
+    log = run / "fold_0" / "logs" / "csv_probe"
+    log.mkdir(parents=True)
+    pd.DataFrame(
+        {
+            "epoch": [0, 0, 1, 1],
+            "step": [1, 1, 2, 2],
+            "train_loss": [0.7, None, 0.5, None],
+            "val_loss": [None, 0.6, None, 0.55],
+        }
+    ).to_csv(log / "metrics.csv", index=False)
+    evaluate_run(run, gradcam=False)
+    text = (run / "report.html").read_text(encoding="utf-8")
+    lesion_table = text.split("Per lesion</h2>", 1)[1].split("</table>", 1)[0]
+    preds = pd.read_csv(run / "predictions.csv")
+    assert lesion_table.count("<tr>") == len(preds) + 1  # header + one row per lesion
+    assert all(str(x) in lesion_table for x in preds["lesion_id"])
+    assert "Loss curves</h2>" in text and (run / "plots" / "losses.png").is_file()

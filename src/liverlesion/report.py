@@ -307,6 +307,52 @@ def _patch_dir(run_dir: Path, metrics: dict[str, Any]) -> Path | None:
     return p
 
 
+def _loss_logs(run_dir: Path) -> dict[str, pd.DataFrame]:
+    """Per fold and training stage, Lightning's CSV log (``fold_K/logs/csv*/metrics.csv``)."""
+    logs = {}
+    order = {"probe": 0, "train": 1, "finetune": 2}  # the order the stages ran in
+    found = sorted(
+        run_dir.glob("fold_*/logs/csv*/metrics.csv"),
+        key=lambda f: (
+            f.parents[2].name,
+            order.get(f.parent.name.removeprefix("csv").strip("_") or "train", 3),
+        ),
+    )
+    for f in found:
+        stage = f.parent.name.removeprefix("csv").strip("_") or "train"
+        try:
+            logs[f"{f.parents[2].name} {stage}"] = pd.read_csv(f)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, OSError):
+            continue
+    return logs
+
+
+def plot_losses(run_dir: Path, out: Path) -> Path | None:
+    """Training and inner-validation loss per epoch, one panel per fold and stage (None without logs)."""
+    logs = {k: v for k, v in _loss_logs(run_dir).items() if "epoch" in v}
+    if not logs:
+        return None
+    n = len(logs)
+    cols = min(n, 4)
+    rows = (n + cols - 1) // cols
+    fig = _figure(3.2 * cols, 2.4 * rows)
+    for i, (name, df) in enumerate(logs.items()):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        for col, style in (("train_loss", "-"), ("val_loss", "--")):
+            if col in df:
+                d = df.dropna(subset=[col]).groupby("epoch")[col].last()
+                if len(d):
+                    ax.plot(d.index + 1, d.to_numpy(), style, label=col.replace("_", " "))
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.tick_params(labelsize=7)
+        if i == 0:
+            ax.legend(fontsize=7)
+    fig.suptitle("Loss curves (inner validation: the patients early stopping watched)", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
 def make_plots(
     run_dir: str | Path, metrics: dict[str, Any] | None = None, gradcam: bool = True
 ) -> dict[str, Any]:
@@ -361,6 +407,9 @@ def make_plots(
         notes.append(
             "Grad-CAM gallery from an earlier run of `liverlesion evaluate` (not redrawn: --no-gradcam)"
         )
+    losses = plot_losses(run_dir, plots_dir / "losses.png")
+    if losses is not None:
+        plots["losses"] = losses
     return {"plots": plots, "notes": notes}
 
 
@@ -377,7 +426,18 @@ img{max-width:100%;border:1px solid #eee;margin:.4em 0}
 .note{color:#555;font-size:.9em}.grid{display:flex;flex-wrap:wrap;gap:1em}.grid figure{margin:0;flex:1 1 420px}
 pre{background:#f7f7f7;padding:.8em;overflow-x:auto;font-size:.85em}
 figcaption{font-size:.85em;color:#555}
+.toc{columns:2;font-size:.9em}.toc a{color:#1a4f8b}th.sort{cursor:pointer}th.sort:after{content:" \\2195";color:#999}
+.scroll{max-height:480px;overflow-y:auto}
 """
+
+# sorts a table when a header with class "sort" is clicked (numbers as numbers); no dependencies
+_SORT_JS = """<script>
+document.querySelectorAll("table.sortable").forEach(function(t){
+  t.querySelectorAll("th").forEach(function(th,i){th.classList.add("sort");th.addEventListener("click",function(){
+    var b=t.tBodies[0],r=Array.from(b.rows),d=th.dataset.dir==="asc"?-1:1;th.dataset.dir=d>0?"asc":"desc";
+    r.sort(function(x,y){var a=x.cells[i].textContent,c=y.cells[i].textContent,p=parseFloat(a),q=parseFloat(c);
+      return (isNaN(p)||isNaN(q)?a.localeCompare(c):p-q)*d;});r.forEach(function(e){b.appendChild(e);});});});});
+</script>"""
 
 
 def _e(x: Any) -> str:
@@ -485,6 +545,72 @@ def _size_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             ]
         )
     return header, rows
+
+
+def _lesion_rows(
+    run_dir: Path, classes: list[str], positive: str | None
+) -> tuple[list[str], list[list[str]]]:
+    """The per-lesion table: truth, prediction, P(positive), status, fold, size."""
+    path = run_dir / "predictions.csv"
+    if not path.is_file():
+        return [], []
+    df = pd.read_csv(path, dtype={"patient_id": str, "lesion_id": str})
+    pcol = f"prob_{positive}" if positive and f"prob_{positive}" in df else None
+    cols = ["lesion_id", "patient_id", "true_class", "pred_class", "status", "fold"]
+    cols = [c for c in cols if c in df]
+    extra = [c for c in ("max_axial_diameter_mm", "hu_mean") if c in df]
+    header = cols[:2] + ["truth", "prediction"] + cols[4:] + ([f"P({positive})"] if pcol else []) + extra
+    rows = []
+    for _, r in df.iterrows():
+        row = [str(r[c]) for c in cols]
+        if pcol:
+            row.append(_num(r[pcol]))
+        row += [_num(r[c], 1) for c in extra]
+        rows.append(row)
+    return header, rows
+
+
+def _patient_rows(run_dir: Path) -> tuple[list[str], list[list[str]]]:
+    """Per patient: lesions, how many classified, how many right."""
+    path = run_dir / "predictions.csv"
+    if not path.is_file():
+        return [], []
+    df = pd.read_csv(path, dtype={"patient_id": str, "lesion_id": str})
+    if "status" in df:
+        classified = df["status"].astype(str) == "classified"
+    else:
+        classified = pd.Series(True, index=df.index)
+    rows = []
+    for pid, g in df.groupby("patient_id", sort=True):
+        c = classified[g.index]
+        right = int((g.loc[c, "pred_class"] == g.loc[c, "true_class"]).sum())
+        truth = ", ".join(f"{k} {v}" for k, v in g["true_class"].value_counts().sort_index().items())
+        rows.append([str(pid), str(int(g["fold"].iloc[0])) if "fold" in g else "", truth, str(len(g)),
+                     str(int(c.sum())), str(right), _num(right / c.sum(), 2) if c.sum() else "n/a"])  # fmt: skip
+    return ["patient", "fold", "lesions (truth)", "lesions", "classified", "right", "accuracy"], rows
+
+
+def _sortable(header: list[str], rows: list[list[str]]) -> str:
+    """A table the reader can sort by clicking a column header."""
+    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_e(v)}</td>" for v in r) + "</tr>" for r in rows)
+    return f"<div class=scroll><table class=sortable><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
+
+
+def _add_toc(parts: list[str]) -> list[str]:
+    """Give every h2 an id and put a table of contents after the first paragraph."""
+    import re
+
+    toc, done = [], []
+    for p in parts:
+        m = re.match(r"<h2>(.*?)</h2>", p, re.S)
+        if m:
+            anchor = f"s{len(toc) + 1}"
+            toc.append(f'<li><a href="#{anchor}">{m.group(1)}</a></li>')
+            p = f'<h2 id="{anchor}">{m.group(1)}</h2>' + p[m.end() :]
+        done.append(p)
+    at = next((i for i, p in enumerate(done) if p.startswith("<p class=note>")), 4) + 1
+    return done[:at] + ["<nav><b>Contents</b><ul class=toc>" + "".join(toc) + "</ul></nav>"] + done[at:]
 
 
 def build_html(run_dir: Path, metrics: dict[str, Any], plots: dict[str, Path], notes: list[str]) -> str:
@@ -661,8 +787,34 @@ def build_html(run_dir: Path, metrics: dict[str, Any], plots: dict[str, Path], n
     out.append(
         _table(["package", "now (evaluate)", "at training (run.json)"], _versions(run_info), num_from=99)
     )
-    out.append(f"<p class=note>{_e(DISCLAIMER)}</p></body></html>")
-    return "\n".join(x for x in out if x)
+    # Lesions and patients, the run itself
+    header, rows = _patient_rows(run_dir)
+    if rows:
+        out.append("<h2>Per patient</h2>")
+        out.append("<p class=note>Out-of-fold results; click a column header to sort.</p>")
+        out.append(_sortable(header, rows))
+    header, rows = _lesion_rows(run_dir, metrics["class_names"], metrics.get("positive_class"))
+    if rows:
+        out.append("<h2>Per lesion</h2>")
+        out.append("<p class=note>Every lesion of predictions.csv; click a column header to sort.</p>")
+        out.append(_sortable(header, rows))
+    if "losses" in plots:
+        out.append("<h2>Loss curves</h2>")
+        out.append(_img(plots["losses"], "training and inner-validation loss per epoch, per fold and stage"))
+    out.append("<h2>Run time and hardware</h2>")
+    hw = run_info.get("hardware") or {}
+    run_rows = [
+        [
+            "training time (all folds)",
+            f"{run_info['train_seconds']:.0f} s" if "train_seconds" in run_info else "n/a",
+        ],
+        ["CPU", str(hw.get("cpu", "n/a"))],
+        ["CPU cores", str(hw.get("cores", "n/a"))],
+        ["GPU", str(hw.get("gpu") or "none")],
+    ]
+    out.append(_table(["", ""], run_rows, num_from=99))
+    out.append(f"<p class=note>{_e(DISCLAIMER)}</p>{_SORT_JS}</body></html>")
+    return "\n".join(x for x in _add_toc(out) if x)
 
 
 def load_metrics(run_dir: str | Path) -> dict[str, Any]:

@@ -744,8 +744,29 @@ def _run_info(manifest: Path, patch_dir: Path, classes: list[str], cfg: Config, 
         "init": init,
         "liverlesion_version": __version__,
         "versions": {"torch": torch.__version__, "timm": timm.__version__},
+        "hardware": _hardware(),
         "disclaimer": DISCLAIMER,
     }
+
+
+def _hardware() -> dict[str, Any]:
+    """CPU model, usable cores and GPU name of the training machine (for the report)."""
+    import os
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": cores, "gpu": gpu}
 
 
 def _resolve_init(cfg: Config) -> tuple[Any, str]:
