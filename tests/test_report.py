@@ -75,6 +75,9 @@ def test_report_is_self_contained_and_disclaimed(binary_run: Path):
     ids = re.findall(r'<h2 id="(s\d+)">', text)
     links = re.findall(r'<li><a href="#(s\d+)">', text)
     assert ids and ids == links and text.count("<h2") == len(ids)
+    assert "<tr><th></th><th></th></tr>" not in text  # key-value tables (model card) have no empty header
+    versions = text.split("Library versions</h2>", 1)[1]
+    assert all(pkg in versions for pkg in ("lightning", "SimpleITK", "onnxruntime", "highdicom"))
     assert "0.96" in text and "0.92" in text and "not comparable" in text  # the paper's numbers as context
     assert "Grad-CAM gallery not drawn" in text  # the reason is shown, not hidden
     assert "mean_hu" in text and "Paired patient-bootstrap test" in text

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import pickle
-import platform
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -498,16 +497,10 @@ def _plain(value: Any) -> Any:
 
 
 def _versions() -> dict[str, str]:
-    import timm
-
     from liverlesion import __version__
+    from liverlesion.versions import library_versions
 
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "liverlesion": __version__,
-    }
+    return {**library_versions(), "liverlesion": __version__}
 
 
 def save_checkpoint(

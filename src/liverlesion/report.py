@@ -12,7 +12,6 @@ import base64
 import html
 import json
 import sys
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -47,19 +46,6 @@ KNOWN_LIMITS = (
     "Lesions are given (mask or click); the model does not detect them, and it can only answer with the "
     "classes it was trained on (other lesion types such as HCC, haemangioma or FNH are forced into them).",
     "Probabilities are calibrated on inner-validation data of the same cohort only.",
-)
-_VERSION_PACKAGES = (
-    "numpy",
-    "pandas",
-    "scikit-learn",
-    "scipy",
-    "matplotlib",
-    "torch",
-    "timm",
-    "grad-cam",
-    "SimpleITK",
-    "pydicom",
-    "nibabel",
 )
 _COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
 
@@ -252,7 +238,8 @@ def plot_size(summary: dict[str, Any], out: Path) -> Path:
         xlabel="maximal axial diameter",
         title="Performance by lesion size (95% patient-bootstrap CIs where n allows)",
     )
-    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    # beside the axes, never over the bars
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     return _save(fig, out)
 
 
@@ -349,7 +336,6 @@ def plot_losses(run_dir: Path, out: Path) -> Path | None:
         if i == 0:
             ax.legend(fontsize=7)
     fig.suptitle("Loss curves (inner validation: the patients early stopping watched)", fontsize=10)
-    fig.tight_layout()
     return _save(fig, out)
 
 
@@ -452,6 +438,8 @@ def _table(header: list[Any], rows: list[list[Any]], num_from: int = 1) -> str:
         + "</tr>"
         for r in rows
     )
+    if not any(str(h) for h in header):  # a key-value table: no empty header row
+        return f"<table><tbody>{body}</tbody></table>"
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -470,13 +458,11 @@ def _num(v: Any, digits: int = 3) -> str:
 
 
 def _versions(run_info: dict[str, Any]) -> list[list[str]]:
+    from liverlesion.versions import library_versions
+
     rows = [["liverlesion", __version__, str(run_info.get("liverlesion_version", ""))]]
     trained = run_info.get("versions", {}) or {}
-    for pkg in _VERSION_PACKAGES:
-        try:
-            v = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            v = "not installed"
+    for pkg, v in library_versions().items():
         rows.append([pkg, v, str(trained.get(pkg, trained.get(pkg.lower(), "")))])
     return rows
 

@@ -732,8 +732,7 @@ def prepare_shared(
 
 # --------------------------------------------------------------------------- entry points
 def _run_info(manifest: Path, patch_dir: Path, classes: list[str], cfg: Config, init: str, kind: str) -> dict:
-    import timm
-    import torch
+    from liverlesion.versions import library_versions
 
     return {
         "kind": kind,
@@ -743,7 +742,7 @@ def _run_info(manifest: Path, patch_dir: Path, classes: list[str], cfg: Config, 
         "backbone": cfg.model.backbone,
         "init": init,
         "liverlesion_version": __version__,
-        "versions": {"torch": torch.__version__, "timm": timm.__version__},
+        "versions": library_versions(),
         "hardware": _hardware(),
         "disclaimer": DISCLAIMER,
     }
