@@ -158,3 +158,40 @@ def test_per_lesion_table_and_loss_curves(tmp_path):
     assert lesion_table.count("<tr>") == len(preds) + 1  # header + one row per lesion
     assert all(str(x) in lesion_table for x in preds["lesion_id"])
     assert "Loss curves</h2>" in text and (run / "plots" / "losses.png").is_file()
+    assert "Worst errors</h2>" in text and "no patch cache" in text  # the reason, not a silent gap
+
+
+def test_worst_errors_gallery_from_the_patch_cache(tmp_path):
+    """The most confident mistakes are drawn from the cache; none are drawn when there are none."""
+    import json as _json
+
+    import numpy as np
+    import pandas as pd
+
+    from liverlesion.report import plot_worst_errors
+
+    cache = tmp_path / "patches"
+    cache.mkdir()
+    rows = []
+    for i in range(3):
+        img = np.full((1, 3, 16, 16), 0.5, np.float32)
+        mask = np.zeros((1, 16, 16), np.uint8)
+        mask[0, 5:11, 5:11] = 1
+        np.savez(cache / f"L{i}.npz", image=img, mask=mask, hu=img[:, 0], meta=_json.dumps({}))
+        rows.append({"lesion_id": f"L{i}", "patient_id": f"P{i}", "file": f"L{i}.npz"})
+    pd.DataFrame(rows).to_csv(cache / "index.csv", index=False)
+    classes = ["cyst", "metastasis"]
+    df = pd.DataFrame(
+        {
+            "lesion_id": ["L0", "L1", "L2"],
+            "true_class": ["cyst", "metastasis", "cyst"],
+            "pred_class": ["metastasis", "metastasis", "cyst"],
+            "prob_cyst": [0.1, 0.2, 0.9],
+            "prob_metastasis": [0.9, 0.8, 0.1],
+        }
+    )
+    out = plot_worst_errors(df, classes, cache, tmp_path / "worst.png")
+    assert out is not None and out.read_bytes().startswith(b"\x89PNG")
+    right = df.assign(pred_class=df["true_class"])
+    assert plot_worst_errors(right, classes, cache, tmp_path / "none.png") is None
+    assert plot_worst_errors(df, classes, None, tmp_path / "none.png") is None

@@ -339,6 +339,46 @@ def plot_losses(run_dir: Path, out: Path) -> Path | None:
     return _save(fig, out)
 
 
+def plot_worst_errors(
+    df: pd.DataFrame, classes: list[str], patch_dir: Path | None, out: Path, n: int = 12
+) -> Path | None:
+    """The most confident mistakes: each lesion's centre slice, mask outline, truth and probabilities.
+
+    None when there are no mistakes among the classified lesions or no patch cache to draw from.
+    """
+    from liverlesion.patches import load_patch, load_patch_index
+
+    if patch_dir is None or not (Path(patch_dir) / "index.csv").is_file():
+        return None
+    d = df[df["pred_class"].isin(classes) & (df["pred_class"] != df["true_class"])].copy()
+    if d.empty:
+        return None
+    d["p_wrong"] = [float(r[f"prob_{r['pred_class']}"]) for _, r in d.iterrows()]
+    d = d.sort_values("p_wrong", ascending=False).head(n)
+    index = load_patch_index(patch_dir).set_index("lesion_id")
+    shown = [r for _, r in d.iterrows() if str(r["lesion_id"]) in index.index]
+    if not shown:
+        return None
+    cols = min(len(shown), 6)
+    rows = (len(shown) + cols - 1) // cols
+    fig = _figure(2.1 * cols, 2.5 * rows)
+    for i, r in enumerate(shown):
+        patch = load_patch(patch_dir, index.loc[str(r["lesion_id"])])
+        img, mask = patch["image"], patch["mask"]
+        s = img.shape[0] // 2
+        ax = fig.add_subplot(rows, cols, i + 1)
+        ax.imshow(img[s, img.shape[1] // 2], cmap="gray", vmin=0, vmax=1)
+        if mask[s].any():
+            ax.contour(mask[s] > 0, levels=[0.5], colors=["#ff7f0e"], linewidths=0.8)
+        probs = "\n".join(f"P({c}) {float(r[f'prob_{c}']):.2f}" for c in classes)
+        ax.set_title(
+            f"{r['lesion_id']}\ntrue {r['true_class']}, called {r['pred_class']}\n{probs}", fontsize=6.5
+        )
+        ax.axis("off")
+    fig.suptitle("Most confident errors (out-of-fold)", fontsize=10)
+    return _save(fig, out)
+
+
 def make_plots(
     run_dir: str | Path, metrics: dict[str, Any] | None = None, gradcam: bool = True
 ) -> dict[str, Any]:
@@ -393,6 +433,9 @@ def make_plots(
         notes.append(
             "Grad-CAM gallery from an earlier run of `liverlesion evaluate` (not redrawn: --no-gradcam)"
         )
+    worst = plot_worst_errors(df, classes, _patch_dir(run_dir, metrics), plots_dir / "worst_errors.png")
+    if worst is not None:
+        plots["worst_errors"] = worst
     losses = plot_losses(run_dir, plots_dir / "losses.png")
     if losses is not None:
         plots["losses"] = losses
@@ -784,6 +827,15 @@ def build_html(run_dir: Path, metrics: dict[str, Any], plots: dict[str, Path], n
         out.append("<h2>Per lesion</h2>")
         out.append("<p class=note>Every lesion of predictions.csv; click a column header to sort.</p>")
         out.append(_sortable(header, rows))
+    out.append("<h2>Worst errors</h2>")
+    if "worst_errors" in plots:
+        out.append(
+            "<p class=note>The misclassified lesions the model was most sure of, with their probabilities: "
+            "start reading errors here.</p>"
+        )
+        out.append(_img(plots["worst_errors"], "most confident out-of-fold errors"))
+    else:
+        out.append("<p class=note>No gallery: no misclassified lesion, or no patch cache to draw from.</p>")
     if "losses" in plots:
         out.append("<h2>Loss curves</h2>")
         out.append(_img(plots["losses"], "training and inner-validation loss per epoch, per fold and stage"))
