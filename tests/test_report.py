@@ -195,3 +195,25 @@ def test_worst_errors_gallery_from_the_patch_cache(tmp_path):
     right = df.assign(pred_class=df["true_class"])
     assert plot_worst_errors(right, classes, cache, tmp_path / "none.png") is None
     assert plot_worst_errors(df, classes, None, tmp_path / "none.png") is None
+
+
+def test_report_command_redraws_without_model_code(binary_run: Path, tmp_path):
+    """`liverlesion report RUN` rewrites report.html from the files, in a process that never imports torch."""
+    import subprocess
+    import sys
+
+    before = (binary_run / "report.html").stat().st_mtime_ns
+    code = (
+        "import sys; from liverlesion.cli import main; rc = main(['report', sys.argv[1]]); "
+        "print('TORCH' if 'torch' in sys.modules else 'NOTORCH'); sys.exit(rc)"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code, str(binary_run)], capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, r.stderr
+    assert "NOTORCH" in r.stdout and "research use" in r.stdout
+    assert (binary_run / "report.html").stat().st_mtime_ns > before
+    bad = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "missing")], capture_output=True, text=True, timeout=300
+    )
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr

@@ -494,6 +494,19 @@ def evaluate(
 
 
 @app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="Evaluated run folder (holding metrics.json).")],
+) -> None:
+    """Redraw report.html and its plots from the run's files, recomputing nothing."""
+    from liverlesion.report import render_report
+
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: not a folder; give the run folder that `liverlesion cv` wrote")
+    path = render_report(run_dir, gradcam=False)
+    print(f"Wrote {path} ({DISCLAIMER})")
+
+
+@app.command()
 def baselines(
     manifest: Annotated[Path, typer.Argument(help="Manifest CSV.")],
     out: Annotated[
