@@ -281,7 +281,8 @@ def extract_features(patch_dir: str | Path, extractor: str = "skimage") -> pd.Da
 
 
 # --------------------------------------------------------------------------- models
-def _lr(seed: int):
+def lr_pipeline(seed: int):
+    """Median imputation, standardisation, class-balanced logistic regression (the LR baselines and fusion)."""
     from sklearn.impute import SimpleImputer
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import Pipeline
@@ -352,7 +353,7 @@ class _Fitted:
         self.info: dict[str, Any] = {}
 
     def fit(self, X: pd.DataFrame, y: np.ndarray) -> _Fitted:
-        self.model = _rf(self.seed) if self.name == "radiomics_rf" else _lr(self.seed)
+        self.model = _rf(self.seed) if self.name == "radiomics_rf" else lr_pipeline(self.seed)
         self.model.fit(X[self.features], y)
         if self.name == "mean_hu" and len(self.classes) == 2:
             x = X[self.features[0]].to_numpy(float)

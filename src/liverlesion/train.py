@@ -358,16 +358,13 @@ def _radiomics_logits(model, extra: np.ndarray) -> np.ndarray:
 
 
 def _radiomics_lr(fit_x: np.ndarray, fit_y: np.ndarray, k: int, seed: int):
-    """Class-balanced logistic regression on standardised features: (fill, mean, std, W, b) as logits."""
-    from sklearn.linear_model import LogisticRegression
+    """The radiomics baselines' logistic regression, as plain arrays (fill, mean, std, W, b) of logits."""
+    from liverlesion.baselines import lr_pipeline
 
-    fill = np.nanmedian(np.where(np.isfinite(fit_x), fit_x, np.nan), axis=0)
-    fill = np.where(np.isfinite(fill), fill, 0.0)
-    x = np.where(np.isfinite(fit_x), fit_x, fill)
-    mean, std = x.mean(0), x.std(0)
-    std = np.where(std > 1e-8, std, 1.0)
-    lr = LogisticRegression(class_weight="balanced", max_iter=5000, random_state=seed)
-    lr.fit((x - mean) / std, fit_y)
+    x = np.where(np.isfinite(fit_x), fit_x, np.nan)
+    pipe = lr_pipeline(seed).fit(x, fit_y)
+    imp, scale, lr = pipe.named_steps["impute"], pipe.named_steps["scale"], pipe.named_steps["lr"]
+    fill, mean, std = imp.statistics_, scale.mean_, scale.scale_
     w = np.zeros((k, x.shape[1]))
     b = np.zeros(k)
     if len(lr.classes_) == 2 and k == 2:
