@@ -29,7 +29,7 @@ def _none(backbone: str, **kw) -> ModelConfig:
 
 @pytest.fixture(scope="module")
 def inception() -> LesionNet:
-    model, how = build_model(_none("inception_v3"), num_classes=2, in_chans=3)
+    model, how = build_model(_none("inception_v3", features_from="last"), num_classes=2, in_chans=3)
     assert how == "random init"
     return model.eval()
 
@@ -79,13 +79,74 @@ def test_inception_v3_shapes(inception: LesionNet, size: int) -> None:
     ],
 )
 def test_other_backbones_shapes(backbone: str, in_chans: int, size: int, n_features: int) -> None:
-    model, _ = build_model(_none(backbone), num_classes=3, in_chans=in_chans)
+    model, _ = build_model(_none(backbone, features_from="last"), num_classes=3, in_chans=in_chans)
     model.eval()
     x = torch.rand(2, in_chans, size, size)
     with torch.no_grad():
         assert model.features(x).shape == (2, n_features)
         assert model(x).shape == (2, 3)
     assert model.input_mean.shape == (1, in_chans, 1, 1)
+
+
+@pytest.mark.parametrize(
+    "backbone,size,stage,n_features",
+    [
+        ("inception_v3", 160, "Mixed_6e", 768),
+        ("resnet18", 64, "layer3", 256),
+        ("inception_v3", 96, "Mixed_5d", 288),
+    ],
+)
+def test_features_from_an_inner_stage(backbone: str, size: int, stage: str, n_features: int) -> None:
+    """``mid`` / a stage name: the head reads that block's pooled map; blocks above it are frozen."""
+    torch.manual_seed(0)
+    which = "mid" if stage in ("Mixed_6e", "layer3") else stage
+    model, _ = build_model(_none(backbone, features_from=which), num_classes=2, in_chans=3)
+    model.eval()
+    assert model.num_features == n_features and model.head[0].in_features == n_features
+    names = [n for n, _ in model.blocks()]
+    assert names[-1] == stage
+    x = torch.rand(2, 3, size, size)
+    with torch.no_grad():
+        h = (x - model.input_mean) / model.input_std
+        for n, m in model.backbone.named_children():
+            h = m(h)
+            if n == stage:
+                break
+        assert torch.allclose(model.feature_map(x), h, atol=1e-6)
+        assert model.features(x).shape == (2, n_features)
+        assert model(x).shape == (2, 2)
+    above = dict(model.backbone.named_children())
+    frozen = [n for n in above if n not in names and any(True for _ in above[n].parameters())]
+    assert frozen and all(not p.requires_grad for n in frozen for p in above[n].parameters())
+    # nothing above the cut takes part in a forward pass: no gradient reaches it
+    model.train()
+    model(x).sum().backward()
+    assert all(p.grad is None for n in frozen for p in above[n].parameters())
+
+
+def test_features_from_bad_stage_names_the_choices() -> None:
+    with pytest.raises(UserError, match=r"features_from=Mixed_9z: not a stage.*Mixed_6e"):
+        build_model(_none("inception_v3", features_from="Mixed_9z"), num_classes=2, in_chans=3)
+
+
+def test_features_from_round_trips_and_old_checkpoints_read_last(tmp_path) -> None:
+    cfg = Config()
+    cfg.model = _none("resnet18", features_from="mid")
+    model, _ = build_model(cfg.model, num_classes=2, in_chans=1)
+    path = save_checkpoint(tmp_path / "model.pt", model.eval(), cfg, ["cyst", "metastasis"], in_chans=1)
+    back, meta = load_checkpoint(path)
+    assert meta["features_from"] == "layer3" and back.num_features == 256
+    x = torch.rand(1, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(back(x), model(x), atol=1e-6)
+    # a checkpoint written before the setting existed holds the last stage's head
+    cfg.model = _none("resnet18", features_from="last")
+    old_model, _ = build_model(cfg.model, num_classes=2, in_chans=1)
+    obj = torch.load(save_checkpoint(tmp_path / "old.pt", old_model, cfg, ["a", "b"], 1), weights_only=False)
+    del obj["features_from"], obj["config"]["model"]["features_from"]
+    torch.save(obj, tmp_path / "old.pt")
+    old, meta = load_checkpoint(tmp_path / "old.pt")
+    assert old.features_from == "last" and old.num_features == 512
 
 
 def test_head_is_the_papers(inception: LesionNet) -> None:
@@ -116,9 +177,12 @@ def test_inception_normalises_to_minus_one_one(inception: LesionNet) -> None:
     assert seen[0][0].max().item() == pytest.approx(-1.0) and seen[0][1].min().item() == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("backbone,expected", [("resnet18", "layer4"), ("efficientnet_b0", "bn2")])
-def test_cam_layers_are_4d(backbone: str, expected: str) -> None:
-    model, _ = build_model(_none(backbone), num_classes=2, in_chans=3)
+@pytest.mark.parametrize(
+    "backbone,features_from,expected",
+    [("resnet18", "last", "layer4"), ("resnet18", "mid", "layer3"), ("efficientnet_b0", "mid", "bn2")],
+)
+def test_cam_layers_are_4d(backbone: str, features_from: str, expected: str) -> None:
+    model, _ = build_model(_none(backbone, features_from=features_from), num_classes=2, in_chans=3)
     model.eval()
     (layer,) = model.cam_target_layers()
     assert layer is model.backbone.get_submodule(expected)
@@ -156,7 +220,7 @@ def test_inception_cam_layer_is_mixed_7c(inception: LesionNet) -> None:
 
 
 def test_cam_fallback_finds_last_4d_child() -> None:
-    model, _ = build_model(_none("resnet18"), num_classes=2, in_chans=3)
+    model, _ = build_model(_none("resnet18", features_from="last"), num_classes=2, in_chans=3)
     model.backbone.feature_info = []  # force the generic search
     (layer,) = model.cam_target_layers()
     assert layer is model.backbone.layer4

@@ -52,6 +52,9 @@ class ModelConfig:
     fusion: str = (
         "radiomics"  # radiomics: late fusion of the network with radiomics-style features | none (paper)
     )
+    # where the head reads the backbone: mid (second-to-last timm stage; inception_v3: Mixed_6e, 768
+    # channels: mid-level features describe texture) | last (the paper: Mixed_7c, 2048) | a stage name
+    features_from: str = "mid"
     tta: str = "flips"  # test-time augmentation, identical in cv/predict/serve/export: flips | none
 
 

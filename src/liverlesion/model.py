@@ -53,6 +53,7 @@ class LesionNet(nn.Module):
         std: tuple[float, ...] | None = None,
         init_backbone: bool = True,
         fusion_features: Sequence[str] = (),
+        features_from: str = "last",
     ):
         super().__init__()
         self.backbone_name = backbone
@@ -60,7 +61,7 @@ class LesionNet(nn.Module):
         self.in_chans = in_chans
         self.backbone_patch: str | None = None  # e.g. weights.TF_POOLING_PATCH; saved in checkpoints
         self.backbone = _create_backbone(backbone, in_chans, init_backbone)
-        self.num_features = int(self.backbone.num_features)
+        self.features_from, self._cut, self.num_features = _feature_cut(self.backbone, features_from)
         cfg = getattr(self.backbone, "pretrained_cfg", None) or {}
         self.register_buffer("input_mean", _per_channel(mean or cfg.get("mean") or (0.5,) * 3, in_chans))
         self.register_buffer("input_std", _per_channel(std or cfg.get("std") or (0.5,) * 3, in_chans))
@@ -99,8 +100,19 @@ class LesionNet(nn.Module):
             self.backbone_patch = patch
 
     def feature_map(self, x: Tensor) -> Tensor:
-        """Backbone feature map for ``[0, 1]`` input (NCHW for CNNs)."""
-        return self.backbone.forward_features((x - self.input_mean) / self.input_std)
+        """Backbone feature map for ``[0, 1]`` input (NCHW for CNNs), at ``features_from``'s block."""
+        h = (x - self.input_mean) / self.input_std
+        if self._cut is None:
+            return self.backbone.forward_features(h)
+        kids = self.blocks()
+        if not kids:
+            raise UserError(
+                f"model.features_from={self.features_from}: {self.backbone_name}'s blocks do not run as a "
+                "plain sequence, so its features cannot be read at an inner block; set model.features_from=last"
+            )
+        for _, m in kids:
+            h = m(h)
+        return h
 
     def features(self, x: Tensor) -> Tensor:
         """Globally average-pooled backbone features ``(N, num_features)``."""
@@ -141,7 +153,10 @@ class LesionNet(nn.Module):
     _NOT_FEATURES = ("global_pool", "head_drop", "fc", "head", "classifier", "fc_norm", "pre_logits")
 
     def blocks(self) -> list[tuple[str, nn.Module]]:
-        """The backbone's top-level blocks in forward order, or [] when they are not a plain sequence."""
+        """The backbone's top-level blocks in forward order up to ``features_from``'s block.
+
+        [] when they are not a plain sequence (the network then runs timm's ``forward_features``).
+        """
         kids = [(n, m) for n, m in self.backbone.named_children() if n not in self._NOT_FEATURES]
         if getattr(self, "_blocks_ok", None) is None:
             was = self.training
@@ -150,9 +165,9 @@ class LesionNet(nn.Module):
                 with torch.no_grad():
                     x = torch.rand(1, self.in_chans, 160, 160, device=self.input_mean.device)
                     h = (x - self.input_mean) / self.input_std
+                    ref = self.backbone.forward_features(h)
                     for _, m in kids:
                         h = m(h)
-                    ref = self.feature_map(x)
                 self._blocks_ok = tuple(h.shape) == tuple(ref.shape) and bool(
                     torch.allclose(h, ref, atol=1e-5)
                 )
@@ -160,7 +175,9 @@ class LesionNet(nn.Module):
                 self._blocks_ok = False
             finally:
                 self.train(was)
-        return kids if self._blocks_ok else []
+        if not self._blocks_ok:
+            return []
+        return kids[: self._cut] if self._cut is not None else kids
 
     def forward_lower(self, x: Tensor, n_top: int) -> Tensor:
         """Activations below the last ``n_top`` blocks for ``[0, 1]`` input (cached during lpft)."""
@@ -252,6 +269,45 @@ def _create_backbone(name: str, in_chans: int, init: bool) -> nn.Module:
     return timm.create_model(name, **kwargs)
 
 
+def _feature_cut(backbone: nn.Module, features_from: str) -> tuple[str, int | None, int]:
+    """Where the network reads its features: ``(setting, blocks kept or None for all, channels)``.
+
+    ``last`` is timm's ``forward_features`` (the paper: Inception-v3's 2048 channels after Mixed_7c).
+    ``mid`` is the second-to-last stage of timm's ``feature_info`` (Inception-v3: Mixed_6e, 768
+    channels; ResNets: layer3): mid-level ImageNet features describe texture, which is what tells
+    lesions apart, better than the object-level last stage (frozen-feature ROC AUC in README).
+    Backbones whose stages are not top-level blocks (EfficientNet) read their last stage. A stage
+    name from ``feature_info`` also works. Blocks above the cut are frozen and never run. The
+    returned setting is the resolved stage name (or ``last``), as stored in checkpoints.
+    """
+    choice = str(features_from or "last").strip()
+    if choice == "last":
+        return "last", None, int(backbone.num_features)
+    info = [dict(i) for i in (getattr(backbone, "feature_info", None) or [])]
+    stages = [i for i in info if "." not in str(i.get("module", "")) and i.get("num_chs")]
+    if choice == "mid":
+        if len(stages) < 2:  # stages are not top-level blocks (e.g. EfficientNet): the last stage
+            return "last", None, int(backbone.num_features)
+        pick = stages[-2]
+    else:
+        found = [i for i in stages if i["module"] == choice]
+        if not found:
+            names = ", ".join(str(i["module"]) for i in stages) or "none"
+            raise UserError(
+                f"model.features_from={choice}: not a stage of this backbone; use last, mid or one of: {names}"
+            )
+        pick = found[0]
+    kids = [n for n, _ in backbone.named_children() if n not in LesionNet._NOT_FEATURES]
+    choice = str(pick["module"])
+    cut = kids.index(choice) + 1
+    if cut == len(kids):
+        return "last", None, int(backbone.num_features)
+    for n, m in backbone.named_children():
+        if n in kids[cut:]:
+            m.requires_grad_(False)  # never run: no gradient, nothing for DDP to wait for
+    return choice, cut, int(pick["num_chs"])
+
+
 def _per_channel(values: tuple[float, ...] | list[float], in_chans: int) -> Tensor:
     v = [float(x) for x in values]
     if len(v) != in_chans:
@@ -297,20 +353,21 @@ def build_model(
     check_backbone_name(cfg.backbone)
     kind = choice.lower()
     args = (cfg.backbone, num_classes, in_chans, cfg.head_hidden, cfg.dropout)
+    kw = {"fusion_features": fusion_features, "features_from": cfg.features_from}
     if kind == "imagenet":
         from liverlesion.weights import resolve_imagenet_weights
 
         # ``imagenet``: weights already resolved by the caller (one look-up for all CV folds)
         w = imagenet if imagenet is not None else resolve_imagenet_weights(cfg.backbone)
-        model = LesionNet(*args, mean=w.mean, std=w.std, init_backbone=False, fusion_features=fusion_features)
+        model = LesionNet(*args, mean=w.mean, std=w.std, init_backbone=False, **kw)
         _load_backbone(model, w.state_dict, source=w.source, src_chans=3)
         model.apply_backbone_patch(w.backbone_patch)
         return model, w.source
     if kind in ("none", "random", ""):
-        return LesionNet(*args, fusion_features=fusion_features), "random init"
+        return LesionNet(*args, **kw), "random init"
     path = Path(choice).expanduser()
     # every backbone tensor is loaded from the file (or we fail), so skip the random init
-    model = LesionNet(*args, init_backbone=not path.is_file(), fusion_features=fusion_features)
+    model = LesionNet(*args, init_backbone=not path.is_file(), **kw)
     return model, _init_from_file(model, path)
 
 
@@ -538,6 +595,7 @@ def save_checkpoint(
         "in_chans": int(in_chans),
         "backbone_patch": model.backbone_patch,
         "fusion_features": list(model.fusion_features),
+        "features_from": model.features_from,
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "versions": _plain(_versions()),
         "temperature": 1.0,
@@ -607,6 +665,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             mc.dropout,
             init_backbone=False,
             fusion_features=[str(f) for f in obj.get("fusion_features") or []],
+            # checkpoints from before the setting read the last stage
+            features_from=str(obj.get("features_from") or "last"),
         )
         model.apply_backbone_patch(obj.get("backbone_patch"))
     except UserError as e:
