@@ -839,6 +839,12 @@ def print_lesion_table(table: pd.DataFrame, max_rows: int = 20, file=None) -> No
     rows = _display_rows(table, max_rows)
     hidden = len(table) - sum(r is not None for r in rows)
     lines = _summary_lines(summarize_lesions(table)) if len(table) else ["no lesions"]
+    if "measurement" in table and (
+        n_est := int(table["measurement"].astype(str).str.startswith("estimated").sum())
+    ):
+        lines.append(
+            f"{n_est} lesion(s) from clicks: sizes and HU estimated from the click, not measured on a mask"
+        )
     try:
         from rich.console import Console
         from rich.table import Table
