@@ -245,7 +245,9 @@ def grow_from_click(
     if shell.sum() < 8:  # clipped away by the image edge: use what lies outside the sphere
         shell = in_shell_ball & ~in_sphere
     if not shell.any():
-        return sphere_region(image, centre, diameter_mm, point_name, note="no surroundings inside the image")
+        note = "no surroundings of the click inside the image to compare with; sphere used"
+        log.warning("%s: %s", point_name, note)
+        return sphere_region(image, centre, diameter_mm, point_name, note=note)
     ring = sub[shell]
     # When the diameter was given too small, part of the shell is lesion: the surroundings are the
     # shell voxels clearly on the far side of the lesion's HU.
@@ -278,21 +280,17 @@ def grow_from_click(
     mid = lesion_hu + EDGE_LEVEL * (background_hu - lesion_hu)
     reach = max(abs(contrast), MIN_CONTRAST_SD * noise)  # how far beyond the lesion's own HU to accept
     if contrast > 0:
-        lower, upper = max(lesion_hu - reach, -500.0), mid
+        lower, upper = max(lesion_hu - reach, -500.0), mid  # never into air (lesions.AIR_HU)
     else:
         lower, upper = mid, lesion_hu + reach
     # Voxels outside the bound get a value outside [lower, upper], so growing stays inside it.
     values = np.where(in_bound, sub, np.float32(upper + 1e4))
     inside = (values >= lower) & (values <= upper)
     seeds = np.argwhere(seed_ball & inside)
-    if len(seeds) == 0:
-        return sphere_region(
-            image,
-            centre,
-            diameter_mm,
-            point_name,
-            note="no voxel near the click within the lesion's HU range",
-        )
+    if len(seeds) == 0:  # not expected (the seed median lies in the range): the sphere, said so
+        note = "no voxel near the click within the lesion's HU range; sphere used"
+        log.warning("%s: %s", point_name, note)
+        return sphere_region(image, centre, diameter_mm, point_name, note=note)
     # The in-range seed voxel nearest the click.
     seed = seeds[np.argmin((((seeds + lo - centre) * spacing) ** 2).sum(axis=1))]
     grown = _connected_threshold(values, seed, lower, upper)
@@ -312,9 +310,8 @@ def grow_from_click(
     else:
         region = grown
     region = ndimage.binary_fill_holes(region)
-    region = ndimage.binary_fill_holes(
-        region, structure=_INPLANE
-    )  # per slice: a necrotic core open at an end
+    # Per slice too: a necrotic core open at the lesion's top or bottom slice.
+    region = ndimage.binary_fill_holes(region, structure=_INPLANE)
     region = ndimage.binary_closing(region, structure=_INPLANE, border_value=0) & in_bound
     region[tuple(seed)] = True
 
