@@ -427,6 +427,10 @@ def test_inspect_cli_writes_csv(study: Path, tmp_path: Path, capsys):
     printed = capsys.readouterr().out
     assert "patients: 2" in printed and "lesions: 4" in printed
     assert "metastasis 2" in printed and "cyst 2" in printed
+    # the study's one click is marked as an estimate, in the table and in the summary
+    assert table["measurement"].str.startswith("estimated from click").sum() == 1
+    assert set(table.loc[table["source"] == "mask", "measurement"]) == {"mask"}
+    assert "1 lesion(s) from clicks: sizes and HU estimated from the click" in printed
     assert not [p for p in out.parent.iterdir() if p.name != "lesions.csv"]
 
 

@@ -213,10 +213,16 @@ def test_min_size_is_configurable(ckpts, case):
 def test_point_mode_cli_and_api(ckpts, case, tmp_path, capsys):
     x, y, z = _centre_lps(case["image"], BIG_CENTRE_ZYX)
     out = tmp_path / "out"
-    rc, _, err = _run([*_at_point(ckpts, case["image"], f"{x},{y},{z}", 12), "--out", out], capsys)
+    rc, printed, err = _run([*_at_point(ckpts, case["image"], f"{x},{y},{z}", 12), "--out", out], capsys)
     assert rc == 0, err
     cli = pd.read_csv(out / "results.csv")
     assert len(cli) == 1 and cli["source"].iloc[0] == "click"
+    # the 12 mm lesion is grown from the click, and its sizes are marked as estimates
+    assert cli["measurement"].iloc[0] == "estimated from click"
+    assert "estimated from the click" in printed
+    assert cli["volume_ml"].iloc[0] == pytest.approx(
+        4 / 3 * np.pi * 6.0**3 / 1000, rel=0.2
+    )  # the 6 mm radius sphere
     assert cli["centroid_x_mm"].iloc[0] == pytest.approx(x, abs=1.0)
     api = Classifier.load(ckpts["a"]).predict(read_volume(case["image"]), point=(x, y, z), diameter_mm=12)
     assert cli["prob_metastasis"].iloc[0] == pytest.approx(api["prob_metastasis"].iloc[0], rel=1e-9)

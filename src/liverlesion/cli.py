@@ -284,6 +284,62 @@ def import_ircadb(
     typer.echo(import_summary(manifest.parent))
 
 
+ClassMapOpt = Annotated[
+    list[str],
+    typer.Option(
+        "--class-map",
+        help="Label value (or its dataset.json name) = lesion class, e.g. 2=metastasis; repeatable or "
+        "comma-separated. Each connected component of a mapped value is a lesion.",
+        show_default="required",
+    ),
+]
+ImportToleranceOpt = Annotated[
+    float, typer.Option("--tolerance", help="Geometry tolerance (mm) between each CT and its label map.")
+]
+
+
+@import_app.command("msd")
+def import_msd(
+    src: Annotated[
+        Path,
+        typer.Argument(help="Decathlon task folder, e.g. Task03_Liver (dataset.json, imagesTr/, labelsTr/)."),
+    ],
+    class_map: ClassMapOpt,
+    out: Annotated[Path, _out_opt("Output folder for lesion masks and manifest.csv.")],
+    tolerance: ImportToleranceOpt = 1e-3,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Import a Medical Segmentation Decathlon task (e.g. Task03_Liver: --class-map 2=metastasis)."""
+    from liverlesion.datasets.labelmap import import_summary
+    from liverlesion.datasets.msd import import_msd as _imp
+
+    _out_dir(out, "--out")
+    manifest = _imp(src, out, class_map, overwrite=overwrite, tolerance=tolerance)
+    typer.echo(import_summary(manifest.parent))
+
+
+@import_app.command("folder")
+def import_folder(
+    src: Annotated[
+        Path,
+        typer.Argument(
+            help="nnU-Net raw dataset (dataset.json, imagesTr/, labelsTr/) or a folder with images/ + labels/."
+        ),
+    ],
+    class_map: ClassMapOpt,
+    out: Annotated[Path, _out_opt("Output folder for lesion masks and manifest.csv.")],
+    tolerance: ImportToleranceOpt = 1e-3,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Import CT + label-map pairs (nnU-Net raw layout, or images/ + labels/ matched by case name)."""
+    from liverlesion.datasets.folder import import_folder as _imp
+    from liverlesion.datasets.labelmap import import_summary
+
+    _out_dir(out, "--out")
+    manifest = _imp(src, out, class_map, overwrite=overwrite, tolerance=tolerance)
+    typer.echo(import_summary(manifest.parent))
+
+
 @app.command()
 def patches(
     manifest: Annotated[Path, typer.Argument(help="Manifest CSV.")],

@@ -39,6 +39,7 @@ import pandas as pd
 from scipy import ndimage
 
 from liverlesion import DISCLAIMER
+from liverlesion.click import grow_from_click, sphere_region
 from liverlesion.errors import UserError
 from liverlesion.volume import Volume
 
@@ -53,6 +54,7 @@ LESION_COLUMNS = (
     "mask",
     "label",
     "source",
+    "measurement",
     "n_voxels",
     "bbox_z0",
     "bbox_y0",
@@ -150,6 +152,8 @@ class Lesion:
         min_axis_mm: Extent along the smallest principal axis, mm.
         hu_mean: Mean HU over the lesion.
         hu_std: HU standard deviation over the lesion.
+        measurement: ``"mask"`` (measured on the given mask), or for a click one of
+            :data:`liverlesion.click.MEASUREMENT`'s values, all starting "estimated from click".
     """
 
     lesion_id: str
@@ -167,6 +171,7 @@ class Lesion:
     min_axis_mm: float
     hu_mean: float
     hu_std: float
+    measurement: str = "mask"
 
     @property
     def bbox_slices(self) -> tuple[slice, slice, slice]:
@@ -528,12 +533,17 @@ def lesion_from_click(
     lesion_id: str | None = None,
     image_ref: str = "",
     point_name: str = "point",
+    method: str = "grow",
 ) -> LesionWithMask:
-    """A spherical lesion of ``diameter_mm`` around a clicked LPS point.
+    """A lesion around a clicked LPS point, grown from it within ``diameter_mm`` (:mod:`liverlesion.click`).
 
-    The sphere is round in millimetres (an ellipsoid in voxels when the spacing is
-    anisotropic). Parts outside the volume are clipped with a warning. The voxel
-    nearest the point is always included, so a tiny diameter still gives a lesion.
+    ``method="grow"`` (the default) grows the lesion from the click, bounded by intensity and by
+    the diameter; where no edge is found it is capped at the sphere of the diameter, and where
+    growing fails it is that sphere (each with a one-line warning). ``method="sphere"`` gives the
+    sphere directly. The sphere is round in millimetres (an ellipsoid in voxels when the spacing
+    is anisotropic); parts outside the volume are clipped with a warning; the voxel nearest the
+    point is always included, so a tiny diameter still gives a lesion. The record's
+    ``measurement`` says how it was made; a click's measurements are always estimates.
 
     Args:
         image: CT volume (HU).
@@ -544,13 +554,16 @@ def lesion_from_click(
         lesion_id: Identifier (default ``{patient_id}-L01``).
         image_ref: Image reference stored in the record.
         point_name: How the point is named in error messages.
+        method: ``"grow"`` or ``"sphere"``.
 
     Returns:
-        ``(Lesion, LesionMask)``: the sphere's voxels inside the image, as a crop.
+        ``(Lesion, LesionMask)``: the lesion's voxels inside the image, as a crop.
 
     Raises:
-        UserError: Bad diameter, point outside the volume, or point in air.
+        UserError: Bad diameter or method, point outside the volume, or point in air.
     """
+    if method not in ("grow", "sphere"):
+        raise UserError(f"click method {method!r}: expected 'grow' or 'sphere'")
     point = np.asarray(point_xyz_mm, dtype=float).reshape(-1)
     if point.shape != (3,) or not np.all(np.isfinite(point)):
         raise UserError(f"{point_name} {tuple(point_xyz_mm)}: expected three finite numbers x,y,z in LPS mm")
@@ -569,9 +582,7 @@ def lesion_from_click(
         raise UserError(
             f"{point_name} {_fmt_xyz(point)} mm is outside the image, whose LPS extent is {extent} mm; {hint}"
         )
-    spacing = np.asarray(image.spacing, dtype=float)
-    shape = np.asarray(image.shape)
-    near = np.clip(np.round(centre).astype(int), 0, shape - 1)
+    near = np.clip(np.round(centre).astype(int), 0, np.asarray(image.shape) - 1)
     # Median of the 3x3x3 neighbourhood: robust to noise and a single odd voxel.
     nb = image.array[tuple(slice(max(c - 1, 0), c + 2) for c in near)]
     hu_at = float(np.median(nb))
@@ -580,34 +591,11 @@ def lesion_from_click(
             f"{point_name} {_fmt_xyz(point)} mm is in air (HU {hu_at:.0f} < {AIR_HU:.0f}): outside the body "
             "(or in lung / bowel gas); check the coordinates are LPS mm on this image"
         )
-    radius = diameter_mm / 2.0
-    half = radius / spacing  # radius in voxels along z, y, x
-    lo = np.floor(centre - half).astype(int)
-    hi = np.ceil(centre + half).astype(int) + 1
-    # Build the sphere only inside the image (open grids, no full-size meshgrid): a large
-    # diameter then costs at most one image-sized boolean array.
-    clo = np.maximum(lo, 0)
-    chi = np.minimum(hi, shape)
-    axes = [((np.arange(a, b) - c) * s) ** 2 for a, b, c, s in zip(clo, chi, centre, spacing, strict=True)]
-    crop = (axes[0][:, None, None] + axes[1][None, :, None] + axes[2][None, None, :]) <= radius**2
-    crop[tuple(n - a for n, a in zip(near, clo, strict=True))] = True
-    if np.any(lo < 0) or np.any(hi > shape):
-        # Voxels of the whole sphere, estimated from its volume (it is not built outside the image).
-        full_voxels = max(int(round(math.pi / 6 * diameter_mm**3 / float(np.prod(spacing)))), 1)
-        lost = full_voxels - int(crop.sum())
-        if lost > 0:
-            log.warning(
-                "%s %s mm: the %.1f mm sphere extends past the image edge; about %d of %d voxels clipped",
-                point_name,
-                _fmt_xyz(point),
-                diameter_mm,
-                lost,
-                full_voxels,
-            )
-    sub = _foreground_box(crop)
-    assert sub is not None
-    off = tuple(int(a) + s.start for a, s in zip(clo, sub, strict=True))
-    crop = crop[sub]
+    if method == "sphere":
+        region = sphere_region(image, centre, diameter_mm, f"{point_name} {_fmt_xyz(point)} mm")
+    else:
+        region = grow_from_click(image, centre, diameter_mm, f"{point_name} {_fmt_xyz(point)} mm")
+    crop, off = region.crop, region.offset
     m = _measure(image, crop, off)
     lesion = Lesion(
         lesion_id=lesion_id or _lesion_id(patient_id, 1),
@@ -618,6 +606,7 @@ def lesion_from_click(
         label=None,
         source="click",
         **m,
+        measurement=region.measurement,
     )
     return lesion, LesionMask(crop, tuple(int(o) for o in off), tuple(image.shape))
 
@@ -850,6 +839,12 @@ def print_lesion_table(table: pd.DataFrame, max_rows: int = 20, file=None) -> No
     rows = _display_rows(table, max_rows)
     hidden = len(table) - sum(r is not None for r in rows)
     lines = _summary_lines(summarize_lesions(table)) if len(table) else ["no lesions"]
+    if "measurement" in table and (
+        n_est := int(table["measurement"].astype(str).str.startswith("estimated").sum())
+    ):
+        lines.append(
+            f"{n_est} lesion(s) from clicks: sizes and HU estimated from the click, not measured on a mask"
+        )
     try:
         from rich.console import Console
         from rich.table import Table

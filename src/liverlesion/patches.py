@@ -58,7 +58,9 @@ __all__ = [
 ]
 
 AIR_HU = -1024.0  # fill value outside the scanned volume
-CACHE_FORMAT_VERSION = 1  # bump when the npz/index layout changes, so old caches are not reused
+# Bump when the npz/index layout or the lesion masks change, so old caches are not reused
+# (2: click lesions grown from the click, `measurement` column).
+CACHE_FORMAT_VERSION = 2
 CONTACT_SHEET_MAX = 200  # lesions drawn on the contact sheet
 _MODES = ("2.5d", "2d")
 _ORDERS = {"nearest": 0, "linear": 1, "bspline": 3}

@@ -485,7 +485,8 @@ class Classifier:
         """Classify the lesions of one CT volume.
 
         Give either ``mask`` (every connected component, or only ``label``) or
-        ``point`` + ``diameter_mm`` (a sphere around a click in LPS mm).
+        ``point`` + ``diameter_mm`` (a lesion grown from a click in LPS mm within the diameter;
+        its measurements are marked "estimated from click").
 
         Args:
             volume: CT in HU (from ``read_volume``).
@@ -674,11 +675,9 @@ class Classifier:
                 "label": lesion.label,
                 "pred_class": pred,
                 "status": TOO_SMALL if too_small else CLASSIFIED,
-                "fusion_input": (
-                    ""
-                    if not self.fusion_features
-                    else ("mask" if lesion.source == "mask" else "click sphere (estimated)")
-                ),
+                "fusion_input": "" if not self.fusion_features else lesion.measurement,
+                # "mask", or for a click "estimated from click ..." (grown, capped or sphere; click.py)
+                "measurement": lesion.measurement,
             }
             for c, p in zip(self.class_names, probs, strict=True):
                 row[f"prob_{c}"] = float(p)
@@ -768,6 +767,8 @@ def format_results(
         tail += f"; decision: {decision_rule}"
     if n_models:
         tail += f"; {n_models} model(s)"
+    if "measurement" in df.columns and df["measurement"].astype(str).str.startswith("estimated").any():
+        tail += "; sizes of clicked lesions are estimated from the click, not measured on a mask"
     return f"{table}\n{tail}\nliverlesion: {DISCLAIMER}"
 
 
@@ -787,6 +788,7 @@ def result_columns(class_names: Sequence[str]) -> list[str]:
         "positive_class",
         "status",
         "fusion_input",
+        "measurement",
         "max_axial_diameter_mm",
         "min_axis_mm",
         "volume_ml",
