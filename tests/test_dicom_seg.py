@@ -14,7 +14,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from helpers import make_ct_with_two_lesions, make_tiny_checkpoint, write_dicom_series
+from helpers import build_seg, make_ct_with_two_lesions, make_tiny_checkpoint, write_dicom_series
 from liverlesion.cli import main
 from liverlesion.dicom_seg import (
     SEG_SOP_CLASS_UID,
@@ -28,53 +28,6 @@ from liverlesion.errors import UserError
 from liverlesion.io import read_volume, write_volume
 from liverlesion.lesions import lesion_table, lesions_from_mask
 from liverlesion.volume import Volume
-
-
-def build_seg(
-    ct_files: list[Path],
-    masks: dict[str, np.ndarray],
-    path: Path,
-    slices: list[int] | None = None,
-    fractional: bool = False,
-) -> Path:
-    """A SEG written with highdicom on the CT files (in slice order), one segment per mask (label -> array).
-
-    ``masks`` are in the files' own pixel layout (the array given to ``write_dicom_series``);
-    ``slices`` keeps only those source slices (a SEG on a subset of the series).
-    """
-    import highdicom as hd
-    from pydicom.sr.codedict import codes
-
-    keep = list(range(len(ct_files))) if slices is None else list(slices)
-    sources = [pydicom.dcmread(ct_files[k]) for k in keep]
-    pixels = np.stack([np.asarray(m)[keep] for m in masks.values()], axis=-1)
-    pixels = (pixels > 0).astype(np.float32 if fractional else np.uint8)
-    descriptions = [
-        hd.seg.SegmentDescription(
-            segment_number=i,
-            segment_label=label,
-            segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
-            segmented_property_type=codes.SCT.Lesion,
-            algorithm_type="MANUAL",
-        )
-        for i, label in enumerate(masks, start=1)
-    ]
-    seg = hd.seg.Segmentation(
-        source_images=sources,
-        pixel_array=pixels,
-        segmentation_type="FRACTIONAL" if fractional else "BINARY",
-        segment_descriptions=descriptions,
-        series_instance_uid=hd.UID(),
-        series_number=300,
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer="tests",
-        manufacturer_model_name="tests",
-        software_versions="0",
-        device_serial_number="0",
-    )
-    seg.save_as(path, enforce_file_format=True)
-    return path
 
 
 def _sphere(shape, centre_zyx, radius_vox) -> np.ndarray:
@@ -169,8 +122,9 @@ def test_seg_on_a_subset_of_slices(study, tmp_path):
 def test_fractional_seg(study, tmp_path):
     ct = read_volume(study["ct"])
     seg = build_seg(study["files"], {"Tumor_1": study["big"]}, tmp_path / "frac.dcm", fractional=True)
-    labels, label = seg_mask(seg, ct)
-    assert label == 1
+    labels, label = seg_mask(seg, ct, "Tumor_1")
+    assert label == 1  # an exact label names one segment: one lesion
+    assert seg_mask(seg, ct)[1] is None  # every segment: connected components
     np.testing.assert_array_equal(labels.array == 1, study["big"])
 
 

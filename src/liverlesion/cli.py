@@ -284,6 +284,26 @@ def import_ircadb(
     typer.echo(import_summary(manifest.parent))
 
 
+@import_app.command("tcia-crlm")
+def import_tcia_crlm(
+    src: Annotated[
+        Path,
+        typer.Argument(
+            help="TCIA Colorectal-Liver-Metastases download (manifest-*, collection or CRLM-CT-NNNN)."
+        ),
+    ],
+    out: Annotated[Path, _out_opt("Output folder for manifest.csv and the import report.")],
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Import TCIA Colorectal-Liver-Metastases (tumour segments -> metastasis; CT and SEG used in place)."""
+    from liverlesion.datasets.tcia_crlm import import_summary as _summary
+    from liverlesion.datasets.tcia_crlm import import_tcia_crlm as _imp
+
+    _out_dir(out, "--out")
+    manifest = _imp(src, out, overwrite=overwrite)
+    typer.echo(_summary(manifest.parent))
+
+
 @app.command()
 def patches(
     manifest: Annotated[Path, typer.Argument(help="Manifest CSV.")],

@@ -10,9 +10,10 @@ Storage, ``1.2.840.10008.5.1.4.1.1.66.4``), never by its name. A *selector* choo
   shell pattern when it holds ``*``, ``?`` or ``[`` (``Tumor*`` selects ``Tumor_1``, ``Tumor_2``, ...).
 
 The selected segments are painted into a label map on the CT grid whose values are the
-segment numbers, so everything downstream (lesions, patches, SR) works unchanged. One
-selected segment is **one lesion** (as label N of a label mask); several selected segments
-give **one lesion per connected component** of their union (as an empty label), and each such
+segment numbers, so everything downstream (lesions, patches, SR) works unchanged. A number,
+or an exact label naming one segment, makes that segment **one lesion** (as label N of a label
+mask); an empty selector, a pattern, or a label several segments share gives **one lesion per
+connected component** of the selected segments' union (as an empty label). Either way each
 lesion is referred to by the segment that holds it (its ``label`` is that segment number).
 A label map cannot hold overlapping segments: when selected segments overlap the SEG is
 refused, naming them (select one segment per manifest row instead).
@@ -59,6 +60,7 @@ __all__ = [
     "select_segments",
     "check_seg_selector",
     "check_manifest_seg",
+    "referenced_series",
     "seg_mask",
     "seg_lesions",
     "segment_of",
@@ -249,6 +251,11 @@ def _referenced_series(ds) -> list[str]:
     return [u for u in dict.fromkeys(uids) if u]
 
 
+def referenced_series(path: str | os.PathLike, name: str = "mask") -> list[str]:
+    """The SeriesInstanceUIDs a SEG file references (header only)."""
+    return _referenced_series(_read_header(Path(path), name))
+
+
 def _check_reference(ds, image: Volume, path: Path, name: str, image_name: str) -> None:
     refs = _referenced_series(ds)
     ref = image.dicom
@@ -424,6 +431,12 @@ def seg_labelmap(
     return volume, chosen
 
 
+def _names_one(selector: Selector) -> bool:
+    """A number or an exact label (not empty, not a pattern): it names one segment, one lesion."""
+    selector = parse_selector(selector)
+    return isinstance(selector, int) or (isinstance(selector, str) and not _PATTERN_CHARS & set(selector))
+
+
 def seg_mask(
     path: str | os.PathLike,
     image: Volume,
@@ -435,13 +448,14 @@ def seg_mask(
 ) -> tuple[Volume, int | None]:
     """A SEG as ``(mask, label)`` for :func:`liverlesion.lesions.lesions_from_mask` (and ``serve``).
 
-    ``label`` is the segment number when one segment is selected (one lesion), else None
-    (every connected component is a lesion).
+    ``label`` is the segment number when a number or an exact label selects one segment (one
+    lesion), else None (every connected component is a lesion: an empty selector, a pattern,
+    or a label that several segments share).
     """
     labels, chosen = seg_labelmap(
         path, image, selector, tolerance=tolerance, name=name, image_name=image_name
     )
-    if len(chosen) == 1:
+    if len(chosen) == 1 and _names_one(selector):
         if not labels.array.any():
             raise UserError(
                 f"{name} {path}: segment {chosen[0]} is empty on {image_name}; choose another segment"

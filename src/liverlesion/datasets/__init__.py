@@ -1,11 +1,12 @@
 """Importers that turn public dataset layouts into a liverlesion manifest.
 
 * :func:`liverlesion.datasets.ircadb.import_ircadb`: 3D-IRCADb-01 (IRCAD, CC BY-NC-ND 4.0).
+* :func:`liverlesion.datasets.tcia_crlm.import_tcia_crlm`: TCIA Colorectal-Liver-Metastases (CC BY 4.0).
 """
 
 from __future__ import annotations
 
-__all__ = ["import_ircadb"]
+__all__ = ["import_ircadb", "import_tcia_crlm"]
 
 
 def __getattr__(name: str):
@@ -14,4 +15,8 @@ def __getattr__(name: str):
         from liverlesion.datasets.ircadb import import_ircadb
 
         return import_ircadb
+    if name == "import_tcia_crlm":
+        from liverlesion.datasets.tcia_crlm import import_tcia_crlm
+
+        return import_tcia_crlm
     raise AttributeError(f"module 'liverlesion.datasets' has no attribute {name!r}")
