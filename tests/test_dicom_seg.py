@@ -382,6 +382,8 @@ def test_predict_manifest_with_seg_writes_one_seg_per_image(study, ckpt, tmp_pat
         (["--label", "Kidney"], "'Kidney'"),
         (["--label", "abc", "--mask-nifti"], "not an integer"),
         (["--dicom-seg", "--image-nifti"], "--dicom-seg needs a DICOM --image"),
+        (["--swap"], "DICOM SEG object without an image"),  # the SEG in the --image slot
+        (["--other-series"], "references series"),
     ],
 )
 def test_predict_bad_seg_input_is_one_line(study, ckpt, tmp_path, capsys, extra, fragment):
@@ -392,7 +394,14 @@ def test_predict_bad_seg_input_is_one_line(study, ckpt, tmp_path, capsys, extra,
         )
     if "--image-nifti" in extra:
         image = str(write_volume(read_volume(study["ct"]), tmp_path / "ct.nii.gz"))
-    extra = [e for e in extra if e not in ("--mask-nifti", "--image-nifti")]
+    if "--swap" in extra:
+        image, mask = mask, image
+    if "--other-series" in extra:
+        write_dicom_series(study["image"], tmp_path / "other")
+        image = str(tmp_path / "other")
+    extra = [
+        e for e in extra if not e.startswith(("--mask-nifti", "--image-nifti", "--swap", "--other-series"))
+    ]
     out = tmp_path / "out"
     rc = main(["predict", "--model", str(ckpt), "--image", image, "--mask", mask, *extra, "--out", str(out)])
     err = capsys.readouterr().err
@@ -403,7 +412,7 @@ def test_predict_bad_seg_input_is_one_line(study, ckpt, tmp_path, capsys, extra,
 
 def test_write_seg_without_per_slice_instances_places_frames_by_position(study, tmp_path):
     """A multi-frame source has no instance per array slice: frames are placed by the CT's affine."""
-    from liverlesion.dicom_seg import write_seg
+    from liverlesion.seg_write import write_seg
 
     ct = read_volume(study["ct"])
     ct.dicom = ct.dicom.replace(slices_along_array_z=False)

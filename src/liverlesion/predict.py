@@ -1154,7 +1154,7 @@ def predict_cli(
                 used.add(name)
                 draw_lesion_overlay(r, case.image, tmp / "overlays" / f"{name}.png", clf.class_names)
         if dicom_sr or dicom_seg:
-            from liverlesion.dicom_seg import write_seg
+            from liverlesion.seg_write import write_seg
             from liverlesion.sr import write_sr
 
             counts: dict[str, int] = {}

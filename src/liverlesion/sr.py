@@ -262,7 +262,7 @@ def write_sr(
         lesion_masks: Full-size boolean masks by lesion_id, for the outlines; without
             them each lesion is referenced by a point at its centre.
         series_number: SeriesNumber of the new SR series.
-        seg: A :class:`liverlesion.dicom_seg.SegReference` (``predict --dicom-seg``): each lesion
+        seg: A :class:`liverlesion.seg_write.SegReference` (``predict --dicom-seg``): each lesion
             with a segment there becomes a volumetric ROI (TID 1411) referring to its segment,
             with the SEG's tracking UID, and the SEG joins the evidence.
 
