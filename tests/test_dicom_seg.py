@@ -420,3 +420,44 @@ def test_write_seg_without_per_slice_instances_places_frames_by_position(study, 
     assert ref.segments == {"a": 1, "b": 2}
     labels, _ = seg_labelmap(ref.path, read_volume(study["ct"]))
     np.testing.assert_array_equal(labels.array, study["big"] * 1 + study["small"] * 2)
+
+
+def test_dicom_seg_needs_a_frame_of_reference(study, ckpt, tmp_path, capsys):
+    """Some anonymised exports (3D-IRCADb-01) drop FrameOfReferenceUID: --dicom-seg is refused, nothing written."""
+    files = write_dicom_series(study["image"], tmp_path / "nofor")
+    for f in files:
+        ds = pydicom.dcmread(f)
+        del ds.FrameOfReferenceUID
+        ds.save_as(f)
+    ct = read_volume(tmp_path / "nofor")
+    point = ",".join(f"{v:.3f}" for v in ct.index_to_physical((11.5, 23.5, 23.5)))
+    out = tmp_path / "out"
+    args = ["predict", "--model", str(ckpt), "--image", str(tmp_path / "nofor"), "--point", point]
+    rc = main([*args, "--diameter", "12", "--out", str(out), "--dicom-seg", "--no-gradcam"])
+    err = capsys.readouterr().err
+    assert rc != 0 and "no FrameOfReferenceUID" in err and "--dicom-sr works without it" in err
+    assert len([ln for ln in err.splitlines() if ln.strip()]) == 1 and not out.exists()
+
+
+def test_written_seg_has_the_physical_positions_highdicom_reads(study, tmp_path):
+    """An independent reader (highdicom's own volume) finds each lesion voxel at the CT's LPS position."""
+    import highdicom as hd
+
+    from liverlesion.seg_write import write_seg
+
+    ct = read_volume(study["ct"])
+    ref = write_seg(ct, {"a": study["big"], "b": study["small"]}, tmp_path / "seg.dcm")
+    seg = hd.seg.segread(ref.path)
+    for number, mask in ((1, study["big"]), (2, study["small"])):
+        vol = seg.get_volume(segment_numbers=[number])
+        arr = vol.array[..., 0] if vol.array.ndim == 4 else vol.array
+        idx = np.argwhere(arr)
+        got = (vol.affine @ np.c_[idx, np.ones(len(idx))].T)[:3].T
+        want = ct.index_to_physical(np.argwhere(mask))
+
+        def order(p):
+            p = np.round(p, 3)
+            return p[np.lexsort(p.T)]
+
+        assert got.shape == want.shape
+        np.testing.assert_allclose(order(got), order(want), atol=1e-3)

@@ -1123,11 +1123,14 @@ def predict_cli(
             for r in cases[0].results:  # refer to each lesion by its segment
                 r.lesion.label = r.row["label"] = segment_of(r.mask, seg_labels)
     if dicom_sr or dicom_seg:
+        from liverlesion.seg_write import check_seg_source
         from liverlesion.sr import check_sr_source
 
         for case in cases:
-            for flag in ("--dicom-sr",) * dicom_sr + ("--dicom-seg",) * dicom_seg:
-                check_sr_source(case.image, case.image_ref, option=flag)
+            if dicom_sr:
+                check_sr_source(case.image, case.image_ref)
+            if dicom_seg:
+                check_seg_source(case.image, case.image_ref)
 
     df = clf._frame([r.row for case in cases for r in case.results])
     inputs = {

@@ -26,7 +26,7 @@ from liverlesion import DISCLAIMER, __version__
 from liverlesion.errors import UserError
 from liverlesion.volume import Volume
 
-__all__ = ["SegReference", "write_seg", "SEG_SERIES_NUMBER"]
+__all__ = ["SegReference", "check_seg_source", "write_seg", "SEG_SERIES_NUMBER"]
 
 SEG_SERIES_NUMBER = 9002
 
@@ -79,6 +79,24 @@ def _affine_sources(source: Volume) -> list:
     return out
 
 
+def check_seg_source(source: Volume, name: str = "--image") -> None:
+    """Raise UserError unless a SEG can reference ``source``: a DICOM series with a FrameOfReferenceUID.
+
+    The CT Image IOD requires the frame of reference, and a SEG places its frames in it; some
+    anonymised exports (e.g. 3D-IRCADb-01) drop it, and then only ``--dicom-sr`` can be written.
+    """
+    from liverlesion.sr import check_sr_source
+
+    check_sr_source(source, name, option="--dicom-seg")
+    ref = source.dicom
+    assert ref is not None
+    if not ref.frame_of_reference_uid:
+        raise UserError(
+            f"--dicom-seg: the DICOM series {name} has no FrameOfReferenceUID, which a segmentation needs to place "
+            "its frames; re-export the series from the PACS with it, or drop --dicom-seg (--dicom-sr works without it)"
+        )
+
+
 def write_seg(
     source: Volume,
     lesion_masks: Mapping[str, Any],
@@ -106,19 +124,13 @@ def write_seg(
     from pydicom.sr.codedict import codes
 
     from liverlesion.fileio import atomic_path
-    from liverlesion.sr import check_sr_source
 
-    check_sr_source(source, option="--dicom-seg")
+    check_seg_source(source)
     if not lesion_masks:
         raise UserError("--dicom-seg: no lesions to write; a segmentation needs at least one lesion")
     ref = source.dicom
     assert ref is not None
     classic = ref.slices_along_array_z and len(ref.sop_instance_uids) == source.shape[0]
-    if not ref.frame_of_reference_uid:
-        raise UserError(
-            "--dicom-seg: the DICOM source has no FrameOfReferenceUID, so a segmentation cannot be placed on it; "
-            "re-export the series from the PACS, or drop --dicom-seg"
-        )
     ids = list(lesion_masks)
     pixels = np.zeros((*source.shape, len(ids)), dtype=np.uint8)
     for k, lid in enumerate(ids):
