@@ -173,3 +173,22 @@ def test_empty_or_missing_source(tmp_path):
     assert "not found" in _refused(tmp_path / "nope", tmp_path / "out")
     (tmp_path / "empty").mkdir()
     assert "holds nothing" in _refused(tmp_path / "empty", tmp_path / "out")
+
+
+def test_seg_without_tumour_or_segments_skips_the_patient(tmp_path):
+    import pydicom
+
+    root = tmp_path / COLLECTION
+    write_patient(root, "CRLM-CT-1007")
+    p = write_patient(root, "CRLM-CT-1008", {})  # liver and vessels only
+    q = write_patient(root, "CRLM-CT-1009")
+    ds = pydicom.dcmread(q["seg"])
+    ds.SegmentSequence = []
+    ds.save_as(q["seg"])
+    manifest = import_tcia_crlm(root, tmp_path / "out")
+    assert list(pd.read_csv(manifest)["patient_id"]) == ["CRLM-CT-1007"]
+    report = json.loads((tmp_path / "out" / "import_report.json").read_text())
+    assert report["totals"]["skipped"] == ["CRLM-CT-1008", "CRLM-CT-1009"]
+    problems = {r["patient_id"]: r["problems"][0] for r in report["patients"] if r["problems"]}
+    assert "'Tumor*'" in problems["CRLM-CT-1008"] and "no segments" in problems["CRLM-CT-1009"]
+    assert p["seg"].is_file()

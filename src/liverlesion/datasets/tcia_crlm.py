@@ -240,13 +240,13 @@ def _import_one(study: _Study, seg: _Series, ct: _Series) -> tuple[dict[str, Any
         "lesions": [],
         "problems": [],
     }
-    segments = read_seg_segments(seg_file, f"{pid} SEG")
-    report["segments"] = [s.label for s in segments]
     try:
+        segments = read_seg_segments(seg_file, f"{pid} SEG")
+        report["segments"] = [s.label for s in segments]
         tumours = select_segments(segments, TUMOUR_PATTERN, f"{pid} SEG {seg_file}")
-    except UserError as e:
+    except UserError as e:  # no segments, or no tumour segment
         report["problems"].append(str(e))
-        log.warning("%s: no tumour segment (%s); patient skipped", pid, ", ".join(report["segments"]))
+        log.warning("%s: skipped: %s", pid, e)
         return None, report
     report["tumour_segments"] = [s.label for s in tumours]
     try:
