@@ -272,6 +272,54 @@ def write_dicom_series(
     return paths
 
 
+def build_seg(
+    ct_files: list[Path],
+    masks: dict[str, np.ndarray],
+    path: Path,
+    slices: list[int] | None = None,
+    fractional: bool = False,
+) -> Path:
+    """A SEG written with highdicom on the CT files (in slice order), one segment per mask (label -> array).
+
+    ``masks`` are in the files' own pixel layout (the array given to ``write_dicom_series``);
+    ``slices`` keeps only those source slices (a SEG on a subset of the series).
+    """
+    import highdicom as hd
+    import pydicom
+    from pydicom.sr.codedict import codes
+
+    keep = list(range(len(ct_files))) if slices is None else list(slices)
+    sources = [pydicom.dcmread(ct_files[k]) for k in keep]
+    pixels = np.stack([np.asarray(m)[keep] for m in masks.values()], axis=-1)
+    pixels = (pixels > 0).astype(np.float32 if fractional else np.uint8)
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=i,
+            segment_label=label,
+            segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+            segmented_property_type=codes.SCT.Lesion,
+            algorithm_type="MANUAL",
+        )
+        for i, label in enumerate(masks, start=1)
+    ]
+    seg = hd.seg.Segmentation(
+        source_images=sources,
+        pixel_array=pixels,
+        segmentation_type="FRACTIONAL" if fractional else "BINARY",
+        segment_descriptions=descriptions,
+        series_instance_uid=hd.UID(),
+        series_number=300,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="tests",
+        manufacturer_model_name="tests",
+        software_versions="0",
+        device_serial_number="0",
+    )
+    seg.save_as(path, enforce_file_format=True)
+    return path
+
+
 def write_non_image_objects(folder: str | Path, study_uid: str | None = None) -> list[Path]:
     """Write the clutter a real export folder holds: an SR, a DICOMDIR-named file and junk."""
     from pydicom.dataset import Dataset, FileMetaDataset

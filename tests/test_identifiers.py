@@ -6,8 +6,8 @@ AccessionNumber and InstitutionName hold distinctive values. Every command a use
 values out of stdout, stderr, log records and warnings, and out of every file it writes:
 CSV, JSON, YAML, PNG (bytes and text chunks), HTML, logs, checkpoints, ONNX, npz caches, and
 out of what is left in the temporary folder (extracted zips, uploads).
-Only DICOM objects (the SR) may hold them, because the standard requires the patient module
-there; the SR is also the positive control that shows the scanner finds them.
+Only DICOM objects (the SR, the SEG) may hold them, because the standard requires the patient
+module there; they are also the positive control that shows the scanner finds them.
 """
 
 from __future__ import annotations
@@ -332,7 +332,7 @@ def test_predict_without_and_with_dicom_sr(cohort, cv_run, tmp_path, watch):
     out = tmp_path / "out"
     common = ["--model", model, "--image", str(cohort / "ct3"), "--mask", str(cohort / "mask3.nii.gz")]
     assert main(["predict", *common, "--out", str(out / "plain")]) == 0
-    assert main(["predict", *common, "--out", str(out / "sr"), "--dicom-sr"]) == 0
+    assert main(["predict", *common, "--out", str(out / "sr"), "--dicom-sr", "--dicom-seg"]) == 0
     # a batch from the manifest: the zipped series and the DICOM mask
     assert (
         main(
@@ -345,6 +345,7 @@ def test_predict_without_and_with_dicom_sr(cohort, cv_run, tmp_path, watch):
                 "--out",
                 str(out / "batch"),
                 "--dicom-sr",
+                "--dicom-seg",
             ]
         )
         == 0
@@ -353,7 +354,8 @@ def test_predict_without_and_with_dicom_sr(cohort, cv_run, tmp_path, watch):
     _assert_clean(leaks + watch())
     assert list((out / "plain").rglob("*.png")) and (out / "plain" / "results.json").is_file()
     assert dicom and all(p.suffix == ".dcm" for p in dicom)
-    assert all(_leaks_in(str(p), p.read_bytes()) for p in dicom)  # the SR copies the patient module
+    assert all(_leaks_in(str(p), p.read_bytes()) for p in dicom)  # the SR and SEG copy the patient module
+    assert list(out.rglob("segmentation.dcm")) and list(out.rglob("segmentations/*.dcm"))
 
 
 def test_export(cv_run, tmp_path, watch):

@@ -340,6 +340,26 @@ def import_folder(
     typer.echo(import_summary(manifest.parent))
 
 
+@import_app.command("tcia-crlm")
+def import_tcia_crlm(
+    src: Annotated[
+        Path,
+        typer.Argument(
+            help="TCIA Colorectal-Liver-Metastases download (manifest-*, collection or CRLM-CT-NNNN)."
+        ),
+    ],
+    out: Annotated[Path, _out_opt("Output folder for manifest.csv and the import report.")],
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Import TCIA Colorectal-Liver-Metastases (tumour segments -> metastasis; CT and SEG used in place)."""
+    from liverlesion.datasets.tcia_crlm import import_summary as _summary
+    from liverlesion.datasets.tcia_crlm import import_tcia_crlm as _imp
+
+    _out_dir(out, "--out")
+    manifest = _imp(src, out, overwrite=overwrite)
+    typer.echo(_summary(manifest.parent))
+
+
 @app.command()
 def patches(
     manifest: Annotated[Path, typer.Argument(help="Manifest CSV.")],
@@ -597,10 +617,19 @@ def predict(
     ] = None,
     mask: Annotated[
         Optional[Path],
-        typer.Option("--mask", help="Lesion mask aligned with --image (same formats).", show_default="none"),
+        typer.Option(
+            "--mask",
+            help="Lesion mask aligned with --image (same formats), or a DICOM SEG file referencing it.",
+            show_default="none",
+        ),
     ] = None,
     label: Annotated[
-        Optional[int], typer.Option("--label", help="Lesion label in the mask.", show_default="every label")
+        Optional[str],
+        typer.Option(
+            "--label",
+            help="Lesion label in the mask; for a DICOM SEG a segment number or label (Tumor* patterns too).",
+            show_default="every label",
+        ),
     ] = None,
     point: Annotated[
         Optional[str], typer.Option("--point", help="Click x,y,z in LPS mm.", show_default="none")
@@ -627,6 +656,12 @@ def predict(
     ] = 5.0,
     dicom_sr: Annotated[
         bool, typer.Option("--dicom-sr", help="Also write a DICOM Structured Report.", show_default="off")
+    ] = False,
+    dicom_seg: Annotated[
+        bool,
+        typer.Option(
+            "--dicom-seg", help="Also write the lesion masks used as a DICOM SEG.", show_default="off"
+        ),
     ] = False,
     gradcam: Annotated[
         Optional[bool],
@@ -666,6 +701,7 @@ def predict(
         tolerance=tolerance,
         min_size_mm=min_size_mm,
         dicom_sr=dicom_sr,
+        dicom_seg=dicom_seg,
         gradcam=gradcam,
         overwrite=overwrite,
         device=device,

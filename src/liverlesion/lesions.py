@@ -142,7 +142,8 @@ class Lesion:
         lesion_class: Class name from the manifest ("" when unknown, e.g. at prediction).
         image: The image reference as given (manifest text or path).
         mask: The mask reference as given ("" for a click).
-        label: Mask label used (None: connected components of the non-zero mask, or a click).
+        label: Mask label used (None: connected components of the non-zero mask, or a click);
+            for a DICOM SEG mask, the segment number the lesion came from.
         source: ``"mask"`` or ``"click"``.
         n_voxels: Number of voxels.
         bbox_zyx: ``(z0, y0, x0, z1, y1, x1)`` array indices, half-open.
@@ -689,6 +690,7 @@ def _image_lesions(
     image: Volume, recs: list, counters: dict[str, int], tolerance: float, min_voxels: int
 ) -> list[LesionWithMask]:
     """Lesions of the manifest rows ``recs`` that share ``image``; ``counters`` numbers them per patient."""
+    from liverlesion.dicom_seg import is_seg, seg_lesions
     from liverlesion.io import check_geometry, read_volume
 
     masks: dict[str, Volume] = {}  # a mask file shared by several rows (labels) is read once
@@ -697,7 +699,22 @@ def _image_lesions(
         pid = str(rec.patient_id)
         number = counters.get(pid, 0) + 1
         mask_path = _text(rec.mask_path)
-        if mask_path:
+        if mask_path and is_seg(mask_path):  # a DICOM SEG: its label selects segments
+            items = seg_lesions(
+                image,
+                mask_path,
+                rec.label,
+                pid,
+                str(rec.lesion_class),
+                tolerance=tolerance,
+                first_number=number,
+                image_ref=str(rec.image),
+                mask_ref=str(rec.mask),
+                name=f"manifest row {rec.row} mask",
+                image_name=f"manifest row {rec.row} image",
+                min_voxels=min_voxels,
+            )
+        elif mask_path:
             mask = masks.get(mask_path)
             if mask is None:
                 mask = read_volume(mask_path, kind="mask", name=f"manifest row {rec.row} mask")

@@ -3,7 +3,8 @@
 Columns (header names are matched after trimming spaces and lower-casing):
 
 * required: ``patient_id``, ``image``, ``lesion_class``;
-* either ``mask`` (optional ``label``) or a click ``x_mm, y_mm, z_mm, diameter_mm``
+* either ``mask`` (optional ``label``; for a DICOM SEG mask the label selects segments by
+  number or SegmentLabel, see :mod:`liverlesion.dicom_seg`) or a click ``x_mm, y_mm, z_mm, diameter_mm``
   (LPS millimetres, as a PACS viewer shows DICOM patient coordinates); each row
   has exactly one of the two;
 * optional: ``series`` (SeriesInstanceUID when the image folder holds several).
@@ -83,16 +84,22 @@ def _parse_float(path: Path, row: int, col: str, text: str) -> float:
     return value
 
 
-def _parse_label(path: Path, row: int, text: str) -> int:
+def _parse_label(path: Path, row: int, text: str, mask_path: Path | None = None) -> int | str:
     try:
         value = float(text)
         ok = math.isfinite(value) and value.is_integer()
     except ValueError:
         ok = False
+    if not ok and mask_path is not None:
+        from liverlesion.dicom_seg import is_seg
+
+        if is_seg(mask_path):  # a text label selects DICOM SEG segments by SegmentLabel
+            return text
     if not ok:
         raise UserError(
             f"{_where(path, row)}: label={text!r} is not an integer; give the mask label value "
-            "(e.g. 1), or leave it empty / 0 to use every connected component"
+            "(e.g. 1), or leave it empty / 0 to use every connected component (a text label selects "
+            "segments of a DICOM SEG mask only)"
         )
     if value < 0:
         raise UserError(
@@ -231,7 +238,7 @@ def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
                 raise UserError(
                     f"{where}: label={label_text!r} without a mask; give the mask or clear the label"
                 )
-            rec["label"] = _parse_label(path, row, label_text)
+            rec["label"] = _parse_label(path, row, label_text, _resolve(base, rec["mask"]))
         for c in CLICK_COLUMNS:
             rec[c] = math.nan
         if has_click:
@@ -269,6 +276,9 @@ def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
                     "paths are relative to the manifest's folder, or give an absolute path"
                 )
             rec["mask_path"] = str(mask_path.resolve())
+            from liverlesion.dicom_seg import check_manifest_seg
+
+            check_manifest_seg(mask_path, rec["label"], f"{where}: mask {rec['mask']!r}")
             if rec["mask_path"] == rec["image_path"]:
                 raise UserError(
                     f"{where}: mask {rec['mask']!r} is the image itself; give the lesion mask file in the mask column"
@@ -296,11 +306,18 @@ def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
         seen[key] = row
         records.append(rec)
     df = pd.DataFrame.from_records(records, columns=[*COLUMNS, *DERIVED_COLUMNS])
-    df["label"] = df["label"].astype("Int64")
+    df["label"] = _label_column(df["label"])
     for c in CLICK_COLUMNS:
         df[c] = df[c].astype(float)
     df["row"] = df["row"].astype(int)
     return df
+
+
+def _label_column(labels: pd.Series) -> pd.Series:
+    """Labels as nullable Int64, or as objects when a DICOM SEG row selects segments by label text."""
+    if any(isinstance(v, str) and not v.strip().lstrip("-").isdigit() for v in labels):
+        return labels.astype(object).where(labels.notna(), pd.NA)
+    return labels.astype("Int64")
 
 
 def _relative(path_text: str, folder: Path) -> str:
@@ -350,7 +367,7 @@ def write_manifest(df: pd.DataFrame, path: str | os.PathLike) -> Path:
         if col in out.columns and (out[col].isna() | (out[col].astype(str).str.strip() == "")).all():
             out = out.drop(columns=col)
     if "label" in out.columns:
-        out["label"] = out["label"].astype("Int64")
+        out["label"] = _label_column(out["label"])
     with atomic_path(path) as tmp:
         out.to_csv(tmp, index=False, lineterminator="\n")
     return path

@@ -982,13 +982,14 @@ def predict_cli(
     out: Path,
     image: Path | None = None,
     mask: Path | None = None,
-    label: int | None = None,
+    label: int | str | None = None,
     point: str | None = None,
     diameter: float | None = None,
     manifest: Path | None = None,
     series: str | None = None,
     min_size_mm: float = 5.0,
     dicom_sr: bool = False,
+    dicom_seg: bool = False,
     gradcam: bool | None = True,
     overwrite: bool = False,
     tolerance: float = 1e-3,
@@ -1003,8 +1004,10 @@ def predict_cli(
     Exactly one lesion source: ``mask`` (with ``image``), ``point`` + ``diameter``
     (with ``image``), or ``manifest``. Writes ``results.csv``, ``results.json``,
     ``overlays/<lesion_id>.png`` and, with ``dicom_sr``, ``report.dcm`` (single
-    image) or ``reports/<patient>_<n>.dcm`` (manifest). ``out`` appears complete
-    or not at all.
+    image) or ``reports/<patient>_<n>.dcm`` (manifest); with ``dicom_seg``, the lesion
+    masks used as ``segmentation.dcm`` / ``segmentations/<patient>_<n>.dcm`` (DICOM SEG,
+    referred to by the SR). ``mask`` may be a DICOM SEG; ``label`` then selects segments
+    (see :mod:`liverlesion.dicom_seg`). ``out`` appears complete or not at all.
 
     ``patient_id`` (``--image`` only) names the lesions ``{patient_id}-L01``, ...
     (default ``case``); with ``manifest`` the ids come from its patient_id column.
@@ -1059,10 +1062,15 @@ def predict_cli(
         check_diameter(diameter, "--diameter")
     xyz = parse_point(point) if point is not None else None
     _check_min_size(min_size_mm)
-    if dicom_sr:  # before any compute: every image must be a DICOM series
+    from liverlesion.dicom_seg import check_cli_mask_label
+
+    label_given = label
+    mask_is_seg, label = check_cli_mask_label(mask, label)
+    if dicom_sr or dicom_seg:  # before any compute: every image must be a DICOM series
         from liverlesion.sr import check_sr_inputs
 
-        check_sr_inputs(image=image, manifest=manifest)
+        for flag in ("--dicom-sr",) * dicom_sr + ("--dicom-seg",) * dicom_seg:
+            check_sr_inputs(image=image, manifest=manifest, option=flag)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: is a file; give a folder path")
@@ -1084,7 +1092,16 @@ def predict_cli(
         from liverlesion.io import read_volume
 
         volume = read_volume(image, series=series, kind="image", name="--image")
-        mask_vol = read_volume(mask, kind="mask", name="--mask") if mask is not None else None
+        seg_labels = None
+        if mask_is_seg:
+            from liverlesion.dicom_seg import seg_mask
+
+            seg_labels, label = seg_mask(
+                mask, volume, label, tolerance=tolerance, name="--mask", image_name="--image"
+            )
+            mask_vol = seg_labels
+        else:
+            mask_vol = read_volume(mask, kind="mask", name="--mask") if mask is not None else None
         cases = [
             clf._predict_case(
                 volume,
@@ -1102,17 +1119,27 @@ def predict_cli(
                 image_ref=str(image),
             )
         ]
-    if dicom_sr:
+        if seg_labels is not None:
+            from liverlesion.dicom_seg import segment_of
+
+            for r in cases[0].results:  # refer to each lesion by its segment
+                r.lesion.label = r.row["label"] = segment_of(r.mask, seg_labels)
+    if dicom_sr or dicom_seg:
+        from liverlesion.seg_write import check_seg_source
         from liverlesion.sr import check_sr_source
 
         for case in cases:
-            check_sr_source(case.image, case.image_ref)
+            if dicom_sr:
+                check_sr_source(case.image, case.image_ref)
+            if dicom_seg:
+                check_seg_source(case.image, case.image_ref)
 
     df = clf._frame([r.row for case in cases for r in case.results])
     inputs = {
         "image": str(image) if image is not None else None,
         "mask": str(mask) if mask is not None else None,
-        "label": label,
+        "label": label_given,
+        "dicom_seg": bool(dicom_seg),
         "point_xyz_mm": list(xyz) if xyz is not None else None,
         "diameter_mm": diameter,
         "manifest": str(manifest) if manifest is not None else None,
@@ -1131,28 +1158,28 @@ def predict_cli(
                     name += "_"
                 used.add(name)
                 draw_lesion_overlay(r, case.image, tmp / "overlays" / f"{name}.png", clf.class_names)
-        if dicom_sr:
+        if dicom_sr or dicom_seg:
+            from liverlesion.seg_write import write_seg
             from liverlesion.sr import write_sr
 
-            if manifest is None:
-                write_sr(
-                    _case_frame(clf, cases[0]),
-                    cases[0].image,
-                    tmp / "report.dcm",
-                    lesion_masks=_masks(cases[0]),
-                )
-            else:
-                counts: dict[str, int] = {}
-                for case in cases:
-                    if not case.results:
-                        continue
+            counts: dict[str, int] = {}
+            for case in cases:
+                if not case.results:
+                    continue
+                if manifest is None:
+                    seg_path, sr_path = tmp / "segmentation.dcm", tmp / "report.dcm"
+                else:
                     pid = _sanitize(str(case.results[0].row["patient_id"]))
                     counts[pid] = counts.get(pid, 0) + 1
+                    seg_path = tmp / "segmentations" / f"{pid}_{counts[pid]}.dcm"
+                    sr_path = tmp / "reports" / f"{pid}_{counts[pid]}.dcm"
+                seg_ref = None
+                if dicom_seg:
+                    estimated = [r.row["lesion_id"] for r in case.results if r.lesion.source != "mask"]
+                    seg_ref = write_seg(case.image, _masks(case), seg_path, estimated=estimated)
+                if dicom_sr:
                     write_sr(
-                        _case_frame(clf, case),
-                        case.image,
-                        tmp / "reports" / f"{pid}_{counts[pid]}.dcm",
-                        lesion_masks=_masks(case),
+                        _case_frame(clf, case), case.image, sr_path, lesion_masks=_masks(case), seg=seg_ref
                     )
     _print_table(df, clf)
     print(f"wrote {out}")

@@ -74,12 +74,13 @@ def class_concept(name: str) -> Any:
     return _private(f"class:{name}", str(name))
 
 
-def check_sr_inputs(image=None, manifest=None) -> None:
+def check_sr_inputs(image=None, manifest=None, option: str = "--dicom-sr") -> None:
     """Before any work: refuse ``--dicom-sr`` when an input image is not DICOM (judged by its path).
 
     Args:
         image: The ``--image`` path, or None.
         manifest: The ``--manifest`` path, or None (every image it names is checked).
+        option: The option named in the message (``--dicom-sr`` or ``--dicom-seg``).
 
     Raises:
         UserError: Naming the first non-DICOM image.
@@ -102,24 +103,25 @@ def check_sr_inputs(image=None, manifest=None) -> None:
                 else f"DICOM images so each report can reference its series: {name}"
             )
             raise UserError(
-                f"--dicom-sr needs {need} ({path}) is a {SITK_SUFFIXES[_suffix(path)]} file, not DICOM; "
-                f"pass the DICOM folder/zip, or drop --dicom-sr"
+                f"{option} needs {need} ({path}) is a {SITK_SUFFIXES[_suffix(path)]} file, not DICOM; "
+                f"pass the DICOM folder/zip, or drop {option}"
             )
 
 
-def check_sr_source(source: Volume, name: str = "--image") -> None:
-    """Raise UserError unless ``source`` was read from DICOM (an SR must reference its series).
+def check_sr_source(source: Volume, name: str = "--image", option: str = "--dicom-sr") -> None:
+    """Raise UserError unless ``source`` was read from DICOM (an SR or SEG must reference its series).
 
     Args:
         source: The CT volume the results belong to.
         name: How the input is named in the message (the path is appended).
+        option: The option named in the message (``--dicom-sr`` or ``--dicom-seg``).
     """
     ref = source.dicom
     if ref is None or ref.header is None:
         where = f" ({name})" if name and name != "--image" else ""
         raise UserError(
-            f"--dicom-sr needs a DICOM --image so the report can reference its series{where}: the image is "
-            f"{source.meta.get('format') or 'not DICOM'}; pass the DICOM folder/zip, or drop --dicom-sr"
+            f"{option} needs a DICOM --image so the report can reference its series{where}: the image is "
+            f"{source.meta.get('format') or 'not DICOM'}; pass the DICOM folder/zip, or drop {option}"
         )
     hdr = ref.header
     missing = [
@@ -127,8 +129,8 @@ def check_sr_source(source: Volume, name: str = "--image") -> None:
     ]
     if missing:
         raise UserError(
-            f"--dicom-sr: the DICOM series {name} lacks {', '.join(missing)}; the report cannot reference it: "
-            "re-export the series from the PACS, or drop --dicom-sr"
+            f"{option}: the DICOM series {name} lacks {', '.join(missing)}; the report cannot reference it: "
+            f"re-export the series from the PACS, or drop {option}"
         )
 
 
@@ -247,6 +249,7 @@ def write_sr(
     out_path: str | os.PathLike,
     lesion_masks: Mapping[str, np.ndarray] | None = None,
     series_number: int = SR_SERIES_NUMBER,
+    seg: Any = None,
 ) -> Path:
     """Write predict results for one DICOM series as a Comprehensive 3D SR (TID 1500).
 
@@ -259,6 +262,9 @@ def write_sr(
         lesion_masks: Full-size boolean masks by lesion_id, for the outlines; without
             them each lesion is referenced by a point at its centre.
         series_number: SeriesNumber of the new SR series.
+        seg: A :class:`liverlesion.seg_write.SegReference` (``predict --dicom-seg``): each lesion
+            with a segment there becomes a volumetric ROI (TID 1411) referring to its segment,
+            with the SEG's tracking UID, and the SEG joins the evidence.
 
     Returns:
         The written path.
@@ -307,9 +313,11 @@ def write_sr(
         pred = str(row["pred_class"])
         too_small = pred.strip().lower() == _TOO_SMALL
         mask = (lesion_masks or {}).get(lesion_id)
-        region, uid = _region(row, source, ref, mask, classic)
-        if uid is not None:
-            referenced.append(uid)
+        segment = seg.segments.get(lesion_id) if seg is not None else None
+        if segment is None:
+            region, uid = _region(row, source, ref, mask, classic)
+            if uid is not None:
+                referenced.append(uid)
         measurements = []
         if _finite(row.get("max_axial_diameter_mm")):
             measurements.append(
@@ -349,21 +357,40 @@ def write_sr(
                     algorithm_id=algorithm,
                 )
             )
+        common = dict(
+            # The finding is the predicted class; a lesion left uncharacterised is just a lesion.
+            finding_type=codes.SCT.Lesion if too_small else class_concept(pred),
+            finding_sites=[hd.sr.FindingSite(anatomic_location=codes.SCT.Liver)],
+            algorithm_id=algorithm,
+            measurements=measurements,
+            qualitative_evaluations=[
+                hd.sr.QualitativeEvaluation(
+                    name=_private("predicted-class", "Predicted class (research model)"),
+                    value=class_concept(pred),
+                )
+            ],
+        )
+        if segment is not None:
+            groups.append(
+                hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=hd.sr.TrackingIdentifier(
+                        identifier=lesion_id, uid=seg.tracking_uids.get(lesion_id) or generate_uid()
+                    ),
+                    referenced_segment=hd.sr.ReferencedSegment(
+                        sop_class_uid=str(seg.dataset.SOPClassUID),
+                        sop_instance_uid=seg.sop_instance_uid,
+                        segment_number=int(segment),
+                        source_series=hd.sr.SourceSeriesForSegmentation(seg.source_series_uid),
+                    ),
+                    **common,
+                )
+            )
+            continue
         groups.append(
             hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(identifier=lesion_id, uid=generate_uid()),
                 referenced_region=region,
-                # The finding is the predicted class; a lesion left uncharacterised is just a lesion.
-                finding_type=codes.SCT.Lesion if too_small else class_concept(pred),
-                finding_sites=[hd.sr.FindingSite(anatomic_location=codes.SCT.Liver)],
-                algorithm_id=algorithm,
-                measurements=measurements,
-                qualitative_evaluations=[
-                    hd.sr.QualitativeEvaluation(
-                        name=_private("predicted-class", "Predicted class (research model)"),
-                        value=class_concept(pred),
-                    )
-                ],
+                **common,
             )
         )
 
@@ -391,6 +418,8 @@ def write_sr(
     evidence = (
         _evidence(header, referenced) if referenced else _evidence(header, [str(header.SOPInstanceUID)])
     )
+    if seg is not None:
+        evidence.append(seg.dataset)
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=report[0],
