@@ -165,7 +165,10 @@ def test_multi_label_mask_keeps_its_labels_as_lesion_ids():
     assert [les.n_voxels for les, _ in items] == [3 * 4 * 5 + 1, 75]
     np.testing.assert_array_equal(items[0][1], m == 2)
     # label 0 is the same as None
-    assert [les.lesion_id for les, _ in lesions_from_mask(image, image.with_array(m), 0, "P")] == ["P-L02", "P-L05"]
+    assert [les.lesion_id for les, _ in lesions_from_mask(image, image.with_array(m), 0, "P")] == [
+        "P-L02",
+        "P-L05",
+    ]
 
 
 def test_components_mode_each_component_is_a_lesion():
