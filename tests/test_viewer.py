@@ -22,10 +22,11 @@ from helpers import (
     multipart_body,
     torch_threads,
     write_dicom_series,
+    write_test_seg,
 )
 from liverlesion import DISCLAIMER
 from liverlesion.errors import UserError
-from liverlesion.io import write_volume
+from liverlesion.io import read_volume, write_volume
 from liverlesion.predict import Classifier
 from liverlesion.serve import make_server
 from liverlesion.serve.studies import StudyGone, StudyStore
@@ -299,7 +300,11 @@ def test_bad_study_slice_and_click_are_one_line_errors(served):
         ({"image": ("notes.txt", b"this is not a CT\n" * 10)}, "'notes.txt': not a CT file type"),
         ({"image": ("ct.nii.gz", b"\x1f\x8b" + bytes(200))}, "ct.nii.gz"),
         ({"image": ("mask.nii.gz", None)}, "no negative values"),  # a mask in the CT slot
-        ({"image": ("ct.nii.gz", None), "mask": ("seg.dcm", b"DICM" * 10)}, "DICOM SEG"),
+        ({"image": ("ct.nii.gz", None), "mask": ("seg.dcm", b"DICM" * 10)}, "'seg.dcm': not a DICOM SEG"),
+        (
+            {"image": ("ct.nii.gz", None), "mask": ("notes.txt", b"x" * 10)},
+            "'notes.txt': not a mask file type",
+        ),
         ({"image": ("ct.nii.gz", None), "mask": ("ct.nii.gz", None)}, "mask"),  # the CT in the mask slot
         ({"mask": ("mask.nii.gz", None)}, "CT file: none uploaded"),
     ],
@@ -391,3 +396,66 @@ def test_cli_serve_bad_study_options_are_one_line(tmp_path, capsys):
         assert main(["serve", "--model", str(ckpt), "--port", "0", opt]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("liverlesion: error: " + opt.split("=")[0]) and "\n" not in err
+
+
+# --------------------------------------------------------------------------- DICOM SEG input
+
+
+@pytest.mark.parametrize("direction", [np.eye(3), np.diag([-1.0, -1.0, 1.0])], ids=["LPS", "flipped-x-y"])
+def test_dicom_seg_mask_lands_on_the_ct_grid_with_its_segment_numbers(tmp_path, direction):
+    from scipy import ndimage
+
+    from liverlesion.seg_read import read_seg_mask
+    from liverlesion.volume import Volume
+
+    image, mask = make_ct_with_two_lesions()
+    native = Volume(image.array, image.spacing, image.origin, direction, {"modality": "CT"})
+    comp, _ = ndimage.label(mask.array > 0, structure=np.ones((3, 3, 3)))
+    labels = np.where(comp == 2, 5, comp)  # segments 1 and 5
+    files = write_dicom_series(native, tmp_path / "dcm")
+    seg = write_test_seg(files, labels, tmp_path / "seg.dcm")
+    ct = read_volume(tmp_path / "dcm")  # reoriented to LPS
+    expected = read_volume_like(native.with_array(labels.astype(np.uint8)), tmp_path / "labels.nii.gz")
+    got = read_seg_mask(seg, ct)
+    assert got.shape == ct.shape and np.array_equal(got.array, expected.array)
+    assert set(np.unique(got.array)) == {0, 1, 5}
+
+
+def read_volume_like(volume, path: Path):
+    """The volume as read_volume returns it (reoriented to LPS), through a NIfTI file."""
+    write_volume(volume, path)
+    return read_volume(path, kind="mask")
+
+
+def test_dicom_seg_in_the_viewer_and_bad_seg(served, tmp_path):
+    from scipy import ndimage
+
+    d: Path = served["dir"]
+    comp, _ = ndimage.label(served["mask"].array > 0, structure=np.ones((3, 3, 3)))
+    files = sorted((d / "dicom").iterdir())
+    assert len(files) == 24
+    # file k of write_dicom_series is slice k: rebuild that order from the positions
+    import pydicom
+
+    files.sort(key=lambda f: float(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2]))
+    seg = write_test_seg(files, np.where(comp == 2, 4, comp), tmp_path / "lesions-seg.dcm")
+    body, ctype = multipart_body(
+        {}, {"image": ("ct.zip", (d / "ct.zip").read_bytes()), "mask": ("lesions-seg.dcm", seg.read_bytes())}
+    )
+    status, resp = http_post(served["url"] + "/api/studies", body, ctype)
+    assert status == 201, resp
+    info = json.loads(resp)
+    assert info["mask_kind"] == "labels"
+    assert [m["lesion_id"] for m in info["mask_lesions"]] == ["case-L01", "case-L04"]
+    # a SEG of another scan: refused, naming the file
+    other = write_dicom_series(served["image"], tmp_path / "other")  # a new frame of reference
+    seg2 = write_test_seg(other, comp, tmp_path / "other-seg.dcm")
+    body, ctype = multipart_body(
+        {}, {"image": ("ct.zip", (d / "ct.zip").read_bytes()), "mask": ("other-seg.dcm", seg2.read_bytes())}
+    )
+    status, resp = http_post(served["url"] + "/api/studies", body, ctype)
+    assert (
+        status == 400
+        and "other-seg.dcm" in error_of((status, resp))
+        and "frame of reference" in error_of((status, resp))
+    )

@@ -64,7 +64,7 @@ def open_study(store: StudyStore, fields: dict[str, FormField], workdir: Path) -
     Args:
         store: Where the study is kept.
         fields: The multipart fields: ``image`` (NIfTI, NRRD, MHA, or a .zip / .dcm of one DICOM series)
-            and optionally ``mask`` (a label or binary NIfTI/NRRD/MHA on the CT's grid).
+            and optionally ``mask`` (a label or binary NIfTI/NRRD/MHA on the CT's grid, or a DICOM SEG).
         workdir: The request's private folder holding the uploads.
 
     Raises:
@@ -87,14 +87,12 @@ def open_study(store: StudyStore, fields: dict[str, FormField], workdir: Path) -
     mask_f = form_file(fields, "mask")
     mask_suf = ""
     if mask_f is not None:
-        mask_suf = suffix(mask_f.filename or "", MASK_SUFFIXES)
+        mask_suf = suffix(mask_f.filename or "", (*MASK_SUFFIXES, ".dcm"))
         if not mask_suf:
-            hint = (
-                "DICOM SEG input is not supported yet: export the segmentation as NIfTI"
-                if (mask_f.filename or "").lower().endswith(".dcm")
-                else "choose a NIfTI (.nii/.nii.gz), NRRD or MHA label mask drawn on this CT"
+            raise UserError(
+                f"mask file {mask_f.filename!r}: not a mask file type; choose a NIfTI (.nii/.nii.gz), NRRD or "
+                "MHA label mask, or a DICOM SEG (.dcm), drawn on this CT"
             )
-            raise UserError(f"mask file {mask_f.filename!r}: not a mask file type; {hint}")
     image_name = f"CT file {image_f.filename!r}"
     mask_name = f"mask file {mask_f.filename!r}" if mask_f is not None else "mask"
     image_path = workdir / f"image{image_suf}"
@@ -110,7 +108,12 @@ def open_study(store: StudyStore, fields: dict[str, FormField], workdir: Path) -
         check_ct_volume(image, image_name)
         labels, kind = None, ""
         if mask_path is not None:
-            mask = read_volume(mask_path, kind="mask", name=mask_name)
+            if mask_suf == ".dcm":  # a DICOM SEG: its segment numbers are the labels
+                from liverlesion.seg_read import read_seg_mask
+
+                mask = read_seg_mask(mask_path, image, mask_name)
+            else:
+                mask = read_volume(mask_path, kind="mask", name=mask_name)
             check_geometry(image, mask, tolerance=1e-3, image_name=image_name, mask_name=mask_name)
             arr = mask.array
             present = np.unique(arr[arr > 0])
