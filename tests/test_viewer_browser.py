@@ -22,6 +22,16 @@ from liverlesion.volume import Volume
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture
+def driver():
+    """A headless Chromium (skips the test when there is none), quit afterwards."""
+    drv = _driver()
+    try:
+        yield drv
+    finally:
+        drv.quit()
+
+
 def _driver():
     webdriver = pytest.importorskip(
         "selenium.webdriver", reason="selenium is not installed (pip install selenium)"
@@ -61,7 +71,7 @@ def study_files(tmp_path_factory):
     return {"dir": tmp, "image": image, "labels": p.labels}
 
 
-def test_open_scroll_click_and_read_the_result(study_files, tmp_path):
+def test_open_scroll_click_and_read_the_result(driver, study_files, tmp_path):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.actions.wheel_input import ScrollOrigin
     from selenium.webdriver.common.by import By
@@ -71,7 +81,6 @@ def test_open_scroll_click_and_read_the_result(study_files, tmp_path):
     from liverlesion.predict import Classifier
     from liverlesion.serve import make_server
 
-    driver = _driver()
     ckpt = make_tiny_checkpoint(tmp_path / "model.pt", seed=3, size_px=32)
     with torch_threads(1):
         server = make_server([ckpt], host="127.0.0.1", port=0)
@@ -165,7 +174,6 @@ def test_open_scroll_click_and_read_the_result(study_files, tmp_path):
             Path(keep).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(shot, keep)
     finally:
-        driver.quit()
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)
