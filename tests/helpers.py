@@ -376,3 +376,44 @@ def http_post(url: str, body: bytes, ctype: str, timeout: float = 120) -> tuple[
             return r.status, r.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
+
+
+def write_test_seg(series_files: Sequence[Path], labels_zyx: np.ndarray, path: Path) -> Path:
+    """A DICOM SEG (highdicom, BINARY) of ``labels_zyx`` on a series from :func:`write_dicom_series`.
+
+    ``series_files`` as :func:`write_dicom_series` returns them (file k is array slice k) and
+    ``labels_zyx`` in that volume's array order; segment N holds the voxels equal to N.
+    """
+    import highdicom as hd
+    import pydicom
+    from pydicom.sr.codedict import codes
+
+    sources = [pydicom.dcmread(f) for f in series_files]  # write_dicom_series returns them in slice order
+    n = int(labels_zyx.max())
+    frames = np.stack([labels_zyx == v for v in range(1, n + 1)], axis=-1).astype(np.uint8)
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=v,
+            segment_label=f"lesion {v}",
+            segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+            segmented_property_type=codes.SCT.Lesion,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
+        )
+        for v in range(1, n + 1)
+    ]
+    seg = hd.seg.Segmentation(
+        source_images=sources,
+        pixel_array=frames,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=hd.UID(),
+        series_number=99,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="test",
+        manufacturer_model_name="test",
+        software_versions="0",
+        device_serial_number="0",
+    )
+    seg.save_as(path)
+    return Path(path)

@@ -415,3 +415,47 @@ def test_serve(cohort, cv_run, tmp_path, watch):
                 leaks += _leaks_in(where, blob)
     _assert_clean(leaks + watch())
     assert b"data:image/png;base64," in responses[1][2]
+
+
+def test_serve_viewer(cohort, cv_run, tmp_path, watch):
+    """The viewer's answers on a DICOM study: study info, slices, results, overlays, downloads (not the SR)."""
+    from liverlesion.serve import make_server
+
+    image = ("ct1.zip", (cohort / "ct1.zip").read_bytes())
+    mask1 = tmp_path / "mask1.nii.gz"
+    write_volume(read_volume(cohort / "mask1", kind="mask"), mask1)
+    body, ctype = multipart_body({}, {"image": image, "mask": ("mask1.nii.gz", mask1.read_bytes())})
+    responses = []
+    with torch_threads(1):
+        server = make_server([cv_run[0] / "fold_0" / "model.pt"], host="127.0.0.1", port=0)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            url = f"http://127.0.0.1:{server.server_address[1]}"
+            status, info = http_post(url + "/api/studies", body, ctype)
+            assert status == 201, info
+            responses.append(("/api/studies", info))
+            study = f"{url}/api/studies/{json.loads(info)['study_id']}"
+            status, res = http_post(study + "/classify?wait=1", b'{"all": true}', "application/json")
+            assert status == 200, res
+            responses.append(("classify", res))
+            lid = json.loads(res)["lesions"][0]["lesion_id"]
+            paths = [
+                "",
+                "/slice/5.png",
+                f"/lesions/{lid}/overlay.png?gradcam=1",
+                "/results.csv",
+                "/results.json",
+            ]
+            for p in paths:
+                with urllib.request.urlopen(study + p, timeout=60) as r:
+                    responses.append((p or "study", r.read()))
+        finally:
+            server.shutdown()
+            server.server_close()
+            thread.join(timeout=10)
+    leaks = []
+    for path, data in responses:
+        for where, blob in _expand(path, data):
+            leaks += _leaks_in(where, blob)
+    _assert_clean(leaks + watch())

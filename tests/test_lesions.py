@@ -152,8 +152,27 @@ def three_blob_mask(shape=(12, 30, 30)) -> np.ndarray:
     return m
 
 
+def test_multi_label_mask_keeps_its_labels_as_lesion_ids():
+    """Labels 2 and 5 (label 2 in two parts, touching label 5): two lesions, L02 and L05, not components."""
+    image = body_volume((12, 30, 30), (2.0, 1.0, 1.0))
+    m = np.zeros(image.shape, np.uint8)
+    m[2:5, 3:8, 3:8] = 5
+    m[2:5, 8:12, 3:8] = 2  # touches label 5: one component, two lesions
+    m[11, 29, 29] = 2  # a separate part of label 2
+    items = lesions_from_mask(image, image.with_array(m), None, "P", "metastasis", first_number=3)
+    assert [les.lesion_id for les, _ in items] == ["P-L02", "P-L05"]
+    assert [les.label for les, _ in items] == [2, 5]
+    assert [les.n_voxels for les, _ in items] == [3 * 4 * 5 + 1, 75]
+    np.testing.assert_array_equal(items[0][1], m == 2)
+    # label 0 is the same as None
+    assert [les.lesion_id for les, _ in lesions_from_mask(image, image.with_array(m), 0, "P")] == [
+        "P-L02",
+        "P-L05",
+    ]
+
+
 def test_components_mode_each_component_is_a_lesion():
-    m = three_blob_mask()
+    m = (three_blob_mask() > 0).astype(np.uint8)  # binary: connected components, numbered in order
     image = body_volume(m.shape, (2.0, 1.0, 1.0))
     items = lesions_from_mask(image, image.with_array(m), None, "P", "metastasis", first_number=3)
     assert [les.lesion_id for les, _ in items] == ["P-L03", "P-L04", "P-L05"]
@@ -592,3 +611,22 @@ def test_lesion_masks_are_crops_and_patches_do_not_change():
         for k in ("image", "mask", "hu"):
             np.testing.assert_array_equal(getattr(a, k), getattr(b, k))
         assert a.meta == b.meta
+
+
+def test_manifest_label_mask_ids_are_its_labels_and_collisions_are_refused(tmp_path: Path, study: Path):
+    """B's mask holds labels 1 and 2: with an empty label they are B-L01 and B-L02; a click continues at L03."""
+    from liverlesion.io import read_volume
+
+    click = read_volume(study.parent / "data/b.nii.gz").index_to_physical((5, 15, 15))
+    xyz = ",".join(str(v) for v in click)
+    head = "patient_id,image,mask,label,lesion_class,x_mm,y_mm,z_mm,diameter_mm"
+    mask_row = "B,data/b.nii.gz,data/b_mask.nii.gz,,cyst,,,,"
+    click_row = f"B,data/b.nii.gz,,,cyst,{xyz},6"
+    good = study.parent / "good.csv"
+    good.write_text("\n".join([head, mask_row, click_row]) + "\n")
+    items = [les for _, its in iter_manifest_lesions(good, progress=False) for les, _ in its]
+    assert [(les.lesion_id, les.label) for les in items] == [("B-L01", 1), ("B-L02", 2), ("B-L03", None)]
+    bad = study.parent / "bad.csv"
+    bad.write_text("\n".join([head, click_row, mask_row]) + "\n")
+    with pytest.raises(UserError, match=r"manifest row 2: lesion id B-L01 is already taken"):
+        list(iter_manifest_lesions(bad, progress=False))

@@ -45,13 +45,23 @@ def test_health_and_form(served):
     with urllib.request.urlopen(served["url"] + "/api/health", timeout=10) as r:
         assert r.status == 200
         assert json.loads(r.read()) == {"status": "ok", "classes": ["cyst", "metastasis"]}
-    with urllib.request.urlopen(served["url"] + "/", timeout=10) as r:
+    with urllib.request.urlopen(served["url"] + "/form", timeout=10) as r:
         page = r.read().decode()
     assert "Research use, not for diagnosis" in page
     assert 'enctype="multipart/form-data"' in page and 'name="image"' in page and 'name="point"' in page
     assert "http://" not in page and "https://" not in page  # self-contained
     sha = Classifier.load([served["ckpt"]]).checkpoint_hashes[0]
     assert sha in page
+    # the viewer (/) and its static files: the banner, nothing fetched from elsewhere (works offline)
+    for path in ("/", "/static/viewer.js", "/static/viewer.css"):
+        with urllib.request.urlopen(served["url"] + path, timeout=10) as r:
+            text = r.read().decode()
+        assert "http://" not in text and "https://" not in text, path
+    with urllib.request.urlopen(served["url"] + "/", timeout=10) as r:
+        assert "Research use, not for diagnosis" in r.read().decode()
+    with urllib.request.urlopen(served["url"] + "/api/info", timeout=10) as r:
+        info = json.loads(r.read())
+    assert info["models"][0]["sha256"] == sha and info["disclaimer"] == DISCLAIMER
 
 
 def test_predict_page_matches_classifier(served):

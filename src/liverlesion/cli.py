@@ -762,8 +762,17 @@ def serve(
             "--max-concurrent", help="Prediction requests in flight at once; more get HTTP 503 (retry)."
         ),
     ] = 64,
+    max_studies: Annotated[
+        int,
+        typer.Option(
+            "--max-studies", help="Viewer studies kept loaded at once (least recently used closed first)."
+        ),
+    ] = 4,
+    study_ttl_min: Annotated[
+        float, typer.Option("--study-ttl-min", help="Minutes a viewer study stays loaded after its last use.")
+    ] = 30.0,
 ) -> None:
-    """Serve a local browser UI (and JSON API) to classify a lesion."""
+    """Serve a local browser viewer (and JSON API) to classify lesions."""
     import math
 
     from liverlesion.runtime import check_backend, resolve_threads
@@ -784,6 +793,8 @@ def serve(
         threads=resolve_threads(threads),
         batch_size=batch_size,
         max_concurrent=max_concurrent,
+        max_studies=max_studies,
+        study_ttl_s=study_ttl_min * 60.0,
     )
 
 

@@ -367,8 +367,12 @@ def lesions_from_mask(
 ) -> list[LesionWithMask]:
     """Lesions of one mask.
 
-    ``label`` None or 0: every 3-D connected component (26-connectivity) of
-    ``mask > 0`` is a lesion, in raster order of its first voxel (z, then y, x).
+    ``label`` None or 0 on a binary mask (one non-zero value): every 3-D connected
+    component (26-connectivity) of ``mask > 0`` is a lesion, in raster order of its
+    first voxel (z, then y, x), numbered from ``first_number``.
+    ``label`` None or 0 on a multi-label mask (several non-zero values): each label
+    value is one lesion and **keeps its value as the lesion number** (label 5 is
+    ``{patient_id}-L05``, ``first_number`` is not used): the user's labels stay the ids.
     ``label`` N: the voxels equal to N form **one** lesion, even when they fall
     into several components (the annotator grouped them; a note is logged).
 
@@ -409,7 +413,32 @@ def lesions_from_mask(
     values = arr[box]
     fg = values > 0
     lesions: list[tuple[np.ndarray, tuple[int, int, int]]] = []  # (crop, offset)
-    if label is None:
+    numbers: list[int] | None = None  # lesion numbers when they are the mask's labels
+    present = np.unique(values[fg]) if label is None else None
+    if present is not None and len(present) > 1:
+        # A multi-label mask: each label is one lesion, numbered by its own value.
+        if len(present) > MAX_COMPONENTS or np.any(present != np.round(present)):
+            raise UserError(
+                f"{mask_name}: {len(present)} different non-zero values (e.g. {present[0]:g}, {present[1]:g}); "
+                "a label mask holds a few whole-number lesion labels: give the lesion mask, or select "
+                "one lesion with its label"
+            )
+        numbers = []
+        for value in present:
+            sel = values == value
+            sub = _foreground_box(sel)
+            assert sub is not None
+            crop = sel[sub]
+            if int(crop.sum()) < min_voxels:
+                log.info("%s: dropped label %g, smaller than %d voxels", mask_name, value, min_voxels)
+                continue
+            lesions.append((crop, tuple(o + s.start for o, s in zip(offset, sub, strict=True))))
+            numbers.append(int(value))
+        if not lesions:
+            raise UserError(
+                f"{mask_name}: all {len(present)} labels are smaller than min_voxels={min_voxels}; lower min_voxels"
+            )
+    elif label is None:
         comp, n = ndimage.label(fg, structure=np.ones((3, 3, 3), dtype=bool))
         if n > MAX_COMPONENTS:
             raise UserError(
@@ -455,12 +484,12 @@ def lesions_from_mask(
     for i, (crop, off) in enumerate(lesions):
         m = _measure(image, crop, off)
         lesion = Lesion(
-            lesion_id=_lesion_id(patient_id, first_number + i),
+            lesion_id=_lesion_id(patient_id, numbers[i] if numbers is not None else first_number + i),
             patient_id=patient_id,
             lesion_class=lesion_class,
             image=image_ref,
             mask=mask_ref,
-            label=label,
+            label=numbers[i] if numbers is not None else label,
             source="mask",
             **m,
         )
@@ -668,6 +697,7 @@ def iter_manifest_lesions(
         key = (_text(rec.image_path), _text(getattr(rec, "series", "")) or (series or ""))
         groups.setdefault(key, []).append(rec)
     counters: dict[str, int] = {}
+    seen: set[str] = set()  # lesion ids so far: a label mask's ids are its labels and may collide
     # `with` closes the bar when an error propagates, so the message starts on its own line.
     with tqdm(
         groups.items(),
@@ -683,11 +713,16 @@ def iter_manifest_lesions(
                 kind="image",
                 name=f"manifest row {recs[0].row} image",
             )
-            yield image, _image_lesions(image, recs, counters, tolerance, min_voxels)
+            yield image, _image_lesions(image, recs, counters, tolerance, min_voxels, seen)
 
 
 def _image_lesions(
-    image: Volume, recs: list, counters: dict[str, int], tolerance: float, min_voxels: int
+    image: Volume,
+    recs: list,
+    counters: dict[str, int],
+    tolerance: float,
+    min_voxels: int,
+    seen: set[str] | None = None,
 ) -> list[LesionWithMask]:
     """Lesions of the manifest rows ``recs`` that share ``image``; ``counters`` numbers them per patient."""
     from liverlesion.dicom_seg import is_seg, seg_lesions
@@ -752,7 +787,18 @@ def _image_lesions(
                     point_name=f"manifest row {rec.row} click",
                 )
             ]
-        counters[pid] = number - 1 + len(items)
+        # A multi-label mask numbers its lesions by label: later rows continue after the largest.
+        used = [int(str(les.lesion_id).rsplit("-L", 1)[1]) for les, _ in items]
+        counters[pid] = max([number - 1 + len(items), *used])
+        if seen is not None:
+            for les, _ in items:
+                if les.lesion_id in seen:
+                    raise UserError(
+                        f"manifest row {rec.row}: lesion id {les.lesion_id} is already taken by an earlier row "
+                        "(a multi-label mask keeps its labels as lesion numbers); put the label mask's row "
+                        "first for this patient, or select one label per row"
+                    )
+                seen.add(les.lesion_id)
         found.extend(items)
     return found
 

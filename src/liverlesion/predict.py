@@ -45,6 +45,8 @@ __all__ = [
     "parse_point",
     "predict_cli",
     "result_columns",
+    "results_info",
+    "safe_name",
 ]
 
 from liverlesion.decision import CLASSIFIED, TOO_SMALL  # noqa: E402  (the one definition)
@@ -192,9 +194,12 @@ def check_ct_volume(volume: Volume, name: str = "image") -> None:
         )
 
 
-def _sanitize(name: str) -> str:
+def safe_name(name: str) -> str:
     """A file-name-safe version of a lesion id."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "lesion"
+
+
+_sanitize = safe_name
 
 
 def _entropy_bits(p: np.ndarray) -> float:
@@ -558,6 +563,52 @@ class Classifier:
             df.attrs["gradcam"] = {r.row["lesion_id"]: r.cam for r in results if r.cam is not None}
         return df
 
+    def predict_case(
+        self,
+        volume: Volume,
+        *,
+        mask: Volume | np.ndarray | None = None,
+        label: int | None = None,
+        point: Sequence[float] | None = None,
+        diameter_mm: float | None = None,
+        min_size_mm: float = 5.0,
+        patient_id: str = "case",
+        gradcam: bool = False,
+        tolerance: float = 1e-3,
+        image_name: str = "image",
+        mask_name: str = "mask",
+        point_name: str = "point",
+        image_ref: str = "",
+    ) -> _Case:
+        """As :meth:`predict`, but the case itself: ``case.results[i]`` holds the row and the lesion's mask,
+        patch and Grad-CAM (what overlays, the DICOM SR and ``serve``'s viewer draw from).
+
+        Returns:
+            The case; :meth:`results_frame` of ``[r.row for r in case.results]`` is :meth:`predict`'s table.
+
+        Raises:
+            UserError: As :meth:`predict`.
+        """
+        return self._predict_case(
+            volume,
+            mask=mask,
+            label=label,
+            point=point,
+            diameter_mm=diameter_mm,
+            min_size_mm=min_size_mm,
+            patient_id=patient_id,
+            gradcam=gradcam,
+            tolerance=tolerance,
+            image_name=image_name,
+            mask_name=mask_name,
+            point_name=point_name,
+            image_ref=image_ref,
+        )
+
+    def results_frame(self, rows: list[dict]) -> pd.DataFrame:
+        """The results table (:func:`result_columns`, with the decision rule in ``attrs``) of result rows."""
+        return self._frame(rows)
+
     def _predict_case(
         self,
         volume: Volume,
@@ -594,6 +645,7 @@ class Classifier:
                 label,
                 patient_id,
                 "",
+                first_number=int(label) if label else 1,  # a selected label keeps its value as the id
                 image_ref=image_ref,
                 mask_ref=str(mask_vol.meta.get("source") or ""),
                 mask_name=mask_name,

@@ -1,0 +1,345 @@
+// liverlesion viewer: slices are rendered by the server (PNG); this page draws them, takes clicks
+// and polls the classification jobs. No libraries, works offline. Research use, not for diagnosis.
+"use strict";
+
+(function () {
+  const $ = (id) => document.getElementById(id);
+  const state = {
+    study: null,        // the study's info from the server
+    k: 0,               // current slice
+    level: 60, width: 250,
+    img: null,          // the current slice image
+    wanted: "",         // URL of the slice last asked for (older answers are dropped)
+    drag: null,         // {x, y, r} in image pixels while the mouse is down
+    marker: null,       // last click {k, x, y, r}
+    results: new Map(), // lesion_id -> row
+    selected: null,
+    classNames: [],
+  };
+
+  // ------------------------------------------------------------------ helpers
+  function showError(msg) {
+    const e = $("error");
+    e.textContent = msg || "";
+    e.hidden = !msg;
+  }
+  function busy(text) {
+    $("busy").hidden = !text;
+    $("busy-text").textContent = text || "";
+  }
+  function fmt(v, n) {
+    if (v === null || v === undefined || v === "") return "-";
+    if (typeof v === "number") return Number.isFinite(v) ? v.toFixed(n === undefined ? 3 : n) : "-";
+    return String(v);
+  }
+  async function json(resp) {
+    let body = null;
+    try { body = await resp.json(); } catch (e) { body = null; }
+    if (!resp.ok) throw new Error((body && body.error) || `HTTP ${resp.status}`);
+    return body;
+  }
+  const api = (path) => `/api/studies/${encodeURIComponent(state.study.study_id)}${path}`;
+
+  // ------------------------------------------------------------------ model info
+  fetch("/api/info").then(json).then((info) => {
+    state.classNames = info.class_names || [];
+    const models = (info.models || []).map((m) => `${m.backbone || "?"} (sha256 ${String(m.sha256 || "?").slice(0, 12)})`);
+    $("model-info").textContent = `Model: ${models.join(", ")}; classes ${state.classNames.join(", ")}; ` +
+      `decision: ${info.decision_rule}; liverlesion ${info.liverlesion_version}.`;
+  }).catch((e) => showError(`model info: ${e.message}`));
+
+  // ------------------------------------------------------------------ opening a study
+  $("open-form").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    showError("");
+    const data = new FormData();
+    const image = $("image-file").files[0];
+    if (!image) { showError("CT file: none chosen; choose a NIfTI or a .zip of one DICOM series"); return; }
+    data.append("image", image, image.name);
+    const mask = $("mask-file").files[0];
+    if (mask) data.append("mask", mask, mask.name);
+    const xhr = new XMLHttpRequest();
+    $("open-progress").hidden = false;
+    $("open-button").disabled = true;
+    $("upload-bar").value = 0;
+    $("open-status").textContent = "uploading…";
+    xhr.upload.onprogress = (e) => {
+      if (e.lengthComputable) $("upload-bar").value = (100 * e.loaded) / e.total;
+    };
+    xhr.upload.onload = () => {
+      $("upload-bar").removeAttribute("value"); // indeterminate while the server reads the CT
+      $("open-status").textContent = "reading the CT on the server…";
+    };
+    xhr.onloadend = () => {
+      $("open-button").disabled = false;
+      let body = null;
+      try { body = JSON.parse(xhr.responseText); } catch (e) { body = null; }
+      if (xhr.status !== 201) {
+        $("open-progress").hidden = true;
+        showError((body && body.error) || `upload failed (HTTP ${xhr.status || "no answer"})`);
+        return;
+      }
+      $("open-status").textContent = `opened: ${body.n_slices} slices`;
+      $("upload-bar").value = 100;
+      setStudy(body);
+    };
+    xhr.open("POST", "/api/studies");
+    xhr.send(data);
+  });
+
+  function setStudy(info) {
+    state.study = info;
+    state.results.clear();
+    state.selected = null;
+    state.marker = null;
+    renderTable();
+    $("latest-result").textContent = "No lesion classified yet.";
+    $("overlay-figure").hidden = true;
+    $("view").hidden = false;
+    const [nz, ny, nx] = info.shape_zyx;
+    const [, sy, sx] = info.spacing_zyx_mm;
+    const scale = Math.min(2, 640 / nx);
+    const canvas = $("slice-canvas");
+    canvas.width = Math.round(nx * scale);
+    canvas.height = Math.round(ny * scale * (sy / sx));
+    $("slice-range").max = String(nz - 1);
+    const sel = $("mask-lesion");
+    sel.innerHTML = "";
+    for (const l of info.mask_lesions || []) {
+      const o = document.createElement("option");
+      o.value = String(l.label);
+      o.textContent = `label ${l.label} (${l.lesion_id}), slices ${l.first_slice}–${l.last_slice}`;
+      sel.appendChild(o);
+    }
+    $("mask-tools").hidden = !(info.mask_lesions || []).length;
+    setDownloads();
+    goTo(info.start_slice);
+    canvas.focus();
+  }
+
+  // ------------------------------------------------------------------ slices
+  function goTo(k) {
+    if (!state.study) return;
+    const nz = state.study.n_slices;
+    state.k = Math.max(0, Math.min(nz - 1, Math.round(k)));
+    $("slice-range").value = String(state.k);
+    $("slice-number").textContent = `${state.k} / ${nz - 1}`;
+    loadSlice();
+  }
+  function loadSlice() {
+    const o = $("outline").checked ? 1 : 0;
+    const url = api(`/slice/${state.k}.png?wl=${state.level}&ww=${state.width}&outline=${o}`);
+    state.wanted = url;
+    const img = new Image();
+    img.onload = () => {
+      if (state.wanted !== url) return; // an older slice arriving late
+      state.img = img;
+      draw();
+    };
+    img.onerror = () => {
+      if (state.wanted !== url) return;
+      fetch(url).then(json).catch((e) => showError(`slice ${state.k}: ${e.message}`));
+    };
+    img.src = url;
+  }
+  function draw() {
+    const c = $("slice-canvas");
+    const g = c.getContext("2d");
+    g.imageSmoothingEnabled = false;
+    g.fillStyle = "#000";
+    g.fillRect(0, 0, c.width, c.height);
+    if (state.img) g.drawImage(state.img, 0, 0, c.width, c.height);
+    const m = state.drag || (state.marker && state.marker.k === state.k ? state.marker : null);
+    if (m) {
+      const [, ny, nx] = state.study.shape_zyx;
+      const px = ((m.x + 0.5) / nx) * c.width, py = ((m.y + 0.5) / ny) * c.height;
+      g.strokeStyle = "#ff3030";
+      g.lineWidth = 1.5;
+      g.beginPath();
+      g.moveTo(px - 6, py); g.lineTo(px + 6, py); g.moveTo(px, py - 6); g.lineTo(px, py + 6);
+      g.stroke();
+      if (m.rmm > 0) {
+        const [, sy, sx] = state.study.spacing_zyx_mm;
+        g.beginPath();
+        g.ellipse(px, py, (m.rmm / sx / nx) * c.width, (m.rmm / sy / ny) * c.height, 0, 0, 2 * Math.PI);
+        g.stroke();
+      }
+    }
+  }
+  $("slice-range").addEventListener("input", (e) => goTo(Number(e.target.value)));
+  $("slice-canvas").addEventListener("wheel", (e) => {
+    e.preventDefault();
+    goTo(state.k + (e.deltaY > 0 ? -1 : 1));
+  }, { passive: false });
+  $("slice-canvas").addEventListener("keydown", (e) => {
+    const step = { ArrowUp: 1, ArrowDown: -1, PageUp: 10, PageDown: -10 }[e.key];
+    if (step) { e.preventDefault(); goTo(state.k + step); }
+  });
+  $("outline").addEventListener("change", loadSlice);
+  function setWindow() {
+    const p = $("preset").value;
+    const custom = p === "custom";
+    $("level").disabled = $("width").disabled = !custom;
+    if (!custom && state.study) {
+      const w = state.study.presets[p];
+      $("level").value = w.level;
+      $("width").value = w.width;
+    }
+    const level = Number($("level").value), width = Number($("width").value);
+    if (!Number.isFinite(level) || !Number.isFinite(width) || width < 1) {
+      showError("window: level must be a number and width at least 1 HU");
+      return;
+    }
+    state.level = level;
+    state.width = width;
+    if (state.study) loadSlice();
+  }
+  $("preset").addEventListener("change", setWindow);
+  $("level").addEventListener("change", setWindow);
+  $("width").addEventListener("change", setWindow);
+
+  // ------------------------------------------------------------------ clicks
+  function toPixel(e) {
+    const c = $("slice-canvas");
+    const r = c.getBoundingClientRect();
+    const [, ny, nx] = state.study.shape_zyx;
+    return { x: ((e.clientX - r.left) / r.width) * nx - 0.5, y: ((e.clientY - r.top) / r.height) * ny - 0.5 };
+  }
+  $("slice-canvas").addEventListener("mousedown", (e) => {
+    if (!state.study || e.button !== 0) return;
+    const p = toPixel(e);
+    state.drag = { k: state.k, x: p.x, y: p.y, rmm: 0 };
+    draw();
+  });
+  $("slice-canvas").addEventListener("mousemove", (e) => {
+    if (!state.drag) return;
+    const p = toPixel(e);
+    const [, sy, sx] = state.study.spacing_zyx_mm;
+    state.drag.rmm = Math.hypot((p.x - state.drag.x) * sx, (p.y - state.drag.y) * sy);
+    if (state.drag.rmm >= 1) $("diameter").value = (2 * state.drag.rmm).toFixed(1);
+    draw();
+  });
+  window.addEventListener("mouseup", () => {
+    const d = state.drag;
+    if (!d) return;
+    state.drag = null;
+    if (d.rmm < 1) d.rmm = Number($("diameter").value) / 2 || 0;
+    state.marker = d;
+    draw();
+    classify({
+      slice: d.k, x_px: d.x, y_px: d.y,
+      diameter_mm: Number($("diameter").value) || null,
+      use_mask: $("use-mask").checked,
+    });
+  });
+  $("classify-label").addEventListener("click", () => classify({ label: Number($("mask-lesion").value) }));
+  $("classify-all").addEventListener("click", () => classify({ all: true }));
+  $("goto-lesion").addEventListener("click", () => {
+    const l = (state.study.mask_lesions || []).find((x) => String(x.label) === $("mask-lesion").value);
+    if (l) goTo(l.largest_slice);
+  });
+
+  // ------------------------------------------------------------------ classification jobs
+  const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+  async function classify(body) {
+    showError("");
+    const t0 = performance.now();
+    busy("sending…");
+    try {
+      const job = await json(await fetch(api("/classify"), {
+        method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+      }));
+      let st = job;
+      while (st.state === "queued" || st.state === "running") {
+        busy(`${st.stage}… ${((performance.now() - t0) / 1000).toFixed(1)} s`);
+        await sleep(200);
+        st = await json(await fetch(`/api/jobs/${encodeURIComponent(job.job_id)}`));
+      }
+      if (st.state === "error") throw new Error(st.error);
+      busy("");
+      for (const row of st.result.lesions) state.results.set(row.lesion_id, row);
+      state.classNames = st.result.class_names || state.classNames;
+      const last = st.result.lesions[st.result.lesions.length - 1];
+      renderTable();
+      setDownloads();
+      if (last) select(last.lesion_id);
+      loadSlice(); // the new lesion's outline
+    } catch (e) {
+      busy("");
+      showError(e.message);
+    }
+  }
+
+  const columns = () => [
+    ["lesion", (r) => r.lesion_id],
+    ["class", (r) => r.pred_class],
+    ...state.classNames.map((c) => [`P(${c})`, (r) => fmt(r[`prob_${c}`])]),
+    ["uncertainty", (r) => fmt(r.uncertainty)],
+    ["entropy (bits)", (r) => fmt(r.entropy_bits)],
+    ["diameter (mm)", (r) => fmt(r.max_axial_diameter_mm, 1)],
+    ["volume (mL)", (r) => fmt(r.volume_ml, 2)],
+    ["slice", (r) => fmt(r.slice, 0)],
+    ["source", (r) => r.source],
+  ];
+  function renderTable() {
+    const t = $("results-table");
+    const cols = columns();
+    t.tHead.innerHTML = "";
+    t.tBodies[0].innerHTML = "";
+    if (!state.results.size) return;
+    const hr = t.tHead.insertRow();
+    for (const [name] of cols) { const th = document.createElement("th"); th.textContent = name; hr.appendChild(th); }
+    for (const row of state.results.values()) {
+      const tr = t.tBodies[0].insertRow();
+      tr.dataset.lesion = row.lesion_id;
+      if (row.lesion_id === state.selected) tr.className = "selected";
+      for (const [, get] of cols) tr.insertCell().textContent = get(row);
+      tr.addEventListener("click", () => { select(row.lesion_id); goTo(row.slice); });
+    }
+  }
+  function select(lid) {
+    const r = state.results.get(lid);
+    if (!r) return;
+    state.selected = lid;
+    renderTable();
+    const p = state.classNames.map((c) => `P(${c}) ${fmt(r[`prob_${c}`], 2)}`).join(", ");
+    const el = $("latest-result");
+    el.innerHTML = "";
+    const strong = document.createElement("strong");
+    strong.id = "result-class";
+    strong.textContent = r.pred_class;
+    el.append(`${r.lesion_id}: `, strong);
+    if (r.status === "classified") {
+      el.append(` — ${p}; uncertainty ${fmt(r.uncertainty, 2)}, entropy ${fmt(r.entropy_bits, 2)} bits.`);
+    } else {
+      el.append(` — smallest axis ${fmt(r.min_axis_mm, 1)} mm: not classified.`);
+    }
+    const cam = $("gradcam").checked;
+    const img = $("overlay");
+    $("overlay-figure").hidden = false;
+    $("overlay-caption").textContent = `${r.lesion_id}: slice ${r.slice}` + (cam ? ", with Grad-CAM" : "");
+    busy(cam ? "drawing the overlay and Grad-CAM…" : "drawing the overlay…");
+    img.onload = () => busy("");
+    img.onerror = () => { busy(""); showError(`overlay of ${lid}: could not be drawn`); };
+    img.src = r.overlay_url + (cam ? "?gradcam=1" : "");
+  }
+  $("gradcam").addEventListener("change", () => { if (state.selected) select(state.selected); });
+
+  function setDownloads() {
+    const d = state.study.downloads || {};
+    const any = state.results.size > 0;
+    $("downloads").hidden = false;
+    const links = [
+      ["dl-csv", "/results.csv", any && d.csv, "classify a lesion first"],
+      ["dl-json", "/results.json", any && d.json, "classify a lesion first"],
+      ["dl-sr", "/report-sr.dcm", any && d.sr, d.sr ? "classify a lesion first" : "needs a CT opened as DICOM"],
+      ["dl-seg", "/seg.dcm", any && d.seg, d.seg ? "classify a lesion first" : "not in this version"],
+    ];
+    for (const [id, path, ok, why] of links) {
+      const a = $(id);
+      a.href = api(path);
+      a.setAttribute("aria-disabled", ok ? "false" : "true");
+      a.title = ok ? "" : why;
+    }
+  }
+})();

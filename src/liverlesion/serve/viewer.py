@@ -1,0 +1,464 @@
+"""What the viewer page asks of a loaded study: open it, render a slice, classify a click, download.
+
+No HTTP here: each function takes the classifier, a :class:`~liverlesion.serve.studies.Study` and
+plain values, and returns JSON-ready dicts or bytes; ``server.py`` routes requests to them. Slices are
+windowed and drawn on the server (PNG), so no volume is sent to the browser.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from liverlesion import DISCLAIMER
+from liverlesion.errors import UserError
+from liverlesion.serve.multipart import FormField
+from liverlesion.serve.oneshot import IMAGE_SUFFIXES, MASK_SUFFIXES, form_file, json_safe, suffix
+from liverlesion.serve.studies import Study, StudyStore
+
+__all__ = [
+    "PRESETS",
+    "classify",
+    "open_study",
+    "overlay_png",
+    "parse_classify",
+    "parse_window",
+    "render_slice",
+    "results_csv",
+    "results_json",
+    "results_sr",
+    "results_seg",
+    "study_info",
+]
+
+#: Window presets (level, width) in HU; "liver" is the window the patches use.
+PRESETS = {"liver": (60.0, 250.0), "soft tissue": (40.0, 400.0)}
+_MASK_RGB = (0, 230, 0)  # the uploaded mask's outline
+_CLICK_RGB = (255, 210, 0)  # spheres classified from clicks
+_MAX_LABEL = 65535
+
+
+class NotAvailable(UserError):
+    """A download this version (or this study) cannot give (HTTP 501 / 409)."""
+
+
+def _renamed(err: UserError, replace: dict[str, str], workdir: Path) -> UserError:
+    """The same message with the user's file names in place of our private temp paths."""
+    msg = str(err)
+    for path, name in replace.items():
+        msg = msg.replace(path, name)
+    return UserError(msg.replace(str(workdir), "(upload)"))
+
+
+# --------------------------------------------------------------------------- opening
+
+
+def open_study(store: StudyStore, fields: dict[str, FormField], workdir: Path) -> Study:
+    """Read an uploaded CT (and optional mask) into a new study; the upload files are left to the caller.
+
+    Args:
+        store: Where the study is kept.
+        fields: The multipart fields: ``image`` (NIfTI, NRRD, MHA, or a .zip / .dcm of one DICOM series)
+            and optionally ``mask`` (a label or binary NIfTI/NRRD/MHA on the CT's grid, or a DICOM SEG).
+        workdir: The request's private folder holding the uploads.
+
+    Raises:
+        UserError: Missing or wrong files, not a CT, mask not on the CT's grid, or too large to keep.
+    """
+    from scipy import ndimage
+
+    from liverlesion.io import check_geometry, read_volume
+    from liverlesion.predict import check_ct_volume
+
+    image_f = form_file(fields, "image")
+    if image_f is None:
+        raise UserError("CT file: none uploaded; choose a NIfTI (.nii/.nii.gz) or a .zip of one DICOM series")
+    image_suf = suffix(image_f.filename or "", IMAGE_SUFFIXES)
+    if not image_suf:
+        raise UserError(
+            f"CT file {image_f.filename!r}: not a CT file type; choose a NIfTI (.nii/.nii.gz), NRRD, MHA, or a "
+            ".zip of one DICOM series"
+        )
+    mask_f = form_file(fields, "mask")
+    mask_suf = ""
+    if mask_f is not None:
+        mask_suf = suffix(mask_f.filename or "", (*MASK_SUFFIXES, ".dcm"))
+        if not mask_suf:
+            raise UserError(
+                f"mask file {mask_f.filename!r}: not a mask file type; choose a NIfTI (.nii/.nii.gz), NRRD or "
+                "MHA label mask, or a DICOM SEG (.dcm), drawn on this CT"
+            )
+    image_name = f"CT file {image_f.filename!r}"
+    mask_name = f"mask file {mask_f.filename!r}" if mask_f is not None else "mask"
+    image_path = workdir / f"image{image_suf}"
+    image_f.save(image_path)
+    replace = {str(image_path): repr(image_f.filename)}
+    mask_path = None
+    if mask_f is not None:
+        mask_path = workdir / f"mask{mask_suf}"
+        mask_f.save(mask_path)
+        replace[str(mask_path)] = repr(mask_f.filename)
+    try:
+        image = read_volume(image_path, kind="image", name=image_name)
+        check_ct_volume(image, image_name)
+        labels, kind = None, ""
+        if mask_path is not None:
+            if mask_suf == ".dcm":  # a DICOM SEG: its segment numbers are the labels
+                from liverlesion.seg_read import read_seg_mask
+
+                mask = read_seg_mask(mask_path, image, mask_name)
+            else:
+                mask = read_volume(mask_path, kind="mask", name=mask_name)
+            check_geometry(image, mask, tolerance=1e-3, image_name=image_name, mask_name=mask_name)
+            arr = mask.array
+            present = np.unique(arr[arr > 0])
+            if present.size == 0:
+                raise UserError(
+                    f"{mask_name}: the mask is empty (no voxel > 0); give a mask that contains the lesions"
+                )
+            if present.size > 1:
+                if present.max() > _MAX_LABEL or np.any(present != np.round(present)):
+                    raise UserError(
+                        f"{mask_name}: values {present[0]:g}..{present[-1]:g} are not whole-number lesion labels "
+                        f"(1..{_MAX_LABEL}); give a label mask"
+                    )
+                labels, kind = np.where(arr > 0, arr, 0).astype(np.uint16), "labels"
+            else:  # binary: lesions are its components, numbered as lesions_from_mask numbers them
+                comp, _ = ndimage.label(arr > 0, structure=np.ones((3, 3, 3), dtype=bool))
+                labels, kind = comp.astype(np.uint16), "components"
+    except UserError as e:
+        raise _renamed(e, replace, workdir) from None
+    return store.add(
+        image,
+        labels=image.with_array(labels, source="") if labels is not None else None,
+        mask_kind=kind,
+        names={"image": image_f.filename, "mask": mask_f.filename if mask_f is not None else None},
+    )
+
+
+def study_info(study: Study) -> dict[str, Any]:
+    """Shape, spacing, slice count, the mask's lesions and where to start, as JSON."""
+    from scipy import ndimage
+
+    image = study.image
+    nz, ny, nx = image.shape
+    lesions = []
+    start = nz // 2
+    if study.labels is not None:
+        arr = study.labels.array
+        values = np.unique(arr[arr > 0])
+        boxes = ndimage.find_objects(arr, max_label=int(values.max()) if values.size else 0)
+        for v in values:
+            box = boxes[int(v) - 1]
+            counts = np.count_nonzero(arr[box] == v, axis=(1, 2))
+            lesions.append(
+                {
+                    "label": int(v),
+                    "lesion_id": f"case-L{int(v):02d}",
+                    "first_slice": int(box[0].start),
+                    "last_slice": int(box[0].stop - 1),
+                    "largest_slice": int(box[0].start + int(np.argmax(counts))),
+                    "n_voxels": int(counts.sum()),
+                }
+            )
+        if lesions:
+            start = max(lesions, key=lambda d: d["n_voxels"])["largest_slice"]
+    return json_safe(
+        {
+            "study_id": study.id,
+            "shape_zyx": [nz, ny, nx],
+            "spacing_zyx_mm": [round(s, 4) for s in image.spacing],
+            "n_slices": nz,
+            "start_slice": start,
+            "format": image.meta.get("format"),
+            "image": study.names.get("image"),
+            "mask": study.names.get("mask"),
+            "mask_kind": study.mask_kind,
+            "mask_lesions": lesions,
+            "presets": {k: {"level": c, "width": w} for k, (c, w) in PRESETS.items()},
+            "orientation": "axial slices; anterior up, patient right on the left",
+            "downloads": {"csv": True, "json": True, "sr": image.dicom is not None, "seg": seg_available()},
+            "disclaimer": DISCLAIMER,
+        }
+    )
+
+
+# --------------------------------------------------------------------------- slices
+
+
+def parse_window(query: dict[str, list[str]]) -> tuple[float, float]:
+    """Window level/width from ``?wl=..&ww=..`` (default: the liver window)."""
+    out = []
+    for key, default, what in (("wl", PRESETS["liver"][0], "level"), ("ww", PRESETS["liver"][1], "width")):
+        raw = (query.get(key) or [""])[0].strip()
+        try:
+            v = float(raw) if raw else default
+        except ValueError:
+            v = math.nan
+        if not math.isfinite(v) or abs(v) > 10000 or (key == "ww" and not v >= 1):
+            raise UserError(
+                f"window {what} {key}={raw!r}: must be a number of HU"
+                + (" from 1 to 10000 (e.g. 250)" if key == "ww" else " from -10000 to 10000 (e.g. 60)")
+            )
+        out.append(v)
+    return out[0], out[1]
+
+
+def _check_slice(study: Study, k: int) -> None:
+    nz = study.image.shape[0]
+    if not 0 <= k < nz:
+        raise UserError(f"slice {k}: out of range; this CT has slices 0..{nz - 1}")
+
+
+def _box(a: np.ndarray) -> tuple[slice, slice] | None:
+    """The non-zero part of a 2-D array grown by one pixel, or None when all zero."""
+    rows, cols = np.flatnonzero(a.any(axis=1)), np.flatnonzero(a.any(axis=0))
+    if rows.size == 0:
+        return None
+    return (
+        slice(max(rows[0] - 1, 0), rows[-1] + 2),
+        slice(max(cols[0] - 1, 0), cols[-1] + 2),
+    )
+
+
+def render_slice(study: Study, k: int, level: float, width: float, outline: bool = True) -> bytes:
+    """Axial slice ``k`` windowed to 8-bit grey, with the mask and classified lesions outlined, as PNG.
+
+    One image pixel per voxel (the page scales it by the pixel spacing); anterior up, patient right
+    on the left, as the volume is held in LPS.
+    """
+    from PIL import Image
+    from skimage.segmentation import find_boundaries
+
+    from liverlesion.patches import window
+
+    _check_slice(study, k)
+    grey = (window(study.image.array[k], level, width) * 255.0 + 0.5).astype(np.uint8)
+    rgb = np.repeat(grey[..., None], 3, axis=2)
+    if outline:
+        with study.lock:
+            clicks = [r.mask for r in study.results.values() if r.row.get("source") == "click"]
+        layers = [(study.labels.array[k], _MASK_RGB)] if study.labels is not None else []
+        layers += [(m[k], _CLICK_RGB) for m in clicks]
+        for lab, colour in layers:
+            box = _box(lab)
+            if box is not None:  # outlines within the lesions' box only: a full slice costs 10x more
+                rgb[box][find_boundaries(lab[box], mode="inner")] = colour
+    buf = io.BytesIO()
+    Image.fromarray(rgb, mode="RGB").save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------- classifying
+
+
+def _number(body: dict[str, Any], key: str, what: str) -> float | None:
+    v = body.get(key)
+    if v is None or v == "":
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        f = math.nan
+    if isinstance(v, bool) or not math.isfinite(f):
+        raise UserError(f"{what} {v!r}: must be a finite number")
+    return f
+
+
+def parse_classify(study: Study, body: Any) -> dict[str, Any]:
+    """Check a classify request before queueing it; returns what :func:`classify` needs.
+
+    ``body``: ``{"slice", "x_px", "y_px", "diameter_mm"?, "use_mask"?}`` (a click, pixel indices of the
+    slice image), ``{"label": N}`` (a lesion of the mask) or ``{"all": true}`` (every mask lesion);
+    ``min_size_mm`` optional (default 5).
+
+    Raises:
+        UserError: A click outside the image, no diameter, a label not in the mask, and so on.
+    """
+    from liverlesion.lesions import check_diameter
+
+    if not isinstance(body, dict):
+        raise UserError(
+            'classify request: expected a JSON object such as {"slice": 40, "x_px": 120, "y_px": 96}'
+        )
+    unknown = sorted(
+        set(body) - {"slice", "x_px", "y_px", "diameter_mm", "use_mask", "label", "all", "min_size_mm"}
+    )
+    if unknown:
+        raise UserError(f"classify request: unknown field(s) {', '.join(unknown)}")
+    min_size = _number(body, "min_size_mm", "min_size_mm")
+    min_size = 5.0 if min_size is None else min_size
+    if min_size < 0:
+        raise UserError(f"min_size_mm {min_size:g}: must be 0 or a positive number of mm (default 5)")
+    if body.get("all"):
+        if study.labels is None:
+            raise UserError(
+                "classify all: this study has no mask; open the CT with a mask, or click a lesion"
+            )
+        return {"kind": "all", "min_size_mm": min_size}
+    if body.get("label") not in (None, ""):
+        label = _number(body, "label", "label")
+        if study.labels is None:
+            raise UserError(f"label {body['label']!r}: this study has no mask; click the lesion instead")
+        if label is None or label != int(label) or not np.any(study.labels.array == int(label)):
+            raise UserError(
+                f"label {body['label']!r}: not a lesion label of the mask; pick one from the list"
+            )
+        return {"kind": "label", "label": int(label), "min_size_mm": min_size}
+    nz, ny, nx = study.image.shape
+    k = _number(body, "slice", "slice")
+    x = _number(body, "x_px", "x_px")
+    y = _number(body, "y_px", "y_px")
+    if k is None or x is None or y is None:
+        raise UserError("click: give slice, x_px and y_px (pixel of the slice image), a label, or all")
+    if k != int(k):
+        raise UserError(f"slice {k:g}: must be a whole slice number")
+    _check_slice(study, int(k))
+    if not (-0.5 <= x <= nx - 0.5 and -0.5 <= y <= ny - 0.5):
+        raise UserError(
+            f"click at x_px={x:g}, y_px={y:g}: outside the image ({nx} x {ny} pixels); click inside the slice"
+        )
+    iz, iy, ix = int(k), min(int(round(y)), ny - 1), min(int(round(x)), nx - 1)
+    use_mask = body.get("use_mask", True) is not False
+    if use_mask and study.labels is not None and study.labels.array[iz, iy, ix] > 0:
+        return {"kind": "label", "label": int(study.labels.array[iz, iy, ix]), "min_size_mm": min_size}
+    d = _number(body, "diameter_mm", "diameter (mm)")
+    if d is None:
+        raise UserError("diameter (mm): none given; drag across the lesion, or type its diameter in mm")
+    check_diameter(d, "diameter (mm)", study.image)
+    xyz = tuple(float(v) for v in study.image.index_to_physical((float(k), float(y), float(x))))
+    return {"kind": "point", "point": xyz, "diameter_mm": d, "min_size_mm": min_size, "slice": int(k)}
+
+
+def classify(clf, study: Study, spec: dict[str, Any], job=None) -> dict[str, Any]:
+    """Classify what :func:`parse_classify` checked; the results join the study (a lesion classified
+    again replaces its earlier result).
+
+    Returns:
+        ``{"study_id", "lesions": [row + overlay_url], "decision_rule", "disclaimer"}``.
+    """
+    stage = job.set_stage if job is not None else (lambda s: None)
+    stage("cutting the patch and running the model")
+    image_ref = str(study.names.get("image") or "")
+    common = {
+        "min_size_mm": spec["min_size_mm"],
+        "image_ref": image_ref,
+        "image_name": "CT",
+        "mask_name": "mask",
+    }
+    with study.lock:
+        study.min_size_mm = float(spec["min_size_mm"])
+        if spec["kind"] == "point":
+            case = clf.predict_case(
+                study.image,
+                point=spec["point"],
+                diameter_mm=spec["diameter_mm"],
+                point_name="click",
+                **common,
+            )
+            study.n_clicks += 1
+            for r in case.results:  # clicks are numbered per study, apart from the mask's labels
+                r.row["lesion_id"] = r.lesion.lesion_id = f"case-C{study.n_clicks:02d}"
+        else:
+            case = clf.predict_case(study.image, mask=study.labels, label=spec.get("label"), **common)
+        for r in case.results:
+            study.results.pop(r.row["lesion_id"], None)
+            study.results[r.row["lesion_id"]] = r
+    stage("done")
+    rows = []
+    for r in case.results:
+        row = json_safe(dict(r.row))
+        row["overlay_url"] = f"/api/studies/{study.id}/lesions/{r.row['lesion_id']}/overlay.png"
+        row["slice"] = int(r.row["centre_slice"])
+        rows.append(row)
+    return {
+        "study_id": study.id,
+        "lesions": rows,
+        "class_names": list(clf.class_names),
+        "decision_rule": clf.decision_rule,
+        "disclaimer": DISCLAIMER,
+    }
+
+
+def overlay_png(clf, study: Study, lesion_id: str, gradcam: bool) -> bytes:
+    """The lesion's overlay PNG (slice + outline, the network's patch; with ``gradcam`` its Grad-CAM,
+    computed now on first request and kept)."""
+    from liverlesion.decision import CLASSIFIED
+    from liverlesion.predict import draw_lesion_overlay
+
+    with study.lock:
+        r = study.results.get(lesion_id)
+        if r is None:
+            raise UserError(f"lesion {lesion_id!r}: not classified in this study; click it first")
+        if gradcam and r.cam is None and r.row.get("status") == CLASSIFIED:
+            r.cam = clf.gradcam(r.patch.image, str(r.row["pred_class"]))
+        cam, r.cam = r.cam, (r.cam if gradcam else None)
+        try:
+            with tempfile.TemporaryDirectory(prefix="liverlesion-serve-") as tmp:
+                path = draw_lesion_overlay(r, study.image, Path(tmp) / "overlay.png", clf.class_names)
+                return path.read_bytes()
+        finally:
+            r.cam = cam
+
+
+# --------------------------------------------------------------------------- downloads
+
+
+def _frame(clf, study: Study):
+    with study.lock:
+        rows = [dict(r.row) for r in study.results.values()]
+    if not rows:
+        raise NotAvailable("results: no lesion classified in this study yet; click a lesion first")
+    return clf.results_frame(rows)
+
+
+def results_csv(clf, study: Study) -> bytes:
+    """The study's results table (every lesion classified so far), as ``predict``'s results.csv."""
+    return _frame(clf, study).to_csv(index=False).encode("utf-8")
+
+
+def results_json(clf, study: Study) -> dict[str, Any]:
+    """The study's results as ``predict``'s results.json."""
+    from liverlesion.predict import results_info
+
+    df = _frame(clf, study)
+    inputs = {"image": study.names.get("image"), "mask": study.names.get("mask"), "viewer_study": study.id}
+    return json_safe(results_info(clf, df, study.min_size_mm, inputs))
+
+
+def results_sr(clf, study: Study) -> bytes:
+    """A DICOM Comprehensive 3D SR of the study's lesions (needs a CT uploaded as DICOM)."""
+    from liverlesion.sr import write_sr
+
+    if study.image.dicom is None:
+        raise NotAvailable(
+            f"DICOM SR: the CT was uploaded as {study.image.meta.get('format') or 'a non-DICOM file'}; an SR must "
+            "reference its DICOM series: open the CT as a .zip of the DICOM series"
+        )
+    df = _frame(clf, study)
+    with study.lock:
+        masks = {lid: r.mask for lid, r in study.results.items()}
+    with tempfile.TemporaryDirectory(prefix="liverlesion-serve-") as tmp:
+        return write_sr(df, study.image, Path(tmp) / "report.dcm", lesion_masks=masks).read_bytes()
+
+
+def seg_available() -> bool:
+    """Whether this version writes DICOM SEG (the hook for the SEG writer; see :func:`results_seg`)."""
+    return False
+
+
+def results_seg(clf, study: Study) -> bytes:
+    """A DICOM SEG of the study's lesions.
+
+    The hook for the DICOM SEG writer: when ``liverlesion`` gains one, call it here on
+    ``study.image`` and ``{lesion_id: r.mask}`` (as :func:`results_sr` does) and make
+    :func:`seg_available` return True; the route and the page's button are already there.
+    """
+    raise NotAvailable(
+        "DICOM SEG: this version of liverlesion does not write DICOM SEG yet; download the SR or CSV"
+    )

@@ -1,0 +1,461 @@
+"""The viewer's API over HTTP (loopback only): studies kept loaded, slices, clicks, downloads, bad input."""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import (
+    http_post,
+    make_ct_with_two_lesions,
+    make_tiny_checkpoint,
+    multipart_body,
+    torch_threads,
+    write_dicom_series,
+    write_test_seg,
+)
+from liverlesion import DISCLAIMER
+from liverlesion.errors import UserError
+from liverlesion.io import read_volume, write_volume
+from liverlesion.predict import Classifier
+from liverlesion.serve import make_server
+from liverlesion.serve.studies import StudyGone, StudyStore
+
+BIG_PX = (11, 23.5, 23.5)  # (slice, y_px, x_px): the 12 mm lesion's centre in make_ct_with_two_lesions
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("viewer")
+    ckpt = make_tiny_checkpoint(tmp / "model.pt", seed=3, size_px=32)
+    image, mask = make_ct_with_two_lesions()
+    write_volume(image, tmp / "ct.nii.gz")
+    write_volume(mask, tmp / "mask.nii.gz")
+    labels = np.where(mask.array > 0, 3, 0).astype(np.uint8)
+    right = labels[:, :, 30:]  # a view: the small lesion (x ~ 36) gets label 6, the big one keeps 3
+    right[right > 0] = 6
+    write_volume(image.with_array(labels), tmp / "labels.nii.gz")
+    files = write_dicom_series(image, tmp / "dicom")
+    with zipfile.ZipFile(tmp / "ct.zip", "w") as zf:
+        for f in files:
+            zf.write(f, f.name)
+    with torch_threads(1):
+        server = make_server([ckpt], host="127.0.0.1", port=0, max_upload_bytes=5_000_000)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield {
+                "url": f"http://127.0.0.1:{server.server_address[1]}",
+                "ckpt": ckpt,
+                "dir": tmp,
+                "server": server,
+                "image": image,
+                "mask": mask,
+            }
+        finally:
+            server.shutdown()
+            server.server_close()
+            thread.join(timeout=10)
+
+
+def get(url: str) -> tuple[int, bytes, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r:
+            return r.status, r.read(), r.headers.get("Content-Type", "")
+    except urllib.error.HTTPError as e:
+        return e.code, e.read(), e.headers.get("Content-Type", "")
+
+
+def post_json(url: str, obj) -> tuple[int, dict]:
+    data = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
+    status, body = http_post(url, data, "application/json")
+    return status, json.loads(body)
+
+
+def open_study(served, image="ct.nii.gz", mask: str | None = "mask.nii.gz") -> dict:
+    d: Path = served["dir"]
+    files = {"image": (image, (d / image).read_bytes())}
+    if mask:
+        files["mask"] = (mask, (d / mask).read_bytes())
+    body, ctype = multipart_body({}, files)
+    status, resp = http_post(served["url"] + "/api/studies", body, ctype)
+    assert status == 201, resp
+    return json.loads(resp)
+
+
+def png_array(data: bytes) -> np.ndarray:
+    from PIL import Image
+
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def error_of(status_body) -> str:
+    status, body = status_body[:2]
+    msg = (json.loads(body) if isinstance(body, bytes) else body)["error"]
+    assert "\n" not in msg and "Traceback" not in msg
+    return msg
+
+
+# --------------------------------------------------------------------------- opening and slices
+
+
+def test_open_study_gives_geometry_and_leaves_no_upload(served, tmp_path):
+    import tempfile
+
+    old, tempfile.tempdir = tempfile.tempdir, str(tmp_path)
+    try:
+        info = open_study(served)
+    finally:
+        tempfile.tempdir = old
+    assert list(tmp_path.iterdir()) == []  # the upload folder went with the request
+    assert info["shape_zyx"] == [24, 48, 48] and info["n_slices"] == 24
+    assert info["spacing_zyx_mm"] == [2.5, 1.0, 1.0]
+    assert info["mask_kind"] == "components" and info["disclaimer"] == DISCLAIMER
+    # a binary mask: its components, numbered as `predict --mask` numbers them
+    assert [(m["lesion_id"], m["label"]) for m in info["mask_lesions"]] == [("case-L01", 1), ("case-L02", 2)]
+    assert info["start_slice"] in (11, 12)  # the big lesion's largest cross-section
+    assert info["downloads"] == {"csv": True, "json": True, "sr": False, "seg": False}
+    status, body, _ = get(f"{served['url']}/api/studies/{info['study_id']}")
+    assert status == 200 and json.loads(body)["study_id"] == info["study_id"]
+
+
+def test_slice_png_is_windowed_with_the_mask_outline(served):
+    sid = open_study(served)["study_id"]
+    base = f"{served['url']}/api/studies/{sid}/slice/11.png"
+    status, png, ctype = get(base + "?wl=60&ww=250")
+    assert status == 200 and ctype == "image/png"
+    rgb = png_array(png)
+    assert rgb.shape == (48, 48, 3)
+    green = (rgb[..., 1] > 200) & (rgb[..., 0] < 50)
+    assert green.any()  # the outline of the 12 mm lesion
+    ys, xs = np.nonzero(green)
+    assert abs(ys.mean() - 23.5) < 2 and abs(xs.mean() - 23.5) < 2
+    plain = png_array(get(base + "?wl=60&ww=250&outline=0")[1])
+    assert not ((plain[..., 1] > 200) & (plain[..., 0] < 50)).any()
+    assert (plain[..., 0] == plain[..., 1]).all()  # grey only
+    wide = png_array(get(base + "?wl=40&ww=2000&outline=0")[1])
+    assert not np.array_equal(wide, plain)  # the window is applied
+    # the expected grey: the liver window of the slice's HU
+    hu = served["image"].array[11]
+    expected = np.round(np.clip((hu - (60 - 125)) / 250, 0, 1) * 255)
+    assert np.abs(plain[..., 0].astype(float) - expected).max() <= 1
+
+
+# --------------------------------------------------------------------------- clicks
+
+
+def test_click_matches_classifier_and_job_progress_is_polled(served):
+    info = open_study(served)
+    sid = info["study_id"]
+    k, y, x = BIG_PX
+    click = {"slice": k, "x_px": x, "y_px": y, "diameter_mm": 12, "use_mask": False}
+    status, job = post_json(f"{served['url']}/api/studies/{sid}/classify", click)
+    assert status == 202 and job["state"] in ("queued", "running", "done")
+    assert job["status_url"] == f"/api/jobs/{job['job_id']}"
+    for _ in range(600):
+        st = json.loads(get(served["url"] + job["status_url"])[1])
+        assert {"state", "stage", "elapsed_s"} <= set(st)
+        if st["state"] not in ("queued", "running"):
+            break
+        time.sleep(0.05)
+    assert st["state"] == "done", st
+    (row,) = st["result"]["lesions"]
+    assert row["lesion_id"] == "case-C01" and row["source"] == "click"
+    assert row["overlay_url"] == f"/api/studies/{sid}/lesions/case-C01/overlay.png"
+
+    image = served["image"]
+    point = image.index_to_physical((k, y, x))
+    with torch_threads(1):
+        clf = Classifier.load([served["ckpt"]])
+        expected = clf.predict(image, point=point, diameter_mm=12).iloc[0]
+    assert row["pred_class"] == expected["pred_class"]
+    for c in clf.class_names:
+        assert abs(row[f"prob_{c}"] - expected[f"prob_{c}"]) < 1e-6
+    assert row["uncertainty"] == pytest.approx(expected["uncertainty"])
+    assert row["centroid_x_mm"] == pytest.approx(point[0], abs=1.0)
+
+    # A click inside the mask classifies that mask lesion (wait=1: the answer in one request).
+    status, res = post_json(
+        f"{served['url']}/api/studies/{sid}/classify?wait=1", {"slice": k, "x_px": x, "y_px": y}
+    )
+    assert status == 200
+    (row,) = res["lesions"]
+    with torch_threads(1):
+        exp = clf.predict(image, mask=served["mask"]).set_index("lesion_id").loc["case-L01"]
+    assert row["lesion_id"] == "case-L01" and row["source"] == "mask"
+    assert abs(row["prob_metastasis"] - exp["prob_metastasis"]) < 1e-6
+    assert row["volume_ml"] == pytest.approx(exp["volume_ml"])
+
+    # The click's sphere is outlined (yellow) on its slice from now on.
+    rgb = png_array(get(f"{served['url']}/api/studies/{sid}/slice/{k}.png")[1])
+    assert ((rgb[..., 0] > 200) & (rgb[..., 1] > 150) & (rgb[..., 2] < 50)).any()
+
+    # Overlay, with Grad-CAM on request.
+    for q in ("", "?gradcam=1"):
+        status, png, ctype = get(f"{served['url']}/api/studies/{sid}/lesions/case-C01/overlay.png{q}")
+        assert status == 200 and ctype == "image/png" and png_array(png).shape[0] > 100
+
+
+def test_multi_label_mask_keeps_its_labels_as_ids(served):
+    info = open_study(served, mask="labels.nii.gz")
+    assert info["mask_kind"] == "labels"
+    assert [m["lesion_id"] for m in info["mask_lesions"]] == ["case-L03", "case-L06"]
+    status, res = post_json(f"{served['url']}/api/studies/{info['study_id']}/classify?wait=1", {"all": True})
+    assert status == 200
+    assert [(r["lesion_id"], r["label"]) for r in res["lesions"]] == [("case-L03", 3), ("case-L06", 6)]
+    status, res = post_json(f"{served['url']}/api/studies/{info['study_id']}/classify?wait=1", {"label": 6})
+    assert status == 200 and [r["lesion_id"] for r in res["lesions"]] == ["case-L06"]
+    assert res["lesions"][0]["status"] == "too small to characterise"
+
+
+def test_downloads(served):
+    import pandas as pd
+
+    sid = open_study(served)["study_id"]
+    url = f"{served['url']}/api/studies/{sid}"
+    status, body, _ = get(url + "/results.csv")
+    assert status == 409 and "click a lesion first" in error_of((status, body))
+    assert post_json(url + "/classify?wait=1", {"all": True})[0] == 200
+    status, body, ctype = get(url + "/results.csv")
+    assert status == 200 and ctype.startswith("text/csv")
+    df = pd.read_csv(io.BytesIO(body))
+    assert df["lesion_id"].tolist() == ["case-L01", "case-L02"] and (df["disclaimer"] == DISCLAIMER).all()
+    status, body, _ = get(url + "/results.json")
+    info = json.loads(body)
+    assert status == 200 and info["disclaimer"] == DISCLAIMER and len(info["lesions"]) == 2
+    assert info["inputs"]["image"] == "ct.nii.gz"
+    status, body, _ = get(url + "/report-sr.dcm")  # a NIfTI study: an SR cannot reference a series
+    assert status == 409 and "DICOM" in error_of((status, body))
+    status, body, _ = get(url + "/seg.dcm")  # the SEG hook: not in this version
+    assert status == 501 and "SEG" in error_of((status, body))
+
+
+def test_dicom_zip_study_gives_an_sr(served):
+    import pydicom
+
+    info = open_study(served, image="ct.zip", mask=None)
+    assert info["format"] and info["downloads"]["sr"] is True and info["mask_kind"] == ""
+    url = f"{served['url']}/api/studies/{info['study_id']}"
+    k, y, x = BIG_PX
+    status, res = post_json(url + "/classify?wait=1", {"slice": k, "x_px": x, "y_px": y, "diameter_mm": 12})
+    assert status == 200, res
+    status, body, ctype = get(url + "/report-sr.dcm")
+    assert status == 200 and ctype == "application/dicom" and body[128:132] == b"DICM"
+    ds = pydicom.dcmread(io.BytesIO(body))
+    assert ds.Modality == "SR"
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_bad_study_slice_and_click_are_one_line_errors(served):
+    sid = open_study(served)["study_id"]
+    url = served["url"]
+    status, body, _ = get(f"{url}/api/studies/{'x' * 24}/slice/3.png")
+    assert status == 404 and "no such study" in error_of((status, body))
+    for k in (24, -1):
+        status, body, _ = get(f"{url}/api/studies/{sid}/slice/{k}.png")
+        assert status == 400 and "slices 0..23" in error_of((status, body))
+    status, body, _ = get(f"{url}/api/studies/{sid}/slice/3.png?ww=0")
+    assert status == 400 and "width" in error_of((status, body))
+    cases = [
+        ({"slice": 5, "x_px": 60, "y_px": 10, "diameter_mm": 10}, "outside the image"),
+        ({"slice": 5, "x_px": -3, "y_px": 10, "diameter_mm": 10}, "outside the image"),
+        ({"slice": 30, "x_px": 10, "y_px": 10, "diameter_mm": 10}, "out of range"),
+        ({"slice": 5, "x_px": 10, "y_px": 10}, "diameter"),
+        ({"slice": 5, "x_px": 10, "y_px": 10, "diameter_mm": -4}, "positive"),
+        ({"slice": 5, "x_px": "ten", "y_px": 10, "diameter_mm": 4}, "finite number"),
+        ({"label": 9}, "not a lesion label"),
+        ({"slice": 5, "x_px": 10, "y_px": 10, "colour": "red"}, "unknown field"),
+        ([1, 2], "JSON object"),
+    ]
+    for body_obj, expected in cases:
+        status, resp = post_json(f"{url}/api/studies/{sid}/classify", body_obj)
+        assert status == 400, (body_obj, resp)
+        assert expected in error_of((status, resp)), (body_obj, resp)
+    status, resp = post_json(f"{url}/api/studies/{sid}/classify", b"{not json")
+    assert status == 400 and "not JSON" in error_of((status, resp))
+    status, resp = post_json(f"{url}/api/studies/{'y' * 24}/classify", {"all": True})
+    assert status == 404
+    status, body, _ = get(f"{url}/api/studies/{sid}/lesions/case-L09/overlay.png")
+    assert status == 400 and "click it first" in error_of((status, body))
+    status, body, _ = get(f"{url}/api/jobs/nosuchjob")
+    assert status == 400 and "no such job" in error_of((status, body))
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({"image": ("notes.txt", b"this is not a CT\n" * 10)}, "'notes.txt': not a CT file type"),
+        ({"image": ("ct.nii.gz", b"\x1f\x8b" + bytes(200))}, "ct.nii.gz"),
+        ({"image": ("mask.nii.gz", None)}, "no negative values"),  # a mask in the CT slot
+        ({"image": ("ct.nii.gz", None), "mask": ("seg.dcm", b"DICM" * 10)}, "'seg.dcm': not a DICOM SEG"),
+        (
+            {"image": ("ct.nii.gz", None), "mask": ("notes.txt", b"x" * 10)},
+            "'notes.txt': not a mask file type",
+        ),
+        ({"image": ("ct.nii.gz", None), "mask": ("ct.nii.gz", None)}, "mask"),  # the CT in the mask slot
+        ({"mask": ("mask.nii.gz", None)}, "CT file: none uploaded"),
+    ],
+)
+def test_wrong_files_are_400_naming_the_file(served, files, expected):
+    d: Path = served["dir"]
+    files = {
+        k: (name, data if data is not None else (d / name).read_bytes()) for k, (name, data) in files.items()
+    }
+    body, ctype = multipart_body({}, files)
+    status, resp = http_post(served["url"] + "/api/studies", body, ctype)
+    assert status == 400, resp
+    msg = error_of((status, resp))
+    assert expected in msg and "liverlesion-serve-" not in msg
+
+
+def test_oversized_upload_is_413_before_the_body(served):
+    port = int(served["url"].rsplit(":", 1)[1])
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.putrequest("POST", "/api/studies")
+        conn.putheader("Content-Type", "multipart/form-data; boundary=x")
+        conn.putheader("Content-Length", str(5_000_001))
+        conn.endheaders()
+        resp = conn.getresponse()
+        assert resp.status == 413 and "--max-upload-mb" in json.loads(resp.read())["error"]
+    finally:
+        conn.close()
+
+
+def test_expired_and_closed_studies_are_404_saying_so(served):
+    store = served["server"].studies
+    sid = open_study(served)["study_id"]
+    real = store.clock
+    store.clock = lambda: real() + store.ttl_s + 1
+    try:
+        status, body, _ = get(f"{served['url']}/api/studies/{sid}/slice/3.png")
+    finally:
+        store.clock = real
+    assert (
+        status == 404
+        and "expired" in error_of((status, body))
+        and "open the CT again" in error_of((status, body))
+    )
+    sid = open_study(served)["study_id"]
+    req = urllib.request.Request(f"{served['url']}/api/studies/{sid}", method="DELETE")
+    with urllib.request.urlopen(req, timeout=10) as r:
+        assert r.status == 200
+    status, body, _ = get(f"{served['url']}/api/studies/{sid}")
+    assert status == 404 and "expired or closed" in error_of((status, body))
+
+
+# --------------------------------------------------------------------------- the store
+
+
+def test_study_store_bounds_count_bytes_and_idle_time():
+    from liverlesion.volume import Volume
+
+    now = [0.0]
+    store = StudyStore(max_studies=2, max_bytes=3 * 4000, ttl_s=10, clock=lambda: now[0])
+    vol = Volume(np.zeros((10, 10, 10), np.float32), (1, 1, 1))  # 4000 bytes
+    a, b = store.add(vol), store.add(vol)
+    store.get(a.id)  # a is now the most recently used
+    c = store.add(vol)  # over the count: b (least recently used) goes
+    assert {s for s in (a.id, c.id)} == {store.get(a.id).id, store.get(c.id).id}
+    with pytest.raises(StudyGone, match="expired or closed"):
+        store.get(b.id)
+    now[0] = 11.0  # idle past the TTL
+    with pytest.raises(StudyGone, match="expired"):
+        store.get(a.id)
+    assert len(store) == 0
+    big = Volume(np.zeros((20, 20, 20), np.float32), (1, 1, 1))  # 32000 bytes
+    with pytest.raises(UserError, match="study memory"):
+        store.add(big)
+    store2 = StudyStore(max_studies=5, max_bytes=2 * 4000 + 100, ttl_s=10)
+    ids = [store2.add(vol).id for _ in range(3)]  # over the bytes: the oldest goes
+    assert len(store2) == 2 and store2.nbytes <= 2 * 4000
+    with pytest.raises(StudyGone):
+        store2.get(ids[0])
+    with pytest.raises(UserError, match="--max-studies"):
+        StudyStore(max_studies=0)
+
+
+def test_cli_serve_bad_study_options_are_one_line(tmp_path, capsys):
+    from liverlesion.cli import main
+
+    ckpt = make_tiny_checkpoint(tmp_path / "model.pt", seed=3, size_px=32)
+    for opt in ("--max-studies=0", "--study-ttl-min=-1"):
+        assert main(["serve", "--model", str(ckpt), "--port", "0", opt]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("liverlesion: error: " + opt.split("=")[0]) and "\n" not in err
+
+
+# --------------------------------------------------------------------------- DICOM SEG input
+
+
+@pytest.mark.parametrize("direction", [np.eye(3), np.diag([-1.0, -1.0, 1.0])], ids=["LPS", "flipped-x-y"])
+def test_dicom_seg_mask_lands_on_the_ct_grid_with_its_segment_numbers(tmp_path, direction):
+    from scipy import ndimage
+
+    from liverlesion.seg_read import read_seg_mask
+    from liverlesion.volume import Volume
+
+    image, mask = make_ct_with_two_lesions()
+    native = Volume(image.array, image.spacing, image.origin, direction, {"modality": "CT"})
+    comp, _ = ndimage.label(mask.array > 0, structure=np.ones((3, 3, 3)))
+    labels = np.where(comp == 2, 5, comp)  # segments 1 and 5
+    files = write_dicom_series(native, tmp_path / "dcm")
+    seg = write_test_seg(files, labels, tmp_path / "seg.dcm")
+    ct = read_volume(tmp_path / "dcm")  # reoriented to LPS
+    expected = read_volume_like(native.with_array(labels.astype(np.uint8)), tmp_path / "labels.nii.gz")
+    got = read_seg_mask(seg, ct)
+    assert got.shape == ct.shape and np.array_equal(got.array, expected.array)
+    assert set(np.unique(got.array)) == {0, 1, 5}
+
+
+def read_volume_like(volume, path: Path):
+    """The volume as read_volume returns it (reoriented to LPS), through a NIfTI file."""
+    write_volume(volume, path)
+    return read_volume(path, kind="mask")
+
+
+def test_dicom_seg_in_the_viewer_and_bad_seg(served, tmp_path):
+    from scipy import ndimage
+
+    d: Path = served["dir"]
+    comp, _ = ndimage.label(served["mask"].array > 0, structure=np.ones((3, 3, 3)))
+    files = sorted((d / "dicom").iterdir())
+    assert len(files) == 24
+    # file k of write_dicom_series is slice k: rebuild that order from the positions
+    import pydicom
+
+    files.sort(key=lambda f: float(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2]))
+    seg = write_test_seg(files, np.where(comp == 2, 4, comp), tmp_path / "lesions-seg.dcm")
+    body, ctype = multipart_body(
+        {}, {"image": ("ct.zip", (d / "ct.zip").read_bytes()), "mask": ("lesions-seg.dcm", seg.read_bytes())}
+    )
+    status, resp = http_post(served["url"] + "/api/studies", body, ctype)
+    assert status == 201, resp
+    info = json.loads(resp)
+    assert info["mask_kind"] == "labels"
+    assert [m["lesion_id"] for m in info["mask_lesions"]] == ["case-L01", "case-L04"]
+    # a SEG of another scan: refused, naming the file
+    other = write_dicom_series(served["image"], tmp_path / "other")  # a new frame of reference
+    seg2 = write_test_seg(other, comp, tmp_path / "other-seg.dcm")
+    body, ctype = multipart_body(
+        {}, {"image": ("ct.zip", (d / "ct.zip").read_bytes()), "mask": ("other-seg.dcm", seg2.read_bytes())}
+    )
+    status, resp = http_post(served["url"] + "/api/studies", body, ctype)
+    assert (
+        status == 400
+        and "other-seg.dcm" in error_of((status, resp))
+        and "frame of reference" in error_of((status, resp))
+    )

@@ -1,0 +1,179 @@
+"""The viewer in a real headless browser (Chromium via Selenium): open a study, scroll, click, read the result.
+
+Slow (a browser start and a synthetic abdomen); skipped when Chromium, chromedriver or selenium are
+absent. Set ``LIVERLESION_VIEWER_SCREENSHOT=docs/viewer.png`` to keep the page's screenshot (the
+README's picture comes from this test, on a synthetic study).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import make_tiny_checkpoint, torch_threads
+from liverlesion.io import write_volume
+from liverlesion.volume import Volume
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def driver():
+    """A headless Chromium (skips the test when there is none), quit afterwards."""
+    drv = _driver()
+    try:
+        yield drv
+    finally:
+        drv.quit()
+
+
+def _driver():
+    webdriver = pytest.importorskip(
+        "selenium.webdriver", reason="selenium is not installed (pip install selenium)"
+    )
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    chromedriver = shutil.which("chromedriver")
+    if chromium is None or chromedriver is None:
+        pytest.skip("Chromium and chromedriver are not installed (apt-get install chromium chromium-driver)")
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    opts = Options()
+    opts.binary_location = chromium
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1280,1100",
+    ):
+        opts.add_argument(arg)
+    opts.add_argument("--force-device-scale-factor=1")
+    # An explicit driver path: Selenium Manager never goes online.
+    return webdriver.Chrome(service=Service(executable_path=chromedriver), options=opts)
+
+
+@pytest.fixture(scope="module")
+def study_files(tmp_path_factory):
+    """A synthetic abdomen (never real data): label 2 is a cyst large enough to click."""
+    from liverlesion.synth import simulate_patient
+
+    tmp = tmp_path_factory.mktemp("browser")
+    p = simulate_patient("demo", ["metastasis", "cyst"], seed=2, matrix=256)
+    image = Volume(p.hu.astype(np.float32), p.spacing, p.origin, np.eye(3), {"modality": "CT"})
+    write_volume(image, tmp / "demo_ct.nii.gz")
+    write_volume(image.with_array(p.labels.astype(np.uint8)), tmp / "demo_lesions.nii.gz")
+    return {"dir": tmp, "image": image, "labels": p.labels}
+
+
+def test_open_scroll_click_and_read_the_result(driver, study_files, tmp_path):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.actions.wheel_input import ScrollOrigin
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from liverlesion.predict import Classifier
+    from liverlesion.serve import make_server
+
+    ckpt = make_tiny_checkpoint(tmp_path / "model.pt", seed=3, size_px=32)
+    with torch_threads(1):
+        server = make_server([ckpt], host="127.0.0.1", port=0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/"
+    wait = WebDriverWait(driver, 120)
+    d = study_files["dir"]
+    labels = study_files["labels"]
+    try:
+        driver.get(url)
+        assert "Research use, not for diagnosis" in driver.find_element(By.CLASS_NAME, "banner").text
+        wait.until(lambda drv: "Model:" in drv.find_element(By.ID, "model-info").text)
+        driver.find_element(By.ID, "image-file").send_keys(str(d / "demo_ct.nii.gz"))
+        driver.find_element(By.ID, "mask-file").send_keys(str(d / "demo_lesions.nii.gz"))
+        driver.find_element(By.ID, "open-button").click()
+        wait.until(lambda drv: drv.find_element(By.ID, "view").is_displayed())
+        zz, yy, xx = np.nonzero(labels == 2)
+        counts = np.bincount(zz, minlength=labels.shape[0])
+        k = int(np.argmax(counts))  # the cyst's largest cross-section: where the page opens
+        slice_text = lambda drv: drv.find_element(By.ID, "slice-number").text  # noqa: E731
+        wait.until(lambda drv: slice_text(drv).startswith(f"{k} /"))
+
+        # Scroll: arrow keys on the canvas and the mouse wheel, then back to the lesion.
+        canvas = driver.find_element(By.ID, "slice-canvas")
+        canvas.send_keys(Keys.ARROW_DOWN, Keys.ARROW_DOWN, Keys.ARROW_DOWN)
+        wait.until(lambda drv: slice_text(drv).startswith(f"{k - 3} /"))
+        ActionChains(driver).scroll_from_origin(ScrollOrigin.from_element(canvas), 0, -120).perform()
+        wait.until(lambda drv: slice_text(drv).startswith(f"{k - 2} /"))
+        canvas.send_keys(Keys.ARROW_UP, Keys.ARROW_UP)
+        wait.until(lambda drv: slice_text(drv).startswith(f"{k} /"))
+        wait.until(lambda drv: drv.execute_script("return document.getElementById('slice-canvas').width") > 0)
+
+        # Click the cyst's centre on the canvas (the page maps it back to the voxel).
+        ny, nx = labels.shape[1:]
+        y, x = float(yy[zz == k].mean()), float(xx[zz == k].mean())
+        w, h = canvas.size["width"], canvas.size["height"]
+        dx, dy = (x + 0.5) / nx * w - w / 2, (y + 0.5) / ny * h - h / 2
+        ActionChains(driver).move_to_element_with_offset(canvas, round(dx), round(dy)).click().perform()
+        wait.until(lambda drv: drv.find_elements(By.ID, "result-class"))
+        latest = driver.find_element(By.ID, "latest-result").text
+        assert latest.startswith("case-L02:"), latest  # the mask's label is the lesion id
+        shown = driver.find_element(By.ID, "result-class").text
+        row = driver.find_element(By.CSS_SELECTOR, "#results-table tbody tr[data-lesion='case-L02']")
+        cells = [c.text for c in row.find_elements(By.TAG_NAME, "td")]
+
+        with torch_threads(1):
+            clf = Classifier.load([ckpt])
+            exp = clf.predict(
+                study_files["image"], mask=study_files["image"].with_array(labels.astype(np.uint8)), label=2
+            ).iloc[0]
+        assert shown == exp["pred_class"] and cells[1] == exp["pred_class"]
+        assert cells[2] == f"{exp['prob_cyst']:.3f}" and cells[3] == f"{exp['prob_metastasis']:.3f}"
+
+        # Drag off the mask to set a diameter: a click lesion with that diameter.
+        free_y, free_x = int(round(y)), int(round(x)) + 25
+        assert labels[k, free_y, free_x] == 0
+        fx, fy = (free_x + 0.5) / nx * w - w / 2, (free_y + 0.5) / ny * h - h / 2
+        ActionChains(driver).move_to_element_with_offset(
+            canvas, round(fx), round(fy)
+        ).click_and_hold().move_by_offset(8, 0).release().perform()
+        wait.until(lambda drv: drv.find_elements(By.CSS_SELECTOR, "tr[data-lesion='case-C01']"))
+        diameter = float(driver.find_element(By.ID, "diameter").get_attribute("value"))
+        assert 2 < diameter < 40  # set by the drag (8 screen px), not the default 15
+        # The overlay with its Grad-CAM arrives; the busy indicator goes away.
+        wait.until(
+            lambda drv: drv.execute_script(
+                "const i = document.getElementById('overlay'); return i.complete && i.naturalWidth > 0"
+            )
+        )
+        wait.until(lambda drv: not drv.find_element(By.ID, "busy").is_displayed())
+        assert not driver.find_element(By.ID, "error").is_displayed()
+        # A row of the table selects its lesion and shows its slice.
+        driver.find_element(By.CSS_SELECTOR, "#results-table tbody tr[data-lesion='case-L02']").click()
+        wait.until(lambda drv: drv.find_element(By.ID, "latest-result").text.startswith("case-L02:"))
+        wait.until(lambda drv: slice_text(drv).startswith(f"{exp['centre_slice']} /"))
+        wait.until(
+            lambda drv: drv.execute_script(
+                "const i = document.getElementById('overlay');"
+                "return i.complete && i.naturalWidth > 0 && i.src.includes('case-L02')"
+            )
+        )
+        wait.until(lambda drv: not drv.find_element(By.ID, "busy").is_displayed())
+        # Everything fits the page width (the old results table ran off it).
+        assert driver.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
+        shot = tmp_path / "viewer.png"
+        driver.save_screenshot(str(shot))
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        keep = os.environ.get("LIVERLESION_VIEWER_SCREENSHOT")
+        if keep:
+            Path(keep).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(shot, keep)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
