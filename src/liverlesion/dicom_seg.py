@@ -443,6 +443,15 @@ def segment_of(lesion_mask: Any, labels: Volume) -> int:
     return int(np.argmax(counts))
 
 
+def union_if_several(labels: Volume, label: int | None) -> Volume:
+    """The mask that lesions are cut from: the label map for one segment, the union of several.
+
+    Several segments give one lesion per connected component of their union (a multi-label mask
+    would give one per label); :func:`label_by_segment` then names each lesion's segment.
+    """
+    return labels if label is not None else labels.with_array((labels.array > 0).astype(np.uint8))
+
+
 def label_by_segment(items: list, labels: Volume) -> list:
     """Set each lesion's ``label`` to the segment number it came from."""
     for lesion, lmask in items:
@@ -507,7 +516,7 @@ def seg_lesions(
     labels, label = seg_mask(path, image, selector, tolerance=tolerance, name=name, image_name=image_name)
     items = lesions_from_mask(
         image,
-        labels,
+        union_if_several(labels, label),
         label,
         patient_id,
         lesion_class,

@@ -1146,12 +1146,12 @@ def predict_cli(
         volume = read_volume(image, series=series, kind="image", name="--image")
         seg_labels = None
         if mask_is_seg:
-            from liverlesion.dicom_seg import seg_mask
+            from liverlesion.dicom_seg import seg_mask, union_if_several
 
             seg_labels, label = seg_mask(
                 mask, volume, label, tolerance=tolerance, name="--mask", image_name="--image"
             )
-            mask_vol = seg_labels
+            mask_vol = union_if_several(seg_labels, label)
         else:
             mask_vol = read_volume(mask, kind="mask", name="--mask") if mask is not None else None
         cases = [
