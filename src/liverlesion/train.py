@@ -670,6 +670,7 @@ def train_fold(
         fusion=dec.get("fusion"),
         train_patients=sorted(set(fit.index["patient_id"].astype(str))),
         val_patients=sorted(set(val.index["patient_id"].astype(str))),
+        training_domain=_training_domain(shared, fit, val),
         epochs_trained=int(train_info.get("epochs", 0)),
         train_seconds=round(time.time() - t0, 1),
         **meta,
@@ -677,6 +678,17 @@ def train_fold(
     for name, df in results.items():
         write_csv(fold_dir / f"{name}_predictions.csv", df)
     return results
+
+
+def _training_domain(shared: dict[str, Any], fit: FoldData, val: FoldData) -> dict[str, Any] | None:
+    """The intensity/spacing range of this fold's training lesions (fit + inner validation, never test)."""
+    from liverlesion.domain import training_range
+
+    table = shared.get("domain")
+    if table is None:
+        return None
+    ids = pd.concat([fit.index["lesion_id"], val.index["lesion_id"]]).astype(str)
+    return training_range(table, ids)
 
 
 def prepare_shared(
@@ -689,9 +701,12 @@ def prepare_shared(
     in_chans: int,
 ) -> dict[str, Any]:
     """What every fold reuses: fusion features of every lesion and (lpft) the frozen-feature cache."""
+    from liverlesion.domain import stats_table
     from liverlesion.model import build_model
 
     shared: dict[str, Any] = {"extra": None, "extra_names": []}
+    # per-lesion intensity/spacing statistics; each fold stores the range of its own training lesions
+    shared["domain"] = stats_table(index, patch_dir)
     if cfg.model.fusion == "radiomics":
         from liverlesion.features import cache_radiomics
 
