@@ -149,7 +149,9 @@ def test_predict_warns_on_domain_shift_and_evaluate_marks_external(labelled, tmp
     html = (pred / "report.html").read_text()
     assert "External validation" in html and sha in html and "domain shift" in html
     assert "No external validation" not in html
-    assert (pred / "plots" / "reliability.png").is_file() and (pred / "plots" / "confusion_matrix.png").is_file()
+    assert (pred / "plots" / "reliability.png").is_file() and (
+        pred / "plots" / "confusion_matrix.png"
+    ).is_file()
     assert "External validation of 1 model(s)" in out
 
     # the results file itself, and its predictions.csv, name the same run
