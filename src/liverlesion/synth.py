@@ -1054,7 +1054,7 @@ def generate_cohort(
     out = Path(out)
     class_list = parse_classes(classes)
     _check_args(out, patients, lesions, seed, difficulty, overwrite, matrix, workers)
-    if lesions < len(class_list):
+    if set(class_list) != set(CLASSES) and lesions < len(class_list):
         raise UserError(
             f"--lesions {lesions}: need at least one lesion per class ({len(class_list)} classes)"
         )
