@@ -367,7 +367,8 @@ def _radiomics_lr(fit_x: np.ndarray, fit_y: np.ndarray, k: int, seed: int):
     fill, mean, std = imp.statistics_, scale.mean_, scale.scale_
     w = np.zeros((k, x.shape[1]))
     b = np.zeros(k)
-    if len(lr.classes_) == 2 and k == 2:
+    # two classes in the fit data (also when a third is absent from it): sklearn gives one binary row
+    if len(lr.classes_) == 2:
         w[lr.classes_[1]], b[lr.classes_[1]] = lr.coef_[0] / 2, lr.intercept_[0] / 2
         w[lr.classes_[0]], b[lr.classes_[0]] = -lr.coef_[0] / 2, -lr.intercept_[0] / 2
     else:
