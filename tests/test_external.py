@@ -189,3 +189,15 @@ def test_evaluate_a_foreign_csv_is_one_line(tmp_path, capsys):
     f.write_text("a,b\n1,2\n")
     rc, _, err = _run(["evaluate", f], capsys)
     assert rc != 0 and "not the output of `liverlesion predict`" in err and "\n" not in err.strip()
+
+
+def test_fold_range_excludes_the_test_fold():
+    from liverlesion.train import FoldData, _training_domain
+
+    t = _table(30, 0)
+    t.loc[t.index[20:], "parenchyma_hu"] = 900.0  # the test fold's lesions
+    fit = FoldData(t.iloc[:15][["lesion_id"]], [], np.zeros(15))
+    val = FoldData(t.iloc[15:20][["lesion_id"]], [], np.zeros(5))
+    r = _training_domain({"domain": t}, fit, val)
+    assert r["n_lesions"] == 20 and r["stats"]["parenchyma_hu"]["high"] < 200
+    assert _training_domain({}, fit, val) is None

@@ -101,15 +101,24 @@ def stats_table(index: pd.DataFrame, patch_dir: str | Path) -> pd.DataFrame:
     Spacing comes from the index's ``spacing_z_mm`` / ``spacing_y_mm`` / ``spacing_x_mm`` columns
     (caches cut before they existed give NaN there, and the range then has no spacing).
     """
-    from liverlesion.patches import load_patch
+    from liverlesion.errors import UserError
+    from liverlesion.patches import load_patch, resolve_patch_dir
 
+    try:
+        folder: Path | None = resolve_patch_dir(patch_dir)
+    except UserError:  # no patch cache (arrays given in memory): lesion-table statistics only
+        folder = None
     rows = []
     has_spacing = {"spacing_z_mm", "spacing_y_mm", "spacing_x_mm"} <= set(index.columns)
     for _, r in index.iterrows():
-        p = load_patch(patch_dir, r)
         spacing = (r["spacing_z_mm"], r["spacing_y_mm"], r["spacing_x_mm"]) if has_spacing else None
-        pixel = float(p["meta"].get("pixel_mm", r.get("patch_pixel_mm", math.nan)))
-        stats = lesion_stats(r["hu_mean"], r["hu_std"], p["hu"], p["mask"], pixel, spacing)
+        hu_mean, hu_std = r.get("hu_mean", math.nan), r.get("hu_std", math.nan)
+        if folder is not None and "file" in r and (folder / str(r["file"])).is_file():
+            p = load_patch(folder, r)
+            pixel = float(p["meta"].get("pixel_mm", r.get("patch_pixel_mm", math.nan)))
+            stats = lesion_stats(hu_mean, hu_std, p["hu"], p["mask"], pixel, spacing)
+        else:
+            stats = lesion_stats(hu_mean, hu_std, np.zeros((1, 1)), np.zeros((1, 1)), math.nan, spacing)
         rows.append({"lesion_id": str(r["lesion_id"]), **stats})
     return pd.DataFrame(rows, columns=["lesion_id", *STATS])
 
