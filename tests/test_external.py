@@ -201,3 +201,15 @@ def test_fold_range_excludes_the_test_fold():
     r = _training_domain({"domain": t}, fit, val)
     assert r["n_lesions"] == 20 and r["stats"]["parenchyma_hu"]["high"] < 200
     assert _training_domain({}, fit, val) is None
+
+
+def test_evaluate_refuses_classes_the_model_does_not_know(tmp_path, capsys):
+    d = tmp_path / "pred"
+    d.mkdir()
+    (d / "results.csv").write_text(
+        "lesion_id,patient_id,true_class,pred_class,prob_cyst,prob_metastasis,checkpoint_sha256\n"
+        "p1-L01,p1,haemangioma,cyst,0.8,0.2,abc\np2-L01,p2,cyst,cyst,0.7,0.3,abc\n"
+    )
+    rc, _, err = _run(["evaluate", d], capsys)
+    assert rc != 0 and "haemangioma" in err and "model's classes" in err and "\n" not in err.strip()
+    assert not (d / "metrics.json").exists() and not (d / "predictions.csv").exists()

@@ -282,6 +282,14 @@ def format_external_summary(metrics: dict[str, Any], format_summary) -> str:
     if ext["domain_check"].get("status") in ("shift", "in range", "no training range stored"):
         lines += [f"  {line}" for line in format_domain(ext["domain_check"])]
     body = format_summary(metrics).splitlines()
+    body[1] = body[1].replace(f"{metrics['network']['n_folds']} folds", "external set")
+    thr = [t for t in metrics["network"]["threshold"]["per_fold"].values() if t["threshold"] is not None]
+    rule = f"Decision: {ext.get('decision_rule') or 'n/a'}" + (
+        " (from the checkpoints; not tuned here)" if thr else ""
+    )
+    body = [rule if line.startswith("Threshold (") else line for line in body]
+    if not thr:
+        body.insert(2, rule)
     return "\n".join(body[:2] + lines + body[2:])
 
 
