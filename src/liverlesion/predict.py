@@ -538,6 +538,7 @@ class Classifier:
             image_ref=str(volume.meta.get("source") or ""),
         )
         df = self._frame([r.row for r in case.results])
+        df.attrs["domain_check"] = self.domain_check(case.results)
         if gradcam:
             df.attrs["gradcam"] = {r.row["lesion_id"]: r.cam for r in case.results if r.cam is not None}
         return df
@@ -560,7 +561,8 @@ class Classifier:
 
         Returns:
             One row per lesion (see :func:`result_columns`); ``true_class`` when the manifest has
-            ``lesion_class``.
+            ``lesion_class``; ``df.attrs["domain_check"]``: the lesions' HU/spacing statistics against
+            the checkpoint's training range (:func:`liverlesion.domain.check_domain`).
 
         Raises:
             UserError: Bad manifest rows, images or masks (one line naming the row's file).
