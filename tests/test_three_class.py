@@ -92,6 +92,9 @@ def test_three_class_cohort_end_to_end(tmp_path, capsys):
     args[args.index(str(pred))] = str(pred_onnx)
     assert main(["predict", *models, *args]) == 0
     res_onnx = pd.read_csv(pred_onnx / "results.csv")
+    info_onnx = json.loads((pred_onnx / "results.json").read_text())
+    assert info_onnx["models"][0]["backend"] == "onnx"
+    assert info_onnx["domain_check"]["status"] in ("in range", "shift")  # the range travels with the export
     for c in CLASSES3:
         np.testing.assert_allclose(res_onnx[f"prob_{c}"], res[f"prob_{c}"], atol=1e-4)
 
