@@ -225,9 +225,12 @@ def synth(
             help="Parallel processes (same cohort for any number).", show_default="the free cores, at most 4"
         ),
     ] = None,
+    classes: Annotated[
+        str, typer.Option(help="Lesion classes, comma-separated, from metastasis, cyst, haemangioma.")
+    ] = "metastasis,cyst",
     overwrite: OverwriteOpt = False,
 ) -> None:
-    """Generate a synthetic CT cohort (metastases vs cysts) with a manifest."""
+    """Generate a synthetic CT cohort (metastases vs cysts, optionally haemangiomas) with a manifest."""
     from liverlesion.synth import generate_cohort
 
     out, name = _output(out_opt, out, "output folder")
@@ -241,6 +244,7 @@ def synth(
         overwrite=overwrite,
         matrix=matrix,
         workers=workers,
+        classes=classes,
     )
 
 
@@ -554,7 +558,13 @@ def demo(
 
 @app.command()
 def evaluate(
-    run_dir: Annotated[Path, typer.Argument(help="Run folder holding predictions.csv.")],
+    run_dir: Annotated[
+        Path,
+        typer.Argument(
+            help="Run folder holding predictions.csv, or the output of `predict --manifest` on a labelled "
+            "manifest (folder or its results.csv) for external validation."
+        ),
+    ],
     positive_class: Annotated[
         Optional[str], typer.Option(help="Positive class.", show_default="metastasis")
     ] = None,

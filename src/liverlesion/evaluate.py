@@ -1102,7 +1102,13 @@ def format_summary(metrics: dict[str, Any]) -> str:
         if k in net["metrics"]:
             lines.append(f"  {metric_label(k):<14} {fmt_ci(net['metrics'][k])}")
     cal = net["calibration"]
-    if cal.get("available"):
+    if cal.get("available") and "after" not in cal:
+        b = cal["before"]
+        lines.append(
+            f"Calibration ({cal.get('label_before', 'before')}): ECE {b['ece']:.3f}, Brier {b['brier']:.3f}, "
+            f"NLL {b['nll']:.3f}"
+        )
+    elif cal.get("available"):
         b, a = cal["before"], cal["after"]
         lines.append(
             f"Calibration (temperature scaling): ECE {b['ece']:.3f} -> {a['ece']:.3f}, "
@@ -1150,7 +1156,9 @@ def evaluate_run(
     """Evaluate a run folder: ``metrics.json``, ``plots/*.png`` and ``report.html``.
 
     Args:
-        run_dir: Folder written by ``liverlesion cv`` (holding ``predictions.csv``).
+        run_dir: Folder written by ``liverlesion cv`` (holding ``predictions.csv``), or the output
+            of ``liverlesion predict --manifest`` on a labelled manifest (folder or its ``results.csv``):
+            external validation, see :mod:`liverlesion.external`.
         positive_class: Positive class (default: ``eval.positive_class`` of the run's config).
         n_bootstrap: Patient-level bootstrap resamples (default: ``eval.n_bootstrap``).
         gradcam: Draw the Grad-CAM gallery (needs the fold models and the patch cache).
@@ -1158,9 +1166,16 @@ def evaluate_run(
     Returns:
         The content of ``metrics.json``.
     """
+    from liverlesion.external import evaluate_external, is_predict_output
+
     run_dir = Path(run_dir)
+    if is_predict_output(run_dir):  # external validation: the output of predict on a labelled manifest
+        return evaluate_external(run_dir, positive_class=positive_class, n_bootstrap=n_bootstrap)
     if not run_dir.is_dir():
-        raise UserError(f"{run_dir}: run folder not found; give the folder written by `liverlesion cv`")
+        raise UserError(
+            f"{run_dir}: run folder not found; give the folder written by `liverlesion cv`, or the "
+            "output folder of `liverlesion predict --manifest` for external validation"
+        )
     pred_path = run_dir / "predictions.csv"
     if not pred_path.is_file():
         raise UserError(

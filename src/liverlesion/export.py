@@ -99,6 +99,7 @@ def export_metadata(
         "in_chans": int(in_chans),
         "fold": meta.get("fold"),
         "created": meta.get("created"),
+        "training_domain": meta.get("training_domain"),  # predict's domain-shift check on this backend
     }
 
 

@@ -78,6 +78,7 @@ def checkpoint_view(info: dict[str, Any]) -> dict[str, Any]:
         "liverlesion_version": info.get("checkpoint_liverlesion_version"),
         "fold": info.get("fold"),
         "created": info.get("created"),
+        "training_domain": info.get("training_domain"),
     }
 
 

@@ -472,6 +472,9 @@ def build_patches(
                 row["patch_centre_slice"] = patch.meta["centre_slice"]
                 row["patch_field_mm"] = round(patch.meta["field_mm"], 4)
                 row["patch_pixel_mm"] = round(patch.meta["pixel_mm"], 6)
+                # native spacing, for the checkpoint's training range (liverlesion.domain)
+                for axis, v in zip("zyx", volume.spacing, strict=True):
+                    row[f"spacing_{axis}_mm"] = round(float(v), 6)
                 rows.append(row)
         bar.close()
         if not rows:

@@ -118,6 +118,7 @@ class _LesionResult:
     mask: np.ndarray  # full-size bool
     patch: Any  # patches.LesionPatch
     cam: np.ndarray | None = None
+    domain: dict[str, float] | None = None  # liverlesion.domain statistics of this lesion
 
 
 @dataclass
@@ -376,6 +377,20 @@ class Classifier:
     def checkpoint_hashes(self) -> list[str]:
         return [m.sha256 for m in self.members]
 
+    @property
+    def training_domain(self) -> dict[str, Any] | None:
+        """The training range of HU/spacing statistics (union over members; None for older checkpoints)."""
+        from liverlesion.domain import merge_ranges
+
+        return merge_ranges([m.ckpt.get("training_domain") for m in self.members])
+
+    def domain_check(self, results: Sequence[_LesionResult]) -> dict[str, Any]:
+        """New lesions' HU/spacing statistics against the checkpoint's training range."""
+        from liverlesion.domain import STATS, check_domain
+
+        table = pd.DataFrame([r.domain for r in results if r.domain], columns=list(STATS))
+        return check_domain(self.training_domain, table)
+
     def describe(self) -> dict[str, Any]:
         """Run information for results.json."""
         return {
@@ -529,6 +544,7 @@ class Classifier:
             image_ref=str(volume.meta.get("source") or ""),
         )
         df = self._frame([r.row for r in case.results])
+        df.attrs["domain_check"] = self.domain_check(case.results)
         if gradcam:
             df.attrs["gradcam"] = {r.row["lesion_id"]: r.cam for r in case.results if r.cam is not None}
         return df
@@ -551,7 +567,8 @@ class Classifier:
 
         Returns:
             One row per lesion (see :func:`result_columns`); ``true_class`` when the manifest has
-            ``lesion_class``.
+            ``lesion_class``; ``df.attrs["domain_check"]``: the lesions' HU/spacing statistics against
+            the checkpoint's training range (:func:`liverlesion.domain.check_domain`).
 
         Raises:
             UserError: Bad manifest rows, images or masks (one line naming the row's file).
@@ -559,6 +576,7 @@ class Classifier:
         cases = _predict_manifest(self, Path(manifest), min_size_mm, gradcam, tolerance)
         results = [r for case in cases for r in case.results]
         df = self._frame([r.row for r in results])
+        df.attrs["domain_check"] = self.domain_check(results)
         if gradcam:
             df.attrs["gradcam"] = {r.row["lesion_id"]: r.cam for r in results if r.cam is not None}
         return df
@@ -691,6 +709,7 @@ class Classifier:
         from tqdm.auto import tqdm
 
         from liverlesion.decision import too_small as is_too_small
+        from liverlesion.domain import lesion_stats
         from liverlesion.inference import ensemble_probs
         from liverlesion.patches import extract_patch
 
@@ -758,7 +777,17 @@ class Classifier:
             )
             if lesion.lesion_class:
                 row["true_class"] = lesion.lesion_class
-            results.append(_LesionResult(row=row, lesion=lesion, mask=lmask, patch=patch, cam=cam))
+            dom = lesion_stats(
+                lesion.hu_mean,
+                lesion.hu_std,
+                patch.hu,
+                patch.mask,
+                float(patch.meta["pixel_mm"]),
+                volume.spacing,
+            )
+            results.append(
+                _LesionResult(row=row, lesion=lesion, mask=lmask, patch=patch, cam=cam, domain=dom)
+            )
         return results
 
     def _frame(self, rows: list[dict]) -> pd.DataFrame:
@@ -1198,7 +1227,12 @@ def predict_cli(
         "series": series,
         "patient_id": patient_id,
     }
-    info = results_info(clf, df, min_size_mm, inputs, sources=[_source_info(c) for c in cases])
+    from liverlesion.domain import format_domain
+
+    domain = clf.domain_check([r for case in cases for r in case.results])
+    info = results_info(
+        clf, df, min_size_mm, inputs, sources=[_source_info(c) for c in cases], domain_check=domain
+    )
     with atomic_dir(out, overwrite=overwrite) as tmp:
         write_csv(tmp / "results.csv", df)
         write_json(tmp / "results.json", info)
@@ -1234,6 +1268,8 @@ def predict_cli(
                         _case_frame(clf, case), case.image, sr_path, lesion_masks=_masks(case), seg=seg_ref
                     )
     _print_table(df, clf)
+    for line in format_domain(domain):
+        print(f"liverlesion predict: {line}", file=sys.stderr if domain["status"] == "shift" else sys.stdout)
     print(f"wrote {out}")
     return df
 

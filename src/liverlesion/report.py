@@ -180,9 +180,12 @@ def plot_reliability(summary: dict[str, Any], out: Path) -> Path:
     ax.plot([0, 1], [0, 1], ls=":", color="grey", lw=1, label="perfect calibration")
     n_bins = cal["n_bins"]
     width = 1.0 / n_bins
-    for j, (key, label, marker) in enumerate(
-        (("before", "before", "o"), ("after", "after temperature scaling", "s"))
-    ):
+    shown = [
+        (k, cal.get(f"label_{k}", label), marker)
+        for k, label, marker in (("before", "before", "o"), ("after", "after temperature scaling", "s"))
+        if k in cal
+    ]
+    for j, (key, label, marker) in enumerate(shown):
         bins = cal[key]["bins"]
         xs = [b["mean_predicted"] for b in bins if b["count"]]
         ys = [b["observed"] for b in bins if b["count"]]
@@ -614,7 +617,7 @@ def _patient_rows(run_dir: Path) -> tuple[list[str], list[list[str]]]:
         c = classified[g.index]
         right = int((g.loc[c, "pred_class"] == g.loc[c, "true_class"]).sum())
         truth = ", ".join(f"{k} {v}" for k, v in g["true_class"].value_counts().sort_index().items())
-        rows.append([str(pid), str(int(g["fold"].iloc[0])) if "fold" in g else "", truth, str(len(g)),
+        rows.append([str(pid), str(g["fold"].iloc[0]) if "fold" in g else "", truth, str(len(g)),
                      str(int(c.sum())), str(right), _num(right / c.sum(), 2) if c.sum() else "n/a"])  # fmt: skip
     return ["patient", "fold", "lesions (truth)", "lesions", "classified", "right", "accuracy"], rows
 
@@ -651,11 +654,13 @@ def build_html(run_dir: Path, metrics: dict[str, Any], plots: dict[str, Path], n
         cfg_path.read_text(encoding="utf-8") if cfg_path.is_file() else "(no config.yaml in the run folder)"
     )
     s = metrics["settings"]
+    external = metrics.get("validation") == "external"
+    kind = "external validation" if external else "evaluation"
     out: list[str] = [
         "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>",
         f"<title>liverlesion report: {_e(run_dir.name)}</title><style>{_CSS}</style></head><body>",
         f"<div class=banner>{_e(DISCLAIMER[:1].upper() + DISCLAIMER[1:])}</div>",
-        f"<h1>liverlesion evaluation: {_e(run_dir.name)}</h1>",
+        f"<h1>liverlesion {kind}: {_e(run_dir.name)}</h1>",
         f"<p class=note>Created {_e(metrics.get('created', ''))} by liverlesion {_e(metrics.get('liverlesion_version'))}."
         f" {_e(metrics['n_lesions'])} lesions from {_e(metrics['n_patients'])} patients; classes "
         f"{_e(', '.join(metrics['class_names']))}; positive class <b>{_e(metrics['positive_class'])}</b>. "
@@ -663,13 +668,21 @@ def build_html(run_dir: Path, metrics: dict[str, Any], plots: dict[str, Path], n
         "(all lesions of a drawn patient come along).</p>",
     ]
     # Summary
-    out.append("<h2>Summary (network, pooled out-of-fold)</h2>")
+    out.append(
+        "<h2>Summary (network on the external set)</h2>"
+        if external
+        else "<h2>Summary (network, pooled out-of-fold)</h2>"
+    )
     keys = [k for k in SUMMARY_METRICS if k in net["metrics"]]
     out.append(
         _table(["metric", "value [95% CI]"], [[metric_label(k), fmt_ci(net["metrics"][k])] for k in keys])
     )
     for n in metrics.get("notes", []) + notes:
         out.append(f"<p class=note>Note: {_e(n)}</p>")
+    if external:
+        from liverlesion.external import external_html
+
+        out += external_html(metrics, _e)
     # Side by side
     out.append("<h2>Network and baselines, side by side</h2>")
     header, rows = side_by_side_rows(metrics)
@@ -740,8 +753,14 @@ def build_html(run_dir: Path, metrics: dict[str, Any], plots: dict[str, Path], n
             _table(
                 ["", "Brier", "ECE", "NLL"],
                 [
-                    [k, _num(cal[k]["brier"]), _num(cal[k]["ece"]), _num(cal[k]["nll"])]
+                    [
+                        cal.get(f"label_{k}", k),
+                        _num(cal[k]["brier"]),
+                        _num(cal[k]["ece"]),
+                        _num(cal[k]["nll"]),
+                    ]
                     for k in ("before", "after")
+                    if k in cal
                 ],
             )
         )
@@ -795,17 +814,19 @@ def build_html(run_dir: Path, metrics: dict[str, Any], plots: dict[str, Path], n
         ],
         ["Initialisation", str(run_info.get("init", "unknown"))],
         [
-            "Training data",
+            "External data" if external else "Training data",
             f"{ds['n_lesions']} lesions from {ds['n_patients']} patients ("
             + ", ".join(f"{c}: {n}" for c, n in ds["n_per_class"].items())
             + f"); manifest {run_info.get('manifest', 'unknown')}",
         ],
         [
             "Evaluation",
-            f"{net['n_folds']}-fold patient-level cross-validation; thresholds and temperatures from "
+            "external validation: the checkpoints applied unchanged to a new labelled set"
+            if external
+            else f"{net['n_folds']}-fold patient-level cross-validation; thresholds and temperatures from "
             "each fold's inner-validation patients",
         ],
-        ["Known limits", " ".join(KNOWN_LIMITS)],
+        ["Known limits", " ".join(k for k in KNOWN_LIMITS if not (external and k.startswith("No external")))],
         ["Published context", PAPER_CONTEXT],
     ]
     out.append(_table(["", ""], card, num_from=99))

@@ -45,8 +45,16 @@ from scipy import ndimage
 
 from liverlesion import DISCLAIMER
 from liverlesion.errors import UserError
+from liverlesion.synth_lesions import (
+    DEFAULT_CLASSES,
+    HAEMANGIOMA,
+    allocate_classes,
+    haemangioma_params,
+    haemangioma_tissue,
+    parse_classes,
+)
 
-CLASSES = ("metastasis", "cyst")
+CLASSES = DEFAULT_CLASSES  # the default class list (``generate_cohort(classes=...)`` sets another)
 METASTASIS_FRACTION = 0.6  # class mix of the cohort (metastasis : cyst = 60 : 40)
 MAX_LESIONS_PER_PATIENT = 12  # more would not fit non-overlapping in a liver
 IN_PLANE_PX = 384  # default rows = columns of every volume (``matrix``)
@@ -154,6 +162,8 @@ class SynthLesion:
     complicated: bool = False
     lobulation: float = 0.0
     margin_mm: float = 0.0
+    fill: float = 0.0  # haemangioma: how far the centripetal fill-in has reached (fraction of the radius)
+    scar: bool = False  # haemangioma: central unfilled scar
 
 
 @dataclass
@@ -649,9 +659,18 @@ class _Phantom:
     def _lesion_shape(self, label: int, cls: str, p: dict[str, float]) -> dict[str, Any]:
         rng = self.rng
         met = cls == "metastasis"
-        diam = float(np.clip(rng.lognormal(np.log(12.0 if met else 9.0), 0.7), 3.0, 50.0))
+        haem = None
+        if cls == HAEMANGIOMA:  # its own draws: the default classes' random stream is unchanged
+            haem = haemangioma_params(rng, self.d)
+            diam = haem["diameter_mm"]
+        else:
+            diam = float(np.clip(rng.lognormal(np.log(12.0 if met else 9.0), 0.7), 3.0, 50.0))
         rec = SynthLesion(label, cls, round(diam, 2), (0.0, 0.0, 0.0), 0.0)
-        if met:
+        if haem is not None:
+            axes = haem["axes"]
+            rec.lobulation, rec.margin_mm = haem["lobulation"], haem["margin_mm"]
+            rec.design_hu, rec.fill, rec.scar = haem["blood_hu"], haem["fill"], haem["scar"]
+        elif met:
             axes = np.array([1.0, rng.uniform(0.7, 1.0), rng.uniform(0.65, 1.0)], dtype=np.float32)
             rec.lobulation = float(rng.uniform(0.06, 0.25) * p["lobulation"])
             rec.margin_mm = float(min(rng.uniform(1.0, 3.5), diam * rng.uniform(0.08, 0.2)))
@@ -675,6 +694,7 @@ class _Phantom:
             "bump_dirs": bump_dirs,
             "bump_amp": bump_amp,
             "kappa": float(rng.uniform(3, 7)),
+            "haem": haem,
             # the farthest the lobulated surface can reach, in units of the radius
             "max_scale": 1.0 + float(np.clip(bump_amp, 0, None).sum()),
         }
@@ -726,6 +746,11 @@ class _Phantom:
             if rec.rim:  # enhancing viable rim, at or above the parenchyma's density
                 ring = np.exp(-(((rho - 0.85) / 0.12) ** 2))
                 tissue = tissue + ring * (self.liver_hu + rng.uniform(0, 30) - tissue)
+        elif shape.get("haem") is not None:
+            p_ = np.stack(np.broadcast_arrays(xx - centre[0], yy - centre[1], zz - centre[2]), -1)
+            q = (p_ @ rot) / axes
+            u = q / (np.linalg.norm(q, axis=-1, keepdims=True) + 1e-6)
+            tissue = haemangioma_tissue(rng, shape["haem"], rho, u)
         else:
             tissue = rec.design_hu + 1.5 * rng.standard_normal(occ.shape).astype(np.float32)
         view = self.hu[sl]
@@ -776,7 +801,7 @@ def simulate_patient(
 
     Args:
         patient_id: Identifier written to the manifest.
-        classes: Class of each lesion (``metastasis`` or ``cyst``); lesion k gets label k+1.
+        classes: Class of each lesion (``metastasis``, ``cyst`` or ``haemangioma``); lesion k gets label k+1.
         seed: Seed (or seed sequence entropy) for this patient.
         difficulty: 0 easy, 1 default, 2 hard.
         matrix: In-plane rows = columns (pixel size = field of view / matrix).
@@ -808,8 +833,13 @@ def simulate_patient(
 
 
 # --------------------------------------------------------------------------- cohort
-def _allocate(rng: np.random.Generator, patients: int, lesions: int) -> list[list[str]]:
-    """Lesion classes per patient: counts vary, exact 60/40 class mix, classes correlated within a patient."""
+def _allocate(
+    rng: np.random.Generator, patients: int, lesions: int, classes: tuple[str, ...] = CLASSES
+) -> list[list[str]]:
+    """Lesion classes per patient: counts vary, exact class mix, classes correlated within a patient.
+
+    The default metastasis/cyst cohort keeps its original draws (60/40), so it stays the same cohort.
+    """
     counts = np.ones(patients, dtype=int)
     rest = lesions - patients
     while rest > 0:
@@ -819,6 +849,8 @@ def _allocate(rng: np.random.Generator, patients: int, lesions: int) -> list[lis
         add = np.minimum(add, room)
         counts += add
         rest -= int(add.sum())
+    if set(classes) != set(CLASSES):
+        return allocate_classes(rng, counts, classes)
     n_met = int(round(METASTASIS_FRACTION * lesions))
     propensity = rng.normal(0, 1.0, patients)  # patients differ in how likely their lesions are metastases
     score = np.repeat(propensity, counts) + rng.normal(0, 1.0, lesions)
@@ -879,6 +911,8 @@ def _write_patient(
                 **pat.params,
             }
         )
+        if les.lesion_class == HAEMANGIOMA:
+            truth[-1].update(fill=round(les.fill, 3), scar=les.scar)
     return rows, truth
 
 
@@ -985,6 +1019,7 @@ def generate_cohort(
     overwrite: bool = False,
     matrix: int = IN_PLANE_PX,
     workers: int | None = None,
+    classes: str | tuple[str, ...] | list[str] | None = None,
 ) -> dict[str, Any]:
     """Generate a synthetic CT cohort with lesion masks and a manifest.
 
@@ -1004,6 +1039,8 @@ def generate_cohort(
             faster but coarser than clinical CT).
         workers: Processes that simulate patients in parallel (default: the free cores, at
             most 4). The cohort is the same for any number of workers.
+        classes: Lesion classes (``--classes``, comma-separated text or a sequence) from
+            metastasis, cyst and haemangioma; default metastasis and cyst.
 
     Returns:
         The summary written to ``summary.json``.
@@ -1015,9 +1052,14 @@ def generate_cohort(
     from liverlesion.progress import progress_disabled
 
     out = Path(out)
+    class_list = parse_classes(classes)
     _check_args(out, patients, lesions, seed, difficulty, overwrite, matrix, workers)
+    if set(class_list) != set(CLASSES) and lesions < len(class_list):
+        raise UserError(
+            f"--lesions {lesions}: need at least one lesion per class ({len(class_list)} classes)"
+        )
     t0 = time.perf_counter()
-    alloc = _allocate(np.random.default_rng(seed), patients, lesions)
+    alloc = _allocate(np.random.default_rng(seed), patients, lesions, class_list)
     rows: list[dict[str, Any]] = []
     truth: list[dict[str, Any]] = []
     n_workers = _n_workers(workers, patients)
@@ -1059,13 +1101,20 @@ def generate_cohort(
         truth_df = pd.DataFrame(truth)
         write_csv(tmp / "manifest.csv", pd.DataFrame(rows))
         write_csv(tmp / "lesions_truth.csv", truth_df)
-        summary = _summarise(truth_df, patients, seed, difficulty, time.perf_counter() - t0)
+        summary = _summarise(truth_df, patients, seed, difficulty, time.perf_counter() - t0, class_list)
         write_json(tmp / "summary.json", summary)
     _print_summary(summary, out)
     return summary
 
 
-def _summarise(truth: Any, patients: int, seed: int, difficulty: float, seconds: float) -> dict[str, Any]:
+def _summarise(
+    truth: Any,
+    patients: int,
+    seed: int,
+    difficulty: float,
+    seconds: float,
+    classes: tuple[str, ...] = CLASSES,
+) -> dict[str, Any]:
     diam = truth["diameter_mm"].to_numpy()
     sep = mean_hu_separability(
         truth["mean_hu"].to_numpy(), (truth["lesion_class"] == "metastasis").to_numpy()
@@ -1076,15 +1125,22 @@ def _summarise(truth: Any, patients: int, seed: int, difficulty: float, seconds:
             "mean_hu_mean": round(float(truth.loc[truth["lesion_class"] == c, "mean_hu"].mean()), 1),
             "mean_hu_sd": round(float(truth.loc[truth["lesion_class"] == c, "mean_hu"].std(ddof=0)), 1),
         }
-        for c in CLASSES
+        for c in classes
     }
+    from liverlesion.synth_lesions import class_counts
+
+    mix = (
+        {"metastasis": METASTASIS_FRACTION, "cyst": round(1 - METASTASIS_FRACTION, 3)}
+        if set(classes) == set(CLASSES)
+        else {c: round(n / len(truth), 3) for c, n in class_counts(classes, len(truth)).items()}
+    )
     return {
         "note": SYNTHETIC_NOTE,
         "patients": patients,
         "lesions": int(len(truth)),
         "seed": seed,
         "difficulty": difficulty,
-        "class_mix": {"metastasis": METASTASIS_FRACTION, "cyst": round(1 - METASTASIS_FRACTION, 3)},
+        "class_mix": mix,
         "classes": per_class,
         "diameter_mm": {
             "min": round(float(diam.min()), 1),
@@ -1102,15 +1158,16 @@ def _print_summary(s: dict[str, Any], out: Path) -> None:
     c = s["classes"]
     m = s["mean_hu_threshold"]
     dmm = s["diameter_mm"]
+    counts = ", ".join(f"{k} {v['lesions']}" for k, v in c.items())
+    hu = ", ".join(f"{k} {v['mean_hu_mean']} +/- {v['mean_hu_sd']}" for k, v in c.items())
     print(
         f"Synthetic cohort written to {out}\n"
-        f"  patients: {s['patients']}, lesions: {s['lesions']} "
-        f"(metastasis {c['metastasis']['lesions']}, cyst {c['cyst']['lesions']})\n"
+        f"  patients: {s['patients']}, lesions: {s['lesions']} ({counts})\n"
         f"  diameter mm: median {dmm['median']}, range {dmm['min']}-{dmm['max']}, "
         f"{100 * dmm['fraction_under_10mm']:.0f}% under 10 mm\n"
-        f"  mean HU: metastasis {c['metastasis']['mean_hu_mean']} +/- {c['metastasis']['mean_hu_sd']}, "
-        f"cyst {c['cyst']['mean_hu_mean']} +/- {c['cyst']['mean_hu_sd']}\n"
-        f"  best mean-HU threshold {m['threshold_hu']} HU: accuracy {m['accuracy']}, ROC AUC {m['auc']}\n"
+        f"  mean HU: {hu}\n"
+        f"  best mean-HU threshold (metastasis vs the rest) {m['threshold_hu']} HU: accuracy {m['accuracy']}, "
+        f"ROC AUC {m['auc']}\n"
         f"  time: {s['seconds']} s\n"
         f"  {SYNTHETIC_NOTE}"
     )

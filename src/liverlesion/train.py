@@ -367,7 +367,8 @@ def _radiomics_lr(fit_x: np.ndarray, fit_y: np.ndarray, k: int, seed: int):
     fill, mean, std = imp.statistics_, scale.mean_, scale.scale_
     w = np.zeros((k, x.shape[1]))
     b = np.zeros(k)
-    if len(lr.classes_) == 2 and k == 2:
+    # two classes in the fit data (also when a third is absent from it): sklearn gives one binary row
+    if len(lr.classes_) == 2:
         w[lr.classes_[1]], b[lr.classes_[1]] = lr.coef_[0] / 2, lr.intercept_[0] / 2
         w[lr.classes_[0]], b[lr.classes_[0]] = -lr.coef_[0] / 2, -lr.intercept_[0] / 2
     else:
@@ -670,6 +671,7 @@ def train_fold(
         fusion=dec.get("fusion"),
         train_patients=sorted(set(fit.index["patient_id"].astype(str))),
         val_patients=sorted(set(val.index["patient_id"].astype(str))),
+        training_domain=_training_domain(shared, fit, val),
         epochs_trained=int(train_info.get("epochs", 0)),
         train_seconds=round(time.time() - t0, 1),
         **meta,
@@ -677,6 +679,17 @@ def train_fold(
     for name, df in results.items():
         write_csv(fold_dir / f"{name}_predictions.csv", df)
     return results
+
+
+def _training_domain(shared: dict[str, Any], fit: FoldData, val: FoldData) -> dict[str, Any] | None:
+    """The intensity/spacing range of this fold's training lesions (fit + inner validation, never test)."""
+    from liverlesion.domain import training_range
+
+    table = shared.get("domain")
+    if table is None:
+        return None
+    ids = pd.concat([fit.index["lesion_id"], val.index["lesion_id"]]).astype(str)
+    return training_range(table, ids)
 
 
 def prepare_shared(
@@ -689,9 +702,12 @@ def prepare_shared(
     in_chans: int,
 ) -> dict[str, Any]:
     """What every fold reuses: fusion features of every lesion and (lpft) the frozen-feature cache."""
+    from liverlesion.domain import stats_table
     from liverlesion.model import build_model
 
     shared: dict[str, Any] = {"extra": None, "extra_names": []}
+    # per-lesion intensity/spacing statistics; each fold stores the range of its own training lesions
+    shared["domain"] = stats_table(index, patch_dir)
     if cfg.model.fusion == "radiomics":
         from liverlesion.features import cache_radiomics
 
