@@ -12,6 +12,9 @@ Variants (all inception_v3 with ImageNet weights, the quick preset's folds and b
   * ``lpft``:    the new default recipe (frozen-feature head, then the top block fine-tuned), 160 px
   * ``fusion``:  ``lpft`` + radiomics late fusion (the quick preset as shipped)
   * ``e2e160``:  end-to-end fine-tuning at the quick preset's 160 px
+  * ``fusion_last``: ``fusion`` with the head on the last Inception block (Mixed_7c, the paper's
+    2048 channels) instead of the default mid-level one (``model.features_from``)
+  * ``lpft_last``: ``lpft`` (network alone) on the last block
 
 Usage:
     python benchmarks/bench_accuracy.py [--difficulties 0 1 2] [--seeds 0 1] [--variants ...]
@@ -35,6 +38,8 @@ VARIANTS = {
     "lpft": ["model.fusion=none"],
     "fusion": [],
     "e2e160": ["train.recipe=end_to_end", "model.fusion=none", "train.epochs=8", "train.patience=4"],
+    "fusion_last": ["model.features_from=last"],
+    "lpft_last": ["model.fusion=none", "model.features_from=last"],
 }  # fmt: skip
 
 
