@@ -151,3 +151,27 @@ def test_cv_end_to_end_on_tiny_synthetic_cohort(tmp_path):
     # each patient appears in exactly one fold
     assert (preds.groupby("patient_id")["fold"].nunique() == 1).all()
     assert (run / "metrics.json").exists() and (run / "report.html").exists()
+
+
+def test_lesion_module_is_importable_picklable_and_trains_only_blocks_in_use() -> None:
+    """The Lightning module is a module-level class; blocks above ``features_from`` never get gradients."""
+    import pickle
+
+    from liverlesion.config import Config
+    from liverlesion.lightning_modules import LesionModule
+    from liverlesion.model import build_model
+
+    cfg = Config()
+    cfg.model.backbone, cfg.model.weights, cfg.model.features_from = "resnet18", "none", "mid"
+    model, _ = build_model(cfg.model, num_classes=2, in_chans=3)
+    module = LesionModule(model, cfg, [1.0, 2.0])
+    back = pickle.loads(pickle.dumps(module))
+    assert back.class_weights.tolist() == [1.0, 2.0]
+    in_use = {id(p) for p in model.backbone_parameters()}
+    above = [p for p in model.backbone.layer4.parameters()]
+    assert above and not any(id(p) in in_use for p in above)
+    module.on_train_epoch_start()  # unfreezes the backbone blocks in use, and only those
+    assert all(p.requires_grad for p in model.backbone_parameters())
+    assert not any(p.requires_grad for p in above)
+    opt = module.configure_optimizers()["optimizer"]
+    assert not any(id(p) in {id(q) for q in above} for g in opt.param_groups for p in g["params"])

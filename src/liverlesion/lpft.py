@@ -147,77 +147,6 @@ class _Views(torch.utils.data.Dataset):
         return torch.from_numpy(np.ascontiguousarray(x)), int(self.labels[i])
 
 
-def _stage_module(net: nn.Module, params, lr: float, cfg: Config, class_weights):
-    import lightning.pytorch as pl
-    import torch.nn.functional as F
-
-    class StageModule(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = net
-            self.register_buffer(
-                "class_weights", None if class_weights is None else torch.as_tensor(class_weights).float()
-            )
-
-        def _loss(self, logits, y):
-            return F.cross_entropy(
-                logits, y, weight=self.class_weights, label_smoothing=cfg.train.label_smoothing
-            )
-
-        def training_step(self, batch, _):
-            x, y = batch
-            loss = self._loss(self.net(x), y)
-            self.log(
-                "train_loss",
-                loss,
-                on_step=False,
-                on_epoch=True,
-                prog_bar=True,
-                batch_size=len(y),
-                sync_dist=True,
-            )
-            return loss
-
-        def validation_step(self, batch, _):
-            x, y = batch  # (B, V, ...) -> mean logits over the views, as at prediction
-            b, v = x.shape[:2]
-            logits = self.net(x.reshape(b * v, *x.shape[2:])).reshape(b, v, -1).mean(1)
-            self.log("val_loss", self._loss(logits, y), prog_bar=True, batch_size=len(y), sync_dist=True)
-            self.log(
-                "val_acc",
-                (logits.argmax(1) == y).float().mean(),
-                prog_bar=True,
-                batch_size=len(y),
-                sync_dist=True,
-            )
-
-        def configure_optimizers(self):
-            return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.train.weight_decay)
-
-    return StageModule()
-
-
-class _KeepBest:
-    """Lightning callback: remember the weights of the epoch with the lowest inner-validation loss."""
-
-    def __new__(cls, *args, **kwargs):
-        from lightning.pytorch.callbacks import Callback
-
-        class KeepBest(Callback):
-            def __init__(self, net: nn.Module, best: float, state: dict | None):
-                self.net, self.best, self.state, self.improved = net, best, state, False
-                self.best_epochs = 0  # epochs trained when the kept weights were reached
-
-            def on_validation_end(self, trainer, pl_module):
-                v = trainer.callback_metrics.get("val_loss")
-                if v is not None and float(v) < self.best - 1e-6:
-                    self.best, self.improved = float(v), True
-                    self.best_epochs = int(trainer.current_epoch) + 1
-                    self.state = copy.deepcopy(self.net.state_dict())
-
-        return KeepBest(*args, **kwargs)
-
-
 def _val_loss(net: nn.Module, ds: _Views, class_weights, cfg: Config) -> float:
     import torch.nn.functional as F
 
@@ -238,8 +167,10 @@ def _fit_stage(net, params, lr, epochs, fit_ds, val_ds, cfg: Config, class_weigh
     from torch.utils.data import DataLoader
 
     start = _val_loss(net, val_ds, class_weights, cfg)
-    keep = _KeepBest(net, start, copy.deepcopy(net.state_dict()))
-    module = _stage_module(net, params, lr, cfg, class_weights)
+    from liverlesion.lightning_modules import KeepBest, StageModule
+
+    keep = KeepBest(net, start, copy.deepcopy(net.state_dict()))
+    module = StageModule(net, params, lr, cfg, class_weights)
     g = torch.Generator().manual_seed(cfg.train.seed)
     bs = cfg.train.batch_size
     train_dl = DataLoader(fit_ds, batch_size=bs, shuffle=True, drop_last=len(fit_ds) > bs, generator=g)

@@ -99,6 +99,12 @@ class LesionNet(nn.Module):
         if patch:
             self.backbone_patch = patch
 
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        """The backbone's parameters that take part in :meth:`forward` (none above ``features_from``)."""
+        if self._cut is None:
+            return list(self.backbone.parameters())
+        return [p for _, m in self.blocks() for p in m.parameters()]
+
     def feature_map(self, x: Tensor) -> Tensor:
         """Backbone feature map for ``[0, 1]`` input (NCHW for CNNs), at ``features_from``'s block."""
         h = (x - self.input_mean) / self.input_std

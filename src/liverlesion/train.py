@@ -10,7 +10,6 @@ and writes a self-describing checkpoint plus lesion-level predictions.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -85,104 +84,6 @@ def class_names_from(index: pd.DataFrame) -> list[str]:
             f"manifest lesion_class: only one class ({names[0]!r}) present; a classifier needs at least two"
         )
     return names
-
-
-# --------------------------------------------------------------------------- Lightning module
-def _make_lightning_module(model, cfg: Config, class_weights):
-    import lightning.pytorch as pl
-    import torch
-    import torch.nn.functional as F
-
-    class LesionModule(pl.LightningModule):
-        """Loss, optimiser and schedule around a ``LesionNet``; the network itself lives in model.py."""
-
-        def __init__(self):
-            super().__init__()
-            self.model = model
-            self.register_buffer(
-                "class_weights", None if class_weights is None else torch.as_tensor(class_weights).float()
-            )
-
-        def forward(self, x):
-            return self.model(x)
-
-        def on_train_batch_start(self, batch, batch_idx):
-            # Small batches of a few hundred lesions make BatchNorm's running statistics noisy
-            # (validation loss then jumps between epochs); keeping the pretrained statistics fixed
-            # is the usual remedy when fine-tuning on small data. Lightning restores each submodule's
-            # train/eval flag itself, so this is set per batch rather than by overriding train().
-            if cfg.model.freeze_bn and cfg.model.weights != "none":
-                for m in self.model.backbone.modules():
-                    if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                        m.eval()
-
-        def _loss(self, logits, y):
-            return F.cross_entropy(
-                logits, y, weight=self.class_weights, label_smoothing=cfg.train.label_smoothing
-            )
-
-        def training_step(self, batch, batch_idx):
-            x, y, _ = batch
-            loss = self._loss(self(x), y)
-            self.log(
-                "train_loss",
-                loss,
-                on_step=False,
-                on_epoch=True,
-                prog_bar=True,
-                batch_size=len(y),
-                sync_dist=True,
-            )
-            return loss
-
-        def validation_step(self, batch, batch_idx):
-            x, y, _ = batch
-            logits = self(x)
-            loss = self._loss(logits, y)
-            acc = (logits.argmax(1) == y).float().mean()
-            self.log("val_loss", loss, prog_bar=True, batch_size=len(y), sync_dist=True)
-            self.log("val_acc", acc, prog_bar=True, batch_size=len(y), sync_dist=True)
-
-        def on_train_epoch_start(self):
-            # Augmentation and dropout draw from (seed, epoch) alone, so resuming from last.ckpt at
-            # epoch N continues exactly as an uninterrupted run (with train.num_workers=0).
-            torch.manual_seed(cfg.train.seed * 100_003 + self.current_epoch)
-            # Optionally keep the pretrained backbone frozen for the first epochs (head warm-up).
-            frozen = self.current_epoch < cfg.model.freeze_backbone_epochs
-            for p in self.model.backbone.parameters():
-                p.requires_grad_(not frozen)
-
-        def configure_optimizers(self):
-            head = [p for n, p in self.model.named_parameters() if not n.startswith("backbone.")]
-            back = list(self.model.backbone.parameters())
-            groups = [
-                {"params": back, "lr": cfg.train.lr * cfg.train.backbone_lr_mult},
-                {"params": head, "lr": cfg.train.lr},
-            ]
-            if cfg.train.optimizer == "adamw":
-                opt = torch.optim.AdamW(groups, weight_decay=cfg.train.weight_decay)
-            elif cfg.train.optimizer == "sgd":
-                opt = torch.optim.SGD(
-                    groups, momentum=0.9, nesterov=True, weight_decay=cfg.train.weight_decay
-                )
-            else:
-                raise UserError(f"config train.optimizer={cfg.train.optimizer!r}: choose adamw or sgd")
-            if cfg.train.scheduler == "none":
-                return opt
-            if cfg.train.scheduler != "cosine":
-                raise UserError(f"config train.scheduler={cfg.train.scheduler!r}: choose cosine or none")
-            warm, total = cfg.train.warmup_epochs, max(cfg.train.epochs, 1)
-
-            def factor(epoch: int) -> float:
-                if epoch < warm:
-                    return (epoch + 1) / (warm + 1)
-                progress = (epoch - warm) / max(total - warm, 1)
-                return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
-
-    return LesionModule()
 
 
 # --------------------------------------------------------------------------- one fold
@@ -549,9 +450,9 @@ def _train_end_to_end(
     """The paper's recipe: the whole network trained end to end (Lightning, early stopping on inner val)."""
     import torch
 
-    module = _make_lightning_module(
-        model, cfg, _class_weights(fit.labels, len(classes), cfg.train.class_weighting)
-    )
+    from liverlesion.lightning_modules import LesionModule
+
+    module = LesionModule(model, cfg, _class_weights(fit.labels, len(classes), cfg.train.class_weighting))
     train_dl, val_dl = _loaders(fit, val, cfg)
     trainer, ckpt_cb = _trainer(cfg, fold_dir)
     last = fold_dir / "checkpoints" / "last.ckpt"
@@ -774,7 +675,6 @@ def _run_info(manifest: Path, patch_dir: Path, classes: list[str], cfg: Config, 
 
 def _hardware() -> dict[str, Any]:
     """CPU model, usable cores and GPU name of the training machine (for the report)."""
-    import os
     import platform
 
     import torch
@@ -838,7 +738,6 @@ def _init_distributed(cfg: Config) -> int:
     can be made by rank 0 alone before training starts (the other ranks wait at a barrier).
     gloo on CPU, nccl when the run uses CUDA.
     """
-    import os
 
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world <= 1:
@@ -1052,8 +951,3 @@ def train_single(manifest: str | Path, out: str | Path, cfg: Config, resume: boo
             f"{(res['val']['pred_class'] == res['val']['true_class']).mean():.3f})"
         )
     return out
-
-
-def torchrun_world_size() -> int:
-    """World size when launched by ``torchrun`` (1 otherwise)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
