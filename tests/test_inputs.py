@@ -110,6 +110,15 @@ def test_output_folder_that_is_a_file_is_refused(tmp_path, capsys, args):
     cli_fails(capsys, [a.format(out=under) for a in args], "exists as a file")
 
 
+def test_demo_bad_setting_is_refused_before_any_work(tmp_path, capsys):
+    old = tmp_path / "demo"
+    old.mkdir()
+    (old / "keep.txt").write_text("x")
+    cli_fails(capsys, ["demo", "-o", old, "--overwrite", "--set", "train.epochz=3"], "epochz", "unknown")
+    cli_fails(capsys, ["demo", "-o", tmp_path / "new", "--set", "train.epochs=0"], "train.epochs")
+    assert (old / "keep.txt").read_text() == "x" and not (tmp_path / "new").exists()
+
+
 def test_output_file_that_is_a_folder_is_refused(tmp_path, capsys):
     (tmp_path / "dir.csv").mkdir()
     cli_fails(capsys, ["inspect", tmp_path / "m.csv", "--out", tmp_path / "dir.csv"], "dir.csv", "folder")

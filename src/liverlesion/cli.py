@@ -547,13 +547,14 @@ def demo(
         typer.Option("--weights", help="imagenet | none | PATH.", show_default="the preset's"),
     ] = None,
     overwrite: OverwriteOpt = False,
+    set_: SetOpt = None,
 ) -> None:
     """Synthetic cohort -> patient-level CV with the paper's network -> metrics."""
     from liverlesion.demo import run_demo
 
     out, name = _output(out_opt, out, "output folder", default=Path("liverlesion-demo"))
     _out_dir(out, name)
-    run_demo(out, preset=preset, weights=weights, overwrite=overwrite)
+    run_demo(out, preset=preset, weights=weights, overwrite=overwrite, overrides=set_)
 
 
 @app.command()

@@ -33,8 +33,12 @@ def run_demo(
     preset: str = "quick",
     weights: str | None = None,
     overwrite: bool = False,
+    overrides: list[str] | None = None,
 ) -> Path:
     """Run the demo; re-running resumes (finished folds are reused) unless ``overwrite``.
+
+    ``overrides`` are ``section.key=value`` settings on top of the preset (``--set``), e.g.
+    ``train.deterministic=true`` for a run that repeats byte for byte.
 
     Returns:
         The CV run folder (holding predictions.csv, metrics.json, report.html).
@@ -45,11 +49,13 @@ def run_demo(
 
     t0 = time.time()
     out = Path(out)
+    extra = [f"model.weights={weights}"] if weights else []
+    # settings first: a bad --set must not delete the folder that --overwrite would replace
+    cfg = load_config(preset=preset, overrides=extra + list(overrides or []) or None)
     if out.exists() and overwrite:
         shutil.rmtree(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a folder; choose another output folder")
-    cfg = load_config(preset=preset, overrides=[f"model.weights={weights}"] if weights else None)
     print(f"liverlesion demo ({DISCLAIMER}); preset '{preset}', output {out}")
 
     cohort = out / "cohort"
