@@ -360,16 +360,15 @@ def finish_fold(
     fold: Any,
     cross_fitted=None,
 ) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
-    """Fusion weight, temperature and threshold on training patients only; predictions of every set.
+    """Fusion weight, temperature and threshold on inner validation; predictions of every set.
 
     ``deep_logits(data)`` gives the network's lesion logits of a set (TTA views and samples averaged
     by :mod:`liverlesion.inference`). The threshold is fitted on the same calibrated probabilities
     it is compared with later, on the lesions the size rule lets through.
 
     ``cross_fitted(extra_rows_fit_val)`` (lpft recipe) returns out-of-fold ``(deep, radiomics,
-    labels, min_axis_mm)`` over every training patient; the fusion weight and the temperature are
-    then fitted on all of them rather than on the inner-validation lesions alone (the threshold
-    stays on the inner-validation probabilities it is compared with).
+    labels, min_axis_mm)`` over every training patient; the fusion weight is then chosen on all of
+    them rather than on the inner-validation lesions alone.
     """
     import torch
 
@@ -387,7 +386,6 @@ def finish_fold(
 
     sizes = val.index["min_axis_mm"] if "min_axis_mm" in val.index else [np.inf] * len(val.index)
     ok = np.array([not too_small(v, cfg.eval.min_size_mm) for v in sizes], dtype=bool)
-    oof_logits = None  # (fused out-of-fold logits, labels) of every training patient, when cross-fitted
     if model.fusion_features:
         _fit_fusion(model, extra[fit.rows], fit.labels, cfg.train.seed)
         oof = cross_fitted() if cross_fitted is not None else None
@@ -396,7 +394,6 @@ def finish_fold(
             keep = np.array([not too_small(v, cfg.eval.min_size_mm) for v in size_oof], dtype=bool)
             alpha, scores = _choose_alpha(d_oof[keep], r_oof[keep], y_oof[keep])
             chosen_on = f"out-of-fold over {int(keep.sum())} training lesions (inner patient folds)"
-            oof_logits = (alpha * d_oof[keep] + (1 - alpha) * r_oof[keep], y_oof[keep])
         else:
             rad = _radiomics_logits(model, extra[val.rows])
             alpha, scores = _choose_alpha(val_deep[ok], rad[ok], val.labels[ok])
@@ -405,14 +402,7 @@ def finish_fold(
             model.fusion_alpha.fill_(alpha)
         info["fusion"] = {"alpha": alpha, "chosen_on": chosen_on, "nll_by_alpha": scores}
     val_logits = fused(val, val_deep)
-    if oof_logits is not None:
-        # the same out-of-fold logits as the fusion weight: every training lesion instead of the
-        # inner-validation few dozen, so each fold's probabilities land on a similar scale
-        temperature = float(fit_temperature(*oof_logits))
-        info["temperature_fitted_on"] = chosen_on
-    else:
-        temperature = float(fit_temperature(val_logits[ok], val.labels[ok]))
-        info["temperature_fitted_on"] = f"{int(ok.sum())} inner-validation lesions"
+    temperature = float(fit_temperature(val_logits[ok], val.labels[ok]))
     val_probs = apply_temperature(val_logits, temperature)
     positive = cfg.eval.positive_class if cfg.eval.positive_class in classes else None
     threshold = None
@@ -580,7 +570,6 @@ def train_fold(
         init=init,
         training=train_info,
         fusion=dec.get("fusion"),
-        temperature_fitted_on=dec.get("temperature_fitted_on"),
         train_patients=sorted(set(fit.index["patient_id"].astype(str))),
         val_patients=sorted(set(val.index["patient_id"].astype(str))),
         training_domain=_training_domain(shared, fit, val),
