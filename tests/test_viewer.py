@@ -623,6 +623,12 @@ def test_one_shot_form_takes_a_dicom_seg_and_a_segment_label(served, seg_study):
         )
     assert row["status"] == "classified"
     assert row["prob_metastasis"] == pytest.approx(exp.iloc[0]["prob_metastasis"], abs=1e-6)
+    # a pattern: each connected component of the selected segments is a lesion, as predict --label 'Tumor*'
+    body, ctype = multipart_body({"label": "Tumor*"}, files)
+    status, resp = http_post(served["url"] + "/api/predict", body, ctype)
+    assert status == 200, resp
+    rows = json.loads(resp)["lesions"]
+    assert [(r["lesion_id"], r["label"]) for r in rows] == [("case-L01", 2), ("case-L02", 3)]
     body, ctype = multipart_body({"label": "Spleen"}, files)
     status, resp = http_post(served["url"] + "/api/predict", body, ctype)
     msg = error_of((status, resp))

@@ -112,6 +112,7 @@ def run_prediction(clf, fields: dict[str, FormField], workdir: Path) -> dict[str
         mask_f.save(mask_path)
         replace = {f"{mask_name} {mask_path}": mask_name, str(mask_path): repr(mask_f.filename), **replace}
     try:
+        from liverlesion.dicom_seg import union_if_several
         from liverlesion.serve.masks import check_label, read_mask
 
         is_seg, label = check_label(mask_path, label_txt, mask_name)  # before reading any volume
@@ -122,7 +123,7 @@ def run_prediction(clf, fields: dict[str, FormField], workdir: Path) -> dict[str
             mask_vol, label, segments = read_mask(mask_path, volume, is_seg, label, mask_name, image_name)
         case = clf.predict_case(
             volume,
-            mask=mask_vol,
+            mask=union_if_several(mask_vol, label) if segments else mask_vol,  # as predict --mask SEG
             label=label,
             point=xyz,
             diameter_mm=diameter,
