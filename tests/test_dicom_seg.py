@@ -2,7 +2,8 @@
 
 Entry points: the library (``seg_labelmap`` / ``seg_mask`` / ``seg_lesions``), the manifest
 (``lesion_table``), ``predict --mask SEG`` and ``predict --dicom-seg`` (written, then read back).
-``serve`` is not covered here: it reads masks through ``io.read_volume`` (see README).
+``serve`` (a SEG uploaded to the viewer or the form, the viewer's SEG download) is tested over HTTP
+in ``test_viewer.py``.
 """
 
 from __future__ import annotations
@@ -144,6 +145,33 @@ def test_flipped_series_is_placed_by_position(tmp_path):
     np.testing.assert_allclose(ct.origin, image.origin, atol=1e-4)  # canonical again
     labels, _ = seg_labelmap(seg, ct)
     np.testing.assert_array_equal(labels.array, mask.array)
+
+
+@pytest.mark.parametrize("direction", [np.eye(3), np.diag([-1.0, -1.0, 1.0])], ids=["LPS", "flipped-x-y"])
+def test_segment_numbers_are_the_labels_on_the_ct_grid(tmp_path, direction):
+    """Segments 1 and 5 (2..4 empty) of a series stored in either orientation: values = segment numbers."""
+    from scipy import ndimage
+
+    image, mask = make_ct_with_two_lesions()
+    native = Volume(image.array, image.spacing, image.origin, direction, {"modality": "CT"})
+    comp, _ = ndimage.label(mask.array > 0, structure=np.ones((3, 3, 3)))
+    files = write_dicom_series(native, tmp_path / "dcm")
+    empty = np.zeros(comp.shape, bool)
+    segments = {
+        "lesion 1": comp == 1,
+        "lesion 2": empty,
+        "lesion 3": empty,
+        "lesion 4": empty,
+        "lesion 5": comp == 2,
+    }
+    seg = build_seg(files, segments, tmp_path / "seg.dcm")
+    ct = read_volume(tmp_path / "dcm")  # reoriented to LPS
+    write_volume(native.with_array(np.where(comp == 2, 5, comp).astype(np.uint8)), tmp_path / "labels.nii.gz")
+    expected = read_volume(tmp_path / "labels.nii.gz", kind="mask")  # the same reorientation
+    got, chosen = seg_labelmap(seg, ct)
+    assert [s.number for s in chosen] == [1, 2, 3, 4, 5]
+    assert got.shape == ct.shape and np.array_equal(got.array, expected.array)
+    assert set(np.unique(got.array)) == {0, 1, 5}
 
 
 def test_nifti_ct_is_mapped_by_position_and_says_so(study, tmp_path, caplog):

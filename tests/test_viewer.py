@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 
 from helpers import (
+    build_seg,
     http_post,
     make_ct_with_two_lesions,
     make_tiny_checkpoint,
     multipart_body,
     torch_threads,
     write_dicom_series,
-    write_test_seg,
 )
 from liverlesion import DISCLAIMER
 from liverlesion.errors import UserError
@@ -126,6 +126,7 @@ def test_open_study_gives_geometry_and_leaves_no_upload(served, tmp_path):
     assert [(m["lesion_id"], m["label"]) for m in info["mask_lesions"]] == [("case-L01", 1), ("case-L02", 2)]
     assert info["start_slice"] in (11, 12)  # the big lesion's largest cross-section
     assert info["downloads"] == {"csv": True, "json": True, "sr": False, "seg": False}
+    assert "opened as" in info["unavailable"]["seg"] and "DICOM series" in info["unavailable"]["seg"]
     status, body, _ = get(f"{served['url']}/api/studies/{info['study_id']}")
     assert status == 200 and json.loads(body)["study_id"] == info["study_id"]
 
@@ -237,8 +238,13 @@ def test_downloads(served):
     assert info["inputs"]["image"] == "ct.nii.gz"
     status, body, _ = get(url + "/report-sr.dcm")  # a NIfTI study: an SR cannot reference a series
     assert status == 409 and "DICOM" in error_of((status, body))
-    status, body, _ = get(url + "/seg.dcm")  # the SEG hook: not in this version
-    assert status == 501 and "SEG" in error_of((status, body))
+    status, body, _ = get(url + "/seg.dcm")  # a NIfTI study: a SEG cannot reference a series either
+    msg = error_of((status, body))
+    assert (
+        status == 409
+        and msg.startswith("DICOM SEG: the CT was opened as")
+        and ".zip of the DICOM series" in msg
+    )
 
 
 def test_dicom_zip_study_gives_an_sr(served):
@@ -300,7 +306,10 @@ def test_bad_study_slice_and_click_are_one_line_errors(served):
         ({"image": ("notes.txt", b"this is not a CT\n" * 10)}, "'notes.txt': not a CT file type"),
         ({"image": ("ct.nii.gz", b"\x1f\x8b" + bytes(200))}, "ct.nii.gz"),
         ({"image": ("mask.nii.gz", None)}, "no negative values"),  # a mask in the CT slot
-        ({"image": ("ct.nii.gz", None), "mask": ("seg.dcm", b"DICM" * 10)}, "'seg.dcm': not a DICOM SEG"),
+        (
+            {"image": ("ct.nii.gz", None), "mask": ("seg.dcm", b"DICM" * 10)},
+            "'seg.dcm': not a readable DICOM SEG",
+        ),
         (
             {"image": ("ct.nii.gz", None), "mask": ("notes.txt", b"x" * 10)},
             "'notes.txt': not a mask file type",
@@ -398,64 +407,231 @@ def test_cli_serve_bad_study_options_are_one_line(tmp_path, capsys):
         assert err.startswith("liverlesion: error: " + opt.split("=")[0]) and "\n" not in err
 
 
-# --------------------------------------------------------------------------- DICOM SEG input
+# --------------------------------------------------------------------------- DICOM SEG in and out
 
 
-@pytest.mark.parametrize("direction", [np.eye(3), np.diag([-1.0, -1.0, 1.0])], ids=["LPS", "flipped-x-y"])
-def test_dicom_seg_mask_lands_on_the_ct_grid_with_its_segment_numbers(tmp_path, direction):
-    from scipy import ndimage
-
-    from liverlesion.seg_read import read_seg_mask
-    from liverlesion.volume import Volume
-
-    image, mask = make_ct_with_two_lesions()
-    native = Volume(image.array, image.spacing, image.origin, direction, {"modality": "CT"})
-    comp, _ = ndimage.label(mask.array > 0, structure=np.ones((3, 3, 3)))
-    labels = np.where(comp == 2, 5, comp)  # segments 1 and 5
-    files = write_dicom_series(native, tmp_path / "dcm")
-    seg = write_test_seg(files, labels, tmp_path / "seg.dcm")
-    ct = read_volume(tmp_path / "dcm")  # reoriented to LPS
-    expected = read_volume_like(native.with_array(labels.astype(np.uint8)), tmp_path / "labels.nii.gz")
-    got = read_seg_mask(seg, ct)
-    assert got.shape == ct.shape and np.array_equal(got.array, expected.array)
-    assert set(np.unique(got.array)) == {0, 1, 5}
-
-
-def read_volume_like(volume, path: Path):
-    """The volume as read_volume returns it (reoriented to LPS), through a NIfTI file."""
-    write_volume(volume, path)
-    return read_volume(path, kind="mask")
-
-
-def test_dicom_seg_in_the_viewer_and_bad_seg(served, tmp_path):
+@pytest.fixture(scope="module")
+def seg_study(served):
+    """The served DICOM CT's files in slice order, its lesions as components, and SEGs drawn on it."""
+    import pydicom
     from scipy import ndimage
 
     d: Path = served["dir"]
-    comp, _ = ndimage.label(served["mask"].array > 0, structure=np.ones((3, 3, 3)))
-    files = sorted((d / "dicom").iterdir())
+    files = sorted(  # slice order (the names are shuffled): file k is array slice k for build_seg
+        (d / "dicom").iterdir(),
+        key=lambda f: float(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2]),
+    )
     assert len(files) == 24
-    # file k of write_dicom_series is slice k: rebuild that order from the positions
+    comp, _ = ndimage.label(served["mask"].array > 0, structure=np.ones((3, 3, 3)))
+    empty = np.zeros(comp.shape, bool)
+    liver = np.zeros(comp.shape, bool)
+    liver[2:22, 8:40, 8:44] = True  # holds both lesions: overlaps them
+    segs = {
+        # segments 1 and 4 (2, 3 empty): labels 1 and 4, ids case-L01 and case-L04
+        "numbers": build_seg(
+            files, {"Tumor_1": comp == 1, "b": empty, "c": empty, "Tumor_2": comp == 2}, d / "lesions-seg.dcm"
+        ),
+        "liver": build_seg(
+            files, {"Liver": liver, "Tumor_1": comp == 1, "Tumor_2": comp == 2}, d / "liver-seg.dcm"
+        ),
+    }
+    return {"files": files, "comp": comp, **segs}
+
+
+def open_files(served, files: dict, fields: dict | None = None) -> tuple[int, dict]:
+    body, ctype = multipart_body(fields or {}, files)
+    status, resp = http_post(served["url"] + "/api/studies", body, ctype)
+    return status, json.loads(resp)
+
+
+def test_dicom_seg_opens_with_segment_numbers_as_labels(served, seg_study):
+    d: Path = served["dir"]
+    ct = ("ct.zip", (d / "ct.zip").read_bytes())
+    status, info = open_files(
+        served, {"image": ct, "mask": ("lesions-seg.dcm", seg_study["numbers"].read_bytes())}
+    )
+    assert status == 201, info
+    assert info["mask_kind"] == "segments"
+    assert [(m["lesion_id"], m["segment_label"]) for m in info["mask_lesions"]] == [
+        ("case-L01", "Tumor_1"),
+        ("case-L04", "Tumor_2"),
+    ]
+    assert info["segments"] == [{"number": 1, "label": "Tumor_1"}, {"number": 4, "label": "Tumor_2"}]
+    study = served["server"].studies.get(info["study_id"])
+    np.testing.assert_array_equal(study.labels.array, np.where(seg_study["comp"] == 2, 4, seg_study["comp"]))
+    # the page may name a segment by its label: Tumor_2 is segment 4
+    url = f"{served['url']}/api/studies/{info['study_id']}/classify?wait=1"
+    status, res = post_json(url, {"label": "tumor_2"})
+    assert status == 200, res
+    assert [(r["lesion_id"], r["label"]) for r in res["lesions"]] == [("case-L04", 4)]
+    for label, expected in (("Tumor_9", "its segments are 1 'Tumor_1', 4 'Tumor_2'"), ("Tumor*", "picks 2")):
+        status, resp = post_json(url, {"label": label})
+        assert status == 400 and expected in error_of((status, resp)), resp
+
+
+def test_dicom_seg_chosen_by_label_or_pattern_and_overlaps_refused(served, seg_study):
+    d: Path = served["dir"]
+    ct = ("ct.zip", (d / "ct.zip").read_bytes())
+    liver = ("liver-seg.dcm", seg_study["liver"].read_bytes())
+    # every segment: the liver overlaps the tumours, refused with what to do on this page
+    status, resp = open_files(served, {"image": ct, "mask": liver})
+    msg = error_of((status, resp))
+    assert status == 400 and msg.startswith("mask file 'liver-seg.dcm': segments 1 'Liver' and")
+    assert (
+        "overlap" in msg and "label field" in msg and "--label" not in msg and "liverlesion-serve-" not in msg
+    )
+    status, info = open_files(served, {"image": ct, "mask": liver}, {"label": "Tumor*"})
+    assert status == 201, info
+    assert [(m["label"], m["segment_label"]) for m in info["mask_lesions"]] == [
+        (2, "Tumor_1"),
+        (3, "Tumor_2"),
+    ]
+    status, info = open_files(served, {"image": ct, "mask": liver}, {"label": "3"})  # one segment by number
+    assert status == 201 and [m["lesion_id"] for m in info["mask_lesions"]] == ["case-L03"]
+    status, res = post_json(f"{served['url']}/api/studies/{info['study_id']}/classify?wait=1", {"all": True})
+    assert status == 200 and [r["lesion_id"] for r in res["lesions"]] == ["case-L03"]
+    # a label the SEG does not have, and a label with a NIfTI mask: refused before reading the CT
+    status, resp = open_files(served, {"image": ct, "mask": liver}, {"label": "Spleen"})
+    msg = error_of((status, resp))
+    assert (
+        status == 400 and "no segment label 'Spleen'" in msg and "1 'Liver', 2 'Tumor_1', 3 'Tumor_2'" in msg
+    )
+    nifti = {
+        "image": ("ct.nii.gz", (d / "ct.nii.gz").read_bytes()),
+        "mask": ("mask.nii.gz", (d / "mask.nii.gz").read_bytes()),
+    }
+    status, resp = open_files(served, nifti, {"label": "Tumor_1"})
+    assert status == 400 and "chooses segments of a DICOM SEG" in error_of((status, resp))
+
+
+def test_dicom_seg_of_another_series_or_not_a_seg_is_refused(served, seg_study, tmp_path):
+    d: Path = served["dir"]
+    ct = ("ct.zip", (d / "ct.zip").read_bytes())
+    other = write_dicom_series(served["image"], tmp_path / "other")  # another series of the same CT
+    seg2 = build_seg(other, {"Tumor": seg_study["comp"] > 0}, tmp_path / "other-seg.dcm")
+    status, resp = open_files(served, {"image": ct, "mask": ("other-seg.dcm", seg2.read_bytes())})
+    msg = error_of((status, resp))
+    assert status == 400 and msg.startswith("mask file 'other-seg.dcm': the DICOM SEG references series")
+    assert "give the CT series the SEG was drawn on" in msg
+    # a CT slice in the mask slot: DICOM, but not a segmentation
+    status, resp = open_files(
+        served, {"image": ct, "mask": ("slice.dcm", seg_study["files"][0].read_bytes())}
+    )
+    assert status == 400 and "is DICOM but not a Segmentation" in error_of((status, resp))
+
+
+def test_seg_download_round_trip_and_the_sr_refers_to_it(served, seg_study):
     import pydicom
 
-    files.sort(key=lambda f: float(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2]))
-    seg = write_test_seg(files, np.where(comp == 2, 4, comp), tmp_path / "lesions-seg.dcm")
-    body, ctype = multipart_body(
-        {}, {"image": ("ct.zip", (d / "ct.zip").read_bytes()), "mask": ("lesions-seg.dcm", seg.read_bytes())}
+    from liverlesion.dicom_seg import read_seg_segments, seg_labelmap
+
+    d: Path = served["dir"]
+    ct = ("ct.zip", (d / "ct.zip").read_bytes())
+    status, info = open_files(
+        served, {"image": ct, "mask": ("lesions-seg.dcm", seg_study["numbers"].read_bytes())}
     )
-    status, resp = http_post(served["url"] + "/api/studies", body, ctype)
-    assert status == 201, resp
-    info = json.loads(resp)
-    assert info["mask_kind"] == "labels"
-    assert [m["lesion_id"] for m in info["mask_lesions"]] == ["case-L01", "case-L04"]
-    # a SEG of another scan: refused, naming the file
-    other = write_dicom_series(served["image"], tmp_path / "other")  # a new frame of reference
-    seg2 = write_test_seg(other, comp, tmp_path / "other-seg.dcm")
-    body, ctype = multipart_body(
-        {}, {"image": ("ct.zip", (d / "ct.zip").read_bytes()), "mask": ("other-seg.dcm", seg2.read_bytes())}
+    assert status == 201 and info["downloads"]["seg"] is True and info["unavailable"]["seg"] == ""
+    url = f"{served['url']}/api/studies/{info['study_id']}"
+    status, body, _ = get(url + "/seg.dcm")
+    assert status == 409 and "click a lesion first" in error_of((status, body))
+    assert post_json(url + "/classify?wait=1", {"label": 1})[0] == 200
+    k, y, x = 12, 12, 36  # a click on the small lesion, off the mask: its grown mask is estimated
+    status, res = post_json(
+        url + "/classify?wait=1", {"slice": k, "x_px": x, "y_px": y, "diameter_mm": 6, "use_mask": False}
     )
-    status, resp = http_post(served["url"] + "/api/studies", body, ctype)
+    assert status == 200, res
+    status, body, ctype = get(url + "/seg.dcm")
+    assert status == 200 and ctype == "application/dicom" and body[128:132] == b"DICM"
+    path = d / "downloaded-seg.dcm"
+    path.write_bytes(body)
+    segs = read_seg_segments(path)
+    assert [(s.number, s.label) for s in segs] == [(1, "case-L01"), (2, "case-C01")]
+    ds = pydicom.dcmread(path)
+    assert [i.SegmentAlgorithmType for i in ds.SegmentSequence] == ["MANUAL", "SEMIAUTOMATIC"]
+    ct_vol = read_volume(d / "dicom")
+    labels, _ = seg_labelmap(path, ct_vol)  # references the CT's series, frames on its grid
+    study = served["server"].studies.get(info["study_id"])
+    rows = {r["lesion_id"]: r for r in json.loads(get(url + "/results.json")[1])["lesions"]}
+    for number, lid in ((1, "case-L01"), (2, "case-C01")):
+        used = np.asarray(study.results[lid].mask)  # the mask the lesion was classified on
+        assert used.any()
+        np.testing.assert_array_equal(labels.array == number, used)
+        centre = ct_vol.index_to_physical(np.argwhere(labels.array == number).mean(axis=0))
+        assert np.allclose(centre, [rows[lid][f"centroid_{a}_mm"] for a in "xyz"], atol=0.5)
+    np.testing.assert_array_equal(study.results["case-L01"].mask, seg_study["comp"] == 1)
+    # the SR downloaded now refers to the SEG's segments (same tracking UIDs), and has it as evidence
+    status, body, _ = get(url + "/report-sr.dcm")
+    assert status == 200
+    sr = pydicom.dcmread(io.BytesIO(body))
+    evidence = [
+        i.ReferencedSOPInstanceUID
+        for study_item in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study_item.ReferencedSeriesSequence
+        for i in series.ReferencedSOPSequence
+    ]
+    assert ds.SOPInstanceUID in evidence
+    tracking = {str(i.TrackingUID) for i in ds.SegmentSequence}
+    assert tracking and all(t in body.decode("latin-1") for t in tracking)
+    # a lesion classified again: the SEG no longer holds its current result, so the SR stops referring to it
+    assert post_json(url + "/classify?wait=1", {"label": 1})[0] == 200
+    body = get(url + "/report-sr.dcm")[1]
+    assert ds.SOPInstanceUID not in body.decode("latin-1")
+
+
+def test_seg_download_needs_a_frame_of_reference(served, tmp_path):
+    import pydicom
+
+    files = write_dicom_series(served["image"], tmp_path / "nofor")
+    for f in files:  # an anonymised export without FrameOfReferenceUID (as 3D-IRCADb-01)
+        ds = pydicom.dcmread(f)
+        del ds.FrameOfReferenceUID
+        ds.save_as(f)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for f in files:
+            zf.write(f, f.name)
+    status, info = open_files(served, {"image": ("nofor.zip", buf.getvalue())})
+    assert status == 201, info
+    assert info["downloads"]["sr"] is True and info["downloads"]["seg"] is False
+    assert "FrameOfReferenceUID" in info["unavailable"]["seg"]
+    url = f"{served['url']}/api/studies/{info['study_id']}"
+    k, y, x = BIG_PX
     assert (
-        status == 400
-        and "other-seg.dcm" in error_of((status, resp))
-        and "frame of reference" in error_of((status, resp))
+        post_json(url + "/classify?wait=1", {"slice": k, "x_px": x, "y_px": y, "diameter_mm": 12})[0] == 200
+    )
+    status, body, _ = get(url + "/seg.dcm")
+    msg = error_of((status, body))
+    assert status == 409 and "no FrameOfReferenceUID" in msg and "download the DICOM SR instead" in msg
+    assert get(url + "/report-sr.dcm")[0] == 200
+
+
+def test_one_shot_form_takes_a_dicom_seg_and_a_segment_label(served, seg_study):
+    d: Path = served["dir"]
+    files = {
+        "image": ("ct.zip", (d / "ct.zip").read_bytes()),
+        "mask": ("liver-seg.dcm", seg_study["liver"].read_bytes()),
+    }
+    body, ctype = multipart_body({"label": "Tumor_1"}, files)
+    status, resp = http_post(served["url"] + "/api/predict", body, ctype)
+    assert status == 200, resp
+    (row,) = json.loads(resp)["lesions"]
+    assert row["lesion_id"] == "case-L02" and row["label"] == 2  # segment 2 of Liver, Tumor_1, Tumor_2
+    with torch_threads(1):
+        clf = Classifier.load([served["ckpt"]])
+        exp = clf.predict(
+            served["image"], mask=served["image"].with_array((seg_study["comp"] == 1).astype(np.uint8))
+        )
+    assert row["status"] == "classified"
+    assert row["prob_metastasis"] == pytest.approx(exp.iloc[0]["prob_metastasis"], abs=1e-6)
+    # a pattern: each connected component of the selected segments is a lesion, as predict --label 'Tumor*'
+    body, ctype = multipart_body({"label": "Tumor*"}, files)
+    status, resp = http_post(served["url"] + "/api/predict", body, ctype)
+    assert status == 200, resp
+    rows = json.loads(resp)["lesions"]
+    assert [(r["lesion_id"], r["label"]) for r in rows] == [("case-L01", 2), ("case-L02", 3)]
+    body, ctype = multipart_body({"label": "Spleen"}, files)
+    status, resp = http_post(served["url"] + "/api/predict", body, ctype)
+    msg = error_of((status, resp))
+    assert status == 400 and msg.startswith(
+        "mask file 'liver-seg.dcm': the DICOM SEG has no segment label 'Spleen'"
     )

@@ -173,6 +173,16 @@ def test_open_scroll_click_and_read_the_result(driver, study_files, tmp_path):
         if keep:
             Path(keep).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(shot, keep)
+        # (after the screenshot) A NIfTI study: the DICOM SEG link stays disabled, its tooltip says
+        # why, and a click on it says so too.
+        seg_link = driver.find_element(By.ID, "dl-seg")
+        why = seg_link.get_attribute("title")
+        assert seg_link.get_attribute("aria-disabled") == "true"
+        assert "opened as" in why and "DICOM series" in why
+        assert driver.find_element(By.ID, "dl-csv").get_attribute("aria-disabled") == "false"
+        seg_link.click()
+        wait.until(lambda drv: drv.find_element(By.ID, "error").is_displayed())
+        assert driver.find_element(By.ID, "error").text == why
     finally:
         server.shutdown()
         server.server_close()

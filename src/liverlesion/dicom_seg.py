@@ -64,6 +64,7 @@ __all__ = [
 #: Segmentation Storage.
 SEG_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.66.4"
 _PATTERN_CHARS = set("*?[")
+_OVERLAP_HINT = "select one segment per manifest row (label column, or --label)"
 
 Selector = int | str | None
 
@@ -300,6 +301,7 @@ def seg_labelmap(
     tolerance: float = 1e-3,
     name: str = "mask",
     image_name: str = "image",
+    overlap_hint: str = _OVERLAP_HINT,
 ) -> tuple[Volume, list[Segment]]:
     """Read a SEG onto the CT grid as a label map (value = segment number) of the selected segments.
 
@@ -310,6 +312,7 @@ def seg_labelmap(
         tolerance: Largest distance (mm) of a frame's position from the CT voxel grid.
         name: How the SEG is named in messages.
         image_name: How the CT is named in messages.
+        overlap_hint: What the message on overlapping segments tells the user to do.
 
     Returns:
         ``(labels, segments)``: an integer Volume on ``image``'s grid and the selected segments.
@@ -391,7 +394,7 @@ def seg_labelmap(
         more = f" (and {len(overlaps) - 1} more pair(s))" if len(overlaps) > 1 else ""
         raise UserError(
             f"{name} {path}: segments {wanted[a]} and {wanted[b]} overlap in {n} voxel(s){more}; one mask cannot "
-            "hold overlapping lesions: select one segment per manifest row (label column, or --label)"
+            f"hold overlapping lesions: {overlap_hint}"
         )
     volume = image.with_array(labels, source=str(path), format="dicom-seg")
     return volume, chosen
@@ -411,6 +414,7 @@ def seg_mask(
     tolerance: float = 1e-3,
     name: str = "mask",
     image_name: str = "image",
+    overlap_hint: str = _OVERLAP_HINT,
 ) -> tuple[Volume, int | None]:
     """A SEG as ``(mask, label)`` for :func:`liverlesion.lesions.lesions_from_mask` (and ``serve``).
 
@@ -419,7 +423,13 @@ def seg_mask(
     or a label that several segments share).
     """
     labels, chosen = seg_labelmap(
-        path, image, selector, tolerance=tolerance, name=name, image_name=image_name
+        path,
+        image,
+        selector,
+        tolerance=tolerance,
+        name=name,
+        image_name=image_name,
+        overlap_hint=overlap_hint,
     )
     if len(chosen) == 1 and _names_one(selector):
         if not labels.array.any():

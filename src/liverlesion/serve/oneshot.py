@@ -20,6 +20,7 @@ from liverlesion.serve.multipart import FormField
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".zip", ".nrrd", ".mha", ".dcm")
 MASK_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
+SEG_MASK_SUFFIXES = (*MASK_SUFFIXES, ".dcm")  # a .dcm mask is a DICOM SEG (read by liverlesion.dicom_seg)
 
 
 def suffix(filename: str, allowed: Sequence[str]) -> str:
@@ -76,18 +77,10 @@ def run_prediction(clf, fields: dict[str, FormField], workdir: Path) -> dict[str
         raise UserError(
             f"lesion: got {got}; give either a mask file (NIfTI) or a point x,y,z (LPS mm) with a diameter"
         )
-    label = None
-    if label_txt:
-        if mask_f is None:
-            raise UserError(
-                f"label {label_txt!r}: selects a lesion in the mask; upload a mask or clear the label"
-            )
-        try:
-            label = int(label_txt)
-        except ValueError as exc:
-            raise UserError(
-                f"label {label_txt!r}: not a whole number; enter the lesion's value in the mask"
-            ) from exc
+    if label_txt and mask_f is None:
+        raise UserError(
+            f"label {label_txt!r}: selects a lesion in the mask; upload a mask or clear the label"
+        )
     xyz = None
     if point_txt:
         xyz = parse_point(point_txt, "point")
@@ -107,23 +100,30 @@ def run_prediction(clf, fields: dict[str, FormField], workdir: Path) -> dict[str
     image_f.save(image_path)
     replace = {str(image_path): repr(image_f.filename)}
     mask_path = None
+    mask_name = f"mask file {mask_f.filename!r}" if mask_f is not None else "mask"
     if mask_f is not None:
-        mask_suf = suffix(mask_f.filename or "", MASK_SUFFIXES)
+        mask_suf = suffix(mask_f.filename or "", SEG_MASK_SUFFIXES)
         if not mask_suf:
-            raise UserError(f"mask file {mask_f.filename!r}: expected a NIfTI file (.nii or .nii.gz)")
+            raise UserError(
+                f"mask file {mask_f.filename!r}: expected a NIfTI (.nii or .nii.gz), NRRD or MHA mask, or a "
+                "DICOM SEG (.dcm)"
+            )
         mask_path = workdir / f"mask{mask_suf}"
         mask_f.save(mask_path)
-        replace[str(mask_path)] = repr(mask_f.filename)
+        replace = {f"{mask_name} {mask_path}": mask_name, str(mask_path): repr(mask_f.filename), **replace}
     try:
+        from liverlesion.dicom_seg import union_if_several
+        from liverlesion.serve.masks import check_label, read_mask
+
+        is_seg, label = check_label(mask_path, label_txt, mask_name)  # before reading any volume
+        label_given = label
         volume = read_volume(image_path, kind="image", name=image_name)
-        mask_vol = (
-            read_volume(mask_path, kind="mask", name=f"mask file {mask_f.filename!r}")
-            if mask_path is not None and mask_f is not None
-            else None
-        )
+        mask_vol, segments = None, {}
+        if mask_path is not None:
+            mask_vol, label, segments = read_mask(mask_path, volume, is_seg, label, mask_name, image_name)
         case = clf.predict_case(
             volume,
-            mask=mask_vol,
+            mask=union_if_several(mask_vol, label) if segments else mask_vol,  # as predict --mask SEG
             label=label,
             point=xyz,
             diameter_mm=diameter,
@@ -132,10 +132,15 @@ def run_prediction(clf, fields: dict[str, FormField], workdir: Path) -> dict[str
             gradcam=True,
             tolerance=1e-3,
             image_name=image_name,
-            mask_name=f"mask file {mask_f.filename!r}" if mask_f is not None else "mask",
+            mask_name=mask_name,
             point_name="point",
             image_ref=str(image_f.filename),
         )
+        if segments:  # refer to each lesion by its segment, as predict --mask SEG does
+            from liverlesion.dicom_seg import segment_of
+
+            for r in case.results:
+                r.lesion.label = r.row["label"] = segment_of(r.mask, mask_vol)
     except UserError as e:
         # Messages name our private temp files; show the user's own file names instead.
         msg = str(e)
@@ -157,7 +162,7 @@ def run_prediction(clf, fields: dict[str, FormField], workdir: Path) -> dict[str
         {
             "image": image_f.filename,
             "mask": mask_f.filename if mask_f is not None else None,
-            "label": label,
+            "label": label_given,
             "point_xyz_mm": list(xyz) if xyz is not None else None,
             "diameter_mm": diameter,
         },
@@ -233,8 +238,9 @@ def form_html(clf) -> bytes:
 <label>CT file (NIfTI .nii/.nii.gz, or a .zip of one DICOM series)
 <input type="file" name="image" required></label></fieldset>
 <fieldset><legend>Lesion: a mask, or a point</legend>
-<label>Mask file (NIfTI, aligned with the CT) <input type="file" name="mask"></label>
-<label>Label in the mask (empty: every lesion) <input type="number" name="label" step="1"></label>
+<label>Mask file (NIfTI aligned with the CT, or a DICOM SEG drawn on it) <input type="file" name="mask"></label>
+<label>Label in the mask (empty: every lesion; for a DICOM SEG a segment number, label or pattern such as Tumor*)
+<input type="text" name="label" placeholder="2"></label>
 <p>or</p>
 <label>Point x,y,z (LPS mm, as DICOM viewers show) <input type="text" name="point" placeholder="-42.5,10.0,-120"></label>
 <label>Diameter (mm) <input type="text" name="diameter" placeholder="18"></label>

@@ -44,7 +44,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from liverlesion import DISCLAIMER, __version__
 from liverlesion.errors import UserError
-from liverlesion.serve import oneshot, viewer
+from liverlesion.serve import downloads, oneshot, viewer
 from liverlesion.serve.jobs import JobQueue
 from liverlesion.serve.multipart import CHUNK, stream_multipart
 from liverlesion.serve.studies import (
@@ -137,8 +137,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _status_of(e: UserError) -> int:
         if isinstance(e, StudyGone):
             return HTTPStatus.NOT_FOUND
-        if isinstance(e, viewer.NotAvailable):
-            return HTTPStatus.NOT_IMPLEMENTED if "does not write" in str(e) else HTTPStatus.CONFLICT
+        if isinstance(e, downloads.NotAvailable):
+            return HTTPStatus.CONFLICT
         if str(e).startswith("server busy"):
             return HTTPStatus.SERVICE_UNAVAILABLE
         return HTTPStatus.BAD_REQUEST
@@ -204,14 +204,14 @@ class _Handler(BaseHTTPRequestHandler):
     def _get_download(self, query: dict, sid: str, name: str) -> None:
         clf, study = self.server.classifier, self.server.studies.get(sid)
         if name == "results.csv":
-            self._send(HTTPStatus.OK, viewer.results_csv(clf, study), "text/csv; charset=utf-8", name)
+            self._send(HTTPStatus.OK, downloads.results_csv(clf, study), "text/csv; charset=utf-8", name)
         elif name == "results.json":
-            body = json.dumps(viewer.results_json(clf, study), indent=2, allow_nan=False).encode("utf-8")
+            body = json.dumps(downloads.results_json(clf, study), indent=2, allow_nan=False).encode("utf-8")
             self._send(HTTPStatus.OK, body, "application/json; charset=utf-8", name)
         elif name == "report-sr.dcm":
-            self._send(HTTPStatus.OK, viewer.results_sr(clf, study), "application/dicom", name)
+            self._send(HTTPStatus.OK, downloads.results_sr(clf, study), "application/dicom", name)
         else:
-            self._send(HTTPStatus.OK, viewer.results_seg(clf, study), "application/dicom", name)
+            self._send(HTTPStatus.OK, downloads.results_seg(clf, study), "application/dicom", name)
 
     def _get_job(self, query: dict, jid: str) -> None:
         job, ahead = self.server.jobs.get(jid)

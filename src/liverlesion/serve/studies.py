@@ -43,19 +43,24 @@ class Study:
         image: The CT in HU.
         labels: Lesion label volume on the CT's grid, or None: a multi-label mask as given; a binary
             mask as its 26-connected components numbered like ``lesions_from_mask`` does.
-        mask_kind: ``"labels"``, ``"components"`` or ``""`` (no mask).
+        mask_kind: ``"labels"``, ``"components"``, ``"segments"`` (a DICOM SEG: segment N is label N) or
+            ``""`` (no mask).
+        segments: For a DICOM SEG mask, the SegmentLabel of each opened segment by number.
         names: The uploaded file names (``image``, ``mask``), for messages and the JSON record.
         results: lesion_id -> the classifier's lesion result (row, mask, patch, Grad-CAM), in click order.
         n_clicks: Point lesions so far (their ids are ``case-C01``, ...).
+        seg: The last DICOM SEG downloaded: ``(SegReference, {lesion_id: result written})``, for the SR.
     """
 
     id: str
     image: Volume
     labels: Volume | None = None
     mask_kind: str = ""
+    segments: dict[int, str] = field(default_factory=dict)
     names: dict[str, str | None] = field(default_factory=dict)
     results: dict[str, Any] = field(default_factory=dict)
     n_clicks: int = 0
+    seg: tuple[Any, dict[str, Any]] | None = None
     min_size_mm: float = 5.0  # of the latest classification (for the JSON record)
     last_used: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)

@@ -1,7 +1,8 @@
-"""What the viewer page asks of a loaded study: open it, render a slice, classify a click, download.
+"""What the viewer page asks of a loaded study: open it, render a slice, classify a click.
 
 No HTTP here: each function takes the classifier, a :class:`~liverlesion.serve.studies.Study` and
-plain values, and returns JSON-ready dicts or bytes; ``server.py`` routes requests to them. Slices are
+plain values, and returns JSON-ready dicts or bytes; ``server.py`` routes requests to them. The
+downloads (CSV, JSON, DICOM SR and SEG) are :mod:`.downloads`. Slices are
 windowed and drawn on the server (PNG), so no volume is sent to the browser.
 """
 
@@ -17,8 +18,16 @@ import numpy as np
 
 from liverlesion import DISCLAIMER
 from liverlesion.errors import UserError
+from liverlesion.serve.downloads import seg_available, seg_unavailable, sr_unavailable
 from liverlesion.serve.multipart import FormField
-from liverlesion.serve.oneshot import IMAGE_SUFFIXES, MASK_SUFFIXES, form_file, json_safe, suffix
+from liverlesion.serve.oneshot import (
+    IMAGE_SUFFIXES,
+    SEG_MASK_SUFFIXES,
+    form_file,
+    form_text,
+    json_safe,
+    suffix,
+)
 from liverlesion.serve.studies import Study, StudyStore
 
 __all__ = [
@@ -29,10 +38,6 @@ __all__ = [
     "parse_classify",
     "parse_window",
     "render_slice",
-    "results_csv",
-    "results_json",
-    "results_sr",
-    "results_seg",
     "study_info",
 ]
 
@@ -43,12 +48,8 @@ _CLICK_RGB = (255, 210, 0)  # spheres classified from clicks
 _MAX_LABEL = 65535
 
 
-class NotAvailable(UserError):
-    """A download this version (or this study) cannot give (HTTP 501 / 409)."""
-
-
 def _renamed(err: UserError, replace: dict[str, str], workdir: Path) -> UserError:
-    """The same message with the user's file names in place of our private temp paths."""
+    """The same message with the user's file names in place of our private temp paths (keys in order)."""
     msg = str(err)
     for path, name in replace.items():
         msg = msg.replace(path, name)
@@ -63,8 +64,10 @@ def open_study(store: StudyStore, fields: dict[str, FormField], workdir: Path) -
 
     Args:
         store: Where the study is kept.
-        fields: The multipart fields: ``image`` (NIfTI, NRRD, MHA, or a .zip / .dcm of one DICOM series)
-            and optionally ``mask`` (a label or binary NIfTI/NRRD/MHA on the CT's grid, or a DICOM SEG).
+        fields: The multipart fields: ``image`` (NIfTI, NRRD, MHA, or a .zip / .dcm of one DICOM series),
+            optionally ``mask`` (a label or binary NIfTI/NRRD/MHA on the CT's grid, or a DICOM SEG drawn on
+            this CT) and, with a SEG, ``label``: which segments to open (a number, a SegmentLabel or a
+            pattern such as ``Tumor*``; empty: all).
         workdir: The request's private folder holding the uploads.
 
     Raises:
@@ -74,6 +77,7 @@ def open_study(store: StudyStore, fields: dict[str, FormField], workdir: Path) -
 
     from liverlesion.io import check_geometry, read_volume
     from liverlesion.predict import check_ct_volume
+    from liverlesion.serve.masks import check_label, read_mask
 
     image_f = form_file(fields, "image")
     if image_f is None:
@@ -87,12 +91,13 @@ def open_study(store: StudyStore, fields: dict[str, FormField], workdir: Path) -
     mask_f = form_file(fields, "mask")
     mask_suf = ""
     if mask_f is not None:
-        mask_suf = suffix(mask_f.filename or "", (*MASK_SUFFIXES, ".dcm"))
+        mask_suf = suffix(mask_f.filename or "", SEG_MASK_SUFFIXES)
         if not mask_suf:
             raise UserError(
                 f"mask file {mask_f.filename!r}: not a mask file type; choose a NIfTI (.nii/.nii.gz), NRRD or "
                 "MHA label mask, or a DICOM SEG (.dcm), drawn on this CT"
             )
+    label_txt = form_text(fields, "label").strip()
     image_name = f"CT file {image_f.filename!r}"
     mask_name = f"mask file {mask_f.filename!r}" if mask_f is not None else "mask"
     image_path = workdir / f"image{image_suf}"
@@ -102,18 +107,19 @@ def open_study(store: StudyStore, fields: dict[str, FormField], workdir: Path) -
     if mask_f is not None:
         mask_path = workdir / f"mask{mask_suf}"
         mask_f.save(mask_path)
-        replace[str(mask_path)] = repr(mask_f.filename)
+        replace = {f"{mask_name} {mask_path}": mask_name, str(mask_path): repr(mask_f.filename), **replace}
     try:
+        if label_txt and mask_path is not None and mask_suf != ".dcm":
+            raise UserError(
+                f"label {label_txt!r}: chooses segments of a DICOM SEG mask; with a NIfTI/NRRD/MHA mask leave it "
+                "empty and pick the lesion from the list once the CT is open"
+            )
+        is_seg, selector = check_label(mask_path, label_txt, mask_name)
         image = read_volume(image_path, kind="image", name=image_name)
         check_ct_volume(image, image_name)
-        labels, kind = None, ""
+        labels, kind, segments = None, "", {}
         if mask_path is not None:
-            if mask_suf == ".dcm":  # a DICOM SEG: its segment numbers are the labels
-                from liverlesion.seg_read import read_seg_mask
-
-                mask = read_seg_mask(mask_path, image, mask_name)
-            else:
-                mask = read_volume(mask_path, kind="mask", name=mask_name)
+            mask, named, segments = read_mask(mask_path, image, is_seg, selector, mask_name, image_name)
             check_geometry(image, mask, tolerance=1e-3, image_name=image_name, mask_name=mask_name)
             arr = mask.array
             present = np.unique(arr[arr > 0])
@@ -121,7 +127,11 @@ def open_study(store: StudyStore, fields: dict[str, FormField], workdir: Path) -
                 raise UserError(
                     f"{mask_name}: the mask is empty (no voxel > 0); give a mask that contains the lesions"
                 )
-            if present.size > 1:
+            if is_seg and (named is not None or present.size > 1):
+                # segment N is label N, one lesion each (a segment named alone stays one lesion too)
+                labels, kind = arr.astype(np.uint16), "segments"
+                segments = {n: lab for n, lab in segments.items() if n in set(present.tolist())}
+            elif present.size > 1:
                 if present.max() > _MAX_LABEL or np.any(present != np.round(present)):
                     raise UserError(
                         f"{mask_name}: values {present[0]:g}..{present[-1]:g} are not whole-number lesion labels "
@@ -137,6 +147,7 @@ def open_study(store: StudyStore, fields: dict[str, FormField], workdir: Path) -
         image,
         labels=image.with_array(labels, source="") if labels is not None else None,
         mask_kind=kind,
+        segments=segments,
         names={"image": image_f.filename, "mask": mask_f.filename if mask_f is not None else None},
     )
 
@@ -166,6 +177,8 @@ def study_info(study: Study) -> dict[str, Any]:
                     "n_voxels": int(counts.sum()),
                 }
             )
+            if study.mask_kind == "segments":
+                lesions[-1]["segment_label"] = study.segments.get(int(v), "")
         if lesions:
             start = max(lesions, key=lambda d: d["n_voxels"])["largest_slice"]
     return json_safe(
@@ -182,7 +195,14 @@ def study_info(study: Study) -> dict[str, Any]:
             "mask_lesions": lesions,
             "presets": {k: {"level": c, "width": w} for k, (c, w) in PRESETS.items()},
             "orientation": "axial slices; anterior up, patient right on the left",
-            "downloads": {"csv": True, "json": True, "sr": image.dicom is not None, "seg": seg_available()},
+            "segments": [{"number": n, "label": lab} for n, lab in sorted(study.segments.items())],
+            "downloads": {
+                "csv": True,
+                "json": True,
+                "sr": not sr_unavailable(study),
+                "seg": seg_available(study),
+            },
+            "unavailable": {"sr": sr_unavailable(study), "seg": seg_unavailable(study)},
             "disclaimer": DISCLAIMER,
         }
     )
@@ -274,7 +294,8 @@ def parse_classify(study: Study, body: Any) -> dict[str, Any]:
     """Check a classify request before queueing it; returns what :func:`classify` needs.
 
     ``body``: ``{"slice", "x_px", "y_px", "diameter_mm"?, "use_mask"?}`` (a click, pixel indices of the
-    slice image), ``{"label": N}`` (a lesion of the mask) or ``{"all": true}`` (every mask lesion);
+    slice image), ``{"label": N}`` (a lesion of the mask; for a DICOM SEG the segment number, or its
+    SegmentLabel as text) or ``{"all": true}`` (every mask lesion);
     ``min_size_mm`` optional (default 5).
 
     Raises:
@@ -300,11 +321,15 @@ def parse_classify(study: Study, body: Any) -> dict[str, Any]:
             raise UserError(
                 "classify all: this study has no mask; open the CT with a mask, or click a lesion"
             )
-        return {"kind": "all", "min_size_mm": min_size}
+        return _all_spec(study, min_size)
     if body.get("label") not in (None, ""):
-        label = _number(body, "label", "label")
         if study.labels is None:
             raise UserError(f"label {body['label']!r}: this study has no mask; click the lesion instead")
+        label = _segment_label(study, body["label"])
+        if label is None:
+            label = _number(body, "label", "label")
+        elif label == 0:  # a SegmentLabel naming the study's only segment, opened as components
+            return _all_spec(study, min_size)
         if label is None or label != int(label) or not np.any(study.labels.array == int(label)):
             raise UserError(
                 f"label {body['label']!r}: not a lesion label of the mask; pick one from the list"
@@ -333,6 +358,40 @@ def parse_classify(study: Study, body: Any) -> dict[str, Any]:
     check_diameter(d, "diameter (mm)", study.image)
     xyz = tuple(float(v) for v in study.image.index_to_physical((float(k), float(y), float(x))))
     return {"kind": "point", "point": xyz, "diameter_mm": d, "min_size_mm": min_size, "slice": int(k)}
+
+
+def _all_spec(study: Study, min_size: float) -> dict[str, Any]:
+    """Every mask lesion; a SEG study of one segment keeps it as one lesion (its number, not components)."""
+    if study.mask_kind == "segments":
+        arr = study.labels.array
+        present = np.unique(arr[arr > 0])
+        if present.size == 1:
+            return {"kind": "label", "label": int(present[0]), "min_size_mm": min_size}
+    return {"kind": "all", "min_size_mm": min_size}
+
+
+def _segment_label(study: Study, raw: Any) -> int | None:
+    """For a SEG study, a text label (SegmentLabel or pattern) as its segment number; None otherwise.
+
+    Returns 0 when it names the only segment of a study opened as that segment's components.
+
+    Raises:
+        UserError: No segment matches, or the text picks several segments.
+    """
+    from liverlesion.dicom_seg import parse_selector
+    from liverlesion.serve.masks import resolve_segment_label
+
+    if not study.segments or not isinstance(raw, str) or not isinstance(parse_selector(raw), str):
+        return None
+    numbers = resolve_segment_label(raw.strip(), study.segments)
+    if study.mask_kind == "components":
+        return 0
+    if len(numbers) > 1:
+        raise UserError(
+            f"label {raw!r}: picks {len(numbers)} segments ({', '.join(map(str, numbers))}); give one segment "
+            "number or label, or classify all"
+        )
+    return numbers[0]
 
 
 def classify(clf, study: Study, spec: dict[str, Any], job=None) -> dict[str, Any]:
@@ -404,61 +463,3 @@ def overlay_png(clf, study: Study, lesion_id: str, gradcam: bool) -> bytes:
                 return path.read_bytes()
         finally:
             r.cam = cam
-
-
-# --------------------------------------------------------------------------- downloads
-
-
-def _frame(clf, study: Study):
-    with study.lock:
-        rows = [dict(r.row) for r in study.results.values()]
-    if not rows:
-        raise NotAvailable("results: no lesion classified in this study yet; click a lesion first")
-    return clf.results_frame(rows)
-
-
-def results_csv(clf, study: Study) -> bytes:
-    """The study's results table (every lesion classified so far), as ``predict``'s results.csv."""
-    return _frame(clf, study).to_csv(index=False).encode("utf-8")
-
-
-def results_json(clf, study: Study) -> dict[str, Any]:
-    """The study's results as ``predict``'s results.json."""
-    from liverlesion.predict import results_info
-
-    df = _frame(clf, study)
-    inputs = {"image": study.names.get("image"), "mask": study.names.get("mask"), "viewer_study": study.id}
-    return json_safe(results_info(clf, df, study.min_size_mm, inputs))
-
-
-def results_sr(clf, study: Study) -> bytes:
-    """A DICOM Comprehensive 3D SR of the study's lesions (needs a CT uploaded as DICOM)."""
-    from liverlesion.sr import write_sr
-
-    if study.image.dicom is None:
-        raise NotAvailable(
-            f"DICOM SR: the CT was uploaded as {study.image.meta.get('format') or 'a non-DICOM file'}; an SR must "
-            "reference its DICOM series: open the CT as a .zip of the DICOM series"
-        )
-    df = _frame(clf, study)
-    with study.lock:
-        masks = {lid: r.mask for lid, r in study.results.items()}
-    with tempfile.TemporaryDirectory(prefix="liverlesion-serve-") as tmp:
-        return write_sr(df, study.image, Path(tmp) / "report.dcm", lesion_masks=masks).read_bytes()
-
-
-def seg_available() -> bool:
-    """Whether this version writes DICOM SEG (the hook for the SEG writer; see :func:`results_seg`)."""
-    return False
-
-
-def results_seg(clf, study: Study) -> bytes:
-    """A DICOM SEG of the study's lesions.
-
-    The hook for the DICOM SEG writer: when ``liverlesion`` gains one, call it here on
-    ``study.image`` and ``{lesion_id: r.mask}`` (as :func:`results_sr` does) and make
-    :func:`seg_available` return True; the route and the page's button are already there.
-    """
-    raise NotAvailable(
-        "DICOM SEG: this version of liverlesion does not write DICOM SEG yet; download the SR or CSV"
-    )

@@ -58,6 +58,8 @@
     data.append("image", image, image.name);
     const mask = $("mask-file").files[0];
     if (mask) data.append("mask", mask, mask.name);
+    const segments = $("seg-label").value.trim();
+    if (segments) data.append("label", segments);
     const xhr = new XMLHttpRequest();
     $("open-progress").hidden = false;
     $("open-button").disabled = true;
@@ -108,7 +110,8 @@
     for (const l of info.mask_lesions || []) {
       const o = document.createElement("option");
       o.value = String(l.label);
-      o.textContent = `label ${l.label} (${l.lesion_id}), slices ${l.first_slice}–${l.last_slice}`;
+      const seg = l.segment_label ? ` “${l.segment_label}”` : "";
+      o.textContent = `label ${l.label}${seg} (${l.lesion_id}), slices ${l.first_slice}–${l.last_slice}`;
       sel.appendChild(o);
     }
     $("mask-tools").hidden = !(info.mask_lesions || []).length;
@@ -327,13 +330,15 @@
 
   function setDownloads() {
     const d = state.study.downloads || {};
+    const reason = state.study.unavailable || {};
     const any = state.results.size > 0;
+    const first = "classify a lesion first";
     $("downloads").hidden = false;
     const links = [
-      ["dl-csv", "/results.csv", any && d.csv, "classify a lesion first"],
-      ["dl-json", "/results.json", any && d.json, "classify a lesion first"],
-      ["dl-sr", "/report-sr.dcm", any && d.sr, d.sr ? "classify a lesion first" : "needs a CT opened as DICOM"],
-      ["dl-seg", "/seg.dcm", any && d.seg, d.seg ? "classify a lesion first" : "not in this version"],
+      ["dl-csv", "/results.csv", any && d.csv, first],
+      ["dl-json", "/results.json", any && d.json, first],
+      ["dl-sr", "/report-sr.dcm", any && d.sr, d.sr ? first : reason.sr || "needs a CT opened as DICOM"],
+      ["dl-seg", "/seg.dcm", any && d.seg, d.seg ? first : reason.seg || "needs a CT opened as DICOM"],
     ];
     for (const [id, path, ok, why] of links) {
       const a = $(id);
@@ -341,5 +346,10 @@
       a.setAttribute("aria-disabled", ok ? "false" : "true");
       a.title = ok ? "" : why;
     }
+  }
+  for (const id of ["dl-csv", "dl-json", "dl-sr", "dl-seg"]) {
+    $(id).addEventListener("click", (e) => { // a disabled link says why instead of downloading
+      if ($(id).getAttribute("aria-disabled") === "true") { e.preventDefault(); showError($(id).title); }
+    });
   }
 })();
