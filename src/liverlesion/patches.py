@@ -40,10 +40,11 @@ from liverlesion import DISCLAIMER, __version__
 from liverlesion.config import PatchConfig
 from liverlesion.errors import UserError
 from liverlesion.fileio import atomic_dir, atomic_path, write_csv, write_json
+from liverlesion.lesions import LesionMask, foreground_box
 from liverlesion.volume import Volume
 
 __all__ = [
-    "AIR_HU",
+    "AIR_FILL_HU",
     "LesionPatch",
     "build_patches",
     "check_patch_config",
@@ -57,7 +58,7 @@ __all__ = [
     "window",
 ]
 
-AIR_HU = -1024.0  # fill value outside the scanned volume
+AIR_FILL_HU = -1024.0  # fill value outside the scanned volume (air)
 # Bump when the npz/index layout or the lesion masks change, so old caches are not reused
 # (2: click lesions grown from the click, `measurement` column).
 CACHE_FORMAT_VERSION = 2
@@ -180,21 +181,6 @@ def _sample(
     return out.astype(np.float32, copy=False)
 
 
-def _bounding_box(mask: np.ndarray) -> tuple[slice, slice, slice] | None:
-    """Bounding box of a boolean ``[z, y, x]`` array as slices (None when empty).
-
-    Projections with ``any`` take about a millisecond on a 512 x 512 x 129 mask, where
-    ``np.nonzero`` or ``ndimage.find_objects`` over the full array take a few hundred.
-    """
-    z = np.flatnonzero(mask.any(axis=(1, 2)))
-    if z.size == 0:
-        return None
-    slab = mask[z[0] : z[-1] + 1]
-    y = np.flatnonzero(slab.any(axis=(0, 2)))
-    x = np.flatnonzero(slab.any(axis=(0, 1)))
-    return slice(z[0], z[-1] + 1), slice(y[0], y[-1] + 1), slice(x[0], x[-1] + 1)
-
-
 def extract_patch(volume: Volume, lesion_mask: Any, cfg: PatchConfig) -> LesionPatch:
     """Cut one lesion's patch from a CT volume.
 
@@ -207,8 +193,6 @@ def extract_patch(volume: Volume, lesion_mask: Any, cfg: PatchConfig) -> LesionP
     Returns:
         The patch arrays and the geometry used (``meta``).
     """
-    from liverlesion.lesions import LesionMask
-
     check_patch_config(cfg)
     if isinstance(lesion_mask, LesionMask):  # a crop already: no full-size array is made
         mask, base = lesion_mask.crop, lesion_mask.offset
@@ -222,7 +206,7 @@ def extract_patch(volume: Volume, lesion_mask: Any, cfg: PatchConfig) -> LesionP
             "resample the mask onto the image grid"
         )
     mask = mask.astype(bool, copy=False)
-    box = _bounding_box(mask)
+    box = foreground_box(mask)
     if box is None:
         raise UserError("lesion mask is empty (no non-zero voxels); check the mask file and the label value")
     # Work on the lesion's bounding box: the full-size mask is mostly empty.
@@ -259,7 +243,7 @@ def extract_patch(volume: Volume, lesion_mask: Any, cfg: PatchConfig) -> LesionP
     zs = np.clip(z_wanted, 0, nz - 1)
 
     order = _ORDERS[cfg.interpolation]
-    hu = _sample(volume.array, zs, rows, cols, order=order, cval=AIR_HU)
+    hu = _sample(volume.array, zs, rows, cols, order=order, cval=AIR_FILL_HU)
     # Linear then > 0.5 keeps the mask's area in mm when pixel sizes differ.
     mask_order = 0 if order == 0 else 1
     lesion = (
@@ -385,7 +369,7 @@ def patch_cache_key(
 
 def _iter_lesions(manifest: Path, tolerance: float, series: str | None) -> Iterator[tuple[Volume, list]]:
     """The lesion reader (imported late: ``lesions`` pulls in the image readers)."""
-    from liverlesion.lesions import iter_manifest_lesions
+    from liverlesion.manifest_lesions import iter_manifest_lesions
 
     # our own bar (per image) replaces the reader's, so the user sees one
     yield from iter_manifest_lesions(manifest, tolerance, series, progress=False)

@@ -932,7 +932,7 @@ def _check_members(members: list[_Member]) -> None:
 def _predict_manifest(
     clf: Classifier, manifest: Path, min_size_mm: float, gradcam: bool, tolerance: float = 1e-3
 ) -> list[_Case]:
-    from liverlesion.lesions import iter_manifest_lesions
+    from liverlesion.manifest_lesions import iter_manifest_lesions
     from liverlesion.manifest import read_manifest
 
     _check_min_size(min_size_mm)
