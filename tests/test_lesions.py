@@ -624,3 +624,27 @@ def test_manifest_label_mask_ids_are_its_labels_and_collisions_are_refused(tmp_p
     bad.write_text("\n".join([head, click_row, mask_row]) + "\n")
     with pytest.raises(UserError, match=r"manifest row 2: lesion id B-L01 is already taken"):
         list(iter_manifest_lesions(bad, progress=False))
+
+
+@pytest.mark.parametrize(
+    ("mask", "point", "label", "diameter", "require_one", "expected"),
+    [
+        (True, False, False, None, True, None),
+        (False, True, False, True, True, None),
+        (True, True, False, None, True, "both"),
+        (False, False, False, None, True, "neither"),
+        (False, True, True, True, True, "label-without-mask"),
+        (False, True, False, False, True, "point-without-diameter"),
+        (False, True, False, None, True, None),  # diameter not checked
+        (True, False, False, True, True, "diameter-without-point"),
+        (False, False, True, None, False, "label-without-mask"),  # e.g. --manifest with --label
+        (False, False, False, True, False, "diameter-without-point"),
+        (False, False, False, False, False, None),
+    ],
+)
+def test_lesion_source_problem(mask, point, label, diameter, require_one, expected):
+    from liverlesion.lesions import LESION_SOURCE_PROBLEMS, lesion_source_problem
+
+    got = lesion_source_problem(mask, point, label, diameter, require_one=require_one)
+    assert got == expected
+    assert got is None or got in LESION_SOURCE_PROBLEMS

@@ -277,7 +277,9 @@ def fake_cohort(tmp_path, monkeypatch):
 
     def fake_iter(manifest, tolerance, series):
         state["calls"] += 1
-        assert Path(manifest) == man
+        # the manifest as read once by build_patches (manifest.read_manifest), not the path
+        assert list(manifest["patient_id"]) == ["007", "008"]
+        assert Path(manifest["image_path"][0]) == (man.parent / "007.nii.gz").resolve()
         specs = [
             ("007", "metastasis", [(10, 30, 30, 6.0), (10, 20, 45, 3.0)]),
             ("008", "cyst", [(8, 32, 32, 5.0)]),
@@ -294,6 +296,21 @@ def fake_cohort(tmp_path, monkeypatch):
 
     monkeypatch.setattr(P, "_iter_lesions", fake_iter)
     return man, state
+
+
+def test_build_patches_parses_the_manifest_once_with_the_manifest_module(fake_cohort, tmp_path, monkeypatch):
+    man, _ = fake_cohort
+    calls = []
+    real = P.read_manifest
+
+    def counting(path):
+        calls.append(Path(path))
+        return real(path)
+
+    monkeypatch.setattr(P, "read_manifest", counting)
+    key = P.build_patches(man, tmp_path / "patches", cfg_()).name
+    assert calls == [man]
+    assert key == P.patch_cache_key(man, cfg_())  # the same key whether given the table or the path
 
 
 def test_build_patches_writes_the_cache_contract(fake_cohort, tmp_path):

@@ -214,6 +214,56 @@ def foreground_box(arr: np.ndarray) -> tuple[slice, slice, slice] | None:
     )
 
 
+# ----------------------------------------------------------------------------- lesion source
+
+#: The problems :func:`lesion_source_problem` reports, in the order it checks them.
+LESION_SOURCE_PROBLEMS = (
+    "both",  # a mask and a point
+    "neither",  # no mask and no point
+    "label-without-mask",  # a label selects a lesion in a mask
+    "point-without-diameter",  # a click needs the lesion's diameter
+    "diameter-without-point",  # a diameter only goes with a click
+)
+
+
+def lesion_source_problem(
+    mask_given: bool,
+    point_given: bool,
+    label_given: bool = False,
+    diameter_given: bool | None = None,
+    require_one: bool = True,
+) -> str | None:
+    """The rule every front end (Python API, CLI, web form) applies to a lesion's source.
+
+    A lesion comes from exactly one of a mask or a clicked point; a label selects a lesion in a
+    mask; a point needs a diameter and a diameter goes with a point. Each front end words the
+    message for its own inputs (options, arguments, form fields).
+
+    Args:
+        mask_given: A mask was given.
+        point_given: A point (click) was given.
+        label_given: A label was given.
+        diameter_given: A diameter was given (None: not checked here).
+        require_one: Check that exactly one of mask / point is given (False where a caller has
+            another source too, e.g. ``--manifest``, and checked that itself).
+
+    Returns:
+        None when the combination is valid, else the first problem found, one of
+        :data:`LESION_SOURCE_PROBLEMS`.
+    """
+    if require_one and mask_given and point_given:
+        return "both"
+    if require_one and not mask_given and not point_given:
+        return "neither"
+    if label_given and not mask_given:
+        return "label-without-mask"
+    if diameter_given is not None and point_given and not diameter_given:
+        return "point-without-diameter"
+    if diameter_given and not point_given:
+        return "diameter-without-point"
+    return None
+
+
 # ----------------------------------------------------------------------------- masks
 
 #: A lesion mask whose foreground covers more than this fraction of the body (voxels above

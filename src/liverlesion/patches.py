@@ -41,6 +41,7 @@ from liverlesion.config import PatchConfig
 from liverlesion.errors import UserError
 from liverlesion.fileio import atomic_dir, atomic_path, write_csv, write_json
 from liverlesion.lesions import LesionMask, foreground_box
+from liverlesion.manifest import read_manifest
 from liverlesion.volume import Volume
 
 __all__ = [
@@ -303,25 +304,14 @@ def _config_dict(cfg: PatchConfig) -> dict[str, Any]:
     return out
 
 
-def _manifest_files(manifest: Path) -> tuple[list[Path], int]:
+def _manifest_files(table: pd.DataFrame) -> tuple[list[Path], int]:
     """Image/mask paths named by the manifest (resolved) and the number of distinct images.
 
-    Only used for the cache key and the progress bar; the lesions module validates the manifest.
+    Args:
+        table: The manifest as :func:`liverlesion.manifest.read_manifest` returns it.
     """
-    try:
-        df = pd.read_csv(manifest, dtype=str, keep_default_na=False)
-    except (ValueError, OSError, UnicodeDecodeError, pd.errors.ParserError):
-        return [], 0
-    paths: list[Path] = []
-    for col in ("image", "mask"):
-        if col not in df.columns:
-            continue
-        for v in df[col]:
-            if str(v).strip():
-                p = Path(str(v).strip()).expanduser()
-                paths.append(p if p.is_absolute() else manifest.parent / p)
-    n_images = df["image"].nunique() if "image" in df.columns else 0
-    return sorted(set(paths)), int(n_images)
+    paths = {Path(v) for col in ("image_path", "mask_path") for v in table[col] if v}
+    return sorted(paths), int(table["image_path"].nunique())
 
 
 def _fingerprint(path: Path) -> str:
@@ -340,7 +330,11 @@ def _fingerprint(path: Path) -> str:
 
 
 def patch_cache_key(
-    manifest: str | Path, cfg: PatchConfig, tolerance: float = 1e-3, series: str | None = None
+    manifest: str | Path,
+    cfg: PatchConfig,
+    tolerance: float = 1e-3,
+    series: str | None = None,
+    table: pd.DataFrame | None = None,
 ) -> str:
     """Short hash of the patch settings, the manifest and its files' sizes and mtimes.
 
@@ -349,6 +343,7 @@ def patch_cache_key(
         cfg: Patch settings.
         tolerance: Geometry tolerance passed to the lesion reader.
         series: SeriesInstanceUID passed to the lesion reader.
+        table: The manifest already read by :func:`liverlesion.manifest.read_manifest` (read here if None).
     """
     manifest = Path(manifest)
     h = hashlib.sha256()
@@ -361,13 +356,15 @@ def patch_cache_key(
     }
     h.update(json.dumps(settings, sort_keys=True).encode())
     h.update(manifest.read_bytes())
-    files, _ = _manifest_files(manifest)
+    files, _ = _manifest_files(read_manifest(manifest) if table is None else table)
     for p in files:
         h.update(b"\0" + _fingerprint(p).encode())
     return h.hexdigest()[:12]
 
 
-def _iter_lesions(manifest: Path, tolerance: float, series: str | None) -> Iterator[tuple[Volume, list]]:
+def _iter_lesions(
+    manifest: pd.DataFrame, tolerance: float, series: str | None
+) -> Iterator[tuple[Volume, list]]:
     """The lesion reader (imported late: ``lesions`` pulls in the image readers)."""
     from liverlesion.manifest_lesions import iter_manifest_lesions
 
@@ -425,18 +422,19 @@ def build_patches(
     manifest = Path(manifest)
     if not manifest.is_file():
         raise UserError(f"manifest {manifest}: file not found; give the path of a manifest CSV")
-    key = patch_cache_key(manifest, cfg, tolerance, series)
+    table = read_manifest(manifest)  # the only parse: the cache key and the lesion reader use it
+    key = patch_cache_key(manifest, cfg, tolerance, series, table=table)
     dest = Path(out) / key
     if not overwrite and _is_complete(dest):
         print(f"using cached patches at {dest}", file=sys.stderr)
         return dest
 
-    _, n_images = _manifest_files(manifest)
+    _, n_images = _manifest_files(table)
     rows: list[dict[str, Any]] = []
     used: set[str] = set()
     with atomic_dir(dest, overwrite=True) as tmp:
         bar = tqdm(
-            _iter_lesions(manifest, tolerance, series),
+            _iter_lesions(table, tolerance, series),
             total=n_images or None,
             desc="patches",
             unit="image",
