@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 import tempfile
 import zipfile
 from pathlib import Path
 
 from liverlesion.errors import UserError
-
-log = logging.getLogger(__name__)
 
 
 def unsafe_zip_member(info: zipfile.ZipInfo) -> str | None:

@@ -3,7 +3,6 @@ size, dimension and voxel-value checks every volume passes."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +10,6 @@ import numpy as np
 
 from liverlesion.errors import UserError
 from liverlesion.volume import Volume
-
-log = logging.getLogger(__name__)
-
 
 # Suffixes read directly by SimpleITK, with the format name stored in meta["format"].
 SITK_SUFFIXES = {

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 
 import numpy as np
@@ -10,8 +9,6 @@ import numpy as np
 from liverlesion.errors import UserError
 from liverlesion.io.common import format_values
 from liverlesion.volume import Volume
-
-log = logging.getLogger(__name__)
 
 
 def check_geometry(

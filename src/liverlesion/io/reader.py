@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import zipfile
 from pathlib import Path
@@ -13,8 +12,6 @@ from liverlesion.io.common import SITK_SUFFIXES, file_suffix
 from liverlesion.io.dicom import read_dicom_file, read_dicom_folder
 from liverlesion.io.itk import read_sitk_file
 from liverlesion.volume import Volume
-
-log = logging.getLogger(__name__)
 
 
 def read_volume(
