@@ -1,5 +1,6 @@
 """Measure one lesion in millimetres on its image's own grid: volume, largest axial (Feret)
-diameter, smallest principal-axis extent and HU statistics (see :mod:`liverlesion.lesions`)."""
+diameter, smallest principal-axis extent and HU statistics (see :mod:`liverlesion.lesions`).
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """The lesions of a manifest: read each image once, its masks / SEGs / clicks, and number the
-lesions per patient; :func:`lesion_table` is the table of them (columns ``LESION_COLUMNS``)."""
+lesions per patient; :func:`lesion_table` is the table of them (columns ``LESION_COLUMNS``).
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """What the ITK and DICOM readers share: file suffixes, the canonical-orientation shortcut, and the
-size, dimension and voxel-value checks every volume passes."""
+size, dimension and voxel-value checks every volume passes.
+"""
 
 from __future__ import annotations
 

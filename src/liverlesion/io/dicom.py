@@ -2,7 +2,8 @@
 spacing checks, pixel decoding by SimpleITK/GDCM, and the :class:`~liverlesion.volume.DicomReference`.
 
 Its ``header`` is a pydicom Dataset with identifying tags (for the DICOM SR writer): never print,
-log or serialise it."""
+log or serialise it.
+"""
 
 from __future__ import annotations
 

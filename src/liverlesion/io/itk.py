@@ -1,5 +1,6 @@
 """Single-file volumes read and written by SimpleITK (NIfTI, NRRD, MetaImage), with the header and
-truncation checks that must run before ITK (which zero-fills or "repairs" silently)."""
+truncation checks that must run before ITK (which zero-fills or "repairs" silently).
+"""
 
 from __future__ import annotations
 

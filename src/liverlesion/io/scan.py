@@ -1,6 +1,7 @@
 """DICOM header scan: read headers (pixel data deferred), group image files into series, pick one.
 
-Only the tags in :data:`SCAN_TAGS` are read here; :mod:`liverlesion.io.dicom` reads the pixels."""
+Only the tags in :data:`SCAN_TAGS` are read here; :mod:`liverlesion.io.dicom` reads the pixels.
+"""
 
 from __future__ import annotations
 

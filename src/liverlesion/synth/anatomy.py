@@ -1,5 +1,6 @@
 """The synthetic patient's anatomy: scan geometry (field of view, slices) and the body, organs,
-vessels, bones and table painted into a noiseless HU volume. Lesions: :mod:`.lesions`."""
+vessels, bones and table painted into a noiseless HU volume. Lesions: :mod:`.lesions`.
+"""
 
 from __future__ import annotations
 

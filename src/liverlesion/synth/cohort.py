@@ -1,5 +1,6 @@
 """Write a synthetic cohort: allocate lesion classes to patients, simulate them (in worker
-processes), write images, masks, manifest and ground truth atomically, and summarise."""
+processes), write images, masks, manifest and ground truth atomically, and summarise.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """The scanner's imprint on the phantom: point-spread blur and CT-like noise (filtered back-projection
-noise power spectrum), then quantisation to int16 HU."""
+noise power spectrum), then quantisation to int16 HU.
+"""
 
 from __future__ import annotations
 

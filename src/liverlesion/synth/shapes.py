@@ -1,5 +1,6 @@
 """Geometry helpers of the phantom: the voxel grid in mm, smooth random fields, rotations and
-(super)ellipse distances."""
+(super)ellipse distances.
+"""
 
 from __future__ import annotations
 
