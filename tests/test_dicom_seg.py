@@ -27,7 +27,8 @@ from liverlesion.dicom_seg import (
 )
 from liverlesion.errors import UserError
 from liverlesion.io import read_volume, write_volume
-from liverlesion.lesions import lesion_table, lesions_from_mask
+from liverlesion.lesions import lesions_from_mask
+from liverlesion.manifest_lesions import lesion_table
 from liverlesion.volume import Volume
 
 

@@ -14,7 +14,7 @@ from liverlesion.datasets.folder import import_folder
 from liverlesion.datasets.msd import import_msd
 from liverlesion.errors import UserError
 from liverlesion.io import read_volume, write_volume
-from liverlesion.lesions import lesion_table
+from liverlesion.manifest_lesions import lesion_table
 from liverlesion.volume import Volume
 
 SHAPE = (8, 24, 28)

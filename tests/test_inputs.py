@@ -423,3 +423,26 @@ def test_subprocess_errors_are_one_line(tmp_path):
         assert "Traceback" not in r.stderr
         assert len([ln for ln in r.stderr.splitlines() if ln.strip()]) == 1, r.stderr
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"image": "ct.nii.gz", "point": "1,2,3", "label": 2}, "--label 2: selects a lesion in --mask"),
+        ({"manifest": "m.csv", "label": 2}, "--label 2: selects a lesion in --mask"),
+        ({"image": "ct.nii.gz", "point": "1,2,3"}, "--point 1,2,3: also give --diameter MM"),
+        (
+            {"image": "ct.nii.gz", "mask": "m.nii.gz", "diameter": 12.0},
+            "--diameter 12.0: only used with --point",
+        ),
+        ({"manifest": "m.csv", "diameter": 12.0}, "--diameter 12.0: only used with --point"),
+    ],
+)
+def test_predict_lesion_source_rule_messages(tmp_path, kwargs, message):
+    """predict_cli applies lesions.lesion_source_problem and keeps its own option-named messages."""
+    from liverlesion.predict import predict_cli
+
+    with pytest.raises(UserError) as e:
+        predict_cli([tmp_path / "model.pt"], tmp_path / "out", **kwargs)
+    assert str(e.value).startswith(message)
+    assert not (tmp_path / "out").exists()

@@ -537,14 +537,14 @@ def test_check_geometry_refuses_bad_tolerance(tiny_ct, tolerance):
     ],
 )
 def test_reorientation_shortcut_matches_dicomorient(direction):
-    from liverlesion.io import _to_volume
+    from liverlesion.io.common import sitk_to_volume
 
     arr = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
     img = sitk.GetImageFromArray(arr)
     img.SetSpacing((0.7, 0.8, 2.5))
     img.SetOrigin((10.0, -20.0, 30.0))
     img.SetDirection(tuple(np.asarray(direction, dtype=float).ravel()))
-    fast = _to_volume(img, {})
+    fast = sitk_to_volume(img, {})
     ref = Volume.from_sitk(img, reorient=True)  # always DICOMOrient
     np.testing.assert_array_equal(fast.array, ref.array)
     assert fast.spacing == ref.spacing and fast.origin == ref.origin
@@ -552,7 +552,7 @@ def test_reorientation_shortcut_matches_dicomorient(direction):
 
 
 def test_dicom_reference_header_is_complete_although_the_scan_reads_few_tags(tiny_ct, tiny_dicom_dir):
-    from liverlesion.io import _SCAN_TAGS
+    from liverlesion.io.scan import SCAN_TAGS
 
     vol = read_volume(tiny_dicom_dir)
     header = vol.dicom.header
@@ -562,7 +562,7 @@ def test_dicom_reference_header_is_complete_although_the_scan_reads_few_tags(tin
     full = pydicom.dcmread(first_file, stop_before_pixels=True)
     # tags the scan skips, that a DICOM SR writer needs (patient/study module)
     for keyword in ("PatientID", "PatientName", "StudyDate", "SliceThickness", "RescaleIntercept"):
-        assert keyword not in _SCAN_TAGS
+        assert keyword not in SCAN_TAGS
         assert header[keyword].value == full[keyword].value
     assert header.SOPInstanceUID == full.SOPInstanceUID
     assert 0x7FE00010 not in header  # no pixel data kept

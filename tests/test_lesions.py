@@ -13,16 +13,16 @@ import pandas as pd
 import pytest
 
 from liverlesion.errors import UserError
+from liverlesion.inspection import print_lesion_table, summarize_lesions
+from liverlesion.lesion_measure import max_axial_diameter_mm, min_axis_mm
 from liverlesion.lesions import (
     LESION_COLUMNS,
     Lesion,
-    iter_manifest_lesions,
+    foreground_box,
     lesion_from_click,
-    lesion_table,
     lesions_from_mask,
-    print_lesion_table,
-    summarize_lesions,
 )
+from liverlesion.manifest_lesions import iter_manifest_lesions, lesion_table
 from liverlesion.volume import Volume
 
 IRCAD_PATIENT1 = Path(__file__).resolve().parents[2] / "shared/data/3Dircadb1/3Dircadb1.1"
@@ -318,7 +318,7 @@ def study(tmp_path: Path) -> Path:
 
 
 def test_iter_manifest_lesions_groups_images_and_numbers_stably(study: Path, monkeypatch):
-    import liverlesion.io as lio
+    import liverlesion.manifest_lesions as lio
 
     calls: list[str] = []
     real = lio.read_volume
@@ -525,21 +525,17 @@ def _random_blobs(rng: np.random.Generator, shape=(7, 18, 16), threshold=0.55) -
 def test_foreground_box_matches_find_objects(dtype):
     from scipy import ndimage
 
-    from liverlesion.lesions import _foreground_box
-
     rng = np.random.default_rng(5)
     for _ in range(10):
         arr = np.where(_random_blobs(rng, threshold=0.58), 3, 0).astype(dtype)
         if np.dtype(dtype).kind in "if":
             arr[0, 0, 0] = -2  # negative labels are not foreground
         expected = ndimage.find_objects((arr > 0).astype(np.uint8))
-        assert _foreground_box(arr) == (expected[0] if expected else None)
+        assert foreground_box(arr) == (expected[0] if expected else None)
 
 
 def test_min_axis_from_surface_voxels_equals_all_voxels():
     from scipy import ndimage
-
-    from liverlesion.lesions import _min_axis_mm
 
     rng = np.random.default_rng(6)
     spacing = (2.5, 0.7, 0.9)
@@ -548,14 +544,12 @@ def test_min_axis_from_surface_voxels_equals_all_voxels():
         if blob.sum() < 2:
             continue
         surface = blob & ~ndimage.binary_erosion(blob, border_value=0)
-        got = _min_axis_mm(np.argwhere(blob), spacing, np.argwhere(surface))
-        assert got == pytest.approx(_min_axis_mm(np.argwhere(blob), spacing), abs=1e-9)
+        got = min_axis_mm(np.argwhere(blob), spacing, np.argwhere(surface))
+        assert got == pytest.approx(min_axis_mm(np.argwhere(blob), spacing), abs=1e-9)
 
 
 def test_max_axial_diameter_equals_brute_force_over_all_pixel_edges():
     from scipy.spatial.distance import pdist
-
-    from liverlesion.lesions import _max_axial_diameter_mm
 
     rng = np.random.default_rng(7)
     spacing_y, spacing_x = 0.7, 0.9
@@ -573,12 +567,12 @@ def test_max_axial_diameter_equals_brute_force_over_all_pixel_edges():
             for sl in blob
             if sl.any()
         )
-        assert _max_axial_diameter_mm(blob, spacing_y, spacing_x) == pytest.approx(expected, abs=1e-9)
+        assert max_axial_diameter_mm(blob, spacing_y, spacing_x) == pytest.approx(expected, abs=1e-9)
 
 
 @pytest.mark.parametrize("tolerance", [-1.0, float("nan")])
 def test_bad_tolerance_is_refused_before_reading(study: Path, tolerance, monkeypatch):
-    import liverlesion.io as io
+    import liverlesion.manifest_lesions as io
 
     def no_read(*a, **k):
         raise AssertionError("read an image despite a bad tolerance")
@@ -630,3 +624,27 @@ def test_manifest_label_mask_ids_are_its_labels_and_collisions_are_refused(tmp_p
     bad.write_text("\n".join([head, click_row, mask_row]) + "\n")
     with pytest.raises(UserError, match=r"manifest row 2: lesion id B-L01 is already taken"):
         list(iter_manifest_lesions(bad, progress=False))
+
+
+@pytest.mark.parametrize(
+    ("mask", "point", "label", "diameter", "require_one", "expected"),
+    [
+        (True, False, False, None, True, None),
+        (False, True, False, True, True, None),
+        (True, True, False, None, True, "both"),
+        (False, False, False, None, True, "neither"),
+        (False, True, True, True, True, "label-without-mask"),
+        (False, True, False, False, True, "point-without-diameter"),
+        (False, True, False, None, True, None),  # diameter not checked
+        (True, False, False, True, True, "diameter-without-point"),
+        (False, False, True, None, False, "label-without-mask"),  # e.g. --manifest with --label
+        (False, False, False, True, False, "diameter-without-point"),
+        (False, False, False, False, False, None),
+    ],
+)
+def test_lesion_source_problem(mask, point, label, diameter, require_one, expected):
+    from liverlesion.lesions import LESION_SOURCE_PROBLEMS, lesion_source_problem
+
+    got = lesion_source_problem(mask, point, label, diameter, require_one=require_one)
+    assert got == expected
+    assert got is None or got in LESION_SOURCE_PROBLEMS

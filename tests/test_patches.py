@@ -14,6 +14,7 @@ import pytest
 from liverlesion import patches as P
 from liverlesion.config import PatchConfig
 from liverlesion.errors import UserError
+from liverlesion.lesions import foreground_box
 from liverlesion.volume import Volume
 
 SPACING = (3.0, 0.8, 0.8)  # anisotropic: thick slices, fine pixels
@@ -167,7 +168,7 @@ def test_lesion_at_volume_edge_pads_with_air_and_clamps_slices():
     assert p.meta["slice_indices"] == [0, 0, 0, 1, 2]
     assert p.meta["clamped"] is True
     # outside the volume to the patient's right (low x): air, windowed to 0
-    assert np.all(p.hu[0, :, 0] == P.AIR_HU)
+    assert np.all(p.hu[0, :, 0] == P.AIR_FILL_HU)
     assert np.all(p.image[0, :, :, 0] == 0.0)
     # inside the volume: tissue
     assert abs(p.hu[0, 0, -1] - 60.0) < 1e-3
@@ -276,7 +277,9 @@ def fake_cohort(tmp_path, monkeypatch):
 
     def fake_iter(manifest, tolerance, series):
         state["calls"] += 1
-        assert Path(manifest) == man
+        # the manifest as read once by build_patches (manifest.read_manifest), not the path
+        assert list(manifest["patient_id"]) == ["007", "008"]
+        assert Path(manifest["image_path"][0]) == (man.parent / "007.nii.gz").resolve()
         specs = [
             ("007", "metastasis", [(10, 30, 30, 6.0), (10, 20, 45, 3.0)]),
             ("008", "cyst", [(8, 32, 32, 5.0)]),
@@ -293,6 +296,21 @@ def fake_cohort(tmp_path, monkeypatch):
 
     monkeypatch.setattr(P, "_iter_lesions", fake_iter)
     return man, state
+
+
+def test_build_patches_parses_the_manifest_once_with_the_manifest_module(fake_cohort, tmp_path, monkeypatch):
+    man, _ = fake_cohort
+    calls = []
+    real = P.read_manifest
+
+    def counting(path):
+        calls.append(Path(path))
+        return real(path)
+
+    monkeypatch.setattr(P, "read_manifest", counting)
+    key = P.build_patches(man, tmp_path / "patches", cfg_()).name
+    assert calls == [man]
+    assert key == P.patch_cache_key(man, cfg_())  # the same key whether given the table or the path
 
 
 def test_build_patches_writes_the_cache_contract(fake_cohort, tmp_path):
@@ -423,11 +441,11 @@ def test_cli_missing_manifest_exits_2(tmp_path, capsys):
 # --------------------------------------------------------------------------- with the real lesion reader
 
 try:
-    from liverlesion.lesions import iter_manifest_lesions  # noqa: F401
+    from liverlesion.manifest_lesions import iter_manifest_lesions  # noqa: F401
 
     _LESIONS_ERROR = None
 except ImportError as e:  # pragma: no cover - only while lesions.py is being written
-    _LESIONS_ERROR = f"liverlesion.lesions.iter_manifest_lesions not importable yet: {e}"
+    _LESIONS_ERROR = f"liverlesion.manifest_lesions.iter_manifest_lesions not importable yet: {e}"
 
 
 def _write_nifti_cohort(folder: Path) -> Path:
@@ -549,7 +567,7 @@ def test_real_ct_cyst_and_tumour_patches(ircad_patient1, tmp_path):
 # --------------------------------------------------------------------------- H9: cropped sampling, one progress bar
 
 
-def test_bounding_box_matches_nonzero():
+def test_foreground_box_of_a_bool_mask_matches_nonzero():
     rng = np.random.default_rng(3)
     for _ in range(20):
         mask = np.zeros((9, 14, 11), bool)
@@ -559,12 +577,12 @@ def test_bounding_box_matches_nonzero():
             rng.random(tuple(np.minimum(hi, mask.shape) - lo)) > 0.3
         )
         nz = np.nonzero(mask)
-        box = P._bounding_box(mask)
+        box = foreground_box(mask)
         if nz[0].size == 0:
             assert box is None
             continue
         assert box == tuple(slice(int(a.min()), int(a.max()) + 1) for a in nz)
-    assert P._bounding_box(np.zeros((3, 4, 5), bool)) is None
+    assert foreground_box(np.zeros((3, 4, 5), bool)) is None
 
 
 @pytest.mark.parametrize("order", [0, 1, 3])
@@ -577,7 +595,7 @@ def test_sampling_a_cropped_mask_equals_sampling_the_full_mask(order):
         lo = rng.integers(0, [10, 26, 22])
         hi = np.minimum(lo + rng.integers(2, 8, size=3), shape)
         full[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = rng.random(tuple(hi - lo)) > 0.4
-        box = P._bounding_box(full > 0)
+        box = foreground_box(full > 0)
         if box is None:
             continue
         crop = full[box]

@@ -107,3 +107,12 @@ def test_inner_split_is_capped_by_the_lesions_per_class():
 def test_more_folds_than_lesions_per_class_is_a_user_error():
     with pytest.raises(UserError, match=r"cv.folds=5: the largest class .* 4 lesion\(s\).* at most 4 folds"):
         make_splits(_one_lesion_each(8), folds=5)
+
+
+@pytest.mark.parametrize(
+    ("val_fraction", "expected"), [(0.2, 5), (0.25, 4), (0.5, 2), (0.9, 2), (0.1, 10), (0.0, 1000000)]
+)
+def test_inner_split_count(val_fraction, expected):
+    from liverlesion.splits import inner_split_count
+
+    assert inner_split_count(val_fraction) == expected

@@ -141,10 +141,10 @@ def test_overwrite_replaces_cohort(tmp_path):
 
 
 def test_crash_leaves_nothing(tmp_path, monkeypatch):
-    import liverlesion.synth as synth
+    import liverlesion.synth.cohort as synth_cohort
 
     calls = {"n": 0}
-    real = synth.simulate_patient
+    real = synth_cohort.simulate_patient
 
     def flaky(*args, **kwargs):
         calls["n"] += 1
@@ -152,7 +152,7 @@ def test_crash_leaves_nothing(tmp_path, monkeypatch):
             raise RuntimeError("boom")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(synth, "simulate_patient", flaky)
+    monkeypatch.setattr(synth_cohort, "simulate_patient", flaky)
     out = tmp_path / "c"
     with pytest.raises(RuntimeError):
         generate_cohort(out, patients=2, lesions=2, workers=1, matrix=128)

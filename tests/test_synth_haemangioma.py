@@ -8,8 +8,14 @@ import pytest
 from scipy import ndimage
 
 from liverlesion.errors import UserError
-from liverlesion.synth import _allocate, generate_cohort, simulate_patient
-from liverlesion.synth_lesions import BLOOD_POOL_HU, class_counts, parse_classes
+from liverlesion.synth import (
+    BLOOD_POOL_HU,
+    allocate_lesions,
+    class_counts,
+    generate_cohort,
+    parse_classes,
+    simulate_patient,
+)
 
 
 def _zones(pat, label: int) -> dict[str, float]:
@@ -69,10 +75,10 @@ def test_class_counts_exact_and_every_class_present():
 
 
 def test_default_allocation_unchanged_by_class_setting():
-    a = _allocate(np.random.default_rng(4), 5, 17)
-    b = _allocate(np.random.default_rng(4), 5, 17, ("cyst", "metastasis"))
+    a = allocate_lesions(np.random.default_rng(4), 5, 17)
+    b = allocate_lesions(np.random.default_rng(4), 5, 17, ("cyst", "metastasis"))
     assert a == b
-    three = _allocate(np.random.default_rng(4), 5, 17, ("metastasis", "cyst", "haemangioma"))
+    three = allocate_lesions(np.random.default_rng(4), 5, 17, ("metastasis", "cyst", "haemangioma"))
     assert [len(x) for x in three] == [len(x) for x in a]
     flat = [c for x in three for c in x]
     assert {c: flat.count(c) for c in set(flat)} == class_counts(("metastasis", "cyst", "haemangioma"), 17)

@@ -18,7 +18,7 @@ from helpers import build_seg, make_ct_array, write_dicom_series
 from liverlesion.cli import main
 from liverlesion.datasets.tcia_crlm import import_tcia_crlm
 from liverlesion.errors import UserError
-from liverlesion.lesions import lesion_table
+from liverlesion.manifest_lesions import lesion_table
 
 COLLECTION = "Colorectal-Liver-Metastases"
 

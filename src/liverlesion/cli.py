@@ -261,7 +261,7 @@ def inspect(
     ] = None,
 ) -> None:
     """Compute and print the lesion table and a summary for a manifest."""
-    from liverlesion.lesions import inspect_manifest
+    from liverlesion.inspection import inspect_manifest
 
     _out_file(out, "--out")
     inspect_manifest(manifest, out=out, tolerance=tolerance, series=series)

@@ -280,7 +280,7 @@ def grow_from_click(
     mid = lesion_hu + EDGE_LEVEL * (background_hu - lesion_hu)
     reach = max(abs(contrast), MIN_CONTRAST_SD * noise)  # how far beyond the lesion's own HU to accept
     if contrast > 0:
-        lower, upper = max(lesion_hu - reach, -500.0), mid  # never into air (lesions.AIR_HU)
+        lower, upper = max(lesion_hu - reach, -500.0), mid  # never into air (lesions.AIR_THRESHOLD_HU)
     else:
         lower, upper = mid, lesion_hu + reach
     # Voxels outside the bound get a value outside [lower, upper], so growing stays inside it.

@@ -1,4 +1,4 @@
-"""Lesion records from masks or clicks, and the lesion table of a manifest.
+"""Lesion records from masks or clicks (the lesions of a manifest: :mod:`liverlesion.manifest_lesions`).
 
 A lesion is a set of voxels of one image: a connected component of a mask, one
 label of a label mask, or a sphere around a clicked point. Each is measured in
@@ -28,19 +28,15 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from scipy import ndimage
 
-from liverlesion import DISCLAIMER
 from liverlesion.click import grow_from_click, sphere_region
 from liverlesion.errors import UserError
+from liverlesion.lesion_measure import measure_lesion
 from liverlesion.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -73,7 +69,7 @@ LESION_COLUMNS = (
 )
 
 #: HU below which a clicked point is taken to be in air (outside the body, lung or gas).
-AIR_HU = -500.0
+AIR_THRESHOLD_HU = -500.0
 
 
 @dataclass(frozen=True, eq=False)
@@ -195,97 +191,11 @@ class Lesion:
         return {c: row[c] for c in LESION_COLUMNS}
 
 
-# ----------------------------------------------------------------------------- measurements
-
-
-# In-plane 4-neighbourhood: erodes each axial slice on its own.
-_AXIAL_CROSS = np.array([[[0, 1, 0], [1, 1, 1], [0, 1, 0]]], dtype=bool)
-_EDGE_MIDPOINTS = np.array([[-0.5, 0.0], [0.5, 0.0], [0.0, -0.5], [0.0, 0.5]])
-
-
-def _max_axial_diameter_mm(crop: np.ndarray, spacing_y: float, spacing_x: float) -> float:
-    """Largest Feret diameter over the axial slices of a ``[z, y, x]`` boolean crop, in mm."""
-    from scipy.spatial import ConvexHull, QhullError
-    from scipy.spatial.distance import pdist
-
-    scale = np.array([spacing_y, spacing_x])
-    # Only outline pixels can carry the extreme points; their edge midpoints are the
-    # 0.5 iso-contour of the slice. One erosion for all slices, then split by slice.
-    edge = crop & ~ndimage.binary_erosion(crop, structure=_AXIAL_CROSS, border_value=0)
-    zyx = np.argwhere(edge)
-    if len(zyx) == 0:
-        return 0.0
-    starts = np.flatnonzero(np.r_[True, np.diff(zyx[:, 0]) != 0])  # argwhere is sorted by z
-    best = 0.0
-    for yx in np.split(zyx[:, 1:].astype(float), starts[1:]):
-        # Duplicate midpoints (shared by neighbouring pixels) change neither the hull nor the maximum.
-        pts = (yx[:, None, :] + _EDGE_MIDPOINTS[None]).reshape(-1, 2) * scale
-        if len(pts) > 8:
-            try:
-                pts = pts[ConvexHull(pts).vertices]
-            except QhullError:  # degenerate outline: fall back to all points
-                pass
-        best = max(best, float(pdist(pts).max()))
-    return best
-
-
-def _min_axis_mm(
-    idx_zyx: np.ndarray, spacing_zyx: Sequence[float], extreme_idx_zyx: np.ndarray | None = None
-) -> float:
-    """Extent along the smallest principal axis of voxel indices ``(n, 3)``, in mm.
-
-    Args:
-        idx_zyx: All voxel indices of the lesion (they define the principal axes).
-        spacing_zyx: Voxel size in mm.
-        extreme_idx_zyx: A subset that holds every voxel that can be extreme along an axis
-            (e.g. the surface voxels); defaults to ``idx_zyx``.
-    """
-    spacing = np.asarray(spacing_zyx, dtype=float)
-    if len(idx_zyx) < 2:
-        return float(spacing.min())
-    coords = idx_zyx * spacing
-    centred = coords - coords.mean(axis=0)
-    _, vecs = np.linalg.eigh(centred.T @ centred)
-    extreme = coords if extreme_idx_zyx is None else extreme_idx_zyx * spacing  # extents ignore the origin
-    # Extent along each principal axis; voxel centres span one voxel less than the
-    # object, so add one voxel's extent along the axis. Taking the smallest extent
-    # (not just the smallest-variance axis) settles ties, e.g. a one-voxel-thick bar.
-    proj = extreme @ vecs
-    extents = proj.max(axis=0) - proj.min(axis=0) + np.abs(vecs).T @ spacing
-    return float(extents.min())
-
-
-def _measure(image: Volume, crop: np.ndarray, offset: Sequence[int]) -> dict:
-    """Measurements of a lesion given its boolean crop at ``offset`` (z, y, x) in ``image``."""
-    idx = np.argwhere(crop)
-    assert len(idx), "empty lesion crop"
-    gidx = idx + np.asarray(offset)
-    lo = gidx.min(axis=0)
-    hi = gidx.max(axis=0) + 1
-    window = tuple(slice(int(o), int(o) + s) for o, s in zip(offset, crop.shape, strict=True))
-    hu = image.array[window][crop].astype(np.float64)
-    centroid = image.index_to_physical(gidx.mean(axis=0))
-    # A voxel that is extreme along some direction lacks one of its 6 neighbours, so the
-    # surface voxels carry every extent (a large lesion has far fewer of them).
-    surface = np.argwhere(crop & ~ndimage.binary_erosion(crop, border_value=0))
-    return {
-        "n_voxels": int(len(idx)),
-        "bbox_zyx": tuple(int(v) for v in (*lo, *hi)),
-        "centroid_mm": tuple(round(float(c), 4) for c in centroid),
-        # Rounded far below measurement precision, to keep the CSV readable.
-        "volume_ml": round(float(len(idx) * image.voxel_volume_ml), 6),
-        "max_axial_diameter_mm": round(_max_axial_diameter_mm(crop, image.spacing[1], image.spacing[2]), 4),
-        "min_axis_mm": round(_min_axis_mm(idx, image.spacing, surface), 4),
-        "hu_mean": round(float(hu.mean()), 3),
-        "hu_std": round(float(hu.std()), 3),
-    }
-
-
-def _lesion_id(patient_id: str, number: int) -> str:
+def make_lesion_id(patient_id: str, number: int) -> str:
     return f"{patient_id}-L{number:02d}"
 
 
-def _foreground_box(arr: np.ndarray) -> tuple[slice, slice, slice] | None:
+def foreground_box(arr: np.ndarray) -> tuple[slice, slice, slice] | None:
     """Bounding box of ``arr > 0`` (a ``[z, y, x]`` mask of any numeric or bool type) as slices, or None.
 
     Max-projections take milliseconds on a full CT-sized mask, where ``ndimage.find_objects``
@@ -304,10 +214,60 @@ def _foreground_box(arr: np.ndarray) -> tuple[slice, slice, slice] | None:
     )
 
 
+# ----------------------------------------------------------------------------- lesion source
+
+#: The problems :func:`lesion_source_problem` reports, in the order it checks them.
+LESION_SOURCE_PROBLEMS = (
+    "both",  # a mask and a point
+    "neither",  # no mask and no point
+    "label-without-mask",  # a label selects a lesion in a mask
+    "point-without-diameter",  # a click needs the lesion's diameter
+    "diameter-without-point",  # a diameter only goes with a click
+)
+
+
+def lesion_source_problem(
+    mask_given: bool,
+    point_given: bool,
+    label_given: bool = False,
+    diameter_given: bool | None = None,
+    require_one: bool = True,
+) -> str | None:
+    """The rule every front end (Python API, CLI, web form) applies to a lesion's source.
+
+    A lesion comes from exactly one of a mask or a clicked point; a label selects a lesion in a
+    mask; a point needs a diameter and a diameter goes with a point. Each front end words the
+    message for its own inputs (options, arguments, form fields).
+
+    Args:
+        mask_given: A mask was given.
+        point_given: A point (click) was given.
+        label_given: A label was given.
+        diameter_given: A diameter was given (None: not checked here).
+        require_one: Check that exactly one of mask / point is given (False where a caller has
+            another source too, e.g. ``--manifest``, and checked that itself).
+
+    Returns:
+        None when the combination is valid, else the first problem found, one of
+        :data:`LESION_SOURCE_PROBLEMS`.
+    """
+    if require_one and mask_given and point_given:
+        return "both"
+    if require_one and not mask_given and not point_given:
+        return "neither"
+    if label_given and not mask_given:
+        return "label-without-mask"
+    if diameter_given is not None and point_given and not diameter_given:
+        return "point-without-diameter"
+    if diameter_given and not point_given:
+        return "diameter-without-point"
+    return None
+
+
 # ----------------------------------------------------------------------------- masks
 
 #: A lesion mask whose foreground covers more than this fraction of the body (voxels above
-#: :data:`AIR_HU`) is not a lesion mask (a body/organ mask, or an image passed as the mask).
+#: :data:`AIR_THRESHOLD_HU`) is not a lesion mask (a body/organ mask, or an image passed as the mask).
 MAX_BODY_FRACTION = 0.5
 #: More connected components than this in a lesion mask is not plausible.
 MAX_COMPONENTS = 500
@@ -320,7 +280,7 @@ def check_mask_foreground(
 
     Refused: foreground touching all six faces of the volume (e.g. a mask that is 1
     everywhere), and foreground covering more than :data:`MAX_BODY_FRACTION` of the body
-    (voxels above :data:`AIR_HU` in ``image``).
+    (voxels above :data:`AIR_THRESHOLD_HU` in ``image``).
 
     Args:
         image: The CT (HU) on the same grid as ``mask``.
@@ -333,7 +293,7 @@ def check_mask_foreground(
     """
     arr = mask.array
     if box is None:
-        box = _foreground_box(arr)
+        box = foreground_box(arr)
     if box is None:
         return
     hint = (
@@ -343,12 +303,12 @@ def check_mask_foreground(
     if tuple(s.stop - s.start for s in box) == tuple(arr.shape):
         raise UserError(f"{mask_name}: the foreground touches all six faces of the volume; {hint}")
     n_fg = int(np.count_nonzero(arr[box] > 0))
-    n_body = int(np.count_nonzero(image.array > AIR_HU))
+    n_body = int(np.count_nonzero(image.array > AIR_THRESHOLD_HU))
     if n_fg > MAX_BODY_FRACTION * max(n_body, 1):
         pct = 100.0 * n_fg / max(n_body, 1)
         raise UserError(
             f"{mask_name}: the foreground ({n_fg} voxels) covers {pct:.0f}% of the body (voxels above "
-            f"{AIR_HU:.0f} HU), more than {100 * MAX_BODY_FRACTION:.0f}%; {hint}"
+            f"{AIR_THRESHOLD_HU:.0f} HU), more than {100 * MAX_BODY_FRACTION:.0f}%; {hint}"
         )
 
 
@@ -400,7 +360,7 @@ def lesions_from_mask(
             "give the mask drawn on this image"
         )
     arr = mask.array
-    box = _foreground_box(arr)
+    box = foreground_box(arr)
     if box is None:
         raise UserError(
             f"{mask_name}: the mask is empty (no voxel > 0); give a mask that contains the lesion(s)"
@@ -426,7 +386,7 @@ def lesions_from_mask(
         numbers = []
         for value in present:
             sel = values == value
-            sub = _foreground_box(sel)
+            sub = foreground_box(sel)
             assert sub is not None
             crop = sel[sub]
             if int(crop.sum()) < min_voxels:
@@ -467,7 +427,7 @@ def lesions_from_mask(
                 f"{mask_name}: label {label} is not in the mask; labels present: {shown}; "
                 "fix the label column, or leave it empty to use every connected component"
             )
-        sub = _foreground_box(sel)
+        sub = foreground_box(sel)
         assert sub is not None
         crop = sel[sub]
         _, n = ndimage.label(crop, structure=np.ones((3, 3, 3), dtype=bool))
@@ -482,9 +442,9 @@ def lesions_from_mask(
 
     out: list[LesionWithMask] = []
     for i, (crop, off) in enumerate(lesions):
-        m = _measure(image, crop, off)
+        m = measure_lesion(image, crop, off)
         lesion = Lesion(
-            lesion_id=_lesion_id(patient_id, numbers[i] if numbers is not None else first_number + i),
+            lesion_id=make_lesion_id(patient_id, numbers[i] if numbers is not None else first_number + i),
             patient_id=patient_id,
             lesion_class=lesion_class,
             image=image_ref,
@@ -616,9 +576,9 @@ def lesion_from_click(
     # Median of the 3x3x3 neighbourhood: robust to noise and a single odd voxel.
     nb = image.array[tuple(slice(max(c - 1, 0), c + 2) for c in near)]
     hu_at = float(np.median(nb))
-    if hu_at < AIR_HU:
+    if hu_at < AIR_THRESHOLD_HU:
         raise UserError(
-            f"{point_name} {_fmt_xyz(point)} mm is in air (HU {hu_at:.0f} < {AIR_HU:.0f}): outside the body "
+            f"{point_name} {_fmt_xyz(point)} mm is in air (HU {hu_at:.0f} < {AIR_THRESHOLD_HU:.0f}): outside the body "
             "(or in lung / bowel gas); check the coordinates are LPS mm on this image"
         )
     if method == "sphere":
@@ -626,9 +586,9 @@ def lesion_from_click(
     else:
         region = grow_from_click(image, centre, diameter_mm, f"{point_name} {_fmt_xyz(point)} mm")
     crop, off = region.crop, region.offset
-    m = _measure(image, crop, off)
+    m = measure_lesion(image, crop, off)
     lesion = Lesion(
-        lesion_id=lesion_id or _lesion_id(patient_id, 1),
+        lesion_id=lesion_id or make_lesion_id(patient_id, 1),
         patient_id=patient_id,
         lesion_class=lesion_class,
         image=image_ref,
@@ -639,335 +599,3 @@ def lesion_from_click(
         measurement=region.measurement,
     )
     return lesion, LesionMask(crop, tuple(int(o) for o in off), tuple(image.shape))
-
-
-# ----------------------------------------------------------------------------- manifests
-
-
-def _text(value) -> str:
-    """A manifest cell as text ("" for None / NaN)."""
-    if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
-        return ""
-    return str(value)
-
-
-def _as_manifest(manifest: str | os.PathLike | pd.DataFrame) -> pd.DataFrame:
-    if isinstance(manifest, pd.DataFrame):
-        return manifest
-    from liverlesion.manifest import read_manifest
-
-    return read_manifest(manifest)
-
-
-def iter_manifest_lesions(
-    manifest: str | os.PathLike | pd.DataFrame,
-    tolerance: float = 1e-3,
-    series: str | None = None,
-    progress: bool = True,
-    min_voxels: int = 1,
-) -> Iterator[tuple[Volume, list[LesionWithMask]]]:
-    """Read each image of a manifest once and yield it with its lesions.
-
-    Rows are grouped by image (and series); each image and each mask file is read
-    once; masks are checked against the image (``io.check_geometry``). Images come
-    in order of first appearance in the manifest. Lesion IDs are
-    ``{patient_id}-L{nn}``, numbered per patient in that processing order (rows in
-    manifest order within an image), which equals manifest order whenever a
-    patient's rows for one image are contiguous, and is stable across runs.
-
-    Args:
-        manifest: Manifest path, or a DataFrame from :func:`liverlesion.manifest.read_manifest`.
-        tolerance: Geometry tolerance in mm between image and mask.
-        series: SeriesInstanceUID for rows whose ``series`` is empty.
-        progress: Show a progress bar over images (stderr).
-        min_voxels: Mask components with fewer voxels are dropped.
-
-    Yields:
-        ``(image, [(Lesion, LesionMask), ...])``, one image at a time.
-    """
-    from tqdm.auto import tqdm
-
-    from liverlesion.io import check_tolerance, read_volume
-    from liverlesion.progress import progress_disabled
-
-    check_tolerance(tolerance)  # before reading any image
-    df = _as_manifest(manifest)
-    groups: dict[tuple[str, str], list] = {}
-    for rec in df.itertuples(index=False):
-        key = (_text(rec.image_path), _text(getattr(rec, "series", "")) or (series or ""))
-        groups.setdefault(key, []).append(rec)
-    counters: dict[str, int] = {}
-    seen: set[str] = set()  # lesion ids so far: a label mask's ids are its labels and may collide
-    # `with` closes the bar when an error propagates, so the message starts on its own line.
-    with tqdm(
-        groups.items(),
-        desc="lesions",
-        unit="image",
-        disable=not progress or progress_disabled(),
-        file=sys.stderr,
-    ) as bar:
-        for (image_path, image_series), recs in bar:
-            image = read_volume(
-                image_path,
-                series=image_series or None,
-                kind="image",
-                name=f"manifest row {recs[0].row} image",
-            )
-            yield image, _image_lesions(image, recs, counters, tolerance, min_voxels, seen)
-
-
-def _image_lesions(
-    image: Volume,
-    recs: list,
-    counters: dict[str, int],
-    tolerance: float,
-    min_voxels: int,
-    seen: set[str] | None = None,
-) -> list[LesionWithMask]:
-    """Lesions of the manifest rows ``recs`` that share ``image``; ``counters`` numbers them per patient."""
-    from liverlesion.dicom_seg import is_seg, seg_lesions
-    from liverlesion.io import check_geometry, read_volume
-
-    masks: dict[str, Volume] = {}  # a mask file shared by several rows (labels) is read once
-    found: list[LesionWithMask] = []
-    for rec in recs:
-        pid = str(rec.patient_id)
-        number = counters.get(pid, 0) + 1
-        mask_path = _text(rec.mask_path)
-        if mask_path and is_seg(mask_path):  # a DICOM SEG: its label selects segments
-            items = seg_lesions(
-                image,
-                mask_path,
-                rec.label,
-                pid,
-                str(rec.lesion_class),
-                tolerance=tolerance,
-                first_number=number,
-                image_ref=str(rec.image),
-                mask_ref=str(rec.mask),
-                name=f"manifest row {rec.row} mask",
-                image_name=f"manifest row {rec.row} image",
-                min_voxels=min_voxels,
-            )
-        elif mask_path:
-            mask = masks.get(mask_path)
-            if mask is None:
-                mask = read_volume(mask_path, kind="mask", name=f"manifest row {rec.row} mask")
-                check_geometry(
-                    image,
-                    mask,
-                    tolerance=tolerance,
-                    image_name=f"manifest row {rec.row} image",
-                    mask_name=f"manifest row {rec.row} mask",
-                )
-                masks[mask_path] = mask
-            label = None if pd.isna(rec.label) else int(rec.label)
-            items = lesions_from_mask(
-                image,
-                mask,
-                label,
-                pid,
-                str(rec.lesion_class),
-                first_number=number,
-                image_ref=str(rec.image),
-                mask_ref=str(rec.mask),
-                mask_name=f"manifest row {rec.row} mask {rec.mask!r}",
-                min_voxels=min_voxels,
-            )
-        else:
-            items = [
-                lesion_from_click(
-                    image,
-                    (rec.x_mm, rec.y_mm, rec.z_mm),
-                    float(rec.diameter_mm),
-                    pid,
-                    str(rec.lesion_class),
-                    lesion_id=_lesion_id(pid, number),
-                    image_ref=str(rec.image),
-                    point_name=f"manifest row {rec.row} click",
-                )
-            ]
-        # A multi-label mask numbers its lesions by label: later rows continue after the largest.
-        used = [int(str(les.lesion_id).rsplit("-L", 1)[1]) for les, _ in items]
-        counters[pid] = max([number - 1 + len(items), *used])
-        if seen is not None:
-            for les, _ in items:
-                if les.lesion_id in seen:
-                    raise UserError(
-                        f"manifest row {rec.row}: lesion id {les.lesion_id} is already taken by an earlier row "
-                        "(a multi-label mask keeps its labels as lesion numbers); put the label mask's row "
-                        "first for this patient, or select one label per row"
-                    )
-                seen.add(les.lesion_id)
-        found.extend(items)
-    return found
-
-
-def lesion_table(
-    manifest: str | os.PathLike | pd.DataFrame,
-    tolerance: float = 1e-3,
-    series: str | None = None,
-    progress: bool = True,
-    min_voxels: int = 1,
-) -> pd.DataFrame:
-    """The lesion table of a manifest (columns :data:`LESION_COLUMNS`), in lesion-ID order per image."""
-    rows = [
-        lesion.to_row()
-        for _, items in iter_manifest_lesions(manifest, tolerance, series, progress, min_voxels)
-        for lesion, _ in items
-    ]
-    table = pd.DataFrame(rows, columns=list(LESION_COLUMNS))
-    table["label"] = table["label"].astype("Int64")
-    return table
-
-
-def summarize_lesions(table: pd.DataFrame) -> dict:
-    """Summary numbers of a lesion table (patients, classes, sizes)."""
-    d = table["max_axial_diameter_mm"].astype(float)
-    per_patient = table.groupby("patient_id").size()
-    return {
-        "n_lesions": int(len(table)),
-        "n_patients": int(table["patient_id"].nunique()),
-        "lesions_per_class": {
-            str(k): int(v) for k, v in table["lesion_class"].value_counts().sort_index().items()
-        },
-        "patients_per_class": {
-            str(k): int(v)
-            for k, v in table.groupby("lesion_class")["patient_id"].nunique().sort_index().items()
-        },
-        "lesions_per_patient": {
-            "min": int(per_patient.min()),
-            "median": float(per_patient.median()),
-            "max": int(per_patient.max()),
-        },
-        "diameter_mm": {
-            "median": float(d.median()),
-            "q1": float(d.quantile(0.25)),
-            "q3": float(d.quantile(0.75)),
-            "lt10": int((d < 10).sum()),
-            "10to20": int(((d >= 10) & (d <= 20)).sum()),
-            "gt20": int((d > 20).sum()),
-        },
-        "volume_ml": {"min": float(table["volume_ml"].min()), "max": float(table["volume_ml"].max())},
-    }
-
-
-_SHOWN = (
-    ("lesion_id", "lesion", "{}"),
-    ("patient_id", "patient", "{}"),
-    ("lesion_class", "class", "{}"),
-    ("source", "source", "{}"),
-    ("n_voxels", "voxels", "{}"),
-    ("volume_ml", "mL", "{:.2f}"),
-    ("max_axial_diameter_mm", "diam mm", "{:.1f}"),
-    ("min_axis_mm", "min axis mm", "{:.1f}"),
-    ("hu_mean", "HU mean", "{:.0f}"),
-    ("hu_std", "HU sd", "{:.0f}"),
-)
-
-
-def _display_rows(table: pd.DataFrame, max_rows: int) -> list[list[str] | None]:
-    """Formatted rows; None marks the gap when only the first/last rows are shown."""
-    cols = [c for c, _, _ in _SHOWN]
-    fmt = [
-        [f.format(v) for (_, _, f), v in zip(_SHOWN, r, strict=True)]
-        for r in table[cols].itertuples(index=False)
-    ]
-    if len(fmt) <= max_rows:
-        return list(fmt)
-    head = max_rows // 2
-    return [*fmt[:head], None, *fmt[len(fmt) - (max_rows - head) :]]
-
-
-def _summary_lines(s: dict) -> list[str]:
-    dm = s["diameter_mm"]
-    lpp = s["lesions_per_patient"]
-    classes = ", ".join(
-        f"{k} {v} (in {s['patients_per_class'][k]} patient{'s' if s['patients_per_class'][k] != 1 else ''})"
-        for k, v in s["lesions_per_class"].items()
-    )
-    return [
-        f"patients: {s['n_patients']}   lesions: {s['n_lesions']}",
-        f"lesions per class: {classes}",
-        f"lesions per patient: min {lpp['min']}, median {lpp['median']:g}, max {lpp['max']}",
-        f"max axial diameter: median {dm['median']:.1f} mm (IQR {dm['q1']:.1f}-{dm['q3']:.1f}); "
-        f"<10 mm: {dm['lt10']}, 10-20 mm: {dm['10to20']}, >20 mm: {dm['gt20']}",
-        f"volume: {s['volume_ml']['min']:.3g}-{s['volume_ml']['max']:.3g} mL",
-    ]
-
-
-def print_lesion_table(table: pd.DataFrame, max_rows: int = 20, file=None) -> None:
-    """Print a compact lesion table (first/last rows when long) and its summary."""
-    file = file or sys.stdout
-    rows = _display_rows(table, max_rows)
-    hidden = len(table) - sum(r is not None for r in rows)
-    lines = _summary_lines(summarize_lesions(table)) if len(table) else ["no lesions"]
-    if "measurement" in table and (
-        n_est := int(table["measurement"].astype(str).str.startswith("estimated").sum())
-    ):
-        lines.append(
-            f"{n_est} lesion(s) from clicks: sizes and HU estimated from the click, not measured on a mask"
-        )
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:  # rich is optional: plain text
-        widths = [max([len(h)] + [len(r[i]) for r in rows if r]) for i, (_, h, _) in enumerate(_SHOWN)]
-        print("  ".join(h.rjust(w) for (_, h, _), w in zip(_SHOWN, widths, strict=True)), file=file)
-        for r in rows:
-            text = (
-                f"... {hidden} more lesions ..."
-                if r is None
-                else "  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True))
-            )
-            print(text, file=file)
-        print("\n".join(lines), file=file)
-        print(f"({DISCLAIMER})", file=file)
-        return
-    console = Console(file=file, width=max(120, Console(file=file).width), highlight=False)
-    t = Table(title=f"Lesions ({len(table)})", title_justify="left", show_edge=False, pad_edge=False)
-    for i, (_, header, _) in enumerate(_SHOWN):
-        t.add_column(header, justify="left" if i < 4 else "right", no_wrap=True)
-    for r in rows:
-        if r is None:
-            t.add_row(f"... {hidden} more", *[""] * (len(_SHOWN) - 1))
-        else:
-            t.add_row(*r)
-    console.print(t)
-    for line in lines:
-        console.print(line, markup=False)
-    console.print(f"({DISCLAIMER})", markup=False)
-
-
-def inspect_manifest(
-    manifest: str | os.PathLike,
-    out: str | os.PathLike | None = None,
-    tolerance: float = 1e-3,
-    series: str | None = None,
-) -> pd.DataFrame:
-    """Compute the lesion table of a manifest, print it with a summary, optionally write it.
-
-    Args:
-        manifest: Manifest CSV.
-        out: Write the lesion table here as CSV (atomically).
-        tolerance: Geometry tolerance in mm between image and mask.
-        series: SeriesInstanceUID for rows whose ``series`` is empty.
-
-    Returns:
-        The lesion table.
-    """
-    from liverlesion.fileio import write_csv
-
-    if out is not None:
-        out = Path(out)
-        if out.is_dir():
-            raise UserError(f"--out {out}: is a folder; give a CSV file path, e.g. {out / 'lesions.csv'}")
-        if out.resolve() == Path(manifest).resolve():
-            raise UserError(f"--out {out}: is the manifest itself; give another file name, e.g. lesions.csv")
-    table = lesion_table(manifest, tolerance=tolerance, series=series)
-    if out is not None:
-        write_csv(out, table)
-    print_lesion_table(table)
-    if out is not None:
-        print(f"wrote {out}")
-    return table

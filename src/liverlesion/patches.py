@@ -40,10 +40,12 @@ from liverlesion import DISCLAIMER, __version__
 from liverlesion.config import PatchConfig
 from liverlesion.errors import UserError
 from liverlesion.fileio import atomic_dir, atomic_path, write_csv, write_json
+from liverlesion.lesions import LesionMask, foreground_box
+from liverlesion.manifest import read_manifest
 from liverlesion.volume import Volume
 
 __all__ = [
-    "AIR_HU",
+    "AIR_FILL_HU",
     "LesionPatch",
     "build_patches",
     "check_patch_config",
@@ -57,7 +59,7 @@ __all__ = [
     "window",
 ]
 
-AIR_HU = -1024.0  # fill value outside the scanned volume
+AIR_FILL_HU = -1024.0  # fill value outside the scanned volume (air)
 # Bump when the npz/index layout or the lesion masks change, so old caches are not reused
 # (2: click lesions grown from the click, `measurement` column).
 CACHE_FORMAT_VERSION = 2
@@ -180,21 +182,6 @@ def _sample(
     return out.astype(np.float32, copy=False)
 
 
-def _bounding_box(mask: np.ndarray) -> tuple[slice, slice, slice] | None:
-    """Bounding box of a boolean ``[z, y, x]`` array as slices (None when empty).
-
-    Projections with ``any`` take about a millisecond on a 512 x 512 x 129 mask, where
-    ``np.nonzero`` or ``ndimage.find_objects`` over the full array take a few hundred.
-    """
-    z = np.flatnonzero(mask.any(axis=(1, 2)))
-    if z.size == 0:
-        return None
-    slab = mask[z[0] : z[-1] + 1]
-    y = np.flatnonzero(slab.any(axis=(0, 2)))
-    x = np.flatnonzero(slab.any(axis=(0, 1)))
-    return slice(z[0], z[-1] + 1), slice(y[0], y[-1] + 1), slice(x[0], x[-1] + 1)
-
-
 def extract_patch(volume: Volume, lesion_mask: Any, cfg: PatchConfig) -> LesionPatch:
     """Cut one lesion's patch from a CT volume.
 
@@ -207,8 +194,6 @@ def extract_patch(volume: Volume, lesion_mask: Any, cfg: PatchConfig) -> LesionP
     Returns:
         The patch arrays and the geometry used (``meta``).
     """
-    from liverlesion.lesions import LesionMask
-
     check_patch_config(cfg)
     if isinstance(lesion_mask, LesionMask):  # a crop already: no full-size array is made
         mask, base = lesion_mask.crop, lesion_mask.offset
@@ -222,7 +207,7 @@ def extract_patch(volume: Volume, lesion_mask: Any, cfg: PatchConfig) -> LesionP
             "resample the mask onto the image grid"
         )
     mask = mask.astype(bool, copy=False)
-    box = _bounding_box(mask)
+    box = foreground_box(mask)
     if box is None:
         raise UserError("lesion mask is empty (no non-zero voxels); check the mask file and the label value")
     # Work on the lesion's bounding box: the full-size mask is mostly empty.
@@ -259,7 +244,7 @@ def extract_patch(volume: Volume, lesion_mask: Any, cfg: PatchConfig) -> LesionP
     zs = np.clip(z_wanted, 0, nz - 1)
 
     order = _ORDERS[cfg.interpolation]
-    hu = _sample(volume.array, zs, rows, cols, order=order, cval=AIR_HU)
+    hu = _sample(volume.array, zs, rows, cols, order=order, cval=AIR_FILL_HU)
     # Linear then > 0.5 keeps the mask's area in mm when pixel sizes differ.
     mask_order = 0 if order == 0 else 1
     lesion = (
@@ -319,25 +304,14 @@ def _config_dict(cfg: PatchConfig) -> dict[str, Any]:
     return out
 
 
-def _manifest_files(manifest: Path) -> tuple[list[Path], int]:
+def _manifest_files(table: pd.DataFrame) -> tuple[list[Path], int]:
     """Image/mask paths named by the manifest (resolved) and the number of distinct images.
 
-    Only used for the cache key and the progress bar; the lesions module validates the manifest.
+    Args:
+        table: The manifest as :func:`liverlesion.manifest.read_manifest` returns it.
     """
-    try:
-        df = pd.read_csv(manifest, dtype=str, keep_default_na=False)
-    except (ValueError, OSError, UnicodeDecodeError, pd.errors.ParserError):
-        return [], 0
-    paths: list[Path] = []
-    for col in ("image", "mask"):
-        if col not in df.columns:
-            continue
-        for v in df[col]:
-            if str(v).strip():
-                p = Path(str(v).strip()).expanduser()
-                paths.append(p if p.is_absolute() else manifest.parent / p)
-    n_images = df["image"].nunique() if "image" in df.columns else 0
-    return sorted(set(paths)), int(n_images)
+    paths = {Path(v) for col in ("image_path", "mask_path") for v in table[col] if v}
+    return sorted(paths), int(table["image_path"].nunique())
 
 
 def _fingerprint(path: Path) -> str:
@@ -356,7 +330,11 @@ def _fingerprint(path: Path) -> str:
 
 
 def patch_cache_key(
-    manifest: str | Path, cfg: PatchConfig, tolerance: float = 1e-3, series: str | None = None
+    manifest: str | Path,
+    cfg: PatchConfig,
+    tolerance: float = 1e-3,
+    series: str | None = None,
+    table: pd.DataFrame | None = None,
 ) -> str:
     """Short hash of the patch settings, the manifest and its files' sizes and mtimes.
 
@@ -365,6 +343,7 @@ def patch_cache_key(
         cfg: Patch settings.
         tolerance: Geometry tolerance passed to the lesion reader.
         series: SeriesInstanceUID passed to the lesion reader.
+        table: The manifest already read by :func:`liverlesion.manifest.read_manifest` (read here if None).
     """
     manifest = Path(manifest)
     h = hashlib.sha256()
@@ -377,15 +356,17 @@ def patch_cache_key(
     }
     h.update(json.dumps(settings, sort_keys=True).encode())
     h.update(manifest.read_bytes())
-    files, _ = _manifest_files(manifest)
+    files, _ = _manifest_files(read_manifest(manifest) if table is None else table)
     for p in files:
         h.update(b"\0" + _fingerprint(p).encode())
     return h.hexdigest()[:12]
 
 
-def _iter_lesions(manifest: Path, tolerance: float, series: str | None) -> Iterator[tuple[Volume, list]]:
+def _iter_lesions(
+    manifest: pd.DataFrame, tolerance: float, series: str | None
+) -> Iterator[tuple[Volume, list]]:
     """The lesion reader (imported late: ``lesions`` pulls in the image readers)."""
-    from liverlesion.lesions import iter_manifest_lesions
+    from liverlesion.manifest_lesions import iter_manifest_lesions
 
     # our own bar (per image) replaces the reader's, so the user sees one
     yield from iter_manifest_lesions(manifest, tolerance, series, progress=False)
@@ -441,18 +422,19 @@ def build_patches(
     manifest = Path(manifest)
     if not manifest.is_file():
         raise UserError(f"manifest {manifest}: file not found; give the path of a manifest CSV")
-    key = patch_cache_key(manifest, cfg, tolerance, series)
+    table = read_manifest(manifest)  # the only parse: the cache key and the lesion reader use it
+    key = patch_cache_key(manifest, cfg, tolerance, series, table=table)
     dest = Path(out) / key
     if not overwrite and _is_complete(dest):
         print(f"using cached patches at {dest}", file=sys.stderr)
         return dest
 
-    _, n_images = _manifest_files(manifest)
+    _, n_images = _manifest_files(table)
     rows: list[dict[str, Any]] = []
     used: set[str] = set()
     with atomic_dir(dest, overwrite=True) as tmp:
         bar = tqdm(
-            _iter_lesions(manifest, tolerance, series),
+            _iter_lesions(table, tolerance, series),
             total=n_images or None,
             desc="patches",
             unit="image",

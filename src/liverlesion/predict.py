@@ -644,15 +644,16 @@ class Classifier:
         point_name,
         image_ref,
     ) -> _Case:
-        from liverlesion.lesions import lesion_from_click, lesions_from_mask
+        from liverlesion.lesions import lesion_from_click, lesion_source_problem, lesions_from_mask
 
         _check_min_size(min_size_mm)
-        if (mask is None) == (point is None):
+        problem = lesion_source_problem(mask is not None, point is not None, label is not None)
+        if problem in ("both", "neither"):
             raise UserError(
                 "give exactly one lesion source: a mask, or a point with diameter_mm "
                 f"(got mask={'yes' if mask is not None else 'no'}, point={'yes' if point is not None else 'no'})"
             )
-        if label is not None and mask is None:
+        if problem == "label-without-mask":
             raise UserError(f"label={label}: a label selects a lesion in a mask; give the mask too")
         check_ct_volume(volume, image_name)
         if mask is not None:
@@ -932,8 +933,8 @@ def _check_members(members: list[_Member]) -> None:
 def _predict_manifest(
     clf: Classifier, manifest: Path, min_size_mm: float, gradcam: bool, tolerance: float = 1e-3
 ) -> list[_Case]:
-    from liverlesion.lesions import iter_manifest_lesions
     from liverlesion.manifest import read_manifest
+    from liverlesion.manifest_lesions import iter_manifest_lesions
 
     _check_min_size(min_size_mm)
     table = read_manifest(manifest)
@@ -1129,17 +1130,20 @@ def predict_cli(
         )
     if mask is not None and image is not None and Path(mask).resolve() == Path(image).resolve():
         raise UserError(f"--mask {mask}: is the --image itself; give the lesion mask file")
-    if label is not None and mask is None:
+    from liverlesion.lesions import check_diameter, lesion_source_problem
+
+    problem = lesion_source_problem(
+        mask is not None, point is not None, label is not None, diameter is not None, require_one=False
+    )
+    if problem == "label-without-mask":
         raise UserError(f"--label {label}: selects a lesion in --mask; give --mask too, or drop --label")
-    if point is not None and diameter is None:
+    if problem == "point-without-diameter":
         raise UserError(f"--point {point}: also give --diameter MM (the lesion's approximate diameter)")
-    if diameter is not None and point is None:
+    if problem == "diameter-without-point":
         raise UserError(
             f"--diameter {diameter}: only used with --point x,y,z; add --point or drop --diameter"
         )
     if diameter is not None:
-        from liverlesion.lesions import check_diameter
-
         check_diameter(diameter, "--diameter")
     xyz = parse_point(point) if point is not None else None
     _check_min_size(min_size_mm)

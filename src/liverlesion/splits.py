@@ -106,6 +106,14 @@ def _stratified_group_split(
     return out
 
 
+def inner_split_count(val_fraction: float) -> int:
+    """Number of patient-grouped splits whose held-out part is about ``val_fraction`` (at least 2).
+
+    One of them gives the inner validation set: ``0.2`` gives 5 splits (a fifth held out).
+    """
+    return max(2, int(round(1.0 / max(val_fraction, 1e-6))))
+
+
 def make_splits(
     lesions: pd.DataFrame, folds: int, seed: int = 0, val_fraction: float = 0.2
 ) -> dict[str, Any]:
@@ -124,7 +132,7 @@ def make_splits(
     splits = []
     for k, (train_p, test_p) in enumerate(outer):
         inner = lesions[lesions["patient_id"].astype(str).isin(train_p)]
-        n_inner = max(2, int(round(1.0 / max(val_fraction, 1e-6))))
+        n_inner = inner_split_count(val_fraction)
         # sklearn refuses more splits than the largest class has lesions: cap the inner split there
         largest = int(_patient_label(inner).value_counts().max())
         n_inner = min(n_inner, inner["patient_id"].nunique(), largest)

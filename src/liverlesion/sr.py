@@ -85,7 +85,7 @@ def check_sr_inputs(image=None, manifest=None, option: str = "--dicom-sr") -> No
     Raises:
         UserError: Naming the first non-DICOM image.
     """
-    from liverlesion.io import SITK_SUFFIXES, _suffix
+    from liverlesion.io import SITK_SUFFIXES, file_suffix
 
     items = []
     if image is not None:
@@ -96,14 +96,14 @@ def check_sr_inputs(image=None, manifest=None, option: str = "--dicom-sr") -> No
         df = read_manifest(manifest)
         items += [(f"manifest {manifest} row {r.row} image", Path(r.image_path)) for r in df.itertuples()]
     for name, path in items:
-        if not path.is_dir() and _suffix(path) in SITK_SUFFIXES:
+        if not path.is_dir() and file_suffix(path) in SITK_SUFFIXES:
             need = (
                 "a DICOM --image so the report can reference its series: it"
                 if name == "--image"
                 else f"DICOM images so each report can reference its series: {name}"
             )
             raise UserError(
-                f"{option} needs {need} ({path}) is a {SITK_SUFFIXES[_suffix(path)]} file, not DICOM; "
+                f"{option} needs {need} ({path}) is a {SITK_SUFFIXES[file_suffix(path)]} file, not DICOM; "
                 f"pass the DICOM folder/zip, or drop {option}"
             )
 

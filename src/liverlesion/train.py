@@ -904,10 +904,10 @@ def _frozen_features(shared: dict[str, Any], index: pd.DataFrame, cfg: Config) -
 def train_single(manifest: str | Path, out: str | Path, cfg: Config, resume: bool = False) -> Path:
     """Train one model on all patients (an inner validation split by patient for early stopping)."""
     from liverlesion.data import load_patch_arrays
-    from liverlesion.splits import make_splits
+    from liverlesion.splits import inner_split_count, make_splits
 
     manifest, out, patch_dir, index, classes = _start_run(manifest, out, cfg, resume, "train")
-    n_inner = max(2, int(round(1 / max(cfg.train.val_fraction, 1e-6))))
+    n_inner = inner_split_count(cfg.train.val_fraction)
     split_file = out / "splits.json"
     if _init_distributed(cfg) == 0 and not split_file.exists():
         split = make_splits(index, n_inner, cfg.cv.seed, cfg.train.val_fraction)["splits"][0]

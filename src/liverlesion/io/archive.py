@@ -1,0 +1,99 @@
+"""Zip archives of DICOM series: refuse unsafe entries, extract to a private temporary folder."""
+
+from __future__ import annotations
+
+import tempfile
+import zipfile
+from pathlib import Path
+
+from liverlesion.errors import UserError
+
+
+def unsafe_zip_member(info: zipfile.ZipInfo) -> str | None:
+    """Why a zip entry must not be extracted (None when it is safe).
+
+    Entries whose names leave the archive's folder (``..`` parts, absolute paths, drive
+    letters, backslash-rooted names) and symbolic links are refused: extracting them
+    could write or read outside the target folder.
+    """
+    import stat
+
+    name = info.filename.replace("\\", "/")
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if name.startswith("/"):
+        return "an absolute path"
+    if len(name) >= 2 and name[1] == ":" and name[0].isalpha():
+        return "a Windows drive letter"
+    if any(p == ".." for p in parts):
+        return "a '..' component (it points outside the archive)"
+    if any(":" in p for p in parts):
+        return "a ':' in a name (a drive or stream name)"
+    if stat.S_ISLNK(info.external_attr >> 16):
+        return "a symbolic link"
+    return None
+
+
+def check_zip_members(zf: zipfile.ZipFile, label: str, path: Path) -> list[zipfile.ZipInfo]:
+    """The file entries of an open zip, after refusing unsafe entry names (see :func:`unsafe_zip_member`).
+
+    Raises:
+        UserError: Naming the first unsafe entry.
+    """
+    infos = zf.infolist()
+    for info in infos:
+        why = unsafe_zip_member(info)
+        if why is not None:
+            raise UserError(
+                f"{label}: {path} has an entry {info.filename!r} with {why}; refusing to read the archive: "
+                f"re-create the zip from the DICOM folder itself (e.g. zip -r series.zip SERIES_FOLDER)"
+            )
+    return [i for i in infos if not i.is_dir()]
+
+
+class extracted_zip:
+    """Context manager: extract a zip to a private temporary folder, removed afterwards.
+
+    Entry names are checked first (no writes or reads outside the temporary folder) and the
+    total uncompressed size is compared with the free space there.
+    """
+
+    def __init__(self, path: Path, label: str):
+        self.path, self.label = path, label
+        self._tmp: str | None = None
+
+    def __enter__(self) -> Path:
+        import shutil
+
+        self._tmp = tempfile.mkdtemp(prefix="liverlesion-zip-")  # mode 0700
+        try:
+            with zipfile.ZipFile(self.path) as zf:
+                members = check_zip_members(zf, self.label, self.path)
+                total = sum(i.file_size for i in members)
+                free = shutil.disk_usage(self._tmp).free
+                if total > free:
+                    raise UserError(
+                        f"{self.label}: {self.path} unpacks to {total / 1e9:.1f} GB but the temporary folder "
+                        f"{tempfile.gettempdir()} has {free / 1e9:.1f} GB free; set TMPDIR to a larger disk or "
+                        f"pass the unzipped folder"
+                    )
+                for info in members:
+                    zf.extract(info, self._tmp)
+        except (zipfile.BadZipFile, OSError, RuntimeError, EOFError, ValueError) as exc:
+            self._cleanup()
+            raise UserError(
+                f"{self.label}: {self.path} is not a readable zip file ({exc}); re-create it or pass the unzipped folder"
+            ) from exc
+        except BaseException:
+            self._cleanup()
+            raise
+        return Path(self._tmp)
+
+    def _cleanup(self) -> None:
+        import shutil
+
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+    def __exit__(self, *exc_info) -> None:
+        self._cleanup()

@@ -1,0 +1,249 @@
+"""Single-file volumes read and written by SimpleITK (NIfTI, NRRD, MetaImage), with the header and
+truncation checks that must run before ITK (which zero-fills or "repairs" silently).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from liverlesion.errors import UserError
+from liverlesion.io.common import (
+    WRITE_SUFFIXES,
+    check_dimensions,
+    check_voxel_count,
+    convert_array,
+    file_suffix,
+    first_line,
+    format_values,
+    sitk_to_volume,
+)
+from liverlesion.volume import Volume
+
+log = logging.getLogger(__name__)
+
+
+def write_volume(volume: Volume, path: str | os.PathLike) -> Path:
+    """Write a volume atomically as NIfTI (.nii/.nii.gz), NRRD (.nrrd) or MetaImage (.mha).
+
+    Args:
+        volume: The volume to write (its geometry is kept).
+        path: Destination; the format follows the extension.
+
+    Returns:
+        The written path.
+    """
+    import SimpleITK as sitk
+
+    from liverlesion.fileio import atomic_path
+
+    path = Path(path)
+    if not path.name.lower().endswith(WRITE_SUFFIXES):
+        raise UserError(
+            f"{path}: cannot write this format (suffix {file_suffix(path) or 'none'!r}); use one of {', '.join(WRITE_SUFFIXES)}"
+        )
+    img = volume.to_sitk()
+    with atomic_path(path) as tmp:
+        sitk.WriteImage(img, str(tmp), useCompression=not path.name.lower().endswith(".nii"))
+    return path
+
+
+def read_sitk_file(path: Path, kind: str, label: str, fmt: str) -> Volume:
+    import SimpleITK as sitk
+
+    if fmt == "nifti":
+        _check_nifti_complete(path, label)  # before ITK, which zero-fills truncated data silently
+        _check_nifti_voxel_size(path, label)  # before ITK, which "repairs" it with a warning
+    elif path.name.lower().endswith(".mha"):
+        _check_metaimage_complete(path, label)  # before ITK, whose MetaIO prints to stderr
+    try:
+        img = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        log.debug("%s: ITK could not read %s: %s", label, path, exc)
+        raise UserError(
+            f"{label}: {path} could not be read as a {fmt} image (corrupt, truncated or not an image file); "
+            f"re-export it or copy it again"
+        ) from None
+    if fmt == "nifti":
+        _check_nifti_finite(path, label)
+    img = check_dimensions(img, label, path)
+    if img.GetNumberOfComponentsPerPixel() != 1:
+        raise UserError(
+            f"{label}: {path} has {img.GetNumberOfComponentsPerPixel()} values per voxel (colour or vector image); "
+            f"a grey-level {'CT' if kind == 'image' else 'label'} volume is needed"
+        )
+    meta = {
+        "modality": None,  # not recorded by these formats; the user vouches it is CT
+        "series_description": None,
+        "manufacturer": None,
+        "source": str(path),
+        "format": fmt,
+    }
+    vol = sitk_to_volume(img, meta)
+    vol.array = convert_array(vol.array, kind, label, path)
+    return vol
+
+
+_META_BYTES = {
+    "MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
+    "MET_LONG": 8, "MET_ULONG": 8, "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4, "MET_DOUBLE": 8,
+}  # fmt: skip
+
+
+def _check_metaimage_complete(path: Path, label: str) -> None:
+    """Refuse an uncompressed ``.mha`` whose pixel data is shorter than its header says."""
+    with open(path, "rb") as f:
+        head = f.read(64 * 1024)
+    end = head.find(b"ElementDataFile")
+    if end < 0:
+        return  # not a MetaImage header we understand: leave the judgement to ITK
+    line_end = head.find(b"\n", end)
+    if line_end < 0:
+        return
+    fields = {}
+    for line in head[:line_end].decode("latin-1", "replace").splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            fields[key.strip()] = value.strip()
+    if (
+        fields.get("ElementDataFile", "").upper() != "LOCAL"
+        or fields.get("CompressedData", "False") == "True"
+    ):
+        return
+    try:
+        dims = [int(v) for v in fields["DimSize"].split()]
+        channels = int(fields.get("ElementNumberOfChannels", "1"))
+        size = _META_BYTES[fields["ElementType"]]
+    except (KeyError, ValueError):
+        return
+    expected = math.prod(dims) * channels * size
+    actual = path.stat().st_size - (line_end + 1)
+    if actual < expected:
+        raise UserError(
+            f"{label}: {path} is truncated: its header promises {expected} bytes of pixel data but the file "
+            f"holds {actual}; copy or export it again"
+        )
+
+
+def _check_nifti_voxel_size(path: Path, label: str) -> None:
+    """Refuse zero/negative/non-finite NIfTI voxel sizes: ITK reads 0 as 1 mm and -s as s, silently."""
+    pixdim = _nifti_voxel_size(path)
+    if pixdim is not None and not all(math.isfinite(v) and v > 0 for v in pixdim):
+        raise UserError(
+            f"{label}: {path} has voxel size (NIfTI pixdim x, y, z) {format_values(pixdim, 4)}: zero, negative or "
+            f"non-finite sizes are invalid (they would silently be read as 1 mm or their absolute value); fix the "
+            f"header with the true spacing (e.g. nibabel: img.header.set_zooms(...), then nib.save) or re-export the image"
+        )
+
+
+def _check_nifti_finite(path: Path, label: str) -> None:
+    """Refuse NaN/inf in NIfTI files: ITK's NIfTI reader silently turns NaN into 0."""
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+    except Exception:  # unreadable by nibabel: ITK read it, so leave the judgement to it
+        return
+    if img.get_data_dtype().kind != "f":
+        return
+    data = np.asanyarray(img.dataobj.get_unscaled())
+    bad = int(np.count_nonzero(~np.isfinite(data)))
+    if bad:
+        raise UserError(
+            f"{label}: {path} has {bad} NaN/inf voxels of {data.size}; fix the file "
+            f"(e.g. replace them with -1024 HU for an image or 0 for a mask) and try again"
+        )
+
+
+def _nifti_header(path: Path):
+    """The NIfTI-1/2 header exactly as stored, or None when nibabel cannot parse it."""
+    from nibabel.nifti1 import Nifti1Header
+    from nibabel.nifti2 import Nifti2Header
+    from nibabel.openers import ImageOpener
+
+    try:
+        with ImageOpener(str(path)) as f:
+            first = f.read(4)
+            f.seek(0)
+            sizes = {int.from_bytes(first, "little"), int.from_bytes(first, "big")}
+            if not sizes & {348, 540}:
+                return None
+            return (Nifti2Header if 540 in sizes else Nifti1Header).from_fileobj(f, check=False)
+    except Exception:
+        return None
+
+
+def _check_nifti_complete(path: Path, label: str) -> None:
+    """Refuse a NIfTI file that is not one, or whose voxel data is shorter than its header says.
+
+    ITK reads a truncated ``.nii``/``.nii.gz`` without complaint and fills the missing voxels
+    with zeros; here the decompressed stream is counted (not kept) and compared with
+    ``vox_offset + voxels x bytes per voxel``.
+    """
+    import gzip
+    import zlib
+
+    header = _nifti_header(path)
+    if header is None:
+        raise UserError(
+            f"{label}: {path} is not a NIfTI image (no NIfTI-1/2 header found; a corrupt download, or another "
+            f"format with a .nii name); re-export or copy the file again"
+        )
+    try:
+        shape = header.get_data_shape()
+        itemsize = header.get_data_dtype().itemsize
+        offset = int(header.get_data_offset())
+    except Exception as exc:
+        raise UserError(
+            f"{label}: {path} has an invalid NIfTI header ({first_line(exc)}); re-export the image"
+        ) from exc
+    n_voxels = int(np.prod(shape, dtype=np.int64))
+    check_voxel_count(n_voxels, tuple(shape), label, path)
+    expected = offset + n_voxels * itemsize
+    name = path.name.lower()
+    try:
+        if name.endswith(".gz"):
+            size = 0
+            with gzip.open(path, "rb") as f:
+                while size < expected:
+                    chunk = f.read(min(1 << 22, expected - size))
+                    if not chunk:
+                        break
+                    size += len(chunk)
+        else:
+            size = path.stat().st_size
+    except (EOFError, OSError, zlib.error) as exc:
+        raise UserError(
+            f"{label}: {path} is truncated or corrupt (the compressed data ends early or is damaged: "
+            f"{first_line(exc)}); copy or export the file again"
+        ) from exc
+    if size < expected:
+        raise UserError(
+            f"{label}: {path} is truncated: its header describes {expected} bytes (shape {tuple(shape)}, "
+            f"{itemsize} bytes per voxel) but the file holds {size}; copy or export the file again"
+        )
+
+
+def _nifti_voxel_size(path: Path) -> list[float] | None:
+    """The spatial ``pixdim`` values exactly as stored (None when nibabel cannot parse the header).
+
+    ``nib.load`` cannot be used for this: it repairs zero and negative pixdim values on load.
+    """
+    from nibabel.nifti1 import Nifti1Header
+    from nibabel.nifti2 import Nifti2Header
+    from nibabel.openers import ImageOpener
+
+    try:
+        with ImageOpener(str(path)) as f:
+            first = f.read(4)
+            f.seek(0)
+            sizes = {int.from_bytes(first, "little"), int.from_bytes(first, "big")}
+            header = (Nifti2Header if 540 in sizes else Nifti1Header).from_fileobj(f, check=False)
+        n_spatial = min(max(int(header["dim"][0]), 1), 3)
+        return [float(v) for v in header["pixdim"][1 : 1 + n_spatial]]  # pixdim[0] is qfac, not a size
+    except Exception:  # not a header nibabel can parse: leave the judgement to ITK
+        return None

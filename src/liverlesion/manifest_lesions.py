@@ -1,0 +1,194 @@
+"""The lesions of a manifest: read each image once, its masks / SEGs / clicks, and number the
+lesions per patient; :func:`lesion_table` is the table of them (columns ``LESION_COLUMNS``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from collections.abc import Iterator
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from liverlesion.dicom_seg import is_seg, seg_lesions
+from liverlesion.errors import UserError
+from liverlesion.io import check_geometry, check_tolerance, read_volume
+from liverlesion.lesions import (
+    LESION_COLUMNS,
+    LesionWithMask,
+    lesion_from_click,
+    lesions_from_mask,
+    make_lesion_id,
+)
+from liverlesion.manifest import read_manifest
+from liverlesion.progress import progress_disabled
+from liverlesion.volume import Volume
+
+
+def _text(value) -> str:
+    """A manifest cell as text ("" for None / NaN)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
+        return ""
+    return str(value)
+
+
+def _as_manifest(manifest: str | os.PathLike | pd.DataFrame) -> pd.DataFrame:
+    if isinstance(manifest, pd.DataFrame):
+        return manifest
+    return read_manifest(manifest)
+
+
+def iter_manifest_lesions(
+    manifest: str | os.PathLike | pd.DataFrame,
+    tolerance: float = 1e-3,
+    series: str | None = None,
+    progress: bool = True,
+    min_voxels: int = 1,
+) -> Iterator[tuple[Volume, list[LesionWithMask]]]:
+    """Read each image of a manifest once and yield it with its lesions.
+
+    Rows are grouped by image (and series); each image and each mask file is read
+    once; masks are checked against the image (``io.check_geometry``). Images come
+    in order of first appearance in the manifest. Lesion IDs are
+    ``{patient_id}-L{nn}``, numbered per patient in that processing order (rows in
+    manifest order within an image), which equals manifest order whenever a
+    patient's rows for one image are contiguous, and is stable across runs.
+
+    Args:
+        manifest: Manifest path, or a DataFrame from :func:`liverlesion.manifest.read_manifest`.
+        tolerance: Geometry tolerance in mm between image and mask.
+        series: SeriesInstanceUID for rows whose ``series`` is empty.
+        progress: Show a progress bar over images (stderr).
+        min_voxels: Mask components with fewer voxels are dropped.
+
+    Yields:
+        ``(image, [(Lesion, LesionMask), ...])``, one image at a time.
+    """
+    check_tolerance(tolerance)  # before reading any image
+    df = _as_manifest(manifest)
+    groups: dict[tuple[str, str], list] = {}
+    for rec in df.itertuples(index=False):
+        key = (_text(rec.image_path), _text(getattr(rec, "series", "")) or (series or ""))
+        groups.setdefault(key, []).append(rec)
+    counters: dict[str, int] = {}
+    seen: set[str] = set()  # lesion ids so far: a label mask's ids are its labels and may collide
+    # `with` closes the bar when an error propagates, so the message starts on its own line.
+    with tqdm(
+        groups.items(),
+        desc="lesions",
+        unit="image",
+        disable=not progress or progress_disabled(),
+        file=sys.stderr,
+    ) as bar:
+        for (image_path, image_series), recs in bar:
+            image = read_volume(
+                image_path,
+                series=image_series or None,
+                kind="image",
+                name=f"manifest row {recs[0].row} image",
+            )
+            yield image, _image_lesions(image, recs, counters, tolerance, min_voxels, seen)
+
+
+def _image_lesions(
+    image: Volume,
+    recs: list,
+    counters: dict[str, int],
+    tolerance: float,
+    min_voxels: int,
+    seen: set[str] | None = None,
+) -> list[LesionWithMask]:
+    """Lesions of the manifest rows ``recs`` that share ``image``; ``counters`` numbers them per patient."""
+    masks: dict[str, Volume] = {}  # a mask file shared by several rows (labels) is read once
+    found: list[LesionWithMask] = []
+    for rec in recs:
+        pid = str(rec.patient_id)
+        number = counters.get(pid, 0) + 1
+        mask_path = _text(rec.mask_path)
+        if mask_path and is_seg(mask_path):  # a DICOM SEG: its label selects segments
+            items = seg_lesions(
+                image,
+                mask_path,
+                rec.label,
+                pid,
+                str(rec.lesion_class),
+                tolerance=tolerance,
+                first_number=number,
+                image_ref=str(rec.image),
+                mask_ref=str(rec.mask),
+                name=f"manifest row {rec.row} mask",
+                image_name=f"manifest row {rec.row} image",
+                min_voxels=min_voxels,
+            )
+        elif mask_path:
+            mask = masks.get(mask_path)
+            if mask is None:
+                mask = read_volume(mask_path, kind="mask", name=f"manifest row {rec.row} mask")
+                check_geometry(
+                    image,
+                    mask,
+                    tolerance=tolerance,
+                    image_name=f"manifest row {rec.row} image",
+                    mask_name=f"manifest row {rec.row} mask",
+                )
+                masks[mask_path] = mask
+            label = None if pd.isna(rec.label) else int(rec.label)
+            items = lesions_from_mask(
+                image,
+                mask,
+                label,
+                pid,
+                str(rec.lesion_class),
+                first_number=number,
+                image_ref=str(rec.image),
+                mask_ref=str(rec.mask),
+                mask_name=f"manifest row {rec.row} mask {rec.mask!r}",
+                min_voxels=min_voxels,
+            )
+        else:
+            items = [
+                lesion_from_click(
+                    image,
+                    (rec.x_mm, rec.y_mm, rec.z_mm),
+                    float(rec.diameter_mm),
+                    pid,
+                    str(rec.lesion_class),
+                    lesion_id=make_lesion_id(pid, number),
+                    image_ref=str(rec.image),
+                    point_name=f"manifest row {rec.row} click",
+                )
+            ]
+        # A multi-label mask numbers its lesions by label: later rows continue after the largest.
+        used = [int(str(les.lesion_id).rsplit("-L", 1)[1]) for les, _ in items]
+        counters[pid] = max([number - 1 + len(items), *used])
+        if seen is not None:
+            for les, _ in items:
+                if les.lesion_id in seen:
+                    raise UserError(
+                        f"manifest row {rec.row}: lesion id {les.lesion_id} is already taken by an earlier row "
+                        "(a multi-label mask keeps its labels as lesion numbers); put the label mask's row "
+                        "first for this patient, or select one label per row"
+                    )
+                seen.add(les.lesion_id)
+        found.extend(items)
+    return found
+
+
+def lesion_table(
+    manifest: str | os.PathLike | pd.DataFrame,
+    tolerance: float = 1e-3,
+    series: str | None = None,
+    progress: bool = True,
+    min_voxels: int = 1,
+) -> pd.DataFrame:
+    """The lesion table of a manifest (columns :data:`LESION_COLUMNS`), in lesion-ID order per image."""
+    rows = [
+        lesion.to_row()
+        for _, items in iter_manifest_lesions(manifest, tolerance, series, progress, min_voxels)
+        for lesion, _ in items
+    ]
+    table = pd.DataFrame(rows, columns=list(LESION_COLUMNS))
+    table["label"] = table["label"].astype("Int64")
+    return table
