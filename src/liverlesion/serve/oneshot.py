@@ -61,6 +61,7 @@ def run_prediction(clf, fields: dict[str, FormField], workdir: Path) -> dict[str
         ``{"df": results table, "overlays": [(lesion_id, png bytes)], "info": JSON-ready dict}``.
     """
     from liverlesion.io import read_volume
+    from liverlesion.lesions import check_diameter, lesion_source_problem
     from liverlesion.predict import draw_lesion_overlay, parse_point, results_info, safe_name
 
     image_f = form_file(fields, "image")
@@ -72,24 +73,24 @@ def run_prediction(clf, fields: dict[str, FormField], workdir: Path) -> dict[str
     label_txt = form_text(fields, "label")
     min_size = form_number(fields, "min_size_mm", "min size (mm)")
     min_size = 5.0 if min_size is None else min_size
-    if (mask_f is None) == (not point_txt):
-        got = "both a mask and a point" if mask_f is not None else "neither a mask nor a point"
+    problem = lesion_source_problem(
+        mask_f is not None, bool(point_txt), bool(label_txt), diameter_given=diameter is not None
+    )
+    if problem in ("both", "neither"):
+        got = "both a mask and a point" if problem == "both" else "neither a mask nor a point"
         raise UserError(
             f"lesion: got {got}; give either a mask file (NIfTI) or a point x,y,z (LPS mm) with a diameter"
         )
-    if label_txt and mask_f is None:
+    if problem == "label-without-mask":
         raise UserError(
             f"label {label_txt!r}: selects a lesion in the mask; upload a mask or clear the label"
         )
-    xyz = None
+    xyz = parse_point(point_txt, "point") if point_txt else None
+    if problem == "point-without-diameter":
+        raise UserError(f"point {point_txt!r}: also give the lesion diameter in mm")
     if point_txt:
-        xyz = parse_point(point_txt, "point")
-        if diameter is None:
-            raise UserError(f"point {point_txt!r}: also give the lesion diameter in mm")
-        from liverlesion.lesions import check_diameter
-
         check_diameter(diameter, "diameter (mm)")
-    elif diameter is not None:
+    if problem == "diameter-without-point":
         raise UserError(
             f"diameter (mm) {diameter:g}: only used with a point; enter a point or clear the diameter"
         )
