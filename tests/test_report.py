@@ -95,7 +95,7 @@ def test_report_is_redrawn_from_files_without_re_evaluating(binary_run: Path):
     for png in (binary_run / "plots").glob("*.png"):
         png.unlink()
     (binary_run / "report.html").unlink()
-    out = render_report(binary_run, gradcam=False)
+    out = render_report(binary_run)
     assert out == binary_run / "report.html" and out.is_file()
     assert (binary_run / "plots" / "roc.png").is_file()
     assert (binary_run / "metrics.json").read_bytes() == metrics_before
@@ -168,7 +168,7 @@ def test_worst_errors_gallery_from_the_patch_cache(tmp_path):
     import numpy as np
     import pandas as pd
 
-    from liverlesion.report import plot_worst_errors
+    from liverlesion.plots import plot_worst_errors
 
     cache = tmp_path / "patches"
     cache.mkdir()
