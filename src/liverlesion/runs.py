@@ -107,7 +107,12 @@ def fold_dir(run_dir: str | Path, fold: int | str) -> Path:
 
 def model_path(run_dir: str | Path, fold: int | str) -> Path:
     """``RUN/fold_K/model.pt``: the fold's checkpoint."""
-    return fold_dir(run_dir, fold) / MODEL
+    return fold_model_path(fold_dir(run_dir, fold))
+
+
+def fold_model_path(fold_folder: str | Path) -> Path:
+    """``model.pt`` inside a fold folder (or inside the output folder of ``liverlesion train``)."""
+    return Path(fold_folder) / MODEL
 
 
 def fold_predictions_path(fold_folder: str | Path, name: str) -> Path:
