@@ -74,6 +74,6 @@ def run_demo(
     print(f"  init: {info.get('init')}")
     for name in ("accuracy", "f1", "sensitivity", "specificity", "roc_auc"):
         print(f"  {name:<12} {_fmt(pooled.get(name))}")
-    print(f"  report: {run / 'report.html'}")
+    print(f"  report: {runs.report_path(run)}")
     print(f"  elapsed: {time.time() - t0:.0f} s; {DISCLAIMER}")
     return run

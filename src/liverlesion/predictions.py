@@ -185,6 +185,11 @@ def classified_rows(df: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, Any]]:
     }
 
 
+def read_predictions_table(path: str | Path) -> pd.DataFrame:
+    """A predictions CSV as written, ids as text, not validated: for display (the report's tables)."""
+    return pd.read_csv(path, dtype={"patient_id": str, "lesion_id": str})
+
+
 def write_predictions(path: str | Path, df: pd.DataFrame) -> Path:
     """Write a predictions frame as CSV, atomically (the same bytes as ``fileio.write_csv``)."""
     return write_csv(path, df)

@@ -15,6 +15,7 @@ import pandas as pd
 
 from liverlesion import __version__, runs
 from liverlesion.metrics import metric_label
+from liverlesion.predictions import read_predictions_table
 from liverlesion.summary import fmt_ci, size_metric_keys
 from liverlesion.versions import library_versions
 
@@ -159,7 +160,7 @@ def lesion_rows(run_dir: Path, classes: list[str], positive: str | None) -> tupl
     path = runs.predictions_path(run_dir)
     if not path.is_file():
         return [], []
-    df = pd.read_csv(path, dtype={"patient_id": str, "lesion_id": str})
+    df = read_predictions_table(path)
     pcol = f"prob_{positive}" if positive and f"prob_{positive}" in df else None
     cols = ["lesion_id", "patient_id", "true_class", "pred_class", "status", "fold"]
     cols = [c for c in cols if c in df]
@@ -180,7 +181,7 @@ def patient_rows(run_dir: Path) -> tuple[list[str], list[list[str]]]:
     path = runs.predictions_path(run_dir)
     if not path.is_file():
         return [], []
-    df = pd.read_csv(path, dtype={"patient_id": str, "lesion_id": str})
+    df = read_predictions_table(path)
     if "status" in df:
         classified = df["status"].astype(str) == "classified"
     else:
