@@ -14,23 +14,14 @@ from scipy.special import softmax
 from sklearn import metrics as skm
 
 from liverlesion import DISCLAIMER
+from liverlesion.bootstrap import paired_auc_test, patient_bootstrap, pr_interp, roc_step
+from liverlesion.calibration import expected_calibration_error
+from liverlesion.decision import choose_threshold
 from liverlesion.errors import UserError
-from liverlesion.evaluate import (
-    _pr_interp,
-    _roc_step,
-    _size_bin,
-    average_precision,
-    binary_metrics,
-    choose_threshold,
-    evaluate_run,
-    expected_calibration_error,
-    fit_temperature,
-    multiclass_metrics,
-    paired_auc_test,
-    patient_bootstrap,
-    roc_auc,
-    summarize_predictions,
-)
+from liverlesion.evaluate import evaluate_run
+from liverlesion.inference import fit_temperature
+from liverlesion.metrics import average_precision, binary_metrics, multiclass_metrics, roc_auc
+from liverlesion.scoring import size_bin, summarize_predictions
 
 BIN = ["cyst", "metastasis"]
 
@@ -164,11 +155,11 @@ def test_ranking_metrics_equal_sklearn_with_ties():
             assert average_precision(y, s) == pytest.approx(skm.average_precision_score(y, s), abs=1e-12)
             fpr, tpr, _ = skm.roc_curve(y, s, drop_intermediate=False)
             grid = np.linspace(0, 1, 101)
-            step = _roc_step(y, s)
+            step = roc_step(y, s)
             for g, t in zip(grid, step, strict=True):  # the staircase: best TPR reachable at FPR <= g
                 assert t == pytest.approx(tpr[fpr <= g + 1e-12].max())
             prec, rec, _ = skm.precision_recall_curve(y, s)
-            interp = _pr_interp(y, s)
+            interp = pr_interp(y, s)
             for g, pr in zip(grid, interp, strict=True):
                 assert pr == pytest.approx(prec[rec >= g - 1e-12].max())
 
@@ -377,7 +368,7 @@ def test_paired_test_detects_a_better_model_and_not_identical_ones():
 
 # --------------------------------------------------------------------------- breakdowns
 def test_size_bins_and_small_strata_have_no_ci():
-    assert list(_size_bin(np.array([5.0, 9.99, 10.0, 15.0, 20.0, 20.01, np.nan]))) == [
+    assert list(size_bin(np.array([5.0, 9.99, 10.0, 15.0, 20.0, 20.01, np.nan]))) == [
         "<10 mm",
         "<10 mm",
         "10–20 mm",

@@ -95,7 +95,7 @@ def test_report_is_redrawn_from_files_without_re_evaluating(binary_run: Path):
     for png in (binary_run / "plots").glob("*.png"):
         png.unlink()
     (binary_run / "report.html").unlink()
-    out = render_report(binary_run, gradcam=False)
+    out = render_report(binary_run)
     assert out == binary_run / "report.html" and out.is_file()
     assert (binary_run / "plots" / "roc.png").is_file()
     assert (binary_run / "metrics.json").read_bytes() == metrics_before
@@ -168,7 +168,7 @@ def test_worst_errors_gallery_from_the_patch_cache(tmp_path):
     import numpy as np
     import pandas as pd
 
-    from liverlesion.report import plot_worst_errors
+    from liverlesion.plots import plot_worst_errors
 
     cache = tmp_path / "patches"
     cache.mkdir()
@@ -217,3 +217,39 @@ def test_report_command_redraws_without_model_code(binary_run: Path, tmp_path):
         [sys.executable, "-c", code, str(tmp_path / "missing")], capture_output=True, text=True, timeout=300
     )
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
+
+
+def test_gradcam_gallery_is_drawn_at_evaluation_and_only_shown_by_report(tmp_path, monkeypatch):
+    """evaluate draws plots/gradcam_gallery.png (fold models); report shows that file, drawing nothing."""
+    import subprocess
+    import sys
+
+    import liverlesion.evaluate as ev
+
+    test = helpers.synth_predictions(30, n_patients=12)
+    run = helpers.write_run(tmp_path / "run", test, helpers.synth_val(31), n_bootstrap=0)
+    info = json.loads((run / "run.json").read_text())
+    (run / "cache").mkdir()
+    (run / "run.json").write_text(json.dumps({**info, "patch_dir": "cache"}))
+    calls = []
+
+    def fake_gallery(run_dir, shown, patch_dir, max_items, out_png):
+        calls.append((Path(patch_dir), max_items, sorted(set(shown["pred_class"]))))
+        out_png.parent.mkdir(parents=True, exist_ok=True)
+        out_png.write_bytes(PNG + b"gallery")
+        return out_png
+
+    monkeypatch.setattr(ev, "gradcam_gallery", fake_gallery)
+    evaluate_run(run, gradcam=True)
+    assert calls == [(run / "cache", 4, ["cyst", "metastasis"])]
+    text = (run / "report.html").read_text(encoding="utf-8")
+    assert PNG + b"gallery" in _data_uris(text) and "Grad-CAM gallery not drawn" not in text
+    assert "from an earlier run" not in text
+
+    render_report(run)  # the report stage: shows the gallery already on disk, with a note
+    text = (run / "report.html").read_text(encoding="utf-8")
+    assert PNG + b"gallery" in _data_uris(text) and "not redrawn: --no-gradcam" in text
+    # report, plots and their helpers import no model code (Grad-CAM included)
+    code = "import sys, liverlesion.report; print(sorted(m for m in sys.modules if m in ('liverlesion.gradcam', 'torch')))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr

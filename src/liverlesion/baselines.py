@@ -31,10 +31,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from liverlesion import DISCLAIMER
+from liverlesion import DISCLAIMER, runs
 from liverlesion.errors import UserError
 from liverlesion.features import TABLE_FEATURES  # the one list, shared with the fusion model
 from liverlesion.fileio import write_csv, write_json
+from liverlesion.predictions import write_predictions
 
 BASELINES = ("mean_hu", "radiomics_lr", "radiomics_rf", "frozen_lr")
 EXTRACTORS = ("skimage", "pyradiomics")
@@ -558,9 +559,11 @@ def run_baselines(
     paths: dict[str, Path] = {}
     for n in names:
         folder = out / n
-        paths[n] = write_csv(folder / "predictions.csv", pd.concat(test_frames[n], ignore_index=True))
+        paths[n] = write_predictions(
+            runs.predictions_path(folder), pd.concat(test_frames[n], ignore_index=True)
+        )
         if val_frames[n]:
-            write_csv(folder / "val_predictions.csv", pd.concat(val_frames[n], ignore_index=True))
+            write_predictions(runs.val_predictions_path(folder), pd.concat(val_frames[n], ignore_index=True))
         write_json(
             folder / "baseline.json",
             {
@@ -613,7 +616,9 @@ def _simple_metrics(df: pd.DataFrame, classes: list[str], positive: str) -> dict
 def _metrics_table(paths: dict[str, Path], classes: list[str], cfg) -> tuple[str, dict[str, Any]]:
     summarize: Callable[..., dict[str, Any]] | None
     try:
-        from liverlesion.evaluate import fmt_ci, format_table, metric_label, summarize_predictions
+        from liverlesion.metrics import metric_label
+        from liverlesion.scoring import summarize_predictions
+        from liverlesion.summary import fmt_ci, format_table
 
         summarize = summarize_predictions
     except ImportError:  # evaluate.py not available: point estimates from scikit-learn
@@ -625,7 +630,7 @@ def _metrics_table(paths: dict[str, Path], classes: list[str], cfg) -> tuple[str
     for name, path in paths.items():
         df = pd.read_csv(path, dtype={"patient_id": str, "lesion_id": str, "true_class": str})
         if summarize is not None:
-            val_path = path.parent / "val_predictions.csv"
+            val_path = runs.val_predictions_path(path.parent)
             val = (
                 pd.read_csv(val_path, dtype={"patient_id": str, "lesion_id": str})
                 if val_path.is_file()
@@ -698,10 +703,10 @@ def run_baselines_cli(manifest: str | Path, out: str | Path, cfg) -> dict[str, P
     print(f"liverlesion baselines: {DISCLAIMER}")
     # The patch index is the lesion table plus the npz file of each lesion: reading the
     # volumes once gives both.
-    patch_dir = Path(build_patches(manifest, out / "patches", cfg.patch))
+    patch_dir = Path(build_patches(manifest, runs.patches_dir(out), cfg.patch))
     _, table = _read_index(patch_dir)
     splits = load_or_create_splits(
-        out / "splits.json", table, cfg.cv.folds, cfg.cv.seed, cfg.train.val_fraction
+        runs.splits_path(out), table, cfg.cv.folds, cfg.cv.seed, cfg.train.val_fraction
     )
     classes = sorted(table["lesion_class"].astype(str).unique())
     print(
@@ -712,14 +717,14 @@ def run_baselines_cli(manifest: str | Path, out: str | Path, cfg) -> dict[str, P
         table,
         patch_dir,
         splits,
-        out / "baselines",
+        runs.baselines_dir(out),
         positive_class=cfg.eval.positive_class,
         seed=cfg.cv.seed,
         frozen=_frozen_table(cfg, patch_dir, table),
     )
     text, results = _metrics_table(paths, classes, cfg)
     write_json(
-        out / "baselines" / "summary.json",
+        runs.baseline_summary_path(out),
         {
             "disclaimer": DISCLAIMER,
             "positive_class": cfg.eval.positive_class,

@@ -589,7 +589,7 @@ def report(
 
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: not a folder; give the run folder that `liverlesion cv` wrote")
-    path = render_report(run_dir, gradcam=False)
+    path = render_report(run_dir)
     print(f"Wrote {path} ({DISCLAIMER})")
 
 

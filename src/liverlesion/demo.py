@@ -15,7 +15,7 @@ import shutil
 import time
 from pathlib import Path
 
-from liverlesion import DISCLAIMER
+from liverlesion import DISCLAIMER, runs
 from liverlesion.errors import UserError
 
 
@@ -74,12 +74,12 @@ def run_demo(
     run_cv(cohort / "manifest.csv", run, cfg, resume=resume, baselines=True, evaluate=True)
 
     print("Step 3/3: summary")
-    metrics = json.loads((run / "metrics.json").read_text())
-    info = json.loads((run / "run.json").read_text())
+    metrics = json.loads(runs.metrics_path(run).read_text())
+    info = json.loads(runs.run_info_path(run).read_text())
     pooled = metrics["network"]["metrics"]
     print(f"  init: {info.get('init')}")
     for name in ("accuracy", "f1", "sensitivity", "specificity", "roc_auc"):
         print(f"  {name:<12} {_fmt(pooled.get(name))}")
-    print(f"  report: {run / 'report.html'}")
+    print(f"  report: {runs.report_path(run)}")
     print(f"  elapsed: {time.time() - t0:.0f} s; {DISCLAIMER}")
     return run

@@ -4,7 +4,7 @@
 ``true_class`` column. :func:`evaluate_external` turns it into a ``predictions.csv`` of the same
 contract as a ``cv`` run's (one fold, ``external``; the checkpoint's own threshold and temperature,
 nothing tuned on the new data) and runs the same metrics code
-(:func:`liverlesion.evaluate.summarize_predictions`): ``metrics.json`` with patient-bootstrap CIs,
+(:func:`liverlesion.scoring.summarize_predictions`): ``metrics.json`` with patient-bootstrap CIs,
 calibration, plots and ``report.html`` next to the results, marked as external validation and
 naming the models, their checkpoint sha256 and the domain-shift check of ``predict``.
 """
@@ -19,8 +19,22 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from liverlesion import DISCLAIMER, __version__
+from liverlesion import DISCLAIMER, __version__, runs
+from liverlesion.bootstrap import CI_LEVEL
+from liverlesion.calibration import calibration_block
+from liverlesion.config import Config
+from liverlesion.domain import format_domain
 from liverlesion.errors import UserError
+from liverlesion.fileio import write_json
+from liverlesion.predictions import (
+    check_positive_class,
+    classified_rows,
+    prediction_arrays,
+    write_predictions,
+)
+from liverlesion.report import render_report
+from liverlesion.scoring import diameter_summary, summarize_predictions
+from liverlesion.summary import format_summary
 
 EXTERNAL_FOLD = "external"
 RESULTS = "results.csv"
@@ -39,7 +53,7 @@ def _locate(path: Path) -> tuple[Path, Path]:
     """(results CSV, folder to write into) for a predict output folder or one of its CSVs."""
     if path.is_dir():
         return path / RESULTS, path
-    if path.name == "predictions.csv" and (path.parent / RESULTS).is_file():
+    if path.name == runs.PREDICTIONS and (path.parent / RESULTS).is_file():
         return path.parent / RESULTS, path.parent  # the file this module wrote from results.csv
     return path, path.parent
 
@@ -98,23 +112,9 @@ def prediction_frame(results: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
 
 def _calibration(df: pd.DataFrame, classes: list[str], positive: str, n_bins: int) -> dict[str, Any]:
     """Reliability of the probabilities as ``predict`` gave them (no refit on the external data)."""
-    from liverlesion.evaluate import _arrays, _nll, expected_calibration_error, reliability_bins
-
-    data = _arrays(df, classes, positive)
-    if data.binary:
-        target, conf = (data.y == data.pos).astype(float), data.probs[:, data.pos]
-        brier = float(np.mean((conf - target) ** 2))
-        what = f"probability of {positive!r}"
-    else:
-        target, conf = (data.probs.argmax(1) == data.y).astype(float), data.probs.max(1)
-        brier = float(np.mean(np.sum((data.probs - np.eye(len(classes))[data.y]) ** 2, axis=1)))
-        what = "top-class confidence vs accuracy"
-    block = {
-        "brier": brier,
-        "ece": expected_calibration_error(target, conf, n_bins),
-        "nll": _nll(data.y, data.probs),
-        "bins": reliability_bins(target, conf, n_bins),
-    }
+    data = prediction_arrays(df, classes, positive)
+    what = f"probability of {positive!r}" if data.binary else "top-class confidence vs accuracy"
+    block = calibration_block(data, data.probs, n_bins)
     return {
         "available": True,
         "fitted": False,
@@ -144,16 +144,6 @@ def evaluate_external(
     Returns:
         The content of ``metrics.json`` (``validation`` = ``"external"``).
     """
-    from liverlesion.config import Config
-    from liverlesion.evaluate import (
-        CI_LEVEL,
-        _check_positive,
-        _diameter_summary,
-        classified_rows,
-        summarize_predictions,
-    )
-    from liverlesion.fileio import write_csv, write_json
-
     results_path, out = _locate(Path(path))
     if not results_path.is_file():
         raise UserError(f"{results_path}: not found; run `liverlesion predict --manifest CSV -o {out}` first")
@@ -166,7 +156,7 @@ def evaluate_external(
     pos = positive_class or info.get("positive_class") or cfg.eval.positive_class
     if positive_class is None and pos not in classes:
         pos = classes[0]
-    _check_positive(pos, classes, str(results_path))
+    check_positive_class(pos, classes, str(results_path))
     unknown = sorted(set(results["true_class"]) - set(classes))
     if unknown:
         raise UserError(
@@ -186,7 +176,7 @@ def evaluate_external(
     network["calibration"] = _calibration(df, classes, pos, n_bins)
     for t in network["temperature"]["per_fold"].values():
         t.update(temperature=None, fitted=False, note="each checkpoint's own temperature, applied by predict")
-    write_csv(out / "predictions.csv", preds)
+    write_predictions(runs.predictions_path(out), preds)
 
     domain = info.get("domain_check") or {"status": "not recorded", "checks": [], "warnings": []}
     models = info.get("models") or []
@@ -237,7 +227,7 @@ def evaluate_external(
             "n_patients": network["n_patients"],
             "n_lesions": network["n_lesions"],
             "n_per_class": network["n_per_class"],
-            "diameter_mm": _diameter_summary(df, diam, classes),
+            "diameter_mm": diameter_summary(df, diam, classes),
         },
         "external": {
             "results": str(results_path.resolve()),
@@ -261,21 +251,16 @@ def evaluate_external(
         "comparison": None,
         "notes": notes + network["notes"],
     }
-    write_json(out / "metrics.json", metrics)
+    write_json(runs.metrics_path(out), metrics)
 
-    from liverlesion.evaluate import format_summary
-    from liverlesion.report import render_report
-
-    html = render_report(out, gradcam=False, metrics=metrics)
+    html = render_report(out, metrics=metrics)
     print(format_external_summary(metrics, format_summary))
-    print(f"Wrote {out / 'metrics.json'} and {html}")
+    print(f"Wrote {runs.metrics_path(out)} and {html}")
     return metrics
 
 
 def format_external_summary(metrics: dict[str, Any], format_summary) -> str:
     """The terminal summary of an external validation: the cv summary's lines, the models and the domain."""
-    from liverlesion.domain import format_domain
-
     ext = metrics["external"]
     models = f"{ext.get('n_models') or '?'} model(s), checkpoint sha256 {', '.join(ext['checkpoint_sha256'])}"
     lines = [f"External validation of {models}"]
@@ -291,52 +276,3 @@ def format_external_summary(metrics: dict[str, Any], format_summary) -> str:
     if not thr:
         body.insert(2, rule)
     return "\n".join(body[:2] + lines + body[2:])
-
-
-def external_html(metrics: dict[str, Any], esc) -> list[str]:
-    """The report's "External validation" section (HTML parts; ``esc`` escapes text)."""
-    from liverlesion.domain import format_domain
-
-    ext = metrics["external"]
-    dom = ext.get("domain_check") or {}
-    parts = [
-        "<h2>External validation</h2>",
-        "<p><b>External validation</b>: trained models applied unchanged to a new labelled set with "
-        "<code>liverlesion predict</code>; thresholds and temperatures come from the checkpoints, nothing was "
-        f"tuned on these lesions. Manifest: {esc(ext.get('manifest') or 'unknown')}.</p>",
-    ]
-    models = ext.get("models") or [{"sha256": h} for h in ext["checkpoint_sha256"]]
-    rows = "".join(
-        "<tr>"
-        + "".join(
-            f"<td>{esc(m.get(k) or '')}</td>" for k in ("path", "sha256", "fold", "backbone", "created")
-        )
-        + "</tr>"
-        for m in models
-    )
-    parts.append(
-        "<table><tr><th>model</th><th>checkpoint sha256 (12)</th><th>fold</th><th>backbone</th>"
-        f"<th>created</th></tr>{rows}</table>"
-    )
-    parts.append(f"<p class=note>Decision rule: {esc(ext.get('decision_rule') or 'n/a')}.</p>")
-    parts.append("<h3>Domain shift</h3>")
-    status = dom.get("status", "not recorded")
-    if status in ("shift", "in range", "no training range stored"):
-        for line in format_domain(dom):
-            cls = "banner" if status == "shift" and line.startswith("warning") else "note"
-            parts.append(f"<p class={cls}>{esc(line.strip())}</p>")
-    else:
-        parts.append("<p class=note>predict recorded no domain check (older liverlesion).</p>")
-    if dom.get("checks"):
-        trows = "".join(
-            f"<tr><td>{esc(c['label'])}</td><td class=num>{c['train_low']:.4g} to {c['train_high']:.4g}</td>"
-            f"<td class=num>{c['median']:.4g}</td><td class=num>{c['n_below'] + c['n_above']} / {c['n']}</td>"
-            f"<td>{'outside' if c['flagged'] else 'ok'}</td></tr>"
-            for c in dom["checks"]
-        )
-        parts.append(
-            "<table><tr><th>statistic</th><th>training range</th><th>median here</th><th>lesions outside</th>"
-            f"<th></th></tr>{trows}</table>"
-        )
-        parts.append(f"<p class=note>{esc(dom.get('rule', ''))}.</p>")
-    return parts

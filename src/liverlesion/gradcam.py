@@ -1,7 +1,8 @@
 """Grad-CAM heat maps (pytorch-grad-cam) and their overlays on CT patches.
 
 ``compute_cam`` and ``overlay_png`` are shared with ``predict``; ``gradcam_gallery`` draws
-the report's gallery from a run folder (fold models + patch cache). Images are shown as
+the report's gallery from a run folder (fold models + patch cache) in the evaluation stage
+(``evaluate`` calls it; ``report`` only shows the PNG). Images are shown as
 stored in the patch cache: row 0 anterior, column 0 patient right (radiology viewer
 orientation), so nothing is flipped or transposed here.
 """
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from liverlesion import DISCLAIMER
+from liverlesion import DISCLAIMER, runs
 from liverlesion.errors import UserError
 from liverlesion.fileio import atomic_path
 
@@ -250,7 +251,7 @@ def gradcam_gallery(
             break
         fold = str(row.fold)
         if fold not in models:
-            path = run_dir / f"fold_{fold}" / "model.pt"
+            path = runs.model_path(run_dir, fold)
             models[fold] = _load_model(path) if path.is_file() else None
         lid = str(row.lesion_id)
         if models[fold] is None or lid not in files or not files[lid].is_file():

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from liverlesion import runs
 from liverlesion.config import Config
 from liverlesion.inference import tta_flips
 
@@ -188,8 +189,8 @@ def _fit_stage(net, params, lr, epochs, fit_ds, val_ds, cfg: Config, class_weigh
             *lightning_progress(progress),
         ],
         logger=[
-            TensorBoardLogger(fold_dir / "logs", name="", version=f"tensorboard_{name}"),
-            CSVLogger(fold_dir / "logs", name="", version=f"csv_{name}"),
+            TensorBoardLogger(runs.logs_dir(fold_dir), name="", version=f"tensorboard_{name}"),
+            CSVLogger(runs.logs_dir(fold_dir), name="", version=f"csv_{name}"),
         ],
         log_every_n_steps=1,
         enable_progress_bar=bool(lightning_progress(progress)),

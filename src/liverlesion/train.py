@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from liverlesion import DISCLAIMER, __version__
+from liverlesion import DISCLAIMER, __version__, runs
 from liverlesion.config import Config
 from liverlesion.errors import UserError
 from liverlesion.fileio import write_csv, write_json
@@ -67,7 +67,7 @@ def prepare_patches(manifest: Path, out: Path, cfg: Config) -> tuple[Path, pd.Da
     """Cut (or reuse cached) patches into ``out/patches`` and return (patch_dir, lesion table)."""
     from liverlesion.patches import build_patches, load_patch_index
 
-    patch_dir = build_patches(manifest, out / "patches", cfg.patch)
+    patch_dir = build_patches(manifest, runs.patches_dir(out), cfg.patch)
     index = load_patch_index(patch_dir)
     if index.empty:
         raise UserError(
@@ -187,7 +187,11 @@ def _trainer(cfg: Config, fold_dir: Path, enable_progress: bool = True):
 
         precision = "16-mixed" if torch.cuda.is_available() and t.accelerator != "cpu" else "32-true"
     ckpt = ModelCheckpoint(
-        dirpath=fold_dir / "checkpoints", filename="best", monitor="val_loss", mode="min", save_last=True
+        dirpath=runs.checkpoints_dir(fold_dir),
+        filename="best",
+        monitor="val_loss",
+        mode="min",
+        save_last=True,
     )
     from liverlesion.progress import lightning_progress
 
@@ -204,8 +208,8 @@ def _trainer(cfg: Config, fold_dir: Path, enable_progress: bool = True):
         deterministic=t.deterministic,
         callbacks=callbacks,
         logger=[
-            TensorBoardLogger(fold_dir / "logs", name="", version="tensorboard"),
-            CSVLogger(fold_dir / "logs", name="", version="csv"),
+            TensorBoardLogger(runs.logs_dir(fold_dir), name="", version="tensorboard"),
+            CSVLogger(runs.logs_dir(fold_dir), name="", version="csv"),
         ],
         log_every_n_steps=1,
         enable_progress_bar=bool(bar),
@@ -445,7 +449,7 @@ def _train_end_to_end(
     module = LesionModule(model, cfg, _class_weights(fit.labels, len(classes), cfg.train.class_weighting))
     train_dl, val_dl = _loaders(fit, val, cfg)
     trainer, ckpt_cb = _trainer(cfg, fold_dir)
-    last = fold_dir / "checkpoints" / "last.ckpt"
+    last = runs.checkpoints_dir(fold_dir) / "last.ckpt"
     trainer.fit(module, train_dl, val_dl, ckpt_path=_resume_checkpoint(last) if resume else None)
     if ckpt_cb.best_model_path:
         state = torch.load(ckpt_cb.best_model_path, map_location="cpu", weights_only=False)["state_dict"]
@@ -558,7 +562,7 @@ def train_fold(
         model, deep, fit, val, tests, classes, cfg, extra, fold, cross_fitted=cross_fitted
     )
     save_checkpoint(
-        fold_dir / "model.pt",
+        runs.fold_model_path(fold_dir),
         model,
         cfg,
         classes,
@@ -578,7 +582,7 @@ def train_fold(
         **meta,
     )
     for name, df in results.items():
-        write_csv(fold_dir / f"{name}_predictions.csv", df)
+        write_csv(runs.fold_predictions_path(fold_dir, name), df)
     return results
 
 
@@ -711,7 +715,7 @@ def _start_run(manifest: str | Path, out: str | Path, cfg: Config, resume: bool,
         out = _prepare_run_dir(out, resume)
     _set_threads(cfg)
     if rank == 0:
-        cfg.save(out / "config.yaml")
+        cfg.save(runs.config_path(out))
         print(f"liverlesion {kind}: {DISCLAIMER}")
         patch_dir, index = prepare_patches(manifest, out, cfg)
     _barrier()
@@ -758,7 +762,7 @@ def _announce_init(
     fusion = " + radiomics late fusion" if cfg.model.fusion == "radiomics" else ""
     print(f"Network: {cfg.model.backbone} + paper head{fusion}; recipe {cfg.train.recipe}; init: {init}")
     info = _run_info(manifest, patch_dir, classes, cfg, init, kind)
-    write_json(out / "run.json", info)
+    write_json(runs.run_info_path(out), info)
     return info, imagenet
 
 
@@ -800,7 +804,7 @@ def run_cv(
     for turn in ("first", "rest"):  # rank 0 writes splits.json, the other ranks then read it
         if (_init_distributed(cfg) == 0) == (turn == "first"):
             splits = load_or_create_splits(
-                out / "splits.json", index, cfg.cv.folds, cfg.cv.seed, cfg.train.val_fraction
+                runs.splits_path(out), index, cfg.cv.folds, cfg.cv.seed, cfg.train.val_fraction
             )
         _barrier()
     info, imagenet = _announce_init(cfg, manifest, out, patch_dir, classes, "cv")
@@ -813,8 +817,8 @@ def run_cv(
         s
         for s in splits["splits"]
         if not (
-            (out / f"fold_{s['fold']}" / "model.pt").exists()
-            and (out / f"fold_{s['fold']}" / "test_predictions.csv").exists()
+            runs.model_path(out, s["fold"]).exists()
+            and runs.fold_predictions_path(runs.fold_dir(out, s["fold"]), "test").exists()
         )
     ]
     need_frozen = baselines and cfg.train.recipe == "lpft"
@@ -828,16 +832,18 @@ def run_cv(
     t0 = time.time()
     for s in splits["splits"]:
         k = s["fold"]
-        fold_dir = out / f"fold_{k}"
-        done = fold_dir / "model.pt"
-        if done.exists() and (fold_dir / "test_predictions.csv").exists():
+        fold_dir = runs.fold_dir(out, k)
+        done = runs.fold_model_path(fold_dir)
+        if done.exists() and runs.fold_predictions_path(fold_dir, "test").exists():
             print(f"Fold {k + 1}/{cfg.cv.folds}: already trained, reusing {done}")
             # the values as written (ids as text, floats round-trip), so a resumed run's predictions.csv
             # is byte-identical to an uninterrupted one
             ids = {c: str for c in ("patient_id", "lesion_id", "true_class", "pred_class")}
             for frames, name in ((test_frames, "test"), (val_frames, "val")):
                 frames.append(
-                    pd.read_csv(fold_dir / f"{name}_predictions.csv", dtype=ids, float_precision="round_trip")
+                    pd.read_csv(
+                        runs.fold_predictions_path(fold_dir, name), dtype=ids, float_precision="round_trip"
+                    )
                 )
             continue
         fit = _subset(index, arrays, classes, s["train_patients"])
@@ -868,10 +874,10 @@ def run_cv(
     if not test_frames:
         return out
     preds = pd.concat(test_frames, ignore_index=True)
-    write_csv(out / "predictions.csv", preds)
-    write_csv(out / "val_predictions.csv", pd.concat(val_frames, ignore_index=True))
+    write_csv(runs.predictions_path(out), preds)
+    write_csv(runs.val_predictions_path(out), pd.concat(val_frames, ignore_index=True))
     info["train_seconds"] = round(time.time() - t0, 1)
-    write_json(out / "run.json", info)
+    write_json(runs.run_info_path(out), info)
     if baselines:
         from liverlesion.baselines import run_baselines
 
@@ -879,7 +885,7 @@ def run_cv(
             index,
             patch_dir,
             splits,
-            out / "baselines",
+            runs.baselines_dir(out),
             positive_class=cfg.eval.positive_class,
             seed=cfg.cv.seed,
             frozen=_frozen_features(shared, index, cfg),
@@ -908,7 +914,7 @@ def train_single(manifest: str | Path, out: str | Path, cfg: Config, resume: boo
 
     manifest, out, patch_dir, index, classes = _start_run(manifest, out, cfg, resume, "train")
     n_inner = inner_split_count(cfg.train.val_fraction)
-    split_file = out / "splits.json"
+    split_file = runs.splits_path(out)
     if _init_distributed(cfg) == 0 and not split_file.exists():
         split = make_splits(index, n_inner, cfg.cv.seed, cfg.train.val_fraction)["splits"][0]
         fit_p = sorted(set(split["train_patients"]) | set(split["val_patients"]))
@@ -936,7 +942,7 @@ def train_single(manifest: str | Path, out: str | Path, cfg: Config, resume: boo
     )
     if res:
         print(
-            f"Saved {out / 'model.pt'} (inner-validation accuracy "
+            f"Saved {runs.fold_model_path(out)} (inner-validation accuracy "
             f"{(res['val']['pred_class'] == res['val']['true_class']).mean():.3f})"
         )
     return out

@@ -1,0 +1,185 @@
+"""The run-folder layout: the only code that knows where the files of a run live.
+
+A run folder is written by ``liverlesion cv`` (or ``train`` / ``baselines``) and read by
+``evaluate``, ``report``, ``gradcam`` and ``external``::
+
+    RUN/
+      config.yaml            resolved config                     (cv, train, baselines)
+      splits.json            patient-level folds, written once   (cv, baselines)
+      run.json               run info: classes, patch_dir, versions, hardware
+      patches/               the patch cache of the run (its layout: patches.py)
+      predictions.csv        out-of-fold test predictions         (predictions.py contract)
+      val_predictions.csv    inner-validation predictions
+      fold_K/model.pt        the fold's checkpoint
+      fold_K/{test,val}_predictions.csv   the fold's predictions (resume)
+      fold_K/checkpoints/    Lightning checkpoints (resume)
+      fold_K/logs/csv*/metrics.csv        Lightning CSV logs (loss curves)
+      baselines/NAME/{predictions,val_predictions}.csv, baselines/summary.json
+      metrics.json           written by evaluate
+      plots/*.png            drawn by evaluate (Grad-CAM gallery) and report (the rest)
+      report.html            written by report
+
+Everything here is a plain path function: nothing reads or writes a file except
+:func:`read_run_info`, which reads ``run.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from liverlesion.errors import UserError
+
+CONFIG = "config.yaml"
+SPLITS = "splits.json"
+RUN_INFO = "run.json"
+PATCHES = "patches"
+PREDICTIONS = "predictions.csv"
+VAL_PREDICTIONS = "val_predictions.csv"
+METRICS = "metrics.json"
+REPORT = "report.html"
+PLOTS = "plots"
+MODEL = "model.pt"
+BASELINES = "baselines"
+GRADCAM_GALLERY = "gradcam_gallery.png"
+
+
+def config_path(run_dir: str | Path) -> Path:
+    """``RUN/config.yaml``: the resolved config of the run."""
+    return Path(run_dir) / CONFIG
+
+
+def splits_path(run_dir: str | Path) -> Path:
+    """``RUN/splits.json``: the patient-level folds."""
+    return Path(run_dir) / SPLITS
+
+
+def run_info_path(run_dir: str | Path) -> Path:
+    """``RUN/run.json``: classes, patch cache, versions and hardware of the run."""
+    return Path(run_dir) / RUN_INFO
+
+
+def patches_dir(run_dir: str | Path) -> Path:
+    """``RUN/patches``: where ``cv`` and ``baselines`` build the run's patch cache."""
+    return Path(run_dir) / PATCHES
+
+
+def predictions_path(run_dir: str | Path) -> Path:
+    """``RUN/predictions.csv``: the out-of-fold test predictions."""
+    return Path(run_dir) / PREDICTIONS
+
+
+def val_predictions_path(run_dir: str | Path) -> Path:
+    """``RUN/val_predictions.csv``: the inner-validation predictions."""
+    return Path(run_dir) / VAL_PREDICTIONS
+
+
+def metrics_path(run_dir: str | Path) -> Path:
+    """``RUN/metrics.json``: written by ``evaluate``."""
+    return Path(run_dir) / METRICS
+
+
+def report_path(run_dir: str | Path) -> Path:
+    """``RUN/report.html``: written by ``report``."""
+    return Path(run_dir) / REPORT
+
+
+def plots_dir(run_dir: str | Path) -> Path:
+    """``RUN/plots``: the PNGs of the report."""
+    return Path(run_dir) / PLOTS
+
+
+def plot_path(run_dir: str | Path, name: str) -> Path:
+    """``RUN/plots/NAME``."""
+    return plots_dir(run_dir) / name
+
+
+def gradcam_gallery_path(run_dir: str | Path) -> Path:
+    """``RUN/plots/gradcam_gallery.png``: drawn by ``evaluate`` (fold models), shown by ``report``."""
+    return plot_path(run_dir, GRADCAM_GALLERY)
+
+
+def fold_dir(run_dir: str | Path, fold: int | str) -> Path:
+    """``RUN/fold_K``."""
+    return Path(run_dir) / f"fold_{fold}"
+
+
+def model_path(run_dir: str | Path, fold: int | str) -> Path:
+    """``RUN/fold_K/model.pt``: the fold's checkpoint."""
+    return fold_model_path(fold_dir(run_dir, fold))
+
+
+def fold_model_path(fold_folder: str | Path) -> Path:
+    """``model.pt`` inside a fold folder (or inside the output folder of ``liverlesion train``)."""
+    return Path(fold_folder) / MODEL
+
+
+def fold_predictions_path(fold_folder: str | Path, name: str) -> Path:
+    """``fold_K/NAME_predictions.csv`` (``test`` or ``val``) inside a fold folder."""
+    return Path(fold_folder) / f"{name}_predictions.csv"
+
+
+def checkpoints_dir(fold_folder: str | Path) -> Path:
+    """``fold_K/checkpoints``: Lightning's checkpoints inside a fold folder."""
+    return Path(fold_folder) / "checkpoints"
+
+
+def logs_dir(fold_folder: str | Path) -> Path:
+    """``fold_K/logs``: Lightning's loggers inside a fold folder."""
+    return Path(fold_folder) / "logs"
+
+
+def loss_log_files(run_dir: str | Path) -> list[Path]:
+    """Every fold's Lightning CSV log, ``RUN/fold_*/logs/csv*/metrics.csv`` (unsorted)."""
+    return list(Path(run_dir).glob("fold_*/logs/csv*/metrics.csv"))
+
+
+def baselines_dir(run_dir: str | Path) -> Path:
+    """``RUN/baselines``: one folder per baseline."""
+    return Path(run_dir) / BASELINES
+
+
+def baseline_predictions(run_dir: str | Path) -> list[Path]:
+    """``RUN/baselines/*/predictions.csv``, sorted by baseline name."""
+    return sorted(baselines_dir(run_dir).glob(f"*/{PREDICTIONS}"))
+
+
+def baseline_summary_path(run_dir: str | Path) -> Path:
+    """``RUN/baselines/summary.json``."""
+    return baselines_dir(run_dir) / "summary.json"
+
+
+def read_run_info(run_dir: str | Path) -> dict[str, Any]:
+    """``run.json`` as a dict (empty when absent); a broken file is a :class:`UserError`."""
+    path = run_info_path(run_dir)
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e}); re-run `liverlesion cv` or repair the file") from e
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object; re-run `liverlesion cv`")
+    return data
+
+
+def run_patch_dir(run_dir: str | Path, metrics: dict[str, Any]) -> Path | None:
+    """The run's patch cache: ``patch_dir`` of ``run.json`` (or ``metrics.json``), found again if moved.
+
+    A relative path is taken from the run folder; when the recorded folder is gone (the run
+    folder was moved), ``RUN/patches/<name>`` is tried. None when no patch cache is recorded.
+    """
+    run_dir = Path(run_dir)
+    path = run_info_path(run_dir)
+    info = json.loads(path.read_text()) if path.is_file() else {}
+    p = info.get("patch_dir") or metrics.get("run", {}).get("patch_dir")
+    if not p:
+        return None
+    p = Path(p)
+    if not p.is_absolute():
+        p = run_dir / p
+    if not p.is_dir():  # the run folder was moved: look for the cache inside it
+        moved = patches_dir(run_dir) / p.name
+        p = moved if moved.is_dir() else p
+    return p

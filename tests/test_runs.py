@@ -1,0 +1,56 @@
+"""runs.py: the run-folder layout (paths cv writes and evaluate/report read) and run.json reading."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from liverlesion import runs
+from liverlesion.errors import UserError
+
+
+def test_layout_paths(tmp_path):
+    assert runs.predictions_path(tmp_path) == tmp_path / "predictions.csv"
+    assert runs.val_predictions_path(tmp_path) == tmp_path / "val_predictions.csv"
+    assert runs.model_path(tmp_path, 2) == tmp_path / "fold_2" / "model.pt"
+    assert (
+        runs.fold_predictions_path(runs.fold_dir(tmp_path, 0), "test")
+        == tmp_path / "fold_0" / "test_predictions.csv"
+    )
+    assert runs.gradcam_gallery_path(tmp_path) == tmp_path / "plots" / "gradcam_gallery.png"
+    for name in ("b", "a"):
+        (tmp_path / "baselines" / name).mkdir(parents=True)
+        (tmp_path / "baselines" / name / "predictions.csv").write_text("x\n")
+    (tmp_path / "baselines" / "summary.json").write_text("{}")
+    assert [p.parent.name for p in runs.baseline_predictions(tmp_path)] == ["a", "b"]
+    log = tmp_path / "fold_1" / "logs" / "csv_probe" / "metrics.csv"
+    log.parent.mkdir(parents=True)
+    log.write_text("epoch\n")
+    assert runs.loss_log_files(tmp_path) == [log]
+
+
+def test_read_run_info(tmp_path):
+    assert runs.read_run_info(tmp_path) == {}
+    (tmp_path / "run.json").write_text('{"kind": "cv"}')
+    assert runs.read_run_info(tmp_path) == {"kind": "cv"}
+    (tmp_path / "run.json").write_text("{broken")
+    with pytest.raises(UserError, match=r"run.json: not valid JSON"):
+        runs.read_run_info(tmp_path)
+    (tmp_path / "run.json").write_text("[1, 2]")
+    with pytest.raises(UserError, match="expected a JSON object"):
+        runs.read_run_info(tmp_path)
+
+
+def test_run_patch_dir_relative_recorded_and_moved(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    assert runs.run_patch_dir(run, {}) is None  # nothing recorded
+    (run / "cache").mkdir()
+    (run / "run.json").write_text(json.dumps({"patch_dir": "cache"}))
+    assert runs.run_patch_dir(run, {}) == run / "cache"  # relative to the run folder
+    (run / "run.json").write_text(json.dumps({"patch_dir": str(tmp_path / "gone" / "p123")}))
+    (run / "patches" / "p123").mkdir(parents=True)
+    assert runs.run_patch_dir(run, {}) == run / "patches" / "p123"  # the run folder was moved
+    (run / "run.json").unlink()
+    assert runs.run_patch_dir(run, {"run": {"patch_dir": "cache"}}) == run / "cache"  # from metrics.json
