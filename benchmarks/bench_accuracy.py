@@ -65,8 +65,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from liverlesion.config import load_config
+    from liverlesion.cv import run_cv
     from liverlesion.synth import generate_cohort
-    from liverlesion.train import run_cv
 
     print(json.dumps({"machine": cpu_info()}))
     t_all = time.time()

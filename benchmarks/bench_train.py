@@ -7,7 +7,7 @@ Usage::
     python benchmarks/bench_train.py --device cuda [--amp bf16|fp16|none] [--no-channels-last]
 
 * (a) **ours**: what ``liverlesion.train.train_fold`` runs: ``build_model`` (timm backbone + the
-  paper's head), the Lightning module from ``_make_lightning_module`` (weighted cross-entropy,
+  paper's head), the Lightning module ``lightning_modules.LesionModule`` (weighted cross-entropy,
   AdamW with two parameter groups, cosine schedule), the DataLoader from ``_loaders``
   (``PatchDataset`` with the training ``Augment``: flips, rotation, zoom, intensity jitter) and
   the Trainer from ``_trainer`` (early stopping, checkpointing, TensorBoard + CSV loggers,
@@ -206,8 +206,9 @@ def run_ours(
     import pandas as pd
     import torch
 
+    from liverlesion.lightning_modules import LesionModule
     from liverlesion.model import build_model
-    from liverlesion.train import FoldData, _class_weights, _loaders, _make_lightning_module, _trainer
+    from liverlesion.train import FoldData, _class_weights, _loaders, _trainer
 
     cfg = _config(args, precision)
     fit = FoldData(pd.DataFrame({"patient_id": ["p"] * len(arrays)}), arrays, labels)
@@ -220,7 +221,7 @@ def run_ours(
         # train_fold has no such switch: the weights are converted here, and the first conv then
         # returns channels_last activations for NCHW input batches.
         model = model.to(memory_format=torch.channels_last)
-    module = _make_lightning_module(model, cfg, _class_weights(labels, 2, cfg.train.class_weighting))
+    module = LesionModule(model, cfg, _class_weights(labels, 2, cfg.train.class_weighting))
     train_dl, val_dl = _loaders(fit, val, cfg)
     build_s = time.perf_counter() - t_build
     ours_steps: list[float] = []

@@ -22,8 +22,8 @@ from liverlesion.decision import CLASSIFIED, TOO_SMALL, choose_threshold, decide
 
 @pytest.fixture(scope="module")
 def cv_run(tmp_path_factory):
+    from liverlesion.cv import run_cv
     from liverlesion.synth import generate_cohort
-    from liverlesion.train import run_cv
 
     root = tmp_path_factory.mktemp("decisions")
     generate_cohort(root / "cohort", patients=10, lesions=30, seed=5, matrix=192)

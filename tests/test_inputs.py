@@ -274,7 +274,7 @@ def test_cv_too_many_folds_is_refused_before_any_work(tmp_path, capsys):
 def test_run_cv_from_python_checks_folds_before_any_work(tmp_path):
     """The library path validates as the CLI does: no run folder, no patch cache."""
     from liverlesion.config import load_config
-    from liverlesion.train import run_cv
+    from liverlesion.cv import run_cv
 
     rows = []
     for i in range(8):  # one lesion each: 4 per class

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from liverlesion.config import load_config
+from liverlesion.cv import prepare_shared
 from liverlesion.inference import apply_temperature, lesion_logits
-from liverlesion.train import FoldData, _subset, prepare_shared, train_fold
+from liverlesion.train import FoldData, fold_subset, train_fold
 
 
 def _toy(n_patients: int, seed: int, size: int = 48):
@@ -63,9 +64,9 @@ def test_train_fold_writes_self_describing_checkpoint_and_learns(tmp_path):
     index, arrays = _toy(16, 0)
     classes = ["cyst", "metastasis"]
     patients = sorted(index["patient_id"].unique())
-    fit = _subset(index, arrays, classes, patients[:10])
-    val = _subset(index, arrays, classes, patients[10:13])
-    test = _subset(index, arrays, classes, patients[13:])
+    fit = fold_subset(index, arrays, classes, patients[:10])
+    val = fold_subset(index, arrays, classes, patients[10:13])
+    test = fold_subset(index, arrays, classes, patients[13:])
     cfg = _cfg(6)
     res = train_fold(tmp_path / "fold_0", fit, val, {"test": test}, classes, cfg, 0, {"run": "test"})
 
@@ -116,9 +117,9 @@ def test_lpft_staged_forward_matches_full_model_and_learns(tmp_path):
     patients = sorted(index["patient_id"].unique())
     cfg = _cfg(4, recipe="lpft")
     shared = prepare_shared(cfg, index, arrays, tmp_path, classes, None, 3)
-    fit = _subset(index, arrays, classes, patients[:10])
-    val = _subset(index, arrays, classes, patients[10:13])
-    test = _subset(index, arrays, classes, patients[13:])
+    fit = fold_subset(index, arrays, classes, patients[:10])
+    val = fold_subset(index, arrays, classes, patients[10:13])
+    test = fold_subset(index, arrays, classes, patients[13:])
     res = train_fold(tmp_path / "f", fit, val, {"test": test}, classes, cfg, 0, {}, shared=shared)
     from liverlesion.model import load_checkpoint
 
@@ -132,8 +133,8 @@ def test_lpft_staged_forward_matches_full_model_and_learns(tmp_path):
 
 @pytest.mark.slow
 def test_cv_end_to_end_on_tiny_synthetic_cohort(tmp_path):
+    from liverlesion.cv import run_cv
     from liverlesion.synth import generate_cohort
-    from liverlesion.train import run_cv
 
     generate_cohort(tmp_path / "cohort", patients=12, lesions=40, seed=3, matrix=192)
     cfg = load_config(

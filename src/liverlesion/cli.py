@@ -471,7 +471,7 @@ def train(
         set_,
         **{"model.weights": weights, "model.backbone": backbone, "train.epochs": epochs, **extra},
     )
-    from liverlesion.train import train_single
+    from liverlesion.cv import train_single
 
     _default_training_threads(cfg, threads)
     train_single(manifest, out, cfg, resume=resume)
@@ -515,13 +515,13 @@ def cv(
             **extra,
         },
     )
+    from liverlesion.cv import run_cv
     from liverlesion.manifest import read_manifest
     from liverlesion.splits import check_folds
-    from liverlesion.train import run_cv
 
     # Before any work (the patch cache is written first): enough patients for the folds?
     df = read_manifest(manifest)
-    from liverlesion.train import class_names_from
+    from liverlesion.cv import class_names_from
 
     class_names_from(df)  # one class only: its own message comes first
     check_folds(

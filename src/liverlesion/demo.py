@@ -44,8 +44,8 @@ def run_demo(
         The CV run folder (holding predictions.csv, metrics.json, report.html).
     """
     from liverlesion.config import load_config
+    from liverlesion.cv import run_cv
     from liverlesion.synth import generate_cohort
-    from liverlesion.train import run_cv
 
     t0 = time.time()
     out = Path(out)

@@ -1,0 +1,110 @@
+"""Late fusion of the network with the radiomics-style features (``model.fusion: radiomics``).
+
+The radiomics half is the radiomics baselines' logistic regression (``baselines.lr_pipeline``) read
+out as arrays and held in the model's ``fusion_head``; the network's weight ``alpha`` in the fused
+logits is chosen by NLL on out-of-fold logits of the training patients (inner patient folds) with a
+one-standard-error rule, so neither half can swamp the other.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def radiomics_logits(model, extra: np.ndarray) -> np.ndarray:
+    import torch
+
+    with torch.inference_mode():
+        e = torch.from_numpy(np.asarray(extra, dtype=np.float32))
+        e = torch.where(torch.isnan(e), model.fusion_fill, e)
+        return model.fusion_head((e - model.fusion_mean) / model.fusion_std).double().numpy()
+
+
+def radiomics_lr(fit_x: np.ndarray, fit_y: np.ndarray, k: int, seed: int):
+    """The radiomics baselines' logistic regression, as plain arrays (fill, mean, std, W, b) of logits."""
+    from liverlesion.baselines import lr_pipeline
+
+    x = np.where(np.isfinite(fit_x), fit_x, np.nan)
+    pipe = lr_pipeline(seed).fit(x, fit_y)
+    imp, scale, lr = pipe.named_steps["impute"], pipe.named_steps["scale"], pipe.named_steps["lr"]
+    fill, mean, std = imp.statistics_, scale.mean_, scale.scale_
+    w = np.zeros((k, x.shape[1]))
+    b = np.zeros(k)
+    # two classes in the fit data (also when a third is absent from it): sklearn gives one binary row
+    if len(lr.classes_) == 2:
+        w[lr.classes_[1]], b[lr.classes_[1]] = lr.coef_[0] / 2, lr.intercept_[0] / 2
+        w[lr.classes_[0]], b[lr.classes_[0]] = -lr.coef_[0] / 2, -lr.intercept_[0] / 2
+    else:
+        for j, c in enumerate(lr.classes_):
+            w[c], b[c] = lr.coef_[j], lr.intercept_[j]
+    return fill, mean, std, w, b
+
+
+def radiomics_lr_logits(params, x: np.ndarray) -> np.ndarray:
+    fill, mean, std, w, b = params
+    x = np.where(np.isfinite(x), x, fill)
+    return ((x - mean) / std) @ w.T + b
+
+
+def fit_fusion(model, fit_x: np.ndarray, fit_y: np.ndarray, seed: int) -> None:
+    """The fusion branch: a class-balanced logistic regression on training-fold-standardised features."""
+    import torch
+
+    fill, mean, std, w, b = radiomics_lr(fit_x, fit_y, model.num_classes, seed)
+    with torch.no_grad():
+        model.fusion_fill.copy_(torch.as_tensor(fill, dtype=torch.float32))
+        model.fusion_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
+        model.fusion_std.copy_(torch.as_tensor(std, dtype=torch.float32))
+        model.fusion_head.weight.copy_(torch.as_tensor(w, dtype=torch.float32))
+        model.fusion_head.bias.copy_(torch.as_tensor(b, dtype=torch.float32))
+
+
+def choose_alpha(deep: np.ndarray, rad: np.ndarray, y: np.ndarray) -> tuple[float, dict[str, float]]:
+    """Weight of the network in the fused logits, from inner-validation NLL (after temperature).
+
+    A grid of weights is scored on a few dozen lesions, so the winner is partly noise. A mixture is
+    taken only when it beats the better half by more than one standard error of the paired
+    per-lesion NLL difference (the one-standard-error rule); otherwise the better half alone is
+    used. So on cohorts where one half is weak, fusion falls back to the other instead of mixing
+    in noise.
+    """
+    from scipy.special import log_softmax
+
+    from liverlesion.inference import fit_temperature
+
+    if not len(y):
+        return 0.5, {}
+    losses: dict[float, np.ndarray] = {}
+    for a in np.round(np.linspace(0.0, 1.0, 21), 2):
+        z = a * deep + (1 - a) * rad
+        t = fit_temperature(z, y)
+        losses[float(a)] = -log_softmax(z / t, axis=1)[np.arange(len(y)), y]
+    scores = {a: float(v.mean()) for a, v in losses.items()}
+    best = min(scores.values())
+    # ties (e.g. both halves perfect on inner validation): the most even mix
+    mix = min((a for a, v in scores.items() if v <= best + 1e-4), key=lambda a: abs(a - 0.5))
+    half = 0.0 if scores[0.0] <= scores[1.0] else 1.0
+    gain = losses[half] - losses[mix]
+    se = float(gain.std(ddof=1) / np.sqrt(len(gain))) if len(gain) > 1 else 0.0
+    alpha = mix if float(gain.mean()) > se else half
+    return alpha, scores
+
+
+def inner_patient_splits(groups: np.ndarray, n_splits: int = 5) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Patient-grouped inner folds over a training fold (positions into ``groups``)."""
+    from sklearn.model_selection import GroupKFold
+
+    n = min(n_splits, len(np.unique(groups)))
+    return list(GroupKFold(n_splits=n).split(np.zeros(len(groups)), groups=groups)) if n >= 2 else []
+
+
+def cross_fitted_radiomics(
+    x: np.ndarray, y: np.ndarray, splits: list[tuple[np.ndarray, np.ndarray]], k: int, seed: int
+) -> np.ndarray:
+    """Out-of-fold radiomics-LR logits on the same inner splits as the probe's."""
+    out = np.zeros((len(y), k))
+    for tr, te in splits:
+        if len(np.unique(y[tr])) < 2:
+            continue  # an inner fold with one class: no model, neutral logits
+        out[te] = radiomics_lr_logits(radiomics_lr(x[tr], y[tr], k, seed), x[te])
+    return out
