@@ -103,7 +103,7 @@ def test_torchscript_matches_pytorch(resnet, tmp_path) -> None:
 
 
 def test_inception_with_tf_pooling_onnx(tmp_path) -> None:
-    from liverlesion.weights import TF_POOLING_PATCH
+    from liverlesion.tf_inception import TF_POOLING_PATCH
 
     ckpt, model, temp = _checkpoint(tmp_path, "inception_v3", 80, 3, patch=TF_POOLING_PATCH)
     out = export_model(ckpt, "onnx", tmp_path / "incep.onnx")

@@ -319,7 +319,7 @@ def test_checkpoint_is_weights_only_loadable(resnet_ckpt) -> None:
 
 
 def test_checkpoint_round_trip_keeps_tf_pooling_patch(tmp_path, inception: LesionNet) -> None:
-    from liverlesion.weights import TF_POOLING_PATCH, TFInceptionEMaxPool
+    from liverlesion.tf_inception import TF_POOLING_PATCH, TFInceptionEMaxPool
 
     model = copy.deepcopy(inception)
     model.apply_backbone_patch(TF_POOLING_PATCH)

@@ -93,7 +93,7 @@ class LesionNet(nn.Module):
 
     def apply_backbone_patch(self, patch: str | None) -> None:
         """Apply a named backbone patch (see ``weights.apply_backbone_patch``) and remember it."""
-        from liverlesion.weights import apply_backbone_patch
+        from liverlesion.tf_inception import apply_backbone_patch  # torch, timm
 
         apply_backbone_patch(self.backbone, patch)
         if patch:
