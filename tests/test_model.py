@@ -269,6 +269,19 @@ def test_init_from_plain_state_dict_with_prefix_and_classifier(tmp_path) -> None
     assert torch.equal(model.backbone.layer4[1].conv2.weight, src.layer4[1].conv2.weight)
 
 
+def test_init_from_compiled_lightning_state_dict(tmp_path) -> None:
+    import timm
+
+    torch.manual_seed(2)
+    src = timm.create_model("resnet18", pretrained=False, num_classes=0)
+    # torch.compile (timm.clean_state_dict strips it) around a Lightning-style "model." wrapper (ours)
+    sd = {f"_orig_mod.model.{k}": v for k, v in src.state_dict().items()}
+    path = tmp_path / "compiled.pth"
+    torch.save(sd, path)
+    model, _ = build_model(_none("resnet18"), num_classes=2, weights=str(path))
+    assert torch.equal(model.backbone.layer4[1].conv2.weight, src.layer4[1].conv2.weight)
+
+
 def test_init_from_state_dict_of_other_backbone(tmp_path) -> None:
     import timm
 

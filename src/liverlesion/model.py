@@ -414,7 +414,7 @@ def _load_backbone(model: LesionNet, sd: dict[str, Tensor], source: str, src_cha
     model.backbone.load_state_dict({k: sd[k] for k in own}, strict=True)
 
 
-_STRIP_PREFIXES = ("module.", "model.", "net.", "backbone.", "encoder.")
+_STRIP_PREFIXES = ("model.", "net.", "backbone.", "encoder.")  # past timm.clean_state_dict's
 
 
 def _init_from_file(model: LesionNet, path: Path) -> str:
@@ -464,9 +464,11 @@ def _init_from_file(model: LesionNet, path: Path) -> str:
             f"--weights {path}: not a state_dict (expected a mapping of parameter names to tensors); "
             f"save one with torch.save(model.state_dict(), PATH)"
         )
+    from timm.models import clean_state_dict
+
     own = set(model.backbone.state_dict())
-    sd = dict(obj)
-    # strip wrapper prefixes (DataParallel, Lightning, our own LesionNet) while that finds more keys
+    sd = clean_state_dict(dict(obj))  # timm strips the DataParallel / DDP / torch.compile wrappers
+    # then other wrapper prefixes (Lightning, our own LesionNet, ...) while that finds more keys
     changed = True
     while changed:
         changed = False
