@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from liverlesion import DISCLAIMER
+from liverlesion.checkpoint import checkpoint_hash, save_checkpoint
 from liverlesion.config import Config, ModelConfig
 from liverlesion.errors import UserError
 from liverlesion.export import export_model
-from liverlesion.model import build_model, checkpoint_hash, save_checkpoint
+from liverlesion.model import build_model
 
 torch.set_num_threads(1)
 

@@ -9,16 +9,10 @@ import pytest
 import torch
 from torch import nn
 
+from liverlesion.checkpoint import CHECKPOINT_VERSION, checkpoint_hash, save_checkpoint
 from liverlesion.config import Config, ModelConfig
 from liverlesion.errors import UserError
-from liverlesion.model import (
-    CHECKPOINT_VERSION,
-    LesionNet,
-    build_model,
-    checkpoint_hash,
-    load_checkpoint,
-    save_checkpoint,
-)
+from liverlesion.model import LesionNet, build_model, load_checkpoint
 
 torch.set_num_threads(1)
 

@@ -170,7 +170,8 @@ def load_members(
         if backend == "onnx":
             raise UserError(f"--backend onnx: {missing[0]}; or use --backend torch")
 
-    from liverlesion.model import checkpoint_hash, load_checkpoint
+    from liverlesion.checkpoint import checkpoint_hash  # torch
+    from liverlesion.model import load_checkpoint
 
     device = resolve_torch_device(device)
     if threads is not None:

@@ -1,4 +1,4 @@
-"""The network (timm backbone + the paper's head) and self-describing checkpoints.
+"""The network (timm backbone + the paper's head), built fresh or rebuilt from a checkpoint.
 
 ``LesionNet`` takes patches windowed to ``[0, 1]`` with shape ``(N, C, H, W)`` and normalises them
 inside the module with the backbone's pretrained mean / std (registered buffers, stored in the
@@ -7,13 +7,14 @@ mean = std = 0.5, i.e. ``[-1, 1]`` like Google's TF Inception.
 
 Head (Romero et al. 2019): global average pooling -> FC 512 -> ReLU -> Dropout 0.4 -> FC 512 ->
 ReLU -> FC (classes); softmax is applied by the loss / at prediction.
+
+``build_model`` initialises the backbone (ImageNet, random, or a weights file: timm's
+``adapt_input_conv`` / ``clean_state_dict`` fit foreign state dicts); ``load_checkpoint`` rebuilds a
+trained network from its ``model.pt``, whose file format :mod:`liverlesion.checkpoint` owns.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
-import pickle
-import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,12 +22,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from liverlesion.config import Config, ModelConfig, config_from_dict
+# checkpoint.py owns the file; save_checkpoint and checkpoint_hash stay importable from here (documented)
+from liverlesion.checkpoint import (
+    CHECKPOINT_FORMAT,
+    checkpoint_hash,
+    read_checkpoint,
+    safe_torch_load,
+    save_checkpoint,
+)
+from liverlesion.config import ModelConfig, config_from_dict
 from liverlesion.errors import UserError
 
-CHECKPOINT_FORMAT = "liverlesion.checkpoint"
-CHECKPOINT_VERSION = 1  # bump when the layout changes; load_checkpoint reads MIN..CURRENT
-MIN_CHECKPOINT_VERSION = 1
+__all__ = ["LesionNet", "build_model", "checkpoint_hash", "load_checkpoint", "save_checkpoint"]
 
 
 class LesionNet(nn.Module):
@@ -437,7 +444,7 @@ def _init_from_file(model: LesionNet, path: Path) -> str:
                 f"--weights {path}: not a readable safetensors file ({type(e).__name__}); re-download it"
             ) from e
     else:
-        obj = _safe_load(path, "--weights")
+        obj = safe_torch_load(path, "--weights")
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
         sd = {k[len("backbone.") :]: v for k, v in obj["state_dict"].items() if k.startswith("backbone.")}
         stored = obj.get("config", {}).get("model", {}).get("backbone")
@@ -491,130 +498,6 @@ def _first_conv_chans(model: LesionNet, sd: dict[str, Tensor]) -> int:
 # --------------------------------------------------------------------------- checkpoints
 
 
-def _safe_load(path: Path, what: str) -> Any:
-    """``torch.load(weights_only=True)`` with one-line errors for the ways a file can be wrong."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        # liverlesion and Lightning always write zip archives; anything else is garbage or foreign
-        if "Weights only load failed" in str(e) and zipfile.is_zipfile(path):
-            kind = _sniff_pickle(path)
-            raise UserError(
-                f"{what} {path}: {kind}; it holds Python objects other than tensors and plain values, which "
-                f"liverlesion will not unpickle (that could run code)"
-            ) from e
-        raise UserError(
-            f"{what} {path}: not a PyTorch file or corrupt (not the zip archive torch.save writes); copy it again"
-        ) from e
-    except Exception as e:  # the unpickler fails in many ways on garbage (KeyError, EOFError, ...)
-        raise UserError(
-            f"{what} {path}: not a PyTorch file, truncated or corrupt ({_first_line(e)}); copy it again"
-        ) from e
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"[:160]
-
-
-def _sniff_pickle(path: Path) -> str:
-    try:
-        with zipfile.ZipFile(path) as z:
-            data = b"".join(z.read(n) for n in z.namelist() if n.endswith("data.pkl"))
-    except (zipfile.BadZipFile, OSError):
-        return "not a liverlesion checkpoint"
-    if b"pytorch-lightning_version" in data:
-        return "a PyTorch Lightning training checkpoint, not a liverlesion model; use fold_K/model.pt from the run folder"
-    if CHECKPOINT_FORMAT.encode() in data:
-        return "a liverlesion checkpoint with unexpected contents (tampered or made by a modified version)"
-    return "not a liverlesion checkpoint"
-
-
-def _plain(value: Any) -> Any:
-    """Convert to types ``torch.load(weights_only=True)`` accepts (dict/list/str/number/bool/None/tensor)."""
-    import numpy as np
-
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    if torch.is_tensor(value):
-        return value.detach().cpu()
-    # exact builtin types: subclasses such as torch's TorchVersion (a str) are not allowed by weights_only
-    for t in (bool, int, float, str):
-        if isinstance(value, t):
-            return t(value)
-    if value is None:
-        return None
-    raise TypeError(f"checkpoint field of type {type(value).__name__} cannot be stored safely")
-
-
-def _versions() -> dict[str, str]:
-    from liverlesion import __version__
-    from liverlesion.versions import library_versions
-
-    return {**library_versions(), "liverlesion": __version__}
-
-
-def save_checkpoint(
-    path: str | Path,
-    model: LesionNet,
-    config: Config,
-    class_names: list[str],
-    in_chans: int,
-    **extra: Any,
-) -> Path:
-    """Write a self-describing checkpoint atomically (see docs/ARCHITECTURE.md).
-
-    Args:
-        path: Destination (``model.pt``).
-        model: The trained model.
-        config: Resolved config; stored as a dict.
-        class_names: Class names in logit order.
-        in_chans: Input channels the model takes.
-        **extra: ``temperature`` (default 1.0), ``threshold`` (default 0.5), ``positive_class``
-            (default ``config.eval.positive_class`` if it is a class), ``fold`` (default None) and any
-            other plain values to store.
-    """
-    from liverlesion import __version__
-    from liverlesion.fileio import atomic_path
-
-    assert in_chans == model.in_chans, (in_chans, model.in_chans)
-    assert len(class_names) == model.num_classes, (class_names, model.num_classes)
-    positive = config.eval.positive_class if config.eval.positive_class in class_names else None
-    payload: dict[str, Any] = {
-        "format": CHECKPOINT_FORMAT,
-        "format_version": CHECKPOINT_VERSION,
-        "liverlesion_version": __version__,
-        "config": _plain(config.to_dict()),
-        "class_names": [str(c) for c in class_names],
-        "in_chans": int(in_chans),
-        "backbone_patch": model.backbone_patch,
-        "fusion_features": list(model.fusion_features),
-        "features_from": model.features_from,
-        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-        "versions": _plain(_versions()),
-        "temperature": 1.0,
-        "threshold": 0.5,
-        "positive_class": positive,
-        "fold": None,
-        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-    }
-    for key, value in extra.items():
-        payload[key] = _plain(value)
-    payload["temperature"] = float(payload["temperature"])
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
-    return path
-
-
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[LesionNet, dict]:
     """Rebuild the model from a checkpoint alone (no download) and load its weights.
 
@@ -626,33 +509,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             not fit the stored config.
     """
     path = Path(path).expanduser()
-    if not path.is_file():
-        hint = (
-            "; give the model.pt inside it" if path.is_dir() else "; give the model.pt written by train / cv"
-        )
-        raise UserError(f"checkpoint {path}: {'is a folder' if path.is_dir() else 'file not found'}{hint}")
-    obj = _safe_load(path, "checkpoint")
-    if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"checkpoint {path}: {_foreign_kind(obj)}")
-    version = obj.get("format_version")
-    made_by = obj.get("liverlesion_version", "?")
-    if not isinstance(version, int) or version > CHECKPOINT_VERSION:
-        from liverlesion import __version__
-
-        raise UserError(
-            f"checkpoint {path}: format version {version} made by liverlesion {made_by} is newer than this "
-            f"liverlesion {__version__} reads (<= {CHECKPOINT_VERSION}); upgrade: pip install -U liverlesion"
-        )
-    if version < MIN_CHECKPOINT_VERSION:
-        raise UserError(
-            f"checkpoint {path}: format version {version} (liverlesion {made_by}) is no longer supported; "
-            f"retrain, or load it with liverlesion {made_by}"
-        )
-    missing = [k for k in ("config", "class_names", "in_chans", "state_dict") if k not in obj]
-    if missing:
-        raise UserError(
-            f"checkpoint {path}: incomplete, no {', '.join(missing)}; the file is damaged, copy it again"
-        )
+    obj = read_checkpoint(path)
     try:
         from liverlesion.weights import check_backbone_name
 
@@ -706,22 +563,3 @@ def _shape_mismatch(model: nn.Module, sd: dict[str, Tensor]) -> list[str]:
         for k, v in sd.items()
         if k in own and torch.is_tensor(v) and tuple(v.shape) != tuple(own[k].shape)
     ]
-
-
-def _foreign_kind(obj: Any) -> str:
-    if isinstance(obj, dict):
-        if "pytorch-lightning_version" in obj or ("state_dict" in obj and "global_step" in obj):
-            return "a PyTorch Lightning training checkpoint, not a liverlesion model; use fold_K/model.pt from the run folder"
-        if obj and all(torch.is_tensor(v) for v in obj.values()):
-            return (
-                "a plain state_dict, not a liverlesion checkpoint (no config or class names); use it to "
-                "initialise training with --weights PATH, and predict with the model.pt that train / cv write"
-            )
-    return "not a liverlesion checkpoint; give the model.pt written by train / cv"
-
-
-def checkpoint_hash(path: str | Path) -> str:
-    """First 12 hex digits of the file's sha256 (provenance in reports and exports)."""
-    from liverlesion.onnx_backend import file_hash  # the torch-free owner of the hash
-
-    return file_hash(path)
