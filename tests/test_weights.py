@@ -200,6 +200,37 @@ def test_patch_only_for_inception() -> None:
         TFI.apply_backbone_patch(torch.nn.Identity(), "magic")
 
 
+def test_tf_pooling_replaces_blocks_keeping_their_parameters() -> None:
+    import timm
+    from timm.models.inception_v3 import InceptionA
+
+    torch.manual_seed(0)
+    with torch.device("meta"):  # timm's init takes seconds; any weights will do here
+        net = timm.create_model("inception_v3", pretrained=False, num_classes=0).eval()
+    net.to_empty(device="cpu")
+    for name, t in net.state_dict().items():
+        if name.endswith("running_var") or name.endswith("bn.weight"):
+            t.fill_(1.0)
+        elif t.ndim == 4:  # conv weights, He-scaled so activations stay normal numbers
+            t.normal_(0.0, (2.0 / t[0].numel()) ** 0.5)
+        elif t.is_floating_point():
+            t.zero_()
+    net.Mixed_5b.branch1x1.requires_grad_(False)
+    params = {k: id(p) for k, p in net.named_parameters()}
+    keys = list(net.state_dict())
+    x = torch.rand(1, 3, 96, 96) * 2 - 1
+    with torch.no_grad():
+        stock = net(x)
+        TFI.apply_tf_inception_pooling(net)
+        tf = net(x)
+    assert type(net.Mixed_5b) is TFI.TFInceptionA and type(net.Mixed_7c) is TFI.TFInceptionEMaxPool
+    assert {k: id(p) for k, p in net.named_parameters()} == params and list(net.state_dict()) == keys
+    assert not net.Mixed_5b.branch1x1.conv.weight.requires_grad and not net.Mixed_5b.training
+    assert not torch.allclose(stock, tf)  # the pooling branch really changed
+    with pytest.raises(TypeError, match="replaces a timm InceptionC"):
+        TFI.TFInceptionC.from_block(InceptionA(192, pool_features=32))
+
+
 @needs_fid
 def test_describe_weights_with_cache(converted) -> None:
     text = W.describe_weights("inception_v3")
