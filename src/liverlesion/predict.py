@@ -14,7 +14,6 @@ Outputs are research results, not a diagnosis; every file says so.
 
 from __future__ import annotations
 
-import datetime
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,7 +21,6 @@ from typing import Any
 
 import pandas as pd
 
-from liverlesion import DISCLAIMER, __version__
 from liverlesion.case_input import check_ct_volume, check_min_size, parse_point
 from liverlesion.classifier import Classifier
 from liverlesion.decision import TOO_SMALL
@@ -33,7 +31,15 @@ from liverlesion.fileio import atomic_dir, write_csv, write_json
 from liverlesion.io import read_volume
 from liverlesion.lesions import check_diameter
 from liverlesion.overlay import draw_lesion_overlay
-from liverlesion.results import CaseResult, LesionResult, Results, format_results, result_columns, safe_name
+from liverlesion.results import (
+    CaseResult,
+    LesionResult,
+    Results,
+    format_results,
+    result_columns,
+    results_info,
+    safe_name,
+)
 from liverlesion.runtime import resolve_threads
 from liverlesion.seg_write import check_seg_source, write_seg
 from liverlesion.sr import check_sr_inputs, check_sr_source, write_sr
@@ -71,23 +77,6 @@ def _source_info(case: CaseResult) -> dict[str, Any]:
 
 def _print_table(df: pd.DataFrame, clf: Classifier) -> None:
     print(format_results(df, clf.class_names, clf.positive_class, clf.decision_rule, clf.n_models))
-
-
-def results_info(
-    clf: Classifier, df: pd.DataFrame, min_size_mm: float, inputs: dict[str, Any], **extra: Any
-) -> dict[str, Any]:
-    """The JSON record of a prediction run: tool, version, disclaimer, models, inputs, lesion rows."""
-    return {
-        "tool": "liverlesion",
-        "liverlesion_version": __version__,
-        "disclaimer": DISCLAIMER,
-        "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        **clf.describe(),
-        "min_size_mm": float(min_size_mm),
-        "inputs": inputs,
-        **extra,
-        "lesions": df.astype(object).where(df.notna(), None).to_dict(orient="records"),
-    }
 
 
 def predict_cli(

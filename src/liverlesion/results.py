@@ -4,11 +4,12 @@
 ``CaseResult`` (one image and its lesions) are what :meth:`Classifier.classify_case
 <liverlesion.classifier.Classifier.classify_case>` returns; ``results_table`` turns their rows
 into the ``Results`` frame (``results.csv``'s columns, :func:`result_columns`) that ``predict``,
-the Python API and ``serve`` print and write.
+the Python API and ``serve`` print and write; :func:`results_info` is ``results.json``'s record.
 """
 
 from __future__ import annotations
 
+import datetime
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from liverlesion import DISCLAIMER
+from liverlesion import DISCLAIMER, __version__
 from liverlesion.volume import Volume
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "Results",
     "format_results",
     "result_columns",
+    "results_info",
     "results_table",
     "safe_name",
 ]
@@ -90,6 +92,31 @@ class CaseResult:
 def safe_name(name: str) -> str:
     """A file-name-safe version of a lesion id."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "lesion"
+
+
+def results_info(
+    clf: Any, df: pd.DataFrame, min_size_mm: float, inputs: dict[str, Any], **extra: Any
+) -> dict[str, Any]:
+    """The JSON record of a prediction run (``results.json``): tool, version, disclaimer, models, inputs, lesion rows.
+
+    Args:
+        clf: The :class:`~liverlesion.classifier.Classifier` (its ``describe()``: models, classes, decision rule).
+        df: The results table.
+        min_size_mm: The minimum lesion size used.
+        inputs: What was classified (paths, options; never patient data from DICOM).
+        **extra: Further top-level fields (sources, domain check).
+    """
+    return {
+        "tool": "liverlesion",
+        "liverlesion_version": __version__,
+        "disclaimer": DISCLAIMER,
+        "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        **clf.describe(),
+        "min_size_mm": float(min_size_mm),
+        "inputs": inputs,
+        **extra,
+        "lesions": df.astype(object).where(df.notna(), None).to_dict(orient="records"),
+    }
 
 
 def results_table(
