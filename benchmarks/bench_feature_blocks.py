@@ -29,7 +29,7 @@ from liverlesion.data import load_patch_arrays
 from liverlesion.features import cache_radiomics
 from liverlesion.inference import tta_flips
 from liverlesion.model import build_model
-from liverlesion.patches import load_patch_index, resolve_patch_dir
+from liverlesion.patches import load_patch, load_patch_index, resolve_patch_dir
 
 
 def _oof_auc(x: np.ndarray, y: np.ndarray, patients: np.ndarray, splits: dict) -> float:
@@ -53,10 +53,9 @@ def main() -> None:
     splits = json.loads((args.run / "splits.json").read_text())
     cfg = load_config(preset=args.preset, overrides=["model.features_from=last"])
     arrays = load_patch_arrays(patch_dir, table)
-    masks = []
-    for f in table["file"]:
-        with np.load(patch_dir / f) as z:
-            masks.append(z["mask"].astype(np.float32))
+    masks = [
+        load_patch(patch_dir, str(f), arrays=("mask",))["mask"].astype(np.float32) for f in table["file"]
+    ]
     model, init = build_model(cfg.model, num_classes=2, in_chans=int(arrays[0].shape[1]))
     model.eval()
     names = [n for n, _ in model.blocks() if n.startswith(("Mixed", "layer", "stages"))]

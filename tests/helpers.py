@@ -119,8 +119,9 @@ def make_tiny_checkpoint(
     """
     import torch
 
+    from liverlesion.checkpoint import save_checkpoint
     from liverlesion.config import Config
-    from liverlesion.model import build_model, save_checkpoint
+    from liverlesion.model import build_model
 
     cfg = Config()
     cfg.model.backbone = "test_resnet"  # timm's tiny test network: fast on CPU

@@ -12,8 +12,9 @@ from sklearn.metrics import roc_auc_score
 
 import liverlesion.baselines as bl
 from liverlesion.baselines import BASELINES as ALL_BASELINES
-from liverlesion.baselines import extract_features, lesion_features, run_baselines
+from liverlesion.baselines import run_baselines
 from liverlesion.errors import UserError
+from liverlesion.features import extract_features, lesion_features
 from liverlesion.splits import make_splits
 
 SIZE = 48
@@ -167,13 +168,13 @@ def test_random_toy_set_scores_chance(tmp_path, small_forest):
 def test_no_test_patient_in_training(tmp_path, separable, monkeypatch, small_forest):
     index, folder, splits = separable
     calls = []
-    real = bl._fit_predict
+    real = bl.fit_predict
 
     def spy(name, features, classes, positive, seed, train, predict):
         calls.append((name, set(train["patient_id"]), set(predict["patient_id"])))
         return real(name, features, classes, positive, seed, train, predict)
 
-    monkeypatch.setattr(bl, "_fit_predict", spy)
+    monkeypatch.setattr(bl, "fit_predict", spy)
     run_baselines(index, folder, splits, tmp_path / "b")
     by_fold = {frozenset(s["test_patients"]): s for s in splits["splits"]}
     n_test_calls = 0

@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from liverlesion import DISCLAIMER
+from liverlesion.checkpoint import checkpoint_hash, save_checkpoint
 from liverlesion.config import Config, ModelConfig
 from liverlesion.errors import UserError
 from liverlesion.export import export_model
-from liverlesion.model import build_model, checkpoint_hash, save_checkpoint
+from liverlesion.model import build_model
 
 torch.set_num_threads(1)
 
@@ -103,7 +104,7 @@ def test_torchscript_matches_pytorch(resnet, tmp_path) -> None:
 
 
 def test_inception_with_tf_pooling_onnx(tmp_path) -> None:
-    from liverlesion.weights import TF_POOLING_PATCH
+    from liverlesion.tf_inception import TF_POOLING_PATCH
 
     ckpt, model, temp = _checkpoint(tmp_path, "inception_v3", 80, 3, patch=TF_POOLING_PATCH)
     out = export_model(ckpt, "onnx", tmp_path / "incep.onnx")

@@ -9,16 +9,10 @@ import pytest
 import torch
 from torch import nn
 
+from liverlesion.checkpoint import CHECKPOINT_VERSION, checkpoint_hash, save_checkpoint
 from liverlesion.config import Config, ModelConfig
 from liverlesion.errors import UserError
-from liverlesion.model import (
-    CHECKPOINT_VERSION,
-    LesionNet,
-    build_model,
-    checkpoint_hash,
-    load_checkpoint,
-    save_checkpoint,
-)
+from liverlesion.model import LesionNet, build_model, load_checkpoint
 
 torch.set_num_threads(1)
 
@@ -269,6 +263,19 @@ def test_init_from_plain_state_dict_with_prefix_and_classifier(tmp_path) -> None
     assert torch.equal(model.backbone.layer4[1].conv2.weight, src.layer4[1].conv2.weight)
 
 
+def test_init_from_compiled_lightning_state_dict(tmp_path) -> None:
+    import timm
+
+    torch.manual_seed(2)
+    src = timm.create_model("resnet18", pretrained=False, num_classes=0)
+    # torch.compile (timm.clean_state_dict strips it) around a Lightning-style "model." wrapper (ours)
+    sd = {f"_orig_mod.model.{k}": v for k, v in src.state_dict().items()}
+    path = tmp_path / "compiled.pth"
+    torch.save(sd, path)
+    model, _ = build_model(_none("resnet18"), num_classes=2, weights=str(path))
+    assert torch.equal(model.backbone.layer4[1].conv2.weight, src.layer4[1].conv2.weight)
+
+
 def test_init_from_state_dict_of_other_backbone(tmp_path) -> None:
     import timm
 
@@ -319,7 +326,7 @@ def test_checkpoint_is_weights_only_loadable(resnet_ckpt) -> None:
 
 
 def test_checkpoint_round_trip_keeps_tf_pooling_patch(tmp_path, inception: LesionNet) -> None:
-    from liverlesion.weights import TF_POOLING_PATCH, TFInceptionEMaxPool
+    from liverlesion.tf_inception import TF_POOLING_PATCH, TFInceptionEMaxPool
 
     model = copy.deepcopy(inception)
     model.apply_backbone_patch(TF_POOLING_PATCH)

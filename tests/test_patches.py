@@ -343,6 +343,28 @@ def test_build_patches_writes_the_cache_contract(fake_cohort, tmp_path):
     assert P.resolve_patch_dir(tmp_path / "patches") == out
 
 
+def test_cache_readers(fake_cohort, tmp_path):
+    man, _ = fake_cohort
+    cfg = cfg_()
+    out = P.build_patches(man, tmp_path / "patches", cfg)
+    idx = P.load_patch_index(tmp_path / "patches")  # the parent resolves to its single cache
+    files = P.patch_files(out)
+    assert list(files) == list(idx["lesion_id"]) and all(
+        f.parent == out and f.is_file() for f in files.values()
+    )
+    hu_only = P.load_patch(out, files["008-L01"], arrays=("hu",))
+    assert set(hu_only) == {"hu", "meta"}
+    np.testing.assert_array_equal(hu_only["hu"], P.load_patch(out, idx.iloc[2])["hu"])
+    assert P.load_patch_settings(out)["window_width"] == cfg.window_width
+    (out / "settings.json").unlink()
+    assert P.load_patch_settings(out) == {}  # a cache without settings.json: callers use defaults
+    idx.drop(columns=["file"]).to_csv(out / "index.csv", index=False)
+    with pytest.raises(UserError, match=r"index.csv: missing column\(s\) file; rebuild the patch cache"):
+        P.load_patch_index(out)
+    with pytest.raises(UserError, match="not found; the cache is incomplete"):
+        P.load_patch(out, "gone.npz")
+
+
 def test_contact_sheet_caps_lesions_and_is_drawn_from_files(fake_cohort, tmp_path):
     man, _ = fake_cohort
     out = P.build_patches(man, tmp_path / "patches", cfg_())

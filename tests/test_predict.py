@@ -180,6 +180,32 @@ def test_temperature_and_threshold_are_applied(ckpts, case):
     assert set(never["pred_class"]) == {"cyst"}
 
 
+def test_classify_case_is_typed_and_is_what_predict_tabulates(ckpts, case):
+    from liverlesion.classifier import Classifier as Home
+    from liverlesion.results import CaseResult, LesionResult
+
+    assert Classifier is Home  # the documented import path is the class itself
+    clf = Classifier.load(ckpts["a"])
+    image, mask = read_volume(case["image"]), read_volume(case["mask"], kind="mask")
+    got = clf.classify_case(image, mask=mask, gradcam=True, image_ref="ct")
+    assert isinstance(got, CaseResult) and got.image is image and got.image_ref == "ct"
+    assert all(isinstance(r, LesionResult) for r in got.results)
+    assert [r.lesion_id for r in got.results] == ["case-L01", "case-L02"]
+    big, small = got.results
+    assert big.pred_class in clf.class_names and big.cam.shape == (64, 64)
+    assert small.pred_class == TOO_SMALL and small.cam is None  # not classified, nothing to explain
+    assert set(got.masks) == {"case-L01", "case-L02"} and got.masks["case-L01"].shape == image.shape
+    table = clf.predict(image, mask=mask)
+    pd.testing.assert_frame_equal(
+        pd.DataFrame(clf.results_frame(got.rows)).drop(columns="image"),
+        pd.DataFrame(table).drop(columns="image"),
+    )
+    old = clf.predict_case(image, mask=mask)  # the name serve uses
+    pd.testing.assert_frame_equal(
+        pd.DataFrame(clf.results_frame(old.rows)), pd.DataFrame(clf.results_frame(got.rows)).assign(image="")
+    )
+
+
 def test_2d_mode_averages_slice_samples(tmp_path, case):
     from liverlesion.model import load_checkpoint
 

@@ -40,7 +40,7 @@ _private_inductor_cache()
 def __getattr__(name: str):
     # Lazy imports keep `import liverlesion` (and `liverlesion --help`) fast.
     if name == "Classifier":
-        from liverlesion.predict import Classifier
+        from liverlesion.classifier import Classifier
 
         return Classifier
     if name == "Volume":

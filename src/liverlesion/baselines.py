@@ -14,15 +14,13 @@ writes ``val_predictions.csv``: a model fitted on ``train_patients`` only predic
 inner-validation patients, so ``evaluate`` can choose the baselines' thresholds
 exactly as it does the network's.
 
-Features come from the patch cache (``hu`` and ``mask`` arrays of each npz, see
-docs/ARCHITECTURE.md); shape features also use the lesion table's 3-D measurements.
-scikit-image computes the GLCM by default; ``extractor="pyradiomics"`` uses PyRadiomics
-where it is installed (it does not build on Python 3.11 from PyPI today).
+The radiomics-style features are :func:`liverlesion.features.extract_features` of the patch
+cache (``hu`` and ``mask`` arrays of each npz, see docs/ARCHITECTURE.md) plus the lesion
+table's 3-D measurements.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -33,252 +31,13 @@ import pandas as pd
 
 from liverlesion import DISCLAIMER, runs
 from liverlesion.errors import UserError
-from liverlesion.features import TABLE_FEATURES  # the one list, shared with the fusion model
+from liverlesion.features import TABLE_FEATURES, extract_features, frozen_features, frozen_table
 from liverlesion.fileio import write_csv, write_json
+from liverlesion.patches import build_patches, load_patch_index
 from liverlesion.predictions import write_predictions
 
 BASELINES = ("mean_hu", "radiomics_lr", "radiomics_rf", "frozen_lr")
-EXTRACTORS = ("skimage", "pyradiomics")
-GLCM_LEVELS = 32  # grey levels of the quantised liver window
-GLCM_DISTANCES_MM = (1.0, 2.0, 3.0)  # in mm, so patches resampled to different pixel sizes compare
-HIST_BIN_HU = 25.0  # histogram bin width for entropy/uniformity (PyRadiomics' default binWidth)
 RF_TREES = 300  # random forest size
-DEFAULT_WINDOW = (60.0, 250.0)  # liver window (centre, width) when the cache has no settings.json
-_TEXT_COLUMNS = ("lesion_id", "patient_id", "lesion_class", "image", "mask", "source", "file")
-
-
-# --------------------------------------------------------------------------- features
-def _first_order(values: np.ndarray) -> dict[str, float]:
-    from scipy import stats
-
-    v = values.astype(np.float64)
-    p10, p25, p50, p75, p90 = np.percentile(v, [10, 25, 50, 75, 90])
-    edges = np.arange(np.floor(v.min() / HIST_BIN_HU), np.floor(v.max() / HIST_BIN_HU) + 2) * HIST_BIN_HU
-    hist = np.histogram(v, bins=edges)[0].astype(float)
-    p = hist[hist > 0] / hist.sum()
-    several = v.size > 2 and np.ptp(v) > 0
-    return {
-        "fo_mean": float(v.mean()),
-        "fo_std": float(v.std()),
-        "fo_min": float(v.min()),
-        "fo_max": float(v.max()),
-        "fo_p10": float(p10),
-        "fo_p25": float(p25),
-        "fo_median": float(p50),
-        "fo_p75": float(p75),
-        "fo_p90": float(p90),
-        "fo_iqr": float(p75 - p25),
-        "fo_mad": float(np.mean(np.abs(v - v.mean()))),
-        "fo_skewness": float(stats.skew(v)) if several else 0.0,
-        "fo_kurtosis": float(stats.kurtosis(v, fisher=False)) if several else 0.0,
-        "fo_entropy": float(-(p * np.log2(p)).sum()),
-        "fo_uniformity": float((p**2).sum()),
-    }
-
-
-def _glcm(hu: np.ndarray, mask: np.ndarray, pixel_mm: float, window: tuple[float, float]) -> dict[str, float]:
-    """GLCM texture of the lesion on one slice, grey levels from the liver window, lesion pixels only."""
-    from skimage.feature import graycomatrix, graycoprops
-
-    centre, width = window
-    q = np.clip((hu - (centre - width / 2)) / width, 0, 1) * (GLCM_LEVELS - 1)
-    q = np.rint(q).astype(np.uint8) + 1
-    q[~mask] = 0  # level 0 marks "outside the lesion" and is dropped below
-    dists = sorted({max(1, round(d / pixel_mm)) for d in GLCM_DISTANCES_MM})
-    angles = [0, np.pi / 4, np.pi / 2, 3 * np.pi / 4]
-    P = graycomatrix(q, dists, angles, levels=GLCM_LEVELS + 1, symmetric=True, normed=False)
-    P = P[1:, 1:].astype(np.float64)  # pairs where both pixels lie in the lesion
-    totals = P.sum(axis=(0, 1), keepdims=True)
-    valid = totals[0, 0] > 0
-    names = ("contrast", "dissimilarity", "homogeneity", "ASM", "energy", "correlation")
-    if not valid.any():
-        return {f"glcm_{n.lower()}": math.nan for n in names} | {"glcm_entropy": math.nan}
-    P = P[..., valid].reshape(GLCM_LEVELS, GLCM_LEVELS, 1, -1) / totals[..., valid].reshape(1, 1, 1, -1)
-    out = {}
-    with np.errstate(divide="ignore", invalid="ignore"):
-        for n in names:
-            vals = graycoprops(P, n)
-            # correlation is undefined for a constant region; call it 1 (perfectly uniform)
-            out[f"glcm_{n.lower()}"] = float(np.nanmean(vals)) if np.isfinite(vals).any() else 1.0
-    ent = -(P * np.log2(np.where(P > 0, P, 1))).sum(axis=(0, 1))
-    out["glcm_entropy"] = float(ent.mean())
-    return out
-
-
-def _shape_2d(mask: np.ndarray, pixel_mm: float) -> dict[str, float]:
-    from skimage.measure import perimeter, regionprops
-
-    area = float(mask.sum()) * pixel_mm**2
-    perim = float(perimeter(mask, neighborhood=8)) * pixel_mm
-    props = regionprops(mask.astype(np.uint8))
-    p = props[0] if props else None
-    return {
-        "shape_area_mm2": area,
-        "shape_perimeter_mm": perim,
-        # 1 for a disc, lower for lobulated or irregular outlines
-        "shape_circularity": float(min(4 * math.pi * area / perim**2, 1.0)) if perim > 0 else 1.0,
-        "shape_solidity": float(p.solidity) if p is not None else 1.0,
-        "shape_eccentricity": float(p.eccentricity) if p is not None else 0.0,
-        "shape_axis_ratio": float(p.axis_minor_length / p.axis_major_length)
-        if p is not None and p.axis_major_length > 0
-        else 1.0,
-    }
-
-
-def _margin(hu: np.ndarray, mask: np.ndarray, pixel_mm: float) -> dict[str, float]:
-    """Contrast to the surrounding parenchyma and edge sharpness (a sharp, dark cyst vs an ill-defined metastasis)."""
-    from scipy import ndimage
-
-    ring_px = max(1, round(3.0 / pixel_mm))
-    ring = ndimage.binary_dilation(mask, iterations=ring_px) & ~mask
-    inner = mask & ~ndimage.binary_erosion(mask, iterations=max(1, round(1.0 / pixel_mm)))
-    edge = ndimage.binary_dilation(mask, iterations=1) & ~ndimage.binary_erosion(mask, iterations=1)
-    gy, gx = np.gradient(hu.astype(np.float64), pixel_mm)
-    grad = np.hypot(gy, gx)
-    ring_mean = float(np.median(hu[ring])) if ring.any() else math.nan
-    return {
-        "margin_ring_hu": ring_mean,
-        "margin_contrast_hu": float(hu[mask].mean() - ring_mean) if ring.any() else math.nan,
-        "margin_rim_minus_core_hu": float(hu[inner].mean() - hu[mask & ~inner].mean())
-        if (mask & ~inner).any() and inner.any()
-        else 0.0,
-        "margin_edge_gradient": float(grad[edge].mean()) if edge.any() else math.nan,
-    }
-
-
-def lesion_features(
-    hu: np.ndarray, mask: np.ndarray, pixel_mm: float, window: tuple[float, float] = DEFAULT_WINDOW
-) -> dict[str, float]:
-    """Radiomics-style features of one lesion patch (scikit-image implementation).
-
-    Args:
-        hu: HU ``(S, H, W)`` (or ``(H, W)``); slice ``S // 2`` is the lesion's largest cross-section.
-        mask: Lesion mask, same shape.
-        pixel_mm: Patch pixel size in mm.
-        window: Liver window (centre, width) used to quantise grey levels for the GLCM.
-
-    Returns:
-        First-order (``fo_*``, over the lesion pixels of all slices), GLCM (``glcm_*``), 2-D shape
-        (``shape_*``) and margin (``margin_*``) features of the centre slice.
-    """
-    hu = np.asarray(hu, dtype=np.float32)
-    mask = np.asarray(mask).astype(bool)
-    if hu.ndim == 2:
-        hu, mask = hu[None], mask[None]
-    if hu.shape != mask.shape:
-        raise UserError(
-            f"patch arrays: hu shape {hu.shape} differs from mask shape {mask.shape}; rebuild the cache"
-        )
-    if not mask.any():
-        raise UserError("patch arrays: the lesion mask is empty; rebuild the patch cache")
-    c = hu.shape[0] // 2
-    if not mask[c].any():  # the centre slice is the largest cross-section; fall back to any slice with lesion
-        c = int(np.argmax(mask.reshape(mask.shape[0], -1).sum(1)))
-    feats = _first_order(hu[mask])
-    feats |= _glcm(hu[c], mask[c], pixel_mm, window)
-    feats |= _shape_2d(mask[c], pixel_mm)
-    feats |= _margin(hu[c], mask[c], pixel_mm)
-    return feats
-
-
-def _pyradiomics_features(hu: np.ndarray, mask: np.ndarray, pixel_mm: float) -> dict[str, float]:
-    import SimpleITK as sitk
-    from radiomics import featureextractor  # type: ignore[import-not-found]
-
-    c = (
-        hu.shape[0] // 2
-        if mask[hu.shape[0] // 2].any()
-        else int(np.argmax(mask.reshape(mask.shape[0], -1).sum(1)))
-    )
-    img = sitk.GetImageFromArray(hu[c][None].astype(np.float32))
-    msk = sitk.GetImageFromArray(mask[c][None].astype(np.uint8))
-    for im in (img, msk):
-        im.SetSpacing((pixel_mm, pixel_mm, 1.0))
-    ext = featureextractor.RadiomicsFeatureExtractor(binWidth=HIST_BIN_HU, force2D=True, label=1)
-    ext.disableAllFeatures()
-    for cls in ("firstorder", "glcm", "shape2D"):
-        ext.enableFeatureClassByName(cls)
-    res = ext.execute(img, msk)
-    return {f"pyrad_{k}": float(v) for k, v in res.items() if not k.startswith("diagnostics_")}
-
-
-def _read_index(patch_dir: Path) -> tuple[Path, pd.DataFrame]:
-    patch_dir = Path(patch_dir)
-    if not (patch_dir / "index.csv").is_file():
-        children = sorted(patch_dir.glob("*/index.csv")) if patch_dir.is_dir() else []
-        if len(children) != 1:
-            raise UserError(
-                f"patch folder {patch_dir}: no single index.csv found; pass the cache folder written by "
-                "`liverlesion patches` (it holds index.csv)"
-            )
-        patch_dir = children[0].parent
-    index = pd.read_csv(
-        patch_dir / "index.csv", dtype={c: str for c in _TEXT_COLUMNS}, keep_default_na=False, na_values=[""]
-    )
-    missing = [c for c in ("lesion_id", "file") if c not in index.columns]
-    if missing:
-        raise UserError(
-            f"{patch_dir / 'index.csv'}: missing column(s) {', '.join(missing)}; rebuild the patch cache"
-        )
-    return patch_dir, index
-
-
-def _window(patch_dir: Path) -> tuple[float, float]:
-    settings = patch_dir / "settings.json"
-    if settings.is_file():
-        s = json.loads(settings.read_text())
-        return float(s.get("window_center", DEFAULT_WINDOW[0])), float(
-            s.get("window_width", DEFAULT_WINDOW[1])
-        )
-    return DEFAULT_WINDOW
-
-
-def extract_features(patch_dir: str | Path, extractor: str = "skimage") -> pd.DataFrame:
-    """Radiomics-style features of every lesion in a patch cache.
-
-    Args:
-        patch_dir: Cache folder holding ``index.csv`` and one npz per lesion (``hu``, ``mask``).
-        extractor: ``skimage`` (default) or ``pyradiomics`` (needs PyRadiomics installed).
-
-    Returns:
-        One row per lesion: ``lesion_id`` then the feature columns.
-    """
-    from liverlesion.progress import progress_bar
-
-    if extractor not in EXTRACTORS:
-        raise UserError(f"extractor={extractor!r}: unknown; use one of {', '.join(EXTRACTORS)}")
-    if extractor == "pyradiomics":
-        try:
-            import radiomics  # type: ignore[import-not-found]  # noqa: F401
-        except ImportError as e:
-            raise UserError(
-                "extractor='pyradiomics': PyRadiomics is not installed (it does not build on Python 3.11 from "
-                "PyPI); install it where it builds, or use extractor='skimage'"
-            ) from e
-    folder, index = _read_index(Path(patch_dir))
-    window = _window(folder)
-    rows = []
-    for _, r in progress_bar(index.iterrows(), "radiomics features", unit="lesion", total=len(index)):
-        path = folder / str(r["file"])
-        if not path.is_file():
-            raise UserError(f"patch file {path}: not found; the cache is incomplete, rebuild it")
-        with np.load(path, allow_pickle=False) as z:
-            hu, mask = z["hu"], z["mask"]
-            meta = json.loads(str(z["meta"])) if "meta" in z.files else {}
-        pixel = r.get("patch_pixel_mm", math.nan)
-        pixel_mm = float(pixel) if pd.notna(pixel) else float(meta.get("pixel_mm", 1.0))
-        try:
-            feats = (
-                lesion_features(hu, mask, pixel_mm, window)
-                if extractor == "skimage"
-                else _pyradiomics_features(
-                    np.asarray(hu, np.float32), np.asarray(mask).astype(bool), pixel_mm
-                )
-            )
-        except UserError as e:
-            raise UserError(f"lesion {r['lesion_id']} ({path.name}): {e}") from e
-        rows.append({"lesion_id": str(r["lesion_id"]), **feats})
-    return pd.DataFrame(rows)
 
 
 # --------------------------------------------------------------------------- models
@@ -378,7 +137,7 @@ class _Fitted:
         return probs, pred
 
 
-def _fit_predict(
+def fit_predict(
     name: str,
     features: list[str],
     classes: list[str],
@@ -548,11 +307,11 @@ def run_baselines(
                     "use fewer folds (cv.folds) or more patients"
                 )
         for n in names:
-            probs, pred, info = _fit_predict(n, features[n], classes, positive_class, seed, train, test)
+            probs, pred, info = fit_predict(n, features[n], classes, positive_class, seed, train, test)
             test_frames[n].append(_frame(test, classes, probs, pred, k))
             fold_info[n].append({"fold": k, **info})
             if not val.empty:
-                vp, vpred, _ = _fit_predict(n, features[n], classes, positive_class, seed, fit, val)
+                vp, vpred, _ = fit_predict(n, features[n], classes, positive_class, seed, fit, val)
                 val_frames[n].append(_frame(val, classes, vp, vpred, k))
     assert seen == set(table["lesion_id"]), "some lesions got no out-of-fold prediction"
 
@@ -672,7 +431,6 @@ def _frozen_table(cfg, patch_dir: Path, table: pd.DataFrame) -> pd.DataFrame | N
         print("frozen_lr: skipped (model.weights is not imagenet)")
         return None
     from liverlesion.data import load_patch_arrays
-    from liverlesion.features import frozen_features, frozen_table
     from liverlesion.model import build_model
 
     arrays = load_patch_arrays(patch_dir, table)
@@ -692,8 +450,7 @@ def run_baselines_cli(manifest: str | Path, out: str | Path, cfg) -> dict[str, P
     Returns:
         ``{name: path of predictions.csv}``.
     """
-    from liverlesion.patches import build_patches
-    from liverlesion.splits import load_or_create_splits
+    from liverlesion.splits import load_or_create_splits  # sklearn
 
     manifest, out = Path(manifest), Path(out)
     if not manifest.is_file():
@@ -704,7 +461,7 @@ def run_baselines_cli(manifest: str | Path, out: str | Path, cfg) -> dict[str, P
     # The patch index is the lesion table plus the npz file of each lesion: reading the
     # volumes once gives both.
     patch_dir = Path(build_patches(manifest, runs.patches_dir(out), cfg.patch))
-    _, table = _read_index(patch_dir)
+    table = load_patch_index(patch_dir)
     splits = load_or_create_splits(
         runs.splits_path(out), table, cfg.cv.folds, cfg.cv.seed, cfg.train.val_fraction
     )

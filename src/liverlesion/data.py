@@ -14,15 +14,14 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from liverlesion.patches import load_patch
+
 
 def load_patch_arrays(patch_dir: str | Path, index: pd.DataFrame) -> list[np.ndarray]:
     """Load each lesion's ``image`` array ``(S, C, H, W)`` from the patch cache."""
-    patch_dir = Path(patch_dir)
-    out = []
-    for f in index["file"]:
-        with np.load(patch_dir / f) as z:
-            out.append(z["image"].astype(np.float32))
-    return out
+    return [
+        load_patch(patch_dir, str(f), arrays=("image",))["image"].astype(np.float32) for f in index["file"]
+    ]
 
 
 class Augment:

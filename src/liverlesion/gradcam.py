@@ -19,6 +19,7 @@ import pandas as pd
 from liverlesion import DISCLAIMER, runs
 from liverlesion.errors import UserError
 from liverlesion.fileio import atomic_path
+from liverlesion.patches import load_patch, patch_files
 
 GRADCAM_TARGET = "predicted class"  # the gallery explains the decision that is shown
 
@@ -188,16 +189,6 @@ def _load_model(path: Path) -> tuple[Any, dict[str, Any]]:
     return model, ckpt
 
 
-def _patch_files(patch_dir: Path) -> dict[str, Path]:
-    index = patch_dir / "index.csv"
-    if not index.is_file():
-        raise UserError(f"{index}: patch index not found; re-run `liverlesion cv` (or `liverlesion patches`)")
-    df = pd.read_csv(index, dtype={"lesion_id": str, "file": str}, keep_default_na=False)
-    if not {"lesion_id", "file"} <= set(df.columns):
-        raise UserError(f"{index}: needs lesion_id and file columns; rebuild the patch cache")
-    return {r.lesion_id: patch_dir / r.file for r in df.itertuples()}
-
-
 def _order(df: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
     probs = df[[f"prob_{c}" for c in classes]].to_numpy(float)
     col = {c: i for i, c in enumerate(classes)}
@@ -241,7 +232,7 @@ def gradcam_gallery(
     classes = [c[5:] for c in predictions_df.columns if c.startswith("prob_")]
     if "status" in predictions_df.columns:  # lesions too small to characterise have no decision to explain
         predictions_df = predictions_df[predictions_df["status"].astype(str) == "classified"]
-    files = _patch_files(patch_dir)
+    files = patch_files(patch_dir)
     ordered = _order(predictions_df, classes)
     models: dict[str, tuple[Any, dict[str, Any]] | None] = {}
     cells: list[dict[str, Any]] = []
@@ -258,8 +249,7 @@ def gradcam_gallery(
             skipped.append(lid)
             continue
         model, ckpt = models[fold]
-        with np.load(files[lid]) as z:
-            chw, centre, mask = centre_sample(z)
+        chw, centre, mask = centre_sample(load_patch(patch_dir, files[lid], arrays=("image", "mask")))
         in_chans = int(ckpt.get("in_chans", chw.shape[0]))
         if chw.shape[0] != in_chans and chw.shape[0] == 1:
             chw = np.repeat(chw, in_chans, axis=0)  # 2-D mode: grey slice fed as several channels

@@ -1,4 +1,4 @@
-"""The network (timm backbone + the paper's head) and self-describing checkpoints.
+"""The network (timm backbone + the paper's head), built fresh or rebuilt from a checkpoint.
 
 ``LesionNet`` takes patches windowed to ``[0, 1]`` with shape ``(N, C, H, W)`` and normalises them
 inside the module with the backbone's pretrained mean / std (registered buffers, stored in the
@@ -7,13 +7,14 @@ mean = std = 0.5, i.e. ``[-1, 1]`` like Google's TF Inception.
 
 Head (Romero et al. 2019): global average pooling -> FC 512 -> ReLU -> Dropout 0.4 -> FC 512 ->
 ReLU -> FC (classes); softmax is applied by the loss / at prediction.
+
+``build_model`` initialises the backbone (ImageNet, random, or a weights file fitted by
+:mod:`liverlesion.backbone_weights`); ``load_checkpoint`` rebuilds a
+trained network from its ``model.pt``, whose file format :mod:`liverlesion.checkpoint` owns.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
-import pickle
-import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,12 +22,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from liverlesion.config import Config, ModelConfig, config_from_dict
+from liverlesion.backbone_weights import init_from_file, load_backbone
+
+# checkpoint.py owns the file; save_checkpoint and checkpoint_hash stay importable from here (documented)
+from liverlesion.checkpoint import checkpoint_hash, read_checkpoint, save_checkpoint
+from liverlesion.config import ModelConfig, config_from_dict
 from liverlesion.errors import UserError
 
-CHECKPOINT_FORMAT = "liverlesion.checkpoint"
-CHECKPOINT_VERSION = 1  # bump when the layout changes; load_checkpoint reads MIN..CURRENT
-MIN_CHECKPOINT_VERSION = 1
+__all__ = ["LesionNet", "build_model", "checkpoint_hash", "load_checkpoint", "save_checkpoint"]
 
 
 class LesionNet(nn.Module):
@@ -93,7 +96,7 @@ class LesionNet(nn.Module):
 
     def apply_backbone_patch(self, patch: str | None) -> None:
         """Apply a named backbone patch (see ``weights.apply_backbone_patch``) and remember it."""
-        from liverlesion.weights import apply_backbone_patch
+        from liverlesion.tf_inception import apply_backbone_patch  # torch, timm
 
         apply_backbone_patch(self.backbone, patch)
         if patch:
@@ -366,7 +369,7 @@ def build_model(
         # ``imagenet``: weights already resolved by the caller (one look-up for all CV folds)
         w = imagenet if imagenet is not None else resolve_imagenet_weights(cfg.backbone)
         model = LesionNet(*args, mean=w.mean, std=w.std, init_backbone=False, **kw)
-        _load_backbone(model, w.state_dict, source=w.source, src_chans=3)
+        load_backbone(model, w.state_dict, source=w.source, src_chans=3)
         model.apply_backbone_patch(w.backbone_patch)
         return model, w.source
     if kind in ("none", "random", ""):
@@ -374,249 +377,10 @@ def build_model(
     path = Path(choice).expanduser()
     # every backbone tensor is loaded from the file (or we fail), so skip the random init
     model = LesionNet(*args, init_backbone=not path.is_file(), **kw)
-    return model, _init_from_file(model, path)
-
-
-def _adapt_first_conv(model: LesionNet, sd: dict[str, Tensor], src_chans: int) -> dict[str, Tensor]:
-    """Adapt the first conv weights to ``model.in_chans`` with timm's ``adapt_input_conv``."""
-    from timm.models import adapt_input_conv
-
-    if src_chans == model.in_chans:
-        return sd
-    first = (getattr(model.backbone, "pretrained_cfg", None) or {}).get("first_conv")
-    names = [first] if isinstance(first, str) else list(first or [])
-    sd = dict(sd)
-    for name in names:
-        key = f"{name}.weight"
-        if key in sd and sd[key].ndim == 4 and sd[key].shape[1] == src_chans:
-            sd[key] = adapt_input_conv(model.in_chans, sd[key], base_chans=src_chans)
-    return sd
-
-
-def _load_backbone(model: LesionNet, sd: dict[str, Tensor], source: str, src_chans: int) -> None:
-    sd = _adapt_first_conv(model, sd, src_chans)
-    own = model.backbone.state_dict()
-    classifier = (getattr(model.backbone, "pretrained_cfg", None) or {}).get("classifier") or ()
-    classifier = (classifier,) if isinstance(classifier, str) else tuple(classifier)
-    # a pretrained classifier (fc, head, ...) is not part of a num_classes=0 backbone
-    unexpected = [k for k in sd if k not in own and not any(k.startswith(c + ".") for c in classifier)]
-    missing = [k for k in own if k not in sd]
-    wrong = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-        if wrong:
-            k = wrong[0]
-            parts.append(
-                f"{len(wrong)} with other shapes (e.g. {k}: {tuple(sd[k].shape)} vs {tuple(own[k].shape)})"
-            )
-        raise UserError(
-            f"--weights {source}: does not fit backbone {model.backbone_name} ({'; '.join(parts)}); "
-            f"give weights made for {model.backbone_name} or change model.backbone"
-        )
-    model.backbone.load_state_dict({k: sd[k] for k in own}, strict=True)
-
-
-_STRIP_PREFIXES = ("module.", "model.", "net.", "backbone.", "encoder.")
-
-
-def _init_from_file(model: LesionNet, path: Path) -> str:
-    """Initialise the backbone from a liverlesion checkpoint or a plain / timm state dict."""
-    if not path.exists():
-        raise UserError(
-            f"--weights {path}: file not found; give imagenet, none, or the path of a checkpoint / state_dict"
-        )
-    if path.is_dir():
-        raise UserError(
-            f"--weights {path}: is a folder; give a model.pt / .pth / .safetensors file inside it"
-        )
-    if path.suffix == ".safetensors":
-        import safetensors.torch
-
-        try:
-            obj: Any = safetensors.torch.load_file(str(path), device="cpu")
-        except Exception as e:
-            raise UserError(
-                f"--weights {path}: not a readable safetensors file ({type(e).__name__}); re-download it"
-            ) from e
-    else:
-        obj = _safe_load(path, "--weights")
-    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
-        sd = {k[len("backbone.") :]: v for k, v in obj["state_dict"].items() if k.startswith("backbone.")}
-        stored = obj.get("config", {}).get("model", {}).get("backbone")
-        if stored and stored.split(".")[0] != model.backbone_name.split(".")[0]:
-            raise UserError(
-                f"--weights {path}: checkpoint backbone is {stored}, config wants {model.backbone_name}; "
-                f"set --backbone {stored} or use other weights"
-            )
-        _load_backbone(model, sd, source=str(path), src_chans=int(obj.get("in_chans", 3)))
-        model.apply_backbone_patch(obj.get("backbone_patch"))
-        if int(obj.get("in_chans", 3)) == model.in_chans:
-            sdict = obj["state_dict"]
-            if "input_mean" in sdict and "input_std" in sdict:
-                model.input_mean.copy_(sdict["input_mean"])
-                model.input_std.copy_(sdict["input_std"])
-        return f"checkpoint {path} (backbone of liverlesion checkpoint)"
-    if isinstance(obj, dict):
-        for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
-        raise UserError(
-            f"--weights {path}: not a state_dict (expected a mapping of parameter names to tensors); "
-            f"save one with torch.save(model.state_dict(), PATH)"
-        )
-    own = set(model.backbone.state_dict())
-    sd = dict(obj)
-    # strip wrapper prefixes (DataParallel, Lightning, our own LesionNet) while that finds more keys
-    changed = True
-    while changed:
-        changed = False
-        for p in _STRIP_PREFIXES:
-            stripped = {k[len(p) :]: v for k, v in sd.items() if k.startswith(p)}
-            if stripped and len(own & set(stripped)) > len(own & set(sd)):
-                sd, changed = stripped, True
-    src_chans = _first_conv_chans(model, sd)
-    _load_backbone(model, sd, source=str(path), src_chans=src_chans)
-    return f"checkpoint {path}"
-
-
-def _first_conv_chans(model: LesionNet, sd: dict[str, Tensor]) -> int:
-    first = (getattr(model.backbone, "pretrained_cfg", None) or {}).get("first_conv")
-    name = first if isinstance(first, str) else (first[0] if first else None)
-    w = sd.get(f"{name}.weight") if name else None
-    return int(w.shape[1]) if w is not None and w.ndim == 4 else model.in_chans
+    return model, init_from_file(model, path)
 
 
 # --------------------------------------------------------------------------- checkpoints
-
-
-def _safe_load(path: Path, what: str) -> Any:
-    """``torch.load(weights_only=True)`` with one-line errors for the ways a file can be wrong."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        # liverlesion and Lightning always write zip archives; anything else is garbage or foreign
-        if "Weights only load failed" in str(e) and zipfile.is_zipfile(path):
-            kind = _sniff_pickle(path)
-            raise UserError(
-                f"{what} {path}: {kind}; it holds Python objects other than tensors and plain values, which "
-                f"liverlesion will not unpickle (that could run code)"
-            ) from e
-        raise UserError(
-            f"{what} {path}: not a PyTorch file or corrupt (not the zip archive torch.save writes); copy it again"
-        ) from e
-    except Exception as e:  # the unpickler fails in many ways on garbage (KeyError, EOFError, ...)
-        raise UserError(
-            f"{what} {path}: not a PyTorch file, truncated or corrupt ({_first_line(e)}); copy it again"
-        ) from e
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"[:160]
-
-
-def _sniff_pickle(path: Path) -> str:
-    try:
-        with zipfile.ZipFile(path) as z:
-            data = b"".join(z.read(n) for n in z.namelist() if n.endswith("data.pkl"))
-    except (zipfile.BadZipFile, OSError):
-        return "not a liverlesion checkpoint"
-    if b"pytorch-lightning_version" in data:
-        return "a PyTorch Lightning training checkpoint, not a liverlesion model; use fold_K/model.pt from the run folder"
-    if CHECKPOINT_FORMAT.encode() in data:
-        return "a liverlesion checkpoint with unexpected contents (tampered or made by a modified version)"
-    return "not a liverlesion checkpoint"
-
-
-def _plain(value: Any) -> Any:
-    """Convert to types ``torch.load(weights_only=True)`` accepts (dict/list/str/number/bool/None/tensor)."""
-    import numpy as np
-
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    if torch.is_tensor(value):
-        return value.detach().cpu()
-    # exact builtin types: subclasses such as torch's TorchVersion (a str) are not allowed by weights_only
-    for t in (bool, int, float, str):
-        if isinstance(value, t):
-            return t(value)
-    if value is None:
-        return None
-    raise TypeError(f"checkpoint field of type {type(value).__name__} cannot be stored safely")
-
-
-def _versions() -> dict[str, str]:
-    from liverlesion import __version__
-    from liverlesion.versions import library_versions
-
-    return {**library_versions(), "liverlesion": __version__}
-
-
-def save_checkpoint(
-    path: str | Path,
-    model: LesionNet,
-    config: Config,
-    class_names: list[str],
-    in_chans: int,
-    **extra: Any,
-) -> Path:
-    """Write a self-describing checkpoint atomically (see docs/ARCHITECTURE.md).
-
-    Args:
-        path: Destination (``model.pt``).
-        model: The trained model.
-        config: Resolved config; stored as a dict.
-        class_names: Class names in logit order.
-        in_chans: Input channels the model takes.
-        **extra: ``temperature`` (default 1.0), ``threshold`` (default 0.5), ``positive_class``
-            (default ``config.eval.positive_class`` if it is a class), ``fold`` (default None) and any
-            other plain values to store.
-    """
-    from liverlesion import __version__
-    from liverlesion.fileio import atomic_path
-
-    assert in_chans == model.in_chans, (in_chans, model.in_chans)
-    assert len(class_names) == model.num_classes, (class_names, model.num_classes)
-    positive = config.eval.positive_class if config.eval.positive_class in class_names else None
-    payload: dict[str, Any] = {
-        "format": CHECKPOINT_FORMAT,
-        "format_version": CHECKPOINT_VERSION,
-        "liverlesion_version": __version__,
-        "config": _plain(config.to_dict()),
-        "class_names": [str(c) for c in class_names],
-        "in_chans": int(in_chans),
-        "backbone_patch": model.backbone_patch,
-        "fusion_features": list(model.fusion_features),
-        "features_from": model.features_from,
-        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-        "versions": _plain(_versions()),
-        "temperature": 1.0,
-        "threshold": 0.5,
-        "positive_class": positive,
-        "fold": None,
-        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-    }
-    for key, value in extra.items():
-        payload[key] = _plain(value)
-    payload["temperature"] = float(payload["temperature"])
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
-    return path
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[LesionNet, dict]:
@@ -630,33 +394,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             not fit the stored config.
     """
     path = Path(path).expanduser()
-    if not path.is_file():
-        hint = (
-            "; give the model.pt inside it" if path.is_dir() else "; give the model.pt written by train / cv"
-        )
-        raise UserError(f"checkpoint {path}: {'is a folder' if path.is_dir() else 'file not found'}{hint}")
-    obj = _safe_load(path, "checkpoint")
-    if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"checkpoint {path}: {_foreign_kind(obj)}")
-    version = obj.get("format_version")
-    made_by = obj.get("liverlesion_version", "?")
-    if not isinstance(version, int) or version > CHECKPOINT_VERSION:
-        from liverlesion import __version__
-
-        raise UserError(
-            f"checkpoint {path}: format version {version} made by liverlesion {made_by} is newer than this "
-            f"liverlesion {__version__} reads (<= {CHECKPOINT_VERSION}); upgrade: pip install -U liverlesion"
-        )
-    if version < MIN_CHECKPOINT_VERSION:
-        raise UserError(
-            f"checkpoint {path}: format version {version} (liverlesion {made_by}) is no longer supported; "
-            f"retrain, or load it with liverlesion {made_by}"
-        )
-    missing = [k for k in ("config", "class_names", "in_chans", "state_dict") if k not in obj]
-    if missing:
-        raise UserError(
-            f"checkpoint {path}: incomplete, no {', '.join(missing)}; the file is damaged, copy it again"
-        )
+    obj = read_checkpoint(path)
     try:
         from liverlesion.weights import check_backbone_name
 
@@ -710,22 +448,3 @@ def _shape_mismatch(model: nn.Module, sd: dict[str, Tensor]) -> list[str]:
         for k, v in sd.items()
         if k in own and torch.is_tensor(v) and tuple(v.shape) != tuple(own[k].shape)
     ]
-
-
-def _foreign_kind(obj: Any) -> str:
-    if isinstance(obj, dict):
-        if "pytorch-lightning_version" in obj or ("state_dict" in obj and "global_step" in obj):
-            return "a PyTorch Lightning training checkpoint, not a liverlesion model; use fold_K/model.pt from the run folder"
-        if obj and all(torch.is_tensor(v) for v in obj.values()):
-            return (
-                "a plain state_dict, not a liverlesion checkpoint (no config or class names); use it to "
-                "initialise training with --weights PATH, and predict with the model.pt that train / cv write"
-            )
-    return "not a liverlesion checkpoint; give the model.pt written by train / cv"
-
-
-def checkpoint_hash(path: str | Path) -> str:
-    """First 12 hex digits of the file's sha256 (provenance in reports and exports)."""
-    from liverlesion.onnx_backend import file_hash  # the torch-free owner of the hash
-
-    return file_hash(path)

@@ -54,6 +54,8 @@ __all__ = [
     "load_patch",
     "load_patch_config",
     "load_patch_index",
+    "load_patch_settings",
+    "patch_files",
     "patch_cache_key",
     "resolve_patch_dir",
     "window",
@@ -507,39 +509,66 @@ def load_patch_index(patch_dir: str | Path) -> pd.DataFrame:
 
     Args:
         patch_dir: The cache folder (``out/<key>``), or ``out`` when it holds one cache.
+
+    Raises:
+        UserError: No (single) cache in ``patch_dir``, or an index without ``lesion_id`` / ``file``.
     """
     folder = resolve_patch_dir(patch_dir)
     text = {c: str for c in _TEXT_COLUMNS}
-    return pd.read_csv(folder / "index.csv", dtype=text, keep_default_na=False, na_values=[""])
+    index = pd.read_csv(folder / "index.csv", dtype=text, keep_default_na=False, na_values=[""])
+    missing = [c for c in ("lesion_id", "file") if c not in index.columns]
+    if missing:
+        raise UserError(
+            f"{folder / 'index.csv'}: missing column(s) {', '.join(missing)}; rebuild the patch cache"
+        )
+    return index
 
 
 def load_patch_config(patch_dir: str | Path) -> PatchConfig:
     """The PatchConfig a cache was built with (``settings.json``)."""
-    folder = resolve_patch_dir(patch_dir)
-    data = json.loads((folder / "settings.json").read_text())
+    data = json.loads((resolve_patch_dir(patch_dir) / "settings.json").read_text())
     known = {f.name for f in dataclasses.fields(PatchConfig)}
     return PatchConfig(**{k: v for k, v in data.items() if k in known})
 
 
-def load_patch(patch_dir: str | Path, row: Mapping[str, Any] | str) -> dict[str, Any]:
+def load_patch_settings(patch_dir: str | Path) -> dict[str, Any]:
+    """A cache's ``settings.json`` as written (``{}`` for a cache without one)."""
+    path = resolve_patch_dir(patch_dir) / "settings.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def load_patch(
+    patch_dir: str | Path,
+    row: Mapping[str, Any] | str | Path,
+    arrays: tuple[str, ...] = ("image", "mask", "hu"),
+) -> dict[str, Any]:
     """Load one lesion's arrays.
 
     Args:
         patch_dir: The cache folder.
-        row: A row of :func:`load_patch_index` (or its ``file`` value).
+        row: A row of :func:`load_patch_index`, its ``file`` value, or a path from :func:`patch_files`.
+        arrays: Which arrays to read (each one read costs its decompression).
 
     Returns:
-        ``image`` (S, C, H, W) float32, ``mask`` (S, H, W) uint8, ``hu`` (S, H, W) float32, ``meta`` dict.
+        ``image`` (S, C, H, W) float32, ``mask`` (S, H, W) uint8, ``hu`` (S, H, W) float32 (those asked
+        for), ``meta`` dict.
     """
-    folder = resolve_patch_dir(patch_dir)
-    name = row if isinstance(row, str) else str(row["file"])
-    path = folder / name
+    if isinstance(row, Path):
+        path = row
+    else:
+        path = resolve_patch_dir(patch_dir) / (row if isinstance(row, str) else str(row["file"]))
     if not path.is_file():
         raise UserError(f"patch file {path}: not found; the cache is incomplete, rebuild it with --overwrite")
     with np.load(path, allow_pickle=False) as z:
-        out: dict[str, Any] = {k: z[k] for k in ("image", "mask", "hu")}
+        out: dict[str, Any] = {k: z[k] for k in arrays}
         out["meta"] = json.loads(str(z["meta"])) if "meta" in z.files else {}
     return out
+
+
+def patch_files(patch_dir: str | Path) -> dict[str, Path]:
+    """lesion_id -> its npz file, for every lesion of a cache's index."""
+    folder = resolve_patch_dir(patch_dir)
+    return {str(r["lesion_id"]): folder / str(r["file"]) for _, r in load_patch_index(folder).iterrows()}
 
 
 # --------------------------------------------------------------------------- contact sheet

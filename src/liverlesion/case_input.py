@@ -1,0 +1,114 @@
+"""Checks of what a caller hands the classifier: the CT volume, a click point, a mask, the minimum size.
+
+Each refuses bad input with one :class:`~liverlesion.errors.UserError` line naming the input,
+before any work is done (``predict``, the Python API and ``serve`` share them).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from liverlesion.errors import UserError
+from liverlesion.io import check_geometry
+from liverlesion.volume import Volume
+
+__all__ = ["check_ct_volume", "check_min_size", "mask_volume", "parse_point"]
+
+# Spacing beyond this is not a CT voxel (mm); usually a unit error (cm / m) in a converted file.
+_MAX_SPACING_MM = 50.0
+
+
+def parse_point(text: str, name: str = "--point") -> tuple[float, float, float]:
+    """Parse ``"x,y,z"`` (LPS mm) into three finite floats.
+
+    Raises:
+        UserError: Not three comma-separated finite numbers.
+    """
+    parts = [p.strip() for p in str(text).strip().strip("()[]").split(",")]
+    if len(parts) != 3 or not all(parts):
+        raise UserError(
+            f'{name} {text!r}: expected three comma-separated numbers x,y,z in LPS mm, e.g. {name} "-12.5,40,101"'
+        )
+    try:
+        values = tuple(float(p) for p in parts)
+    except ValueError as exc:
+        raise UserError(
+            f'{name} {text!r}: not numbers; expected x,y,z in LPS mm, e.g. {name} "-12.5,40,101"'
+        ) from exc
+    if not all(math.isfinite(v) for v in values):
+        raise UserError(f"{name} {text!r}: coordinates must be finite numbers (x,y,z in LPS mm)")
+    return values  # type: ignore[return-value]
+
+
+def check_ct_volume(volume: Volume, name: str = "image") -> None:
+    """Refuse volumes that cannot be CT in Hounsfield units with usable geometry.
+
+    Readers already refuse 2-D images, non-CT DICOM modalities and NIfTI headers with zero or
+    negative voxel sizes; this catches what reaches us as an in-memory Volume: bad or absurd spacing, a non-CT
+    modality recorded in ``meta``, and values that were never rescaled to HU.
+
+    Raises:
+        UserError: One line naming ``name``.
+    """
+    spacing = np.asarray(volume.spacing, dtype=float)
+    if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0) or np.any(spacing > _MAX_SPACING_MM):
+        raise UserError(
+            f"{name}: voxel spacing {tuple(round(float(s), 4) for s in spacing)} mm (z, y, x) is not a CT geometry "
+            f"(each must be > 0 and <= {_MAX_SPACING_MM:g} mm); the file's header is broken or not in mm: "
+            "re-export the CT with its real spacing (e.g. from DICOM with dcm2niix)"
+        )
+    if not np.all(np.isfinite(volume.direction)) or abs(abs(np.linalg.det(volume.direction)) - 1) > 1e-2:
+        raise UserError(
+            f"{name}: direction matrix {np.round(volume.direction.ravel(), 3).tolist()} is not a rotation; "
+            "re-export the CT with valid orientation"
+        )
+    modality = str(volume.meta.get("modality") or "").upper()
+    if modality and modality != "CT":
+        raise UserError(
+            f"{name}: modality {modality}, not CT; this tool works on CT in Hounsfield units: pass a CT series"
+        )
+    if min(volume.shape) < 2:
+        raise UserError(
+            f"{name}: shape {volume.shape} (z, y, x) is not a 3-D volume; pass the whole CT series"
+        )
+    lo = float(np.min(volume.array))
+    if lo >= 0:
+        raise UserError(
+            f"{name}: no negative values (min {lo:g}, max {float(np.max(volume.array)):g}); CT in Hounsfield units "
+            "has air near -1000 and fat near -100, so this is not CT in HU (rescale slope/intercept not applied, "
+            "or not a CT): convert it to HU"
+        )
+
+
+def check_min_size(min_size_mm: float) -> None:
+    """Refuse a minimum lesion size that is not 0 or a positive number of mm.
+
+    Raises:
+        UserError: One line naming ``--min-size-mm``.
+    """
+    if not (math.isfinite(float(min_size_mm)) and min_size_mm >= 0):
+        raise UserError(f"--min-size-mm {min_size_mm}: must be 0 or a positive number of mm (default 5)")
+
+
+def mask_volume(
+    volume: Volume, mask: Volume | np.ndarray, tolerance: float, image_name: str, mask_name: str
+) -> Volume:
+    """The lesion mask as a Volume on ``volume``'s grid (a Volume is checked, an array given its geometry).
+
+    Raises:
+        UserError: Geometry or shape differs from the image.
+    """
+    if isinstance(mask, Volume):
+        check_geometry(volume, mask, tolerance=tolerance, image_name=image_name, mask_name=mask_name)
+        return mask
+    arr = np.asarray(mask)
+    if arr.shape != volume.shape:
+        raise UserError(
+            f"{mask_name}: array shape {arr.shape} (z, y, x) differs from {image_name}'s {volume.shape}; "
+            "give the mask drawn on this image"
+        )
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8)
+    return volume.with_array(arr, source="")
