@@ -176,3 +176,18 @@ def test_lesion_module_is_importable_picklable_and_trains_only_blocks_in_use() -
     assert not any(p.requires_grad for p in above)
     opt = module.configure_optimizers()["optimizer"]
     assert not any(id(p) in {id(q) for q in above} for g in opt.param_groups for p in g["params"])
+
+
+def test_quiet_lightning_restores_the_callers_logging() -> None:
+    """Training quiets Lightning's notices only while it runs (no global logging state is changed)."""
+    import logging
+    import warnings
+
+    from liverlesion.cv import quiet_lightning
+
+    log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    log.setLevel(logging.DEBUG)
+    filters = list(warnings.filters)
+    with quiet_lightning():
+        assert log.level == logging.WARNING
+    assert log.level == logging.DEBUG and warnings.filters == filters

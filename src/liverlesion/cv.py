@@ -9,6 +9,8 @@ alone prepares the run folder while the others wait.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import time
@@ -35,28 +37,49 @@ def _prepare_run_dir(out: Path, resume: bool) -> Path:
     return out
 
 
-def _quiet_lightning() -> None:
-    """Keep the terminal readable: progress bars and our own lines, not Lightning's tips and notices."""
+@contextlib.contextmanager
+def quiet_lightning():
+    """Keep the terminal readable while a run trains: progress bars and our own lines, not Lightning's
+    tips and notices. Logger levels and warning filters are restored on exit, so a Python caller's
+    own logging setup is left as it was.
+    """
     import logging
     import warnings
 
-    for name in (
+    names = (
         "lightning.pytorch.utilities.rank_zero",
         "lightning.fabric.utilities.rank_zero",
         "lightning.pytorch.accelerators.cuda",
-    ):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=r".*treespec.*")
-    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=r".*number of training batches.*")
-    # lpft keeps the pretrained BatchNorm statistics on purpose (modules in eval mode while training)
-    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+    )
+    levels = {n: logging.getLogger(n).level for n in names}
+    with warnings.catch_warnings():
+        for n in names:
+            logging.getLogger(n).setLevel(logging.WARNING)
+        warnings.filterwarnings("ignore", message=r".*treespec.*")
+        warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=r".*number of training batches.*")
+        # lpft keeps the pretrained BatchNorm statistics on purpose (modules in eval mode while training)
+        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+        try:
+            yield
+        finally:
+            for n, level in levels.items():
+                logging.getLogger(n).setLevel(level)
+
+
+def _quietly(fn):
+    """Run ``fn`` inside :func:`quiet_lightning`."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with quiet_lightning():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _set_threads(cfg: Config) -> None:
     import torch
-
-    _quiet_lightning()
 
     if cfg.train.max_threads > 0:
         torch.set_num_threads(cfg.train.max_threads)
@@ -253,6 +276,7 @@ def _announce_init(
     return info, imagenet
 
 
+@_quietly
 def run_cv(
     manifest: str | Path,
     out: str | Path,
@@ -394,6 +418,7 @@ def _frozen_features(shared: dict[str, Any], index: pd.DataFrame, cfg: Config) -
     return frozen_table(index["lesion_id"], np.stack([p[0].mean(0) for p in cache.pooled]))
 
 
+@_quietly
 def train_single(manifest: str | Path, out: str | Path, cfg: Config, resume: bool = False) -> Path:
     """Train one model on all patients (an inner validation split by patient for early stopping)."""
     from liverlesion.data import load_patch_arrays
