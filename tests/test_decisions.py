@@ -19,6 +19,9 @@ import pytest
 from liverlesion.config import load_config
 from liverlesion.decision import CLASSIFIED, TOO_SMALL, choose_threshold, decide
 
+# every test here reads one small CV run (Lightning, 30-50 s on 2 cores): the slow job (.ci/run-slow)
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def cv_run(tmp_path_factory):

@@ -109,6 +109,7 @@ def test_2d_mode_averages_slices_back_to_lesions():
     np.testing.assert_allclose(apply_temperature(logits, 2.0).sum(1), 1.0, atol=1e-6)
 
 
+@pytest.mark.slow  # a Lightning run of 15-50 s on 2 cores: the slow job (.ci/run-slow)
 def test_lpft_staged_forward_matches_full_model_and_learns(tmp_path):
     """lpft trains the top block on cached activations; the saved model's full forward gives the same logits."""
     torch.set_num_threads(2)

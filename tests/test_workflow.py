@@ -75,6 +75,7 @@ def test_cv_refuses_single_class_manifest(cohort, tmp_path, capsys):
     assert len(err) == 1 and "at least two" in err[0]
 
 
+@pytest.mark.slow  # a Lightning run of 15-50 s on 2 cores: the slow job (.ci/run-slow)
 def test_cv_resume_reuses_finished_folds(cohort, tmp_path, capsys):
     manifest = cohort / "manifest.csv"
     run = tmp_path / "run"
