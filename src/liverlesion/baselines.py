@@ -374,7 +374,7 @@ def _simple_metrics(df: pd.DataFrame, classes: list[str], positive: str) -> dict
 
 def _metrics_table(paths: dict[str, Path], classes: list[str], cfg) -> tuple[str, dict[str, Any]]:
     summarize: Callable[..., dict[str, Any]] | None
-    try:
+    try:  # local: guarded by the ImportError fallback below
         from liverlesion.metrics import metric_label
         from liverlesion.scoring import summarize_predictions
         from liverlesion.summary import fmt_ci, format_table
@@ -430,8 +430,8 @@ def _frozen_table(cfg, patch_dir: Path, table: pd.DataFrame) -> pd.DataFrame | N
     if str(cfg.model.weights).lower() != "imagenet":
         print("frozen_lr: skipped (model.weights is not imagenet)")
         return None
-    from liverlesion.data import load_patch_arrays
-    from liverlesion.model import build_model
+    from liverlesion.data import load_patch_arrays  # local: heavy (torch)
+    from liverlesion.model import build_model  # local: heavy (torch)
 
     arrays = load_patch_arrays(patch_dir, table)
     model, init = build_model(cfg.model, num_classes=2, in_chans=int(arrays[0].shape[1]))
@@ -450,7 +450,7 @@ def run_baselines_cli(manifest: str | Path, out: str | Path, cfg) -> dict[str, P
     Returns:
         ``{name: path of predictions.csv}``.
     """
-    from liverlesion.splits import load_or_create_splits  # sklearn
+    from liverlesion.splits import load_or_create_splits  # local: heavy (sklearn)
 
     manifest, out = Path(manifest), Path(out)
     if not manifest.is_file():

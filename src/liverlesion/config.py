@@ -18,7 +18,9 @@ from typing import Any
 
 import yaml
 
+from liverlesion.decision import parse_threshold_method
 from liverlesion.errors import UserError
+from liverlesion.fileio import write_text
 
 
 @dataclass
@@ -140,8 +142,6 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def save(self, path: str | Path) -> Path:
-        from liverlesion.fileio import write_text
-
         return write_text(path, self.to_yaml())
 
 
@@ -268,8 +268,6 @@ def validate_config(cfg: Config) -> Config:
             raise UserError(f"config {key}={data[section][name]!r}: out of range; use a value {rng}")
     if cfg.patch.mode == "2d" and cfg.patch.neighbours < 0:
         raise UserError(f"config patch.neighbours={cfg.patch.neighbours}: must be >= 0")
-    from liverlesion.decision import parse_threshold_method
-
     parse_threshold_method(cfg.eval.threshold)
     d = str(cfg.train.devices).strip().lower()
     if not (d == "auto" or d.isdigit() and int(d) >= 1):

@@ -22,9 +22,12 @@ import pandas as pd
 
 from liverlesion import DISCLAIMER, __version__, runs
 from liverlesion.config import Config
+from liverlesion.domain import stats_table
 from liverlesion.errors import UserError
 from liverlesion.fileio import write_csv, write_json
+from liverlesion.manifest import read_manifest
 from liverlesion.train import fold_subset, train_fold
+from liverlesion.versions import library_versions
 
 
 def _prepare_run_dir(out: Path, resume: bool) -> Path:
@@ -87,7 +90,7 @@ def _set_threads(cfg: Config) -> None:
 
 def prepare_patches(manifest: Path, out: Path, cfg: Config) -> tuple[Path, pd.DataFrame]:
     """Cut (or reuse cached) patches into ``out/patches`` and return (patch_dir, lesion table)."""
-    from liverlesion.patches import build_patches, load_patch_index
+    from liverlesion.patches import build_patches, load_patch_index  # local: heavy (scipy)
 
     patch_dir = build_patches(manifest, runs.patches_dir(out), cfg.patch)
     index = load_patch_index(patch_dir)
@@ -118,14 +121,13 @@ def prepare_shared(
     in_chans: int,
 ) -> dict[str, Any]:
     """What every fold reuses: fusion features of every lesion and (lpft) the frozen-feature cache."""
-    from liverlesion.domain import stats_table
-    from liverlesion.model import build_model
+    from liverlesion.model import build_model  # local: heavy (torch)
 
     shared: dict[str, Any] = {"extra": None, "extra_names": []}
     # per-lesion intensity/spacing statistics; each fold stores the range of its own training lesions
     shared["domain"] = stats_table(index, patch_dir)
     if cfg.model.fusion == "radiomics":
-        from liverlesion.features import cache_radiomics
+        from liverlesion.features import cache_radiomics  # local: heavy (scipy)
 
         print("Fusion: radiomics-style features of every lesion (training-fold statistics per fold)")
         table = cache_radiomics(patch_dir, index, (cfg.patch.window_center, cfg.patch.window_width))
@@ -135,7 +137,7 @@ def prepare_shared(
     if cfg.train.recipe == "lpft":
         import torch
 
-        from liverlesion.lpft import build_cache, n_top_blocks
+        from liverlesion.lpft import build_cache, n_top_blocks  # local: heavy (torch)
 
         # the template's random parts (the head; all of it with weights=none) are the same in every
         # process: a resumed run retrains its interrupted fold from this very template
@@ -160,8 +162,6 @@ def prepare_shared(
 
 
 def _run_info(manifest: Path, patch_dir: Path, classes: list[str], cfg: Config, init: str, kind: str) -> dict:
-    from liverlesion.versions import library_versions
-
     return {
         "kind": kind,
         "manifest": str(Path(manifest).resolve()),
@@ -202,11 +202,11 @@ def _resolve_init(cfg: Config) -> tuple[Any, str]:
         (resolved ImageNet weights or None, description of the init).
     """
     if cfg.model.weights.lower() == "imagenet":
-        from liverlesion.weights import resolve_imagenet_weights
+        from liverlesion.weights import resolve_imagenet_weights  # local: heavy (torch, timm)
 
         w = resolve_imagenet_weights(cfg.model.backbone)
         return w, w.source
-    from liverlesion.model import build_model
+    from liverlesion.model import build_model  # local: heavy (torch)
 
     _, init = build_model(cfg.model, num_classes=2, in_chans=3)
     return None, init
@@ -214,8 +214,6 @@ def _resolve_init(cfg: Config) -> tuple[Any, str]:
 
 def _start_run(manifest: str | Path, out: str | Path, cfg: Config, resume: bool, kind: str):
     """Common start of `cv` and `train`: run folder, config.yaml, patches, classes."""
-    from liverlesion.manifest import read_manifest
-
     manifest = Path(manifest)
     # Validate the manifest and its classes before creating anything.
     class_names_from(read_manifest(manifest))
@@ -298,9 +296,8 @@ def run_cv(
         baselines: Also run the mean-HU and radiomics baselines on the same folds.
         evaluate: Run ``evaluate_run`` at the end.
     """
-    from liverlesion.data import load_patch_arrays
-    from liverlesion.manifest import read_manifest
-    from liverlesion.splits import check_folds, load_or_create_splits
+    from liverlesion.data import load_patch_arrays  # local: heavy (torch)
+    from liverlesion.splits import check_folds, load_or_create_splits  # local: heavy (sklearn)
 
     # Validate, then work: the same fold checks as the CLI, before the run folder or patches exist.
     df = read_manifest(manifest)
@@ -390,7 +387,7 @@ def run_cv(
     info["train_seconds"] = round(time.time() - t0, 1)
     write_json(runs.run_info_path(out), info)
     if baselines:
-        from liverlesion.baselines import run_baselines
+        from liverlesion.baselines import run_baselines  # local: heavy (scipy)
 
         run_baselines(
             index,
@@ -402,7 +399,7 @@ def run_cv(
             frozen=_frozen_features(shared, index, cfg),
         )
     if evaluate:
-        from liverlesion.evaluate import evaluate_run
+        from liverlesion.evaluate import evaluate_run  # local: heavy (scipy)
 
         evaluate_run(out)
     return out
@@ -413,7 +410,7 @@ def _frozen_features(shared: dict[str, Any], index: pd.DataFrame, cfg: Config) -
     cache = shared.get("cache")
     if cache is None or cfg.model.weights.lower() != "imagenet":
         return None
-    from liverlesion.features import frozen_table
+    from liverlesion.features import frozen_table  # local: heavy (scipy)
 
     return frozen_table(index["lesion_id"], np.stack([p[0].mean(0) for p in cache.pooled]))
 
@@ -421,8 +418,8 @@ def _frozen_features(shared: dict[str, Any], index: pd.DataFrame, cfg: Config) -
 @_quietly
 def train_single(manifest: str | Path, out: str | Path, cfg: Config, resume: bool = False) -> Path:
     """Train one model on all patients (an inner validation split by patient for early stopping)."""
-    from liverlesion.data import load_patch_arrays
-    from liverlesion.splits import inner_split_count, make_splits
+    from liverlesion.data import load_patch_arrays  # local: heavy (torch)
+    from liverlesion.splits import inner_split_count, make_splits  # local: heavy (sklearn)
 
     manifest, out, patch_dir, index, classes = _start_run(manifest, out, cfg, resume, "train")
     n_inner = inner_split_count(cfg.train.val_fraction)

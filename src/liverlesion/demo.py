@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 
 from liverlesion import DISCLAIMER, runs
+from liverlesion.config import load_config
+from liverlesion.cv import run_cv
 from liverlesion.errors import UserError
 
 
@@ -43,9 +45,7 @@ def run_demo(
     Returns:
         The CV run folder (holding predictions.csv, metrics.json, report.html).
     """
-    from liverlesion.config import load_config
-    from liverlesion.cv import run_cv
-    from liverlesion.synth import generate_cohort
+    from liverlesion.synth import generate_cohort  # local: heavy (scipy)
 
     t0 = time.time()
     out = Path(out)

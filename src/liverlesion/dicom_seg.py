@@ -521,7 +521,7 @@ def seg_lesions(
         ``(Lesion, LesionMask)`` pairs as :func:`liverlesion.lesions.lesions_from_mask` gives them,
         each ``Lesion.label`` being the segment number it came from.
     """
-    from liverlesion.lesions import lesions_from_mask
+    from liverlesion.lesions import lesions_from_mask  # local: heavy (scipy)
 
     labels, label = seg_mask(path, image, selector, tolerance=tolerance, name=name, image_name=image_name)
     items = lesions_from_mask(

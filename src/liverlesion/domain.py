@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from liverlesion.errors import UserError
+
 DOMAIN_FORMAT_VERSION = 1
 STATS: dict[str, str] = {
     "lesion_hu_mean": "lesion mean HU",
@@ -101,8 +103,7 @@ def stats_table(index: pd.DataFrame, patch_dir: str | Path) -> pd.DataFrame:
     Spacing comes from the index's ``spacing_z_mm`` / ``spacing_y_mm`` / ``spacing_x_mm`` columns
     (caches cut before they existed give NaN there, and the range then has no spacing).
     """
-    from liverlesion.errors import UserError
-    from liverlesion.patches import load_patch, resolve_patch_dir
+    from liverlesion.patches import load_patch, resolve_patch_dir  # local: heavy (scipy)
 
     try:
         folder: Path | None = resolve_patch_dir(patch_dir)

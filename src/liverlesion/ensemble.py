@@ -48,7 +48,7 @@ class Member:
         if self.backend == "torch":
             return self.model
         if self.torch_model is None:
-            from liverlesion.model import load_checkpoint  # torch: only when Grad-CAM needs it
+            from liverlesion.model import load_checkpoint  # local: heavy (torch), only when Grad-CAM needs it
 
             self.torch_model = load_checkpoint(self.path)[0].eval().to(device)
         return self.torch_model
@@ -170,8 +170,8 @@ def load_members(
         if backend == "onnx":
             raise UserError(f"--backend onnx: {missing[0]}; or use --backend torch")
 
-    from liverlesion.checkpoint import checkpoint_hash  # torch
-    from liverlesion.model import load_checkpoint
+    from liverlesion.checkpoint import checkpoint_hash  # local: heavy (torch)
+    from liverlesion.model import load_checkpoint  # local: heavy (torch)
 
     device = resolve_torch_device(device)
     if threads is not None:

@@ -20,7 +20,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from liverlesion import DISCLAIMER, __version__
 from liverlesion.errors import UserError
+from liverlesion.fileio import atomic_path, write_json
+from liverlesion.inference import tta_flips
+from liverlesion.model import checkpoint_hash, load_checkpoint
 
 FORMATS = ("onnx", "torchscript")
 ONNX_OPSET = 17
@@ -40,8 +44,6 @@ class ProbabilityModel(nn.Module):
         self, model: nn.Module, temperature: float = 1.0, tta: str = "none", with_logits: bool = False
     ):
         super().__init__()
-        from liverlesion.inference import tta_flips
-
         self.model = model
         self.flips = tta_flips(tta)
         self.with_logits = with_logits
@@ -64,9 +66,6 @@ def export_metadata(
     meta: dict[str, Any], ckpt_path: Path, fmt: str, size: int, in_chans: int
 ) -> dict[str, Any]:
     """The metadata written next to (and into) an exported model."""
-    from liverlesion import DISCLAIMER, __version__
-    from liverlesion.model import checkpoint_hash
-
     cfg = meta.get("config", {})
     return {
         "disclaimer": DISCLAIMER,
@@ -114,9 +113,6 @@ def export_model(ckpt_path: str | Path, format: str, out: str | Path) -> Path:
     Returns:
         The path of the exported model.
     """
-    from liverlesion.fileio import atomic_path, write_json
-    from liverlesion.model import load_checkpoint
-
     fmt = str(format).strip().lower()
     if fmt not in FORMATS:
         raise UserError(f"--format {format!r} is unknown; choose one of: {', '.join(FORMATS)}")

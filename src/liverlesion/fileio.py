@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from liverlesion.errors import UserError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
@@ -27,8 +29,6 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     """
     path = Path(path)
     if path.is_dir():
-        from liverlesion.errors import UserError
-
         raise UserError(f"{path}: is a folder; give a file path")
     _check_parents(path, "output file")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -101,8 +101,6 @@ def write_csv(path: str | os.PathLike, df) -> Path:
 
 def _check_parents(path: Path, name: str) -> None:
     """Refuse a path whose nearest existing ancestor is a file or not writable."""
-    from liverlesion.errors import UserError
-
     parent = path.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -126,8 +124,6 @@ def check_output_dir(path: str | os.PathLike, name: str = "output folder") -> Pa
     Raises:
         UserError: ``path`` exists as a file, or an ancestor is a file or not writable.
     """
-    from liverlesion.errors import UserError
-
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         raise UserError(
@@ -143,8 +139,6 @@ def check_output_file(path: str | os.PathLike, name: str = "output file") -> Pat
     Raises:
         UserError: ``path`` is a folder, or an ancestor is a file or not writable.
     """
-    from liverlesion.errors import UserError
-
     path = Path(path).expanduser()
     if path.is_dir():
         raise UserError(f"{name} {path}: is a folder; give a file path, e.g. {path / 'out'}")
@@ -158,8 +152,6 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
 
     On failure the temporary directory is removed and ``path`` is untouched.
     """
-    from liverlesion.errors import UserError
-
     path = check_output_dir(path)
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise UserError(

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from liverlesion.inference import fit_temperature
+
 
 def radiomics_logits(model, extra: np.ndarray) -> np.ndarray:
     import torch
@@ -22,7 +24,7 @@ def radiomics_logits(model, extra: np.ndarray) -> np.ndarray:
 
 def radiomics_lr(fit_x: np.ndarray, fit_y: np.ndarray, k: int, seed: int):
     """The radiomics baselines' logistic regression, as plain arrays (fill, mean, std, W, b) of logits."""
-    from liverlesion.baselines import lr_pipeline
+    from liverlesion.baselines import lr_pipeline  # local: heavy (scipy)
 
     x = np.where(np.isfinite(fit_x), fit_x, np.nan)
     pipe = lr_pipeline(seed).fit(x, fit_y)
@@ -69,8 +71,6 @@ def choose_alpha(deep: np.ndarray, rad: np.ndarray, y: np.ndarray) -> tuple[floa
     in noise.
     """
     from scipy.special import log_softmax
-
-    from liverlesion.inference import fit_temperature
 
     if not len(y):
         return 0.5, {}

@@ -20,6 +20,7 @@ from liverlesion import DISCLAIMER, runs
 from liverlesion.errors import UserError
 from liverlesion.fileio import atomic_path
 from liverlesion.patches import load_patch, patch_files
+from liverlesion.progress import progress_bar
 
 GRADCAM_TARGET = "predicted class"  # the gallery explains the decision that is shown
 
@@ -182,7 +183,7 @@ def centre_sample(npz: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
 
 
 def _load_model(path: Path) -> tuple[Any, dict[str, Any]]:
-    from liverlesion.model import load_checkpoint
+    from liverlesion.model import load_checkpoint  # local: heavy (torch)
 
     model, ckpt = load_checkpoint(path)
     model.eval()
@@ -223,8 +224,6 @@ def gradcam_gallery(
         ``out_png``.
     """
     from matplotlib.figure import Figure
-
-    from liverlesion.progress import progress_bar
 
     run_dir, patch_dir = Path(run_dir), Path(patch_dir)
     if not patch_dir.is_dir():

@@ -28,7 +28,8 @@ from torch import nn
 
 from liverlesion import runs
 from liverlesion.config import Config
-from liverlesion.inference import tta_flips
+from liverlesion.inference import lesion_logits, tta_flips
+from liverlesion.progress import lightning_progress, progress_bar
 
 
 @dataclass
@@ -54,8 +55,7 @@ def n_top_blocks(model, cfg: Config) -> tuple[int, str | None]:
 
 def build_cache(model, arrays: list[np.ndarray], cfg: Config, n_top: int, progress: bool = True) -> ViewCache:
     """Run the frozen lower backbone over every lesion's TTA and augmented views (once per run)."""
-    from liverlesion.data import Augment
-    from liverlesion.progress import progress_bar
+    from liverlesion.data import Augment  # local: heavy (scipy)
 
     t = cfg.train
     aug = Augment(True, t.aug_rotate_deg, t.aug_scale, t.aug_intensity) if t.aug_views > 0 else None
@@ -168,7 +168,7 @@ def _fit_stage(net, params, lr, epochs, fit_ds, val_ds, cfg: Config, class_weigh
     from torch.utils.data import DataLoader
 
     start = _val_loss(net, val_ds, class_weights, cfg)
-    from liverlesion.lightning_modules import KeepBest, StageModule
+    from liverlesion.lightning_modules import KeepBest, StageModule  # local: heavy (lightning)
 
     keep = KeepBest(net, start, copy.deepcopy(net.state_dict()))
     module = StageModule(net, params, lr, cfg, class_weights)
@@ -176,8 +176,6 @@ def _fit_stage(net, params, lr, epochs, fit_ds, val_ds, cfg: Config, class_weigh
     bs = cfg.train.batch_size
     train_dl = DataLoader(fit_ds, batch_size=bs, shuffle=True, drop_last=len(fit_ds) > bs, generator=g)
     val_dl = DataLoader(val_ds, batch_size=max(bs, 64), shuffle=False)
-    from liverlesion.progress import lightning_progress
-
     trainer = pl.Trainer(
         max_epochs=epochs,
         accelerator="cpu",
@@ -260,8 +258,6 @@ def train_lpft(
 
 def deep_logits_from_cache(model, cache: ViewCache, idx: np.ndarray) -> np.ndarray:
     """Network logits ``(len(idx), K)`` from the cached TTA views: the same numbers as a full forward."""
-    from liverlesion.inference import lesion_logits
-
     samples = [cache.lower[i][: cache.n_tta].reshape(-1, *cache.lower[i].shape[2:]) for i in idx]
     model.eval()
     if cache.n_top > 0:

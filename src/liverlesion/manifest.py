@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from liverlesion.dicom_seg import check_manifest_seg, is_seg
 from liverlesion.errors import UserError
 from liverlesion.fileio import atomic_path
 
@@ -91,8 +92,6 @@ def _parse_label(path: Path, row: int, text: str, mask_path: Path | None = None)
     except ValueError:
         ok = False
     if not ok and mask_path is not None:
-        from liverlesion.dicom_seg import is_seg
-
         if is_seg(mask_path):  # a text label selects DICOM SEG segments by SegmentLabel
             return text
     if not ok:
@@ -253,7 +252,7 @@ def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
                 raise UserError(
                     f"{where}: diameter_mm={click_text['diameter_mm']!r} must be > 0; give the lesion diameter in mm"
                 )
-            from liverlesion.lesions import MAX_DIAMETER_MM
+            from liverlesion.lesions import MAX_DIAMETER_MM  # local: heavy (scipy)
 
             if rec["diameter_mm"] > MAX_DIAMETER_MM:
                 raise UserError(
@@ -276,8 +275,6 @@ def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
                     "paths are relative to the manifest's folder, or give an absolute path"
                 )
             rec["mask_path"] = str(mask_path.resolve())
-            from liverlesion.dicom_seg import check_manifest_seg
-
             check_manifest_seg(mask_path, rec["label"], f"{where}: mask {rec['mask']!r}")
             if rec["mask_path"] == rec["image_path"]:
                 raise UserError(

@@ -96,7 +96,7 @@ class LesionNet(nn.Module):
 
     def apply_backbone_patch(self, patch: str | None) -> None:
         """Apply a named backbone patch (see ``weights.apply_backbone_patch``) and remember it."""
-        from liverlesion.tf_inception import apply_backbone_patch  # torch, timm
+        from liverlesion.tf_inception import apply_backbone_patch  # local: heavy (timm)
 
         apply_backbone_patch(self.backbone, patch)
         if patch:
@@ -348,7 +348,7 @@ def build_model(
     Returns:
         The model and a human description of the initialisation used.
     """
-    from liverlesion.weights import check_backbone_name
+    from liverlesion.weights import check_backbone_name  # local: heavy (timm)
 
     choice = str(weights if weights is not None else cfg.weights).strip()
     if num_classes < 2:
@@ -364,7 +364,7 @@ def build_model(
     args = (cfg.backbone, num_classes, in_chans, cfg.head_hidden, cfg.dropout)
     kw = {"fusion_features": fusion_features, "features_from": cfg.features_from}
     if kind == "imagenet":
-        from liverlesion.weights import resolve_imagenet_weights
+        from liverlesion.weights import resolve_imagenet_weights  # local: heavy (timm)
 
         # ``imagenet``: weights already resolved by the caller (one look-up for all CV folds)
         w = imagenet if imagenet is not None else resolve_imagenet_weights(cfg.backbone)
@@ -396,7 +396,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path).expanduser()
     obj = read_checkpoint(path)
     try:
-        from liverlesion.weights import check_backbone_name
+        from liverlesion.weights import check_backbone_name  # local: heavy (timm)
 
         mc = config_from_dict(obj["config"]).model
         check_backbone_name(mc.backbone)

@@ -40,8 +40,11 @@ from liverlesion import DISCLAIMER, __version__
 from liverlesion.config import PatchConfig
 from liverlesion.errors import UserError
 from liverlesion.fileio import atomic_dir, atomic_path, write_csv, write_json
+from liverlesion.io import check_tolerance
 from liverlesion.lesions import LesionMask, foreground_box
 from liverlesion.manifest import read_manifest
+from liverlesion.manifest_lesions import iter_manifest_lesions
+from liverlesion.progress import progress_disabled
 from liverlesion.volume import Volume
 
 __all__ = [
@@ -367,9 +370,7 @@ def patch_cache_key(
 def _iter_lesions(
     manifest: pd.DataFrame, tolerance: float, series: str | None
 ) -> Iterator[tuple[Volume, list]]:
-    """The lesion reader (imported late: ``lesions`` pulls in the image readers)."""
-    from liverlesion.manifest_lesions import iter_manifest_lesions
-
+    """The lesion reader."""
     # our own bar (per image) replaces the reader's, so the user sees one
     yield from iter_manifest_lesions(manifest, tolerance, series, progress=False)
 
@@ -415,9 +416,6 @@ def build_patches(
         The cache folder ``out/<key>``.
     """
     from tqdm import tqdm
-
-    from liverlesion.io import check_tolerance
-    from liverlesion.progress import progress_disabled
 
     check_patch_config(cfg)
     check_tolerance(tolerance)

@@ -24,6 +24,8 @@ import numpy as np
 
 from liverlesion import DISCLAIMER, __version__
 from liverlesion.errors import UserError
+from liverlesion.fileio import atomic_path
+from liverlesion.sr import check_sr_source
 from liverlesion.volume import Volume
 
 __all__ = ["SegReference", "check_seg_source", "write_seg", "SEG_SERIES_NUMBER"]
@@ -85,8 +87,6 @@ def check_seg_source(source: Volume, name: str = "--image") -> None:
     The CT Image IOD requires the frame of reference, and a SEG places its frames in it; some
     anonymised exports (e.g. 3D-IRCADb-01) drop it, and then only ``--dicom-sr`` can be written.
     """
-    from liverlesion.sr import check_sr_source
-
     check_sr_source(source, name, option="--dicom-seg")
     ref = source.dicom
     assert ref is not None
@@ -122,8 +122,6 @@ def write_seg(
     """
     import highdicom as hd
     from pydicom.sr.codedict import codes
-
-    from liverlesion.fileio import atomic_path
 
     check_seg_source(source)
     if not lesion_masks:

@@ -37,6 +37,9 @@ import pandas as pd
 
 from liverlesion import DISCLAIMER, __version__
 from liverlesion.errors import UserError
+from liverlesion.fileio import atomic_path
+from liverlesion.io import SITK_SUFFIXES, file_suffix
+from liverlesion.manifest import read_manifest
 from liverlesion.volume import DicomReference, Volume
 
 __all__ = ["check_sr_source", "write_sr", "class_concept", "PRIVATE_SCHEME"]
@@ -85,14 +88,10 @@ def check_sr_inputs(image=None, manifest=None, option: str = "--dicom-sr") -> No
     Raises:
         UserError: Naming the first non-DICOM image.
     """
-    from liverlesion.io import SITK_SUFFIXES, file_suffix
-
     items = []
     if image is not None:
         items.append(("--image", Path(image)))
     if manifest is not None:
-        from liverlesion.manifest import read_manifest
-
         df = read_manifest(manifest)
         items += [(f"manifest {manifest} row {r.row} image", Path(r.image_path)) for r in df.itertuples()]
     for name, path in items:
@@ -275,8 +274,6 @@ def write_sr(
     import highdicom as hd
     from pydicom.sr.codedict import codes
     from pydicom.uid import generate_uid
-
-    from liverlesion.fileio import atomic_path
 
     check_sr_source(source)
     if results_df is None or len(results_df) == 0:

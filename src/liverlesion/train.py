@@ -20,6 +20,8 @@ import pandas as pd
 
 from liverlesion import runs
 from liverlesion.config import Config
+from liverlesion.decision import CLASSIFIED, TOO_SMALL, choose_threshold, decide, too_small
+from liverlesion.domain import training_range
 from liverlesion.fileio import write_csv
 from liverlesion.fusion import (
     choose_alpha,
@@ -28,6 +30,8 @@ from liverlesion.fusion import (
     inner_patient_splits,
     radiomics_logits,
 )
+from liverlesion.inference import apply_temperature, fit_temperature, lesion_logits
+from liverlesion.progress import lightning_progress
 
 
 @dataclass
@@ -81,7 +85,7 @@ def _loaders(fit: FoldData, val: FoldData, cfg: Config):
     import torch
     from torch.utils.data import DataLoader
 
-    from liverlesion.data import Augment, PatchDataset
+    from liverlesion.data import Augment, PatchDataset  # local: heavy (torch)
 
     t = cfg.train
     aug = Augment(t.aug_flip, t.aug_rotate_deg, t.aug_scale, t.aug_intensity)
@@ -136,8 +140,6 @@ def _trainer(cfg: Config, fold_dir: Path, enable_progress: bool = True):
         mode="min",
         save_last=True,
     )
-    from liverlesion.progress import lightning_progress
-
     bar = lightning_progress(enable_progress)
     callbacks = [EarlyStopping(monitor="val_loss", patience=t.patience, mode="min"), ckpt, *bar]
     devices: Any = t.devices
@@ -167,8 +169,6 @@ def _prediction_frame(
     data: FoldData, classes: list[str], logits: np.ndarray, probs: np.ndarray, fold: Any, dec: dict[str, Any]
 ) -> pd.DataFrame:
     """The ``predictions.csv`` rows of one set: calibrated probabilities, the decision and its status."""
-    from liverlesion.decision import CLASSIFIED, TOO_SMALL, decide, too_small
-
     idx = data.index
     df = pd.DataFrame(
         {
@@ -219,9 +219,6 @@ def finish_fold(
     them rather than on the inner-validation lesions alone.
     """
     import torch
-
-    from liverlesion.decision import choose_threshold, too_small
-    from liverlesion.inference import apply_temperature, fit_temperature
 
     info: dict[str, Any] = {}
     val_deep = deep_logits(val)
@@ -288,7 +285,7 @@ def _train_end_to_end(
     """The paper's recipe: the whole network trained end to end (Lightning, early stopping on inner val)."""
     import torch
 
-    from liverlesion.lightning_modules import LesionModule
+    from liverlesion.lightning_modules import LesionModule  # local: heavy (lightning)
 
     module = LesionModule(model, cfg, _class_weights(fit.labels, len(classes), cfg.train.class_weighting))
     train_dl, val_dl = _loaders(fit, val, cfg)
@@ -323,8 +320,6 @@ def _resume_checkpoint(last: Path) -> str | None:
 
 
 def _full_deep_logits(model, cfg: Config):
-    from liverlesion.inference import lesion_logits
-
     def fn(data: FoldData) -> np.ndarray:
         model.eval()
         return lesion_logits(lambda x, _e: model.head(model.features(x)), data.arrays, tta=cfg.model.tta)
@@ -355,7 +350,7 @@ def train_fold(
 
     import lightning.pytorch as pl
 
-    from liverlesion.model import build_model, save_checkpoint
+    from liverlesion.model import build_model, save_checkpoint  # local: heavy (torch)
 
     shared = shared or {}
     fold_dir.mkdir(parents=True, exist_ok=True)
@@ -365,7 +360,7 @@ def train_fold(
     extra, names = shared.get("extra"), shared.get("extra_names", [])
     cross_fitted = None
     if cfg.train.recipe == "lpft":
-        from liverlesion.lpft import deep_logits_from_cache, train_lpft
+        from liverlesion.lpft import deep_logits_from_cache, train_lpft  # local: heavy (torch)
 
         model = copy.deepcopy(shared["template"])
         init = shared["init"]
@@ -383,7 +378,7 @@ def train_fold(
         if extra is not None:
 
             def cross_fitted():
-                from liverlesion.lpft import cross_fitted_probe_logits
+                from liverlesion.lpft import cross_fitted_probe_logits  # local: heavy (torch)
 
                 rows = np.concatenate([fit.rows, val.rows])
                 idx = pd.concat([fit.index, val.index], ignore_index=True)
@@ -432,8 +427,6 @@ def train_fold(
 
 def _training_domain(shared: dict[str, Any], fit: FoldData, val: FoldData) -> dict[str, Any] | None:
     """The intensity/spacing range of this fold's training lesions (fit + inner validation, never test)."""
-    from liverlesion.domain import training_range
-
     table = shared.get("domain")
     if table is None:
         return None

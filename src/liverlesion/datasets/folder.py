@@ -40,6 +40,7 @@ from liverlesion.datasets.labelmap import (
     strip_ending,
 )
 from liverlesion.errors import UserError
+from liverlesion.io import check_tolerance, read_volume
 
 NNUNET = "nnU-Net v2 raw (dataset.json, imagesTr/CASE_0000.nii.gz, labelsTr/CASE.nii.gz)"
 PAIRS = "images/ + labels/ (images/CASE.nii.gz with labels/CASE.nii.gz)"
@@ -199,8 +200,6 @@ def find_cases(src: str | Path) -> tuple[str, list[Case], dict[int, str] | None]
 
 def _values_in_labels(cases: Sequence[Case]) -> dict[int, int]:
     """Label value -> number of label files holding it (reads every label file once)."""
-    from liverlesion.io import read_volume
-
     found: dict[int, int] = {}
     for c in cases:
         arr = np.asarray(read_volume(c.label, kind="mask", name=f"case {c.case_id} label {c.label}").array)
@@ -232,8 +231,6 @@ def import_folder(
         UserError: Wrong layout (naming what is missing), unpaired files, unknown label value,
             bad geometry.
     """
-    from liverlesion.io import check_tolerance
-
     check_tolerance(tolerance)
     src, out = Path(src), Path(out)
     kind, cases, declared = find_cases(src)

@@ -52,7 +52,8 @@ import numpy as np
 
 from liverlesion import DISCLAIMER, __version__
 from liverlesion.errors import UserError
-from liverlesion.io import check_zip_members
+from liverlesion.fileio import atomic_dir, write_csv, write_json, write_text
+from liverlesion.io import check_geometry, check_zip_members, read_volume, write_volume
 from liverlesion.progress import progress_disabled
 
 log = logging.getLogger(__name__)
@@ -417,8 +418,6 @@ class LabelBuilder:
 
 
 def _read_mask(part: _Part, structure: str, image, image_name: str, tmp: Path) -> np.ndarray:
-    from liverlesion.io import check_geometry, read_volume
-
     folder = part.folder(structure, tmp)
     try:
         mask = read_volume(folder, kind="mask", name=part.describe(structure))
@@ -443,8 +442,6 @@ def _to_int16_hu(array: np.ndarray) -> np.ndarray:
 def _import_patient(
     patient: _Patient, out_dir: Path, tmp: Path
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    from liverlesion.io import read_volume, write_volume
-
     pid = patient.patient_id
     structures = patient.masks.structures()
     roles = {s: classify_structure(s) for s in structures}
@@ -592,8 +589,6 @@ def import_ircadb(src: str | Path, out: str | Path, overwrite: bool = False) -> 
     """
     import pandas as pd
     from tqdm import tqdm
-
-    from liverlesion.fileio import atomic_dir, write_csv, write_json, write_text
 
     src, out = Path(src), Path(out)
     patients = _discover(src)

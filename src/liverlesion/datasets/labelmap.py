@@ -30,7 +30,11 @@ from typing import Any
 import numpy as np
 
 from liverlesion import DISCLAIMER, __version__
+from liverlesion.datasets.ircadb import MAX_SPECK_VOXELS, LabelBuilder
 from liverlesion.errors import UserError
+from liverlesion.fileio import atomic_dir, check_output_dir, write_csv, write_json, write_text
+from liverlesion.io import check_geometry, read_volume, write_volume
+from liverlesion.progress import progress_disabled
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +154,6 @@ def safe_case_id(name: str) -> str:
 
 def check_out(out: Path, overwrite: bool) -> None:
     """Refuse an output path that is a file, or an existing non-empty folder without ``overwrite`` (before any work)."""
-    from liverlesion.fileio import check_output_dir
-
     check_output_dir(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is a file; give a folder path for the output")
@@ -168,9 +170,6 @@ def _import_case(
     tmp_out: Path,
     tolerance: float,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    from liverlesion.datasets.ircadb import MAX_SPECK_VOXELS, LabelBuilder
-    from liverlesion.io import check_geometry, read_volume, write_volume
-
     image = read_volume(case.image, kind="image", name=f"case {case.case_id} image {case.image}")
     label = read_volume(case.label, kind="mask", name=f"case {case.case_id} label {case.label}")
     check_geometry(
@@ -277,9 +276,6 @@ def import_cases(
     """
     import pandas as pd
     from tqdm import tqdm
-
-    from liverlesion.fileio import atomic_dir, write_csv, write_json, write_text
-    from liverlesion.progress import progress_disabled
 
     rows: list[dict[str, Any]] = []
     reports: list[dict[str, Any]] = []

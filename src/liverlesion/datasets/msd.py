@@ -26,6 +26,7 @@ from typing import Any
 
 from liverlesion.datasets.labelmap import (
     Case,
+    check_out,
     import_cases,
     is_junk,
     parse_class_map,
@@ -33,6 +34,7 @@ from liverlesion.datasets.labelmap import (
     strip_ending,
 )
 from liverlesion.errors import UserError
+from liverlesion.io import check_tolerance
 
 LAYOUT = "the Medical Segmentation Decathlon layout: TaskNN_Name/ with dataset.json, imagesTr/ and labelsTr/"
 LICENCE = "CC BY-SA 4.0 (Medical Segmentation Decathlon); derived masks must be shared under the same licence"
@@ -207,9 +209,6 @@ def import_msd(
     Raises:
         UserError: Wrong layout (naming what is missing), unknown label value, bad geometry.
     """
-    from liverlesion.datasets.labelmap import check_out
-    from liverlesion.io import check_tolerance
-
     check_tolerance(tolerance)
     src, out = Path(src), Path(out)
     task = find_task(src)

@@ -45,7 +45,17 @@ from pathlib import Path
 from typing import Any
 
 from liverlesion import DISCLAIMER, __version__
+from liverlesion.dicom_seg import (
+    SEG_SOP_CLASS_UID,
+    read_seg_segments,
+    referenced_series,
+    seg_lesions,
+    select_segments,
+)
 from liverlesion.errors import UserError
+from liverlesion.fileio import atomic_dir, write_json, write_text
+from liverlesion.io import read_volume
+from liverlesion.manifest import write_manifest
 from liverlesion.progress import progress_disabled
 
 log = logging.getLogger(__name__)
@@ -185,8 +195,6 @@ def _discover(src: str | os.PathLike) -> list[tuple[_Study, _Series, _Series]]:
         UserError: The layout is wrong or files are missing, naming the expected layout and the
             first missing items.
     """
-    from liverlesion.dicom_seg import SEG_SOP_CLASS_UID, referenced_series
-
     pairs: list[tuple[_Study, _Series, _Series]] = []
     missing: list[str] = []
     for pdir in find_patient_folders(src):
@@ -226,9 +234,6 @@ def _discover(src: str | os.PathLike) -> list[tuple[_Study, _Series, _Series]]:
 
 def _import_one(study: _Study, seg: _Series, ct: _Series) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     """Read one SEG onto its CT: the manifest row (None when skipped) and the report entry."""
-    from liverlesion.dicom_seg import read_seg_segments, seg_lesions, select_segments
-    from liverlesion.io import read_volume
-
     pid = study.patient_id
     seg_file = seg.files[0]
     report: dict[str, Any] = {
@@ -296,9 +301,6 @@ def import_tcia_crlm(src: str | Path, out: str | Path, overwrite: bool = False) 
     """
     import pandas as pd
     from tqdm import tqdm
-
-    from liverlesion.fileio import atomic_dir, write_json, write_text
-    from liverlesion.manifest import write_manifest
 
     src, out = Path(src), Path(out)
     if out.exists() and not out.is_dir():

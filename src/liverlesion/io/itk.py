@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from liverlesion.errors import UserError
+from liverlesion.fileio import atomic_path
 from liverlesion.io.common import (
     WRITE_SUFFIXES,
     check_dimensions,
@@ -38,8 +39,6 @@ def write_volume(volume: Volume, path: str | os.PathLike) -> Path:
         The written path.
     """
     import SimpleITK as sitk
-
-    from liverlesion.fileio import atomic_path
 
     path = Path(path)
     if not path.name.lower().endswith(WRITE_SUFFIXES):

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from liverlesion.errors import UserError
+from liverlesion.progress import progress_disabled
 
 log = logging.getLogger(__name__)
 
@@ -168,8 +169,6 @@ def _is_localizer(ds) -> bool:
 def scan_dicom(folder: Path, label: str, with_skipped: bool = False):
     """Group the image files under ``folder`` (recursively) by SeriesInstanceUID."""
     from tqdm import tqdm
-
-    from liverlesion.progress import progress_disabled
 
     files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
     series: dict[str, DicomSeries] = {}

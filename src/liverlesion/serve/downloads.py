@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from liverlesion.errors import UserError
+from liverlesion.seg_write import write_seg
 from liverlesion.serve.oneshot import json_safe
 from liverlesion.serve.studies import Study
+from liverlesion.sr import write_sr
 
 __all__ = [
     "NotAvailable",
@@ -46,7 +48,7 @@ def results_csv(clf, study: Study) -> bytes:
 
 def results_json(clf, study: Study) -> dict[str, Any]:
     """The study's results as ``predict``'s results.json."""
-    from liverlesion.predict import results_info
+    from liverlesion.predict import results_info  # local: heavy (scipy)
 
     df = _frame(clf, study)
     inputs = {"image": study.names.get("image"), "mask": study.names.get("mask"), "viewer_study": study.id}
@@ -69,8 +71,6 @@ def results_sr(clf, study: Study) -> bytes:
     Once a DICOM SEG was downloaded, each lesion it holds (with the mask it was written from) is a
     volumetric ROI referring to its segment, as ``predict --dicom-seg --dicom-sr`` writes them.
     """
-    from liverlesion.sr import write_sr
-
     why = sr_unavailable(study)
     if why:
         raise NotAvailable(why)
@@ -123,8 +123,6 @@ def results_seg(clf, study: Study) -> bytes:
     Raises:
         NotAvailable: The CT was not opened as DICOM, has no FrameOfReferenceUID, or nothing is classified.
     """
-    from liverlesion.seg_write import write_seg
-
     why = seg_unavailable(study)
     if why:
         raise NotAvailable(why)

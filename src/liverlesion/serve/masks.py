@@ -12,7 +12,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from liverlesion.dicom_seg import (
+    Segment,
+    check_seg_selector,
+    parse_selector,
+    read_seg_segments,
+    seg_mask,
+    select_segments,
+)
 from liverlesion.errors import UserError
+from liverlesion.io import read_volume
 from liverlesion.volume import Volume
 
 __all__ = ["OVERLAP_HINT", "check_label", "read_mask", "resolve_segment_label"]
@@ -42,8 +51,6 @@ def check_label(mask_path: Path | None, text: str, mask_name: str, field: str = 
         UserError: A SEG that is not one, has no segments or no such segment; a label that is not a
             whole number for a label volume; a label without a mask.
     """
-    from liverlesion.dicom_seg import check_seg_selector, parse_selector
-
     text = (text or "").strip()
     if mask_path is None:
         if text:
@@ -82,11 +89,7 @@ def read_mask(
             empty selected segments.
     """
     if not is_seg:
-        from liverlesion.io import read_volume
-
         return read_volume(mask_path, kind="mask", name=mask_name), selector, {}
-    from liverlesion.dicom_seg import read_seg_segments, seg_mask, select_segments
-
     chosen = select_segments(read_seg_segments(mask_path, mask_name), selector, mask_name)
     labels, label = seg_mask(
         mask_path,
@@ -106,7 +109,5 @@ def resolve_segment_label(text: str, segments: dict[int, str], field: str = "lab
     Raises:
         UserError: No segment of the study matches, listing those there are.
     """
-    from liverlesion.dicom_seg import Segment, select_segments
-
     segs = [Segment(n, lab) for n, lab in sorted(segments.items())]
     return [s.number for s in select_segments(segs, text, f"{field} {text!r}")]

@@ -15,7 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from liverlesion import DISCLAIMER, __version__
+from liverlesion.dicom_seg import segment_of, union_if_several
 from liverlesion.errors import UserError
+from liverlesion.io import read_volume
+from liverlesion.serve.masks import check_label, read_mask
 from liverlesion.serve.multipart import FormField
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".zip", ".nrrd", ".mha", ".dcm")
@@ -60,9 +63,13 @@ def run_prediction(clf, fields: dict[str, FormField], workdir: Path) -> dict[str
     Returns:
         ``{"df": results table, "overlays": [(lesion_id, png bytes)], "info": JSON-ready dict}``.
     """
-    from liverlesion.io import read_volume
-    from liverlesion.lesions import check_diameter, lesion_source_problem
-    from liverlesion.predict import draw_lesion_overlay, parse_point, results_info, safe_name
+    from liverlesion.lesions import check_diameter, lesion_source_problem  # local: heavy (scipy)
+    from liverlesion.predict import (  # local: heavy (scipy)
+        draw_lesion_overlay,
+        parse_point,
+        results_info,
+        safe_name,
+    )
 
     image_f = form_file(fields, "image")
     if image_f is None:
@@ -113,9 +120,6 @@ def run_prediction(clf, fields: dict[str, FormField], workdir: Path) -> dict[str
         mask_f.save(mask_path)
         replace = {f"{mask_name} {mask_path}": mask_name, str(mask_path): repr(mask_f.filename), **replace}
     try:
-        from liverlesion.dicom_seg import union_if_several
-        from liverlesion.serve.masks import check_label, read_mask
-
         is_seg, label = check_label(mask_path, label_txt, mask_name)  # before reading any volume
         label_given = label
         volume = read_volume(image_path, kind="image", name=image_name)
@@ -138,8 +142,6 @@ def run_prediction(clf, fields: dict[str, FormField], workdir: Path) -> dict[str
             image_ref=str(image_f.filename),
         )
         if segments:  # refer to each lesion by its segment, as predict --mask SEG does
-            from liverlesion.dicom_seg import segment_of
-
             for r in case.results:
                 r.lesion.label = r.row["label"] = segment_of(r.mask, mask_vol)
     except UserError as e:

@@ -419,7 +419,7 @@ def make_server(
     Raises:
         UserError: Unreadable checkpoints, bad limit, or the port cannot be bound.
     """
-    from liverlesion.predict import Classifier
+    from liverlesion.predict import Classifier  # local: heavy (scipy)
 
     if not (isinstance(max_upload_bytes, int) and max_upload_bytes > 0):
         raise UserError(f"max upload size {max_upload_bytes!r}: must be a positive number of bytes")

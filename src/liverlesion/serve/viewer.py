@@ -17,8 +17,12 @@ from typing import Any
 import numpy as np
 
 from liverlesion import DISCLAIMER
+from liverlesion.decision import CLASSIFIED
+from liverlesion.dicom_seg import parse_selector
 from liverlesion.errors import UserError
+from liverlesion.io import check_geometry, read_volume
 from liverlesion.serve.downloads import seg_available, seg_unavailable, sr_unavailable
+from liverlesion.serve.masks import check_label, read_mask, resolve_segment_label
 from liverlesion.serve.multipart import FormField
 from liverlesion.serve.oneshot import (
     IMAGE_SUFFIXES,
@@ -75,9 +79,7 @@ def open_study(store: StudyStore, fields: dict[str, FormField], workdir: Path) -
     """
     from scipy import ndimage
 
-    from liverlesion.io import check_geometry, read_volume
-    from liverlesion.predict import check_ct_volume
-    from liverlesion.serve.masks import check_label, read_mask
+    from liverlesion.predict import check_ct_volume  # local: heavy (scipy)
 
     image_f = form_file(fields, "image")
     if image_f is None:
@@ -255,7 +257,7 @@ def render_slice(study: Study, k: int, level: float, width: float, outline: bool
     from PIL import Image
     from skimage.segmentation import find_boundaries
 
-    from liverlesion.patches import window
+    from liverlesion.patches import window  # local: heavy (scipy)
 
     _check_slice(study, k)
     grey = (window(study.image.array[k], level, width) * 255.0 + 0.5).astype(np.uint8)
@@ -301,7 +303,7 @@ def parse_classify(study: Study, body: Any) -> dict[str, Any]:
     Raises:
         UserError: A click outside the image, no diameter, a label not in the mask, and so on.
     """
-    from liverlesion.lesions import check_diameter
+    from liverlesion.lesions import check_diameter  # local: heavy (scipy)
 
     if not isinstance(body, dict):
         raise UserError(
@@ -378,9 +380,6 @@ def _segment_label(study: Study, raw: Any) -> int | None:
     Raises:
         UserError: No segment matches, or the text picks several segments.
     """
-    from liverlesion.dicom_seg import parse_selector
-    from liverlesion.serve.masks import resolve_segment_label
-
     if not study.segments or not isinstance(raw, str) or not isinstance(parse_selector(raw), str):
         return None
     numbers = resolve_segment_label(raw.strip(), study.segments)
@@ -447,8 +446,7 @@ def classify(clf, study: Study, spec: dict[str, Any], job=None) -> dict[str, Any
 def overlay_png(clf, study: Study, lesion_id: str, gradcam: bool) -> bytes:
     """The lesion's overlay PNG (slice + outline, the network's patch; with ``gradcam`` its Grad-CAM,
     computed now on first request and kept)."""
-    from liverlesion.decision import CLASSIFIED
-    from liverlesion.predict import draw_lesion_overlay
+    from liverlesion.predict import draw_lesion_overlay  # local: heavy (scipy)
 
     with study.lock:
         r = study.results.get(lesion_id)
