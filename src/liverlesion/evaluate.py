@@ -15,13 +15,12 @@ their lesions come along), because lesions of one patient are not independent.
 from __future__ import annotations
 
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from liverlesion import DISCLAIMER, __version__, runs
+from liverlesion import runs
 from liverlesion.bootstrap import CI_LEVEL, compare_with_best_baseline
 from liverlesion.config import Config, load_config
 from liverlesion.decision import parse_threshold_method
@@ -31,7 +30,7 @@ from liverlesion.fileio import write_json
 from liverlesion.gradcam import gradcam_gallery
 from liverlesion.predictions import check_positive_class, classified_rows, read_predictions
 from liverlesion.report import render_report
-from liverlesion.scoring import SIZE_BINS, diameter_summary, summarize_predictions
+from liverlesion.scoring import SIZE_BINS, diameter_summary, metrics_head, summarize_predictions
 from liverlesion.summary import format_summary
 from liverlesion.thresholds import apply_thresholds
 
@@ -121,20 +120,7 @@ def evaluate_run(
     )
 
     diam = pd.to_numeric(df.get("max_axial_diameter_mm", pd.Series(dtype=float)), errors="coerce")
-    metrics: dict[str, Any] = {
-        "format": "liverlesion.metrics",
-        "format_version": 1,
-        "disclaimer": DISCLAIMER,
-        "liverlesion_version": __version__,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "run_dir": str(run_dir.resolve()),
-        "class_names": classes,
-        "positive_class": pos,
-        "task": network["task"],
-        "n_patients": network["n_patients"],
-        "n_lesions": network["n_lesions"],
-        "n_per_class": network["n_per_class"],
-        "coverage": coverage,
+    metrics: dict[str, Any] = metrics_head(run_dir, classes, pos, network, coverage) | {
         "settings": {
             "n_bootstrap": nb,
             "ci_level": CI_LEVEL,

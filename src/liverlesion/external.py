@@ -12,14 +12,13 @@ naming the models, their checkpoint sha256 and the domain-shift check of ``predi
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from liverlesion import DISCLAIMER, __version__, runs
+from liverlesion import runs
 from liverlesion.bootstrap import CI_LEVEL
 from liverlesion.calibration import calibration_block
 from liverlesion.config import Config
@@ -33,7 +32,7 @@ from liverlesion.predictions import (
     write_predictions,
 )
 from liverlesion.report import render_report
-from liverlesion.scoring import diameter_summary, summarize_predictions
+from liverlesion.scoring import diameter_summary, metrics_head, summarize_predictions
 from liverlesion.summary import format_summary
 
 EXTERNAL_FOLD = "external"
@@ -190,21 +189,7 @@ def evaluate_external(
             "classified; the rest were too small to characterise"
         )
     diam = pd.to_numeric(df.get("max_axial_diameter_mm", pd.Series(dtype=float)), errors="coerce")
-    metrics: dict[str, Any] = {
-        "format": "liverlesion.metrics",
-        "format_version": 1,
-        "validation": "external",
-        "disclaimer": DISCLAIMER,
-        "liverlesion_version": __version__,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "run_dir": str(out.resolve()),
-        "class_names": classes,
-        "positive_class": pos,
-        "task": network["task"],
-        "n_patients": network["n_patients"],
-        "n_lesions": network["n_lesions"],
-        "n_per_class": network["n_per_class"],
-        "coverage": coverage,
+    metrics: dict[str, Any] = metrics_head(out, classes, pos, network, coverage, validation="external") | {
         "settings": {
             "n_bootstrap": nb,
             "ci_level": CI_LEVEL,

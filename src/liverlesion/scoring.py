@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from liverlesion import DISCLAIMER, __version__
 from liverlesion.bootstrap import bootstrap_ci, curves, point_only
 from liverlesion.calibration import calibration_report, fold_temperatures
 from liverlesion.decision import parse_threshold_method
@@ -232,3 +235,30 @@ def diameter_summary(df: pd.DataFrame, diam: pd.Series, classes: list[str]) -> d
                 "n": int(len(d)),
             }
     return out
+
+
+def metrics_head(
+    run_dir: Path,
+    classes: list[str],
+    positive: str | None,
+    network: dict[str, Any],
+    coverage: dict[str, Any],
+    validation: str | None = None,
+) -> dict[str, Any]:
+    """The first fields of ``metrics.json`` (its one owner), for a cv run or an external validation."""
+    head: dict[str, Any] = {"format": "liverlesion.metrics", "format_version": 1}
+    if validation is not None:
+        head["validation"] = validation
+    return head | {
+        "disclaimer": DISCLAIMER,
+        "liverlesion_version": __version__,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "run_dir": str(Path(run_dir).resolve()),
+        "class_names": classes,
+        "positive_class": positive,
+        "task": network["task"],
+        "n_patients": network["n_patients"],
+        "n_lesions": network["n_lesions"],
+        "n_per_class": network["n_per_class"],
+        "coverage": coverage,
+    }
