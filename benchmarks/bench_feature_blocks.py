@@ -29,7 +29,7 @@ from liverlesion.data import load_patch_arrays
 from liverlesion.features import cache_radiomics
 from liverlesion.inference import tta_flips
 from liverlesion.model import build_model
-from liverlesion.patches import load_patch, load_patch_index, resolve_patch_dir
+from liverlesion.patch_cache import load_patch, load_patch_index, resolve_patch_dir
 
 
 def _oof_auc(x: np.ndarray, y: np.ndarray, patients: np.ndarray, splits: dict) -> float:

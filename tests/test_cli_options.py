@@ -59,7 +59,7 @@ SMALL_PATCHES = ["--set", "patch.size_px=16", "--set", "patch.neighbours=0"]
 
 
 def test_patches_passes_tolerance_series_overwrite_to_build_patches(tmp_path, monkeypatch, capsys):
-    import liverlesion.patches as P
+    import liverlesion.patch_cache as P
 
     seen = {}
 

@@ -1,4 +1,4 @@
-"""Lesions grown from a click (click.py via lesions.lesion_from_click): volume accuracy, leaks, fallbacks."""
+"""Lesions grown from a click (click.py: lesion_from_click): volume accuracy, leaks, fallbacks."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from liverlesion.click import LEAK_NOTE, MEASUREMENT
-from liverlesion.lesions import lesion_from_click
+from liverlesion.click import LEAK_NOTE, MEASUREMENT, lesion_from_click
 from liverlesion.volume import Volume
 
 LIVER_HU = 100.0

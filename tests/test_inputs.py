@@ -64,7 +64,7 @@ def test_inspect_refuses_huge_click_diameter_in_manifest(tmp_path, capsys, tiny_
 
 
 def test_click_diameter_larger_than_image_is_refused(tiny_ct):
-    from liverlesion.lesions import lesion_from_click
+    from liverlesion.click import lesion_from_click
 
     image, _ = tiny_ct
     with pytest.raises(UserError, match=r"point diameter 250 mm: larger than the image"):
@@ -72,7 +72,7 @@ def test_click_diameter_larger_than_image_is_refused(tiny_ct):
 
 
 def test_large_click_near_edge_builds_only_inside_image(tiny_ct):
-    from liverlesion.lesions import lesion_from_click
+    from liverlesion.click import lesion_from_click
 
     image, _ = tiny_ct
     lesion, mask = lesion_from_click(image, image.index_to_physical(np.array([11.5, 23.5, 23.5])), 40.0)

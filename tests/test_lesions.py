@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from liverlesion.click import lesion_from_click
 from liverlesion.errors import UserError
 from liverlesion.inspection import print_lesion_table, summarize_lesions
 from liverlesion.lesion_measure import max_axial_diameter_mm, min_axis_mm
@@ -19,7 +20,6 @@ from liverlesion.lesions import (
     LESION_COLUMNS,
     Lesion,
     foreground_box,
-    lesion_from_click,
     lesions_from_mask,
 )
 from liverlesion.manifest_lesions import iter_manifest_lesions, lesion_table

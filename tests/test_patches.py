@@ -1,4 +1,4 @@
-"""Tests for patches.py: geometry of the cut, windowing, and the on-disk cache."""
+"""Tests for patches.py (geometry of the cut, windowing) and patch_cache.py (the on-disk cache)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from liverlesion import patch_cache as PC
 from liverlesion import patches as P
 from liverlesion.config import PatchConfig
 from liverlesion.errors import UserError
@@ -294,40 +295,40 @@ def fake_cohort(tmp_path, monkeypatch):
                 items.append((FakeLesion(f"{pid}-L{n:02d}", pid, cls, 2 * r), m))
             yield vol, items
 
-    monkeypatch.setattr(P, "_iter_lesions", fake_iter)
+    monkeypatch.setattr(PC, "_iter_lesions", fake_iter)
     return man, state
 
 
 def test_build_patches_parses_the_manifest_once_with_the_manifest_module(fake_cohort, tmp_path, monkeypatch):
     man, _ = fake_cohort
     calls = []
-    real = P.read_manifest
+    real = PC.read_manifest
 
     def counting(path):
         calls.append(Path(path))
         return real(path)
 
-    monkeypatch.setattr(P, "read_manifest", counting)
-    key = P.build_patches(man, tmp_path / "patches", cfg_()).name
+    monkeypatch.setattr(PC, "read_manifest", counting)
+    key = PC.build_patches(man, tmp_path / "patches", cfg_()).name
     assert calls == [man]
-    assert key == P.patch_cache_key(man, cfg_())  # the same key whether given the table or the path
+    assert key == PC.patch_cache_key(man, cfg_())  # the same key whether given the table or the path
 
 
 def test_build_patches_writes_the_cache_contract(fake_cohort, tmp_path):
     man, state = fake_cohort
     cfg = cfg_()
-    out = P.build_patches(man, tmp_path / "patches", cfg)
+    out = PC.build_patches(man, tmp_path / "patches", cfg)
     assert out.parent == tmp_path / "patches" and len(out.name) == 12
     assert state["calls"] == 1
-    idx = P.load_patch_index(out)
+    idx = PC.load_patch_index(out)
     assert list(idx["lesion_id"]) == ["007-L01", "007-L02", "008-L01"]
     assert list(idx["patient_id"]) == ["007", "007", "008"]  # leading zeros kept
     assert {"file", "lesion_class", "max_axial_diameter_mm"} <= set(idx.columns)
     assert json.loads((out / "settings.json").read_text()) == dataclasses.asdict(cfg)
-    assert P.load_patch_config(out) == cfg
+    assert PC.load_patch_config(out) == cfg
     assert (out / "contact_sheet.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for _, row in idx.iterrows():
-        arrays = P.load_patch(out, row)
+        arrays = PC.load_patch(out, row)
         assert arrays["image"].shape == (1, 3, 32, 32) and arrays["image"].dtype == np.float32
         assert arrays["mask"].shape == (1, 32, 32) and arrays["mask"].dtype == np.uint8
         assert arrays["hu"].shape == (1, 32, 32) and arrays["hu"].dtype == np.float32
@@ -336,93 +337,93 @@ def test_build_patches_writes_the_cache_contract(fake_cohort, tmp_path):
     # the npz holds what extract_patch gives
     vol, _ = make_volume()
     expected = P.extract_patch(vol, sphere_mask(vol.shape, vol.spacing, (8, 32, 32), 5.0), cfg)
-    got = P.load_patch(out, idx.iloc[2])
+    got = PC.load_patch(out, idx.iloc[2])
     np.testing.assert_array_equal(got["image"], expected.image)
     np.testing.assert_array_equal(got["mask"], expected.mask)
     # the parent folder resolves to its single cache
-    assert P.resolve_patch_dir(tmp_path / "patches") == out
+    assert PC.resolve_patch_dir(tmp_path / "patches") == out
 
 
 def test_cache_readers(fake_cohort, tmp_path):
     man, _ = fake_cohort
     cfg = cfg_()
-    out = P.build_patches(man, tmp_path / "patches", cfg)
-    idx = P.load_patch_index(tmp_path / "patches")  # the parent resolves to its single cache
-    files = P.patch_files(out)
+    out = PC.build_patches(man, tmp_path / "patches", cfg)
+    idx = PC.load_patch_index(tmp_path / "patches")  # the parent resolves to its single cache
+    files = PC.patch_files(out)
     assert list(files) == list(idx["lesion_id"]) and all(
         f.parent == out and f.is_file() for f in files.values()
     )
-    hu_only = P.load_patch(out, files["008-L01"], arrays=("hu",))
+    hu_only = PC.load_patch(out, files["008-L01"], arrays=("hu",))
     assert set(hu_only) == {"hu", "meta"}
-    np.testing.assert_array_equal(hu_only["hu"], P.load_patch(out, idx.iloc[2])["hu"])
-    assert P.load_patch_settings(out)["window_width"] == cfg.window_width
+    np.testing.assert_array_equal(hu_only["hu"], PC.load_patch(out, idx.iloc[2])["hu"])
+    assert PC.load_patch_settings(out)["window_width"] == cfg.window_width
     (out / "settings.json").unlink()
-    assert P.load_patch_settings(out) == {}  # a cache without settings.json: callers use defaults
+    assert PC.load_patch_settings(out) == {}  # a cache without settings.json: callers use defaults
     idx.drop(columns=["file"]).to_csv(out / "index.csv", index=False)
     with pytest.raises(UserError, match=r"index.csv: missing column\(s\) file; rebuild the patch cache"):
-        P.load_patch_index(out)
+        PC.load_patch_index(out)
     with pytest.raises(UserError, match="not found; the cache is incomplete"):
-        P.load_patch(out, "gone.npz")
+        PC.load_patch(out, "gone.npz")
 
 
 def test_contact_sheet_caps_lesions_and_is_drawn_from_files(fake_cohort, tmp_path):
     man, _ = fake_cohort
-    out = P.build_patches(man, tmp_path / "patches", cfg_())
-    idx = P.load_patch_index(out)
-    png = P.draw_contact_sheet(out, idx, tmp_path / "sheet.png", max_lesions=2)
+    out = PC.build_patches(man, tmp_path / "patches", cfg_())
+    idx = PC.load_patch_index(out)
+    png = PC.draw_contact_sheet(out, idx, tmp_path / "sheet.png", max_lesions=2)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the third lesion is not drawn, so its missing file does not matter; the first one's does
     (out / idx.iloc[2]["file"]).unlink()
-    P.draw_contact_sheet(out, idx, tmp_path / "sheet2.png", max_lesions=2)
+    PC.draw_contact_sheet(out, idx, tmp_path / "sheet2.png", max_lesions=2)
     (out / idx.iloc[0]["file"]).unlink()
     with pytest.raises(UserError, match="not found"):
-        P.draw_contact_sheet(out, idx, tmp_path / "sheet3.png", max_lesions=2)
+        PC.draw_contact_sheet(out, idx, tmp_path / "sheet3.png", max_lesions=2)
     assert not (tmp_path / "sheet3.png").exists()
 
 
 def test_second_call_uses_the_cache(fake_cohort, tmp_path, capsys):
     man, state = fake_cohort
-    out1 = P.build_patches(man, tmp_path / "patches", cfg_())
+    out1 = PC.build_patches(man, tmp_path / "patches", cfg_())
     mtime = (out1 / "index.csv").stat().st_mtime_ns
     capsys.readouterr()
-    out2 = P.build_patches(man, tmp_path / "patches", cfg_())
+    out2 = PC.build_patches(man, tmp_path / "patches", cfg_())
     assert out2 == out1
     assert state["calls"] == 1  # not recomputed
     assert (out1 / "index.csv").stat().st_mtime_ns == mtime
     assert "using cached patches at" in capsys.readouterr().err
-    P.build_patches(man, tmp_path / "patches", cfg_(), overwrite=True)
+    PC.build_patches(man, tmp_path / "patches", cfg_(), overwrite=True)
     assert state["calls"] == 2
 
 
 def test_changed_settings_or_inputs_change_the_key(fake_cohort, tmp_path):
     man, state = fake_cohort
-    base = P.build_patches(man, tmp_path / "patches", cfg_())
-    other = P.build_patches(man, tmp_path / "patches", cfg_(size_px=24))
+    base = PC.build_patches(man, tmp_path / "patches", cfg_())
+    other = PC.build_patches(man, tmp_path / "patches", cfg_(size_px=24))
     assert other != base and state["calls"] == 2
-    assert P.load_patch(other, P.load_patch_index(other).iloc[0])["image"].shape == (1, 3, 24, 24)
+    assert PC.load_patch(other, PC.load_patch_index(other).iloc[0])["image"].shape == (1, 3, 24, 24)
     # 10 and 10.0 are the same setting
-    assert P.patch_cache_key(man, cfg_(margin_mm=10)) == P.patch_cache_key(man, cfg_(margin_mm=10.0))
+    assert PC.patch_cache_key(man, cfg_(margin_mm=10)) == PC.patch_cache_key(man, cfg_(margin_mm=10.0))
     # a newer image file -> new key
     img = man.parent / "007.nii.gz"
     st = img.stat()
     os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
-    assert P.patch_cache_key(man, cfg_()) != base.name
-    assert P.patch_cache_key(man, cfg_(), tolerance=0.1) != P.patch_cache_key(man, cfg_())
+    assert PC.patch_cache_key(man, cfg_()) != base.name
+    assert PC.patch_cache_key(man, cfg_(), tolerance=0.1) != PC.patch_cache_key(man, cfg_())
     # several caches: the parent folder is ambiguous
     with pytest.raises(UserError, match="several"):
-        P.load_patch_index(tmp_path / "patches")
+        PC.load_patch_index(tmp_path / "patches")
 
 
 def test_failure_midway_leaves_no_cache(fake_cohort, tmp_path):
     man, state = fake_cohort
     state["fail_after"] = 1
     with pytest.raises(RuntimeError, match="mid-way"):
-        P.build_patches(man, tmp_path / "patches", cfg_())
+        PC.build_patches(man, tmp_path / "patches", cfg_())
     parent = tmp_path / "patches"
     assert not parent.exists() or list(parent.iterdir()) == []
     state["fail_after"] = None
-    out = P.build_patches(man, parent, cfg_())
-    assert len(P.load_patch_index(out)) == 3
+    out = PC.build_patches(man, parent, cfg_())
+    assert len(PC.load_patch_index(out)) == 3
 
 
 def test_bad_lesion_error_names_the_lesion(fake_cohort, tmp_path, monkeypatch):
@@ -432,23 +433,23 @@ def test_bad_lesion_error_names_the_lesion(fake_cohort, tmp_path, monkeypatch):
         vol, mask = make_volume()
         yield vol, [(FakeLesion("009-L01", "009", "cyst", 4.0), np.zeros_like(mask))]
 
-    monkeypatch.setattr(P, "_iter_lesions", empty_iter)
+    monkeypatch.setattr(PC, "_iter_lesions", empty_iter)
     with pytest.raises(UserError, match="009-L01.*empty"):
-        P.build_patches(man, tmp_path / "patches", cfg_())
+        PC.build_patches(man, tmp_path / "patches", cfg_())
     assert not (tmp_path / "patches").exists() or list((tmp_path / "patches").iterdir()) == []
 
 
 def test_no_lesions_and_missing_inputs_are_user_errors(fake_cohort, tmp_path, monkeypatch):
     man, _ = fake_cohort
-    monkeypatch.setattr(P, "_iter_lesions", lambda *a: iter([]))
+    monkeypatch.setattr(PC, "_iter_lesions", lambda *a: iter([]))
     with pytest.raises(UserError, match="no lesions"):
-        P.build_patches(man, tmp_path / "patches", cfg_())
+        PC.build_patches(man, tmp_path / "patches", cfg_())
     with pytest.raises(UserError, match="manifest .*nope.csv.*not found"):
-        P.build_patches(tmp_path / "nope.csv", tmp_path / "patches", cfg_())
+        PC.build_patches(tmp_path / "nope.csv", tmp_path / "patches", cfg_())
     with pytest.raises(UserError, match="no index.csv"):
-        P.load_patch_index(tmp_path)
+        PC.load_patch_index(tmp_path)
     with pytest.raises(UserError, match="patch.mode"):
-        P.build_patches(man, tmp_path / "patches", cfg_(mode="3d"))
+        PC.build_patches(man, tmp_path / "patches", cfg_(mode="3d"))
 
 
 def test_cli_missing_manifest_exits_2(tmp_path, capsys):
@@ -512,17 +513,17 @@ def test_build_patches_with_real_reader_and_cli(tmp_path, capsys):
     from liverlesion.cli import main
 
     man = _write_nifti_cohort(tmp_path / "data")
-    out = P.build_patches(man, tmp_path / "patches", cfg_())
-    idx = P.load_patch_index(out)
+    out = PC.build_patches(man, tmp_path / "patches", cfg_())
+    idx = PC.load_patch_index(out)
     assert list(idx["lesion_id"]) == ["001-L01", "001-L02", "002-L01"]
     assert list(idx["lesion_class"]) == ["metastasis", "metastasis", "cyst"]
     for _, row in idx.iterrows():
-        arrays = P.load_patch(out, row)
+        arrays = PC.load_patch(out, row)
         assert arrays["image"].shape == (1, 3, 32, 32)
         rc, cc = centroid(arrays["mask"][0])
         assert abs(rc - 15.5) <= 1.0 and abs(cc - 15.5) <= 1.0
     big = idx[idx["lesion_id"] == "001-L01"].iloc[0]
-    assert P.load_patch(out, big)["meta"]["centre_slice"] == 10
+    assert PC.load_patch(out, big)["meta"]["centre_slice"] == 10
     # the CLI reuses the same cache (same default tolerance) and says so
     capsys.readouterr()
     rc = main(
@@ -650,7 +651,7 @@ def test_build_patches_shows_one_progress_bar(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("LIVERLESION_PROGRESS", "1")  # captured stderr is not a TTY: force the bars on
     man = _write_nifti_cohort(tmp_path / "data")
     capsys.readouterr()
-    P.build_patches(man, tmp_path / "patches", cfg_())
+    PC.build_patches(man, tmp_path / "patches", cfg_())
     err = capsys.readouterr().err
     assert "patches:" in err  # our bar, per image
     assert "lesions:" not in err  # the lesion reader's own bar is switched off

@@ -33,7 +33,7 @@ from liverlesion import DISCLAIMER, runs
 from liverlesion.errors import UserError
 from liverlesion.features import TABLE_FEATURES, extract_features, frozen_features, frozen_table
 from liverlesion.fileio import write_csv, write_json
-from liverlesion.patches import build_patches, load_patch_index
+from liverlesion.patch_cache import build_patches, load_patch_index
 from liverlesion.predictions import write_predictions
 
 BASELINES = ("mean_hu", "radiomics_lr", "radiomics_rf", "frozen_lr")

@@ -31,6 +31,7 @@ import pandas as pd
 
 from liverlesion import DISCLAIMER
 from liverlesion.case_input import check_ct_volume, check_min_size, mask_volume
+from liverlesion.click import lesion_from_click
 from liverlesion.config import config_from_dict
 from liverlesion.decision import CLASSIFIED, TOO_SMALL, decide
 from liverlesion.decision import too_small as is_too_small
@@ -40,7 +41,7 @@ from liverlesion.errors import UserError
 from liverlesion.features import radiomics_features
 from liverlesion.gradcam import compute_cam
 from liverlesion.inference import apply_temperature, ensemble_probs, lesion_logits
-from liverlesion.lesions import lesion_from_click, lesion_source_problem, lesions_from_mask
+from liverlesion.lesions import lesion_source_problem, lesions_from_mask
 from liverlesion.manifest import read_manifest
 from liverlesion.manifest_lesions import iter_manifest_lesions
 from liverlesion.patches import extract_patch

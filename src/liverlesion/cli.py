@@ -400,7 +400,7 @@ def patches(
     ] = False,
 ) -> None:
     """Cut lesion-centred patches (cached) and draw a PNG contact sheet."""
-    from liverlesion.patches import build_patches
+    from liverlesion.patch_cache import build_patches
 
     out, name = _output(out_opt, out, "output folder")
     _out_dir(out, name)

@@ -90,7 +90,7 @@ def _set_threads(cfg: Config) -> None:
 
 def prepare_patches(manifest: Path, out: Path, cfg: Config) -> tuple[Path, pd.DataFrame]:
     """Cut (or reuse cached) patches into ``out/patches`` and return (patch_dir, lesion table)."""
-    from liverlesion.patches import build_patches, load_patch_index  # local: heavy (scipy)
+    from liverlesion.patch_cache import build_patches, load_patch_index  # local: heavy (scipy)
 
     patch_dir = build_patches(manifest, runs.patches_dir(out), cfg.patch)
     index = load_patch_index(patch_dir)

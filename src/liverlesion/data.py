@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from liverlesion.patches import load_patch
+from liverlesion.patch_cache import load_patch
 
 
 def load_patch_arrays(patch_dir: str | Path, index: pd.DataFrame) -> list[np.ndarray]:

@@ -103,7 +103,7 @@ def stats_table(index: pd.DataFrame, patch_dir: str | Path) -> pd.DataFrame:
     Spacing comes from the index's ``spacing_z_mm`` / ``spacing_y_mm`` / ``spacing_x_mm`` columns
     (caches cut before they existed give NaN there, and the range then has no spacing).
     """
-    from liverlesion.patches import load_patch, resolve_patch_dir  # local: heavy (scipy)
+    from liverlesion.patch_cache import load_patch, resolve_patch_dir  # local: heavy (scipy)
 
     try:
         folder: Path | None = resolve_patch_dir(patch_dir)

@@ -10,7 +10,7 @@
 * Frozen ImageNet features (:func:`frozen_features`): the backbone's globally pooled features of
   each lesion's patch, read by the ``frozen_lr`` baseline.
 
-The patch cache is read through :mod:`liverlesion.patches` (its only reader).
+The patch cache is read through :mod:`liverlesion.patch_cache` (its only reader).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from liverlesion.errors import UserError
-from liverlesion.patches import load_patch, load_patch_index, load_patch_settings, resolve_patch_dir
+from liverlesion.patch_cache import load_patch, load_patch_index, load_patch_settings, resolve_patch_dir
 from liverlesion.progress import progress_bar
 
 __all__ = [

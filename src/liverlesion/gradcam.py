@@ -19,7 +19,7 @@ import pandas as pd
 from liverlesion import DISCLAIMER, runs
 from liverlesion.errors import UserError
 from liverlesion.fileio import atomic_path
-from liverlesion.patches import load_patch, patch_files
+from liverlesion.patch_cache import load_patch, patch_files
 from liverlesion.progress import progress_bar
 
 GRADCAM_TARGET = "predicted class"  # the gallery explains the decision that is shown

@@ -1,7 +1,8 @@
 """Lesion records from masks or clicks (the lesions of a manifest: :mod:`liverlesion.manifest_lesions`).
 
 A lesion is a set of voxels of one image: a connected component of a mask, one
-label of a label mask, or a sphere around a clicked point. Each is measured in
+label of a label mask, or a region grown from a clicked point (``lesion_from_click``,
+in :mod:`liverlesion.click`). Each is measured in
 millimetres on the image's own grid (no resampling), so anisotropic spacing is
 handled by construction:
 
@@ -27,14 +28,11 @@ lesion at a time. :func:`iter_manifest_lesions` yields them one image at a time.
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 from scipy import ndimage
 
-from liverlesion.click import grow_from_click, sphere_region
 from liverlesion.errors import UserError
 from liverlesion.lesion_measure import measure_lesion
 from liverlesion.volume import Volume
@@ -456,146 +454,3 @@ def lesions_from_mask(
         assert crop.shape == tuple(h - lo for lo, h in zip(off, m["bbox_zyx"][3:], strict=True))
         out.append((lesion, LesionMask(crop, tuple(int(o) for o in off), tuple(image.shape))))
     return out
-
-
-# ----------------------------------------------------------------------------- clicks
-
-
-def physical_bounds(volume: Volume) -> tuple[np.ndarray, np.ndarray]:
-    """The volume's extent in LPS mm: ``(min_xyz, max_xyz)`` over the outer voxel faces."""
-    shape = np.asarray(volume.shape, dtype=float)
-    corners = np.array([[z, y, x] for z in (0, 1) for y in (0, 1) for x in (0, 1)], dtype=float)
-    pts = volume.index_to_physical(corners * shape - 0.5)
-    return pts.min(axis=0), pts.max(axis=0)
-
-
-#: Largest lesion diameter accepted for a click, mm (a whole adult liver is about 150-200 mm wide).
-MAX_DIAMETER_MM = 300.0
-
-
-def check_diameter(diameter_mm, name: str = "--diameter", image: Volume | None = None) -> float:
-    """Refuse a click diameter that is not a finite positive number of mm, or implausibly large.
-
-    Args:
-        diameter_mm: The diameter in mm.
-        name: How the value is named in the message (e.g. ``"--diameter"``).
-        image: When given, the diameter must also not exceed the image's largest extent.
-
-    Returns:
-        The diameter as a float.
-
-    Raises:
-        UserError: Naming ``name`` and the value.
-    """
-    try:
-        d = float(diameter_mm)
-    except (TypeError, ValueError):
-        d = math.nan
-    if not (math.isfinite(d) and d > 0):
-        raise UserError(f"{name} {diameter_mm!r}: must be a positive, finite number of mm (e.g. 15)")
-    if d > MAX_DIAMETER_MM:
-        raise UserError(
-            f"{name} {d:g} mm: larger than any plausible liver lesion (at most {MAX_DIAMETER_MM:g} mm); "
-            f"give the lesion's diameter in mm (not um or another unit), e.g. 15"
-        )
-    if image is not None:
-        lo, hi = physical_bounds(image)
-        extent = float(np.max(hi - lo))
-        if d > extent:
-            raise UserError(
-                f"{name} {d:g} mm: larger than the image itself (largest extent {extent:.1f} mm); "
-                f"give the lesion's diameter in mm, e.g. 15"
-            )
-    return d
-
-
-def _fmt_xyz(p: Sequence[float]) -> str:
-    return "(" + ", ".join(f"{v:.1f}" for v in p) + ")"
-
-
-def lesion_from_click(
-    image: Volume,
-    point_xyz_mm: Sequence[float],
-    diameter_mm: float,
-    patient_id: str = "",
-    lesion_class: str = "",
-    *,
-    lesion_id: str | None = None,
-    image_ref: str = "",
-    point_name: str = "point",
-    method: str = "grow",
-) -> LesionWithMask:
-    """A lesion around a clicked LPS point, grown from it within ``diameter_mm`` (:mod:`liverlesion.click`).
-
-    ``method="grow"`` (the default) grows the lesion from the click, bounded by intensity and by
-    the diameter; where no edge is found it is capped at the sphere of the diameter, and where
-    growing fails it is that sphere (each with a one-line warning). ``method="sphere"`` gives the
-    sphere directly. The sphere is round in millimetres (an ellipsoid in voxels when the spacing
-    is anisotropic); parts outside the volume are clipped with a warning; the voxel nearest the
-    point is always included, so a tiny diameter still gives a lesion. The record's
-    ``measurement`` says how it was made; a click's measurements are always estimates.
-
-    Args:
-        image: CT volume (HU).
-        point_xyz_mm: Click position ``(x, y, z)`` in LPS mm (DICOM patient coordinates).
-        diameter_mm: Lesion diameter in mm (> 0).
-        patient_id: Patient identifier.
-        lesion_class: Class name.
-        lesion_id: Identifier (default ``{patient_id}-L01``).
-        image_ref: Image reference stored in the record.
-        point_name: How the point is named in error messages.
-        method: ``"grow"`` or ``"sphere"``.
-
-    Returns:
-        ``(Lesion, LesionMask)``: the lesion's voxels inside the image, as a crop.
-
-    Raises:
-        UserError: Bad diameter or method, point outside the volume, or point in air.
-    """
-    if method not in ("grow", "sphere"):
-        raise UserError(f"click method {method!r}: expected 'grow' or 'sphere'")
-    point = np.asarray(point_xyz_mm, dtype=float).reshape(-1)
-    if point.shape != (3,) or not np.all(np.isfinite(point)):
-        raise UserError(f"{point_name} {tuple(point_xyz_mm)}: expected three finite numbers x,y,z in LPS mm")
-    check_diameter(diameter_mm, f"{point_name} diameter", image)
-    centre = image.physical_to_index(point)
-    if not image.contains_index(centre):
-        lo, hi = physical_bounds(image)
-        extent = ", ".join(f"{a} {mn:.1f}..{mx:.1f}" for a, mn, mx in zip("xyz", lo, hi, strict=True))
-        hint = "check the coordinates are LPS mm (DICOM patient coordinates) for this image"
-        flipped = point * np.array([-1.0, -1.0, 1.0])
-        if image.contains_index(image.physical_to_index(flipped)):
-            hint = (
-                f"it looks like RAS coordinates (e.g. from 3D Slicer): negate x and y to use LPS, "
-                f"i.e. {_fmt_xyz(flipped)}"
-            )
-        raise UserError(
-            f"{point_name} {_fmt_xyz(point)} mm is outside the image, whose LPS extent is {extent} mm; {hint}"
-        )
-    near = np.clip(np.round(centre).astype(int), 0, np.asarray(image.shape) - 1)
-    # Median of the 3x3x3 neighbourhood: robust to noise and a single odd voxel.
-    nb = image.array[tuple(slice(max(c - 1, 0), c + 2) for c in near)]
-    hu_at = float(np.median(nb))
-    if hu_at < AIR_THRESHOLD_HU:
-        raise UserError(
-            f"{point_name} {_fmt_xyz(point)} mm is in air (HU {hu_at:.0f} < {AIR_THRESHOLD_HU:.0f}): outside the body "
-            "(or in lung / bowel gas); check the coordinates are LPS mm on this image"
-        )
-    if method == "sphere":
-        region = sphere_region(image, centre, diameter_mm, f"{point_name} {_fmt_xyz(point)} mm")
-    else:
-        region = grow_from_click(image, centre, diameter_mm, f"{point_name} {_fmt_xyz(point)} mm")
-    crop, off = region.crop, region.offset
-    m = measure_lesion(image, crop, off)
-    lesion = Lesion(
-        lesion_id=lesion_id or make_lesion_id(patient_id, 1),
-        patient_id=patient_id,
-        lesion_class=lesion_class,
-        image=image_ref,
-        mask="",
-        label=None,
-        source="click",
-        **m,
-        measurement=region.measurement,
-    )
-    return lesion, LesionMask(crop, tuple(int(o) for o in off), tuple(image.shape))

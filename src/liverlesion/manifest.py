@@ -252,7 +252,7 @@ def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
                 raise UserError(
                     f"{where}: diameter_mm={click_text['diameter_mm']!r} must be > 0; give the lesion diameter in mm"
                 )
-            from liverlesion.lesions import MAX_DIAMETER_MM  # local: heavy (scipy)
+            from liverlesion.click import MAX_DIAMETER_MM  # local: heavy (scipy)
 
             if rec["diameter_mm"] > MAX_DIAMETER_MM:
                 raise UserError(

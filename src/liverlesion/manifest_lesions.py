@@ -12,13 +12,13 @@ from collections.abc import Iterator
 import pandas as pd
 from tqdm.auto import tqdm
 
+from liverlesion.click import lesion_from_click
 from liverlesion.dicom_seg import is_seg, seg_lesions
 from liverlesion.errors import UserError
 from liverlesion.io import check_geometry, check_tolerance, read_volume
 from liverlesion.lesions import (
     LESION_COLUMNS,
     LesionWithMask,
-    lesion_from_click,
     lesions_from_mask,
     make_lesion_id,
 )

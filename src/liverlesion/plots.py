@@ -16,7 +16,7 @@ import pandas as pd
 from liverlesion import DISCLAIMER, runs
 from liverlesion.fileio import atomic_path
 from liverlesion.metrics import metric_label
-from liverlesion.patches import load_patch, load_patch_index
+from liverlesion.patch_cache import load_patch, load_patch_index
 from liverlesion.predictions import read_predictions
 from liverlesion.summary import fmt_ci, size_metric_keys
 

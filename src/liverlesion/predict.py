@@ -23,13 +23,14 @@ import pandas as pd
 
 from liverlesion.case_input import check_ct_volume, check_min_size, parse_point
 from liverlesion.classifier import Classifier
+from liverlesion.click import check_diameter
 from liverlesion.decision import TOO_SMALL
 from liverlesion.dicom_seg import check_cli_mask_label, seg_mask, segment_of, union_if_several
 from liverlesion.domain import format_domain
 from liverlesion.errors import UserError
 from liverlesion.fileio import atomic_dir, write_csv, write_json
 from liverlesion.io import read_volume
-from liverlesion.lesions import check_diameter, lesion_source_problem
+from liverlesion.lesions import lesion_source_problem
 from liverlesion.overlay import draw_lesion_overlay
 from liverlesion.results import (
     CaseResult,

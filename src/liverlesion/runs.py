@@ -7,7 +7,7 @@ A run folder is written by ``liverlesion cv`` (or ``train`` / ``baselines``) and
       config.yaml            resolved config                     (cv, train, baselines)
       splits.json            patient-level folds, written once   (cv, baselines)
       run.json               run info: classes, patch_dir, versions, hardware
-      patches/               the patch cache of the run (its layout: patches.py)
+      patches/               the patch cache of the run (its layout: patch_cache.py)
       predictions.csv        out-of-fold test predictions         (predictions.py contract)
       val_predictions.csv    inner-validation predictions
       fold_K/model.pt        the fold's checkpoint

@@ -63,7 +63,8 @@ def run_prediction(clf, fields: dict[str, FormField], workdir: Path) -> dict[str
     Returns:
         ``{"df": results table, "overlays": [(lesion_id, png bytes)], "info": JSON-ready dict}``.
     """
-    from liverlesion.lesions import check_diameter, lesion_source_problem  # local: heavy (scipy)
+    from liverlesion.click import check_diameter  # local: heavy (scipy)
+    from liverlesion.lesions import lesion_source_problem  # local: heavy (scipy)
     from liverlesion.predict import (  # local: heavy (scipy)
         draw_lesion_overlay,
         parse_point,

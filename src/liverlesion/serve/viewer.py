@@ -303,7 +303,7 @@ def parse_classify(study: Study, body: Any) -> dict[str, Any]:
     Raises:
         UserError: A click outside the image, no diameter, a label not in the mask, and so on.
     """
-    from liverlesion.lesions import check_diameter  # local: heavy (scipy)
+    from liverlesion.click import check_diameter  # local: heavy (scipy)
 
     if not isinstance(body, dict):
         raise UserError(
