@@ -17,18 +17,12 @@ import pytest
 
 from helpers import build_seg, make_ct_with_two_lesions, make_tiny_checkpoint, write_dicom_series
 from liverlesion.cli import main
-from liverlesion.dicom_seg import (
-    SEG_SOP_CLASS_UID,
-    is_seg,
-    parse_selector,
-    seg_labelmap,
-    seg_lesions,
-    seg_mask,
-)
+from liverlesion.dicom_seg import seg_labelmap, seg_lesions, seg_mask
 from liverlesion.errors import UserError
 from liverlesion.io import read_volume, write_volume
 from liverlesion.lesions import lesions_from_mask
 from liverlesion.manifest_lesions import lesion_table
+from liverlesion.seg_select import SEG_SOP_CLASS_UID, is_seg, parse_selector
 from liverlesion.volume import Volume
 
 

@@ -14,7 +14,8 @@ import pytest
 
 from helpers import write_dicom_series
 from liverlesion.cli import main
-from liverlesion.datasets.ircadb import LabelBuilder, classify_structure, find_patients, import_ircadb
+from liverlesion.datasets.ircadb import LabelBuilder, import_ircadb
+from liverlesion.datasets.ircadb_layout import classify_structure, find_patients
 from liverlesion.errors import UserError
 from liverlesion.io import read_volume
 from liverlesion.volume import Volume

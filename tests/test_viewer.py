@@ -523,7 +523,8 @@ def test_dicom_seg_of_another_series_or_not_a_seg_is_refused(served, seg_study, 
 def test_seg_download_round_trip_and_the_sr_refers_to_it(served, seg_study):
     import pydicom
 
-    from liverlesion.dicom_seg import read_seg_segments, seg_labelmap
+    from liverlesion.dicom_seg import seg_labelmap
+    from liverlesion.seg_select import read_seg_segments
 
     d: Path = served["dir"]
     ct = ("ct.zip", (d / "ct.zip").read_bytes())

@@ -29,11 +29,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from liverlesion import DISCLAIMER
 from liverlesion.case_input import check_ct_volume, check_min_size, mask_volume
 from liverlesion.click import lesion_from_click
 from liverlesion.config import config_from_dict
-from liverlesion.decision import CLASSIFIED, TOO_SMALL, decide
+from liverlesion.decision import TOO_SMALL, decide
 from liverlesion.decision import too_small as is_too_small
 from liverlesion.domain import STATS, check_domain, lesion_stats, merge_ranges
 from liverlesion.ensemble import Member, load_members
@@ -41,6 +40,7 @@ from liverlesion.errors import UserError
 from liverlesion.features import radiomics_features
 from liverlesion.gradcam import compute_cam
 from liverlesion.inference import apply_temperature, ensemble_probs, lesion_logits
+from liverlesion.lesion_row import entropy_bits, lesion_row
 from liverlesion.lesions import lesion_source_problem, lesions_from_mask
 from liverlesion.manifest import read_manifest
 from liverlesion.manifest_lesions import iter_manifest_lesions
@@ -50,11 +50,6 @@ from liverlesion.runtime import apply_torch_threads
 from liverlesion.volume import Volume
 
 __all__ = ["Classifier"]
-
-
-def _entropy_bits(p: np.ndarray) -> float:
-    p = np.clip(np.asarray(p, dtype=float), 1e-12, 1.0)
-    return float(-(p * np.log2(p)).sum())
 
 
 class Classifier:
@@ -481,48 +476,21 @@ class Classifier:
                 pred = self.decide(probs)
                 j = self.class_names.index(pred)
                 uncertainty = float(member[:, j].std()) if len(member) > 1 else 0.0
-                entropy = _entropy_bits(probs)
+                entropy = entropy_bits(probs)
                 if gradcam:
                     cam = self.gradcam(patch.image, j)
-            row: dict[str, Any] = {
-                "lesion_id": lesion.lesion_id,
-                "patient_id": lesion.patient_id,
-                "image": image_ref,
-                "source": lesion.source,
-                "label": lesion.label,
-                "pred_class": pred,
-                "status": TOO_SMALL if too_small else CLASSIFIED,
-                "fusion_input": "" if not self.fusion_features else lesion.measurement,
-                # "mask", or for a click "estimated from click ..." (grown, capped or sphere; click.py)
-                "measurement": lesion.measurement,
-            }
-            for c, p in zip(self.class_names, probs, strict=True):
-                row[f"prob_{c}"] = float(p)
-            cx, cy, cz = lesion.centroid_mm
-            row.update(
-                {
-                    "uncertainty": uncertainty,
-                    "entropy_bits": entropy,
-                    "threshold": self.threshold if self.threshold is not None else math.nan,
-                    "positive_class": self.positive_class or "",
-                    "max_axial_diameter_mm": float(lesion.max_axial_diameter_mm),
-                    "min_axis_mm": float(lesion.min_axis_mm),
-                    "volume_ml": float(lesion.volume_ml),
-                    "n_voxels": int(lesion.n_voxels),
-                    "hu_mean": float(lesion.hu_mean),
-                    "hu_std": float(lesion.hu_std),
-                    "centroid_x_mm": float(cx),
-                    "centroid_y_mm": float(cy),
-                    "centroid_z_mm": float(cz),
-                    "centre_slice": int(patch.meta["centre_slice"]),
-                    "n_models": self.n_models,
-                    "model_version": self.model_version,
-                    "checkpoint_sha256": hashes,
-                    "disclaimer": DISCLAIMER,
-                }
+            row = lesion_row(
+                self,
+                lesion,
+                patch,
+                image_ref,
+                pred=pred,
+                too_small=too_small,
+                probs=probs,
+                uncertainty=uncertainty,
+                entropy=entropy,
+                hashes=hashes,
             )
-            if lesion.lesion_class:
-                row["true_class"] = lesion.lesion_class
             dom = lesion_stats(
                 lesion.hu_mean,
                 lesion.hu_std,

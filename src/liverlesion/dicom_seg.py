@@ -2,12 +2,9 @@
 
 Reading. A SEG works wherever a mask works (manifest ``mask`` column, ``predict --mask``,
 ``serve`` through :func:`seg_mask`). It is recognised by its SOP Class UID (Segmentation
-Storage, ``1.2.840.10008.5.1.4.1.1.66.4``), never by its name. A *selector* chooses segments:
-
-* empty / ``0``: every segment;
-* a number ``N``: segment number N;
-* a text: every segment whose SegmentLabel equals it (case-insensitive), or matches it as a
-  shell pattern when it holds ``*``, ``?`` or ``[`` (``Tumor*`` selects ``Tumor_1``, ``Tumor_2``, ...).
+Storage, ``1.2.840.10008.5.1.4.1.1.66.4``), never by its name. A *selector* (empty, a segment
+number, a SegmentLabel or a label pattern) chooses segments; the header checks and the selectors
+are :mod:`liverlesion.seg_select`.
 
 The selected segments are painted into a label map on the CT grid whose values are the
 segment numbers, so everything downstream (lesions, patches, SR) works unchanged. A number,
@@ -30,182 +27,38 @@ Writing is :mod:`liverlesion.seg_write`.
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from liverlesion.errors import UserError
+from liverlesion.seg_select import (
+    Segment,
+    Selector,
+    names_one_segment,
+    read_seg_header,
+    read_seg_segments,
+    segment_listing,
+    select_segments,
+)
 from liverlesion.volume import Volume
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "SEG_SOP_CLASS_UID",
-    "Segment",
-    "is_seg",
-    "read_seg_segments",
-    "parse_selector",
-    "select_segments",
-    "check_seg_selector",
-    "check_manifest_seg",
     "referenced_series",
+    "seg_labelmap",
     "seg_mask",
     "seg_lesions",
     "segment_of",
-    "check_cli_mask_label",
+    "union_if_several",
+    "label_by_segment",
 ]
 
-#: Segmentation Storage.
-SEG_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.66.4"
-_PATTERN_CHARS = set("*?[")
 _OVERLAP_HINT = "select one segment per manifest row (label column, or --label)"
-
-Selector = int | str | None
-
-
-@dataclass(frozen=True)
-class Segment:
-    """One segment of a SEG: its number and SegmentLabel."""
-
-    number: int
-    label: str
-
-    def __str__(self) -> str:
-        return f"{self.number} {self.label!r}"
-
-
-# ----------------------------------------------------------------------------- header
-
-
-def is_seg(path: str | os.PathLike) -> bool:
-    """True when ``path`` is a single DICOM file of SOP class Segmentation Storage (reads one tag)."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    p = Path(path)
-    if not p.is_file():
-        return False
-    try:
-        ds = pydicom.dcmread(p, stop_before_pixels=True, specific_tags=["SOPClassUID"])
-    except (InvalidDicomError, OSError, ValueError, EOFError, AttributeError, KeyError):
-        return False
-    meta = getattr(ds, "file_meta", None)
-    uid = str(ds.get("SOPClassUID", "") or (meta.get("MediaStorageSOPClassUID", "") if meta else ""))
-    return uid == SEG_SOP_CLASS_UID
-
-
-def _read_header(path: Path, name: str):
-    import pydicom
-
-    try:
-        return pydicom.dcmread(path, stop_before_pixels=True)
-    except Exception as e:  # noqa: BLE001 - any parse failure is a bad file for the user
-        raise UserError(
-            f"{name} {path}: not a readable DICOM SEG file ({e}); re-export the segmentation"
-        ) from e
-
-
-def _segments(ds, path: Path, name: str) -> list[Segment]:
-    items = list(ds.get("SegmentSequence", []) or [])
-    if not items:
-        raise UserError(
-            f"{name} {path}: the DICOM SEG has no segments (empty SegmentSequence); "
-            "re-export the segmentation with at least one segment"
-        )
-    segs = []
-    for item in items:
-        number = int(item.get("SegmentNumber", 0) or 0)
-        segs.append(Segment(number, str(item.get("SegmentLabel", "") or "").strip()))
-    return segs
-
-
-def read_seg_segments(path: str | os.PathLike, name: str = "mask") -> list[Segment]:
-    """The segments of a SEG file (number and label), from its header only.
-
-    Raises:
-        UserError: Not a SEG, unreadable, or no segments.
-    """
-    path = Path(path)
-    ds = _read_header(path, name)
-    if str(ds.get("SOPClassUID", "")) != SEG_SOP_CLASS_UID:
-        raise UserError(
-            f"{name} {path}: is DICOM but not a Segmentation (SOP class {ds.get('SOPClassUID', 'missing')}); "
-            "give a DICOM SEG or a label-mask volume"
-        )
-    return _segments(ds, path, name)
-
-
-def parse_selector(value: Any) -> Selector:
-    """A manifest/CLI label as a segment selector: None (every segment), a number, or a text."""
-    if value is None:
-        return None
-    try:
-        import pandas as pd
-
-        if pd.isna(value):
-            return None
-    except (TypeError, ValueError):
-        pass
-    if isinstance(value, (int, np.integer)):
-        return int(value) or None
-    text = str(value).strip()
-    if not text:
-        return None
-    try:
-        f = float(text)
-    except ValueError:
-        return text
-    if f.is_integer():
-        return int(f) or None
-    return text
-
-
-def _listing(segs: Sequence[Segment]) -> str:
-    shown = ", ".join(str(s) for s in segs[:20])
-    return shown + (f", ... ({len(segs)} in all)" if len(segs) > 20 else "")
-
-
-def select_segments(segs: Sequence[Segment], selector: Selector, name: str = "mask") -> list[Segment]:
-    """The segments a selector picks (see the module docstring).
-
-    Raises:
-        UserError: No segment matches, naming the segments there are.
-    """
-    selector = parse_selector(selector)
-    if selector is None:
-        return list(segs)
-    if isinstance(selector, int):
-        chosen = [s for s in segs if s.number == selector]
-        what = f"segment number {selector}"
-    elif _PATTERN_CHARS & set(selector):
-        chosen = [s for s in segs if fnmatch.fnmatchcase(s.label.casefold(), selector.casefold())]
-        what = f"segment label pattern {selector!r}"
-    else:
-        chosen = [s for s in segs if s.label.casefold() == selector.casefold()]
-        what = f"segment label {selector!r}"
-    if not chosen:
-        raise UserError(
-            f"{name}: the DICOM SEG has no {what}; its segments are {_listing(segs)}; "
-            "give a segment number or label from this list (or leave the label empty for every segment)"
-        )
-    return chosen
-
-
-def check_seg_selector(path: str | os.PathLike, selector: Selector, name: str = "mask") -> list[Segment]:
-    """Before any work: the SEG's header has segments and ``selector`` picks at least one."""
-    return select_segments(read_seg_segments(path, name), selector, name)
-
-
-def check_manifest_seg(mask_path: str | os.PathLike, label: Any, name: str) -> None:
-    """For a manifest row whose mask is a DICOM SEG: its header has segments and the label picks some."""
-    if is_seg(mask_path):
-        check_seg_selector(mask_path, parse_selector(label), name)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -220,7 +73,7 @@ def _referenced_series(ds) -> list[str]:
 
 def referenced_series(path: str | os.PathLike, name: str = "mask") -> list[str]:
     """The SeriesInstanceUIDs a SEG file references (header only)."""
-    return _referenced_series(_read_header(Path(path), name))
+    return _referenced_series(read_seg_header(Path(path), name))
 
 
 def _check_reference(ds, image: Volume, path: Path, name: str, image_name: str) -> None:
@@ -400,12 +253,6 @@ def seg_labelmap(
     return volume, chosen
 
 
-def _names_one(selector: Selector) -> bool:
-    """A number or an exact label (not empty, not a pattern): it names one segment, one lesion."""
-    selector = parse_selector(selector)
-    return isinstance(selector, int) or (isinstance(selector, str) and not _PATTERN_CHARS & set(selector))
-
-
 def seg_mask(
     path: str | os.PathLike,
     image: Volume,
@@ -431,7 +278,7 @@ def seg_mask(
         image_name=image_name,
         overlap_hint=overlap_hint,
     )
-    if len(chosen) == 1 and _names_one(selector):
+    if len(chosen) == 1 and names_one_segment(selector):
         if not labels.array.any():
             raise UserError(
                 f"{name} {path}: segment {chosen[0]} is empty on {image_name}; choose another segment"
@@ -439,7 +286,7 @@ def seg_mask(
         return labels, chosen[0].number
     if not labels.array.any():
         raise UserError(
-            f"{name} {path}: the selected segments ({_listing(chosen)}) are all empty on {image_name}; "
+            f"{name} {path}: the selected segments ({segment_listing(chosen)}) are all empty on {image_name}; "
             "choose other segments"
         )
     return labels, None
@@ -467,37 +314,6 @@ def label_by_segment(items: list, labels: Volume) -> list:
     for lesion, lmask in items:
         lesion.label = segment_of(lmask, labels)
     return items
-
-
-def check_cli_mask_label(
-    mask: str | os.PathLike | None, label: Any, option: str = "--label"
-) -> tuple[bool, Selector]:
-    """Before any work: is ``mask`` a DICOM SEG, and is ``label`` valid for it.
-
-    Returns:
-        ``(mask_is_seg, label)``: the label as a segment selector for a SEG, else as an integer.
-
-    Raises:
-        UserError: A text label for a non-SEG mask, a negative label, or a SEG that has no such segment.
-    """
-    mask_is_seg = mask is not None and is_seg(mask)
-    if mask_is_seg:
-        selector = parse_selector(label)
-        check_seg_selector(mask, selector, "--mask")
-        return True, selector
-    if label is None:
-        return False, None
-    selector = parse_selector(label)
-    if selector is None:
-        return False, None
-    if not isinstance(selector, int):
-        raise UserError(
-            f"{option} {label}: not an integer; give the mask label value (e.g. 1), or, with a DICOM SEG --mask, "
-            "a segment number or label"
-        )
-    if selector < 0:
-        raise UserError(f"{option} {label}: is negative; give the mask label value (e.g. 1)")
-    return False, selector
 
 
 def seg_lesions(

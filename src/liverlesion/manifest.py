@@ -25,9 +25,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from liverlesion.dicom_seg import check_manifest_seg, is_seg
 from liverlesion.errors import UserError
 from liverlesion.fileio import atomic_path
+from liverlesion.seg_select import check_manifest_seg, is_seg
 
 REQUIRED_COLUMNS = ("patient_id", "image", "lesion_class")
 MASK_COLUMNS = ("mask", "label")

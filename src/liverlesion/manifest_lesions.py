@@ -13,7 +13,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from liverlesion.click import lesion_from_click
-from liverlesion.dicom_seg import is_seg, seg_lesions
+from liverlesion.dicom_seg import seg_lesions
 from liverlesion.errors import UserError
 from liverlesion.io import check_geometry, check_tolerance, read_volume
 from liverlesion.lesions import (
@@ -24,6 +24,7 @@ from liverlesion.lesions import (
 )
 from liverlesion.manifest import read_manifest
 from liverlesion.progress import progress_disabled
+from liverlesion.seg_select import is_seg
 from liverlesion.volume import Volume
 
 

@@ -25,7 +25,7 @@ from liverlesion.case_input import check_ct_volume, check_min_size, parse_point
 from liverlesion.classifier import Classifier
 from liverlesion.click import check_diameter
 from liverlesion.decision import TOO_SMALL
-from liverlesion.dicom_seg import check_cli_mask_label, seg_mask, segment_of, union_if_several
+from liverlesion.dicom_seg import seg_mask, segment_of, union_if_several
 from liverlesion.domain import format_domain
 from liverlesion.errors import UserError
 from liverlesion.fileio import atomic_dir, write_csv, write_json
@@ -42,6 +42,7 @@ from liverlesion.results import (
     safe_name,
 )
 from liverlesion.runtime import resolve_threads
+from liverlesion.seg_select import check_cli_mask_label
 from liverlesion.seg_write import check_seg_source, write_seg
 from liverlesion.sr import check_sr_inputs, check_sr_source, write_sr
 

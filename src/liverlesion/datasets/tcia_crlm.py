@@ -45,18 +45,13 @@ from pathlib import Path
 from typing import Any
 
 from liverlesion import DISCLAIMER, __version__
-from liverlesion.dicom_seg import (
-    SEG_SOP_CLASS_UID,
-    read_seg_segments,
-    referenced_series,
-    seg_lesions,
-    select_segments,
-)
+from liverlesion.dicom_seg import referenced_series, seg_lesions
 from liverlesion.errors import UserError
 from liverlesion.fileio import atomic_dir, write_json, write_text
 from liverlesion.io import read_volume
 from liverlesion.manifest import write_manifest
 from liverlesion.progress import progress_disabled
+from liverlesion.seg_select import SEG_SOP_CLASS_UID, read_seg_segments, select_segments
 
 log = logging.getLogger(__name__)
 

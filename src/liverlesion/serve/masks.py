@@ -12,16 +12,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from liverlesion.dicom_seg import (
+from liverlesion.dicom_seg import seg_mask
+from liverlesion.errors import UserError
+from liverlesion.io import read_volume
+from liverlesion.seg_select import (
     Segment,
     check_seg_selector,
     parse_selector,
     read_seg_segments,
-    seg_mask,
     select_segments,
 )
-from liverlesion.errors import UserError
-from liverlesion.io import read_volume
 from liverlesion.volume import Volume
 
 __all__ = ["OVERLAP_HINT", "check_label", "read_mask", "resolve_segment_label"]
@@ -36,7 +36,7 @@ OVERLAP_HINT = (
 def check_label(mask_path: Path | None, text: str, mask_name: str, field: str = "label") -> tuple[bool, Any]:
     """Before reading any volume: is the mask a DICOM SEG, and does ``text`` fit it.
 
-    The equivalent of :func:`liverlesion.dicom_seg.check_cli_mask_label` with the form's names.
+    The equivalent of :func:`liverlesion.seg_select.check_cli_mask_label` with the form's names.
 
     Args:
         mask_path: The saved mask upload (a ``.dcm`` one is a DICOM SEG), or None.

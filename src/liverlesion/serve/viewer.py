@@ -18,9 +18,9 @@ import numpy as np
 
 from liverlesion import DISCLAIMER
 from liverlesion.decision import CLASSIFIED
-from liverlesion.dicom_seg import parse_selector
 from liverlesion.errors import UserError
 from liverlesion.io import check_geometry, read_volume
+from liverlesion.seg_select import parse_selector
 from liverlesion.serve.downloads import seg_available, seg_unavailable, sr_unavailable
 from liverlesion.serve.masks import check_label, read_mask, resolve_segment_label
 from liverlesion.serve.multipart import FormField
