@@ -159,14 +159,14 @@ def test_inspect_refuses_escaping_zip(tmp_path, capsys, tiny_dicom_dir, tiny_ct)
 
 
 def test_ircadb_zip_with_escaping_entry_is_refused(tmp_path):
-    from liverlesion.datasets.ircadb import _index_zip
+    from liverlesion.datasets.ircadb_layout import index_zip
 
     z = tmp_path / "PATIENT_DICOM.zip"
     with zipfile.ZipFile(z, "w") as zf:
         zf.writestr("PATIENT_DICOM/image_0", b"x")
         zf.writestr("PATIENT_DICOM/../../x", b"x")
     with pytest.raises(UserError, match=r"PATIENT_DICOM/\.\./\.\./x"):
-        _index_zip(z, "PATIENT_DICOM")
+        index_zip(z, "PATIENT_DICOM")
 
 
 def test_good_zip_still_reads_and_leaves_no_temp(tmp_path, tiny_dicom_dir, monkeypatch):

@@ -106,7 +106,7 @@ class Part:
         return dest
 
 
-def _index_zip(path: Path, name: str) -> Part:
+def index_zip(path: Path, name: str) -> Part:
     try:
         with zipfile.ZipFile(path) as zf:
             members = [i.filename for i in check_zip_members(zf, name, path)]
@@ -151,7 +151,7 @@ def _find_part(patient_dir: Path, name: str) -> Part:
     if folder is not None and folder.is_dir():
         part = _index_folder(folder, name)
     elif archive is not None and archive.is_file():
-        part = _index_zip(archive, name)
+        part = index_zip(archive, name)
     else:
         raise UserError(
             f"{patient_dir}: no {name} folder or {name}.zip found; expected the 3D-IRCADb-01 layout "
