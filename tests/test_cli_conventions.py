@@ -210,14 +210,14 @@ def test_root_dash_h(capsys):
 
 
 def test_training_resource_options_become_settings(monkeypatch):
-    from liverlesion.cli import _config, _training_overrides
+    from liverlesion.cli_common import config_from, training_overrides
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    cfg = _config(None, None, None, **_training_overrides("cpu", 3, 8))
+    cfg = config_from(None, None, None, **training_overrides("cpu", 3, 8))
     assert (cfg.train.accelerator, cfg.train.max_threads, cfg.train.batch_size) == ("cpu", 3, 8)
-    cfg = _config(None, None, None, **_training_overrides("cuda:1", None, None))
+    cfg = config_from(None, None, None, **training_overrides("cuda:1", None, None))
     assert (cfg.train.accelerator, str(cfg.train.devices)) == ("gpu", "1")
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "1"  # that GPU only
-    default = _config(None, None, None)
-    cfg = _config(None, None, None, **_training_overrides("auto", None, None))
+    default = config_from(None, None, None)
+    cfg = config_from(None, None, None, **training_overrides("auto", None, None))
     assert cfg.train == default.train

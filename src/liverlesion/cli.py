@@ -15,180 +15,30 @@ from typing import Annotated, Optional
 import typer
 
 from liverlesion import DISCLAIMER, __version__
+from liverlesion.cli_common import (
+    DEPRECATED_OUT,
+    FROM_CONFIG,
+    NOTES,
+    BackboneOpt,
+    ConfigOpt,
+    DeviceOpt,
+    EpochsOpt,
+    OverwriteOpt,
+    PresetOpt,
+    SetOpt,
+    ThreadsOpt,
+    TrainBatchOpt,
+    WeightsOpt,
+    app,
+    config_from,
+    default_training_threads,
+    out_dir,
+    out_file,
+    out_opt,
+    output,
+    training_overrides,
+)
 from liverlesion.errors import UserError
-
-
-def _keep_argument_help() -> None:
-    """Typer 0.20 sets an argument's help before calling click's ``Argument.__init__``, which (click >=
-    8.2) resets it to None: positional arguments then show no description. Set it again afterwards."""
-    from typer.core import TyperArgument
-
-    init = TyperArgument.__init__
-    if getattr(init, "_keeps_help", False):
-        return
-
-    def __init__(self, *args, help=None, **kwargs):  # noqa: A002 (typer's keyword)
-        init(self, *args, help=help, **kwargs)
-        if help is not None and getattr(self, "help", None) is None:
-            self.help = help
-
-    __init__._keeps_help = True
-    TyperArgument.__init__ = __init__
-
-
-_keep_argument_help()
-
-# -h as well as --help, on every command (as nnU-Net, TotalSegmentator and pyradiomics).
-_CONTEXT = {"help_option_names": ["-h", "--help"]}
-
-app = typer.Typer(
-    name="liverlesion",
-    help=f"Focal liver lesion classification on abdominal CT ({DISCLAIMER}).",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    context_settings=_CONTEXT,
-    suggest_commands=False,  # click already says "Did you mean ...?"; typer's own would repeat it
-)
-import_app = typer.Typer(
-    help="Import public datasets into a liverlesion manifest.",
-    no_args_is_help=True,
-    context_settings=_CONTEXT,
-    suggest_commands=False,
-)
-app.add_typer(import_app, name="import")
-
-ConfigOpt = Annotated[
-    Optional[Path], typer.Option("--config", help="YAML config file (see config.py).", show_default="none")
-]
-PresetOpt = Annotated[
-    Optional[str],
-    typer.Option("--preset", help="Preset: quick | paper | default.", show_default="none: built-in defaults"),
-]
-SetOpt = Annotated[
-    Optional[list[str]],
-    typer.Option(
-        "--set", help="Override a setting, e.g. --set train.epochs=5 (repeatable).", show_default="none"
-    ),
-]
-OverwriteOpt = Annotated[
-    bool, typer.Option("--overwrite", help="Replace an existing output folder.", show_default="off")
-]
-FROM_CONFIG = "from the config"
-
-WeightsOpt = Annotated[
-    Optional[str], typer.Option("--weights", help="imagenet | none | PATH.", show_default=FROM_CONFIG)
-]
-BackboneOpt = Annotated[Optional[str], typer.Option(help="timm backbone name.", show_default=FROM_CONFIG)]
-EpochsOpt = Annotated[Optional[int], typer.Option(help="Maximum epochs.", show_default=FROM_CONFIG)]
-TrainBatchOpt = Annotated[
-    Optional[int], typer.Option("--batch-size", help="Training batch size.", show_default=FROM_CONFIG)
-]
-# Inference and training resources (predict, serve, cv, train).
-DeviceOpt = Annotated[
-    str, typer.Option("--device", help="cpu | cuda | cuda:N | auto (CUDA when present, else CPU).")
-]
-ThreadsOpt = Annotated[
-    Optional[int],
-    typer.Option("--threads", help="CPU threads.", show_default="the free cores: affinity minus load, >= 1"),
-]
-BackendOpt = Annotated[
-    str,
-    typer.Option(
-        "--backend",
-        help="onnx (onnxruntime, CPU; needs the model.onnx that `liverlesion export` writes next to each "
-        "checkpoint) | torch | auto (onnx when on the CPU and every checkpoint has an up-to-date export).",
-    ),
-]
-
-# The output convention: -o/--out on every command that writes (as nnU-Net, TotalSegmentator and
-# pyradiomics). OUT as a positional argument (the old spelling) still works, with a note.
-_DEPRECATED_OUT = "Deprecated spelling of -o/--out (still accepted)."
-_notes: list[str] = []
-
-
-def _out_opt(help: str, default: str | None = None):  # noqa: A002 (typer's word)
-    # No default means required (unless the deprecated positional OUT is given; see _output).
-    return typer.Option("-o", "--out", help=help, show_default=default or "required")
-
-
-def _output(
-    out: Path | None, positional: Path | None, what: str, default: Path | None = None
-) -> tuple[Path, str]:
-    """The output path and how to name it in messages; refuses it missing or given twice."""
-    if out is not None and positional is not None:
-        raise UserError(f"-o/--out {out} and positional OUT {positional}: give the {what} once, as -o/--out")
-    if positional is not None:
-        _notes.append(
-            f"note: OUT as a positional argument is deprecated; write -o {positional} (it works the same)"
-        )
-        return positional, "OUT"
-    if out is None:
-        if default is None:
-            raise UserError(f"missing -o/--out: give the {what}, e.g. -o results/")
-        return default, "--out"
-    return out, "--out"
-
-
-def _config(config: Path | None, preset: str | None, sets: list[str] | None, **extra):
-    from liverlesion.config import load_config
-
-    overrides = list(sets or [])
-    for key, value in extra.items():
-        if value is not None:
-            overrides.append(f"{key}={value}")
-    return load_config(config, preset, overrides)
-
-
-def _out_dir(path: Path | None, name: str = "OUT") -> None:
-    """Refuse an output folder that exists as a file (or lies under one) before any work."""
-    if path is not None:
-        from liverlesion.fileio import check_output_dir
-
-        check_output_dir(path, name)
-
-
-def _out_file(path: Path | None, name: str) -> None:
-    """Refuse an output file that is a folder (or lies under a file) before any work."""
-    if path is not None:
-        from liverlesion.fileio import check_output_file
-
-        check_output_file(path, name)
-
-
-def _resources(device: str, threads: int | None, batch_size: int | None) -> tuple[str, int | None]:
-    """Check --device, --threads and --batch-size before any work; the device normalised."""
-    from liverlesion.runtime import check_device, check_positive_int
-
-    check_positive_int(threads, "--threads", "CPU threads")
-    check_positive_int(batch_size, "--batch-size", "patches per batch")
-    return check_device(device), threads
-
-
-def _training_overrides(device: str, threads: int | None, batch_size: int | None) -> dict:
-    """--device / --threads / --batch-size as train.* settings (cuda:N: that GPU only)."""
-    import os
-
-    device, threads = _resources(device, threads, batch_size)
-    extra: dict = {"train.batch_size": batch_size, "train.max_threads": threads}
-    if device == "cpu":
-        extra["train.accelerator"] = "cpu"
-    elif device.startswith("cuda"):
-        extra["train.accelerator"] = "gpu"
-        extra["train.devices"] = 1
-        if ":" in device:  # before torch is imported: the process sees that GPU only
-            os.environ["CUDA_VISIBLE_DEVICES"] = device.split(":")[1]
-    return extra
-
-
-def _default_training_threads(cfg, threads: int | None) -> None:
-    """Neither --threads nor train.max_threads: torch uses the free cores, not every core."""
-    if threads is None and cfg.train.max_threads == 0:
-        import torch
-
-        from liverlesion.runtime import free_cores
-
-        torch.set_num_threads(free_cores())
 
 
 def _version_callback(value: bool) -> None:
@@ -209,9 +59,9 @@ def _root(
 @app.command()
 def synth(
     out: Annotated[
-        Optional[Path], typer.Argument(metavar="[OUT]", help=_DEPRECATED_OUT, show_default=False)
+        Optional[Path], typer.Argument(metavar="[OUT]", help=DEPRECATED_OUT, show_default=False)
     ] = None,
-    out_opt: Annotated[Optional[Path], _out_opt("Output folder for volumes, masks and manifest.csv.")] = None,
+    out_opt: Annotated[Optional[Path], out_opt("Output folder for volumes, masks and manifest.csv.")] = None,
     patients: Annotated[int, typer.Option(help="Number of patients.")] = 63,
     lesions: Annotated[int, typer.Option(help="Total number of lesions.")] = 230,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
@@ -233,8 +83,8 @@ def synth(
     """Generate a synthetic CT cohort (metastases vs cysts, optionally haemangiomas) with a manifest."""
     from liverlesion.synth import generate_cohort
 
-    out, name = _output(out_opt, out, "output folder")
-    _out_dir(out, name)
+    out, name = output(out_opt, out, "output folder")
+    out_dir(out, name)
     generate_cohort(
         out,
         patients=patients,
@@ -252,7 +102,7 @@ def synth(
 def inspect(
     manifest: Annotated[Path, typer.Argument(help="Manifest CSV.")],
     out: Annotated[
-        Optional[Path], _out_opt("Also write the lesion table to this CSV.", "none: print only")
+        Optional[Path], out_opt("Also write the lesion table to this CSV.", "none: print only")
     ] = None,
     tolerance: Annotated[float, typer.Option(help="Geometry tolerance (mm) between image and mask.")] = 1e-3,
     series: Annotated[
@@ -263,114 +113,17 @@ def inspect(
     """Compute and print the lesion table and a summary for a manifest."""
     from liverlesion.inspection import inspect_manifest
 
-    _out_file(out, "--out")
+    out_file(out, "--out")
     inspect_manifest(manifest, out=out, tolerance=tolerance, series=series)
-
-
-@import_app.command("ircadb")
-def import_ircadb(
-    src: Annotated[
-        Path, typer.Argument(help="3D-IRCADb-01 folder (holding 3Dircadb1.N) or one 3Dircadb1.N.")
-    ],
-    out: Annotated[
-        Optional[Path], typer.Argument(metavar="[OUT]", help=_DEPRECATED_OUT, show_default=False)
-    ] = None,
-    out_opt: Annotated[Optional[Path], _out_opt("Output folder for NIfTI files and manifest.csv.")] = None,
-    overwrite: OverwriteOpt = False,
-) -> None:
-    """Import 3D-IRCADb-01 (tumours -> metastasis, cysts -> cyst)."""
-    from liverlesion.datasets.ircadb import import_ircadb as _imp
-    from liverlesion.datasets.ircadb import import_summary
-
-    out, name = _output(out_opt, out, "output folder")
-    _out_dir(out, name)
-    manifest = _imp(src, out, overwrite=overwrite)
-    typer.echo(import_summary(manifest.parent))
-
-
-ClassMapOpt = Annotated[
-    list[str],
-    typer.Option(
-        "--class-map",
-        help="Label value (or its dataset.json name) = lesion class, e.g. 2=metastasis; repeatable or "
-        "comma-separated. Each connected component of a mapped value is a lesion.",
-        show_default="required",
-    ),
-]
-ImportToleranceOpt = Annotated[
-    float, typer.Option("--tolerance", help="Geometry tolerance (mm) between each CT and its label map.")
-]
-
-
-@import_app.command("msd")
-def import_msd(
-    src: Annotated[
-        Path,
-        typer.Argument(help="Decathlon task folder, e.g. Task03_Liver (dataset.json, imagesTr/, labelsTr/)."),
-    ],
-    class_map: ClassMapOpt,
-    out: Annotated[Path, _out_opt("Output folder for lesion masks and manifest.csv.")],
-    tolerance: ImportToleranceOpt = 1e-3,
-    overwrite: OverwriteOpt = False,
-) -> None:
-    """Import a Medical Segmentation Decathlon task (e.g. Task03_Liver: --class-map 2=metastasis)."""
-    from liverlesion.datasets.labelmap import import_summary
-    from liverlesion.datasets.msd import import_msd as _imp
-
-    _out_dir(out, "--out")
-    manifest = _imp(src, out, class_map, overwrite=overwrite, tolerance=tolerance)
-    typer.echo(import_summary(manifest.parent))
-
-
-@import_app.command("folder")
-def import_folder(
-    src: Annotated[
-        Path,
-        typer.Argument(
-            help="nnU-Net raw dataset (dataset.json, imagesTr/, labelsTr/) or a folder with images/ + labels/."
-        ),
-    ],
-    class_map: ClassMapOpt,
-    out: Annotated[Path, _out_opt("Output folder for lesion masks and manifest.csv.")],
-    tolerance: ImportToleranceOpt = 1e-3,
-    overwrite: OverwriteOpt = False,
-) -> None:
-    """Import CT + label-map pairs (nnU-Net raw layout, or images/ + labels/ matched by case name)."""
-    from liverlesion.datasets.folder import import_folder as _imp
-    from liverlesion.datasets.labelmap import import_summary
-
-    _out_dir(out, "--out")
-    manifest = _imp(src, out, class_map, overwrite=overwrite, tolerance=tolerance)
-    typer.echo(import_summary(manifest.parent))
-
-
-@import_app.command("tcia-crlm")
-def import_tcia_crlm(
-    src: Annotated[
-        Path,
-        typer.Argument(
-            help="TCIA Colorectal-Liver-Metastases download (manifest-*, collection or CRLM-CT-NNNN)."
-        ),
-    ],
-    out: Annotated[Path, _out_opt("Output folder for manifest.csv and the import report.")],
-    overwrite: OverwriteOpt = False,
-) -> None:
-    """Import TCIA Colorectal-Liver-Metastases (tumour segments -> metastasis; CT and SEG used in place)."""
-    from liverlesion.datasets.tcia_crlm import import_summary as _summary
-    from liverlesion.datasets.tcia_crlm import import_tcia_crlm as _imp
-
-    _out_dir(out, "--out")
-    manifest = _imp(src, out, overwrite=overwrite)
-    typer.echo(_summary(manifest.parent))
 
 
 @app.command()
 def patches(
     manifest: Annotated[Path, typer.Argument(help="Manifest CSV.")],
     out: Annotated[
-        Optional[Path], typer.Argument(metavar="[OUT]", help=_DEPRECATED_OUT, show_default=False)
+        Optional[Path], typer.Argument(metavar="[OUT]", help=DEPRECATED_OUT, show_default=False)
     ] = None,
-    out_opt: Annotated[Optional[Path], _out_opt("Output folder for patch arrays and contact sheet.")] = None,
+    out_opt: Annotated[Optional[Path], out_opt("Output folder for patch arrays and contact sheet.")] = None,
     model: Annotated[
         Optional[Path],
         typer.Option(
@@ -402,8 +155,8 @@ def patches(
     """Cut lesion-centred patches (cached) and draw a PNG contact sheet."""
     from liverlesion.patch_cache import build_patches
 
-    out, name = _output(out_opt, out, "output folder")
-    _out_dir(out, name)
+    out, name = output(out_opt, out, "output folder")
+    out_dir(out, name)
     if model is not None:
         given = [n for n, v in (("--config", config), ("--preset", preset), ("--set", set_)) if v]
         if given:
@@ -413,7 +166,7 @@ def patches(
             )
         patch_cfg = _checkpoint_patch_config(model)
     else:
-        patch_cfg = _config(config, preset, set_).patch
+        patch_cfg = config_from(config, preset, set_).patch
     folder = build_patches(manifest, out, patch_cfg, tolerance=tolerance, series=series, overwrite=overwrite)
     typer.echo(f"patches: {folder} (index.csv, contact_sheet.png)")
 
@@ -447,9 +200,9 @@ def weights(
 def train(
     manifest: Annotated[Path, typer.Argument(help="Manifest CSV.")],
     out: Annotated[
-        Optional[Path], typer.Argument(metavar="[OUT]", help=_DEPRECATED_OUT, show_default=False)
+        Optional[Path], typer.Argument(metavar="[OUT]", help=DEPRECATED_OUT, show_default=False)
     ] = None,
-    out_opt: Annotated[Optional[Path], _out_opt("Run folder.")] = None,
+    out_opt: Annotated[Optional[Path], out_opt("Run folder.")] = None,
     config: ConfigOpt = None,
     preset: PresetOpt = None,
     set_: SetOpt = None,
@@ -462,10 +215,10 @@ def train(
     resume: Annotated[bool, typer.Option(help="Resume an interrupted run in the run folder.")] = False,
 ) -> None:
     """Train one model on the whole manifest (inner validation split for early stopping)."""
-    out, name = _output(out_opt, out, "run folder")
-    _out_dir(out, name)
-    extra = _training_overrides(device, threads, batch_size)
-    cfg = _config(
+    out, name = output(out_opt, out, "run folder")
+    out_dir(out, name)
+    extra = training_overrides(device, threads, batch_size)
+    cfg = config_from(
         config,
         preset,
         set_,
@@ -473,7 +226,7 @@ def train(
     )
     from liverlesion.cv import train_single
 
-    _default_training_threads(cfg, threads)
+    default_training_threads(cfg, threads)
     train_single(manifest, out, cfg, resume=resume)
 
 
@@ -481,9 +234,9 @@ def train(
 def cv(
     manifest: Annotated[Path, typer.Argument(help="Manifest CSV.")],
     out: Annotated[
-        Optional[Path], typer.Argument(metavar="[OUT]", help=_DEPRECATED_OUT, show_default=False)
+        Optional[Path], typer.Argument(metavar="[OUT]", help=DEPRECATED_OUT, show_default=False)
     ] = None,
-    out_opt: Annotated[Optional[Path], _out_opt("Run folder.")] = None,
+    out_opt: Annotated[Optional[Path], out_opt("Run folder.")] = None,
     folds: Annotated[
         Optional[int], typer.Option(help="Number of patient-level folds.", show_default=FROM_CONFIG)
     ] = None,
@@ -500,10 +253,10 @@ def cv(
     baselines: Annotated[bool, typer.Option(help="Also run the baselines on the same folds.")] = True,
 ) -> None:
     """Patient-level cross-validation: out-of-fold predictions.csv, then evaluation."""
-    out, name = _output(out_opt, out, "run folder")
-    _out_dir(out, name)
-    extra = _training_overrides(device, threads, batch_size)
-    cfg = _config(
+    out, name = output(out_opt, out, "run folder")
+    out_dir(out, name)
+    extra = training_overrides(device, threads, batch_size)
+    cfg = config_from(
         config,
         preset,
         set_,
@@ -531,16 +284,16 @@ def cv(
         "--folds" if folds is not None else "cv.folds",
         classes=list(df["lesion_class"].astype(str)),
     )
-    _default_training_threads(cfg, threads)
+    default_training_threads(cfg, threads)
     run_cv(manifest, out, cfg, resume=resume, baselines=baselines)
 
 
 @app.command()
 def demo(
     out: Annotated[
-        Optional[Path], typer.Argument(metavar="[OUT]", help=_DEPRECATED_OUT, show_default=False)
+        Optional[Path], typer.Argument(metavar="[OUT]", help=DEPRECATED_OUT, show_default=False)
     ] = None,
-    out_opt: Annotated[Optional[Path], _out_opt("Output folder.", "liverlesion-demo")] = None,
+    out_opt: Annotated[Optional[Path], out_opt("Output folder.", "liverlesion-demo")] = None,
     preset: Annotated[str, typer.Option(help="quick (CPU, minutes) | paper (GPU, full protocol).")] = "quick",
     weights: Annotated[
         Optional[str],
@@ -552,8 +305,8 @@ def demo(
     """Synthetic cohort -> patient-level CV with the paper's network -> metrics."""
     from liverlesion.demo import run_demo
 
-    out, name = _output(out_opt, out, "output folder", default=Path("liverlesion-demo"))
-    _out_dir(out, name)
+    out, name = output(out_opt, out, "output folder", default=Path("liverlesion-demo"))
+    out_dir(out, name)
     run_demo(out, preset=preset, weights=weights, overwrite=overwrite, overrides=set_)
 
 
@@ -597,9 +350,9 @@ def report(
 def baselines(
     manifest: Annotated[Path, typer.Argument(help="Manifest CSV.")],
     out: Annotated[
-        Optional[Path], typer.Argument(metavar="[OUT]", help=_DEPRECATED_OUT, show_default=False)
+        Optional[Path], typer.Argument(metavar="[OUT]", help=DEPRECATED_OUT, show_default=False)
     ] = None,
-    out_opt: Annotated[Optional[Path], _out_opt("Output folder.")] = None,
+    out_opt: Annotated[Optional[Path], out_opt("Output folder.")] = None,
     config: ConfigOpt = None,
     preset: PresetOpt = None,
     set_: SetOpt = None,
@@ -607,214 +360,22 @@ def baselines(
     """Run the mean-HU and radiomics-style baselines with patient-level CV."""
     from liverlesion.baselines import run_baselines_cli
 
-    out, name = _output(out_opt, out, "output folder")
-    _out_dir(out, name)
-    cfg = _config(config, preset, set_)
+    out, name = output(out_opt, out, "output folder")
+    out_dir(out, name)
+    cfg = config_from(config, preset, set_)
     run_baselines_cli(manifest, out, cfg)
 
 
-IMAGE_FORMATS = (
-    "DICOM series folder, .zip of one DICOM series, single (multi-frame) DICOM file, "
-    "NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr) or MetaImage (.mha, .mhd)"
-)
-
-
-@app.command()
-def predict(
-    model: Annotated[list[Path], typer.Option("--model", help="Checkpoint(s); several = ensemble.")],
-    out: Annotated[Path, typer.Option("-o", "--out", help="Output folder.")],
-    image: Annotated[
-        Optional[Path], typer.Option("--image", help=f"The CT: {IMAGE_FORMATS}.", show_default="none")
-    ] = None,
-    mask: Annotated[
-        Optional[Path],
-        typer.Option(
-            "--mask",
-            help="Lesion mask aligned with --image (same formats), or a DICOM SEG file referencing it.",
-            show_default="none",
-        ),
-    ] = None,
-    label: Annotated[
-        Optional[str],
-        typer.Option(
-            "--label",
-            help="Lesion label in the mask; for a DICOM SEG a segment number or label (Tumor* patterns too).",
-            show_default="every label",
-        ),
-    ] = None,
-    point: Annotated[
-        Optional[str], typer.Option("--point", help="Click x,y,z in LPS mm.", show_default="none")
-    ] = None,
-    diameter: Annotated[
-        Optional[float],
-        typer.Option("--diameter", help="Lesion diameter in mm (with --point).", show_default="none"),
-    ] = None,
-    manifest: Annotated[
-        Optional[Path],
-        typer.Option("--manifest", help="Batch of studies as a manifest CSV.", show_default="none"),
-    ] = None,
-    series: Annotated[
-        Optional[str],
-        typer.Option(help="SeriesInstanceUID when a folder holds several.", show_default="the only series"),
-    ] = None,
-    patient_id: Annotated[
-        Optional[str],
-        typer.Option("--patient-id", help="Patient id for the lesion ids with --image.", show_default="case"),
-    ] = None,
-    tolerance: Annotated[float, typer.Option(help="Geometry tolerance (mm) between image and mask.")] = 1e-3,
-    min_size_mm: Annotated[
-        float, typer.Option(help="Smaller lesions are flagged 'too small to characterise'.")
-    ] = 5.0,
-    dicom_sr: Annotated[
-        bool, typer.Option("--dicom-sr", help="Also write a DICOM Structured Report.", show_default="off")
-    ] = False,
-    dicom_seg: Annotated[
-        bool,
-        typer.Option(
-            "--dicom-seg", help="Also write the lesion masks used as a DICOM SEG.", show_default="off"
-        ),
-    ] = False,
-    gradcam: Annotated[
-        Optional[bool],
-        typer.Option(
-            "--gradcam/--no-gradcam",
-            help="Draw Grad-CAM overlays (they need torch: with the onnx backend, --gradcam loads it).",
-            show_default="on with the torch backend, off with onnx",
-        ),
-    ] = None,
-    device: DeviceOpt = "auto",
-    backend: BackendOpt = "auto",
-    threads: ThreadsOpt = None,
-    batch_size: Annotated[
-        Optional[int], typer.Option("--batch-size", help="Patches per forward call.", show_default="64")
-    ] = None,
-    overwrite: OverwriteOpt = False,
-) -> None:
-    """Classify lesions in a new study with one or more checkpoints."""
-    from liverlesion.runtime import check_backend
-
-    _resources(device, threads, batch_size)
-    check_backend(backend)
-    from liverlesion.predict import predict_cli
-
-    _out_dir(out, "--out")
-    predict_cli(
-        models=model,
-        out=out,
-        image=image,
-        mask=mask,
-        label=label,
-        point=point,
-        diameter=diameter,
-        manifest=manifest,
-        series=series,
-        patient_id=patient_id,
-        tolerance=tolerance,
-        min_size_mm=min_size_mm,
-        dicom_sr=dicom_sr,
-        dicom_seg=dicom_seg,
-        gradcam=gradcam,
-        overwrite=overwrite,
-        device=device,
-        backend=backend,
-        threads=threads,
-        batch_size=batch_size,
-    )
-
-
-@app.command()
-def export(
-    model: Annotated[Path, typer.Option("--model", help="Checkpoint to export.")],
-    format: Annotated[str, typer.Option("--format", help="onnx | torchscript.")] = "onnx",
-    out: Annotated[
-        Optional[Path], typer.Argument(metavar="[OUT]", help=_DEPRECATED_OUT, show_default=False)
-    ] = None,
-    out_opt: Annotated[
-        Optional[Path],
-        _out_opt(
-            "Output file (predict --backend auto/onnx uses model.onnx next to model.pt).",
-            "next to the checkpoint: model.onnx | model.ts.pt",
-        ),
-    ] = None,
-) -> None:
-    """Export a checkpoint to ONNX or TorchScript."""
-    from liverlesion.onnx_backend import export_path
-
-    fmt = str(format).strip().lower()
-    default = export_path(model) if fmt == "onnx" else Path(model).with_suffix(".ts.pt")
-    out, name = _output(out_opt, out, "output file", default=default)
-    _out_file(out, name)
-    from liverlesion.export import export_model
-
-    path = export_model(model, format, out)
-    typer.echo(f"wrote {path} and {path.name}.json (input: [0, 1] patches; output: class probabilities)")
-
-
-@app.command()
-def serve(
-    model: Annotated[list[Path], typer.Option("--model", help="Checkpoint(s); several = ensemble.")],
-    host: Annotated[
-        str, typer.Option("--host", help="Address to bind (no authentication: keep 127.0.0.1).")
-    ] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8765,
-    max_upload_mb: Annotated[
-        float,
-        typer.Option("--max-upload-mb", help="Largest accepted upload (MiB); bigger ones get HTTP 413."),
-    ] = 2048.0,
-    device: DeviceOpt = "auto",
-    backend: BackendOpt = "auto",
-    threads: ThreadsOpt = None,
-    batch_size: Annotated[
-        Optional[int], typer.Option("--batch-size", help="Patches per forward call.", show_default="64")
-    ] = None,
-    max_concurrent: Annotated[
-        int,
-        typer.Option(
-            "--max-concurrent", help="Prediction requests in flight at once; more get HTTP 503 (retry)."
-        ),
-    ] = 64,
-    max_studies: Annotated[
-        int,
-        typer.Option(
-            "--max-studies", help="Viewer studies kept loaded at once (least recently used closed first)."
-        ),
-    ] = 4,
-    study_ttl_min: Annotated[
-        float, typer.Option("--study-ttl-min", help="Minutes a viewer study stays loaded after its last use.")
-    ] = 30.0,
-) -> None:
-    """Serve a local browser viewer (and JSON API) to classify lesions."""
-    import math
-
-    from liverlesion.runtime import check_backend, resolve_threads
-
-    if not (math.isfinite(max_upload_mb) and max_upload_mb > 0):
-        raise UserError(f"--max-upload-mb {max_upload_mb:g}: must be a positive number of MiB (default 2048)")
-    _resources(device, threads, batch_size)
-    check_backend(backend)
-    from liverlesion.serve import serve as run_server
-
-    run_server(
-        model,
-        host=host,
-        port=port,
-        max_upload_bytes=int(max_upload_mb * 1024**2),
-        device=device,
-        backend=backend,
-        threads=resolve_threads(threads),
-        batch_size=batch_size,
-        max_concurrent=max_concurrent,
-        max_studies=max_studies,
-        study_ttl_s=study_ttl_min * 60.0,
-    )
+# the import group and the inference commands register after the ones above (the --help order)
+from liverlesion import cli_import, cli_predict  # noqa: E402, F401
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turning user errors into one-line messages."""
-    _notes.clear()
+    NOTES.clear()
     try:
         app(args=argv, standalone_mode=False)
-        for note in _notes:  # after the work, so an error stays the only line on stderr
+        for note in NOTES:  # after the work, so an error stays the only line on stderr
             typer.echo(f"liverlesion: {note}", err=True)
     except UserError as e:
         typer.echo(f"liverlesion: error: {e}", err=True)
