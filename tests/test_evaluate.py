@@ -273,6 +273,21 @@ def test_temperature_scaling_lowers_nll_on_overconfident_data():
     assert sum(b["count"] for b in cal["after"]["bins"]) == len(test)
 
 
+def test_temperature_recorded_with_the_predictions_is_reported_not_refitted():
+    # a fusion model's checkpoint keeps T = 1 (its network half is calibrated before mixing): the
+    # report must show the temperature the probabilities were made with, not a refit on validation
+    val = synth_val(1, signal=0.8, scale=4.0)  # a refit would give T > 1.5 (test above)
+    test = synth_predictions(2, n_patients=40, signal=0.8, scale=4.0).assign(temperature=1.0)
+    s = summarize_predictions(test, "metastasis", BIN, val, n_bootstrap=0)
+    for v in s["temperature"]["per_fold"].values():
+        assert v["temperature"] == 1.0 and v["source"] == "checkpoint"
+        assert v["val_nll_after"] == v["val_nll_before"]
+    assert s["calibration"]["after"]["nll"] == s["calibration"]["before"]["nll"]
+    stored = synth_predictions(2, n_patients=40, signal=0.8, scale=4.0).assign(temperature=2.0)
+    s2 = summarize_predictions(stored, "metastasis", BIN, val, n_bootstrap=0)
+    assert {v["temperature"] for v in s2["temperature"]["per_fold"].values()} == {2.0}
+
+
 def test_temperature_below_one_for_underconfident_and_one_for_one_class():
     val = synth_val(3, signal=3.0, scale=0.3)
     y = val["true_class"].map({"cyst": 0, "metastasis": 1}).to_numpy()

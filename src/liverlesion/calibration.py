@@ -1,8 +1,9 @@
 """Calibration: ECE, reliability bins, NLL, and the per-fold temperature-scaling report.
 
-Each fold's softmax temperature is fitted on that fold's inner-validation logits only
-(:func:`liverlesion.inference.fit_temperature`) and applied to its test logits; the report
-compares the calibration before and after.
+Each fold's softmax temperature is the one its checkpoint recorded with the predictions (fitted at
+training on that fold's inner-validation logits only; 1 for a fusion model, whose network half is
+calibrated before mixing), else fitted here on the same inner-validation logits
+(:func:`liverlesion.inference.fit_temperature`); the report compares the calibration before and after.
 """
 
 from __future__ import annotations
@@ -70,21 +71,48 @@ def nll(y: np.ndarray, probs: np.ndarray) -> float:
     return float(-np.mean(np.log(p))) if len(y) else math.nan
 
 
-def fold_temperatures(data: PredictionArrays, val: PredictionArrays | None, val_where: str) -> dict[str, Any]:
-    """Per fold of ``data``: the temperature fitted on that fold's inner-validation logits (else 1).
+def fold_temperatures(
+    data: PredictionArrays,
+    val: PredictionArrays | None,
+    val_where: str,
+    stored: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """Per fold of ``data``: the temperature its probabilities were made with, else one fitted here.
 
     Args:
         data: Test predictions.
         val: Inner-validation predictions (None: nothing fitted).
         val_where: Name of the inner-validation predictions, for notes.
+        stored: Per-fold temperatures recorded with the predictions (``temperature`` column: each
+            fold's checkpoint, as ``predict`` applies it); they take precedence over a refit.
     """
     out: dict[str, Any] = {}
+    stored = stored or {}
     for f in sorted(set(data.folds), key=fold_sort_key):
         if data.logits is None:
             out[f] = {"temperature": 1.0, "fitted": False, "note": "no logit_<class> columns; not calibrated"}
             continue
         m = None if val is None else (val.folds == f)
-        if val is None or val.logits is None or not m.any():
+        have_val = val is not None and val.logits is not None and bool(m.any())
+        if f in stored:
+            t = stored[f]
+            out[f] = {
+                "temperature": t,
+                "fitted": t != 1.0,
+                "source": "checkpoint",
+                "note": "the checkpoint's, fitted on inner validation at training"
+                if t != 1.0
+                else "1 in the checkpoint (a fusion model calibrates its network half before mixing)",
+            }
+            if have_val:
+                lg, y = val.logits[m], val.y[m]
+                out[f] |= {
+                    "val_nll_before": _nll_at(lg, y, 1.0),
+                    "val_nll_after": _nll_at(lg, y, t),
+                    "n_val_lesions": int(m.sum()),
+                }
+            continue
+        if not have_val:
             why = (
                 f"no {val_where}"
                 if val is None
@@ -148,7 +176,8 @@ def calibration_report(data: PredictionArrays, temps: dict[str, Any], n_bins: in
             else "top-class confidence vs accuracy"
         ),
         "note": (
-            "before = softmax(logits); after = softmax(logits / T) with each fold's T from its inner validation"
+            "before = softmax(logits); after = softmax(logits / T) with each fold's T (from its checkpoint, "
+            "else fitted on its inner validation)"
             if fitted
             else "no fold could be fitted (see temperatures); after = before"
         ),

@@ -3,14 +3,14 @@
 The radiomics half is the radiomics baselines' logistic regression (``baselines.lr_pipeline``) read
 out as arrays and held in the model's ``fusion_head``; the network's weight ``alpha`` in the fused
 logits is chosen by NLL on out-of-fold logits of the training patients (inner patient folds) with a
-one-standard-error rule, so neither half can swamp the other.
+one-standard-error rule, so neither half can swamp the other. Each half is calibrated on its own before
+mixing (the network by temperature on inner validation, folded into its last layer; the logistic
+regression by its fit), and the mixture gets no temperature of its own.
 """
 
 from __future__ import annotations
 
 import numpy as np
-
-from liverlesion.inference import fit_temperature
 
 
 def radiomics_logits(model, extra: np.ndarray) -> np.ndarray:
@@ -62,13 +62,18 @@ def fit_fusion(model, fit_x: np.ndarray, fit_y: np.ndarray, seed: int) -> None:
 
 
 def choose_alpha(deep: np.ndarray, rad: np.ndarray, y: np.ndarray) -> tuple[float, dict[str, float]]:
-    """Weight of the network in the fused logits, from inner-validation NLL (after temperature).
+    """Weight of the network in the fused logits ``a * deep + (1 - a) * rad``, by NLL.
 
-    A grid of weights is scored on a few dozen lesions, so the winner is partly noise. A mixture is
-    taken only when it beats the better half by more than one standard error of the paired
-    per-lesion NLL difference (the one-standard-error rule); otherwise the better half alone is
-    used. So on cohorts where one half is weak, fusion falls back to the other instead of mixing
-    in noise.
+    Both halves come in calibrated on their own: ``deep`` temperature-scaled (:func:`calibrate_deep`),
+    ``rad`` the radiomics logistic regression's logits as its likelihood fit leaves them. No further
+    temperature is fitted on the mixture, so the weight 0 is the radiomics half exactly: the same
+    probabilities, in every fold, as the ``radiomics_lr`` baseline.
+
+    A grid of weights is scored on a few dozen to a few hundred lesions, so the winner is partly
+    noise. A mixture is taken only when it beats the better half by more than one standard error of
+    the paired per-lesion NLL difference (the one-standard-error rule); otherwise the better half
+    alone is used. So on cohorts where one half is weak, fusion falls back to the other instead of
+    mixing in noise.
     """
     from scipy.special import log_softmax
 
@@ -77,8 +82,7 @@ def choose_alpha(deep: np.ndarray, rad: np.ndarray, y: np.ndarray) -> tuple[floa
     losses: dict[float, np.ndarray] = {}
     for a in np.round(np.linspace(0.0, 1.0, 21), 2):
         z = a * deep + (1 - a) * rad
-        t = fit_temperature(z, y)
-        losses[float(a)] = -log_softmax(z / t, axis=1)[np.arange(len(y)), y]
+        losses[float(a)] = -log_softmax(z, axis=1)[np.arange(len(y)), y]
     scores = {a: float(v.mean()) for a, v in losses.items()}
     best = min(scores.values())
     # ties (e.g. both halves perfect on inner validation): the most even mix
@@ -88,6 +92,21 @@ def choose_alpha(deep: np.ndarray, rad: np.ndarray, y: np.ndarray) -> tuple[floa
     se = float(gain.std(ddof=1) / np.sqrt(len(gain))) if len(gain) > 1 else 0.0
     alpha = mix if float(gain.mean()) > se else half
     return alpha, scores
+
+
+def calibrate_deep(model, temperature: float) -> None:
+    """Fold the network half's temperature into its last layer: its logits become ``logits / T``.
+
+    A fusion model keeps no temperature of its own (the checkpoint's is 1): each half is calibrated
+    before mixing, so the fused output needs none, and a fold whose weight is 0 gives exactly the
+    radiomics half's probabilities. Grad-CAM, export and ``predict`` read the scaled layer as any other.
+    """
+    import torch
+
+    last = model.head[-1]
+    with torch.no_grad():
+        last.weight.div_(temperature)
+        last.bias.div_(temperature)
 
 
 def inner_patient_splits(groups: np.ndarray, n_splits: int = 5) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -30,7 +30,7 @@ from liverlesion.predictions import (
     prediction_arrays,
     validate_predictions,
 )
-from liverlesion.thresholds import fold_thresholds, predict_classes, stored_thresholds
+from liverlesion.thresholds import fold_thresholds, predict_classes, stored_per_fold, stored_thresholds
 
 # Size strata of the maximal axial diameter (mm): <10, 10 to 20 inclusive, >20 (see size_bin).
 SIZE_BINS: tuple[tuple[str, float, float], ...] = (
@@ -125,7 +125,7 @@ def summarize_predictions(
         val = prediction_arrays(val_df, classes, positive_class)
     val_where = f"inner-validation predictions for {name}"
     thresholds = fold_thresholds(data, val, method, val_where, stored_thresholds(df))
-    temps = fold_temperatures(data, val, val_where)
+    temps = fold_temperatures(data, val, val_where, stored_per_fold(df, "temperature"))
     pred = predict_classes(data, thresholds)
     notes: list[str] = []
     if data.binary and val is None and method == "youden":

@@ -21,9 +21,14 @@ from liverlesion.predictions import PredictionArrays, fold_sort_key, prediction_
 
 def stored_thresholds(df: pd.DataFrame) -> dict[str, float]:
     """Per-fold thresholds recorded with the predictions (taken from each fold's checkpoint)."""
-    if "threshold" not in df.columns:
+    return stored_per_fold(df, "threshold")
+
+
+def stored_per_fold(df: pd.DataFrame, column: str) -> dict[str, float]:
+    """Per fold, the first finite value of ``column`` (a decision recorded with the predictions)."""
+    if column not in df.columns:
         return {}
-    t = pd.to_numeric(df["threshold"], errors="coerce")
+    t = pd.to_numeric(df[column], errors="coerce")
     out = {}
     for f, v in zip(df["fold"].astype(str), t, strict=True):
         if np.isfinite(v):

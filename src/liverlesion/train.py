@@ -24,6 +24,7 @@ from liverlesion.decision import CLASSIFIED, TOO_SMALL, choose_threshold, decide
 from liverlesion.domain import training_range
 from liverlesion.fileio import write_csv
 from liverlesion.fusion import (
+    calibrate_deep,
     choose_alpha,
     cross_fitted_radiomics,
     fit_fusion,
@@ -233,11 +234,16 @@ def finish_fold(
     ok = np.array([not too_small(v, cfg.eval.min_size_mm) for v in sizes], dtype=bool)
     if model.fusion_features:
         fit_fusion(model, extra[fit.rows], fit.labels, cfg.train.seed)
+        # each half calibrated on its own, then mixed; the mixture keeps temperature 1 (fusion.py)
+        deep_t = float(fit_temperature(val_deep[ok], val.labels[ok]))
+        calibrate_deep(model, deep_t)
+        val_deep = val_deep / deep_t
         oof = cross_fitted() if cross_fitted is not None else None
         if oof is not None:
             d_oof, r_oof, y_oof, size_oof = oof
             keep = np.array([not too_small(v, cfg.eval.min_size_mm) for v in size_oof], dtype=bool)
-            alpha, scores = choose_alpha(d_oof[keep], r_oof[keep], y_oof[keep])
+            d_cal = d_oof[keep] / fit_temperature(d_oof[keep], y_oof[keep])
+            alpha, scores = choose_alpha(d_cal, r_oof[keep], y_oof[keep])
             chosen_on = f"out-of-fold over {int(keep.sum())} training lesions (inner patient folds)"
         else:
             rad = radiomics_logits(model, extra[val.rows])
@@ -245,9 +251,17 @@ def finish_fold(
             chosen_on = f"{int(ok.sum())} inner-validation lesions"
         with torch.no_grad():
             model.fusion_alpha.fill_(alpha)
-        info["fusion"] = {"alpha": alpha, "chosen_on": chosen_on, "nll_by_alpha": scores}
-    val_logits = fused(val, val_deep)
-    temperature = float(fit_temperature(val_logits[ok], val.labels[ok]))
+        info["fusion"] = {
+            "alpha": alpha,
+            "chosen_on": chosen_on,
+            "network_temperature": deep_t,
+            "nll_by_alpha": scores,
+        }
+        temperature = 1.0
+        val_logits = fused(val, val_deep)
+    else:
+        val_logits = val_deep
+        temperature = float(fit_temperature(val_logits[ok], val.labels[ok]))
     val_probs = apply_temperature(val_logits, temperature)
     positive = cfg.eval.positive_class if cfg.eval.positive_class in classes else None
     threshold = None

@@ -1,0 +1,97 @@
+"""Late fusion (fusion.py + train.finish_fold): each half calibrated on its own, then mixed.
+
+The property that makes "fusion is never below its radiomics half" hold to the letter: a fold whose
+network weight is 0 gives exactly the radiomics logistic-regression baseline's probabilities, with no
+temperature of its own that would put each fold on a different scale.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from liverlesion.baselines import lr_pipeline
+from liverlesion.config import load_config
+from liverlesion.fusion import calibrate_deep, choose_alpha
+from liverlesion.model import LesionNet
+from liverlesion.train import FoldData, finish_fold
+
+CLASSES = ["cyst", "metastasis"]
+
+
+def _fusion_net(n_features: int) -> LesionNet:
+    torch.manual_seed(0)
+    return LesionNet("resnet10t", 2, init_backbone=False, fusion_features=[f"f{i}" for i in range(n_features)])
+
+
+def _subset(rows: np.ndarray, y: np.ndarray) -> FoldData:
+    index = pd.DataFrame(
+        {
+            "patient_id": [f"p{i // 2:03d}" for i in rows],
+            "lesion_id": [f"l{i:03d}" for i in rows],
+            "lesion_class": [CLASSES[v] for v in y[rows]],
+            "min_axis_mm": 20.0,
+        }
+    )
+    return FoldData(index, [np.zeros((1, 3, 8, 8), np.float32)] * len(rows), y[rows], rows)
+
+
+def test_network_weight_zero_gives_the_radiomics_baseline_exactly():
+    rng = np.random.default_rng(0)
+    n = 90
+    y = np.tile([0, 1], n // 2)
+    extra = rng.normal(size=(n, 4)) + 1.5 * y[:, None]  # informative radiomics-style features
+    extra[::7, 2] = np.nan  # missing values: imputed as the baseline imputes them
+    model = _fusion_net(4)
+    feats = torch.from_numpy(rng.normal(size=(n, model.num_features)).astype(np.float32))  # no signal
+
+    def deep(data: FoldData) -> np.ndarray:
+        with torch.no_grad():
+            return model.head.eval()(feats[data.rows]).double().numpy()
+
+    fit, val, test = (_subset(np.arange(a, b), y) for a, b in ((0, 50), (50, 70), (70, 90)))
+    cfg = load_config(overrides={"eval": {"min_size_mm": 5.0}})
+    results, dec = finish_fold(model, deep, fit, val, {"test": test}, CLASSES, cfg, extra, 0)
+
+    assert dec["fusion"]["alpha"] == 0.0
+    assert dec["temperature"] == 1.0  # the mixture keeps no temperature of its own
+    assert float(model.fusion_alpha) == 0.0
+    train_rows = np.arange(0, 70)  # fit + inner validation, as the baseline is fitted
+    want = lr_pipeline(cfg.train.seed).fit(extra[train_rows], y[train_rows]).predict_proba(extra[test.rows])
+    got = results["test"][["prob_cyst", "prob_metastasis"]].to_numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_network_temperature_is_folded_into_its_last_layer():
+    model = _fusion_net(2).eval()
+    f = torch.randn(5, model.num_features)
+    with torch.no_grad():
+        before = model.head(f)
+        calibrate_deep(model, 2.5)
+        after = model.head(f)
+    torch.testing.assert_close(after, before / 2.5)
+
+
+@pytest.mark.parametrize(
+    ("deep_signal", "rad_signal", "expect"),
+    [(0.0, 3.0, "radiomics"), (3.0, 0.0, "network"), (2.0, 2.0, "mix")],
+)
+def test_choose_alpha_keeps_the_better_half_unless_a_mix_clearly_wins(deep_signal, rad_signal, expect):
+    rng = np.random.default_rng(1)
+    y = np.tile([0, 1], 150)
+    s = 2 * y - 1.0
+
+    def logits(signal: float) -> np.ndarray:
+        z = signal * s + rng.normal(size=len(y)) * 1.5  # independent noise per half
+        return np.stack([-z / 2, z / 2], axis=1)
+
+    alpha, scores = choose_alpha(logits(deep_signal), logits(rad_signal), y)
+    assert set(scores) == {round(a, 2) for a in np.linspace(0, 1, 21)}
+    if expect == "radiomics":
+        assert alpha == 0.0
+    elif expect == "network":
+        assert alpha == 1.0
+    else:
+        assert 0.0 < alpha < 1.0
