@@ -23,7 +23,9 @@ CLASSES = ["cyst", "metastasis"]
 
 def _fusion_net(n_features: int) -> LesionNet:
     torch.manual_seed(0)
-    return LesionNet("resnet10t", 2, init_backbone=False, fusion_features=[f"f{i}" for i in range(n_features)])
+    return LesionNet(
+        "resnet10t", 2, init_backbone=False, fusion_features=[f"f{i}" for i in range(n_features)]
+    )
 
 
 def _subset(rows: np.ndarray, y: np.ndarray) -> FoldData:
