@@ -197,3 +197,24 @@ def test_quiet_lightning_restores_the_callers_logging() -> None:
     with quiet_lightning():
         assert log.level == logging.WARNING
     assert log.level == logging.DEBUG and warnings.filters == filters
+
+
+def test_end_to_end_recipe_trains_a_lesion_pooling_network(tmp_path):
+    """model.pool=lesion end to end: the mask channel rides through the loaders; the checkpoint predicts the same."""
+    torch.set_num_threads(2)
+    index, arrays = _toy(8, 2, pool="lesion")
+    assert arrays[0].shape == (1, 4, 48, 48)
+    classes = ["cyst", "metastasis"]
+    patients = sorted(index["patient_id"].unique())
+    cfg = _cfg(1)
+    cfg.model.pool = "lesion"
+    fit = fold_subset(index, arrays, classes, patients[:5])
+    val = fold_subset(index, arrays, classes, patients[5:7])
+    test = fold_subset(index, arrays, classes, patients[7:])
+    res = train_fold(tmp_path / "f", fit, val, {"test": test}, classes, cfg, 0, {})
+    from liverlesion.model import load_checkpoint
+
+    model, meta = load_checkpoint(tmp_path / "f" / "model.pt")
+    assert meta["pool"] == "lesion" and meta["in_chans"] == 3
+    probs = apply_temperature(lesion_logits(model, test.arrays, tta="flips"), meta["temperature"])
+    np.testing.assert_allclose(res["test"]["prob_metastasis"].to_numpy(), probs[:, 1], atol=1e-5)

@@ -183,6 +183,7 @@ class LesionNet(nn.Module):
     def forward(self, x: Tensor, extra: Tensor | None = None) -> Tensor:
         """Logits ``(N, num_classes)`` for patches ``(N, in_chans, H, W)`` in ``[0, 1]``.
 
+        ``pool="lesion"``: ``(N, in_chans + 1, H, W)``, the lesion mask last (``model_input``).
         A fusion model also needs ``extra``: its ``fusion_features`` per sample ``(N, F)`` (NaN = missing).
         """
         return self.fuse(self.head(self.features(x)), extra)
