@@ -259,6 +259,13 @@ def test_classifier_feeds_the_mask_from_the_checkpoint_not_the_config(tmp_path) 
         clf.predict_patch(patch.image)
     cam = clf.gradcam(patch.image, "metastasis", patch.mask)
     assert cam.shape == patch.image.shape[-2:]
+    # the onnxruntime backend (predict / serve on the CPU) feeds its graph the same input
+    from liverlesion.export import export_model
+
+    export_model(path, "onnx", path.with_suffix(".onnx"))
+    onnx = Classifier.load(path, backend="onnx")
+    assert onnx.backend == "onnx" and onnx.members[0].pool == "lesion"
+    np.testing.assert_allclose(onnx.predict_patch(patch.image, mask=patch.mask), expected, atol=1e-4)
 
 
 # --------------------------------------------------------------------------- the CLI
