@@ -101,7 +101,13 @@ def torch_threads(n: int) -> Iterator[None]:
 
 
 def make_tiny_checkpoint(
-    path: Path, seed: int, classes: Sequence[str] = CLASSES, size_px: int = 64, mode: str = "2.5d", **extra
+    path: Path,
+    seed: int,
+    classes: Sequence[str] = CLASSES,
+    size_px: int = 64,
+    mode: str = "2.5d",
+    pool: str = "global",
+    **extra,
 ) -> Path:
     """An untrained checkpoint of timm's tiny ``test_resnet`` (the plumbing is under test, not accuracy).
 
@@ -111,6 +117,7 @@ def make_tiny_checkpoint(
         classes: Class names.
         size_px: Patch side in px.
         mode: ``"2.5d"`` (3 slices as channels) or ``"2d"`` (one grey slice per sample).
+        pool: ``model.pool`` (``"lesion"``: the network also takes the lesion mask).
         **extra: Further ``save_checkpoint`` arguments; temperature 1, threshold 0.5 and
             positive class ``metastasis`` (when a class) unless given.
 
@@ -130,6 +137,7 @@ def make_tiny_checkpoint(
     cfg.patch.size_px = size_px
     cfg.patch.neighbours = 1
     cfg.patch.mode = mode
+    cfg.model.pool = pool
     in_chans = 3 if mode == "2.5d" else 1  # 2.5-D: 2k+1 slices as channels; 2-D: one grey slice per sample
     torch.manual_seed(seed)
     model, _ = build_model(cfg.model, num_classes=len(classes), in_chans=in_chans)

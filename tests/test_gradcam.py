@@ -37,6 +37,15 @@ class TinyNet(nn.Module):
         return [self.features[-1]]
 
 
+class TinyLesionNet(TinyNet):
+    """TinyNet pooling inside the lesion (``model.pool=lesion``): the mask is the input's last channel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from liverlesion.model import lesion_pool
+
+        return self.head(lesion_pool(self.features(x[:, :3]), x[:, 3:]))
+
+
 def blob_patch(rng: np.random.Generator, cls: int, centre: tuple[int, int], shape=(SIZE, SIZE)):
     """Noisy grey patch with a bright (class 1) or dark (class 0) disc: (C, H, W) image and (H, W) mask."""
     yy, xx = np.mgrid[: shape[0], : shape[1]]
@@ -94,6 +103,40 @@ def test_cam_peak_inside_lesion_and_orientation(trained_net: TinyNet, centre: tu
     assert quadrant == (centre[0] >= SIZE // 2, centre[1] >= SIZE // 2)
     # The heat map is concentrated on the lesion, not spread over the patch.
     assert cam[mask].mean() > 2 * cam[~mask].mean()
+
+
+def test_cam_of_a_lesion_pooling_network_peaks_in_the_lesion():
+    """model.pool=lesion: the mask channel goes in with the image; the map still points at the lesion."""
+    from liverlesion.model_input import model_input
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    net = TinyLesionNet()
+    opt = torch.optim.Adam(net.parameters(), lr=5e-3)
+
+    def batch(n):
+        xs, ys = [], []
+        for _ in range(n):
+            cls = int(rng.integers(0, 2))
+            c = tuple(int(v) for v in rng.integers(RADIUS + 1, SIZE - RADIUS - 1, size=2))
+            img, mask = blob_patch(rng, cls, c)
+            xs.append(model_input(img, mask, "lesion")[0])
+            ys.append(cls)
+        return torch.from_numpy(np.stack(xs)), torch.tensor(ys)
+
+    for _ in range(60):
+        x, y = batch(32)
+        loss = nn.functional.cross_entropy(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+    for centre in [(8, 23), (23, 8)]:
+        image, mask = blob_patch(np.random.default_rng(5), 1, centre)
+        cam = compute_cam(net, model_input(image, mask, "lesion")[0], target_class=1)
+        assert cam.shape == (SIZE, SIZE) and cam.max() > cam.min()  # not a constant map
+        peak = np.unravel_index(int(np.argmax(cam)), cam.shape)
+        assert mask[peak], f"CAM peak {peak} is outside the lesion centred at {centre}"
 
 
 def test_cam_keeps_non_square_shape(trained_net: TinyNet):

@@ -13,8 +13,10 @@ from liverlesion.inference import apply_temperature, lesion_logits
 from liverlesion.train import FoldData, fold_subset, train_fold
 
 
-def _toy(n_patients: int, seed: int, size: int = 48):
-    """Bright-blob 'metastasis' vs dark-blob 'cyst' patches, 2 lesions per patient."""
+def _toy(n_patients: int, seed: int, size: int = 48, pool: str = "global"):
+    """Bright-blob 'metastasis' vs dark-blob 'cyst' patches, 2 lesions per patient (model inputs for ``pool``)."""
+    from liverlesion.model_input import model_input
+
     rng = np.random.default_rng(seed)
     rows, arrays = [], []
     yy, xx = np.mgrid[:size, :size]
@@ -25,7 +27,7 @@ def _toy(n_patients: int, seed: int, size: int = 48):
             blob = ((yy - cy) ** 2 + (xx - cx) ** 2) < 100
             img = 0.5 + rng.normal(0, 0.05, (1, 3, size, size))
             img[..., blob] = 0.9 if cls == "metastasis" else 0.1
-            arrays.append(img.clip(0, 1).astype(np.float32))
+            arrays.append(model_input(img.clip(0, 1), blob[None], pool))
             rows.append(
                 {
                     "patient_id": f"P{p:02d}",
@@ -110,13 +112,15 @@ def test_2d_mode_averages_slices_back_to_lesions():
 
 
 @pytest.mark.slow  # a Lightning run of 15-50 s on 2 cores: the slow job (.ci/run-slow)
-def test_lpft_staged_forward_matches_full_model_and_learns(tmp_path):
+@pytest.mark.parametrize("pool", ["global", "lesion"])
+def test_lpft_staged_forward_matches_full_model_and_learns(tmp_path, pool):
     """lpft trains the top block on cached activations; the saved model's full forward gives the same logits."""
     torch.set_num_threads(2)
-    index, arrays = _toy(16, 0)
+    index, arrays = _toy(16, 0, pool=pool)
     classes = ["cyst", "metastasis"]
     patients = sorted(index["patient_id"].unique())
     cfg = _cfg(4, recipe="lpft")
+    cfg.model.pool = pool
     shared = prepare_shared(cfg, index, arrays, tmp_path, classes, None, 3)
     fit = fold_subset(index, arrays, classes, patients[:10])
     val = fold_subset(index, arrays, classes, patients[10:13])
@@ -126,6 +130,7 @@ def test_lpft_staged_forward_matches_full_model_and_learns(tmp_path):
 
     model, meta = load_checkpoint(tmp_path / "f" / "model.pt")
     assert meta["training"]["recipe"] == "lpft" and meta["training"]["finetune_blocks"] == 1
+    assert meta["pool"] == pool
     probs = apply_temperature(lesion_logits(model, test.arrays, tta="flips"), meta["temperature"])
     np.testing.assert_allclose(res["test"]["prob_metastasis"].to_numpy(), probs[:, 1], atol=1e-5)
     p_fit = lesion_logits(model, fit.arrays, tta="flips")
@@ -192,3 +197,24 @@ def test_quiet_lightning_restores_the_callers_logging() -> None:
     with quiet_lightning():
         assert log.level == logging.WARNING
     assert log.level == logging.DEBUG and warnings.filters == filters
+
+
+def test_end_to_end_recipe_trains_a_lesion_pooling_network(tmp_path):
+    """model.pool=lesion end to end: the mask channel rides through the loaders; the checkpoint predicts the same."""
+    torch.set_num_threads(2)
+    index, arrays = _toy(8, 2, pool="lesion")
+    assert arrays[0].shape == (1, 4, 48, 48)
+    classes = ["cyst", "metastasis"]
+    patients = sorted(index["patient_id"].unique())
+    cfg = _cfg(1)
+    cfg.model.pool = "lesion"
+    fit = fold_subset(index, arrays, classes, patients[:5])
+    val = fold_subset(index, arrays, classes, patients[5:7])
+    test = fold_subset(index, arrays, classes, patients[7:])
+    res = train_fold(tmp_path / "f", fit, val, {"test": test}, classes, cfg, 0, {})
+    from liverlesion.model import load_checkpoint
+
+    model, meta = load_checkpoint(tmp_path / "f" / "model.pt")
+    assert meta["pool"] == "lesion" and meta["in_chans"] == 3
+    probs = apply_temperature(lesion_logits(model, test.arrays, tta="flips"), meta["temperature"])
+    np.testing.assert_allclose(res["test"]["prob_metastasis"].to_numpy(), probs[:, 1], atol=1e-5)

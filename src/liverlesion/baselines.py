@@ -21,6 +21,7 @@ table's 3-D measurements.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -433,8 +434,12 @@ def _frozen_table(cfg, patch_dir: Path, table: pd.DataFrame) -> pd.DataFrame | N
     from liverlesion.data import load_patch_arrays  # local: heavy (torch)
     from liverlesion.model import build_model  # local: heavy (torch)
 
-    arrays = load_patch_arrays(patch_dir, table)
-    model, init = build_model(cfg.model, num_classes=2, in_chans=int(arrays[0].shape[1]))
+    arrays = load_patch_arrays(
+        patch_dir, table
+    )  # image only: the baseline pools globally whatever model.pool is
+    model, init = build_model(
+        dataclasses.replace(cfg.model, pool="global"), num_classes=2, in_chans=int(arrays[0].shape[1])
+    )
     print(f"frozen_lr: pooled {cfg.model.backbone} features ({init}) of {len(arrays)} lesions")
     return frozen_table(table["lesion_id"], frozen_features(model, arrays))
 

@@ -44,6 +44,7 @@ from liverlesion.lesion_row import entropy_bits, lesion_row
 from liverlesion.lesions import lesion_source_problem, lesions_from_mask
 from liverlesion.manifest import read_manifest
 from liverlesion.manifest_lesions import iter_manifest_lesions
+from liverlesion.model_input import model_input
 from liverlesion.patches import extract_patch
 from liverlesion.results import CaseResult, LesionResult, results_table
 from liverlesion.runtime import apply_torch_threads
@@ -205,51 +206,58 @@ class Classifier:
         )
         return np.array([feats.get(n, math.nan) for n in self.fusion_features], dtype=np.float64)
 
-    def member_probs(self, patch_image: np.ndarray, extra: np.ndarray | None = None) -> np.ndarray:
+    def member_probs(
+        self, patch_image: np.ndarray, extra: np.ndarray | None = None, mask: np.ndarray | None = None
+    ) -> np.ndarray:
         """Per-member calibrated class probabilities ``(n_models, n_classes)`` for one lesion's patch.
 
         Args:
             patch_image: ``(S, C, H, W)`` in ``[0, 1]``; 2-D mode's slice samples are averaged.
             extra: The lesion's fusion features (:meth:`fusion_vector`) for a fusion model.
+            mask: The patch's lesion mask ``(S, H, W)``; needed by members that pool inside the
+                lesion (checkpoint ``pool``).
         """
-        x = np.asarray(patch_image, dtype=np.float32)
-        if x.ndim == 3:
-            x = x[None]
-        if x.ndim == 4 and x.shape[1] == 1 and self.in_chans > 1:
-            x = np.repeat(x, self.in_chans, axis=1)  # 2-D mode: a grey slice fed as several channels
-        if x.ndim != 4 or x.shape[1] != self.in_chans:
-            raise UserError(
-                f"patch of shape {tuple(np.shape(patch_image))} does not fit the model: expected (S, {self.in_chans}, H, W) "
-                f"as cut with the checkpoint's patch settings"
-            )
         e = None if extra is None else np.asarray(extra, dtype=np.float64)[None]
         out = []
         for m in self.members:
+            x = model_input(patch_image, mask, m.pool, self.in_chans)
             logits = lesion_logits(
                 m.model, [x], e, tta=self.config.model.tta, batch_size=self.batch_size, device=self.device
             )
             out.append(apply_temperature(logits, m.temperature)[0])
         return np.stack(out)
 
-    def predict_patch(self, patch_image: np.ndarray, extra: np.ndarray | None = None) -> np.ndarray:
+    def predict_patch(
+        self, patch_image: np.ndarray, extra: np.ndarray | None = None, mask: np.ndarray | None = None
+    ) -> np.ndarray:
         """Ensemble-mean class probabilities ``(n_classes,)`` for one lesion's patch ``(S, C, H, W)``."""
-        return ensemble_probs(self.member_probs(patch_image, extra))
+        return ensemble_probs(self.member_probs(patch_image, extra, mask))
 
     def decide(self, probs: np.ndarray) -> str:
         """The predicted class for mean probabilities (the checkpoint's decision rule)."""
         return decide(probs, self.class_names, self.positive_class, self.threshold)[0]
 
-    def gradcam(self, patch_image: np.ndarray, target_class: str | int) -> np.ndarray:
-        """Grad-CAM ``(H, W)`` in ``[0, 1]`` on the patch's centre sample, averaged over members."""
+    def gradcam(
+        self, patch_image: np.ndarray, target_class: str | int, mask: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Grad-CAM ``(H, W)`` in ``[0, 1]`` on the patch's centre sample, averaged over members.
+
+        ``mask``: the patch's lesion mask ``(S, H, W)``, for members that pool inside the lesion.
+        """
         target = self.class_names.index(target_class) if isinstance(target_class, str) else int(target_class)
         x = np.asarray(patch_image, dtype=np.float32)
-        sample = x[x.shape[0] // 2]  # 2-D mode: the centre slice; 2.5-D: the only sample
-        if sample.shape[0] == 1 and self.in_chans > 1:
-            sample = np.repeat(sample, self.in_chans, axis=0)
+        s = x.shape[0] // 2  # 2-D mode: the centre slice; 2.5-D: the only sample
+        m_s = None if mask is None else np.asarray(mask)[s : s + 1]
         nets = [m.network(self.device) for m in self.members]
         if self.threads is not None:  # with onnx, torch was imported just now, with a thread per core
             apply_torch_threads(self.threads)
-        cams = [np.asarray(compute_cam(net, sample, target), dtype=np.float32) for net in nets]
+        cams = [
+            np.asarray(
+                compute_cam(net, model_input(x[s : s + 1], m_s, m.pool, self.in_chans)[0], target),
+                dtype=np.float32,
+            )
+            for m, net in zip(self.members, nets, strict=True)
+        ]
         return np.clip(np.mean(cams, axis=0), 0.0, 1.0)
 
     # ------------------------------------------------------------------ lesions
@@ -471,14 +479,14 @@ class Classifier:
             pred = TOO_SMALL
             cam = None
             if not too_small:
-                member = self.member_probs(patch.image, self.fusion_vector(patch, lesion))
+                member = self.member_probs(patch.image, self.fusion_vector(patch, lesion), patch.mask)
                 probs = ensemble_probs(member)
                 pred = self.decide(probs)
                 j = self.class_names.index(pred)
                 uncertainty = float(member[:, j].std()) if len(member) > 1 else 0.0
                 entropy = entropy_bits(probs)
                 if gradcam:
-                    cam = self.gradcam(patch.image, j)
+                    cam = self.gradcam(patch.image, j, patch.mask)
             row = lesion_row(
                 self,
                 lesion,

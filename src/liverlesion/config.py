@@ -57,6 +57,9 @@ class ModelConfig:
     # where the head reads the backbone: mid (second-to-last timm stage; inception_v3: Mixed_6e, 768
     # channels: mid-level features describe texture) | last (the paper: Mixed_7c, 2048) | a stage name
     features_from: str = "mid"
+    # how the feature map becomes one vector: global (average over the whole patch, the paper) | lesion
+    # (average inside the lesion mask, which the network then takes as one extra input channel)
+    pool: str = "global"
     tta: str = "flips"  # test-time augmentation, identical in cv/predict/serve/export: flips | none
 
 
@@ -195,6 +198,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "patch.interpolation": ("linear", "bspline", "nearest"),
     "model.fusion": ("radiomics", "none"),
     "model.tta": ("flips", "none"),
+    "model.pool": ("global", "lesion"),
     "train.recipe": ("lpft", "end_to_end"),
     "train.optimizer": ("adamw", "sgd"),
     "train.scheduler": ("cosine", "none"),

@@ -26,6 +26,7 @@ from liverlesion.domain import stats_table
 from liverlesion.errors import UserError
 from liverlesion.fileio import write_csv, write_json
 from liverlesion.manifest import read_manifest
+from liverlesion.model_input import image_chans
 from liverlesion.train import fold_subset, train_fold
 from liverlesion.versions import library_versions
 
@@ -320,7 +321,7 @@ def run_cv(
         f"{len(index)} lesions, {index['patient_id'].nunique()} patients, classes {classes}; "
         f"{cfg.cv.folds}-fold patient-level CV"
     )
-    arrays = load_patch_arrays(patch_dir, index)
+    arrays = load_patch_arrays(patch_dir, index, cfg.model.pool)
     todo = [
         s
         for s in splits["splits"]
@@ -331,7 +332,9 @@ def run_cv(
     ]
     need_frozen = baselines and cfg.train.recipe == "lpft"
     shared = (
-        prepare_shared(cfg, index, arrays, patch_dir, classes, imagenet, int(arrays[0].shape[1]))
+        prepare_shared(
+            cfg, index, arrays, patch_dir, classes, imagenet, image_chans(arrays[0].shape[1], cfg.model.pool)
+        )
         if todo or need_frozen
         else {}
     )
@@ -412,7 +415,8 @@ def _frozen_features(shared: dict[str, Any], index: pd.DataFrame, cfg: Config) -
         return None
     from liverlesion.features import frozen_table  # local: heavy (scipy)
 
-    return frozen_table(index["lesion_id"], np.stack([p[0].mean(0) for p in cache.pooled]))
+    # global pooling whatever model.pool is: the "frozen ImageNet + LR" floor
+    return frozen_table(index["lesion_id"], np.stack([p.mean(0) for p in cache.frozen]))
 
 
 @_quietly
@@ -432,8 +436,10 @@ def train_single(manifest: str | Path, out: str | Path, cfg: Config, resume: boo
     _barrier()  # under torchrun every rank reads the split rank 0 wrote
     split = json.loads(split_file.read_text())
     _, imagenet = _announce_init(cfg, manifest, out, patch_dir, classes, "train")
-    arrays = load_patch_arrays(patch_dir, index)
-    shared = prepare_shared(cfg, index, arrays, patch_dir, classes, imagenet, int(arrays[0].shape[1]))
+    arrays = load_patch_arrays(patch_dir, index, cfg.model.pool)
+    shared = prepare_shared(
+        cfg, index, arrays, patch_dir, classes, imagenet, image_chans(arrays[0].shape[1], cfg.model.pool)
+    )
     fit = fold_subset(index, arrays, classes, split["train_patients"])
     val = fold_subset(index, arrays, classes, split["val_patients"])
     res = train_fold(

@@ -14,14 +14,21 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from liverlesion.model_input import model_input
 from liverlesion.patch_cache import load_patch
 
 
-def load_patch_arrays(patch_dir: str | Path, index: pd.DataFrame) -> list[np.ndarray]:
-    """Load each lesion's ``image`` array ``(S, C, H, W)`` from the patch cache."""
-    return [
-        load_patch(patch_dir, str(f), arrays=("image",))["image"].astype(np.float32) for f in index["file"]
-    ]
+def load_patch_arrays(patch_dir: str | Path, index: pd.DataFrame, pool: str = "global") -> list[np.ndarray]:
+    """Each lesion's network input ``(S, C, H, W)`` from the patch cache (:func:`~liverlesion.model_input.model_input`).
+
+    ``pool="lesion"``: the image channels and then the lesion mask's channel.
+    """
+    names = ("image", "mask") if pool == "lesion" else ("image",)
+    out = []
+    for f in index["file"]:
+        p = load_patch(patch_dir, str(f), arrays=names)
+        out.append(model_input(p["image"], p.get("mask"), pool))
+    return out
 
 
 class Augment:
@@ -29,10 +36,12 @@ class Augment:
 
     Built on torchvision's v2 transforms; the intensity jitter is ours because it
     acts on windowed CT values (a small contrast/brightness change mimics scanner
-    and contrast-phase variation), not on RGB colour.
+    and contrast-phase variation), not on RGB colour. The last ``n_mask`` channels
+    are masks (``model.pool=lesion``): they move with the image (bilinear, kept as
+    soft weights in [0, 1]) but are never jittered.
     """
 
-    def __init__(self, flip: bool, rotate_deg: float, scale: float, intensity: float):
+    def __init__(self, flip: bool, rotate_deg: float, scale: float, intensity: float, n_mask: int = 0):
         from torchvision.transforms import v2
 
         ops: list = []
@@ -48,6 +57,7 @@ class Augment:
             )
         self.spatial = v2.Compose(ops) if ops else None
         self.intensity = intensity
+        self.n_mask = int(n_mask)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.spatial is not None:
@@ -55,7 +65,8 @@ class Augment:
         if self.intensity > 0:
             gain = 1.0 + (torch.rand(1).item() * 2 - 1) * self.intensity * 2
             bias = (torch.rand(1).item() * 2 - 1) * self.intensity
-            x = (x - 0.5) * gain + 0.5 + bias
+            n = x.shape[0] - self.n_mask
+            x = torch.cat([(x[:n] - 0.5) * gain + 0.5 + bias, x[n:]])
         return x.clamp_(0.0, 1.0)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from liverlesion.errors import UserError
+from liverlesion.model_input import checkpoint_pool
 from liverlesion.onnx_backend import OnnxNet, checkpoint_view, file_hash, fresh_export
 from liverlesion.runtime import (
     apply_torch_threads,
@@ -54,6 +55,11 @@ class Member:
         return self.torch_model
 
     @property
+    def pool(self) -> str:
+        """How the member pools its features (``global`` | ``lesion``: it also takes the lesion mask)."""
+        return checkpoint_pool(self.ckpt)
+
+    @property
     def temperature(self) -> float:
         t = self.ckpt.get("temperature")
         return float(t) if t is not None and math.isfinite(float(t)) and float(t) > 0 else 1.0
@@ -75,6 +81,7 @@ class Member:
             "threshold": self.threshold,
             "positive_class": self.ckpt.get("positive_class"),
             "created": self.ckpt.get("created"),
+            "pool": self.pool,
             "backend": self.backend,
             "onnx": str(self.model.path) if self.backend == "onnx" else None,
         }

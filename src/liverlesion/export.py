@@ -2,7 +2,9 @@
 
 The exported graph takes a float32 tensor ``image`` of shape ``(N, in_chans, size, size)`` with
 values windowed to ``[0, 1]`` (exactly what ``patches.py`` writes; the backbone's mean / std
-normalisation is inside the graph) and returns ``probabilities`` of shape ``(N, classes)``:
+normalisation is inside the graph); a model that pools inside the lesion (``pool: lesion`` in the
+metadata) takes ``in_chans + 1`` channels, the last one the patch's lesion mask (1 inside, 0
+outside; :func:`liverlesion.model_input.model_input` builds it) and returns ``probabilities`` of shape ``(N, classes)``:
 ``softmax(logits / temperature)`` with the checkpoint's calibration temperature, classes in the
 order of ``class_names``. The batch size is dynamic; the patch size is fixed to the checkpoint's
 ``patch.size_px``. Metadata (class names, patch settings, threshold, disclaimer, provenance) is
@@ -25,6 +27,7 @@ from liverlesion.errors import UserError
 from liverlesion.fileio import atomic_path, write_json
 from liverlesion.inference import tta_flips
 from liverlesion.model import checkpoint_hash, load_checkpoint
+from liverlesion.model_input import checkpoint_pool, input_chans, model_input
 
 FORMATS = ("onnx", "torchscript")
 ONNX_OPSET = 17
@@ -67,14 +70,18 @@ def export_metadata(
 ) -> dict[str, Any]:
     """The metadata written next to (and into) an exported model."""
     cfg = meta.get("config", {})
+    pool = checkpoint_pool(meta)
+    rng = "[0, 1]: HU windowed with patch.window_center / window_width (see patch)"
+    if pool == "lesion":
+        rng += f"; channel {in_chans} (the last): the lesion mask, 1 inside and 0 outside"
     return {
         "disclaimer": DISCLAIMER,
         "format": fmt,
         "input": {
             "name": "image",
-            "shape": ["N", in_chans, size, size],
+            "shape": ["N", input_chans(in_chans, pool), size, size],
             "dtype": "float32",
-            "range": "[0, 1]: HU windowed with patch.window_center / window_width (see patch)",
+            "range": rng,
         },
         "output": {
             "name": "probabilities",
@@ -96,6 +103,7 @@ def export_metadata(
         "export_version": EXPORT_VERSION,
         "config": cfg,
         "in_chans": int(in_chans),
+        "pool": pool,
         "fold": meta.get("fold"),
         "created": meta.get("created"),
         "training_domain": meta.get("training_domain"),  # predict's domain-shift check on this backend
@@ -132,9 +140,10 @@ def export_model(ckpt_path: str | Path, format: str, out: str | Path) -> Path:
     wrapper = ProbabilityModel(
         model, float(meta.get("temperature", 1.0)), tta, with_logits=fmt == "onnx"
     ).eval()
-    dummy: tuple[Tensor, ...] = (
-        torch.rand(1, in_chans, size, size, generator=torch.Generator().manual_seed(0)),
-    )
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(1, in_chans, size, size, generator=g).numpy()
+    mask = (torch.rand(1, size, size, generator=g) > 0.5).numpy()
+    dummy: tuple[Tensor, ...] = (torch.from_numpy(model_input(image, mask, model.pool, in_chans)),)
     if model.fusion_features:
         dummy = (*dummy, torch.zeros(1, len(model.fusion_features)))
     info = export_metadata(meta, Path(ckpt_path), fmt, size, in_chans)

@@ -19,6 +19,7 @@ import pandas as pd
 from liverlesion import DISCLAIMER, runs
 from liverlesion.errors import UserError
 from liverlesion.fileio import atomic_path
+from liverlesion.model_input import checkpoint_pool, model_input
 from liverlesion.patch_cache import load_patch, patch_files
 from liverlesion.progress import progress_bar
 
@@ -250,8 +251,7 @@ def gradcam_gallery(
         model, ckpt = models[fold]
         chw, centre, mask = centre_sample(load_patch(patch_dir, files[lid], arrays=("image", "mask")))
         in_chans = int(ckpt.get("in_chans", chw.shape[0]))
-        if chw.shape[0] != in_chans and chw.shape[0] == 1:
-            chw = np.repeat(chw, in_chans, axis=0)  # 2-D mode: grey slice fed as several channels
+        chw = model_input(chw, mask, checkpoint_pool(ckpt), in_chans)[0]
         names = list(ckpt.get("class_names", classes))
         pred = str(row.pred_class)
         target = names.index(pred) if pred in names else classes.index(pred)

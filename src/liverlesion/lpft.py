@@ -37,9 +37,11 @@ class ViewCache:
     """Per lesion, the cached activations ``(V, S, ...)`` of its views; views ``[:n_tta]`` are the TTA views."""
 
     lower: list[np.ndarray]
-    pooled: list[np.ndarray]  # frozen pooled features (V, S, D) of the same views
+    pooled: list[np.ndarray]  # frozen pooled features (V, S, D) of the same views (the model's pooling)
     n_tta: int
     n_top: int
+    # globally average-pooled frozen features (S, D) of the identity view: the frozen_lr baseline's
+    frozen: list[np.ndarray] | None = None
 
 
 def n_top_blocks(model, cfg: Config) -> tuple[int, str | None]:
@@ -54,17 +56,29 @@ def n_top_blocks(model, cfg: Config) -> tuple[int, str | None]:
 
 
 def build_cache(model, arrays: list[np.ndarray], cfg: Config, n_top: int, progress: bool = True) -> ViewCache:
-    """Run the frozen lower backbone over every lesion's TTA and augmented views (once per run)."""
+    """Run the frozen lower backbone over every lesion's TTA and augmented views (once per run).
+
+    ``arrays`` are the model inputs (:func:`~liverlesion.model_input.model_input`): with
+    ``model.pool=lesion`` their last channel is the lesion mask, flipped and augmented with the
+    image, so each view is pooled with its own mask and its cached activations carry its pooling
+    weights (:meth:`~liverlesion.model.LesionNet.forward_lower`).
+    """
     from liverlesion.data import Augment  # local: heavy (scipy)
 
     t = cfg.train
-    aug = Augment(True, t.aug_rotate_deg, t.aug_scale, t.aug_intensity) if t.aug_views > 0 else None
+    n_mask = 1 if model.pool == "lesion" else 0
+    aug = (
+        Augment(True, t.aug_rotate_deg, t.aug_scale, t.aug_intensity, n_mask=n_mask)
+        if t.aug_views > 0
+        else None
+    )
     flips = tta_flips(cfg.model.tta)
     gen_state = torch.get_rng_state()
     torch.manual_seed(t.seed)
     model.eval()
-    lower, pooled = [], []
+    lower, pooled, frozen = [], [], []
     kids = model.blocks()
+    top = nn.Sequential(*[m for _, m in kids[len(kids) - n_top :]]) if kids else None
     with torch.inference_mode():
         for a in progress_bar(arrays, desc="caching frozen features", unit="lesion", enabled=progress):
             x = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
@@ -72,22 +86,23 @@ def build_cache(model, arrays: list[np.ndarray], cfg: Config, n_top: int, progre
             for _ in range(t.aug_views):
                 views.append(torch.stack([aug(s.clone()) for s in x]))
             batch = torch.cat(views)  # (V*S, C, H, W)
-            h = model.forward_lower(batch, n_top) if kids else batch
-            f = h
             if kids:
-                for _, m in kids[len(kids) - n_top :]:
-                    f = m(f)
-                f = model._pool(f)
+                h = model.forward_lower(batch, n_top)
+                fmap, weights = model.upper_map(h, top)
             else:
-                f = model.features(batch)
+                h = batch
+                fmap, weights = model.feature_map(batch), model.split_input(batch)[1]
+            f = model._pool(fmap, weights)
+            g = model._pool(fmap) if weights is not None else f  # global pooling, for frozen_lr
             v, s = len(views), x.shape[0]
             pooled.append(f.reshape(v, s, -1).numpy().astype(np.float32))
+            frozen.append(g.reshape(v, s, -1)[0].numpy().astype(np.float32))
             # probe only: the pooled features are all that is needed
             lower.append(
                 h.reshape(v, s, *h.shape[1:]).numpy().astype(np.float32) if n_top > 0 else pooled[-1]
             )
     torch.set_rng_state(gen_state)
-    return ViewCache(lower, pooled, len(flips), n_top)
+    return ViewCache(lower, pooled, len(flips), n_top, frozen)
 
 
 # --------------------------------------------------------------------------- stage networks
@@ -110,10 +125,10 @@ class _Upper(nn.Module):
         kids = model.blocks()
         self.top = nn.Sequential(*[m for _, m in kids[len(kids) - n_top :]])
         self.head = model.head
-        self._pool = model._pool
+        self._pool_upper = model.pool_upper  # lesion pooling: weights in h's last channel
 
     def forward(self, h):
-        return self.head(self._pool(self.top(h)))
+        return self.head(self._pool_upper(h, self.top))
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -8,6 +8,12 @@ mean = std = 0.5, i.e. ``[-1, 1]`` like Google's TF Inception.
 Head (Romero et al. 2019): global average pooling -> FC 512 -> ReLU -> Dropout 0.4 -> FC 512 ->
 ReLU -> FC (classes); softmax is applied by the loss / at prediction.
 
+``pool="lesion"`` (``model.pool``) replaces the global average by the mean inside the lesion: the
+input then carries the lesion mask as one extra channel after the image channels
+(:mod:`liverlesion.model_input`), which is split off before normalisation and never reaches the
+backbone; the mask, area-downsampled to the feature map (the numbers of ``adaptive_avg_pool2d``,
+written as two small matrix products so the graph exports to ONNX at any size), weights the mean.
+
 ``build_model`` initialises the backbone (ImageNet, random, or a weights file fitted by
 :mod:`liverlesion.backbone_weights`); ``load_checkpoint`` rebuilds a
 trained network from its ``model.pt``, whose file format :mod:`liverlesion.checkpoint` owns.
@@ -28,6 +34,7 @@ from liverlesion.backbone_weights import init_from_file, load_backbone
 from liverlesion.checkpoint import checkpoint_hash, read_checkpoint, save_checkpoint
 from liverlesion.config import ModelConfig, config_from_dict
 from liverlesion.errors import UserError
+from liverlesion.model_input import POOLS, checkpoint_pool, input_chans
 
 __all__ = ["LesionNet", "build_model", "checkpoint_hash", "load_checkpoint", "save_checkpoint"]
 
@@ -43,6 +50,8 @@ class LesionNet(nn.Module):
         dropout: Dropout after the first FC layer (paper: 0.4).
         mean: Per-channel input mean on the [0, 1] scale (default: the backbone's pretrained cfg).
         std: Per-channel input std.
+        pool: ``global`` (the paper's global average) or ``lesion`` (mean inside the lesion mask,
+            which the input carries as channel ``in_chans``; the network then takes ``in_chans + 1``).
     """
 
     def __init__(
@@ -57,8 +66,12 @@ class LesionNet(nn.Module):
         init_backbone: bool = True,
         fusion_features: Sequence[str] = (),
         features_from: str = "last",
+        pool: str = "global",
     ):
         super().__init__()
+        if pool not in POOLS:
+            raise UserError(f"config model.pool={pool!r}: unknown; choose one of {', '.join(POOLS)}")
+        self.pool = pool
         self.backbone_name = backbone
         self.num_classes = num_classes
         self.in_chans = in_chans
@@ -108,9 +121,28 @@ class LesionNet(nn.Module):
             return list(self.backbone.parameters())
         return [p for _, m in self.blocks() for p in m.parameters()]
 
+    @property
+    def input_chans(self) -> int:
+        """Channels the network takes: the image's, plus the lesion-mask channel for ``pool="lesion"``."""
+        return input_chans(self.in_chans, self.pool)
+
+    def split_input(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``(image, mask)`` of an input: the first ``in_chans`` channels and (``pool="lesion"``) the mask."""
+        if self.pool != "lesion":
+            return x, None
+        if x.shape[1] != self.in_chans + 1:
+            raise UserError(
+                f"input of {x.shape[1]} channels: this model pools inside the lesion and takes "
+                f"{self.in_chans} image channels + 1 lesion-mask channel (see liverlesion.model_input)"
+            )
+        return x[:, : self.in_chans], x[:, self.in_chans :]
+
     def feature_map(self, x: Tensor) -> Tensor:
-        """Backbone feature map for ``[0, 1]`` input (NCHW for CNNs), at ``features_from``'s block."""
-        h = (x - self.input_mean) / self.input_std
+        """Backbone feature map for ``[0, 1]`` input (NCHW for CNNs), at ``features_from``'s block.
+
+        Only the image channels reach the backbone (a lesion-mask channel is dropped here).
+        """
+        h = (x[:, : self.in_chans] - self.input_mean) / self.input_std
         if self._cut is None:
             return self.backbone.forward_features(h)
         kids = self.blocks()
@@ -124,22 +156,34 @@ class LesionNet(nn.Module):
         return h
 
     def features(self, x: Tensor) -> Tensor:
-        """Globally average-pooled backbone features ``(N, num_features)``."""
-        return self._pool(self.feature_map(x))
+        """Pooled backbone features ``(N, num_features)``: global, or inside the lesion (``pool``)."""
+        _, mask = self.split_input(x)
+        return self._pool(self.feature_map(x), mask)
 
-    def _pool(self, f: Tensor) -> Tensor:
+    def _pool(self, f: Tensor, mask: Tensor | None = None) -> Tensor:
+        if mask is not None:
+            return lesion_pool(self._nchw(f), mask)
         if f.ndim == 4:
-            # timm CNNs are NCHW; a few (e.g. Swin) return NHWC
-            if f.shape[1] != self.num_features and f.shape[-1] == self.num_features:
-                return f.mean(dim=(1, 2))
-            return f.mean(dim=(2, 3))
+            return self._nchw(f).mean(dim=(2, 3))
         if f.ndim == 3:  # transformer tokens (N, L, C)
             return f.mean(dim=1)
+        return f
+
+    def _nchw(self, f: Tensor) -> Tensor:
+        if f.ndim != 4:
+            raise UserError(
+                f"model.pool=lesion: {self.backbone_name}'s features have no spatial map to weight by the "
+                "lesion mask; use a CNN backbone or model.pool=global"
+            )
+        # timm CNNs are NCHW; a few (e.g. Swin) return NHWC
+        if f.shape[1] != self.num_features and f.shape[-1] == self.num_features:
+            return f.permute(0, 3, 1, 2)
         return f
 
     def forward(self, x: Tensor, extra: Tensor | None = None) -> Tensor:
         """Logits ``(N, num_classes)`` for patches ``(N, in_chans, H, W)`` in ``[0, 1]``.
 
+        ``pool="lesion"``: ``(N, in_chans + 1, H, W)``, the lesion mask last (``model_input``).
         A fusion model also needs ``extra``: its ``fusion_features`` per sample ``(N, F)`` (NaN = missing).
         """
         return self.fuse(self.head(self.features(x)), extra)
@@ -189,19 +233,64 @@ class LesionNet(nn.Module):
         return kids[: self._cut] if self._cut is not None else kids
 
     def forward_lower(self, x: Tensor, n_top: int) -> Tensor:
-        """Activations below the last ``n_top`` blocks for ``[0, 1]`` input (cached during lpft)."""
-        h = (x - self.input_mean) / self.input_std
+        """Activations below the last ``n_top`` blocks for ``[0, 1]`` input (cached during lpft).
+
+        With ``pool="lesion"`` one more channel follows the activations: the pooling weights (the
+        mask area-downsampled to the final feature map), zero-padded into its top-left corner, so
+        :meth:`forward_upper` pools each cached view with its own mask.
+        """
+        _, mask = self.split_input(x)
+        h = (x[:, : self.in_chans] - self.input_mean) / self.input_std
         kids = self.blocks()
         for _, m in kids[: len(kids) - n_top]:
             h = m(h)
-        return h
+        if mask is None:
+            return h
+        size = self._final_size(h, n_top)
+        if size[0] > h.shape[2] or size[1] > h.shape[3]:
+            raise UserError(
+                f"model.pool=lesion: {self.backbone_name}'s top blocks enlarge the feature map; "
+                "use model.pool=global or train.finetune_blocks=0"
+            )
+        w = area_downsample(mask, size)
+        return torch.cat([h, nn.functional.pad(w, (0, h.shape[3] - size[1], 0, h.shape[2] - size[0]))], 1)
 
     def forward_upper(self, h: Tensor, n_top: int, extra: Tensor | None = None) -> Tensor:
         """Logits from :meth:`forward_lower`'s activations: the same numbers as :meth:`forward`."""
         kids = self.blocks()
-        for _, m in kids[len(kids) - n_top :]:
-            h = m(h)
-        return self.fuse(self.head(self._pool(h)), extra)
+        return self.fuse(
+            self.head(self.pool_upper(h, nn.Sequential(*[m for _, m in kids[len(kids) - n_top :]]))), extra
+        )
+
+    def pool_upper(self, h: Tensor, top: nn.Module) -> Tensor:
+        """Pooled features of :meth:`forward_lower`'s activations ``h`` after the top blocks ``top``."""
+        return self._pool(*self.upper_map(h, top))
+
+    def upper_map(self, h: Tensor, top: nn.Module) -> tuple[Tensor, Tensor | None]:
+        """The feature map of cached activations ``h`` after ``top``, and its pooling weights (or None)."""
+        if self.pool != "lesion":
+            return top(h), None
+        f = self._nchw(top(h[:, :-1]))
+        return f, h[:, -1:, : f.shape[2], : f.shape[3]]
+
+    def _final_size(self, h: Tensor, n_top: int) -> tuple[int, int]:
+        """Spatial size of the feature map the top ``n_top`` blocks make from lower activations ``h``."""
+        key = (n_top, *h.shape[1:])
+        sizes = self.__dict__.setdefault("_final_sizes", {})
+        if key not in sizes:
+            kids = self.blocks()
+            was = self.training
+            self.eval()
+            try:
+                with torch.no_grad():
+                    f = h[:1].detach()
+                    for _, m in kids[len(kids) - n_top :]:
+                        f = m(f)
+            finally:
+                self.train(was)
+            f = self._nchw(f)
+            sizes[key] = (int(f.shape[2]), int(f.shape[3]))
+        return sizes[key]
 
     def cam_target_layers(self, size: Sequence[int] | None = None, min_side: int = 5) -> list[nn.Module]:
         """The deepest backbone block whose map is at least ``min_side`` pixels wide, for Grad-CAM.
@@ -325,6 +414,42 @@ def _per_channel(values: tuple[float, ...] | list[float], in_chans: int) -> Tens
     return torch.tensor(v, dtype=torch.float32).view(1, in_chans, 1, 1)
 
 
+def area_downsample(mask: Tensor, size: Sequence[int]) -> Tensor:
+    """``adaptive_avg_pool2d(mask, size)`` as two matrix products (ONNX exports it at any size).
+
+    torch's ONNX exporter refuses adaptive average pooling when the input size is not a multiple of
+    the output size (160 px -> 3x3 at Mixed_7c); the matrices hold the same bins: output cell ``i``
+    averages input rows ``floor(i H / h)`` to ``ceil((i + 1) H / h)``.
+    """
+    h, w = int(size[0]), int(size[1])
+    rows = _bins(int(mask.shape[-2]), h).to(mask)
+    cols = _bins(int(mask.shape[-1]), w).to(mask)
+    return rows @ mask @ cols.T
+
+
+def _bins(n_in: int, n_out: int) -> Tensor:
+    m = torch.zeros(n_out, n_in)
+    for i in range(n_out):
+        lo, hi = (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
+        m[i, lo:hi] = 1.0 / (hi - lo)
+    return m
+
+
+POOL_EMPTY = 1e-6  # pooling weights summing to less: no lesion in the view, the global mean is used
+
+
+def lesion_pool(f: Tensor, mask: Tensor) -> Tensor:
+    """Mean of the feature map ``f`` ``(N, C, h, w)`` weighted by ``mask`` ``(N, 1, H, W)`` in [0, 1].
+
+    The mask is area-downsampled to ``h x w`` (:func:`area_downsample`); a sample whose weights sum
+    to ~0 (no lesion in view) gets the global mean instead.
+    """
+    w = area_downsample(mask.to(f.dtype), f.shape[-2:])
+    total = w.sum(dim=(2, 3))
+    inside = (f * w).sum(dim=(2, 3)) / total.clamp_min(POOL_EMPTY)
+    return torch.where(total > POOL_EMPTY, inside, f.mean(dim=(2, 3)))
+
+
 # --------------------------------------------------------------------------- building
 
 
@@ -362,7 +487,7 @@ def build_model(
     check_backbone_name(cfg.backbone)
     kind = choice.lower()
     args = (cfg.backbone, num_classes, in_chans, cfg.head_hidden, cfg.dropout)
-    kw = {"fusion_features": fusion_features, "features_from": cfg.features_from}
+    kw = {"fusion_features": fusion_features, "features_from": cfg.features_from, "pool": cfg.pool}
     if kind == "imagenet":
         from liverlesion.weights import resolve_imagenet_weights  # local: heavy (timm)
 
@@ -411,6 +536,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             fusion_features=[str(f) for f in obj.get("fusion_features") or []],
             # checkpoints from before the setting read the last stage
             features_from=str(obj.get("features_from") or "last"),
+            # checkpoints from before the setting pool globally
+            pool=checkpoint_pool(obj),
         )
         model.apply_backbone_patch(obj.get("backbone_patch"))
     except UserError as e:

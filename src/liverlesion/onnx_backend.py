@@ -72,6 +72,7 @@ def checkpoint_view(info: dict[str, Any]) -> dict[str, Any]:
         "config": info["config"],
         "class_names": list(info["class_names"]),
         "in_chans": int(info["in_chans"]),
+        "pool": info.get("pool") or "global",  # exports from before the setting pool globally
         "positive_class": info.get("positive_class"),
         "temperature": info.get("temperature"),
         "threshold": info.get("threshold"),

@@ -32,6 +32,7 @@ from liverlesion.fusion import (
     radiomics_logits,
 )
 from liverlesion.inference import apply_temperature, fit_temperature, lesion_logits
+from liverlesion.model_input import image_chans
 from liverlesion.progress import lightning_progress
 
 
@@ -89,7 +90,8 @@ def _loaders(fit: FoldData, val: FoldData, cfg: Config):
     from liverlesion.data import Augment, PatchDataset  # local: heavy (torch)
 
     t = cfg.train
-    aug = Augment(t.aug_flip, t.aug_rotate_deg, t.aug_scale, t.aug_intensity)
+    n_mask = 1 if cfg.model.pool == "lesion" else 0  # the lesion-mask channel moves but is not jittered
+    aug = Augment(t.aug_flip, t.aug_rotate_deg, t.aug_scale, t.aug_intensity, n_mask=n_mask)
     train_ds = PatchDataset(fit.arrays, fit.labels, augment=aug)
     val_ds = PatchDataset(val.arrays, val.labels)
     weights = None
@@ -369,7 +371,7 @@ def train_fold(
     shared = shared or {}
     fold_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
-    in_chans = int(fit.arrays[0].shape[1])
+    in_chans = image_chans(fit.arrays[0].shape[1], cfg.model.pool)  # arrays: model_input's
     t0 = time.time()
     extra, names = shared.get("extra"), shared.get("extra_names", [])
     cross_fitted = None

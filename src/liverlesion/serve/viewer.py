@@ -453,7 +453,7 @@ def overlay_png(clf, study: Study, lesion_id: str, gradcam: bool) -> bytes:
         if r is None:
             raise UserError(f"lesion {lesion_id!r}: not classified in this study; click it first")
         if gradcam and r.cam is None and r.row.get("status") == CLASSIFIED:
-            r.cam = clf.gradcam(r.patch.image, str(r.row["pred_class"]))
+            r.cam = clf.gradcam(r.patch.image, str(r.row["pred_class"]), r.patch.mask)
         cam, r.cam = r.cam, (r.cam if gradcam else None)
         try:
             with tempfile.TemporaryDirectory(prefix="liverlesion-serve-") as tmp:
