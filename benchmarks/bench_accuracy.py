@@ -15,6 +15,8 @@ Variants (all inception_v3 with ImageNet weights, the quick preset's folds and b
   * ``fusion_last``: ``fusion`` with the head on the last Inception block (Mixed_7c, the paper's
     2048 channels) instead of the default mid-level one (``model.features_from``)
   * ``lpft_last``: ``lpft`` (network alone) on the last block
+  * ``fusion_lesion`` / ``lpft_lesion``: ``fusion`` / ``lpft`` with the features pooled inside the
+    lesion mask (``model.pool=lesion``) instead of over the whole patch
 
 Usage:
     python benchmarks/bench_accuracy.py [--difficulties 0 1 2] [--seeds 0 1] [--variants ...]
@@ -40,6 +42,8 @@ VARIANTS = {
     "e2e160": ["train.recipe=end_to_end", "model.fusion=none", "train.epochs=8", "train.patience=4"],
     "fusion_last": ["model.features_from=last"],
     "lpft_last": ["model.fusion=none", "model.features_from=last"],
+    "fusion_lesion": ["model.pool=lesion"],
+    "lpft_lesion": ["model.fusion=none", "model.pool=lesion"],
 }  # fmt: skip
 
 
