@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from liverlesion.inference import fit_temperature
+
 
 def radiomics_logits(model, extra: np.ndarray) -> np.ndarray:
     import torch
@@ -62,12 +64,13 @@ def fit_fusion(model, fit_x: np.ndarray, fit_y: np.ndarray, seed: int) -> None:
 
 
 def choose_alpha(deep: np.ndarray, rad: np.ndarray, y: np.ndarray) -> tuple[float, dict[str, float]]:
-    """Weight of the network in the fused logits ``a * deep + (1 - a) * rad``, by NLL.
+    """Weight ``a`` of the network in the fused logits ``a * deep + (1 - a) * rad``, by NLL.
 
-    Both halves come in calibrated on their own: ``deep`` temperature-scaled (:func:`calibrate_deep`),
-    ``rad`` the radiomics logistic regression's logits as its likelihood fit leaves them. No further
-    temperature is fitted on the mixture, so the weight 0 is the radiomics half exactly: the same
-    probabilities, in every fold, as the ``radiomics_lr`` baseline.
+    ``deep`` comes in temperature-scaled (:func:`calibrate_deep`), ``rad`` as the radiomics logistic
+    regression gives it. Each candidate mixture is scored after a temperature of its own, so the
+    halves are compared on equal terms however over- or under-confident each is on held-out
+    lesions; the model itself then keeps no temperature on the mixture (the weight 0 is the
+    radiomics half exactly: the same probabilities, in every fold, as the ``radiomics_lr`` baseline).
 
     A grid of weights is scored on a few dozen to a few hundred lesions, so the winner is partly
     noise. A mixture is taken only when it beats the better half by more than one standard error of
@@ -82,7 +85,8 @@ def choose_alpha(deep: np.ndarray, rad: np.ndarray, y: np.ndarray) -> tuple[floa
     losses: dict[float, np.ndarray] = {}
     for a in np.round(np.linspace(0.0, 1.0, 21), 2):
         z = a * deep + (1 - a) * rad
-        losses[float(a)] = -log_softmax(z, axis=1)[np.arange(len(y)), y]
+        t = fit_temperature(z, y)
+        losses[float(a)] = -log_softmax(z / t, axis=1)[np.arange(len(y)), y]
     scores = {a: float(v.mean()) for a, v in losses.items()}
     best = min(scores.values())
     # ties (e.g. both halves perfect on inner validation): the most even mix
