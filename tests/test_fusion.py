@@ -97,3 +97,16 @@ def test_choose_alpha_keeps_the_better_half_unless_a_mix_clearly_wins(deep_signa
         assert alpha == 1.0
     else:
         assert 0.0 < alpha < 1.0
+
+
+def test_standard_error_counts_patients_not_lesions():
+    from liverlesion.fusion import mean_se
+
+    rng = np.random.default_rng(2)
+    per_patient = rng.normal(size=40)
+    copies = np.repeat(per_patient, 4)  # four identical lesions per patient: no more evidence
+    groups = np.repeat(np.arange(40), 4)
+    naive, robust = mean_se(copies), mean_se(copies, groups)
+    assert naive == pytest.approx(mean_se(per_patient) / 2, rel=0.05)  # lesions as independent
+    assert robust == pytest.approx(mean_se(per_patient), rel=0.05)  # patients as the unit
+    assert mean_se(copies, np.zeros(len(copies))) == float("inf")  # one patient: no evidence

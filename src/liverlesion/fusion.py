@@ -63,7 +63,9 @@ def fit_fusion(model, fit_x: np.ndarray, fit_y: np.ndarray, seed: int) -> None:
         model.fusion_head.bias.copy_(torch.as_tensor(b, dtype=torch.float32))
 
 
-def choose_alpha(deep: np.ndarray, rad: np.ndarray, y: np.ndarray) -> tuple[float, dict[str, float]]:
+def choose_alpha(
+    deep: np.ndarray, rad: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None
+) -> tuple[float, dict[str, float]]:
     """Weight ``a`` of the network in the fused logits ``a * deep + (1 - a) * rad``, by NLL.
 
     ``deep`` comes in temperature-scaled (:func:`calibrate_deep`), ``rad`` as the radiomics logistic
@@ -76,7 +78,9 @@ def choose_alpha(deep: np.ndarray, rad: np.ndarray, y: np.ndarray) -> tuple[floa
     noise. A mixture is taken only when it beats the better half by more than one standard error of
     the paired per-lesion NLL difference (the one-standard-error rule); otherwise the better half
     alone is used. So on cohorts where one half is weak, fusion falls back to the other instead of
-    mixing in noise.
+    mixing in noise. With ``groups`` (patient ids) the standard error is the cluster-robust one over
+    patients: lesions of one patient are alike, so counting them as independent would overstate
+    the evidence for a mixture, as in every other patient-level statistic here.
     """
     from scipy.special import log_softmax
 
@@ -93,9 +97,24 @@ def choose_alpha(deep: np.ndarray, rad: np.ndarray, y: np.ndarray) -> tuple[floa
     mix = min((a for a, v in scores.items() if v <= best + 1e-4), key=lambda a: abs(a - 0.5))
     half = 0.0 if scores[0.0] <= scores[1.0] else 1.0
     gain = losses[half] - losses[mix]
-    se = float(gain.std(ddof=1) / np.sqrt(len(gain))) if len(gain) > 1 else 0.0
-    alpha = mix if float(gain.mean()) > se else half
+    alpha = mix if float(gain.mean()) > mean_se(gain, groups) else half
     return alpha, scores
+
+
+def mean_se(values: np.ndarray, groups: np.ndarray | None = None) -> float:
+    """Standard error of the mean of ``values``; cluster-robust over ``groups`` when given."""
+    v = np.asarray(values, dtype=float)
+    n = len(v)
+    if n < 2:
+        return 0.0
+    if groups is None:
+        return float(v.std(ddof=1) / np.sqrt(n))
+    codes = np.unique(np.asarray(groups).astype(str), return_inverse=True)[1]
+    c = int(codes.max()) + 1
+    if c < 2:
+        return float("inf")  # one patient: no evidence beyond it
+    resid = np.bincount(codes, weights=v - v.mean(), minlength=c)
+    return float(np.sqrt(c / (c - 1) * np.sum(resid**2)) / n)
 
 
 def calibrate_deep(model, temperature: float) -> None:

@@ -217,8 +217,8 @@ def finish_fold(
     by :mod:`liverlesion.inference`). The threshold is fitted on the same calibrated probabilities
     it is compared with later, on the lesions the size rule lets through.
 
-    ``cross_fitted(extra_rows_fit_val)`` (lpft recipe) returns out-of-fold ``(deep, radiomics,
-    labels, min_axis_mm)`` over every training patient; the fusion weight is then chosen on all of
+    ``cross_fitted()`` (lpft recipe) returns out-of-fold ``(deep, radiomics, labels, min_axis_mm,
+    patient_ids)`` over every training patient; the fusion weight is then chosen on all of
     them rather than on the inner-validation lesions alone.
     """
     import torch
@@ -242,14 +242,15 @@ def finish_fold(
         val_deep = val_deep / deep_t
         oof = cross_fitted() if cross_fitted is not None else None
         if oof is not None:
-            d_oof, r_oof, y_oof, size_oof = oof
+            d_oof, r_oof, y_oof, size_oof, patients = oof
             keep = np.array([not too_small(v, cfg.eval.min_size_mm) for v in size_oof], dtype=bool)
             d_cal = d_oof[keep] / fit_temperature(d_oof[keep], y_oof[keep])
-            alpha, scores = choose_alpha(d_cal, r_oof[keep], y_oof[keep])
+            alpha, scores = choose_alpha(d_cal, r_oof[keep], y_oof[keep], patients[keep])
             chosen_on = f"out-of-fold over {int(keep.sum())} training lesions (inner patient folds)"
         else:
             rad = radiomics_logits(model, extra[val.rows])
-            alpha, scores = choose_alpha(val_deep[ok], rad[ok], val.labels[ok])
+            patients = val.index["patient_id"].astype(str).to_numpy()
+            alpha, scores = choose_alpha(val_deep[ok], rad[ok], val.labels[ok], patients[ok])
             chosen_on = f"{int(ok.sum())} inner-validation lesions"
         with torch.no_grad():
             model.fusion_alpha.fill_(alpha)
@@ -399,12 +400,13 @@ def train_fold(
                 rows = np.concatenate([fit.rows, val.rows])
                 idx = pd.concat([fit.index, val.index], ignore_index=True)
                 y = np.concatenate([fit.labels, val.labels])
-                splits = inner_patient_splits(idx["patient_id"].astype(str).to_numpy())
+                patients = idx["patient_id"].astype(str).to_numpy()
+                splits = inner_patient_splits(patients)
                 epochs = int(train_info["probe"].get("best_epochs", 0))
                 d = cross_fitted_probe_logits(head0, cache, rows, labels, splits, cfg, epochs)
                 r = cross_fitted_radiomics(extra[rows], y, splits, len(classes), cfg.train.seed)
                 sizes = idx["min_axis_mm"] if "min_axis_mm" in idx else np.full(len(idx), np.inf)
-                return d, r, y, np.asarray(sizes, dtype=float)
+                return d, r, y, np.asarray(sizes, dtype=float), patients
     else:
         model, init = build_model(
             cfg.model, num_classes=len(classes), in_chans=in_chans, imagenet=imagenet, fusion_features=names
