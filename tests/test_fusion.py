@@ -58,7 +58,7 @@ def test_network_weight_zero_gives_the_radiomics_baseline_exactly():
     results, dec = finish_fold(model, deep, fit, val, {"test": test}, CLASSES, cfg, extra, 0)
 
     assert dec["fusion"]["alpha"] == 0.0
-    assert dec["temperature"] == 1.0  # the mixture keeps no temperature of its own
+    assert dec["temperature"] == 1.0  # the radiomics half alone: no temperature on top
     assert float(model.fusion_alpha) == 0.0
     train_rows = np.arange(0, 70)  # fit + inner validation, as the baseline is fitted
     want = lr_pipeline(cfg.train.seed).fit(extra[train_rows], y[train_rows]).predict_proba(extra[test.rows])
@@ -89,14 +89,15 @@ def test_choose_alpha_keeps_the_better_half_unless_a_mix_clearly_wins(deep_signa
         z = signal * s + rng.normal(size=len(y)) * 1.5  # independent noise per half
         return np.stack([-z / 2, z / 2], axis=1)
 
-    alpha, scores = choose_alpha(logits(deep_signal), logits(rad_signal), y)
+    alpha, t, scores = choose_alpha(logits(deep_signal), logits(rad_signal), y)
     assert set(scores) == {round(a, 2) for a in np.linspace(0, 1, 21)}
     if expect == "radiomics":
-        assert alpha == 0.0
+        assert alpha == 0.0 and t == 1.0  # a half kept alone is itself: no temperature
     elif expect == "network":
-        assert alpha == 1.0
+        assert alpha == 1.0 and t == 1.0
     else:
         assert 0.0 < alpha < 1.0
+        assert t < 1.0  # the average of two calibrated halves' logits is under-confident
 
 
 def test_standard_error_counts_patients_not_lesions():

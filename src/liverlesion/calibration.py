@@ -1,8 +1,8 @@
 """Calibration: ECE, reliability bins, NLL, and the per-fold temperature-scaling report.
 
 Each fold's softmax temperature is the one its checkpoint recorded with the predictions (fitted at
-training on that fold's inner-validation logits only; 1 for a fusion model, whose network half is
-calibrated before mixing), else fitted here on the same inner-validation logits
+training on that fold's inner-validation logits only; 1 for a fusion fold that keeps one calibrated
+half alone), else fitted here on the same inner-validation logits
 (:func:`liverlesion.inference.fit_temperature`); the report compares the calibration before and after.
 """
 
@@ -102,7 +102,7 @@ def fold_temperatures(
                 "source": "checkpoint",
                 "note": "the checkpoint's, fitted on inner validation at training"
                 if t != 1.0
-                else "1 in the checkpoint (a fusion model calibrates its network half before mixing)",
+                else "1 in the checkpoint (a fusion fold that keeps one calibrated half alone)",
             }
             if have_val:
                 lg, y = val.logits[m], val.y[m]

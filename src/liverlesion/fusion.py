@@ -5,7 +5,7 @@ out as arrays and held in the model's ``fusion_head``; the network's weight ``al
 logits is chosen by NLL on out-of-fold logits of the training patients (inner patient folds) with a
 one-standard-error rule, so neither half can swamp the other. Each half is calibrated on its own before
 mixing (the network by temperature on inner validation, folded into its last layer; the logistic
-regression by its fit), and the mixture gets no temperature of its own.
+regression by its fit); a mixture gets the temperature fitted with its weight, a half kept alone none.
 """
 
 from __future__ import annotations
@@ -65,14 +65,16 @@ def fit_fusion(model, fit_x: np.ndarray, fit_y: np.ndarray, seed: int) -> None:
 
 def choose_alpha(
     deep: np.ndarray, rad: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None
-) -> tuple[float, dict[str, float]]:
-    """Weight ``a`` of the network in the fused logits ``a * deep + (1 - a) * rad``, by NLL.
+) -> tuple[float, float, dict[str, float]]:
+    """Weight ``a`` of the network in the fused logits ``(a * deep + (1 - a) * rad) / T``, by NLL.
 
     ``deep`` comes in temperature-scaled (:func:`calibrate_deep`), ``rad`` as the radiomics logistic
     regression gives it. Each candidate mixture is scored after a temperature of its own, so the
     halves are compared on equal terms however over- or under-confident each is on held-out
-    lesions; the model itself then keeps no temperature on the mixture (the weight 0 is the
-    radiomics half exactly: the same probabilities, in every fold, as the ``radiomics_lr`` baseline).
+    lesions. Returns ``(a, T, nll_by_a)``: ``T`` is the chosen mixture's temperature (averaging two
+    calibrated halves' logits leaves them under-confident, and an unscaled mixture would sit on a
+    different scale than the folds that keep one half), and 1 when one half is kept alone, which
+    is then exactly itself: at ``a = 0`` the same probabilities as the ``radiomics_lr`` baseline.
 
     A grid of weights is scored on a few dozen to a few hundred lesions, so the winner is partly
     noise. A mixture is taken only when it beats the better half by more than one standard error of
@@ -85,11 +87,12 @@ def choose_alpha(
     from scipy.special import log_softmax
 
     if not len(y):
-        return 0.5, {}
+        return 0.5, 1.0, {}
     losses: dict[float, np.ndarray] = {}
+    temps: dict[float, float] = {}
     for a in np.round(np.linspace(0.0, 1.0, 21), 2):
         z = a * deep + (1 - a) * rad
-        t = fit_temperature(z, y)
+        t = temps[float(a)] = float(fit_temperature(z, y))
         losses[float(a)] = -log_softmax(z / t, axis=1)[np.arange(len(y)), y]
     scores = {a: float(v.mean()) for a, v in losses.items()}
     best = min(scores.values())
@@ -98,7 +101,7 @@ def choose_alpha(
     half = 0.0 if scores[0.0] <= scores[1.0] else 1.0
     gain = losses[half] - losses[mix]
     alpha = mix if float(gain.mean()) > mean_se(gain, groups) else half
-    return alpha, scores
+    return alpha, (temps[alpha] if 0.0 < alpha < 1.0 else 1.0), scores
 
 
 def mean_se(values: np.ndarray, groups: np.ndarray | None = None) -> float:
@@ -120,8 +123,8 @@ def mean_se(values: np.ndarray, groups: np.ndarray | None = None) -> float:
 def calibrate_deep(model, temperature: float) -> None:
     """Fold the network half's temperature into its last layer: its logits become ``logits / T``.
 
-    A fusion model keeps no temperature of its own (the checkpoint's is 1): each half is calibrated
-    before mixing, so the fused output needs none, and a fold whose weight is 0 gives exactly the
+    Each half is calibrated before mixing, so a fold that keeps one half alone needs no temperature
+    on the fused output (the checkpoint's is 1), and a fold whose weight is 0 gives exactly the
     radiomics half's probabilities. Grad-CAM, export and ``predict`` read the scaled layer as any other.
     """
     import torch

@@ -236,7 +236,7 @@ def finish_fold(
     ok = np.array([not too_small(v, cfg.eval.min_size_mm) for v in sizes], dtype=bool)
     if model.fusion_features:
         fit_fusion(model, extra[fit.rows], fit.labels, cfg.train.seed)
-        # each half calibrated on its own, then mixed; the mixture keeps temperature 1 (fusion.py)
+        # each half calibrated on its own, then mixed; a mixture gets its own temperature (fusion.py)
         deep_t = float(fit_temperature(val_deep[ok], val.labels[ok]))
         calibrate_deep(model, deep_t)
         val_deep = val_deep / deep_t
@@ -245,12 +245,12 @@ def finish_fold(
             d_oof, r_oof, y_oof, size_oof, patients = oof
             keep = np.array([not too_small(v, cfg.eval.min_size_mm) for v in size_oof], dtype=bool)
             d_cal = d_oof[keep] / fit_temperature(d_oof[keep], y_oof[keep])
-            alpha, scores = choose_alpha(d_cal, r_oof[keep], y_oof[keep], patients[keep])
+            alpha, temperature, scores = choose_alpha(d_cal, r_oof[keep], y_oof[keep], patients[keep])
             chosen_on = f"out-of-fold over {int(keep.sum())} training lesions (inner patient folds)"
         else:
             rad = radiomics_logits(model, extra[val.rows])
             patients = val.index["patient_id"].astype(str).to_numpy()
-            alpha, scores = choose_alpha(val_deep[ok], rad[ok], val.labels[ok], patients[ok])
+            alpha, temperature, scores = choose_alpha(val_deep[ok], rad[ok], val.labels[ok], patients[ok])
             chosen_on = f"{int(ok.sum())} inner-validation lesions"
         with torch.no_grad():
             model.fusion_alpha.fill_(alpha)
@@ -260,7 +260,6 @@ def finish_fold(
             "network_temperature": deep_t,
             "nll_by_alpha": scores,
         }
-        temperature = 1.0
         val_logits = fused(val, val_deep)
     else:
         val_logits = val_deep
