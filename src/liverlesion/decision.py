@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from liverlesion.errors import UserError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 TOO_SMALL = "too small to characterise"
 CLASSIFIED = "classified"
@@ -96,3 +100,10 @@ def decide(
 def too_small(min_axis_mm: float, min_size_mm: float) -> bool:
     """The size rule: a lesion whose smallest axis is under ``min_size_mm`` is not classified."""
     return not (float(min_axis_mm) >= float(min_size_mm))
+
+
+def too_small_rows(index: pd.DataFrame, min_size_mm: float) -> np.ndarray:
+    """:func:`too_small` for every row of a lesion table (no ``min_axis_mm`` column: none is)."""
+    if "min_axis_mm" not in index:
+        return np.zeros(len(index), dtype=bool)
+    return np.array([too_small(v, min_size_mm) for v in index["min_axis_mm"]], dtype=bool)

@@ -20,7 +20,7 @@ import pandas as pd
 
 from liverlesion import runs
 from liverlesion.config import Config
-from liverlesion.decision import CLASSIFIED, TOO_SMALL, choose_threshold, decide, too_small
+from liverlesion.decision import CLASSIFIED, TOO_SMALL, choose_threshold, decide, too_small_rows
 from liverlesion.domain import training_range
 from liverlesion.fileio import write_csv
 from liverlesion.fusion import (
@@ -180,8 +180,7 @@ def _prediction_frame(
             "true_class": idx["lesion_class"].astype(str),
         }
     )
-    sizes = idx["min_axis_mm"] if "min_axis_mm" in idx else pd.Series(np.inf, index=idx.index)
-    small = np.array([too_small(v, dec["min_size_mm"]) for v in sizes], dtype=bool)
+    small = too_small_rows(idx, dec["min_size_mm"])
     probs = np.where(small[:, None], np.nan, probs)
     for j, c in enumerate(classes):
         df[f"prob_{c}"] = probs[:, j]
@@ -217,7 +216,7 @@ def finish_fold(
     by :mod:`liverlesion.inference`). The threshold is fitted on the same calibrated probabilities
     it is compared with later, on the lesions the size rule lets through.
 
-    ``cross_fitted()`` (lpft recipe) returns out-of-fold ``(deep, radiomics, labels, min_axis_mm,
+    ``cross_fitted()`` (lpft recipe) returns out-of-fold ``(deep, radiomics, labels, too_small,
     patient_ids)`` over every training patient; the fusion weight is then chosen on all of
     them rather than on the inner-validation lesions alone.
     """
@@ -232,8 +231,7 @@ def finish_fold(
         a = float(model.fusion_alpha.item())
         return a * deep + (1 - a) * radiomics_logits(model, extra[data.rows])
 
-    sizes = val.index["min_axis_mm"] if "min_axis_mm" in val.index else [np.inf] * len(val.index)
-    ok = np.array([not too_small(v, cfg.eval.min_size_mm) for v in sizes], dtype=bool)
+    ok = ~too_small_rows(val.index, cfg.eval.min_size_mm)
     if model.fusion_features:
         fit_fusion(model, extra[fit.rows], fit.labels, cfg.train.seed)
         # each half calibrated on its own, then mixed; a mixture gets its own temperature (fusion.py)
@@ -242,8 +240,8 @@ def finish_fold(
         val_deep = val_deep / deep_t
         oof = cross_fitted() if cross_fitted is not None else None
         if oof is not None:
-            d_oof, r_oof, y_oof, size_oof, patients = oof
-            keep = np.array([not too_small(v, cfg.eval.min_size_mm) for v in size_oof], dtype=bool)
+            d_oof, r_oof, y_oof, small_oof, patients = oof
+            keep = ~small_oof
             d_cal = d_oof[keep] / fit_temperature(d_oof[keep], y_oof[keep])
             alpha, temperature, scores = choose_alpha(d_cal, r_oof[keep], y_oof[keep], patients[keep])
             chosen_on = f"out-of-fold over {int(keep.sum())} training lesions (inner patient folds)"
@@ -404,8 +402,7 @@ def train_fold(
                 epochs = int(train_info["probe"].get("best_epochs", 0))
                 d = cross_fitted_probe_logits(head0, cache, rows, labels, splits, cfg, epochs)
                 r = cross_fitted_radiomics(extra[rows], y, splits, len(classes), cfg.train.seed)
-                sizes = idx["min_axis_mm"] if "min_axis_mm" in idx else np.full(len(idx), np.inf)
-                return d, r, y, np.asarray(sizes, dtype=float), patients
+                return d, r, y, too_small_rows(idx, cfg.eval.min_size_mm), patients
     else:
         model, init = build_model(
             cfg.model, num_classes=len(classes), in_chans=in_chans, imagenet=imagenet, fusion_features=names
