@@ -40,7 +40,8 @@ def _subset(rows: np.ndarray, y: np.ndarray) -> FoldData:
     return FoldData(index, [np.zeros((1, 3, 8, 8), np.float32)] * len(rows), y[rows], rows)
 
 
-def test_network_weight_zero_gives_the_radiomics_baseline_exactly():
+def _fold():
+    """One fold whose radiomics features carry the signal and whose network carries none."""
     rng = np.random.default_rng(0)
     n = 90
     y = np.tile([0, 1], n // 2)
@@ -55,6 +56,11 @@ def test_network_weight_zero_gives_the_radiomics_baseline_exactly():
 
     fit, val, test = (_subset(np.arange(a, b), y) for a, b in ((0, 50), (50, 70), (70, 90)))
     cfg = load_config(overrides={"eval": {"min_size_mm": 5.0}})
+    return model, deep, fit, val, test, extra, y, cfg
+
+
+def test_network_weight_zero_gives_the_radiomics_baseline_exactly():
+    model, deep, fit, val, test, extra, y, cfg = _fold()
     results, dec = finish_fold(model, deep, fit, val, {"test": test}, CLASSES, cfg, extra, 0)
 
     assert dec["fusion"]["alpha"] == 0.0
@@ -111,3 +117,34 @@ def test_standard_error_counts_patients_not_lesions():
     assert naive == pytest.approx(mean_se(per_patient) / 2, rel=0.05)  # lesions as independent
     assert robust == pytest.approx(mean_se(per_patient), rel=0.05)  # patients as the unit
     assert mean_se(copies, np.zeros(len(copies))) == float("inf")  # one patient: no evidence
+
+
+def test_network_weight_is_recorded_with_the_predictions_and_reported_per_fold():
+    from liverlesion.report_tables import per_fold_rows
+    from liverlesion.scoring import summarize_predictions
+
+    model, deep, fit, val, test, extra, _, cfg = _fold()
+    results, dec = finish_fold(model, deep, fit, val, {"test": test}, CLASSES, cfg, extra, 0)
+    w = float(model.fusion_alpha.item())
+    for df in results.values():
+        assert (df["network_weight"] == w).all() and dec["network_weight"] == w
+    frames = []
+    for f, a in enumerate((0.0, 0.35)):  # two folds, two weights, as evaluate reads them
+        frames.append(
+            results["test"].assign(
+                fold=str(f), network_weight=a, lesion_id=lambda d, f=f: d["lesion_id"] + f"-{f}"
+            )
+        )
+    s = summarize_predictions(
+        pd.concat(frames, ignore_index=True), "metastasis", CLASSES, None, n_bootstrap=0
+    )
+    assert [v["network_weight"] for v in s["per_fold"].values()] == [0.0, 0.35]
+    header, rows = per_fold_rows(s)
+    col = header.index("network weight")
+    assert [r[col] for r in rows[:2]] == ["0.00", "0.35"]
+    # a model without fusion: no column, no line
+    plain = summarize_predictions(
+        results["test"].drop(columns="network_weight"), "metastasis", CLASSES, None, n_bootstrap=0
+    )
+    assert "network weight" not in per_fold_rows(plain)[0]
+    assert all("network_weight" not in v for v in plain["per_fold"].values())

@@ -109,6 +109,12 @@ def build_html(run_dir: Path, metrics: dict[str, Any], plots: dict[str, Path], n
     # Per fold
     out.append("<h2>Per fold</h2>")
     out.append(H.table(*H.per_fold_rows(net)))
+    if any("network_weight" in v for v in net["per_fold"].values()):
+        out.append(
+            "<p>Network weight: the fused model's weight on the network in its logits, chosen on each "
+            "fold's training patients (0: the radiomics-style half alone, exactly the radiomics logistic "
+            "regression; 1: the network alone; see <code>model.fusion</code> in the README).</p>"
+        )
     out.append("<h2>Thresholds and temperatures</h2>")
     out.append(
         f"<p>Threshold method: <b>{H.esc(s['threshold_method'])}</b>, fitted on {H.esc(s['threshold_fitted_on'])}; "

@@ -94,7 +94,9 @@ def per_fold_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         for k in ("accuracy", "sensitivity", "specificity", "roc_auc", "macro_f1")
         if k in summary["metrics"]
     ]
-    header = ["fold", "patients", "lesions", "threshold", "temperature", *map(metric_label, keys)]
+    fused = any("network_weight" in v for v in summary["per_fold"].values())
+    weight = ["network weight"] if fused else []
+    header = ["fold", "patients", "lesions", "threshold", "temperature", *weight, *map(metric_label, keys)]
     rows = []
     for f, v in summary["per_fold"].items():
         rows.append(
@@ -104,6 +106,7 @@ def per_fold_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 v["n_lesions"],
                 num(v["threshold"]),
                 num(v["temperature"], 2),
+                *([num(v.get("network_weight"), 2)] if fused else []),
                 *(fmt_ci(v["metrics"].get(k)) for k in keys),
             ]
         )
@@ -115,6 +118,7 @@ def per_fold_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             "",
             "",
             "",
+            *([""] if fused else []),
             *(
                 f"{fm[k]['mean']:.2f} ± {fm[k]['sd']:.2f}"
                 if fm[k]["mean"] is not None and fm[k]["sd"] is not None

@@ -126,6 +126,7 @@ def summarize_predictions(
     val_where = f"inner-validation predictions for {name}"
     thresholds = fold_thresholds(data, val, method, val_where, stored_thresholds(df))
     temps = fold_temperatures(data, val, val_where, stored_per_fold(df, "temperature"))
+    weights = stored_per_fold(df, "network_weight")  # fusion models only
     pred = predict_classes(data, thresholds)
     notes: list[str] = []
     if data.binary and val is None and method == "youden":
@@ -145,6 +146,7 @@ def summarize_predictions(
             "n_per_class": class_counts(sub),
             "threshold": thresholds[f]["threshold"],
             "temperature": temps[f]["temperature"],
+            **({"network_weight": weights.get(f)} if weights else {}),
             "metrics": (
                 bootstrap_ci(fn_f, sub.patients, n_bootstrap, seed, desc=f"{name}: fold {f}")
                 if ci

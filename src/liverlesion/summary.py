@@ -74,6 +74,12 @@ def format_summary(metrics: dict[str, Any]) -> str:
             f"Threshold ({net['threshold']['method']}, chosen per fold on inner validation): "
             + ", ".join(f"{t:.3f}" for t in thr)
         )
+    weights = [v.get("network_weight") for v in net["per_fold"].values() if "network_weight" in v]
+    if weights:
+        lines.append(
+            "Fusion, weight of the network per fold (0 = the radiomics half alone, 1 = the network alone): "
+            + ", ".join("n/a" if w is None else f"{w:.2f}" for w in weights)
+        )
     for k in SUMMARY_METRICS:
         if k in net["metrics"]:
             lines.append(f"  {metric_label(k):<14} {fmt_ci(net['metrics'][k])}")

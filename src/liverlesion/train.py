@@ -191,6 +191,8 @@ def _prediction_frame(
     df["status"] = [TOO_SMALL if s else CLASSIFIED for s in small]
     df["threshold"] = dec["threshold"] if dec["threshold"] is not None else np.nan
     df["temperature"] = dec["temperature"]
+    if "network_weight" in dec:  # fusion models: the network's weight in the fused logits
+        df["network_weight"] = dec["network_weight"]
     df["fold"] = fold
     for col in ("max_axial_diameter_mm", "volume_ml", "min_axis_mm", "hu_mean"):
         if col in idx:
@@ -274,6 +276,8 @@ def finish_fold(
         "positive_class": positive,
         "min_size_mm": cfg.eval.min_size_mm,
     }
+    if model.fusion_features:
+        dec["network_weight"] = float(model.fusion_alpha.item())
     results = {"val": _prediction_frame(val, classes, val_logits, val_probs, fold, dec)}
     if model.fusion_features and len(val.rows):
         # weight, temperature and threshold are chosen; the radiomics half is refit on every training
