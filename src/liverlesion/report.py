@@ -113,7 +113,7 @@ def build_html(run_dir: Path, metrics: dict[str, Any], plots: dict[str, Path], n
         out.append(
             "<p>Network weight: the fused model's weight on the network in its logits, chosen on each "
             "fold's training patients (0: the radiomics-style half alone, exactly the radiomics logistic "
-            "regression; 1: the network alone; see <code>model.fusion</code> in the README).</p>"
+            "regression; 1: the network alone; setting <code>model.fusion</code>, README \u201cChoices where the paper is silent\u201d).</p>"
         )
     out.append("<h2>Thresholds and temperatures</h2>")
     out.append(
