@@ -276,6 +276,7 @@ def test_manifest_batch_mode(ckpts, tmp_path, capsys):
     out = tmp_path / "out"
     rc, stdout, err = _run(["--model", ckpts["a"], "--manifest", manifest, "--out", out], capsys)
     assert rc == 0, err
+    assert "warning" not in err  # every lesion_class is one of the model's
     df = pd.read_csv(out / "results.csv")
     assert list(df["lesion_id"]) == ["p1-L01", "p1-L02", "p2-L01"]
     assert list(df["true_class"]) == ["metastasis", "metastasis", "cyst"]
@@ -463,3 +464,16 @@ def test_predict_leaves_no_torchinductor_folder_in_tmpdir(ckpts, case, tmp_path)
     # the cause is real: the same import without liverlesion does make the folder
     r = subprocess.run([sys.executable, "-c", "import timm"], env=env, timeout=300)
     assert r.returncode == 0 and any(p.name.startswith("torchinductor_") for p in tmp.iterdir())
+
+
+def test_manifest_class_the_model_does_not_know_is_named_before_classifying(ckpts, tmp_path, capsys):
+    image, mask = make_ct_with_two_lesions()
+    write_volume(image, tmp_path / "p1.nii.gz")
+    write_volume(mask, tmp_path / "p1_mask.nii.gz")
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("patient_id,image,mask,lesion_class\np1,p1.nii.gz,p1_mask.nii.gz,metastases\n")
+    rc, _, err = _run(["--model", ckpts["a"], "--manifest", manifest, "--out", tmp_path / "out"], capsys)
+    assert rc == 0, err  # classified anyway: the label is not needed to classify
+    warning = [line for line in err.splitlines() if "warning" in line]
+    assert len(warning) == 1 and "'metastases' (1 row)" in warning[0] and "cyst, metastasis" in warning[0]
+    assert list(pd.read_csv(tmp_path / "out" / "results.csv")["true_class"]) == ["metastases"] * 2

@@ -63,6 +63,27 @@ __all__ = [
 ]
 
 
+def _warn_unknown_classes(manifest: Path, classes: Sequence[str]) -> None:
+    """Say before classifying when the manifest's lesion_class holds a class the model does not know.
+
+    Those lesions are classified anyway (the model answers with its own classes), but ``evaluate`` of
+    the output refuses them, so a misspelt class would otherwise surface only after the whole batch.
+    """
+    from liverlesion.manifest import read_manifest  # also validates the manifest before any work
+
+    given = read_manifest(manifest)["lesion_class"].astype(str)
+    unknown = sorted(set(given) - set(classes))
+    if unknown:
+        n = int(given.isin(unknown).sum())
+        print(
+            f"liverlesion predict: warning: --manifest {manifest}: lesion_class "
+            f"{', '.join(map(repr, unknown))} ({n} row{'s' if n != 1 else ''}) is not a class of the model "
+            f"({', '.join(classes)}); those lesions are classified anyway, but `liverlesion evaluate` of "
+            "this output will refuse them: fix the spelling, or use a model trained on that class",
+            file=sys.stderr,
+        )
+
+
 def _source_info(case: CaseResult) -> dict[str, Any]:
     """Non-identifying facts about an input image (never DICOM patient tags or UIDs)."""
     meta = case.image.meta
@@ -184,6 +205,7 @@ def predict_cli(
     if gradcam is None:
         gradcam = clf.backend == "torch"
     if manifest is not None:
+        _warn_unknown_classes(Path(manifest), clf.class_names)
         cases = clf.classify_manifest(Path(manifest), min_size_mm, gradcam, tolerance)
     else:
         volume = read_volume(image, series=series, kind="image", name="--image")
