@@ -253,3 +253,25 @@ def test_gradcam_gallery_is_drawn_at_evaluation_and_only_shown_by_report(tmp_pat
     code = "import sys, liverlesion.report; print(sorted(m for m in sys.modules if m in ('liverlesion.gradcam', 'torch')))"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr
+
+
+def test_model_card_says_what_the_network_reads_and_what_it_is_fused_with(tmp_path):
+    from liverlesion.report_tables import model_rows
+
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text("patch:\n  size_px: 160\nmodel:\n  fusion: radiomics\n  features_from: mid\n")
+    per_fold = {"per_fold": {"0": {"network_weight": 0.0}, "1": {"network_weight": 0.0}}}
+    rows = dict(model_rows(cfg, "inception_v3", per_fold))
+    assert "second-to-last stage" in rows["Network"] and "160 px" in rows["Network"]
+    assert rows["Training"].startswith("lpft")
+    assert "0.00, 0.00" in rows["Fusion"] and "radiomics logistic regression's" in rows["Fusion"]
+    mixed = dict(model_rows(cfg, "inception_v3", {"per_fold": {"0": {"network_weight": 0.35}}}))
+    assert "0.35" in mixed["Fusion"] and "logistic regression's" not in mixed["Fusion"]
+
+    cfg.write_text("model:\n  fusion: none\n  features_from: last\ntrain:\n  recipe: end_to_end\n")
+    rows = dict(model_rows(cfg, "inception_v3", {"per_fold": {}}))
+    assert "Fusion" not in rows and "as the paper" in rows["Network"] and "end to end" in rows["Training"]
+    # no readable config (an external validation folder): the network row alone, nothing invented
+    assert [r[0] for r in model_rows(tmp_path / "absent.yaml", "resnet18", {})] == ["Network"]
+    cfg.write_text("model: [not, a, mapping\n")
+    assert [r[0] for r in model_rows(cfg, "resnet18", {})] == ["Network"]

@@ -206,11 +206,9 @@ def build_html(run_dir: Path, metrics: dict[str, Any], plots: dict[str, Path], n
             "Research on focal liver lesion classification on CT. Not for diagnosis, triage or any "
             "clinical decision.",
         ],
-        [
-            "Network",
-            f"{run_info.get('backbone', metrics.get('run', {}).get('backbone', 'unknown'))} (timm) with the "
-            "paper's head (FC 512, dropout 0.4, FC 512)",
-        ],
+        *H.model_rows(
+            cfg_path, str(run_info.get("backbone", metrics.get("run", {}).get("backbone", "unknown"))), net
+        ),
         ["Initialisation", str(run_info.get("init", "unknown"))],
         [
             "External data" if external else "Training data",

@@ -219,3 +219,68 @@ def add_toc(parts: list[str]) -> list[str]:
         done.append(p)
     at = next((i for i, p in enumerate(done) if p.startswith("<p class=note>")), 4) + 1
     return done[:at] + ["<nav><b>Contents</b><ul class=toc>" + "".join(toc) + "</ul></nav>"] + done[at:]
+
+
+def model_rows(cfg_path: Path, backbone: str, summary: dict[str, Any]) -> list[list[str]]:
+    """Model-card rows saying what the network reads, how it was trained and what it is fused with.
+
+    From the run's ``config.yaml`` (the settings the checkpoints were trained with) and, for a fusion
+    model, the weight each fold gave the network (``network_weight`` of the predictions). A run folder
+    without a readable config (an external validation) gets the network row alone.
+    """
+    from liverlesion.config import load_config  # local: yaml
+    from liverlesion.errors import UserError
+
+    head = f"{backbone} (timm) with the paper's head (FC 512, dropout 0.4, FC 512)"
+    try:
+        cfg = load_config(cfg_path) if Path(cfg_path).is_file() else None
+    except (UserError, OSError, ValueError):
+        cfg = None
+    if cfg is None:
+        return [["Network", head]]
+    m, p, t = cfg.model, cfg.patch, cfg.train
+    block = {
+        "last": "the last block's features, as the paper",
+        "mid": "the second-to-last stage's features (model.features_from = mid; the paper reads the last block)",
+    }.get(
+        m.features_from,
+        f"the features of {m.features_from} (model.features_from; the paper reads the last block)",
+    )
+    pool = "averaged inside the lesion mask" if m.pool == "lesion" else "globally averaged"
+    rows = [
+        [
+            "Network",
+            f"{head}, reading {block}, {pool}; input {p.size_px} px "
+            f"{p.mode} patches; test-time augmentation: {m.tta}",
+        ],
+        [
+            "Training",
+            f"lpft: the head on cached frozen ImageNet features ({t.aug_views} augmented views per lesion), "
+            f"then the top {t.finetune_blocks} block(s) fine-tuned; early stopping on inner validation"
+            if t.recipe == "lpft"
+            else "end to end: the whole network fine-tuned (the paper); early stopping on inner validation",
+        ],
+    ]
+    if m.fusion == "radiomics":
+        weights = [v.get("network_weight") for v in summary.get("per_fold", {}).values()]
+        known = [w for w in weights if w is not None]
+        per_fold = (
+            f" Weight of the network per fold: {', '.join(num(w, 2) for w in weights)}"
+            + (
+                "; every fold kept the radiomics half alone, so these predictions are the radiomics "
+                "logistic regression's."
+                if known and max(known) == 0
+                else "."
+            )
+            if known
+            else ""
+        )
+        rows.append(
+            [
+                "Fusion",
+                "late fusion with a logistic regression on the radiomics-style features (model.fusion): "
+                "logits = w·network + (1 − w)·radiomics, w chosen on each fold's training patients, 0 when "
+                "mixing in the network does not clearly help." + per_fold,
+            ]
+        )
+    return rows
