@@ -17,8 +17,6 @@ Variants (all inception_v3 with ImageNet weights, the quick preset's folds and b
   * ``lpft_last``: ``lpft`` (network alone) on the last block
   * ``fusion_lesion`` / ``lpft_lesion``: ``fusion`` / ``lpft`` with the features pooled inside the
     lesion mask (``model.pool=lesion``) instead of over the whole patch
-  * ``fusion_cal`` / ``lpft_cal``: ``fusion`` / ``lpft`` with early stopping on the temperature-scaled
-    inner-validation loss (``train.stop_on=calibrated_loss``) instead of the raw one
 
 Usage:
     python benchmarks/bench_accuracy.py [--difficulties 0 1 2] [--seeds 0 1] [--variants ...]
@@ -46,8 +44,6 @@ VARIANTS = {
     "lpft_last": ["model.fusion=none", "model.features_from=last"],
     "fusion_lesion": ["model.pool=lesion"],
     "lpft_lesion": ["model.fusion=none", "model.pool=lesion"],
-    "fusion_cal": ["train.stop_on=calibrated_loss"],
-    "lpft_cal": ["model.fusion=none", "train.stop_on=calibrated_loss"],
 }  # fmt: skip
 
 

@@ -86,10 +86,6 @@ class TrainConfig:
     scheduler: str = "cosine"  # cosine | none
     warmup_epochs: int = 1
     patience: int = 6  # early-stopping patience (epochs) on inner-validation loss
-    # what lpft's early stopping watches on inner validation: loss (cross-entropy of the raw logits) |
-    # calibrated_loss (the same after the temperature that calibration fits later, so a head that only
-    # grows over-confident is not stopped: that is what the temperature fixes)
-    stop_on: str = "loss"
     val_fraction: float = 0.2  # inner validation split (by patient) of each training fold
     class_weighting: str = "loss"  # loss (weighted cross-entropy) | sampler | none
     label_smoothing: float = 0.0
@@ -204,7 +200,6 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.tta": ("flips", "none"),
     "model.pool": ("global", "lesion"),
     "train.recipe": ("lpft", "end_to_end"),
-    "train.stop_on": ("loss", "calibrated_loss"),
     "train.optimizer": ("adamw", "sgd"),
     "train.scheduler": ("cosine", "none"),
     "train.class_weighting": ("loss", "sampler", "none"),

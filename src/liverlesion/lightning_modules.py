@@ -130,14 +130,10 @@ class StageModule(pl.LightningModule):
         )
         return loss
 
-    def on_validation_epoch_start(self):
-        self._val: list[tuple[torch.Tensor, torch.Tensor]] = []
-
     def validation_step(self, batch, _):
         x, y = batch  # (B, V, ...) -> mean logits over the views, as at prediction
         b, v = x.shape[:2]
         logits = self.net(x.reshape(b * v, *x.shape[2:])).reshape(b, v, -1).mean(1)
-        self._val.append((logits.detach(), y))
         self.log("val_loss", self._loss(logits, y), prog_bar=True, batch_size=len(y), sync_dist=True)
         self.log(
             "val_acc",
@@ -147,46 +143,19 @@ class StageModule(pl.LightningModule):
             sync_dist=True,
         )
 
-    def on_validation_epoch_end(self):
-        if self._val and self.cfg.train.stop_on == "calibrated_loss":
-            logits = torch.cat([lg for lg, _ in self._val])
-            y = torch.cat([t for _, t in self._val])
-            self.log(VAL_MONITOR["calibrated_loss"], calibrated_loss(logits, y, self.class_weights, self.cfg))
-
     def configure_optimizers(self):
         return torch.optim.AdamW(self.params, lr=self.lr, weight_decay=self.cfg.train.weight_decay)
 
 
-#: The logged metric that lpft's early stopping and :class:`KeepBest` watch, per ``train.stop_on``.
-VAL_MONITOR = {"loss": "val_loss", "calibrated_loss": "val_loss_calibrated"}
-
-
-def calibrated_loss(logits: torch.Tensor, y: torch.Tensor, class_weights, cfg: Config) -> float:
-    """The validation loss after the temperature :func:`~liverlesion.inference.fit_temperature` fits.
-
-    The network's probabilities are temperature-scaled on inner validation after training, so what
-    training should stop on is how good the logits are once scaled, not how over-confident they
-    have become: raw cross-entropy rises as a head grows sure of itself, often while its ranking
-    still improves, and stops it after a few epochs.
-    """
-    from liverlesion.inference import fit_temperature  # local: scipy
-
-    z = logits.detach().double()
-    t = fit_temperature(z.numpy(), y.numpy(), prior_sd=0.0)  # the best scale, no prior: a criterion
-    w = None if class_weights is None else torch.as_tensor(class_weights).double()
-    return float(F.cross_entropy(z / t, y, weight=w, label_smoothing=cfg.train.label_smoothing))
-
-
 class KeepBest(Callback):
-    """Remember the weights of the epoch with the lowest inner-validation ``monitor`` (below ``best``)."""
+    """Remember the weights of the epoch with the lowest inner-validation loss (below ``best``)."""
 
-    def __init__(self, net: nn.Module, best: float, state: dict | None, monitor: str = "val_loss"):
+    def __init__(self, net: nn.Module, best: float, state: dict | None):
         self.net, self.best, self.state, self.improved = net, best, state, False
-        self.monitor = monitor
         self.best_epochs = 0  # epochs trained when the kept weights were reached
 
     def on_validation_end(self, trainer, pl_module):
-        v = trainer.callback_metrics.get(self.monitor)
+        v = trainer.callback_metrics.get("val_loss")
         if v is not None and float(v) < self.best - 1e-6:
             self.best, self.improved = float(v), True
             self.best_epochs = int(trainer.current_epoch) + 1

@@ -164,10 +164,7 @@ class _Views(torch.utils.data.Dataset):
 
 
 def _val_loss(net: nn.Module, ds: _Views, class_weights, cfg: Config) -> float:
-    """The stage's starting point in the quantity early stopping watches (``train.stop_on``)."""
     import torch.nn.functional as F
-
-    from liverlesion.lightning_modules import calibrated_loss  # local: heavy (lightning)
 
     net.eval()
     with torch.inference_mode():
@@ -175,8 +172,6 @@ def _val_loss(net: nn.Module, ds: _Views, class_weights, cfg: Config) -> float:
         y = torch.tensor([ds[i][1] for i in range(len(ds))])
         b, v = xs.shape[:2]
         logits = net(xs.reshape(b * v, *xs.shape[2:])).reshape(b, v, -1).mean(1)
-        if cfg.train.stop_on == "calibrated_loss":
-            return calibrated_loss(logits, y, class_weights, cfg)
         w = None if class_weights is None else torch.as_tensor(class_weights).float()
         return float(F.cross_entropy(logits, y, weight=w, label_smoothing=cfg.train.label_smoothing))
 
@@ -188,10 +183,9 @@ def _fit_stage(net, params, lr, epochs, fit_ds, val_ds, cfg: Config, class_weigh
     from torch.utils.data import DataLoader
 
     start = _val_loss(net, val_ds, class_weights, cfg)
-    from liverlesion.lightning_modules import VAL_MONITOR, KeepBest, StageModule  # local: heavy (lightning)
+    from liverlesion.lightning_modules import KeepBest, StageModule  # local: heavy (lightning)
 
-    monitor = VAL_MONITOR[cfg.train.stop_on]
-    keep = KeepBest(net, start, copy.deepcopy(net.state_dict()), monitor)
+    keep = KeepBest(net, start, copy.deepcopy(net.state_dict()))
     module = StageModule(net, params, lr, cfg, class_weights)
     g = torch.Generator().manual_seed(cfg.train.seed)
     bs = cfg.train.batch_size
@@ -203,7 +197,7 @@ def _fit_stage(net, params, lr, epochs, fit_ds, val_ds, cfg: Config, class_weigh
         devices=1,
         deterministic=cfg.train.deterministic,
         callbacks=[
-            EarlyStopping(monitor=monitor, patience=cfg.train.patience, mode="min"),
+            EarlyStopping(monitor="val_loss", patience=cfg.train.patience, mode="min"),
             keep,
             *lightning_progress(progress),
         ],
