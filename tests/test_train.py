@@ -94,6 +94,8 @@ def test_train_fold_writes_self_describing_checkpoint_and_learns(tmp_path):
     assert (p_fit.argmax(1) == fit.labels).mean() >= 0.75
     assert (tmp_path / "fold_0" / "logs" / "csv" / "metrics.csv").exists()
     assert any((tmp_path / "fold_0" / "logs" / "tensorboard").glob("events.out.tfevents.*"))
+    # the resume checkpoints (weights + optimiser state) go once the fold's model.pt is written
+    assert not (tmp_path / "fold_0" / "checkpoints").exists()
 
 
 def test_2d_mode_averages_slices_back_to_lesions():

@@ -12,7 +12,7 @@ A run folder is written by ``liverlesion cv`` (or ``train`` / ``baselines``) and
       val_predictions.csv    inner-validation predictions
       fold_K/model.pt        the fold's checkpoint
       fold_K/{test,val}_predictions.csv   the fold's predictions (resume)
-      fold_K/checkpoints/    Lightning checkpoints (resume)
+      fold_K/checkpoints/    Lightning checkpoints (resume; removed once the fold is done)
       fold_K/logs/csv*/metrics.csv        Lightning CSV logs (loss curves)
       baselines/NAME/{predictions,val_predictions}.csv, baselines/summary.json
       metrics.json           written by evaluate
