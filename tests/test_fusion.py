@@ -125,7 +125,8 @@ def test_network_weight_is_recorded_with_the_predictions_and_reported_per_fold()
 
     model, deep, fit, val, test, extra, _, cfg = _fold()
     results, dec = finish_fold(model, deep, fit, val, {"test": test}, CLASSES, cfg, extra, 0)
-    w = float(model.fusion_alpha.item())
+    w = dec["fusion"]["alpha"]  # the weight as chosen, not its float32 copy in the model
+    assert float(model.fusion_alpha.item()) == pytest.approx(w)
     for df in results.values():
         assert (df["network_weight"] == w).all() and dec["network_weight"] == w
     frames = []

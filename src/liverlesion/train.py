@@ -278,7 +278,7 @@ def finish_fold(
         "min_size_mm": cfg.eval.min_size_mm,
     }
     if model.fusion_features:
-        dec["network_weight"] = float(model.fusion_alpha.item())
+        dec["network_weight"] = info["fusion"]["alpha"]  # as chosen (the model holds it in float32)
     results = {"val": _prediction_frame(val, classes, val_logits, val_probs, fold, dec)}
     if model.fusion_features and len(val.rows):
         # weight, temperature and threshold are chosen; the radiomics half is refit on every training
