@@ -94,6 +94,26 @@ def test_atomic_dir_refuses_non_empty(tmp_path):
             pass
 
 
+def test_output_folder_given_as_a_symbolic_link(tmp_path, capsys):
+    broken = tmp_path / "broken"
+    broken.symlink_to(tmp_path / "missing" / "x")
+    with pytest.raises(UserError, match="broken symbolic link"):
+        with atomic_dir(broken):
+            pass
+    rc = main(["synth", "-o", str(broken), "--patients", "2", "--lesions", "4"])
+    err = capsys.readouterr().err
+    assert rc != 0 and "broken symbolic link" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]  # nothing half-written beside it
+    # a link to a folder: the folder is filled and the link still leads to it
+    (tmp_path / "real").mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "real")
+    for overwrite in (False, True):
+        with atomic_dir(link, overwrite=overwrite) as tmp:
+            (tmp / "f.txt").write_text(str(overwrite))
+        assert link.is_symlink() and (link / "f.txt").read_text() == str(overwrite)
+
+
 def test_atomic_file_write_keeps_old_on_error(tmp_path, monkeypatch):
     p = tmp_path / "a.txt"
     write_text(p, "old")

@@ -125,12 +125,22 @@ def check_output_dir(path: str | os.PathLike, name: str = "output folder") -> Pa
         UserError: ``path`` exists as a file, or an ancestor is a file or not writable.
     """
     path = Path(path).expanduser()
+    _check_not_dangling(path, name)
     if path.exists() and not path.is_dir():
         raise UserError(
             f"{name} {path}: exists as a file, not a folder; give a new or empty folder path, or move the file away"
         )
     _check_parents(path, name)
     return path
+
+
+def _check_not_dangling(path: Path, name: str) -> None:
+    """Refuse a symbolic link whose target is missing: nothing can be written through it."""
+    if path.is_symlink() and not path.exists():
+        raise UserError(
+            f"{name} {path}: is a broken symbolic link (to {os.readlink(path)}, which does not exist); "
+            "remove the link, create its target, or give another path"
+        )
 
 
 def check_output_file(path: str | os.PathLike, name: str = "output file") -> Path:
@@ -140,6 +150,7 @@ def check_output_file(path: str | os.PathLike, name: str = "output file") -> Pat
         UserError: ``path`` is a folder, or an ancestor is a file or not writable.
     """
     path = Path(path).expanduser()
+    _check_not_dangling(path, name)
     if path.is_dir():
         raise UserError(f"{name} {path}: is a folder; give a file path, e.g. {path / 'out'}")
     _check_parents(path, name)
@@ -153,6 +164,8 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     On failure the temporary directory is removed and ``path`` is untouched.
     """
     path = check_output_dir(path)
+    if path.is_symlink():  # a link to a folder: fill the folder it points to, and keep the link
+        path = path.resolve()
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise UserError(
             f"{path}: output folder already exists and is not empty; choose another path or pass --overwrite"
