@@ -262,25 +262,20 @@ def model_rows(cfg_path: Path, backbone: str, summary: dict[str, Any]) -> list[l
         ],
     ]
     if m.fusion == "radiomics":
+        text = (
+            "late fusion with a logistic regression on the radiomics-style features (model.fusion): "
+            "logits = w·network + (1 − w)·radiomics, w chosen on each fold's training patients, 0 when "
+            "mixing in the network does not clearly help."
+        )
         weights = [v.get("network_weight") for v in summary.get("per_fold", {}).values()]
         known = [w for w in weights if w is not None]
-        per_fold = (
-            f" Weight of the network per fold: {', '.join(num(w, 2) for w in weights)}"
-            + (
+        if known:
+            text += f" Weight of the network per fold: {', '.join(num(w, 2) for w in weights)}"
+            text += (
                 "; every fold kept the radiomics half alone, so these predictions are the radiomics "
                 "logistic regression's."
-                if known and max(known) == 0
+                if max(known) == 0
                 else "."
             )
-            if known
-            else ""
-        )
-        rows.append(
-            [
-                "Fusion",
-                "late fusion with a logistic regression on the radiomics-style features (model.fusion): "
-                "logits = w·network + (1 − w)·radiomics, w chosen on each fold's training patients, 0 when "
-                "mixing in the network does not clearly help." + per_fold,
-            ]
-        )
+        rows.append(["Fusion", text])
     return rows
