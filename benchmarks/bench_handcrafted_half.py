@@ -49,7 +49,13 @@ from sklearn.preprocessing import SplineTransformer, StandardScaler
 from liverlesion.baselines import _rf, lr_pipeline
 from liverlesion.config import load_config
 from liverlesion.decision import too_small_rows
-from liverlesion.fusion import choose_alpha, inner_patient_splits
+from liverlesion.fusion import (
+    choose_alpha,
+    cross_fitted_radiomics,
+    inner_patient_splits,
+    radiomics_lr,
+    radiomics_lr_logits,
+)
 from liverlesion.inference import fit_temperature
 
 REFERENCES = ("radiomics_lr", "radiomics_rf")
@@ -95,14 +101,18 @@ def _candidates(seed: int) -> dict:
 
 
 def _lr_rf_chosen(x, y, g, x_test, seed: int) -> tuple[np.ndarray, float]:
-    """LR and RF logits mixed with a weight chosen on inner patient folds, as the fusion does."""
-    zl, zr = np.zeros((len(y), 2)), np.zeros((len(y), 2))
-    for tr, te in inner_patient_splits(g):
-        zl[te] = _z(lr_pipeline(seed).fit(x[tr], y[tr]).predict_proba(x[te])[:, 1])
+    """LR and RF logits mixed with a weight chosen on inner patient folds, as the fusion does.
+
+    The LR half is the fusion's own (``fusion.cross_fitted_radiomics`` / ``radiomics_lr``).
+    """
+    splits = inner_patient_splits(g)
+    zl = cross_fitted_radiomics(x, y, splits, 2, seed)
+    zr = np.zeros((len(y), 2))
+    for tr, te in splits:
         zr[te] = _z(_rf(seed).fit(x[tr], y[tr]).predict_proba(x[te])[:, 1])
     t_rf = float(fit_temperature(zr, y))
     alpha, t, _ = choose_alpha(zr / t_rf, zl, y, g)
-    lt = _z(lr_pipeline(seed).fit(x, y).predict_proba(x_test)[:, 1])
+    lt = radiomics_lr_logits(radiomics_lr(x, y, 2, seed), x_test)
     rt = _z(_rf(seed).fit(x, y).predict_proba(x_test)[:, 1]) / t_rf
     z = (alpha * rt + (1 - alpha) * lt) / t
     return 1 / (1 + np.exp(z[:, 0] - z[:, 1])), alpha
