@@ -543,6 +543,36 @@ def test_build_patches_with_real_reader_and_cli(tmp_path, capsys):
     assert "using cached patches at" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(_LESIONS_ERROR is not None, reason=_LESIONS_ERROR or "")
+def test_any_patient_id_gives_short_distinct_file_names_inside_the_cache(tmp_path):
+    # patient ids are the user's: far too long for a file name, with path separators, or ids
+    # that differ only in characters a file name cannot hold
+    man = _write_nifti_cohort(tmp_path / "data")
+    table = pd.read_csv(man, dtype=str, keep_default_na=False)
+    long_id = "hospital-" + "x" * 300
+    table["patient_id"] = table["patient_id"].map({"001": long_id, "002": "../../a/b"})
+    table.to_csv(man, index=False)
+    out = PC.build_patches(man, tmp_path / "patches", cfg_())
+    idx = PC.load_patch_index(out)
+    assert list(idx["lesion_id"]) == [f"{long_id}-L01", f"{long_id}-L02", "../../a/b-L01"]  # ids kept whole
+    files = list(idx["file"])
+    assert len(set(files)) == 3 and all(len(f) <= 100 and "/" not in f for f in files)
+    assert files[0].endswith("-L01.npz") and files[1].endswith("-L02.npz")  # the lesion number stays readable
+    assert sorted(p.name for p in out.glob("*.npz")) == sorted(files)  # nothing written outside the cache
+    assert not (tmp_path / "a").exists()
+
+
+def test_safe_name_is_short_and_tells_long_ids_apart():
+    from liverlesion.fileio import MAX_STEM, safe_name
+
+    assert safe_name("P001-L02") == "P001-L02"
+    assert safe_name("../x y/é") == "x_y"
+    assert safe_name("") == safe_name("...") == "lesion"
+    a, b = "p" * 200 + "A-L01", "p" * 200 + "B-L01"
+    assert len(safe_name(a)) == len(safe_name(b)) == MAX_STEM
+    assert safe_name(a) != safe_name(b) and safe_name(a) == safe_name(a)
+
+
 # --------------------------------------------------------------------------- real CT
 
 

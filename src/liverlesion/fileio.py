@@ -7,8 +7,10 @@ a crash or a user error leaves either the old file or no file.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -16,6 +18,25 @@ from pathlib import Path
 from typing import Any
 
 from liverlesion.errors import UserError
+
+#: Longest file-name stem made from an id (ids come from user-chosen patient ids; most file systems
+#: allow 255 bytes per name, and a stem gets suffixes such as ``_2.npz`` or a temporary name's).
+MAX_STEM = 96
+
+
+def safe_name(name: str) -> str:
+    """A file-name-safe stem for an id: ``[A-Za-z0-9._-]`` only, at most :data:`MAX_STEM` characters.
+
+    A longer id keeps its start and its end (a lesion id's ``-LNN``) around a short hash of the whole
+    id, so two long ids that share their first and last characters still get different stems.
+    """
+    text = str(name)
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "lesion"
+    if len(stem) > MAX_STEM:
+        digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:10]
+        head = (MAX_STEM - 12) // 2
+        stem = f"{stem[:head]}_{digest}_{stem[-(MAX_STEM - 12 - head) :]}"
+    return stem
 
 
 @contextlib.contextmanager

@@ -14,7 +14,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import re
 import sys
 import textwrap
 from collections.abc import Iterator, Mapping
@@ -28,7 +27,7 @@ import pandas as pd
 from liverlesion import DISCLAIMER, __version__
 from liverlesion.config import PatchConfig
 from liverlesion.errors import UserError
-from liverlesion.fileio import atomic_dir, atomic_path, write_csv, write_json
+from liverlesion.fileio import atomic_dir, atomic_path, safe_name, write_csv, write_json
 from liverlesion.io import check_tolerance
 from liverlesion.manifest import read_manifest
 from liverlesion.manifest_lesions import iter_manifest_lesions
@@ -140,7 +139,7 @@ def _is_complete(folder: Path) -> bool:
 
 def _file_name(lesion_id: str, used: set[str]) -> str:
     """A safe, unique npz name for a lesion id (ids come from user-chosen patient ids)."""
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", str(lesion_id)).strip("._") or "lesion"
+    stem = safe_name(lesion_id)
     name, n = f"{stem}.npz", 1
     while name.lower() in used:
         n += 1

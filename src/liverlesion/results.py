@@ -10,7 +10,6 @@ the Python API and ``serve`` print and write; :func:`results_info` is ``results.
 from __future__ import annotations
 
 import datetime
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from liverlesion import DISCLAIMER, __version__
+from liverlesion.fileio import safe_name
 from liverlesion.volume import Volume
 
 __all__ = [
@@ -87,11 +87,6 @@ class CaseResult:
     def masks(self) -> dict[str, np.ndarray]:
         """lesion_id -> full-size mask."""
         return {r.row["lesion_id"]: r.mask for r in self.results}
-
-
-def safe_name(name: str) -> str:
-    """A file-name-safe version of a lesion id."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "lesion"
 
 
 def results_info(
