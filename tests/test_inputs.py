@@ -271,6 +271,33 @@ def test_cv_too_many_folds_is_refused_before_any_work(tmp_path, capsys):
     cli_fails(capsys, ["cv", m, out, "--folds", "1"], "folds=1")  # the config check names cv.folds
 
 
+@pytest.mark.parametrize("command", ["cv", "train"])
+@pytest.mark.parametrize(
+    "setting, expected",
+    [
+        (["--backbone", "inceptoin_v3"], ["inceptoin_v3", "not a timm model", "inception_v3"]),
+        (["--set", "model.features_from=Mixed_99"], ["Mixed_99", "not a stage", "Mixed_6e"]),
+        (["--weights", "missing.pth"], ["missing.pth", "file not found"]),
+        (["--weights", "m.csv"], ["m.csv", "not a PyTorch file"]),
+    ],
+)
+def test_network_settings_are_refused_before_any_work(tmp_path, capsys, command, setting, expected):
+    # a misspelt backbone or stage, or unusable weights, used to fail only after the run folder,
+    # the patch cache and (fusion) the radiomics features were made
+    rows = []
+    for i in range(4):
+        image, mask = make_ct_array(seed=i)
+        write_volume(image, tmp_path / f"ct{i}.nii.gz")
+        write_volume(mask, tmp_path / f"mask{i}.nii.gz")
+        rows.append(f"p{i},ct{i}.nii.gz,{['cyst', 'metastasis'][i % 2]},mask{i}.nii.gz")
+    m = write_manifest(tmp_path / "m.csv", "patient_id,image,lesion_class,mask", *rows)
+    setting = [str(tmp_path / a) if a.endswith((".pth", ".csv")) else a for a in setting]
+    before = set(tmp_path.iterdir())
+    extra = ["--folds", "2"] if command == "cv" else []
+    cli_fails(capsys, [command, m, "-o", tmp_path / "run", *extra, *setting], *expected)
+    assert set(tmp_path.iterdir()) == before  # no run folder, no patch cache
+
+
 def test_run_cv_from_python_checks_folds_before_any_work(tmp_path):
     """The library path validates as the CLI does: no run folder, no patch cache."""
     from liverlesion.config import load_config

@@ -203,8 +203,10 @@ def _resolve_init(cfg: Config) -> tuple[Any, str]:
         (resolved ImageNet weights or None, description of the init).
     """
     if cfg.model.weights.lower() == "imagenet":
+        from liverlesion.model import check_model_config  # local: heavy (torch)
         from liverlesion.weights import resolve_imagenet_weights  # local: heavy (torch, timm)
 
+        check_model_config(cfg.model)
         w = resolve_imagenet_weights(cfg.model.backbone)
         return w, w.source
     from liverlesion.model import build_model  # local: heavy (torch)
@@ -214,10 +216,11 @@ def _resolve_init(cfg: Config) -> tuple[Any, str]:
 
 
 def _start_run(manifest: str | Path, out: str | Path, cfg: Config, resume: bool, kind: str):
-    """Common start of `cv` and `train`: run folder, config.yaml, patches, classes."""
+    """Common start of `cv` and `train`: run folder, config.yaml, patches, classes, the resolved init."""
     manifest = Path(manifest)
-    # Validate the manifest and its classes before creating anything.
+    # Validate the manifest and its classes, the network's settings and its weights before creating anything.
     class_names_from(read_manifest(manifest))
+    resolved = _resolve_init(cfg)
     rank = _init_distributed(cfg)
     out = Path(out)
     if rank == 0:  # under torchrun the first process sets the run folder up, the others wait for it
@@ -230,7 +233,7 @@ def _start_run(manifest: str | Path, out: str | Path, cfg: Config, resume: bool,
     _barrier()
     if rank != 0:
         patch_dir, index = prepare_patches(manifest, out, cfg)  # the finished cache: nothing is recut
-    return manifest, out, patch_dir, index, class_names_from(index)
+    return manifest, out, patch_dir, index, class_names_from(index), resolved
 
 
 def _init_distributed(cfg: Config) -> int:
@@ -265,9 +268,9 @@ def _barrier() -> None:
 
 
 def _announce_init(
-    cfg: Config, manifest: Path, out: Path, patch_dir: Path, classes: list[str], kind: str
+    cfg: Config, manifest: Path, out: Path, patch_dir: Path, classes: list[str], kind: str, resolved: tuple
 ) -> tuple[dict, Any]:
-    imagenet, init = _resolve_init(cfg)
+    imagenet, init = resolved
     fusion = " + radiomics late fusion" if cfg.model.fusion == "radiomics" else ""
     print(f"Network: {cfg.model.backbone} + paper head{fusion}; recipe {cfg.train.recipe}; init: {init}")
     info = _run_info(manifest, patch_dir, classes, cfg, init, kind)
@@ -309,14 +312,14 @@ def run_cv(
         cfg.train.val_fraction,
         classes=list(df["lesion_class"].astype(str)),
     )
-    manifest, out, patch_dir, index, classes = _start_run(manifest, out, cfg, resume, "cv")
+    manifest, out, patch_dir, index, classes, resolved = _start_run(manifest, out, cfg, resume, "cv")
     for turn in ("first", "rest"):  # rank 0 writes splits.json, the other ranks then read it
         if (_init_distributed(cfg) == 0) == (turn == "first"):
             splits = load_or_create_splits(
                 runs.splits_path(out), index, cfg.cv.folds, cfg.cv.seed, cfg.train.val_fraction
             )
         _barrier()
-    info, imagenet = _announce_init(cfg, manifest, out, patch_dir, classes, "cv")
+    info, imagenet = _announce_init(cfg, manifest, out, patch_dir, classes, "cv", resolved)
     print(
         f"{len(index)} lesions, {index['patient_id'].nunique()} patients, classes {classes}; "
         f"{cfg.cv.folds}-fold patient-level CV"
@@ -425,7 +428,7 @@ def train_single(manifest: str | Path, out: str | Path, cfg: Config, resume: boo
     from liverlesion.data import load_patch_arrays  # local: heavy (torch)
     from liverlesion.splits import inner_split_count, make_splits  # local: heavy (sklearn)
 
-    manifest, out, patch_dir, index, classes = _start_run(manifest, out, cfg, resume, "train")
+    manifest, out, patch_dir, index, classes, resolved = _start_run(manifest, out, cfg, resume, "train")
     n_inner = inner_split_count(cfg.train.val_fraction)
     split_file = runs.splits_path(out)
     if _init_distributed(cfg) == 0 and not split_file.exists():
@@ -435,7 +438,7 @@ def train_single(manifest: str | Path, out: str | Path, cfg: Config, resume: boo
         write_json(split_file, split)
     _barrier()  # under torchrun every rank reads the split rank 0 wrote
     split = json.loads(split_file.read_text())
-    _, imagenet = _announce_init(cfg, manifest, out, patch_dir, classes, "train")
+    _, imagenet = _announce_init(cfg, manifest, out, patch_dir, classes, "train", resolved)
     arrays = load_patch_arrays(patch_dir, index, cfg.model.pool)
     shared = prepare_shared(
         cfg, index, arrays, patch_dir, classes, imagenet, image_chans(arrays[0].shape[1], cfg.model.pool)

@@ -453,6 +453,19 @@ def lesion_pool(f: Tensor, mask: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- building
 
 
+def check_model_config(cfg: ModelConfig, in_chans: int = 3) -> None:
+    """The settings that decide the network's shape (backbone, ``features_from``), checked before any work.
+
+    ``build_model`` checks the same when it runs; this builds the bare backbone without initialising
+    it (no weights are read), so a misspelt backbone or stage fails in one line before a run folder,
+    patches or features exist.
+    """
+    from liverlesion.weights import check_backbone_name  # local: heavy (timm)
+
+    check_backbone_name(cfg.backbone)
+    _feature_cut(_create_backbone(cfg.backbone, in_chans, init=False), cfg.features_from)
+
+
 def build_model(
     cfg: ModelConfig,
     num_classes: int,
