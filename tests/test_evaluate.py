@@ -495,7 +495,23 @@ def test_user_errors(tmp_path):
     dup.to_csv(run / "predictions.csv", index=False)
     with pytest.raises(UserError, match="more than once"):
         evaluate_run(run, gradcam=False)
+    # a file cut short (a partial copy): its last row lacks the later columns and must not be
+    # read as a lesion the size rule left out, nor give metrics on fewer lesions
+    full = test.assign(status="classified")
+    full.loc[1, "status"] = "too small to characterise"
+    text = full.to_csv(index=False)
+    (run / "predictions.csv").write_text(text[: text.index("\n", len(text) // 2) + 1] + text.split("\n")[-2][:20])
+    with pytest.raises(UserError, match=r"empty fold in row\(s\) \d+.*truncated"):
+        evaluate_run(run, gradcam=False)
+    odd = full.copy()
+    odd.loc[3, "status"] = "clasified"
+    odd.to_csv(run / "predictions.csv", index=False)
+    with pytest.raises(UserError, match=r"status in row\(s\) 5 is neither 'classified'"):
+        evaluate_run(run, gradcam=False)
     assert not (run / "metrics.json").exists()  # nothing written on error
+    full.to_csv(run / "predictions.csv", index=False)
+    evaluate_run(run, gradcam=False)  # the whole file reads
+    assert (run / "metrics.json").exists()
 
 
 def test_cli_evaluate_error_is_one_line(tmp_path, capsys):

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from liverlesion.decision import CLASSIFIED
+from liverlesion.decision import CLASSIFIED, TOO_SMALL
 from liverlesion.errors import UserError
 from liverlesion.fileio import write_csv
 
@@ -73,16 +73,26 @@ def validate_predictions(df: pd.DataFrame, where: str, class_names: Sequence[str
         )
     if df.empty:
         raise UserError(f"{where}: no rows; re-run the step that wrote it")
-    for c in ("patient_id", "lesion_id", "true_class"):
+    for c in ("patient_id", "lesion_id", "true_class", "fold"):
         if df[c].isna().any():
-            raise UserError(f"{where}: empty {c} in row(s) {_rows(df[c].isna())}; every row needs one")
+            raise UserError(
+                f"{where}: empty {c} in row(s) {_rows(df[c].isna())}; every row needs one "
+                "(a row cut short is a truncated file: copy it again or re-run the step that wrote it)"
+            )
+    if "status" in df.columns:
+        odd = ~df["status"].isin([CLASSIFIED, TOO_SMALL]).to_numpy()
+        if odd.any():
+            raise UserError(
+                f"{where}: status in row(s) {_rows(odd)} is neither {CLASSIFIED!r} nor {TOO_SMALL!r} "
+                "(a row cut short is a truncated file: copy it again or re-run the step that wrote it)"
+            )
     unknown = sorted(set(df["true_class"]) - set(classes))
     if unknown:
         raise UserError(f"{where}: true_class value(s) {unknown} are not among the classes {list(classes)}")
     probs = df[[f"prob_{c}" for c in classes]].apply(pd.to_numeric, errors="coerce").to_numpy(float)
     bad = ~np.isfinite(probs).all(1) | (probs < -1e-6).any(1) | (probs > 1 + 1e-6).any(1)
     if "status" in df.columns:  # lesions the size rule left unclassified carry no probabilities
-        bad &= (df["status"].astype(str) == CLASSIFIED).to_numpy()
+        bad &= (df["status"] == CLASSIFIED).to_numpy()
     if bad.any():
         raise UserError(f"{where}: probabilities missing or outside [0, 1] in row(s) {_rows(bad)}")
     return classes
