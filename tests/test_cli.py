@@ -114,6 +114,23 @@ def test_output_folder_given_as_a_symbolic_link(tmp_path, capsys):
         assert link.is_symlink() and (link / "f.txt").read_text() == str(overwrite)
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc, a folder nobody can write in")
+@pytest.mark.parametrize("args", [["synth", "--patients", "2", "--lesions", "4"], ["inspect", "MANIFEST"]])
+def test_output_in_a_folder_nobody_can_write_is_refused_before_any_work(args, tmp_path, capsys):
+    # os.access says yes to root there (and on read-only mounts); only a real write tells
+    from liverlesion.fileio import check_output_dir, check_output_file
+
+    for check in (check_output_dir, check_output_file):
+        with pytest.raises(UserError, match="/proc is not writable"):
+            check("/proc/liverlesion-out")
+    (tmp_path / "m.csv").write_text("patient_id,image,lesion_class,mask\n")
+    args = [str(tmp_path / "m.csv") if a == "MANIFEST" else a for a in args]
+    rc = main([*args, "-o", "/proc/liverlesion-out"])
+    err = capsys.readouterr().err
+    assert rc != 0 and "/proc is not writable" in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_atomic_file_write_keeps_old_on_error(tmp_path, monkeypatch):
     p = tmp_path / "a.txt"
     write_text(p, "old")

@@ -129,10 +129,17 @@ def _check_parents(path: Path, name: str) -> None:
         raise UserError(
             f"{name} {path}: {parent} exists as a file, not a folder; choose an output path outside it"
         )
-    if parent.exists() and not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(
-            f"{name} {path}: folder {parent} is not writable; choose an output path you can write to"
-        )
+    if parent.exists():
+        # a real write, not os.access: that says yes to root on read-only mounts and on /proc or /sys
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".liverlesion-write-check.", dir=parent)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise UserError(
+                f"{name} {path}: folder {parent} is not writable ({e.strerror}); "
+                "choose an output path you can write to"
+            ) from None
 
 
 def check_output_dir(path: str | os.PathLike, name: str = "output folder") -> Path:
