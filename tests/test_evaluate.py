@@ -500,7 +500,9 @@ def test_user_errors(tmp_path):
     full = test.assign(status="classified")
     full.loc[1, "status"] = "too small to characterise"
     text = full.to_csv(index=False)
-    (run / "predictions.csv").write_text(text[: text.index("\n", len(text) // 2) + 1] + text.split("\n")[-2][:20])
+    (run / "predictions.csv").write_text(
+        text[: text.index("\n", len(text) // 2) + 1] + text.split("\n")[-2][:20]
+    )
     with pytest.raises(UserError, match=r"empty fold in row\(s\) \d+.*truncated"):
         evaluate_run(run, gradcam=False)
     odd = full.copy()

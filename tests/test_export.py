@@ -133,6 +133,24 @@ def test_out_is_a_folder(resnet, tmp_path) -> None:
         export_model(ckpt, "onnx", tmp_path)
 
 
+@pytest.mark.parametrize(
+    "fmt, name, hint",
+    [
+        ("onnx", "manifest.csv", "manifest.onnx"),
+        ("onnx", "model", "model.onnx"),
+        ("torchscript", "m.onnx", "m.pt"),
+    ],
+)
+def test_out_with_the_wrong_suffix_is_refused_and_left_alone(resnet, tmp_path, fmt, name, hint) -> None:
+    # -o manifest.csv used to replace the user's manifest with an ONNX graph
+    ckpt, _ = resnet
+    out = tmp_path / name
+    out.write_text("patient_id,image\n")
+    with pytest.raises(UserError, match=rf"{name}: .* export is written to a \.(onnx|pt) file; .*{hint}"):
+        export_model(ckpt, fmt, out)
+    assert out.read_text() == "patient_id,image\n" and sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
 def test_missing_checkpoint(tmp_path) -> None:
     with pytest.raises(UserError, match="file not found"):
         export_model(tmp_path / "nope.pt", "onnx", tmp_path / "m.onnx")

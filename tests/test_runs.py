@@ -54,3 +54,34 @@ def test_run_patch_dir_relative_recorded_and_moved(tmp_path):
     assert runs.run_patch_dir(run, {}) == run / "patches" / "p123"  # the run folder was moved
     (run / "run.json").unlink()
     assert runs.run_patch_dir(run, {"run": {"patch_dir": "cache"}}) == run / "cache"  # from metrics.json
+
+
+def test_a_folder_given_as_model_says_which_file_to_give(tmp_path, capsys):
+    from liverlesion.cli import main
+
+    run = tmp_path / "run"
+    for k in range(3):
+        (run / f"fold_{k}").mkdir(parents=True)
+        (run / f"fold_{k}" / "model.pt").write_bytes(b"")
+    (tmp_path / "empty").mkdir()
+    assert "file not found" in runs.not_a_model_file(tmp_path / "nope.pt")
+    assert runs.not_a_model_file(run / "fold_1").endswith(
+        f"give the model.pt inside it: {run / 'fold_1' / 'model.pt'}"
+    )
+    msg = runs.not_a_model_file(run, "checkpoint")
+    assert msg.startswith(f"checkpoint {run}: is a cv run folder") and str(run / "fold_0" / "model.pt") in msg
+    assert "each of its 3 fold_K/model.pt files" in msg
+    assert "folder without a model.pt" in runs.not_a_model_file(tmp_path / "empty")
+    # every command that takes --model says the same, in one line, before loading anything
+    image, mask = tmp_path / "ct.nii.gz", tmp_path / "mask.nii.gz"
+    image.write_bytes(b"")
+    mask.write_bytes(b"")
+    for args in (
+        ["predict", "--model", run, "--image", image, "--mask", mask, "-o", tmp_path / "out"],
+        ["export", "--model", run / "fold_2"],
+        ["serve", "--model", run],
+    ):
+        assert main([str(a) for a in args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and ("cv run folder" in err or "inside it" in err), err
+    assert not (tmp_path / "out").exists()

@@ -24,6 +24,7 @@ from liverlesion.config import Config
 from liverlesion.errors import UserError
 from liverlesion.fileio import atomic_path
 from liverlesion.onnx_backend import file_hash
+from liverlesion.runs import not_a_model_file
 from liverlesion.versions import library_versions
 
 if TYPE_CHECKING:
@@ -173,10 +174,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        hint = (
-            "; give the model.pt inside it" if path.is_dir() else "; give the model.pt written by train / cv"
-        )
-        raise UserError(f"checkpoint {path}: {'is a folder' if path.is_dir() else 'file not found'}{hint}")
+        raise UserError(not_a_model_file(path, "checkpoint"))
     obj = safe_torch_load(path, "checkpoint")
     if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"checkpoint {path}: {foreign_kind(obj)}")

@@ -177,7 +177,9 @@ def _checkpoint_patch_config(path: Path):
     from liverlesion.onnx_backend import fresh_export
 
     if not Path(path).is_file():
-        raise UserError(f"--model {path}: file not found; give the path of a model.pt written by train or cv")
+        from liverlesion.runs import not_a_model_file
+
+        raise UserError(not_a_model_file(path))
     found, info = fresh_export(path)
     if found is None:
         from liverlesion.model import load_checkpoint

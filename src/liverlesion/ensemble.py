@@ -17,6 +17,7 @@ from typing import Any
 from liverlesion.errors import UserError
 from liverlesion.model_input import checkpoint_pool
 from liverlesion.onnx_backend import OnnxNet, checkpoint_view, file_hash, fresh_export
+from liverlesion.runs import not_a_model_file
 from liverlesion.runtime import (
     apply_torch_threads,
     check_backend,
@@ -158,9 +159,7 @@ def load_members(
         )
     for p in paths:
         if not p.is_file():
-            raise UserError(
-                f"--model {p}: file not found; give the path of a model.pt written by train or cv"
-            )
+            raise UserError(not_a_model_file(p))
     on_cpu = device == "cpu" or (device == "auto" and (backend == "onnx" or not cuda_maybe_present()))
     if backend != "torch" and on_cpu:
         hashes = [file_hash(p) for p in paths]

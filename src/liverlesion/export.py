@@ -129,6 +129,12 @@ def export_model(ckpt_path: str | Path, format: str, out: str | Path) -> Path:
         raise UserError(
             f"output {out}: is a folder; give a file name such as {out / ('model.' + _suffix(fmt))}"
         )
+    if out.suffix.lower() != "." + _suffix(fmt):  # e.g. -o manifest.csv would replace the manifest
+        raise UserError(
+            f"output {out}: {'an ONNX' if fmt == 'onnx' else 'a TorchScript'} export is written to a "
+            f".{_suffix(fmt)} file; "
+            f"give a name such as {out.with_name(out.stem.split('.')[0] + '.' + _suffix(fmt))}"
+        )
     model, meta = load_checkpoint(ckpt_path)
     size = int(meta["config"].get("patch", {}).get("size_px", 0))
     if size < 1:

@@ -20,7 +20,7 @@ A run folder is written by ``liverlesion cv`` (or ``train`` / ``baselines``) and
       report.html            written by report
 
 Everything here is a plain path function: nothing reads or writes a file except
-:func:`read_run_info`, which reads ``run.json``.
+:func:`read_run_info`, which reads ``run.json`` (:func:`not_a_model_file` looks at folder names).
 """
 
 from __future__ import annotations
@@ -113,6 +113,22 @@ def model_path(run_dir: str | Path, fold: int | str) -> Path:
 def fold_model_path(fold_folder: str | Path) -> Path:
     """``model.pt`` inside a fold folder (or inside the output folder of ``liverlesion train``)."""
     return Path(fold_folder) / MODEL
+
+
+def not_a_model_file(path: str | Path, name: str = "--model") -> str:
+    """The one-line error for a model path that is not a file: what is there, and which file to give."""
+    path = Path(path)
+    if not path.is_dir():
+        return f"{name} {path}: file not found; give the path of a model.pt written by train or cv"
+    if fold_model_path(path).is_file():
+        return f"{name} {path}: is a folder; give the model.pt inside it: {fold_model_path(path)}"
+    folds = sorted(path.glob("fold_*/model.pt"))
+    if folds:
+        return (
+            f"{name} {path}: is a cv run folder; give one fold's model ({folds[0]}), or repeat --model "
+            f"with each of its {len(folds)} fold_K/model.pt files for an ensemble"
+        )
+    return f"{name} {path}: is a folder without a model.pt; give the model.pt written by train or cv"
 
 
 def fold_predictions_path(fold_folder: str | Path, name: str) -> Path:
