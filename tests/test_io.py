@@ -273,6 +273,37 @@ def test_mr_is_refused_for_images_only(tmp_path, tiny_ct):
     assert read_volume(tmp_path / "mr_mask", kind="mask").shape == image.shape
 
 
+def _rtstruct(path: Path) -> Path:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
+
+    sop = "1.2.840.10008.5.1.4.1.1.481.3"  # RT Structure Set Storage
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = sop, generate_uid()
+    meta.TransferSyntaxUID, meta.ImplementationClassUID = ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = sop, meta.MediaStorageSOPInstanceUID, "RTSTRUCT"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.PatientName, ds.PatientID = "Doe^Jane", "MRN0042"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_rtstruct_given_as_the_mask_says_how_to_convert_it(tmp_path):
+    # contours exported from a planning system are a common "mask"; they are not a label image
+    f = _rtstruct(tmp_path / "rt" / "RS.dcm")
+    for path, verb in ((f, "is"), (f.parent, "holds only")):
+        with pytest.raises(UserError) as exc:
+            read_volume(path, kind="mask", name="--mask")
+        msg = one_line(exc)
+        assert f"--mask: {path} {verb} a DICOM RT Structure Set" in msg and "DICOM SEG" in msg
+        assert "Doe" not in msg and "MRN0042" not in msg
+    with pytest.raises(UserError, match="RTSTRUCT object without an image; pass the CT series"):
+        read_volume(f, name="--image")  # as the image: the CT is what is missing
+
+
 def test_missing_slice_names_the_gap(tmp_path, tiny_ct):
     image, _ = tiny_ct
     paths = write_dicom_series(image, tmp_path / "s", shuffle_names=False)

@@ -81,6 +81,16 @@ def list_series(path: str | os.PathLike, name: str | None = None) -> list[dict[s
 # --------------------------------------------------------------------------- DICOM reading
 
 
+def _rtstruct_mask(label: str, path: Path, folder: bool = False) -> str:
+    """A mask given as RT Structure Set contours: a common export, and not a label image."""
+    return (
+        f"{label}: {path} {'holds only' if folder else 'is'} a DICOM RT Structure Set (RTSTRUCT: contours), "
+        "which liverlesion does not read; "
+        "give the lesions as a label mask (NIfTI, NRRD, MHA) or a DICOM SEG, e.g. converted with "
+        "3D Slicer (SlicerRT) or rt-utils"
+    )
+
+
 def read_dicom_file(path: Path, series: str | None, kind: str, label: str, slice_tolerance: float) -> Volume:
     ds = read_header(path)
     if ds is None:
@@ -89,6 +99,8 @@ def read_dicom_file(path: Path, series: str | None, kind: str, label: str, slice
             f"check the file or pass the DICOM series folder"
         )
     if not is_image(ds):
+        if kind == "mask" and str(ds.get("Modality", "")) == "RTSTRUCT":
+            raise UserError(_rtstruct_mask(label, path))
         what = (
             f"a DICOM {ds.Modality} object" if "Modality" in ds else "an incomplete (truncated?) DICOM file"
         )
@@ -113,6 +125,8 @@ def read_dicom_folder(
     folder: Path, series: str | None, kind: str, label: str, slice_tolerance: float, source: Path, fmt: str
 ) -> Volume:
     found, skipped = scan_dicom(folder, label, with_skipped=True)
+    if kind == "mask" and not found and skipped.get("non-image RTSTRUCT"):
+        raise UserError(_rtstruct_mask(label, source, folder=True))
     chosen = select_series(found, series, label, source, skipped)
     return _read_series(chosen, kind, label, source, slice_tolerance, fmt=fmt)
 
