@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -304,6 +305,31 @@ def test_rtstruct_given_as_the_mask_says_how_to_convert_it(tmp_path):
         read_volume(f, name="--image")  # as the image: the CT is what is missing
 
 
+@pytest.mark.parametrize(
+    "keyword, value, expected",
+    [
+        ("PixelSpacing", [0, 0], "invalid PixelSpacing"),  # was a SimpleITK RuntimeError traceback
+        ("PixelSpacing", [-0.7, -0.7], "invalid PixelSpacing"),  # was "mixes pixel spacings" (one spacing)
+        ("RescaleSlope", 0, "invalid RescaleSlope ('0.0')"),  # GDCM quietly read these as 1
+        ("RescaleSlope", "nan", "invalid RescaleSlope ('nan')"),
+        ("RescaleIntercept", "inf", "invalid RescaleIntercept ('inf')"),
+    ],
+)
+def test_impossible_spacing_or_rescale_is_refused(tmp_path, tiny_ct, keyword, value, expected):
+    image, _ = tiny_ct
+    paths = write_dicom_series(image, tmp_path / "s", shuffle_names=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about the invalid DS values we write on purpose
+        for p in paths:
+            ds = pydicom.dcmread(p)
+            setattr(ds, keyword, value)
+            ds.save_as(p)
+    with pytest.raises(UserError) as exc:
+        read_volume(tmp_path / "s", name="--image")
+    msg = one_line(exc)
+    assert msg.startswith("--image: DICOM file") and expected in msg and "re-export" in msg
+
+
 def test_missing_slice_names_the_gap(tmp_path, tiny_ct):
     image, _ = tiny_ct
     paths = write_dicom_series(image, tmp_path / "s", shuffle_names=False)
@@ -592,7 +618,7 @@ def test_dicom_reference_header_is_complete_although_the_scan_reads_few_tags(tin
     )
     full = pydicom.dcmread(first_file, stop_before_pixels=True)
     # tags the scan skips, that a DICOM SR writer needs (patient/study module)
-    for keyword in ("PatientID", "PatientName", "StudyDate", "SliceThickness", "RescaleIntercept"):
+    for keyword in ("PatientID", "PatientName", "StudyDate", "SliceThickness", "AccessionNumber"):
         assert keyword not in SCAN_TAGS
         assert header[keyword].value == full[keyword].value
     assert header.SOPInstanceUID == full.SOPInstanceUID

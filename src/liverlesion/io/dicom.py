@@ -146,17 +146,35 @@ def _check_modality(ds, kind: str, label: str, path: Path) -> None:
     )
 
 
-def _floats(ds, keyword: str, n: int, label: str, f: Path) -> np.ndarray:
+def _floats(ds, keyword: str, n: int, label: str, f: Path, positive: bool = False) -> np.ndarray:
     value = ds.get(keyword)
     try:
         arr = np.asarray([float(v) for v in value], dtype=float)
-        assert arr.shape == (n,)
+        assert arr.shape == (n,) and np.isfinite(arr).all()
+        assert not positive or (arr > 0).all()
     except Exception as exc:
         raise UserError(
             f"{label}: DICOM file {f} has a missing or invalid {keyword} ({value!r}); "
             f"the slice geometry cannot be known: re-export the series"
         ) from exc
     return arr
+
+
+def _check_rescale(ds, label: str, f: Path) -> None:
+    """A slope of 0 or a non-number would make every HU the intercept (GDCM then quietly uses 1)."""
+    for keyword in ("RescaleSlope", "RescaleIntercept"):
+        value = ds.get(keyword)
+        if value is None or str(value).strip() == "":
+            continue  # absent: stored values are HU already (slope 1, intercept 0)
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = float("nan")
+        if not np.isfinite(number) or (keyword == "RescaleSlope" and number == 0):
+            raise UserError(
+                f"{label}: DICOM file {f} has an invalid {keyword} ({str(value).strip()!r}); Hounsfield units "
+                "cannot be computed from it: re-export the series from the scanner or PACS"
+            )
 
 
 def _read_series(
@@ -166,6 +184,8 @@ def _read_series(
     _check_modality(ds0, kind, label, path)
     for f, ds in s.files:
         check_pixel_data(f, ds, label, path)
+        if kind == "image":
+            _check_rescale(ds, label, f)
     multi = [f for f, ds in s.files if int(ds.get("NumberOfFrames", 1) or 1) > 1]
     if multi:
         if len(s.files) > 1:
@@ -218,7 +238,7 @@ def _sort_and_check_slices(s: DicomSeries, label: str, path: Path, tol: float):
             f"from {format_values(ref, 3)}, e.g. {files[odd[0]][0].name}: {format_values(orients[odd[0]], 3)}); "
             f"one series must be one volume: remove the odd slices or pick another series with --series"
         )
-    spacings = [_floats(ds, "PixelSpacing", 2, label, f) for f, ds in files]
+    spacings = [_floats(ds, "PixelSpacing", 2, label, f, positive=True) for f, ds in files]
     if any(np.max(np.abs(sp - spacings[0])) > _PIXEL_SPACING_TOL * spacings[0].max() for sp in spacings):
         raise UserError(
             f"{label}: series {s.uid} in {path} mixes pixel spacings {sorted({format_values(sp, 4) for sp in spacings})}; "

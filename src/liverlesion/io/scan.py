@@ -49,6 +49,8 @@ SCAN_TAGS = (
     "Columns",
     "PixelSpacing",
     "BitsAllocated",
+    "RescaleSlope",  # checked before decoding: GDCM quietly reads a slope of 0 as 1
+    "RescaleIntercept",
     "PixelData",  # the three _PIXEL_TAGS
     "FloatPixelData",
     "DoubleFloatPixelData",
