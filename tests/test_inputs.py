@@ -116,7 +116,18 @@ def test_demo_bad_setting_is_refused_before_any_work(tmp_path, capsys):
     (old / "keep.txt").write_text("x")
     cli_fails(capsys, ["demo", "-o", old, "--overwrite", "--set", "train.epochz=3"], "epochz", "unknown")
     cli_fails(capsys, ["demo", "-o", tmp_path / "new", "--set", "train.epochs=0"], "train.epochs")
-    assert (old / "keep.txt").read_text() == "x" and not (tmp_path / "new").exists()
+    # settings only the run checks: refused before the cohort is generated (was after step 1)
+    cli_fails(
+        capsys, ["demo", "-o", tmp_path / "new", "--set", "cv.folds=100"], "cv.folds=100", "63 patients"
+    )
+    cli_fails(
+        capsys, ["demo", "-o", tmp_path / "new", "--weights", tmp_path / "nope.pth"], "nope.pth", "not found"
+    )
+    cli_fails(capsys, ["demo", "-o", tmp_path / "new", "--set", "model.features_from=Mixed_1"], "Mixed_1")
+    # a folder holding other files is not filled with a demo (it was, beside keep.txt)
+    cli_fails(capsys, ["demo", "-o", old], "not a demo's", "--overwrite")
+    assert (old / "keep.txt").read_text() == "x" and sorted(p.name for p in old.iterdir()) == ["keep.txt"]
+    assert not (tmp_path / "new").exists()
 
 
 def test_output_file_that_is_a_folder_is_refused(tmp_path, capsys):

@@ -215,6 +215,18 @@ def _resolve_init(cfg: Config) -> tuple[Any, str]:
     return None, init
 
 
+def check_run_settings(cfg: Config, n_patients: int, classes: list[str] | None = None) -> tuple[Any, str]:
+    """Everything a run's settings can get wrong, checked before any work: folds, network, weights.
+
+    Returns:
+        What ``_resolve_init`` gives (the resolved ImageNet weights or None, the init's description).
+    """
+    from liverlesion.splits import check_folds  # local: heavy (sklearn)
+
+    check_folds(n_patients, cfg.cv.folds, cfg.train.val_fraction, classes=classes)
+    return _resolve_init(cfg)
+
+
 def _start_run(manifest: str | Path, out: str | Path, cfg: Config, resume: bool, kind: str):
     """Common start of `cv` and `train`: run folder, config.yaml, patches, classes, the resolved init."""
     manifest = Path(manifest)

@@ -4,8 +4,8 @@ synthetic cohort (63 patients, 230 lesions, as in the paper) -> patient-level
 5-fold CV with the paper's network -> metrics with patient-bootstrap CIs,
 baselines side by side, report.html.
 
-Presets: ``quick`` (default; about 10 minutes on 2 CPU cores: 80 px input, few
-epochs) and ``paper`` (299 px, up to 60 epochs; meant for a GPU).
+Presets: ``quick`` (default; about 4 minutes on 2 CPU cores: 160 px input, the lpft recipe,
+radiomics late fusion) and ``paper`` (299 px, end to end, up to 60 epochs; meant for a GPU).
 """
 
 from __future__ import annotations
@@ -17,8 +17,11 @@ from pathlib import Path
 
 from liverlesion import DISCLAIMER, runs
 from liverlesion.config import load_config
-from liverlesion.cv import run_cv
+from liverlesion.cv import check_run_settings, run_cv
 from liverlesion.errors import UserError
+from liverlesion.fileio import check_output_dir
+
+DEMO_PATIENTS, DEMO_LESIONS = 63, 230  # the paper's biobank size
 
 
 def _fmt(m: dict | None) -> str:
@@ -48,22 +51,28 @@ def run_demo(
     from liverlesion.synth import generate_cohort  # local: heavy (scipy)
 
     t0 = time.time()
-    out = Path(out)
+    out = check_output_dir(out, "--out")
     extra = [f"model.weights={weights}"] if weights else []
-    # settings first: a bad --set must not delete the folder that --overwrite would replace
+    # settings first: a bad --set must not delete the folder that --overwrite would replace, and
+    # nothing is generated for settings the run would refuse (folds, backbone, stage, weights)
     cfg = load_config(preset=preset, overrides=extra + list(overrides or []) or None)
+    check_run_settings(cfg, DEMO_PATIENTS)
+    demo_parts = {"cohort", "cv"}
+    if out.is_dir() and not overwrite and any(p.name not in demo_parts for p in out.iterdir()):
+        raise UserError(
+            f"--out {out}: folder holds files that are not a demo's (a demo folder holds only cohort/ and cv/); "
+            "give a new folder, or pass --overwrite to replace it"
+        )
     if out.exists() and overwrite:
         shutil.rmtree(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is not a folder; choose another output folder")
     print(f"liverlesion demo ({DISCLAIMER}); preset '{preset}', output {out}")
 
     cohort = out / "cohort"
     if (cohort / "manifest.csv").exists():
         print(f"Step 1/3: reusing synthetic cohort at {cohort}")
     else:
-        print("Step 1/3: generating the synthetic cohort (63 patients, 230 lesions)")
-        generate_cohort(cohort, patients=63, lesions=230, seed=0)
+        print(f"Step 1/3: generating the synthetic cohort ({DEMO_PATIENTS} patients, {DEMO_LESIONS} lesions)")
+        generate_cohort(cohort, patients=DEMO_PATIENTS, lesions=DEMO_LESIONS, seed=0)
 
     run = out / "cv"
     resume = run.exists()
