@@ -267,14 +267,19 @@ def test_random_bytes_named_nifti_is_refused(tmp_path):
 # --------------------------------------------------------------------------- 6. folds vs patients
 
 
-def test_cv_too_many_folds_is_refused_before_any_work(tmp_path, capsys):
+def one_lesion_patients(folder: Path, n: int) -> Path:
+    """A manifest of ``n`` patients with one lesion each, cyst and metastasis in turn."""
     rows = []
-    for i in range(3):
+    for i in range(n):
         image, mask = make_ct_array(seed=i)
-        write_volume(image, tmp_path / f"ct{i}.nii.gz")
-        write_volume(mask, tmp_path / f"mask{i}.nii.gz")
+        write_volume(image, folder / f"ct{i}.nii.gz")
+        write_volume(mask, folder / f"mask{i}.nii.gz")
         rows.append(f"p{i},ct{i}.nii.gz,{['cyst', 'metastasis'][i % 2]},mask{i}.nii.gz")
-    m = write_manifest(tmp_path / "m.csv", "patient_id,image,lesion_class,mask", *rows)
+    return write_manifest(folder / "m.csv", "patient_id,image,lesion_class,mask", *rows)
+
+
+def test_cv_too_many_folds_is_refused_before_any_work(tmp_path, capsys):
+    m = one_lesion_patients(tmp_path, 3)
     out = tmp_path / "run"
     before = set(tmp_path.iterdir())
     cli_fails(capsys, ["cv", m, out, "--folds", "7"], "--folds=7", "3 patients", "at most 3")
@@ -295,13 +300,7 @@ def test_cv_too_many_folds_is_refused_before_any_work(tmp_path, capsys):
 def test_network_settings_are_refused_before_any_work(tmp_path, capsys, command, setting, expected):
     # a misspelt backbone or stage, or unusable weights, used to fail only after the run folder,
     # the patch cache and (fusion) the radiomics features were made
-    rows = []
-    for i in range(4):
-        image, mask = make_ct_array(seed=i)
-        write_volume(image, tmp_path / f"ct{i}.nii.gz")
-        write_volume(mask, tmp_path / f"mask{i}.nii.gz")
-        rows.append(f"p{i},ct{i}.nii.gz,{['cyst', 'metastasis'][i % 2]},mask{i}.nii.gz")
-    m = write_manifest(tmp_path / "m.csv", "patient_id,image,lesion_class,mask", *rows)
+    m = one_lesion_patients(tmp_path, 4)
     setting = [str(tmp_path / a) if a.endswith((".pth", ".csv")) else a for a in setting]
     before = set(tmp_path.iterdir())
     extra = ["--folds", "2"] if command == "cv" else []
@@ -314,13 +313,7 @@ def test_run_cv_from_python_checks_folds_before_any_work(tmp_path):
     from liverlesion.config import load_config
     from liverlesion.cv import run_cv
 
-    rows = []
-    for i in range(8):  # one lesion each: 4 per class
-        image, mask = make_ct_array(seed=i)
-        write_volume(image, tmp_path / f"ct{i}.nii.gz")
-        write_volume(mask, tmp_path / f"mask{i}.nii.gz")
-        rows.append(f"p{i},ct{i}.nii.gz,{['cyst', 'metastasis'][i % 2]},mask{i}.nii.gz")
-    m = write_manifest(tmp_path / "m.csv", "patient_id,image,lesion_class,mask", *rows)
+    m = one_lesion_patients(tmp_path, 8)  # 4 per class
     before = set(tmp_path.iterdir())
     for folds, msg in ((9, "at most 8 folds"), (5, "at most 4 folds")):
         cfg = load_config(overrides={"cv": {"folds": folds}})
