@@ -270,6 +270,9 @@ def test_click_outside_volume_reports_extent_and_ras_hint():
     with pytest.raises(UserError) as e2:
         lesion_from_click(image, (30.0, 40.0, 500.0), 10.0)
     assert "outside the image" in str(e2.value) and "negate" not in str(e2.value)
+    with pytest.raises(UserError) as e3:  # an absurd coordinate stays short (was printed digit by digit)
+        lesion_from_click(image, (1e308, 40.0, 110.0), 10.0, point_name="--point")
+    assert "--point (1e+308, 40.0, 110.0) mm is outside the image" in str(e3.value)
 
 
 def test_click_in_air_is_outside_the_body():

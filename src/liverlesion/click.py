@@ -392,7 +392,8 @@ def check_diameter(diameter_mm, name: str = "--diameter", image: Volume | None =
 
 
 def _fmt_xyz(p: Sequence[float]) -> str:
-    return "(" + ", ".join(f"{v:.1f}" for v in p) + ")"
+    """A point for messages: one decimal, or 4 significant digits once a coordinate is absurdly large."""
+    return "(" + ", ".join(f"{v:.1f}" if abs(v) < 1e6 else f"{v:.4g}" for v in p) + ")"
 
 
 def lesion_from_click(
