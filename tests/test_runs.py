@@ -56,32 +56,39 @@ def test_run_patch_dir_relative_recorded_and_moved(tmp_path):
     assert runs.run_patch_dir(run, {"run": {"patch_dir": "cache"}}) == run / "cache"  # from metrics.json
 
 
-def test_a_folder_given_as_model_says_which_file_to_give(tmp_path, capsys):
+def test_model_paths_a_file_a_folder_or_a_cv_run_stand_for(tmp_path, capsys):
     from liverlesion.cli import main
 
     run = tmp_path / "run"
-    for k in range(3):
+    for k in (0, 1, 10, 2):  # fold order is numeric: fold_10 comes last
         (run / f"fold_{k}").mkdir(parents=True)
         (run / f"fold_{k}" / "model.pt").write_bytes(b"")
+    (run / "fold_x").mkdir()
+    (run / "fold_x" / "model.pt").write_bytes(b"")  # not a fold
     (tmp_path / "empty").mkdir()
-    assert "file not found" in runs.not_a_model_file(tmp_path / "nope.pt")
-    assert runs.not_a_model_file(run / "fold_1").endswith(
-        f"give the model.pt inside it: {run / 'fold_1' / 'model.pt'}"
-    )
+    assert runs.model_files(run) == [run / f"fold_{k}" / "model.pt" for k in (0, 1, 2, 10)]
+    assert runs.model_files(run / "fold_1") == [run / "fold_1" / "model.pt"]
+    assert runs.model_files(run / "fold_2" / "model.pt") == [run / "fold_2" / "model.pt"]
+    with pytest.raises(UserError, match="file not found"):
+        runs.model_files(tmp_path / "nope.pt")
+    with pytest.raises(UserError, match="folder without a model.pt"):
+        runs.model_files(tmp_path / "empty")
     msg = runs.not_a_model_file(run, "checkpoint")
-    assert msg.startswith(f"checkpoint {run}: is a cv run folder") and str(run / "fold_0" / "model.pt") in msg
-    assert "each of its 3 fold_K/model.pt files" in msg
-    assert "folder without a model.pt" in runs.not_a_model_file(tmp_path / "empty")
-    # every command that takes --model says the same, in one line, before loading anything
-    image, mask = tmp_path / "ct.nii.gz", tmp_path / "mask.nii.gz"
-    image.write_bytes(b"")
-    mask.write_bytes(b"")
-    for args in (
-        ["predict", "--model", run, "--image", image, "--mask", mask, "-o", tmp_path / "out"],
-        ["export", "--model", run / "fold_2"],
-        ["serve", "--model", run],
-    ):
-        assert main([str(a) for a in args]) == 2
-        err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and ("cv run folder" in err or "inside it" in err), err
-    assert not (tmp_path / "out").exists()
+    assert msg.startswith(f"checkpoint {run}: is a cv run folder") and "one of its 4 fold models" in msg
+    # export needs one checkpoint: a run folder is refused in one line, naming a fold's model
+    assert main(["export", "--model", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cv run folder" in err and str(run / "fold_0" / "model.pt") in err
+
+
+def test_a_cv_run_folder_as_model_is_the_ensemble_of_its_folds(tmp_path):
+    from helpers import make_tiny_checkpoint
+    from liverlesion.classifier import Classifier
+
+    run = tmp_path / "run"
+    for k in range(3):
+        make_tiny_checkpoint(run / f"fold_{k}" / "model.pt", seed=k)
+    clf = Classifier.load(run, device="cpu", backend="torch")
+    one = Classifier.load(run / "fold_1", device="cpu", backend="torch")
+    assert [m.path for m in clf.members] == [run / f"fold_{k}" / "model.pt" for k in range(3)]
+    assert [m.path for m in one.members] == [run / "fold_1" / "model.pt"]

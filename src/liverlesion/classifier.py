@@ -108,7 +108,7 @@ class Classifier:
         """Load one checkpoint, or several as an ensemble.
 
         Args:
-            ckpt: A ``model.pt`` path or a list of them.
+            ckpt: A ``model.pt`` path or a list of them; a ``cv`` run folder stands for its fold models.
             device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
             backend: ``"torch"``, ``"onnx"`` (onnxruntime on the CPU, from the up-to-date
                 ``model.onnx`` that ``liverlesion export`` writes next to each checkpoint; torch

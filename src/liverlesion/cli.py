@@ -175,11 +175,9 @@ def _checkpoint_patch_config(path: Path):
     """The PatchConfig a checkpoint was trained with (its export's sidecar when up to date: no torch)."""
     from liverlesion.config import config_from_dict
     from liverlesion.onnx_backend import fresh_export
+    from liverlesion.runs import model_files
 
-    if not Path(path).is_file():
-        from liverlesion.runs import not_a_model_file
-
-        raise UserError(not_a_model_file(path))
+    path = model_files(path)[0]  # a cv run folder: its folds share the patch settings
     found, info = fresh_export(path)
     if found is None:
         from liverlesion.model import load_checkpoint

@@ -30,7 +30,9 @@ IMAGE_FORMATS = (
 
 @app.command()
 def predict(
-    model: Annotated[list[Path], typer.Option("--model", help="Checkpoint(s); several = ensemble.")],
+    model: Annotated[
+        list[Path], typer.Option("--model", help="Checkpoint(s); several, or a cv run folder = ensemble.")
+    ],
     out: Annotated[Path, typer.Option("-o", "--out", help="Output folder.")],
     image: Annotated[
         Optional[Path], typer.Option("--image", help=f"The CT: {IMAGE_FORMATS}.", show_default="none")
@@ -161,7 +163,9 @@ def export(
 
 @app.command()
 def serve(
-    model: Annotated[list[Path], typer.Option("--model", help="Checkpoint(s); several = ensemble.")],
+    model: Annotated[
+        list[Path], typer.Option("--model", help="Checkpoint(s); several, or a cv run folder = ensemble.")
+    ],
     host: Annotated[
         str, typer.Option("--host", help="Address to bind (no authentication: keep 127.0.0.1).")
     ] = "127.0.0.1",

@@ -17,7 +17,7 @@ from typing import Any
 from liverlesion.errors import UserError
 from liverlesion.model_input import checkpoint_pool
 from liverlesion.onnx_backend import OnnxNet, checkpoint_view, file_hash, fresh_export
-from liverlesion.runs import not_a_model_file
+from liverlesion.runs import model_files
 from liverlesion.runtime import (
     apply_torch_threads,
     check_backend,
@@ -143,7 +143,8 @@ def load_members(
         UserError: As :meth:`Classifier.load <liverlesion.classifier.Classifier.load>`.
     """
 
-    paths = [Path(ckpt)] if isinstance(ckpt, str | os.PathLike) else [Path(p) for p in ckpt]
+    given = [Path(ckpt)] if isinstance(ckpt, str | os.PathLike) else [Path(p) for p in ckpt]
+    paths = [f for p in given for f in model_files(p)]  # a cv run folder: its fold models
     if not paths:
         raise UserError(
             "--model: no checkpoint given; pass --model PATH/model.pt (repeat it for an ensemble)"
@@ -157,9 +158,6 @@ def load_members(
             f"--backend onnx with --device {device}: the onnx backend runs on the CPU; "
             "use --backend torch for CUDA, or --device cpu"
         )
-    for p in paths:
-        if not p.is_file():
-            raise UserError(not_a_model_file(p))
     on_cpu = device == "cpu" or (device == "auto" and (backend == "onnx" or not cuda_maybe_present()))
     if backend != "torch" and on_cpu:
         hashes = [file_hash(p) for p in paths]

@@ -115,6 +115,33 @@ def fold_model_path(fold_folder: str | Path) -> Path:
     return Path(fold_folder) / MODEL
 
 
+def model_files(path: str | Path, name: str = "--model") -> list[Path]:
+    """The checkpoints a ``--model`` path stands for: a ``model.pt``, a folder holding one (``train``'s
+    output, or one fold), or a ``cv`` run folder: its fold models in fold order, used as an ensemble.
+
+    Raises:
+        UserError: Nothing usable there (:func:`not_a_model_file`).
+    """
+    path = Path(path).expanduser()
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        if fold_model_path(path).is_file():
+            return [fold_model_path(path)]
+        folds = _fold_models(path)
+        if folds:
+            return folds
+    from liverlesion.errors import UserError  # local: this module is plain path functions
+
+    raise UserError(not_a_model_file(path, name))
+
+
+def _fold_models(run_dir: Path) -> list[Path]:
+    """``fold_K/model.pt`` files of a cv run folder, in fold order."""
+    folds = [p for p in run_dir.glob("fold_*/model.pt") if p.parent.name[5:].isdigit() and p.is_file()]
+    return sorted(folds, key=lambda p: int(p.parent.name[5:]))
+
+
 def not_a_model_file(path: str | Path, name: str = "--model") -> str:
     """The one-line error for a model path that is not a file: what is there, and which file to give."""
     path = Path(path)
@@ -122,11 +149,11 @@ def not_a_model_file(path: str | Path, name: str = "--model") -> str:
         return f"{name} {path}: file not found; give the path of a model.pt written by train or cv"
     if fold_model_path(path).is_file():
         return f"{name} {path}: is a folder; give the model.pt inside it: {fold_model_path(path)}"
-    folds = sorted(path.glob("fold_*/model.pt"))
+    folds = _fold_models(path)
     if folds:
         return (
-            f"{name} {path}: is a cv run folder; give one fold's model ({folds[0]}), or repeat --model "
-            f"with each of its {len(folds)} fold_K/model.pt files for an ensemble"
+            f"{name} {path}: is a cv run folder; give one of its {len(folds)} fold models, e.g. {folds[0]} "
+            "(predict and serve also take the folder itself, as the ensemble of its folds)"
         )
     return f"{name} {path}: is a folder without a model.pt; give the model.pt written by train or cv"
 
