@@ -90,5 +90,8 @@ def run_demo(
     for name in ("accuracy", "f1", "sensitivity", "specificity", "roc_auc"):
         print(f"  {name:<12} {_fmt(pooled.get(name))}")
     print(f"  report: {runs.report_path(run)}")
+    print(
+        f"  next: liverlesion predict --model {run} --image CT --mask MASK -o OUT  (the {cfg.cv.folds} fold models)"
+    )
     print(f"  elapsed: {time.time() - t0:.0f} s; {DISCLAIMER}")
     return run
