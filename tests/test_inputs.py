@@ -308,6 +308,19 @@ def test_network_settings_are_refused_before_any_work(tmp_path, capsys, command,
     assert set(tmp_path.iterdir()) == before  # no run folder, no patch cache
 
 
+def test_baselines_settings_are_refused_before_any_work(tmp_path, capsys):
+    m = one_lesion_patients(tmp_path, 4)
+    before = set(tmp_path.iterdir())
+    for setting, expected in (
+        ("cv.folds=9", ["cv.folds=9", "4 patients"]),
+        ("model.features_from=Mixed_99", ["Mixed_99", "not a stage"]),  # frozen_lr's network
+        ("model.backbone=inceptoin_v3", ["inceptoin_v3", "not a timm model"]),
+    ):
+        args = ["baselines", m, "-o", tmp_path / "run", "--set", setting]
+        cli_fails(capsys, [*args, *([] if setting.startswith("cv.") else ["--set", "cv.folds=2"])], *expected)
+        assert set(tmp_path.iterdir()) == before  # no output folder, no patch cache, no splits
+
+
 def test_run_cv_from_python_checks_folds_before_any_work(tmp_path):
     """The library path validates as the CLI does: no run folder, no patch cache."""
     from liverlesion.config import load_config
