@@ -73,12 +73,13 @@ def test_model_paths_a_file_a_folder_or_a_cv_run_stand_for(tmp_path, capsys):
         runs.model_files(tmp_path / "nope.pt")
     with pytest.raises(UserError, match="folder without a model.pt"):
         runs.model_files(tmp_path / "empty")
-    msg = runs.not_a_model_file(run, "checkpoint")
+    msg = runs.not_a_model_file(run, "checkpoint")  # what loading one checkpoint from it says
     assert msg.startswith(f"checkpoint {run}: is a cv run folder") and "one of its 4 fold models" in msg
-    # export needs one checkpoint: a run folder is refused in one line, naming a fold's model
-    assert main(["export", "--model", str(run)]) == 2
+    # export writes each fold's export next to it (where predict looks): one -o cannot hold them
+    assert main(["export", "--model", str(run), "-o", str(tmp_path / "x.onnx")]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "cv run folder" in err and str(run / "fold_0" / "model.pt") in err
+    assert len(err.splitlines()) == 1 and "4 fold models" in err and "leave out -o" in err
+    assert not (tmp_path / "x.onnx").exists()
 
 
 def test_a_cv_run_folder_as_model_is_the_ensemble_of_its_folds(tmp_path):
@@ -92,3 +93,9 @@ def test_a_cv_run_folder_as_model_is_the_ensemble_of_its_folds(tmp_path):
     one = Classifier.load(run / "fold_1", device="cpu", backend="torch")
     assert [m.path for m in clf.members] == [run / f"fold_{k}" / "model.pt" for k in range(3)]
     assert [m.path for m in one.members] == [run / "fold_1" / "model.pt"]
+    from liverlesion.cli import main
+
+    assert main(["export", "--model", str(run)]) == 0
+    assert all((run / f"fold_{k}" / "model.onnx").is_file() for k in range(3))
+    onnx = Classifier.load(run, device="cpu", backend="onnx")  # the exports of every fold are used
+    assert [m.path for m in onnx.members] == [m.path for m in clf.members]

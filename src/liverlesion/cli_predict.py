@@ -135,7 +135,9 @@ def predict(
 
 @app.command()
 def export(
-    model: Annotated[Path, typer.Option("--model", help="Checkpoint to export.")],
+    model: Annotated[
+        Path, typer.Option("--model", help="Checkpoint to export; a cv run folder: each fold's, next to it.")
+    ],
     format: Annotated[str, typer.Option("--format", help="onnx | torchscript.")] = "onnx",
     out: Annotated[
         Optional[Path], typer.Argument(metavar="[OUT]", help=DEPRECATED_OUT, show_default=False)
@@ -150,15 +152,26 @@ def export(
 ) -> None:
     """Export a checkpoint to ONNX or TorchScript."""
     from liverlesion.onnx_backend import export_path
+    from liverlesion.runs import model_files
 
     fmt = str(format).strip().lower()
-    default = export_path(model) if fmt == "onnx" else Path(model).with_suffix(".ts.pt")
-    out, name = output(out_opt, out, "output file", default=default)
-    out_file(out, name)
+    ckpts = model_files(model)  # a cv run folder: its fold models, each exported next to itself
+    if len(ckpts) > 1 and (out_opt is not None or out is not None):
+        raise UserError(
+            f"--model {model}: a cv run folder of {len(ckpts)} fold models; each export is written next to its "
+            "checkpoint (where predict finds it): leave out -o, or give one fold's model.pt"
+        )
+    outs = []
+    for ckpt in ckpts:
+        default = export_path(ckpt) if fmt == "onnx" else Path(ckpt).with_suffix(".ts.pt")
+        dest, name = output(out_opt, out, "output file", default=default)
+        out_file(dest, name)
+        outs.append(dest)
     from liverlesion.export import export_model
 
-    path = export_model(model, format, out)
-    typer.echo(f"wrote {path} and {path.name}.json (input: [0, 1] patches; output: class probabilities)")
+    for ckpt, dest in zip(ckpts, outs, strict=True):
+        path = export_model(ckpt, format, dest)
+        typer.echo(f"wrote {path} and {path.name}.json (input: [0, 1] patches; output: class probabilities)")
 
 
 @app.command()

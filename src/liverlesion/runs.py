@@ -153,7 +153,7 @@ def not_a_model_file(path: str | Path, name: str = "--model") -> str:
     if folds:
         return (
             f"{name} {path}: is a cv run folder; give one of its {len(folds)} fold models, e.g. {folds[0]} "
-            "(predict and serve also take the folder itself, as the ensemble of its folds)"
+            "(predict, serve and export also take the folder itself: all its folds)"
         )
     return f"{name} {path}: is a folder without a model.pt; give the model.pt written by train or cv"
 
