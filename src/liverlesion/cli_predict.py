@@ -15,7 +15,6 @@ from liverlesion.cli_common import (
     ThreadsOpt,
     app,
     out_dir,
-    out_file,
     out_opt,
     output,
     resources,
@@ -151,26 +150,10 @@ def export(
     ] = None,
 ) -> None:
     """Export a checkpoint to ONNX or TorchScript."""
-    from liverlesion.onnx_backend import export_path
-    from liverlesion.runs import model_files
+    dest = None if out_opt is None and out is None else output(out_opt, out, "output file")[0]
+    from liverlesion.export import export_checkpoints
 
-    fmt = str(format).strip().lower()
-    ckpts = model_files(model)  # a cv run folder: its fold models, each exported next to itself
-    if len(ckpts) > 1 and (out_opt is not None or out is not None):
-        raise UserError(
-            f"--model {model}: a cv run folder of {len(ckpts)} fold models; each export is written next to its "
-            "checkpoint (where predict finds it): leave out -o, or give one fold's model.pt"
-        )
-    outs = []
-    for ckpt in ckpts:
-        default = export_path(ckpt) if fmt == "onnx" else Path(ckpt).with_suffix(".ts.pt")
-        dest, name = output(out_opt, out, "output file", default=default)
-        out_file(dest, name)
-        outs.append(dest)
-    from liverlesion.export import export_model
-
-    for ckpt, dest in zip(ckpts, outs, strict=True):
-        path = export_model(ckpt, format, dest)
+    for path in export_checkpoints(model, format, dest):
         typer.echo(f"wrote {path} and {path.name}.json (input: [0, 1] patches; output: class probabilities)")
 
 

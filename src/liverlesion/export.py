@@ -110,6 +110,43 @@ def export_metadata(
     }
 
 
+def export_checkpoints(model: str | Path, format: str, out: str | Path | None = None) -> list[Path]:
+    """``liverlesion export``: one checkpoint, or each fold of a ``cv`` run folder, checked first.
+
+    Args:
+        model: A ``model.pt``, a folder holding one, or a cv run folder (:func:`liverlesion.runs.model_files`).
+        format: ``onnx`` or ``torchscript``.
+        out: The output file, for one checkpoint only; default next to each checkpoint
+            (``model.onnx``, where ``predict`` finds it, or ``model.ts.pt``).
+
+    Returns:
+        The exported files.
+    """
+    from liverlesion.fileio import check_output_file
+    from liverlesion.onnx_backend import export_path
+    from liverlesion.runs import model_files
+
+    fmt = str(format).strip().lower()
+    if fmt not in FORMATS:
+        raise UserError(f"--format {format!r} is unknown; choose one of: {', '.join(FORMATS)}")
+    if out is not None:
+        check_output_file(out, "--out")
+    ckpts = model_files(model)
+    if len(ckpts) > 1 and out is not None:
+        raise UserError(
+            f"--model {model}: a cv run folder of {len(ckpts)} fold models; each export is written next to its "
+            "checkpoint (where predict finds it): leave out -o, or give one fold's model.pt"
+        )
+    dests = [
+        Path(out) if out is not None else export_path(c) if fmt == "onnx" else c.with_suffix(".ts.pt")
+        for c in ckpts
+    ]
+    if out is None:
+        for dest in dests:
+            check_output_file(dest, "--out")
+    return [export_model(c, fmt, dest) for c, dest in zip(ckpts, dests, strict=True)]
+
+
 def export_model(ckpt_path: str | Path, format: str, out: str | Path) -> Path:
     """Export a checkpoint to ONNX (opset 17, dynamic batch) or TorchScript (traced).
 
