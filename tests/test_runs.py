@@ -73,6 +73,12 @@ def test_model_paths_a_file_a_folder_or_a_cv_run_stand_for(tmp_path, capsys):
         runs.model_files(tmp_path / "nope.pt")
     with pytest.raises(UserError, match="folder without a model.pt"):
         runs.model_files(tmp_path / "empty")
+    # an unfinished run (its splits.json has a fold without a model) is not a smaller ensemble
+    (run / "splits.json").write_text(json.dumps({"splits": [{"fold": k} for k in (0, 1, 2, 3, 10)]}))
+    with pytest.raises(UserError, match=r"4 of its 5 fold models exist \(no fold_3/model.pt\).*--resume"):
+        runs.model_files(run)
+    (run / "splits.json").write_text(json.dumps({"splits": [{"fold": k} for k in (0, 1, 2, 10)]}))
+    assert len(runs.model_files(run)) == 4
     msg = runs.not_a_model_file(run, "checkpoint")  # what loading one checkpoint from it says
     assert msg.startswith(f"checkpoint {run}: is a cv run folder") and "one of its 4 fold models" in msg
     # export writes each fold's export next to it (where predict looks): one -o cannot hold them

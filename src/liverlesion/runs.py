@@ -20,7 +20,8 @@ A run folder is written by ``liverlesion cv`` (or ``train`` / ``baselines``) and
       report.html            written by report
 
 Everything here is a plain path function: nothing reads or writes a file except
-:func:`read_run_info`, which reads ``run.json`` (:func:`not_a_model_file` looks at folder names).
+:func:`read_run_info`, which reads ``run.json``, and :func:`model_files`, which reads
+``splits.json`` to tell an unfinished run from a finished one.
 """
 
 from __future__ import annotations
@@ -130,10 +131,28 @@ def model_files(path: str | Path, name: str = "--model") -> list[Path]:
             return [fold_model_path(path)]
         folds = _fold_models(path)
         if folds:
+            _check_all_folds(path, folds, name)
             return folds
     from liverlesion.errors import UserError  # local: this module is plain path functions
 
     raise UserError(not_a_model_file(path, name))
+
+
+def _check_all_folds(run_dir: Path, folds: list[Path], name: str) -> None:
+    """An unfinished cv run (fewer fold models than its ``splits.json`` folds) is not a silent smaller ensemble."""
+    try:
+        expected = [int(s["fold"]) for s in json.loads(splits_path(run_dir).read_text())["splits"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no readable splits.json: the fold models found are all there is to go by
+    missing = [k for k in expected if fold_model_path(fold_dir(run_dir, k)) not in folds]
+    if missing:
+        from liverlesion.errors import UserError  # local: this module is plain path functions
+
+        raise UserError(
+            f"{name} {run_dir}: {len(expected) - len(missing)} of its {len(expected)} fold models exist "
+            f"(no fold_{', fold_'.join(map(str, missing))}/model.pt): the run is unfinished; finish it with "
+            "`liverlesion cv ... --resume`, or give the fold models to use, one --model each"
+        )
 
 
 def _fold_models(run_dir: Path) -> list[Path]:
