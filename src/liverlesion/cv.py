@@ -473,6 +473,7 @@ def train_single(manifest: str | Path, out: str | Path, cfg: Config, resume: boo
     if res:
         print(
             f"Saved {runs.fold_model_path(out)} (inner-validation accuracy "
-            f"{(res['val']['pred_class'] == res['val']['true_class']).mean():.3f})"
+            f"{(res['val']['pred_class'] == res['val']['true_class']).mean():.3f}); "
+            f"next: liverlesion predict --model {out} --image CT --mask MASK -o OUT"
         )
     return out
