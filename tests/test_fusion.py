@@ -149,3 +149,38 @@ def test_network_weight_is_recorded_with_the_predictions_and_reported_per_fold()
     )
     assert "network weight" not in per_fold_rows(plain)[0]
     assert all("network_weight" not in v for v in plain["per_fold"].values())
+
+
+def test_the_network_half_is_recorded_and_scored_next_to_the_fused_model():
+    # whatever weight the fusion gives it, a run shows what the network alone does
+    from liverlesion.metrics import roc_auc
+    from liverlesion.scoring import summarize_predictions
+    from liverlesion.summary import network_half_line
+
+    model, deep, fit, val, test, extra, _, cfg = _fold()
+    results, _ = finish_fold(model, deep, fit, val, {"test": test}, CLASSES, cfg, extra, 0)
+    df = results["test"]
+    half = df[[f"network_prob_{c}" for c in CLASSES]].to_numpy(float)
+    ok = (df["status"] == "classified").to_numpy()
+    assert np.isnan(half[~ok]).all() and np.allclose(half[ok].sum(1), 1.0)
+    # the network half's probabilities are the network's own (calibrated) logits, before mixing
+    expected = np.exp(deep(test)) / np.exp(deep(test)).sum(1, keepdims=True)
+    np.testing.assert_allclose(half[ok], expected[ok], atol=1e-6)
+    s = summarize_predictions(df[ok], "metastasis", CLASSES, None, n_bootstrap=20)
+    pos = CLASSES.index("metastasis")
+    y = (df[ok]["true_class"] == "metastasis").to_numpy()
+    assert s["network_half"]["metrics"]["roc_auc"]["value"] == pytest.approx(roc_auc(y, half[ok, pos]))
+    assert "network_half" not in summarize_predictions(
+        df[ok].drop(columns=[f"network_prob_{c}" for c in CLASSES]),
+        "metastasis",
+        CLASSES,
+        None,
+        n_bootstrap=0,
+    )
+    # evaluate's summary prints it next to the frozen-feature floor
+    floor = {"metrics": {"roc_auc": {"value": 0.5, "ci_low": 0.4, "ci_high": 0.6}}}
+    line = network_half_line({"network": s, "baselines": {"frozen_lr": floor}})
+    assert line.startswith("Network half alone (before fusion), ROC AUC 0.") and line.endswith(
+        "LR 0.50 [0.40–0.60]"
+    )
+    assert network_half_line({"network": {"metrics": {}}}) is None

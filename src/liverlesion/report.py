@@ -20,7 +20,7 @@ from liverlesion.errors import UserError
 from liverlesion.fileio import write_text
 from liverlesion.metrics import SUMMARY_METRICS, metric_label
 from liverlesion.plots import make_plots
-from liverlesion.summary import fmt_ci, format_comparison, side_by_side_rows
+from liverlesion.summary import fmt_ci, format_comparison, network_half_line, side_by_side_rows
 
 PAPER_CONTEXT = (
     "Romero et al. 2019 (InceptionV3 + FC512 / Dropout 0.4 / FC512 head) reported accuracy 0.96 and F1 0.92 "
@@ -114,6 +114,13 @@ def build_html(run_dir: Path, metrics: dict[str, Any], plots: dict[str, Path], n
             "<p>Network weight: the fused model's weight on the network in its logits, chosen on each "
             "fold's training patients (0: the radiomics-style half alone, exactly the radiomics logistic "
             "regression; 1: the network alone; setting <code>model.fusion</code>, README \u201cChoices where the paper is silent\u201d).</p>"
+        )
+    half = network_half_line(metrics)
+    if half:
+        out.append(
+            f"<p>{H.esc(half)}: the network's own out-of-fold probabilities on the same lesions, "
+            "whatever weight the fusion gave it, so the run shows what training the network added over "
+            "the frozen ImageNet features.</p>"
         )
     out.append("<h2>Thresholds and temperatures</h2>")
     out.append(

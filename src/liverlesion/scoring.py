@@ -8,6 +8,7 @@ per-fold thresholds (:mod:`liverlesion.thresholds`) and temperatures
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -134,6 +135,7 @@ def summarize_predictions(
 
     fn = metric_fn(data, pred, n_bins)
     metrics = bootstrap_ci(fn, data.patients, n_bootstrap, seed, desc=f"{name}: bootstrap")
+    network_half = _network_half(df, data, classes, positive_class, n_bootstrap, seed, name)
 
     per_fold: dict[str, Any] = {}
     for f in sorted(set(data.folds), key=fold_sort_key):
@@ -216,7 +218,38 @@ def summarize_predictions(
         "calibration": calibration_report(data, temps, n_bins),
         "curves": curves(data, n_bootstrap, seed),
         "notes": notes,
+        **({"network_half": network_half} if network_half else {}),
     }
+
+
+def _network_half(
+    df: pd.DataFrame,
+    data: PredictionArrays,
+    classes: list[str],
+    positive_class: str,
+    n_bootstrap: int,
+    seed: int,
+    name: str,
+) -> dict[str, Any] | None:
+    """ROC AUC of a fusion model's network half alone (``network_prob_<class>``), on the same
+    lesions and patient resamples; None for other models. It shows whether the trained network
+    adds anything, next to the ``frozen_lr`` floor, whatever weight the fusion gave it."""
+    cols = [f"network_prob_{c}" for c in classes]
+    if not all(c in df.columns for c in cols):
+        return None
+    probs = df[cols].apply(pd.to_numeric, errors="coerce").to_numpy(float)
+    if not np.isfinite(probs).all():
+        return None
+    half = dataclasses.replace(data, probs=probs / probs.sum(1, keepdims=True), logits=None)
+    fn = metric_fn(half, np.zeros(len(half.y), dtype=int), n_bins=10)
+    auc = bootstrap_ci(
+        lambda idx: {"roc_auc": fn(idx)["roc_auc"]},
+        data.patients,
+        n_bootstrap,
+        seed,
+        desc=f"{name}: network half",
+    )
+    return {"metrics": auc}
 
 
 def diameter_summary(df: pd.DataFrame, diam: pd.Series, classes: list[str]) -> dict[str, Any]:

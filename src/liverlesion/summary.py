@@ -59,6 +59,17 @@ def format_comparison(cmp: dict[str, Any] | None) -> str:
     )
 
 
+def network_half_line(metrics: dict[str, Any]) -> str | None:
+    """A fusion model's network half alone, next to the frozen-feature floor; None for other models."""
+    half = (metrics["network"].get("network_half") or {}).get("metrics", {}).get("roc_auc")
+    if not half:
+        return None
+    floor = (metrics.get("baselines", {}).get("frozen_lr", {}).get("metrics") or {}).get("roc_auc")
+    return f"Network half alone (before fusion), ROC AUC {fmt_ci(half)}" + (
+        f"; frozen ImageNet features + LR {fmt_ci(floor)}" if floor else ""
+    )
+
+
 def format_summary(metrics: dict[str, Any]) -> str:
     """The terminal summary printed by ``liverlesion evaluate``."""
     net = metrics["network"]
@@ -80,6 +91,9 @@ def format_summary(metrics: dict[str, Any]) -> str:
             "Fusion, weight of the network per fold (0 = the radiomics half alone, 1 = the network alone): "
             + ", ".join("n/a" if w is None else f"{w:.2f}" for w in weights)
         )
+    half = network_half_line(metrics)
+    if half:
+        lines.append(half)
     for k in SUMMARY_METRICS:
         if k in net["metrics"]:
             lines.append(f"  {metric_label(k):<14} {fmt_ci(net['metrics'][k])}")

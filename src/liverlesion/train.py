@@ -170,9 +170,19 @@ def _trainer(cfg: Config, fold_dir: Path, enable_progress: bool = True):
 
 
 def _prediction_frame(
-    data: FoldData, classes: list[str], logits: np.ndarray, probs: np.ndarray, fold: Any, dec: dict[str, Any]
+    data: FoldData,
+    classes: list[str],
+    logits: np.ndarray,
+    probs: np.ndarray,
+    fold: Any,
+    dec: dict[str, Any],
+    network_logits: np.ndarray | None = None,
 ) -> pd.DataFrame:
-    """The ``predictions.csv`` rows of one set: calibrated probabilities, the decision and its status."""
+    """The ``predictions.csv`` rows of one set: calibrated probabilities, the decision and its status.
+
+    ``network_logits`` (fusion models): the calibrated network half's logits before mixing, written
+    as ``network_prob_<class>`` so that every run shows what the network alone does.
+    """
     idx = data.index
     df = pd.DataFrame(
         {
@@ -194,6 +204,10 @@ def _prediction_frame(
     df["temperature"] = dec["temperature"]
     if "network_weight" in dec:  # fusion models: the network's weight in the fused logits
         df["network_weight"] = dec["network_weight"]
+    if network_logits is not None:
+        half = np.where(small[:, None], np.nan, apply_temperature(network_logits, 1.0))
+        for j, c in enumerate(classes):
+            df[f"network_prob_{c}"] = half[:, j]
     df["fold"] = fold
     for col in ("max_axial_diameter_mm", "volume_ml", "min_axis_mm", "hu_mean"):
         if col in idx:
@@ -279,7 +293,8 @@ def finish_fold(
     }
     if model.fusion_features:
         dec["network_weight"] = info["fusion"]["alpha"]  # as chosen (the model holds it in float32)
-    results = {"val": _prediction_frame(val, classes, val_logits, val_probs, fold, dec)}
+    half = val_deep if model.fusion_features else None  # calibrated by the network's own temperature
+    results = {"val": _prediction_frame(val, classes, val_logits, val_probs, fold, dec, half)}
     if model.fusion_features and len(val.rows):
         # weight, temperature and threshold are chosen; the radiomics half is refit on every training
         # patient (fit + inner validation), as the radiomics baselines are, before the test folds
@@ -291,9 +306,16 @@ def finish_fold(
         )
     for name, data in tests.items():
         if len(data.arrays):
-            lg = fused(data, deep_logits(data))
+            deep = deep_logits(data)  # calibrate_deep folded the network's temperature into its head
+            lg = fused(data, deep)
             results[name] = _prediction_frame(
-                data, classes, lg, apply_temperature(lg, temperature), fold, dec
+                data,
+                classes,
+                lg,
+                apply_temperature(lg, temperature),
+                fold,
+                dec,
+                deep if model.fusion_features else None,
             )
     return results, {**info, **dec}
 
