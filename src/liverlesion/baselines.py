@@ -455,8 +455,9 @@ def run_baselines_cli(manifest: str | Path, out: str | Path, cfg) -> dict[str, P
     Returns:
         ``{name: path of predictions.csv}``.
     """
+    from liverlesion.cv import check_manifest_folds, resolve_init  # local: heavy (torch)
     from liverlesion.manifest import read_manifest
-    from liverlesion.splits import check_folds, load_or_create_splits  # local: heavy (sklearn)
+    from liverlesion.splits import load_or_create_splits  # local: heavy (sklearn)
 
     manifest, out = Path(manifest), Path(out)
     if not manifest.is_file():
@@ -464,19 +465,9 @@ def run_baselines_cli(manifest: str | Path, out: str | Path, cfg) -> dict[str, P
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is a file; give a folder for the baseline results")
     # Validate, then work: the folds the patients can fill and, for frozen_lr, the network and its weights.
-    df = read_manifest(manifest)
-    check_folds(
-        int(df["patient_id"].astype(str).nunique()),
-        cfg.cv.folds,
-        cfg.train.val_fraction,
-        classes=list(df["lesion_class"].astype(str)),
-    )
-    if str(cfg.model.weights).lower() == "imagenet":
-        from liverlesion.model import check_model_config  # local: heavy (torch)
-        from liverlesion.weights import resolve_imagenet_weights  # local: heavy (timm)
-
-        check_model_config(cfg.model)
-        resolve_imagenet_weights(cfg.model.backbone)
+    check_manifest_folds(read_manifest(manifest), cfg)
+    if str(cfg.model.weights).lower() == "imagenet":  # otherwise frozen_lr is skipped: no network needed
+        resolve_init(cfg)
     print(f"liverlesion baselines: {DISCLAIMER}")
     # The patch index is the lesion table plus the npz file of each lesion: reading the
     # volumes once gives both.

@@ -196,7 +196,7 @@ def _hardware() -> dict[str, Any]:
     return {"cpu": cpu, "cores": cores, "gpu": gpu}
 
 
-def _resolve_init(cfg: Config) -> tuple[Any, str]:
+def resolve_init(cfg: Config) -> tuple[Any, str]:
     """Resolve the init once, up front, so the user sees it before training and folds reuse it.
 
     Returns:
@@ -215,16 +215,28 @@ def _resolve_init(cfg: Config) -> tuple[Any, str]:
     return None, init
 
 
+def check_manifest_folds(df: pd.DataFrame, cfg: Config) -> None:
+    """``cv.folds`` against a read manifest's patients and classes (``splits.check_folds``), before any work."""
+    from liverlesion.splits import check_folds  # local: heavy (sklearn)
+
+    check_folds(
+        int(df["patient_id"].astype(str).nunique()),
+        cfg.cv.folds,
+        cfg.train.val_fraction,
+        classes=list(df["lesion_class"].astype(str)),
+    )
+
+
 def check_run_settings(cfg: Config, n_patients: int, classes: list[str] | None = None) -> tuple[Any, str]:
     """Everything a run's settings can get wrong, checked before any work: folds, network, weights.
 
     Returns:
-        What ``_resolve_init`` gives (the resolved ImageNet weights or None, the init's description).
+        What ``resolve_init`` gives (the resolved ImageNet weights or None, the init's description).
     """
     from liverlesion.splits import check_folds  # local: heavy (sklearn)
 
     check_folds(n_patients, cfg.cv.folds, cfg.train.val_fraction, classes=classes)
-    return _resolve_init(cfg)
+    return resolve_init(cfg)
 
 
 def _start_run(manifest: str | Path, out: str | Path, cfg: Config, resume: bool, kind: str):
@@ -232,7 +244,7 @@ def _start_run(manifest: str | Path, out: str | Path, cfg: Config, resume: bool,
     manifest = Path(manifest)
     # Validate the manifest and its classes, the network's settings and its weights before creating anything.
     class_names_from(read_manifest(manifest))
-    resolved = _resolve_init(cfg)
+    resolved = resolve_init(cfg)
     rank = _init_distributed(cfg)
     out = Path(out)
     if rank == 0:  # under torchrun the first process sets the run folder up, the others wait for it
@@ -313,17 +325,12 @@ def run_cv(
         evaluate: Run ``evaluate_run`` at the end.
     """
     from liverlesion.data import load_patch_arrays  # local: heavy (torch)
-    from liverlesion.splits import check_folds, load_or_create_splits  # local: heavy (sklearn)
+    from liverlesion.splits import load_or_create_splits  # local: heavy (sklearn)
 
     # Validate, then work: the same fold checks as the CLI, before the run folder or patches exist.
     df = read_manifest(manifest)
     class_names_from(df)
-    check_folds(
-        int(df["patient_id"].astype(str).nunique()),
-        cfg.cv.folds,
-        cfg.train.val_fraction,
-        classes=list(df["lesion_class"].astype(str)),
-    )
+    check_manifest_folds(df, cfg)
     manifest, out, patch_dir, index, classes, resolved = _start_run(manifest, out, cfg, resume, "cv")
     for turn in ("first", "rest"):  # rank 0 writes splits.json, the other ranks then read it
         if (_init_distributed(cfg) == 0) == (turn == "first"):

@@ -23,7 +23,7 @@ from liverlesion.bootstrap import bootstrap_ci, curves, point_only
 from liverlesion.calibration import calibration_report, fold_temperatures
 from liverlesion.decision import parse_threshold_method
 from liverlesion.errors import UserError
-from liverlesion.metrics import binary_metrics, multiclass_metrics
+from liverlesion.metrics import binary_metrics, multiclass_metrics, roc_auc
 from liverlesion.predictions import (
     PredictionArrays,
     check_positive_class,
@@ -135,7 +135,7 @@ def summarize_predictions(
 
     fn = metric_fn(data, pred, n_bins)
     metrics = bootstrap_ci(fn, data.patients, n_bootstrap, seed, desc=f"{name}: bootstrap")
-    network_half = _network_half(df, data, classes, positive_class, n_bootstrap, seed, name)
+    network_half = _network_half(df, data, classes, n_bootstrap, seed, name)
 
     per_fold: dict[str, Any] = {}
     for f in sorted(set(data.folds), key=fold_sort_key):
@@ -226,7 +226,6 @@ def _network_half(
     df: pd.DataFrame,
     data: PredictionArrays,
     classes: list[str],
-    positive_class: str,
     n_bootstrap: int,
     seed: int,
     name: str,
@@ -241,9 +240,19 @@ def _network_half(
     if not np.isfinite(probs).all():
         return None
     half = dataclasses.replace(data, probs=probs / probs.sum(1, keepdims=True), logits=None)
-    fn = metric_fn(half, np.zeros(len(half.y), dtype=int), n_bins=10)
+    if half.binary:  # the AUC alone in the bootstrap loop, not every metric
+        y_pos, score = half.y == half.pos, half.probs[:, half.pos]
+
+        def fn(idx: np.ndarray) -> dict[str, float]:
+            return {"roc_auc": roc_auc(y_pos[idx], score[idx])}
+    else:
+        every = metric_fn(half, np.zeros(len(half.y), dtype=int), n_bins=10)
+
+        def fn(idx: np.ndarray) -> dict[str, float]:
+            return {"roc_auc": every(idx)["roc_auc"]}
+
     auc = bootstrap_ci(
-        lambda idx: {"roc_auc": fn(idx)["roc_auc"]},
+        fn,
         data.patients,
         n_bootstrap,
         seed,
