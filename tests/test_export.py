@@ -26,7 +26,8 @@ def _checkpoint(tmp_path, backbone, size, in_chans, temperature=None, patch=None
     """Save a random-init checkpoint; temperature None: scaled so probabilities are not saturated."""
     torch.manual_seed(0)
     cfg = Config()
-    cfg.model = ModelConfig(backbone=backbone, weights="none")
+    # image-only input (global pooling); the lesion-mask channel's export: test_model_pool.py
+    cfg.model = ModelConfig(backbone=backbone, weights="none", pool="global")
     cfg.patch.size_px = size
     model, _ = build_model(cfg.model, num_classes=len(CLASSES), in_chans=in_chans)
     model.apply_backbone_patch(patch)

@@ -18,7 +18,8 @@ torch.set_num_threads(1)
 
 
 def _none(backbone: str, **kw) -> ModelConfig:
-    return ModelConfig(backbone=backbone, weights="none", **kw)
+    # the image-only network (global pooling, the paper's); model.pool=lesion: test_model_pool.py
+    return ModelConfig(backbone=backbone, weights="none", **{"pool": "global", **kw})
 
 
 @pytest.fixture(scope="module")

@@ -124,7 +124,9 @@ def test_model_input_appends_the_mask_and_checks_it() -> None:
 
 
 def test_config_pool_choices() -> None:
-    assert Config().model.pool == "global"  # the paper's global average pooling stays the default
+    assert Config().model.pool == "lesion"  # the lesion's features (benchmarks/README.md)
+    assert load_config(preset="quick").model.pool == "lesion"
+    assert load_config(preset="paper").model.pool == "global"  # the paper's global average pooling
     assert load_config(overrides=["model.pool=LESION"]).model.pool == "lesion"
     with pytest.raises(UserError, match=r"^config model.pool='mean': unknown; choose one of global, lesion$"):
         load_config(overrides=["model.pool=mean"])

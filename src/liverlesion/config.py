@@ -57,9 +57,10 @@ class ModelConfig:
     # where the head reads the backbone: mid (second-to-last timm stage; inception_v3: Mixed_6e, 768
     # channels: mid-level features describe texture) | last (the paper: Mixed_7c, 2048) | a stage name
     features_from: str = "mid"
-    # how the feature map becomes one vector: global (average over the whole patch, the paper) | lesion
-    # (average inside the lesion mask, which the network then takes as one extra input channel)
-    pool: str = "global"
+    # how the feature map becomes one vector: lesion (average inside the lesion mask, which the network
+    # then takes as one extra input channel; the lesion's features, not the surrounding liver's) |
+    # global (average over the whole patch, the paper's GAP; the paper preset)
+    pool: str = "lesion"
     tta: str = "flips"  # test-time augmentation, identical in cv/predict/serve/export: flips | none
 
 
