@@ -294,3 +294,38 @@ def test_cv_cli_with_lesion_pooling(tmp_path, capsys) -> None:
     assert ckpt["pool"] == "lesion" and ckpt["in_chans"] == 3
     assert json.loads((run / "metrics.json").read_text())
     assert (run / "report.html").exists()
+
+
+def test_frozen_floor_is_the_same_features_with_or_without_the_lpft_cache(monkeypatch, tmp_path) -> None:
+    """cv's frozen_lr features: from the lpft cache, or (end_to_end, the paper preset) computed as
+    ``liverlesion baselines`` does; both are the globally pooled identity view, whatever model.pool is."""
+    import pandas as pd
+
+    import liverlesion.data
+    import liverlesion.model
+    from liverlesion.cv import _frozen_features
+    from liverlesion.lpft import build_cache
+
+    cfg = load_config(overrides={"model": {"pool": "lesion"}, "train": {"aug_views": 1}})
+    assert cfg.model.weights == "imagenet"
+    lesion_in = _inputs(4, pool="lesion")
+    image_in = [a[:, :3] for a in lesion_in]
+    index = pd.DataFrame({"lesion_id": [f"p{i}-L01" for i in range(4)], "file": [f"f{i}" for i in range(4)]})
+    built = []
+
+    def fake_build(mcfg, **kw):  # the same random weights, as the ImageNet ones would be
+        built.append(mcfg.pool)
+        return _net(mcfg.pool), "test weights"
+
+    monkeypatch.setattr(liverlesion.model, "build_model", fake_build)
+    monkeypatch.setattr(liverlesion.data, "load_patch_arrays", lambda d, t, pool="global": image_in)
+    cache = build_cache(_net("lesion"), lesion_in, cfg, n_top=1, progress=False)
+    from_cache = _frozen_features({"cache": cache}, index, cfg, tmp_path)
+    assert not built
+    computed = _frozen_features({}, index, cfg, tmp_path)  # no cache: the end_to_end recipe
+    assert built == ["global"]
+    assert list(computed["lesion_id"]) == list(index["lesion_id"]) == list(from_cache["lesion_id"])
+    np.testing.assert_allclose(computed.iloc[:, 1:].to_numpy(), from_cache.iloc[:, 1:].to_numpy(), atol=1e-5)
+    # without ImageNet weights there is no floor to show
+    cfg.model.weights = "none"
+    assert _frozen_features({}, index, cfg, tmp_path) is None

@@ -426,7 +426,7 @@ def _metrics_table(paths: dict[str, Path], classes: list[str], cfg) -> tuple[str
     return table, results
 
 
-def _frozen_table(cfg, patch_dir: Path, table: pd.DataFrame) -> pd.DataFrame | None:
+def frozen_lr_table(cfg, patch_dir: Path, table: pd.DataFrame) -> pd.DataFrame | None:
     """Frozen ImageNet features of every lesion (the ``frozen_lr`` baseline); None without ImageNet weights."""
     if str(cfg.model.weights).lower() != "imagenet":
         print("frozen_lr: skipped (model.weights is not imagenet)")
@@ -488,7 +488,7 @@ def run_baselines_cli(manifest: str | Path, out: str | Path, cfg) -> dict[str, P
         runs.baselines_dir(out),
         positive_class=cfg.eval.positive_class,
         seed=cfg.cv.seed,
-        frozen=_frozen_table(cfg, patch_dir, table),
+        frozen=frozen_lr_table(cfg, patch_dir, table),
     )
     text, results = _metrics_table(paths, classes, cfg)
     write_json(

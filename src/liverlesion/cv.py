@@ -296,7 +296,12 @@ def _announce_init(
 ) -> tuple[dict, Any]:
     imagenet, init = resolved
     fusion = " + radiomics late fusion" if cfg.model.fusion == "radiomics" else ""
-    print(f"Network: {cfg.model.backbone} + paper head{fusion}; recipe {cfg.train.recipe}; init: {init}")
+    pool = (
+        "features pooled inside the lesion mask" if cfg.model.pool == "lesion" else "global average pooling"
+    )
+    print(
+        f"Network: {cfg.model.backbone} ({pool}) + paper head{fusion}; recipe {cfg.train.recipe}; init: {init}"
+    )
     info = _run_info(manifest, patch_dir, classes, cfg, init, kind)
     write_json(runs.run_info_path(out), info)
     return info, imagenet
@@ -421,7 +426,7 @@ def run_cv(
             runs.baselines_dir(out),
             positive_class=cfg.eval.positive_class,
             seed=cfg.cv.seed,
-            frozen=_frozen_features(shared, index, cfg),
+            frozen=_frozen_features(shared, index, cfg, patch_dir),
         )
     if evaluate:
         from liverlesion.evaluate import evaluate_run  # local: heavy (scipy)
@@ -430,11 +435,19 @@ def run_cv(
     return out
 
 
-def _frozen_features(shared: dict[str, Any], index: pd.DataFrame, cfg: Config) -> pd.DataFrame | None:
-    """Frozen ImageNet features (identity view, mean over samples) for the frozen_lr baseline."""
+def _frozen_features(
+    shared: dict[str, Any], index: pd.DataFrame, cfg: Config, patch_dir: Path
+) -> pd.DataFrame | None:
+    """Frozen ImageNet features (identity view, mean over samples) for the frozen_lr baseline.
+
+    lpft has them in its cache; other recipes (``end_to_end``, the paper preset) compute them as
+    ``liverlesion baselines`` does, so every run shows the frozen-feature floor.
+    """
     cache = shared.get("cache")
     if cache is None or cfg.model.weights.lower() != "imagenet":
-        return None
+        from liverlesion.baselines import frozen_lr_table  # local: heavy (torch)
+
+        return frozen_lr_table(cfg, patch_dir, index)  # or None, saying why (not ImageNet weights)
     from liverlesion.features import frozen_table  # local: heavy (scipy)
 
     # global pooling whatever model.pool is: the issue's "frozen ImageNet + LR" floor
