@@ -58,19 +58,12 @@ def _num(x) -> str:
     return "n/a" if x is None else f"{x:+.3f}"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--difficulties", type=float, nargs="+", default=[0.0, 1.0, 2.0])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    ap.add_argument("--patients", type=int, default=63)
-    ap.add_argument("--lesions", type=int, default=230)
-    ap.add_argument("--out", type=Path, default=Path("/tmp/bench_accuracy"))
-    args = ap.parse_args()
-
+def run_grid(args, make_cohort, label: str = "") -> None:
+    """``liverlesion cv`` of every variant on every cohort (difficulty x seed), with the baselines of
+    the same folds; prints one JSON row per run and a Markdown table. ``make_cohort(folder, seed,
+    difficulty)`` writes ``folder/manifest.csv`` (called only where it is missing)."""
     from liverlesion.config import load_config
     from liverlesion.cv import run_cv
-    from liverlesion.synth import generate_cohort
 
     print(json.dumps({"machine": cpu_info()}))
     t_all = time.time()
@@ -79,7 +72,9 @@ def main() -> None:
         for seed in args.seeds:
             cohort = args.out / f"cohort_d{d:g}_s{seed}"
             if not (cohort / "manifest.csv").exists():
-                generate_cohort(cohort, patients=args.patients, lesions=args.lesions, seed=seed, difficulty=d)
+                t0 = time.time()
+                make_cohort(cohort, seed, d)
+                print(json.dumps({"cohort_seconds": round(time.time() - t0)}))
             for i, v in enumerate(args.variants):
                 run = args.out / f"run_d{d:g}_s{seed}_{v}"
                 cfg = load_config(preset="quick", overrides=VARIANTS[v])
@@ -91,10 +86,12 @@ def main() -> None:
                 bases = m["baselines"]
                 cmp = m.get("comparison") or {}
                 best = cmp.get("b", "?")
+                half = ((m["network"].get("network_half") or {}).get("metrics") or {}).get("roc_auc")
                 row = {
-                    "cohort": f"d{d:g} s{seed}",
+                    "cohort": f"{label}d{d:g} s{seed}",
                     "method": v,
                     "auc": _ci(m["network"]["metrics"].get("roc_auc")),
+                    "network_half_auc": _ci(half) if half else "",
                     "accuracy": _ci(m["network"]["metrics"].get("accuracy")),
                     "f1": _ci(m["network"]["metrics"].get("f1")),
                     "vs_best": f"{best}: {_num(cmp.get('difference'))} "
@@ -108,21 +105,36 @@ def main() -> None:
                     for b, bm in bases.items():
                         rows.append(
                             {
-                                "cohort": f"d{d:g} s{seed}",
+                                "cohort": row["cohort"],
                                 "method": f"baseline {b}",
                                 "auc": _ci(bm["metrics"].get("roc_auc")),
                                 "accuracy": _ci(bm["metrics"].get("accuracy")),
                                 "f1": _ci(bm["metrics"].get("f1")),
-                                "vs_best": "",
-                                "seconds": "",
-                                "coverage": "",
                             }
                         )
-    cols = ["cohort", "method", "auc", "accuracy", "f1", "vs_best", "coverage", "seconds"]
+    cols = ["cohort", "method", "auc", "network_half_auc", "accuracy", "f1", "vs_best", "coverage", "seconds"]
     print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in rows:
-        print("| " + " | ".join(str(r[c]) for c in cols) + " |")
+        print("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
     print(f"\nwall time {time.time() - t_all:.0f} s")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--difficulties", type=float, nargs="+", default=[0.0, 1.0, 2.0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--patients", type=int, default=63)
+    ap.add_argument("--lesions", type=int, default=230)
+    ap.add_argument("--out", type=Path, default=Path("/tmp/bench_accuracy"))
+    args = ap.parse_args()
+
+    from liverlesion.synth import generate_cohort
+
+    def make(folder: Path, seed: int, d: float) -> None:
+        generate_cohort(folder, patients=args.patients, lesions=args.lesions, seed=seed, difficulty=d)
+
+    run_grid(args, make)
 
 
 if __name__ == "__main__":

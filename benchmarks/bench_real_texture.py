@@ -31,12 +31,10 @@ import json
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
-from _common import cpu_info
-from bench_accuracy import VARIANTS, _ci, _num
+from bench_accuracy import VARIANTS, run_grid
 from scipy import ndimage
 
 DEFAULT_IRCADB = Path(__file__).resolve().parents[1].parent / "shared/data/3Dircadb1/3Dircadb1.1"
@@ -97,7 +95,7 @@ class RealLiver:
 
 def make_cohort(src: Path, out: Path, patients: int, lesions: int, seed: int, difficulty: float) -> Path:
     """Write ``out/manifest.csv`` with ``patients`` studies of the real liver and new lesions."""
-    from liverlesion.synth.cohort import _write_nifti, allocate_lesions
+    from liverlesion.synth.cohort import _write_nifti, allocate_lesions, manifest_row
     from liverlesion.synth.lesions import LesionPainter
 
     class Painter(RealLiver, LesionPainter):
@@ -121,16 +119,7 @@ def make_cohort(src: Path, out: Path, patients: int, lesions: int, seed: int, di
         origin = (float(ph.grid.x[0]), float(ph.grid.y[0]), float(ph.grid.z[0]))
         _write_nifti(img, spacing, origin, out / "images" / f"{pid}.nii.gz")
         _write_nifti(labels, spacing, origin, out / "masks" / f"{pid}.nii.gz")
-        for les in truth:
-            rows.append(
-                {
-                    "patient_id": pid,
-                    "image": f"images/{pid}.nii.gz",
-                    "mask": f"masks/{pid}.nii.gz",
-                    "label": les.label,
-                    "lesion_class": les.lesion_class,
-                }
-            )
+        rows += [manifest_row(pid, les) for les in truth]
     with open(out / "manifest.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
@@ -165,54 +154,10 @@ def main() -> None:
             f"{args.ircadb}: not found; pass --ircadb with one 3Dircadb1.N patient folder (3D-IRCADb-01)"
         )
 
-    from liverlesion.config import load_config
-    from liverlesion.cv import run_cv
+    def make(folder: Path, seed: int, d: float) -> None:
+        make_cohort(args.ircadb, folder, args.patients, args.lesions, seed, d)
 
-    print(json.dumps({"machine": cpu_info()}))
-    t_all = time.time()
-    rows = []
-    for d in args.difficulties:
-        for seed in args.seeds:
-            cohort = args.out / f"cohort_d{d:g}_s{seed}"
-            if not (cohort / "manifest.csv").exists():
-                t0 = time.time()
-                make_cohort(args.ircadb, cohort, args.patients, args.lesions, seed, d)
-                print(json.dumps({"cohort_seconds": round(time.time() - t0)}))
-            for i, v in enumerate(args.variants):
-                run = args.out / f"run_d{d:g}_s{seed}_{v}"
-                t0 = time.time()
-                if not (run / "metrics.json").exists():
-                    cfg = load_config(preset="quick", overrides=VARIANTS[v])
-                    run_cv(cohort / "manifest.csv", run, cfg, resume=run.exists(), baselines=True)
-                m = json.loads((run / "metrics.json").read_text())
-                cmp = m.get("comparison") or {}
-                row = {
-                    "cohort": f"real-texture d{d:g} s{seed}",
-                    "method": v,
-                    "auc": _ci(m["network"]["metrics"].get("roc_auc")),
-                    "vs_best": f"{cmp.get('b', '?')}: {_num(cmp.get('difference'))} "
-                    f"[{_num(cmp.get('ci_low'))}, {_num(cmp.get('ci_high'))}]",
-                    "seconds": round(time.time() - t0),
-                }
-                half = ((m["network"].get("network_half") or {}).get("metrics") or {}).get("roc_auc")
-                if half:
-                    row["network_half"] = _ci(half)
-                rows.append(row)
-                print(json.dumps(row))
-                if i == 0:
-                    for b, bm in m["baselines"].items():
-                        rows.append(
-                            {
-                                "cohort": row["cohort"],
-                                "method": f"baseline {b}",
-                                "auc": _ci(bm["metrics"].get("roc_auc")),
-                            }
-                        )
-    cols = ["cohort", "method", "auc", "network_half", "vs_best", "seconds"]
-    print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
-    for r in rows:
-        print("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
-    print(f"\nwall time {time.time() - t_all:.0f} s")
+    run_grid(args, make, label="real-texture ")
 
 
 if __name__ == "__main__":

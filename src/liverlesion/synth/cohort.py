@@ -19,6 +19,7 @@ from liverlesion.synth.anatomy import IN_PLANE_PX
 from liverlesion.synth.lesions import (
     DEFAULT_CLASSES,
     HAEMANGIOMA,
+    SynthLesion,
     allocate_classes,
     class_counts,
     parse_classes,
@@ -84,15 +85,7 @@ def _write_patient(
         sums = np.bincount(pat.labels.ravel(), weights=pat.hu.ravel(), minlength=len(classes) + 1)
     rows, truth = [], []
     for les in pat.lesions:
-        rows.append(
-            {
-                "patient_id": pid,
-                "image": f"images/{pid}.nii.gz",
-                "mask": f"masks/{pid}.nii.gz",
-                "label": les.label,
-                "lesion_class": les.lesion_class,
-            }
-        )
+        rows.append(manifest_row(pid, les))
         truth.append(
             {
                 "patient_id": pid,
@@ -113,6 +106,17 @@ def _write_patient(
         if les.lesion_class == HAEMANGIOMA:
             truth[-1].update(fill=round(les.fill, 3), scar=les.scar)
     return rows, truth
+
+
+def manifest_row(pid: str, lesion: SynthLesion) -> dict[str, Any]:
+    """One lesion's manifest row, with the cohort's file layout (``images/PID.nii.gz``, ``masks/PID.nii.gz``)."""
+    return {
+        "patient_id": pid,
+        "image": f"images/{pid}.nii.gz",
+        "mask": f"masks/{pid}.nii.gz",
+        "label": lesion.label,
+        "lesion_class": lesion.lesion_class,
+    }
 
 
 def _single_thread_blas():
