@@ -220,3 +220,29 @@ def test_end_to_end_recipe_trains_a_lesion_pooling_network(tmp_path):
     assert meta["pool"] == "lesion" and meta["in_chans"] == 3
     probs = apply_temperature(lesion_logits(model, test.arrays, tta="flips"), meta["temperature"])
     np.testing.assert_allclose(res["test"]["prob_metastasis"].to_numpy(), probs[:, 1], atol=1e-5)
+
+
+def test_end_to_end_recipe_trains_a_fusion_model(tmp_path):
+    """model.fusion=radiomics with the end_to_end recipe: training optimises the network half (the
+    radiomics branch is fitted afterwards), and the checkpoint is the fused model."""
+    torch.set_num_threads(2)
+    index, arrays = _toy(8, 3)
+    classes = ["cyst", "metastasis"]
+    patients = sorted(index["patient_id"].unique())
+    cfg = _cfg(1)
+    cfg.model.fusion = "radiomics"
+    rng = np.random.default_rng(0)
+    extra = np.stack([[float(a[0, 0].mean()), rng.normal()] for a in arrays])  # a density and noise
+    shared = {"extra": extra, "extra_names": ["mean_density", "noise"]}
+    fit = fold_subset(index, arrays, classes, patients[:5])
+    val = fold_subset(index, arrays, classes, patients[5:7])
+    test = fold_subset(index, arrays, classes, patients[7:])
+    res = train_fold(tmp_path / "f", fit, val, {"test": test}, classes, cfg, 0, {}, shared=shared)
+    from liverlesion.model import load_checkpoint
+
+    model, meta = load_checkpoint(tmp_path / "f" / "model.pt")
+    assert list(model.fusion_features) == ["mean_density", "noise"]
+    assert 0.0 <= float(model.fusion_alpha) <= 1.0
+    out = res["test"]
+    assert {"network_prob_cyst", "network_prob_metastasis"} <= set(out.columns)
+    assert np.isfinite(out["prob_metastasis"]).all() and np.isfinite(out["network_prob_metastasis"]).all()

@@ -107,7 +107,7 @@ def _network_part_class():
             self.net = net
 
         def forward(self, x):
-            return self.net.head(self.net.features(x))
+            return self.net.network_logits(x)
 
     return NetworkPart
 

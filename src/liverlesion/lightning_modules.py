@@ -39,7 +39,8 @@ class LesionModule(pl.LightningModule):
         _weights_buffer(self, class_weights)
 
     def forward(self, x):
-        return self.model(x)
+        # the network half: a fusion model's radiomics branch is fitted after training (train.finish_fold)
+        return self.model.network_logits(x)
 
     def on_train_batch_start(self, batch, batch_idx):
         # Small batches of a few hundred lesions make BatchNorm's running statistics noisy

@@ -186,7 +186,12 @@ class LesionNet(nn.Module):
         ``pool="lesion"``: ``(N, in_chans + 1, H, W)``, the lesion mask last (``model_input``).
         A fusion model also needs ``extra``: its ``fusion_features`` per sample ``(N, F)`` (NaN = missing).
         """
-        return self.fuse(self.head(self.features(x)), extra)
+        return self.fuse(self.network_logits(x), extra)
+
+    def network_logits(self, x: Tensor) -> Tensor:
+        """The network half's logits (backbone -> pooling -> the paper's head), before any fusion:
+        what end-to-end training optimises and Grad-CAM explains."""
+        return self.head(self.features(x))
 
     def fuse(self, deep_logits: Tensor, extra: Tensor | None) -> Tensor:
         """Combine the network's logits with the fusion branch (identity for a plain network)."""

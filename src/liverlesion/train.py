@@ -363,7 +363,7 @@ def _resume_checkpoint(last: Path) -> str | None:
 def _full_deep_logits(model, cfg: Config):
     def fn(data: FoldData) -> np.ndarray:
         model.eval()
-        return lesion_logits(lambda x, _e: model.head(model.features(x)), data.arrays, tta=cfg.model.tta)
+        return lesion_logits(lambda x, _e: model.network_logits(x), data.arrays, tta=cfg.model.tta)
 
     return fn
 
