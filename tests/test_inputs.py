@@ -53,6 +53,20 @@ def test_predict_refuses_bad_diameter_before_loading_models(tmp_path, capsys, ti
     assert empty_or_missing(out)
 
 
+def test_a_point_split_at_negative_numbers_says_how_to_write_it(tmp_path, capsys, tiny_nifti):
+    """LPS x is negative on the patient's right: ``--point -69 -18 36`` made click report "no such
+    option '-1'"; it now says what the token is and how to write a point."""
+    image, _ = tiny_nifti
+    out = tmp_path / "out"
+    args = ["predict", "--model", tmp_path / "m.pt", "--image", image, "-o", out, "--diameter", "10"]
+    err = cli_fails(
+        capsys, [*args, "--point", "-69.2", "-18.3", "36.3"], "'-18.3'", "--point=-69.2,-18.3,36.3"
+    )
+    assert "No such option" not in err and empty_or_missing(out)
+    err = cli_fails(capsys, [*args, "--no-such-flag"], "--no-such-flag")  # a real unknown option stays so
+    assert "No such option" in err
+
+
 def test_inspect_refuses_huge_click_diameter_in_manifest(tmp_path, capsys, tiny_nifti):
     m = write_manifest(
         tmp_path / "m.csv",

@@ -8,6 +8,7 @@ exit code 2, without a traceback.
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -370,6 +371,18 @@ def baselines(
 from liverlesion import cli_import, cli_predict  # noqa: E402, F401
 
 
+def _negative_number(option: str, argv: list[str] | None) -> str | None:
+    """What to say when click took a negative number (``-18.3``, LPS x of a point on the patient's
+    right) for an option: a point is one argument, ``x,y,z``; None for a genuinely unknown option."""
+    if not re.match(r"^-\d", option or ""):
+        return None
+    token = next((a for a in (sys.argv[1:] if argv is None else argv) if str(a).startswith(option)), option)
+    return (
+        f"{token!r} is a negative number where an option was expected; a point is one argument, x,y,z "
+        "separated by commas and no spaces (e.g. --point=-69.2,-18.3,36.3)"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turning user errors into one-line messages."""
     NOTES.clear()
@@ -397,6 +410,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # click's own usage errors
         import click
 
+        if isinstance(e, click.exceptions.NoSuchOption) and _negative_number(e.option_name, argv):
+            typer.echo(f"liverlesion: error: {_negative_number(e.option_name, argv)}", err=True)
+            return e.exit_code
         if isinstance(e, click.exceptions.ClickException):
             e.show()
             return e.exit_code

@@ -53,7 +53,12 @@ def predict(
         ),
     ] = None,
     point: Annotated[
-        Optional[str], typer.Option("--point", help="Click x,y,z in LPS mm.", show_default="none")
+        Optional[str],
+        typer.Option(
+            "--point",
+            help="Click x,y,z in LPS mm, one argument (e.g. --point=-69.2,-18.3,36.3).",
+            show_default="none",
+        ),
     ] = None,
     diameter: Annotated[
         Optional[float],
