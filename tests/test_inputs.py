@@ -63,6 +63,10 @@ def test_a_point_split_at_negative_numbers_says_how_to_write_it(tmp_path, capsys
         capsys, [*args, "--point", "-69.2", "-18.3", "36.3"], "'-18.3'", "--point=-69.2,-18.3,36.3"
     )
     assert "No such option" not in err and empty_or_missing(out)
+    err = cli_fails(
+        capsys, [*args, "--point", "12", "18", "36"], "--point 12 18 36", "--point=-69.2,-18.3,36.3"
+    )
+    assert "unexpected extra" not in err
     err = cli_fails(capsys, [*args, "--no-such-flag"], "--no-such-flag")  # a real unknown option stays so
     assert "No such option" in err
 

@@ -370,17 +370,27 @@ def baselines(
 # the import group and the inference commands register after the ones above (the --help order)
 from liverlesion import cli_import, cli_predict  # noqa: E402, F401
 
+_POINT_FORM = (
+    "a point is one argument, x,y,z separated by commas and no spaces (e.g. --point=-69.2,-18.3,36.3)"
+)
 
-def _negative_number(option: str, argv: list[str] | None) -> str | None:
-    """What to say when click took a negative number (``-18.3``, LPS x of a point on the patient's
-    right) for an option: a point is one argument, ``x,y,z``; None for a genuinely unknown option."""
-    if not re.match(r"^-\d", option or ""):
-        return None
-    token = next((a for a in (sys.argv[1:] if argv is None else argv) if str(a).startswith(option)), option)
-    return (
-        f"{token!r} is a negative number where an option was expected; a point is one argument, x,y,z "
-        "separated by commas and no spaces (e.g. --point=-69.2,-18.3,36.3)"
-    )
+
+def _split_point(e: Exception, argv: list[str] | None) -> str | None:
+    """What to say when a point was written as separate numbers (``--point 12 18 36``, or ``-69.2``,
+    LPS x on the patient's right, which click takes for an option); None for any other usage error."""
+    import click
+
+    args = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+    number = re.compile(r"^-?\d+(\.\d*)?([eE][-+]?\d+)?$")
+    if isinstance(e, click.exceptions.NoSuchOption) and re.match(r"^-\d", e.option_name or ""):
+        token = next((a for a in args if a.startswith(e.option_name)), e.option_name)
+        return f"{token!r} is a negative number where an option was expected; {_POINT_FORM}"
+    if isinstance(e, click.exceptions.UsageError) and "--point" in args:
+        i = args.index("--point")
+        extra = [a for a in args[i + 2 : i + 4] if number.match(a)]
+        if extra and "unexpected extra argument" in str(e.message):
+            return f"--point {' '.join(args[i + 1 : i + 2 + len(extra)])}: {_POINT_FORM}"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -410,8 +420,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # click's own usage errors
         import click
 
-        if isinstance(e, click.exceptions.NoSuchOption) and _negative_number(e.option_name, argv):
-            typer.echo(f"liverlesion: error: {_negative_number(e.option_name, argv)}", err=True)
+        hint = _split_point(e, argv)
+        if hint and isinstance(e, click.exceptions.ClickException):
+            typer.echo(f"liverlesion: error: {hint}", err=True)
             return e.exit_code
         if isinstance(e, click.exceptions.ClickException):
             e.show()
