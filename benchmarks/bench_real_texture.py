@@ -26,7 +26,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import shutil
 import sys
@@ -34,6 +33,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from bench_accuracy import VARIANTS, run_grid
 from scipy import ndimage
 
@@ -95,6 +95,7 @@ class RealLiver:
 
 def make_cohort(src: Path, out: Path, patients: int, lesions: int, seed: int, difficulty: float) -> Path:
     """Write ``out/manifest.csv`` with ``patients`` studies of the real liver and new lesions."""
+    from liverlesion.fileio import write_csv
     from liverlesion.synth.cohort import _write_nifti, allocate_lesions, manifest_row
     from liverlesion.synth.lesions import LesionPainter
 
@@ -120,10 +121,7 @@ def make_cohort(src: Path, out: Path, patients: int, lesions: int, seed: int, di
         _write_nifti(img, spacing, origin, out / "images" / f"{pid}.nii.gz")
         _write_nifti(labels, spacing, origin, out / "masks" / f"{pid}.nii.gz")
         rows += [manifest_row(pid, les) for les in truth]
-    with open(out / "manifest.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(out / "manifest.csv", pd.DataFrame(rows))  # atomic: written last, so its presence means done
     print(
         json.dumps(
             {

@@ -375,7 +375,7 @@ _POINT_FORM = (
 )
 
 
-def _split_point(e: Exception, argv: list[str] | None) -> str | None:
+def _split_point(e, argv: list[str] | None) -> str | None:
     """What to say when a point was written as separate numbers (``--point 12 18 36``, or ``-69.2``,
     LPS x on the patient's right, which click takes for an option); None for any other usage error."""
     import click
@@ -420,12 +420,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # click's own usage errors
         import click
 
-        hint = _split_point(e, argv)
-        if hint and isinstance(e, click.exceptions.ClickException):
-            typer.echo(f"liverlesion: error: {hint}", err=True)
-            return e.exit_code
         if isinstance(e, click.exceptions.ClickException):
-            e.show()
+            hint = _split_point(e, argv)
+            if hint:
+                typer.echo(f"liverlesion: error: {hint}", err=True)
+            else:
+                e.show()
             return e.exit_code
         if isinstance(e, click.exceptions.Abort):
             typer.echo("liverlesion: aborted", err=True)
