@@ -127,7 +127,7 @@ def save_checkpoint(
         model: The trained model.
         config: Resolved config; stored as a dict.
         class_names: Class names in logit order.
-        in_chans: Image channels the model takes (a ``pool="lesion"`` model also takes the mask channel).
+        in_chans: Image channels the model takes (a model pooling by the lesion also takes the mask channel).
         **extra: ``temperature`` (default 1.0), ``threshold`` (default 0.5), ``positive_class``
             (default ``config.eval.positive_class`` if it is a class), ``fold`` (default None) and any
             other plain values to store.
@@ -145,7 +145,7 @@ def save_checkpoint(
         "backbone_patch": model.backbone_patch,
         "fusion_features": list(model.fusion_features),
         "features_from": model.features_from,
-        "pool": model.pool,  # global | lesion (input: in_chans image channels + 1 lesion-mask channel)
+        "pool": model.pool,  # global | lesion | lesion_context (the last two: + 1 lesion-mask channel)
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "versions": _plain(_versions()),
         "temperature": 1.0,

@@ -26,7 +26,7 @@ from liverlesion.domain import stats_table
 from liverlesion.errors import UserError
 from liverlesion.fileio import write_csv, write_json
 from liverlesion.manifest import read_manifest
-from liverlesion.model_input import image_chans
+from liverlesion.model_input import POOL_TEXT, image_chans
 from liverlesion.train import fold_subset, train_fold
 from liverlesion.versions import library_versions
 
@@ -296,9 +296,7 @@ def _announce_init(
 ) -> tuple[dict, Any]:
     imagenet, init = resolved
     fusion = " + radiomics late fusion" if cfg.model.fusion == "radiomics" else ""
-    pool = (
-        "features pooled inside the lesion mask" if cfg.model.pool == "lesion" else "global average pooling"
-    )
+    pool = f"features {POOL_TEXT[cfg.model.pool]}"
     print(
         f"Network: {cfg.model.backbone} ({pool}) + paper head{fusion}; recipe {cfg.train.recipe}; init: {init}"
     )

@@ -27,7 +27,7 @@ from liverlesion.errors import UserError
 from liverlesion.fileio import atomic_path, write_json
 from liverlesion.inference import tta_flips
 from liverlesion.model import checkpoint_hash, load_checkpoint
-from liverlesion.model_input import checkpoint_pool, input_chans, model_input
+from liverlesion.model_input import checkpoint_pool, input_chans, model_input, takes_mask
 
 FORMATS = ("onnx", "torchscript")
 ONNX_OPSET = 17
@@ -72,7 +72,7 @@ def export_metadata(
     cfg = meta.get("config", {})
     pool = checkpoint_pool(meta)
     rng = "[0, 1]: HU windowed with patch.window_center / window_width (see patch)"
-    if pool == "lesion":
+    if takes_mask(pool):
         rng += f"; channel {in_chans} (the last): the lesion mask, 1 inside and 0 outside"
     return {
         "disclaimer": DISCLAIMER,

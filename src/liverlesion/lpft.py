@@ -29,6 +29,7 @@ from torch import nn
 from liverlesion import runs
 from liverlesion.config import Config
 from liverlesion.inference import lesion_logits, tta_flips
+from liverlesion.model_input import takes_mask
 from liverlesion.progress import lightning_progress, progress_bar
 
 
@@ -59,14 +60,14 @@ def build_cache(model, arrays: list[np.ndarray], cfg: Config, n_top: int, progre
     """Run the frozen lower backbone over every lesion's TTA and augmented views (once per run).
 
     ``arrays`` are the model inputs (:func:`~liverlesion.model_input.model_input`): with
-    ``model.pool=lesion`` their last channel is the lesion mask, flipped and augmented with the
+    a lesion pooling (``model.pool``) their last channel is the lesion mask, flipped and augmented with the
     image, so each view is pooled with its own mask and its cached activations carry its pooling
     weights (:meth:`~liverlesion.model.LesionNet.forward_lower`).
     """
     from liverlesion.data import Augment  # local: heavy (scipy)
 
     t = cfg.train
-    n_mask = 1 if model.pool == "lesion" else 0
+    n_mask = int(takes_mask(model.pool))
     aug = (
         Augment(True, t.aug_rotate_deg, t.aug_scale, t.aug_intensity, n_mask=n_mask)
         if t.aug_views > 0

@@ -8,7 +8,9 @@ mean = std = 0.5, i.e. ``[-1, 1]`` like Google's TF Inception.
 Head (Romero et al. 2019): global average pooling -> FC 512 -> ReLU -> Dropout 0.4 -> FC 512 ->
 ReLU -> FC (classes); softmax is applied by the loss / at prediction.
 
-``pool="lesion"`` (``model.pool``) replaces the global average by the mean inside the lesion: the
+``pool="lesion"`` (``model.pool``) replaces the global average by the mean inside the lesion, and
+``pool="lesion_context"`` by that mean and the mean over the rest of the patch (the margin of tissue
+around the lesion) side by side, so the head reads the lesion against its surroundings: the
 input then carries the lesion mask as one extra channel after the image channels
 (:mod:`liverlesion.model_input`), which is split off before normalisation and never reaches the
 backbone; the mask, area-downsampled to the feature map (the numbers of ``adaptive_avg_pool2d``,
@@ -34,7 +36,7 @@ from liverlesion.backbone_weights import init_from_file, load_backbone
 from liverlesion.checkpoint import checkpoint_hash, read_checkpoint, save_checkpoint
 from liverlesion.config import ModelConfig, config_from_dict
 from liverlesion.errors import UserError
-from liverlesion.model_input import POOLS, checkpoint_pool, input_chans
+from liverlesion.model_input import POOLS, checkpoint_pool, input_chans, takes_mask
 
 __all__ = ["LesionNet", "build_model", "checkpoint_hash", "load_checkpoint", "save_checkpoint"]
 
@@ -78,11 +80,13 @@ class LesionNet(nn.Module):
         self.backbone_patch: str | None = None  # e.g. weights.TF_POOLING_PATCH; saved in checkpoints
         self.backbone = _create_backbone(backbone, in_chans, init_backbone)
         self.features_from, self._cut, self.num_features = _feature_cut(self.backbone, features_from)
+        # what the head reads: one pooled vector, or (lesion_context) the lesion's and its margin's
+        self.pooled_features = self.num_features * (2 if pool == "lesion_context" else 1)
         cfg = getattr(self.backbone, "pretrained_cfg", None) or {}
         self.register_buffer("input_mean", _per_channel(mean or cfg.get("mean") or (0.5,) * 3, in_chans))
         self.register_buffer("input_std", _per_channel(std or cfg.get("std") or (0.5,) * 3, in_chans))
         self.head = nn.Sequential(
-            nn.Linear(self.num_features, head_hidden),
+            nn.Linear(self.pooled_features, head_hidden),
             nn.ReLU(inplace=True),
             nn.Dropout(dropout),
             nn.Linear(head_hidden, head_hidden),
@@ -123,16 +127,16 @@ class LesionNet(nn.Module):
 
     @property
     def input_chans(self) -> int:
-        """Channels the network takes: the image's, plus the lesion-mask channel for ``pool="lesion"``."""
+        """Channels the network takes: the image's, plus the lesion-mask channel where ``pool`` reads it."""
         return input_chans(self.in_chans, self.pool)
 
     def split_input(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        """``(image, mask)`` of an input: the first ``in_chans`` channels and (``pool="lesion"``) the mask."""
-        if self.pool != "lesion":
+        """``(image, mask)`` of an input: the first ``in_chans`` channels and (pooling by the lesion) the mask."""
+        if not takes_mask(self.pool):
             return x, None
         if x.shape[1] != self.in_chans + 1:
             raise UserError(
-                f"input of {x.shape[1]} channels: this model pools inside the lesion and takes "
+                f"input of {x.shape[1]} channels: this model pools by the lesion mask and takes "
                 f"{self.in_chans} image channels + 1 lesion-mask channel (see liverlesion.model_input)"
             )
         return x[:, : self.in_chans], x[:, self.in_chans :]
@@ -156,13 +160,17 @@ class LesionNet(nn.Module):
         return h
 
     def features(self, x: Tensor) -> Tensor:
-        """Pooled backbone features ``(N, num_features)``: global, or inside the lesion (``pool``)."""
+        """Pooled backbone features ``(N, pooled_features)``: global, inside the lesion, or inside the
+        lesion and over the margin around it, side by side (``pool``)."""
         _, mask = self.split_input(x)
         return self._pool(self.feature_map(x), mask)
 
     def _pool(self, f: Tensor, mask: Tensor | None = None) -> Tensor:
         if mask is not None:
-            return lesion_pool(self._nchw(f), mask)
+            f = self._nchw(f)
+            if self.pool == "lesion_context":
+                return torch.cat([lesion_pool(f, mask), lesion_pool(f, 1.0 - mask)], dim=1)
+            return lesion_pool(f, mask)
         if f.ndim == 4:
             return self._nchw(f).mean(dim=(2, 3))
         if f.ndim == 3:  # transformer tokens (N, L, C)
@@ -172,7 +180,7 @@ class LesionNet(nn.Module):
     def _nchw(self, f: Tensor) -> Tensor:
         if f.ndim != 4:
             raise UserError(
-                f"model.pool=lesion: {self.backbone_name}'s features have no spatial map to weight by the "
+                f"model.pool={self.pool}: {self.backbone_name}'s features have no spatial map to weight by the "
                 "lesion mask; use a CNN backbone or model.pool=global"
             )
         # timm CNNs are NCHW; a few (e.g. Swin) return NHWC
@@ -183,7 +191,7 @@ class LesionNet(nn.Module):
     def forward(self, x: Tensor, extra: Tensor | None = None) -> Tensor:
         """Logits ``(N, num_classes)`` for patches ``(N, in_chans, H, W)`` in ``[0, 1]``.
 
-        ``pool="lesion"``: ``(N, in_chans + 1, H, W)``, the lesion mask last (``model_input``).
+        Pooling by the lesion: ``(N, in_chans + 1, H, W)``, the lesion mask last (``model_input``).
         A fusion model also needs ``extra``: its ``fusion_features`` per sample ``(N, F)`` (NaN = missing).
         """
         return self.fuse(self.network_logits(x), extra)
@@ -240,7 +248,7 @@ class LesionNet(nn.Module):
     def forward_lower(self, x: Tensor, n_top: int) -> Tensor:
         """Activations below the last ``n_top`` blocks for ``[0, 1]`` input (cached during lpft).
 
-        With ``pool="lesion"`` one more channel follows the activations: the pooling weights (the
+        Pooling by the lesion, one more channel follows the activations: the pooling weights (the
         mask area-downsampled to the final feature map), zero-padded into its top-left corner, so
         :meth:`forward_upper` pools each cached view with its own mask.
         """
@@ -254,7 +262,7 @@ class LesionNet(nn.Module):
         size = self._final_size(h, n_top)
         if size[0] > h.shape[2] or size[1] > h.shape[3]:
             raise UserError(
-                f"model.pool=lesion: {self.backbone_name}'s top blocks enlarge the feature map; "
+                f"model.pool={self.pool}: {self.backbone_name}'s top blocks enlarge the feature map; "
                 "use model.pool=global or train.finetune_blocks=0"
             )
         w = area_downsample(mask, size)
@@ -273,7 +281,7 @@ class LesionNet(nn.Module):
 
     def upper_map(self, h: Tensor, top: nn.Module) -> tuple[Tensor, Tensor | None]:
         """The feature map of cached activations ``h`` after ``top``, and its pooling weights (or None)."""
-        if self.pool != "lesion":
+        if not takes_mask(self.pool):
             return top(h), None
         f = self._nchw(top(h[:, :-1]))
         return f, h[:, -1:, : f.shape[2], : f.shape[3]]

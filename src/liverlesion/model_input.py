@@ -1,7 +1,7 @@
-"""What the network is fed: a patch's image, plus its lesion mask as one more channel when it pools in the lesion.
+"""What the network is fed: a patch's image, plus its lesion mask as one more channel when it pools by the lesion.
 
 ``model.pool = lesion`` (see :mod:`liverlesion.model`) averages the feature map inside the lesion,
-so the network needs the mask. It travels as ONE extra input channel appended after the image
+and ``lesion_context`` also over the margin around it, so the network needs the mask. It travels as ONE extra input channel appended after the image
 channels (0 / 1, not normalised): every single-input path (test-time flips, training augmentation,
 ONNX / TorchScript export, Grad-CAM, predict, serve, ensembles) then carries it with no change of
 its own. :func:`model_input` is the one place that builds the input from a patch; cv, train,
@@ -18,19 +18,33 @@ import numpy as np
 
 from liverlesion.errors import UserError
 
-__all__ = ["POOLS", "checkpoint_pool", "image_chans", "input_chans", "model_input"]
+__all__ = ["POOLS", "POOL_TEXT", "checkpoint_pool", "image_chans", "input_chans", "model_input", "takes_mask"]
 
-POOLS = ("global", "lesion")  # model.pool: global average pooling (the paper) | mean inside the lesion mask
+# model.pool: global average pooling (the paper) | mean inside the lesion mask | that mean and the mean
+# over the rest of the patch (the margin of tissue around the lesion), side by side
+POOLS = ("global", "lesion", "lesion_context")
+
+
+POOL_TEXT = {  # how the features are pooled, in words (cv's header, the report)
+    "global": "globally averaged",
+    "lesion": "averaged inside the lesion mask",
+    "lesion_context": "averaged inside the lesion mask and, side by side, over the margin around it",
+}
+
+
+def takes_mask(pool: str) -> bool:
+    """Whether a model pooling with ``pool`` takes the lesion mask as its last input channel."""
+    return pool != "global"
 
 
 def input_chans(in_chans: int, pool: str) -> int:
-    """Channels of the network's input: the image's, plus the mask channel for ``pool="lesion"``."""
-    return int(in_chans) + (1 if pool == "lesion" else 0)
+    """Channels of the network's input: the image's, plus the mask channel where the pooling reads it."""
+    return int(in_chans) + (1 if takes_mask(pool) else 0)
 
 
 def image_chans(x_chans: int, pool: str) -> int:
     """Image channels of a model input with ``x_chans`` channels (inverse of :func:`input_chans`)."""
-    return int(x_chans) - (1 if pool == "lesion" else 0)
+    return int(x_chans) - (1 if takes_mask(pool) else 0)
 
 
 def checkpoint_pool(ckpt: Mapping[str, Any]) -> str:
@@ -55,14 +69,14 @@ def model_input(
     Args:
         image: ``(S, C, H, W)`` (or one sample ``(C, H, W)``) windowed to ``[0, 1]``, as cut by
             :func:`liverlesion.patches.extract_patch`.
-        mask: The patch's lesion mask ``(S, H, W)`` (or ``(H, W)``); needed for ``pool="lesion"``.
-        pool: The model's ``pool``: ``global`` (image only) or ``lesion`` (mask appended as the
-            last channel, 1 inside the lesion, 0 outside).
+        mask: The patch's lesion mask ``(S, H, W)`` (or ``(H, W)``); needed unless ``pool="global"``.
+        pool: The model's ``pool``: ``global`` (image only), or ``lesion`` / ``lesion_context`` (mask
+            appended as the last channel, 1 inside the lesion, 0 outside).
         in_chans: The model's image channels; a grey sample (2-D mode, ``C == 1``) is repeated to
             fill them. None: as given.
 
     Raises:
-        UserError: The image or mask does not fit (shape), or ``pool="lesion"`` without a mask.
+        UserError: The image or mask does not fit (shape), or a lesion pooling without a mask.
     """
     x = np.asarray(image, dtype=np.float32)
     if x.ndim == 3:
@@ -75,13 +89,13 @@ def model_input(
             f"patch of shape {tuple(np.shape(image))} does not fit the model: expected {want} "
             "as cut with the checkpoint's patch settings"
         )
-    if pool == "global":
-        return x
-    if pool != "lesion":
+    if pool not in POOLS:
         raise UserError(f"model.pool={pool!r}: unknown; choose one of {', '.join(POOLS)}")
+    if not takes_mask(pool):
+        return x
     if mask is None:
         raise UserError(
-            "this model pools its features inside the lesion (model.pool=lesion) and needs the patch's "
+            f"this model pools its features by the lesion mask (model.pool={pool}) and needs the patch's "
             "lesion mask; pass it (Classifier and predict cut it with the patch)"
         )
     m = np.asarray(mask)

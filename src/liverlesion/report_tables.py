@@ -15,6 +15,7 @@ import pandas as pd
 
 from liverlesion import __version__, runs
 from liverlesion.metrics import metric_label
+from liverlesion.model_input import POOL_TEXT
 from liverlesion.predictions import read_predictions_table
 from liverlesion.summary import fmt_ci, size_metric_keys
 from liverlesion.versions import library_versions
@@ -246,7 +247,7 @@ def model_rows(cfg_path: Path, backbone: str, summary: dict[str, Any]) -> list[l
         m.features_from,
         f"the features of {m.features_from} (model.features_from; the paper reads the last block)",
     )
-    pool = "averaged inside the lesion mask" if m.pool == "lesion" else "globally averaged"
+    pool = POOL_TEXT.get(m.pool, m.pool)
     rows = [
         [
             "Network",

@@ -33,7 +33,7 @@ from liverlesion.fusion import (
     radiomics_logits,
 )
 from liverlesion.inference import apply_temperature, fit_temperature, lesion_logits
-from liverlesion.model_input import image_chans
+from liverlesion.model_input import image_chans, takes_mask
 from liverlesion.progress import lightning_progress
 
 
@@ -91,7 +91,7 @@ def _loaders(fit: FoldData, val: FoldData, cfg: Config):
     from liverlesion.data import Augment, PatchDataset  # local: heavy (torch)
 
     t = cfg.train
-    n_mask = 1 if cfg.model.pool == "lesion" else 0  # the lesion-mask channel moves but is not jittered
+    n_mask = int(takes_mask(cfg.model.pool))  # the lesion-mask channel moves but is not jittered
     aug = Augment(t.aug_flip, t.aug_rotate_deg, t.aug_scale, t.aug_intensity, n_mask=n_mask)
     train_ds = PatchDataset(fit.arrays, fit.labels, augment=aug)
     val_ds = PatchDataset(val.arrays, val.labels)
