@@ -17,8 +17,6 @@ Variants (all inception_v3 with ImageNet weights, the quick preset's folds and b
   * ``lpft_last``: ``lpft`` (network alone) on the last block
   * ``fusion_lesion`` / ``lpft_lesion``: ``fusion`` / ``lpft`` with the features pooled inside the
     lesion mask (``model.pool=lesion``) instead of over the whole patch
-  * ``fusion_context`` / ``lpft_context``: ``fusion`` / ``lpft`` reading the mean inside the lesion
-    and the mean over the margin around it side by side (``model.pool=lesion_context``)
 
 Usage:
     python benchmarks/bench_accuracy.py [--difficulties 0 1 2] [--seeds 0 1] [--variants ...]
@@ -46,8 +44,6 @@ VARIANTS = {
     "lpft_last": ["model.fusion=none", "model.features_from=last"],
     "fusion_lesion": ["model.pool=lesion"],
     "lpft_lesion": ["model.fusion=none", "model.pool=lesion"],
-    "fusion_context": ["model.pool=lesion_context"],
-    "lpft_context": ["model.fusion=none", "model.pool=lesion_context"],
 }  # fmt: skip
 
 

@@ -93,28 +93,6 @@ def test_mask_never_reaches_the_backbone_and_weights_the_pooling() -> None:
         model(x[:, :3])
 
 
-def test_lesion_context_reads_the_lesion_and_its_margin_side_by_side() -> None:
-    model = _net("lesion_context")
-    plain = _net("lesion")
-    x = torch.from_numpy(np.concatenate(_inputs(3, pool="lesion_context")))
-    with torch.no_grad():
-        fmap = model.feature_map(x)
-        feats = model.features(x)
-        c = model.num_features
-        assert feats.shape == (3, 2 * c) and model.head[0].in_features == 2 * c
-        torch.testing.assert_close(feats[:, :c], lesion_pool(fmap, x[:, -1:]))  # inside the lesion
-        torch.testing.assert_close(feats[:, c:], lesion_pool(fmap, 1.0 - x[:, -1:]))  # the margin
-        torch.testing.assert_close(feats[:, :c], plain.features(x))  # the same backbone and weights
-        # the margin half is the mean over the non-lesion pixels, by hand
-        w = area_downsample(1.0 - x[1:2, -1:], fmap.shape[-2:])
-        torch.testing.assert_close(feats[1, c:], (fmap[1] * w[0]).sum((1, 2)) / w.sum())
-        assert not torch.allclose(feats[1, :c], feats[1, c:])
-        # no lesion in view: the margin is the whole patch, and the lesion half falls back to it too
-        torch.testing.assert_close(feats[0, :c], fmap[0].mean((1, 2)))
-        torch.testing.assert_close(feats[0, c:], fmap[0].mean((1, 2)))
-    assert model(x).shape == (3, 2)
-
-
 def test_tta_views_carry_their_own_flipped_mask() -> None:
     x = torch.from_numpy(np.concatenate(_inputs(3)))
     for dims, view in zip([(), (3,), (2,), (2, 3)], tta_views(x, "flips"), strict=True):
@@ -150,9 +128,7 @@ def test_config_pool_choices() -> None:
     assert load_config(preset="quick").model.pool == "lesion"
     assert load_config(preset="paper").model.pool == "global"  # the paper's global average pooling
     assert load_config(overrides=["model.pool=LESION"]).model.pool == "lesion"
-    with pytest.raises(
-        UserError, match=r"^config model.pool='mean': unknown; choose one of global, lesion, lesion_context$"
-    ):
+    with pytest.raises(UserError, match=r"^config model.pool='mean': unknown; choose one of global, lesion$"):
         load_config(overrides=["model.pool=mean"])
 
 
@@ -204,7 +180,7 @@ def test_augment_moves_the_mask_channel_but_never_jitters_it() -> None:
 # --------------------------------------------------------------------------- lpft staged forward
 
 
-@pytest.mark.parametrize("pool", ["global", "lesion", "lesion_context"])
+@pytest.mark.parametrize("pool", ["global", "lesion"])
 def test_lpft_cache_pools_each_view_with_its_mask_and_staged_equals_full(pool) -> None:
     from liverlesion.lpft import build_cache, deep_logits_from_cache
 
@@ -228,29 +204,26 @@ def test_lpft_cache_pools_each_view_with_its_mask_and_staged_equals_full(pool) -
     if pool == "lesion":
         assert not np.allclose(cache.pooled[2][0], cache.frozen[2])
         np.testing.assert_allclose(cache.pooled[0][0], cache.frozen[0], atol=1e-6)  # no lesion: global
-    if pool == "lesion_context":
-        assert cache.pooled[2][0].shape[-1] == 2 * model.num_features
 
 
 # --------------------------------------------------------------------------- export and predict
 
 
-@pytest.mark.parametrize("pool", ["lesion", "lesion_context"])
-def test_onnx_export_of_a_lesion_pooling_model_matches_eager(tmp_path, pool) -> None:
+def test_onnx_export_of_a_lesion_pooling_model_matches_eager(tmp_path) -> None:
     import onnxruntime as ort
 
     from liverlesion.export import export_model
     from liverlesion.inference import apply_temperature
 
     cfg = Config()
-    cfg.model = ModelConfig(backbone="resnet18", weights="none", fusion="none", pool=pool)
+    cfg.model = ModelConfig(backbone="resnet18", weights="none", fusion="none", pool="lesion")
     cfg.patch.size_px = 72  # layer3's map is 5x5: 72 is no multiple of it (adaptive pooling would not export)
     torch.manual_seed(0)
     model, _ = build_model(cfg.model, num_classes=2, in_chans=3)
     model.eval()
     ckpt = save_checkpoint(tmp_path / "model.pt", model, cfg, ["cyst", "metastasis"], 3, temperature=3.0)
     out = export_model(ckpt, "onnx", tmp_path / "model.onnx")
-    x = np.concatenate(_inputs(3, size=72, pool=pool))
+    x = np.concatenate(_inputs(3, size=72))
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert [tuple(i.shape) for i in sess.get_inputs()] == [("batch", 4, 72, 72)]
     got = sess.run(["probabilities"], {"image": x})[0]
@@ -259,7 +232,7 @@ def test_onnx_export_of_a_lesion_pooling_model_matches_eager(tmp_path, pool) -> 
     import json
 
     meta = json.loads((tmp_path / "model.onnx.json").read_text())
-    assert meta["pool"] == pool and meta["input"]["shape"] == ["N", 4, 72, 72]
+    assert meta["pool"] == "lesion" and meta["input"]["shape"] == ["N", 4, 72, 72]
     assert "lesion mask" in meta["input"]["range"]
 
 

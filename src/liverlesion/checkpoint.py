@@ -145,7 +145,7 @@ def save_checkpoint(
         "backbone_patch": model.backbone_patch,
         "fusion_features": list(model.fusion_features),
         "features_from": model.features_from,
-        "pool": model.pool,  # global | lesion | lesion_context (the last two: + 1 lesion-mask channel)
+        "pool": model.pool,  # global | lesion (input: in_chans image channels + 1 lesion-mask channel)
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "versions": _plain(_versions()),
         "temperature": 1.0,

@@ -358,7 +358,7 @@ def baselines(
     preset: PresetOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """Run the mean-HU and radiomics-style baselines with patient-level CV."""
+    """Run the mean-HU, radiomics-style and frozen ImageNet-feature baselines with patient-level CV."""
     from liverlesion.baselines import run_baselines_cli
 
     out, name = output(out_opt, out, "output folder")

@@ -59,8 +59,6 @@ class ModelConfig:
     features_from: str = "mid"
     # how the feature map becomes one vector: lesion (average inside the lesion mask, which the network
     # then takes as one extra input channel; the lesion's features, not the surrounding liver's) |
-    # lesion_context (that average and the average over the rest of the patch, the margin of tissue
-    # around the lesion, side by side: the head compares the two) |
     # global (average over the whole patch, the paper's GAP; the paper preset)
     pool: str = "lesion"
     tta: str = "flips"  # test-time augmentation, identical in cv/predict/serve/export: flips | none
@@ -201,7 +199,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "patch.interpolation": ("linear", "bspline", "nearest"),
     "model.fusion": ("radiomics", "none"),
     "model.tta": ("flips", "none"),
-    "model.pool": ("global", "lesion", "lesion_context"),
+    "model.pool": ("global", "lesion"),
     "train.recipe": ("lpft", "end_to_end"),
     "train.optimizer": ("adamw", "sgd"),
     "train.scheduler": ("cosine", "none"),

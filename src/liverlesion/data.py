@@ -21,8 +21,7 @@ from liverlesion.patch_cache import load_patch
 def load_patch_arrays(patch_dir: str | Path, index: pd.DataFrame, pool: str = "global") -> list[np.ndarray]:
     """Each lesion's network input ``(S, C, H, W)`` from the patch cache (:func:`~liverlesion.model_input.model_input`).
 
-    Pooling by the lesion (``pool="lesion"`` / ``"lesion_context"``): the image channels and then the
-    lesion mask's channel.
+    ``pool="lesion"``: the image channels and then the lesion mask's channel.
     """
     names = ("image", "mask") if takes_mask(pool) else ("image",)
     out = []
@@ -38,7 +37,7 @@ class Augment:
     Built on torchvision's v2 transforms; the intensity jitter is ours because it
     acts on windowed CT values (a small contrast/brightness change mimics scanner
     and contrast-phase variation), not on RGB colour. The last ``n_mask`` channels
-    are masks (``model.pool=lesion`` / ``lesion_context``): they move with the image (bilinear, kept as
+    are masks (``model.pool=lesion``): they move with the image (bilinear, kept as
     soft weights in [0, 1]) but are never jittered.
     """
 

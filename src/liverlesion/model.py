@@ -8,9 +8,7 @@ mean = std = 0.5, i.e. ``[-1, 1]`` like Google's TF Inception.
 Head (Romero et al. 2019): global average pooling -> FC 512 -> ReLU -> Dropout 0.4 -> FC 512 ->
 ReLU -> FC (classes); softmax is applied by the loss / at prediction.
 
-``pool="lesion"`` (``model.pool``) replaces the global average by the mean inside the lesion, and
-``pool="lesion_context"`` by that mean and the mean over the rest of the patch (the margin of tissue
-around the lesion) side by side, so the head reads the lesion against its surroundings: the
+``pool="lesion"`` (``model.pool``) replaces the global average by the mean inside the lesion: the
 input then carries the lesion mask as one extra channel after the image channels
 (:mod:`liverlesion.model_input`), which is split off before normalisation and never reaches the
 backbone; the mask, area-downsampled to the feature map (the numbers of ``adaptive_avg_pool2d``,
@@ -80,13 +78,11 @@ class LesionNet(nn.Module):
         self.backbone_patch: str | None = None  # e.g. weights.TF_POOLING_PATCH; saved in checkpoints
         self.backbone = _create_backbone(backbone, in_chans, init_backbone)
         self.features_from, self._cut, self.num_features = _feature_cut(self.backbone, features_from)
-        # what the head reads: one pooled vector, or (lesion_context) the lesion's and its margin's
-        self.pooled_features = self.num_features * (2 if pool == "lesion_context" else 1)
         cfg = getattr(self.backbone, "pretrained_cfg", None) or {}
         self.register_buffer("input_mean", _per_channel(mean or cfg.get("mean") or (0.5,) * 3, in_chans))
         self.register_buffer("input_std", _per_channel(std or cfg.get("std") or (0.5,) * 3, in_chans))
         self.head = nn.Sequential(
-            nn.Linear(self.pooled_features, head_hidden),
+            nn.Linear(self.num_features, head_hidden),
             nn.ReLU(inplace=True),
             nn.Dropout(dropout),
             nn.Linear(head_hidden, head_hidden),
@@ -160,17 +156,13 @@ class LesionNet(nn.Module):
         return h
 
     def features(self, x: Tensor) -> Tensor:
-        """Pooled backbone features ``(N, pooled_features)``: global, inside the lesion, or inside the
-        lesion and over the margin around it, side by side (``pool``)."""
+        """Pooled backbone features ``(N, num_features)``: global, or inside the lesion (``pool``)."""
         _, mask = self.split_input(x)
         return self._pool(self.feature_map(x), mask)
 
     def _pool(self, f: Tensor, mask: Tensor | None = None) -> Tensor:
         if mask is not None:
-            f = self._nchw(f)
-            if self.pool == "lesion_context":
-                return torch.cat([lesion_pool(f, mask), lesion_pool(f, 1.0 - mask)], dim=1)
-            return lesion_pool(f, mask)
+            return lesion_pool(self._nchw(f), mask)
         if f.ndim == 4:
             return self._nchw(f).mean(dim=(2, 3))
         if f.ndim == 3:  # transformer tokens (N, L, C)

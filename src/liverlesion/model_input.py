@@ -1,7 +1,7 @@
 """What the network is fed: a patch's image, plus its lesion mask as one more channel when it pools by the lesion.
 
 ``model.pool = lesion`` (see :mod:`liverlesion.model`) averages the feature map inside the lesion,
-and ``lesion_context`` also over the margin around it, so the network needs the mask. It travels as ONE extra input channel appended after the image
+so the network needs the mask. It travels as ONE extra input channel appended after the image
 channels (0 / 1, not normalised): every single-input path (test-time flips, training augmentation,
 ONNX / TorchScript export, Grad-CAM, predict, serve, ensembles) then carries it with no change of
 its own. :func:`model_input` is the one place that builds the input from a patch; cv, train,
@@ -20,15 +20,12 @@ from liverlesion.errors import UserError
 
 __all__ = ["POOLS", "POOL_TEXT", "checkpoint_pool", "image_chans", "input_chans", "model_input", "takes_mask"]
 
-# model.pool: global average pooling (the paper) | mean inside the lesion mask | that mean and the mean
-# over the rest of the patch (the margin of tissue around the lesion), side by side
-POOLS = ("global", "lesion", "lesion_context")
+POOLS = ("global", "lesion")  # model.pool: global average pooling (the paper) | mean inside the lesion mask
 
 
 POOL_TEXT = {  # how the features are pooled, in words (cv's header, the report)
     "global": "globally averaged",
     "lesion": "averaged inside the lesion mask",
-    "lesion_context": "averaged inside the lesion mask and, side by side, over the margin around it",
 }
 
 
@@ -70,8 +67,8 @@ def model_input(
         image: ``(S, C, H, W)`` (or one sample ``(C, H, W)``) windowed to ``[0, 1]``, as cut by
             :func:`liverlesion.patches.extract_patch`.
         mask: The patch's lesion mask ``(S, H, W)`` (or ``(H, W)``); needed unless ``pool="global"``.
-        pool: The model's ``pool``: ``global`` (image only), or ``lesion`` / ``lesion_context`` (mask
-            appended as the last channel, 1 inside the lesion, 0 outside).
+        pool: The model's ``pool``: ``global`` (image only) or ``lesion`` (mask appended as the
+            last channel, 1 inside the lesion, 0 outside).
         in_chans: The model's image channels; a grey sample (2-D mode, ``C == 1``) is repeated to
             fill them. None: as given.
 
