@@ -127,7 +127,7 @@ def save_checkpoint(
         model: The trained model.
         config: Resolved config; stored as a dict.
         class_names: Class names in logit order.
-        in_chans: Image channels the model takes (a model pooling by the lesion also takes the mask channel).
+        in_chans: Image channels the model takes (a ``pool="lesion"`` model also takes the mask channel).
         **extra: ``temperature`` (default 1.0), ``threshold`` (default 0.5), ``positive_class``
             (default ``config.eval.positive_class`` if it is a class), ``fold`` (default None) and any
             other plain values to store.

@@ -60,7 +60,7 @@ def build_cache(model, arrays: list[np.ndarray], cfg: Config, n_top: int, progre
     """Run the frozen lower backbone over every lesion's TTA and augmented views (once per run).
 
     ``arrays`` are the model inputs (:func:`~liverlesion.model_input.model_input`): with
-    a lesion pooling (``model.pool``) their last channel is the lesion mask, flipped and augmented with the
+    ``model.pool=lesion`` their last channel is the lesion mask, flipped and augmented with the
     image, so each view is pooled with its own mask and its cached activations carry its pooling
     weights (:meth:`~liverlesion.model.LesionNet.forward_lower`).
     """

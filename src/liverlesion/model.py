@@ -123,16 +123,16 @@ class LesionNet(nn.Module):
 
     @property
     def input_chans(self) -> int:
-        """Channels the network takes: the image's, plus the lesion-mask channel where ``pool`` reads it."""
+        """Channels the network takes: the image's, plus the lesion-mask channel for ``pool="lesion"``."""
         return input_chans(self.in_chans, self.pool)
 
     def split_input(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        """``(image, mask)`` of an input: the first ``in_chans`` channels and (pooling by the lesion) the mask."""
+        """``(image, mask)`` of an input: the first ``in_chans`` channels and (``pool="lesion"``) the mask."""
         if not takes_mask(self.pool):
             return x, None
         if x.shape[1] != self.in_chans + 1:
             raise UserError(
-                f"input of {x.shape[1]} channels: this model pools by the lesion mask and takes "
+                f"input of {x.shape[1]} channels: this model pools inside the lesion and takes "
                 f"{self.in_chans} image channels + 1 lesion-mask channel (see liverlesion.model_input)"
             )
         return x[:, : self.in_chans], x[:, self.in_chans :]
@@ -183,7 +183,7 @@ class LesionNet(nn.Module):
     def forward(self, x: Tensor, extra: Tensor | None = None) -> Tensor:
         """Logits ``(N, num_classes)`` for patches ``(N, in_chans, H, W)`` in ``[0, 1]``.
 
-        Pooling by the lesion: ``(N, in_chans + 1, H, W)``, the lesion mask last (``model_input``).
+        ``pool="lesion"``: ``(N, in_chans + 1, H, W)``, the lesion mask last (``model_input``).
         A fusion model also needs ``extra``: its ``fusion_features`` per sample ``(N, F)`` (NaN = missing).
         """
         return self.fuse(self.network_logits(x), extra)
@@ -240,7 +240,7 @@ class LesionNet(nn.Module):
     def forward_lower(self, x: Tensor, n_top: int) -> Tensor:
         """Activations below the last ``n_top`` blocks for ``[0, 1]`` input (cached during lpft).
 
-        Pooling by the lesion, one more channel follows the activations: the pooling weights (the
+        With ``pool="lesion"`` one more channel follows the activations: the pooling weights (the
         mask area-downsampled to the final feature map), zero-padded into its top-left corner, so
         :meth:`forward_upper` pools each cached view with its own mask.
         """

@@ -1,4 +1,4 @@
-"""What the network is fed: a patch's image, plus its lesion mask as one more channel when it pools by the lesion.
+"""What the network is fed: a patch's image, plus its lesion mask as one more channel when it pools in the lesion.
 
 ``model.pool = lesion`` (see :mod:`liverlesion.model`) averages the feature map inside the lesion,
 so the network needs the mask. It travels as ONE extra input channel appended after the image
@@ -30,12 +30,12 @@ POOL_TEXT = {  # how the features are pooled, in words (cv's header, the report)
 
 
 def takes_mask(pool: str) -> bool:
-    """Whether a model pooling with ``pool`` takes the lesion mask as its last input channel."""
+    """Whether a model pooling with ``pool`` takes the lesion mask as its last input channel (``lesion``)."""
     return pool != "global"
 
 
 def input_chans(in_chans: int, pool: str) -> int:
-    """Channels of the network's input: the image's, plus the mask channel where the pooling reads it."""
+    """Channels of the network's input: the image's, plus the mask channel for ``pool="lesion"``."""
     return int(in_chans) + (1 if takes_mask(pool) else 0)
 
 
@@ -66,14 +66,14 @@ def model_input(
     Args:
         image: ``(S, C, H, W)`` (or one sample ``(C, H, W)``) windowed to ``[0, 1]``, as cut by
             :func:`liverlesion.patches.extract_patch`.
-        mask: The patch's lesion mask ``(S, H, W)`` (or ``(H, W)``); needed unless ``pool="global"``.
+        mask: The patch's lesion mask ``(S, H, W)`` (or ``(H, W)``); needed for ``pool="lesion"``.
         pool: The model's ``pool``: ``global`` (image only) or ``lesion`` (mask appended as the
             last channel, 1 inside the lesion, 0 outside).
         in_chans: The model's image channels; a grey sample (2-D mode, ``C == 1``) is repeated to
             fill them. None: as given.
 
     Raises:
-        UserError: The image or mask does not fit (shape), or a lesion pooling without a mask.
+        UserError: The image or mask does not fit (shape), or ``pool="lesion"`` without a mask.
     """
     x = np.asarray(image, dtype=np.float32)
     if x.ndim == 3:
@@ -92,7 +92,7 @@ def model_input(
         return x
     if mask is None:
         raise UserError(
-            f"this model pools its features by the lesion mask (model.pool={pool}) and needs the patch's "
+            f"this model pools its features inside the lesion (model.pool={pool}) and needs the patch's "
             "lesion mask; pass it (Classifier and predict cut it with the patch)"
         )
     m = np.asarray(mask)
