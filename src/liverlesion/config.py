@@ -21,6 +21,7 @@ import yaml
 from liverlesion.decision import parse_threshold_method
 from liverlesion.errors import UserError
 from liverlesion.fileio import write_text
+from liverlesion.model_input import POOLS
 
 
 @dataclass
@@ -199,7 +200,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "patch.interpolation": ("linear", "bspline", "nearest"),
     "model.fusion": ("radiomics", "none"),
     "model.tta": ("flips", "none"),
-    "model.pool": ("global", "lesion"),
+    "model.pool": POOLS,  # model_input owns the list
     "train.recipe": ("lpft", "end_to_end"),
     "train.optimizer": ("adamw", "sgd"),
     "train.scheduler": ("cosine", "none"),
