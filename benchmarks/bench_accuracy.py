@@ -44,6 +44,8 @@ VARIANTS = {
     "lpft_last": ["model.fusion=none", "model.features_from=last"],
     "fusion_lesion": ["model.pool=lesion"],
     "lpft_lesion": ["model.fusion=none", "model.pool=lesion"],
+    "lpft_cal": ["model.fusion=none", "train.select_on=calibrated"],
+    "fusion_cal": ["train.select_on=calibrated"],
 }  # fmt: skip
 
 

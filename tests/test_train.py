@@ -246,3 +246,27 @@ def test_end_to_end_recipe_trains_a_fusion_model(tmp_path):
     out = res["test"]
     assert {"network_prob_cyst", "network_prob_metastasis"} <= set(out.columns)
     assert np.isfinite(out["prob_metastasis"]).all() and np.isfinite(out["network_prob_metastasis"]).all()
+
+
+def test_calibrated_selection_loss_judges_ranking_not_confidence():
+    """``train.select_on=calibrated`` compares epochs after the temperature the fold fits afterwards:
+    an over-confident epoch that ranks the lesions the same is not worse; one that ranks them worse is."""
+    from liverlesion.lightning_modules import selection_loss
+
+    rng = np.random.default_rng(0)
+    y = torch.from_numpy(np.repeat([0, 1], 20))
+    margin = torch.from_numpy(np.where(y.numpy() == 1, 1.0, -1.0) + rng.normal(0, 2.0, 40)).float()
+    logits = torch.stack([-margin, margin], 1) / 4  # log-odds 2 * margin / 4: about calibrated
+    raw, cal = load_config(), load_config(overrides={"train": {"select_on": "calibrated"}})
+    # 10x more confident, same ranking: the raw loss rises steeply, the calibrated one stays put (but for the prior on log T)
+    assert selection_loss(10 * logits, y, None, raw) > 1.5 * selection_loss(logits, y, None, raw)
+    assert selection_loss(10 * logits, y, None, cal) == pytest.approx(
+        selection_loss(logits, y, None, cal), rel=0.05
+    )
+    # a worse ranking (half the lesions' margins shuffled) is worse under either criterion
+    worse = margin.clone()
+    worse[::2] = worse[::2][torch.randperm(20, generator=torch.Generator().manual_seed(0))]
+    worse_logits = torch.stack([-worse, worse], 1) / 4
+    assert selection_loss(worse_logits, y, None, cal) > selection_loss(logits, y, None, cal)
+    # a constant network is no better than chance (log 2) after calibration
+    assert selection_loss(torch.zeros(40, 2), y, None, cal) == pytest.approx(np.log(2), abs=1e-6)

@@ -88,6 +88,9 @@ class TrainConfig:
     scheduler: str = "cosine"  # cosine | none
     warmup_epochs: int = 1
     patience: int = 6  # early-stopping patience (epochs) on inner-validation loss
+    select_on: str = (
+        "loss"  # early stopping / kept epoch by inner-validation loss: loss | calibrated (after T)
+    )
     val_fraction: float = 0.2  # inner validation split (by patient) of each training fold
     class_weighting: str = "loss"  # loss (weighted cross-entropy) | sampler | none
     label_smoothing: float = 0.0
@@ -201,6 +204,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.fusion": ("radiomics", "none"),
     "model.tta": ("flips", "none"),
     "model.pool": POOLS,  # model_input owns the list
+    "train.select_on": ("loss", "calibrated"),
     "train.recipe": ("lpft", "end_to_end"),
     "train.optimizer": ("adamw", "sgd"),
     "train.scheduler": ("cosine", "none"),

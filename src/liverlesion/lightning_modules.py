@@ -29,7 +29,32 @@ def _weights_buffer(module: nn.Module, class_weights) -> None:
     )
 
 
-class LesionModule(pl.LightningModule):
+class _SelectionLoss(pl.LightningModule):
+    """Logs ``val_loss``, what early stopping and the kept weights compare epochs by, once per epoch.
+
+    It is :func:`selection_loss` over the whole inner-validation set (gathered from every process
+    under DDP), because a temperature is fitted on all of it.
+    """
+
+    def on_validation_epoch_start(self):
+        self._val: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def _collect(self, logits: torch.Tensor, y: torch.Tensor) -> None:
+        self._val.append((logits.detach().float(), y.detach()))
+
+    def on_validation_epoch_end(self):
+        if not self._val:
+            return
+        logits = torch.cat([v[0] for v in self._val])
+        y = torch.cat([v[1] for v in self._val])
+        if self.trainer.world_size > 1:  # DistributedSampler pads every process to the same length
+            logits = self.all_gather(logits).reshape(-1, logits.shape[-1])
+            y = self.all_gather(y).reshape(-1)
+        w = None if self.class_weights is None else self.class_weights.cpu()
+        self.log("val_loss", selection_loss(logits.cpu(), y.cpu(), w, self.cfg), prog_bar=True)
+
+
+class LesionModule(_SelectionLoss):
     """Loss, optimiser and schedule around a ``LesionNet`` trained end to end."""
 
     def __init__(self, model: nn.Module, cfg: Config, class_weights=None):
@@ -68,9 +93,10 @@ class LesionModule(pl.LightningModule):
     def validation_step(self, batch, batch_idx):
         x, y, _ = batch
         logits = self(x)
+        self._collect(logits, y)
         loss = self._loss(logits, y)
         acc = (logits.argmax(1) == y).float().mean()
-        self.log("val_loss", loss, prog_bar=True, batch_size=len(y), sync_dist=True)
+        self.log("val_raw_loss", loss, batch_size=len(y), sync_dist=True)
         self.log("val_acc", acc, prog_bar=True, batch_size=len(y), sync_dist=True)
 
     def on_train_epoch_start(self):
@@ -109,7 +135,24 @@ class LesionModule(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
 
 
-class StageModule(pl.LightningModule):
+def selection_loss(logits: torch.Tensor, y: torch.Tensor, class_weights, cfg: Config) -> float:
+    """The inner-validation loss that early stopping and :class:`KeepBest` compare epochs by.
+
+    ``train.select_on=calibrated``: the cross-entropy after the temperature that the fold fits on
+    the same lesions afterwards (:func:`~liverlesion.inference.fit_temperature`), so an epoch is
+    judged by how well it ranks and separates the lesions, not by how over-confident it has become
+    (which the temperature undoes). ``loss``: the raw cross-entropy.
+    """
+    logits = logits.detach().float()
+    if cfg.train.select_on == "calibrated":
+        from liverlesion.inference import fit_temperature
+
+        logits = logits / fit_temperature(logits.numpy(), y.numpy())
+    w = None if class_weights is None else torch.as_tensor(class_weights).float()
+    return float(F.cross_entropy(logits, y, weight=w, label_smoothing=cfg.train.label_smoothing))
+
+
+class StageModule(_SelectionLoss):
     """One ``lpft`` stage: ``net`` on cached inputs; validation averages each lesion's view logits."""
 
     def __init__(self, net: nn.Module, params, lr: float, cfg: Config, class_weights=None):
@@ -135,7 +178,8 @@ class StageModule(pl.LightningModule):
         x, y = batch  # (B, V, ...) -> mean logits over the views, as at prediction
         b, v = x.shape[:2]
         logits = self.net(x.reshape(b * v, *x.shape[2:])).reshape(b, v, -1).mean(1)
-        self.log("val_loss", self._loss(logits, y), prog_bar=True, batch_size=len(y), sync_dist=True)
+        self._collect(logits, y)
+        self.log("val_raw_loss", self._loss(logits, y), batch_size=len(y), sync_dist=True)
         self.log(
             "val_acc",
             (logits.argmax(1) == y).float().mean(),

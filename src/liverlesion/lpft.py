@@ -165,7 +165,7 @@ class _Views(torch.utils.data.Dataset):
 
 
 def _val_loss(net: nn.Module, ds: _Views, class_weights, cfg: Config) -> float:
-    import torch.nn.functional as F
+    from liverlesion.lightning_modules import selection_loss  # local: heavy (lightning)
 
     net.eval()
     with torch.inference_mode():
@@ -173,8 +173,7 @@ def _val_loss(net: nn.Module, ds: _Views, class_weights, cfg: Config) -> float:
         y = torch.tensor([ds[i][1] for i in range(len(ds))])
         b, v = xs.shape[:2]
         logits = net(xs.reshape(b * v, *xs.shape[2:])).reshape(b, v, -1).mean(1)
-        w = None if class_weights is None else torch.as_tensor(class_weights).float()
-        return float(F.cross_entropy(logits, y, weight=w, label_smoothing=cfg.train.label_smoothing))
+        return selection_loss(logits, y, class_weights, cfg)
 
 
 def _fit_stage(net, params, lr, epochs, fit_ds, val_ds, cfg: Config, class_weights, fold_dir, name, progress):
