@@ -46,6 +46,10 @@ VARIANTS = {
     "lpft_lesion": ["model.fusion=none", "model.pool=lesion"],
     "lpft_cal": ["model.fusion=none", "train.select_on=calibrated"],
     "fusion_cal": ["train.select_on=calibrated"],
+    "e2e160_cal": [
+        "train.recipe=end_to_end", "model.fusion=none", "train.epochs=8", "train.patience=4",
+        "train.select_on=calibrated",
+    ],
 }  # fmt: skip
 
 

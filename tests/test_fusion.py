@@ -106,6 +106,36 @@ def test_choose_alpha_keeps_the_better_half_unless_a_mix_clearly_wins(deep_signa
         assert t < 1.0  # the average of two calibrated halves' logits is under-confident
 
 
+def test_a_mixture_must_also_rank_better_than_the_half(monkeypatch):
+    """The "mix" case above, but with a mixture that does not separate the classes any better."""
+    import liverlesion.fusion as fusion
+
+    rng = np.random.default_rng(1)
+    y = np.tile([0, 1], 150)
+    s = 2 * y - 1.0
+    z = [2.0 * s + rng.normal(size=len(y)) * 1.5 for _ in range(2)]
+    deep, rad = (np.stack([-v / 2, v / 2], axis=1) for v in z)
+    assert 0.0 < choose_alpha(deep, rad, y)[0] < 1.0
+    monkeypatch.setattr(fusion, "ranks_better", lambda *a, **k: False)
+    alpha, t, _ = choose_alpha(deep, rad, y)
+    assert alpha in (0.0, 1.0) and t == 1.0
+
+
+def test_ranks_better_needs_more_than_noise():
+    from liverlesion.fusion import ranks_better
+
+    rng = np.random.default_rng(3)
+    y = np.tile([0, 1], 100)
+    s = 2 * y - 1.0
+    good = s + rng.normal(size=len(y))
+    z = lambda v: np.stack([-v, v], axis=1)  # noqa: E731
+    assert not ranks_better(z(good), z(good), y)  # the same ranking
+    assert not ranks_better(z(2 * good), z(good), y)  # more confident, same ranking
+    assert ranks_better(z(good + s), z(good), y)  # more signal
+    assert not ranks_better(z(good), z(good + s), y)
+    assert not ranks_better(z(good + rng.normal(size=len(y)) * 0.3), z(good), y)  # noise, not signal
+
+
 def test_standard_error_counts_patients_not_lesions():
     from liverlesion.fusion import mean_se
 

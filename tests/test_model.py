@@ -133,7 +133,9 @@ def test_features_from_round_trips_and_old_checkpoints_read_last(tmp_path) -> No
     assert meta["features_from"] == "layer3" and back.num_features == 256
     x = torch.rand(1, 1, 64, 64)
     with torch.no_grad():
-        assert torch.allclose(back(x), model(x), atol=1e-6)
+        assert torch.allclose(
+            back(x), model(x), atol=1e-5
+        )  # kernels may pick another summation order under load
     # a checkpoint written before the setting existed holds the last stage's head
     cfg.model = _none("resnet18", features_from="last")
     old_model, _ = build_model(cfg.model, num_classes=2, in_chans=1)

@@ -257,7 +257,8 @@ def test_calibrated_selection_loss_judges_ranking_not_confidence():
     y = torch.from_numpy(np.repeat([0, 1], 20))
     margin = torch.from_numpy(np.where(y.numpy() == 1, 1.0, -1.0) + rng.normal(0, 2.0, 40)).float()
     logits = torch.stack([-margin, margin], 1) / 4  # log-odds 2 * margin / 4: about calibrated
-    raw, cal = load_config(), load_config(overrides={"train": {"select_on": "calibrated"}})
+    raw, cal = load_config(overrides={"train": {"select_on": "loss"}}), load_config()
+    assert cal.train.select_on == "calibrated"  # the default
     # 10x more confident, same ranking: the raw loss rises steeply, the calibrated one stays put (but for the prior on log T)
     assert selection_loss(10 * logits, y, None, raw) > 1.5 * selection_loss(logits, y, None, raw)
     assert selection_loss(10 * logits, y, None, cal) == pytest.approx(

@@ -88,9 +88,9 @@ class TrainConfig:
     scheduler: str = "cosine"  # cosine | none
     warmup_epochs: int = 1
     patience: int = 6  # early-stopping patience (epochs) on inner-validation loss
-    select_on: str = (
-        "loss"  # early stopping / kept epoch by inner-validation loss: loss | calibrated (after T)
-    )
+    # early stopping and the kept epoch compare inner-validation cross-entropy: calibrated (after the
+    # temperature the fold fits on it afterwards, so over-confidence alone does not count) | loss (raw)
+    select_on: str = "calibrated"
     val_fraction: float = 0.2  # inner validation split (by patient) of each training fold
     class_weighting: str = "loss"  # loss (weighted cross-entropy) | sampler | none
     label_smoothing: float = 0.0

@@ -78,11 +78,15 @@ def choose_alpha(
 
     A grid of weights is scored on a few dozen to a few hundred lesions, so the winner is partly
     noise. A mixture is taken only when it beats the better half by more than one standard error of
-    the paired per-lesion NLL difference (the one-standard-error rule); otherwise the better half
-    alone is used. So on cohorts where one half is weak, fusion falls back to the other instead of
-    mixing in noise. With ``groups`` (patient ids) the standard error is the cluster-robust one over
-    patients: lesions of one patient are alike, so counting them as independent would overstate
-    the evidence for a mixture, as in every other patient-level statistic here.
+    the paired per-lesion NLL difference (the one-standard-error rule), *and* ranks the lesions
+    better than that half by more than one standard error of the ROC AUC difference
+    (:func:`ranks_better`); otherwise the better half alone is used. So on cohorts where one half is
+    weak, fusion falls back to the other instead of mixing in noise, and a mixture that is merely
+    better calibrated (averaging two models softens over-confidence, which lowers the NLL without
+    separating the classes any better) is not taken either. With ``groups`` (patient ids) both
+    standard errors are over patients: lesions of one patient are alike, so counting them as
+    independent would overstate the evidence for a mixture, as in every other patient-level
+    statistic here.
     """
     from scipy.special import log_softmax
 
@@ -100,8 +104,35 @@ def choose_alpha(
     mix = min((a for a, v in scores.items() if v <= best + 1e-4), key=lambda a: abs(a - 0.5))
     half = 0.0 if scores[0.0] <= scores[1.0] else 1.0
     gain = losses[half] - losses[mix]
-    alpha = mix if float(gain.mean()) > mean_se(gain, groups) else half
+    take = float(gain.mean()) > mean_se(gain, groups)
+    if take and 0.0 < mix < 1.0:
+        take = ranks_better(mix * deep + (1 - mix) * rad, half * deep + (1 - half) * rad, y, groups)
+    alpha = mix if take else half
     return alpha, (temps[alpha] if 0.0 < alpha < 1.0 else 1.0), scores
+
+
+def ranks_better(
+    a: np.ndarray, b: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None, n_bootstrap: int = 200
+) -> bool:
+    """Whether logits ``a`` rank the lesions better than ``b`` by more than one standard error.
+
+    The ROC AUC difference (one-vs-rest macro for more than two classes) against its standard
+    deviation over ``n_bootstrap`` paired patient-bootstrap resamples (lesions when ``groups`` is None).
+    """
+    from scipy.special import softmax
+
+    from liverlesion.bootstrap import patient_bootstrap
+    from liverlesion.metrics import auc_score
+
+    y = np.asarray(y).astype(int)
+    pa, pb = softmax(np.asarray(a, float), axis=1), softmax(np.asarray(b, float), axis=1)
+    gain = auc_score(y, pa, 1) - auc_score(y, pb, 1)
+    g = np.arange(len(y)) if groups is None else np.asarray(groups)
+    diffs = np.array(
+        [auc_score(y[i], pa[i], 1) - auc_score(y[i], pb[i], 1) for i in patient_bootstrap(g, n_bootstrap)]
+    )
+    diffs = diffs[np.isfinite(diffs)]
+    return bool(np.isfinite(gain) and len(diffs) > 1 and gain > diffs.std(ddof=1))
 
 
 def mean_se(values: np.ndarray, groups: np.ndarray | None = None) -> float:
