@@ -465,6 +465,40 @@ def test_memory_error_is_one_line(monkeypatch, capsys):
     assert "out of memory" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [
+        ("ENOSPC", "no space left on the disk: /out/run/fold_0/model.pt"),
+        ("EROFS", "/out/run/fold_0/model.pt"),
+    ],
+)
+def test_a_full_or_read_only_disk_is_one_line(monkeypatch, capsys, code, expected):
+    import errno
+    import os
+
+    import liverlesion.cli as cli
+
+    def boom(*a, **k):
+        n = getattr(errno, code)
+        raise OSError(n, os.strerror(n), "/out/run/fold_0/model.pt")
+
+    monkeypatch.setattr(cli, "app", boom)
+    assert cli.main(["cv", "m.csv", "-o", "/out/run"]) == 1
+    err = capsys.readouterr().err
+    assert expected in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_other_os_errors_are_not_disguised(monkeypatch):
+    import liverlesion.cli as cli
+
+    def boom(*a, **k):
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+    monkeypatch.setattr(cli, "app", boom)
+    with pytest.raises(ConnectionResetError):
+        cli.main(["serve"])
+
+
 def test_subprocess_errors_are_one_line(tmp_path):
     import os
     import subprocess

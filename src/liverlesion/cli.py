@@ -393,6 +393,21 @@ def _split_point(e, argv: list[str] | None) -> str | None:
     return None
 
 
+def _os_error(e: OSError) -> str | None:
+    """One line for the operating-system errors a user can act on (a full disk, no permission)."""
+    import errno
+
+    where = f": {e.filename}" if e.filename else ""
+    if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return (
+            f"no space left on the disk{where}; free some space or write to another folder (-o/--out), "
+            "then run the command again"
+        )
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{e.strerror or 'permission denied'}{where}; check its permissions or use a folder you can write to"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turning user errors into one-line messages."""
     NOTES.clear()
@@ -412,6 +427,12 @@ def main(argv: list[str] | None = None) -> int:
             "or use a machine with more memory",
             err=True,
         )
+        return 1
+    except OSError as e:
+        message = _os_error(e)
+        if message is None:
+            raise
+        typer.echo(f"liverlesion: error: {message}", err=True)
         return 1
     except typer.Exit as e:
         return e.exit_code

@@ -280,11 +280,17 @@ def plot_losses(run_dir: Path, out: Path) -> Path | None:
     fig = _figure(3.2 * cols, 2.4 * rows)
     for i, (name, df) in enumerate(logs.items()):
         ax = fig.add_subplot(rows, cols, i + 1)
-        for col, style in (("train_loss", "-"), ("val_loss", "--")):
+        # val_loss is what early stopping compared (train.select_on: after the fold's temperature
+        # by default); val_raw_loss, logged beside it since then, is the plain cross-entropy
+        for col, style, label in (
+            ("train_loss", "-", "train loss"),
+            ("val_raw_loss", ":", "val loss, raw"),
+            ("val_loss", "--", "val loss, early stopping"),
+        ):
             if col in df:
                 d = df.dropna(subset=[col]).groupby("epoch")[col].last()
                 if len(d):
-                    ax.plot(d.index + 1, d.to_numpy(), style, label=col.replace("_", " "))
+                    ax.plot(d.index + 1, d.to_numpy(), style, label=label)
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
         ax.tick_params(labelsize=7)
