@@ -44,12 +44,7 @@ VARIANTS = {
     "lpft_last": ["model.fusion=none", "model.features_from=last"],
     "fusion_lesion": ["model.pool=lesion"],
     "lpft_lesion": ["model.fusion=none", "model.pool=lesion"],
-    "lpft_cal": ["model.fusion=none", "train.select_on=calibrated"],
-    "fusion_cal": ["train.select_on=calibrated"],
-    "e2e160_cal": [
-        "train.recipe=end_to_end", "model.fusion=none", "train.epochs=8", "train.patience=4",
-        "train.select_on=calibrated",
-    ],
+    "lpft_raw": ["model.fusion=none", "train.select_on=loss"],  # early stopping on the raw loss (before)
 }  # fmt: skip
 
 
