@@ -161,6 +161,34 @@ def curves(data: PredictionArrays, n_bootstrap: int, seed: int) -> dict[str, Any
     return out
 
 
+def paired_auc_differences(
+    y: np.ndarray,
+    a: np.ndarray,
+    b: np.ndarray,
+    groups: Sequence[str] | np.ndarray,
+    positive_index: int = 1,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    progress: bool = False,
+) -> np.ndarray:
+    """ROC AUC of ``a`` minus that of ``b`` (probabilities ``(N, K)``) on paired patient resamples.
+
+    Resamples where either AUC is undefined (one class drawn) are left out.
+    """
+    diffs = []
+    for idx in progress_bar(
+        patient_bootstrap(groups, n_bootstrap, seed),
+        "paired test",
+        total=n_bootstrap,
+        enabled=progress,
+        log=False,
+    ):
+        d = auc_score(y[idx], a[idx], positive_index) - auc_score(y[idx], b[idx], positive_index)
+        if np.isfinite(d):
+            diffs.append(d)
+    return np.array(diffs)
+
+
 def paired_auc_test(
     y_true: np.ndarray,
     probs_a: np.ndarray,
@@ -189,18 +217,7 @@ def paired_auc_test(
     y = np.asarray(y_true).astype(int)
     a, b = np.asarray(probs_a, dtype=float), np.asarray(probs_b, dtype=float)
     auc_a, auc_b = auc_score(y, a, positive_index), auc_score(y, b, positive_index)
-    diffs = []
-    for idx in progress_bar(
-        patient_bootstrap(groups, n_bootstrap, seed),
-        "paired test",
-        total=n_bootstrap,
-        enabled=n_bootstrap >= 50,
-        log=False,
-    ):
-        d = auc_score(y[idx], a[idx], positive_index) - auc_score(y[idx], b[idx], positive_index)
-        if np.isfinite(d):
-            diffs.append(d)
-    d = np.array(diffs)
+    d = paired_auc_differences(y, a, b, groups, positive_index, n_bootstrap, seed, progress=n_bootstrap >= 50)
     out: dict[str, Any] = {
         "metric": "roc_auc",
         "auc_a": auc_a,

@@ -121,17 +121,14 @@ def ranks_better(
     """
     from scipy.special import softmax
 
-    from liverlesion.bootstrap import patient_bootstrap
+    from liverlesion.bootstrap import paired_auc_differences
     from liverlesion.metrics import auc_score
 
     y = np.asarray(y).astype(int)
     pa, pb = softmax(np.asarray(a, float), axis=1), softmax(np.asarray(b, float), axis=1)
     gain = auc_score(y, pa, 1) - auc_score(y, pb, 1)
     g = np.arange(len(y)) if groups is None else np.asarray(groups)
-    diffs = np.array(
-        [auc_score(y[i], pa[i], 1) - auc_score(y[i], pb[i], 1) for i in patient_bootstrap(g, n_bootstrap)]
-    )
-    diffs = diffs[np.isfinite(diffs)]
+    diffs = paired_auc_differences(y, pa, pb, g, n_bootstrap=n_bootstrap)
     return bool(np.isfinite(gain) and len(diffs) > 1 and gain > diffs.std(ddof=1))
 
 
