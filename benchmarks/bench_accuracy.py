@@ -39,6 +39,7 @@ VARIANTS = {
     ],
     "lpft": ["model.fusion=none"],
     "fusion": [],
+    "fusion_auto": ["model.fusion_weight=auto"],  # the weight chosen per fold (the rule before)
     "e2e160": ["train.recipe=end_to_end", "model.fusion=none", "train.epochs=8", "train.patience=4"],
     "fusion_last": ["model.features_from=last"],
     "lpft_last": ["model.fusion=none", "model.features_from=last"],

@@ -74,6 +74,10 @@ def test_saved_config_round_trips(tmp_path):
         ("patch.size_px=4", "patch.size_px"),
         ("train.val_fraction=0", "train.val_fraction"),
         ("train.devices=two", "train.devices"),
+        ("model.fusion_weight=1.5", "model.fusion_weight"),
+        ("model.fusion_weight=-0.1", "model.fusion_weight"),
+        ("model.fusion_weight=nan", "model.fusion_weight"),
+        ("model.fusion_weight=half", "model.fusion_weight"),
     ],
 )
 def test_every_value_is_validated_when_the_config_is_loaded(override, named):
@@ -83,6 +87,19 @@ def test_every_value_is_validated_when_the_config_is_loaded(override, named):
         load(overrides=[override])
     msg = str(e.value)
     assert named in msg and "\n" not in msg
+
+
+def test_fusion_weight_is_a_number_or_auto_from_yaml_or_the_command_line(tmp_path):
+    from liverlesion.config import fixed_fusion_weight
+    from liverlesion.config import load_config as load
+
+    assert fixed_fusion_weight(load().model) == 0.2
+    assert fixed_fusion_weight(load(overrides=["model.fusion_weight=AUTO"]).model) is None
+    (tmp_path / "c.yaml").write_text("model:\n  fusion_weight: 0.35\n")  # a YAML float
+    cfg = load(tmp_path / "c.yaml")
+    assert fixed_fusion_weight(cfg.model) == 0.35
+    cfg.save(tmp_path / "saved.yaml")
+    assert fixed_fusion_weight(load(tmp_path / "saved.yaml").model) == 0.35
 
 
 def test_presets_validate_and_choose_the_recipes():

@@ -40,7 +40,7 @@ def _subset(rows: np.ndarray, y: np.ndarray) -> FoldData:
     return FoldData(index, [np.zeros((1, 3, 8, 8), np.float32)] * len(rows), y[rows], rows)
 
 
-def _fold():
+def _fold(weight: str = "auto"):
     """One fold whose radiomics features carry the signal and whose network carries none."""
     rng = np.random.default_rng(0)
     n = 90
@@ -55,7 +55,7 @@ def _fold():
             return model.head.eval()(feats[data.rows]).double().numpy()
 
     fit, val, test = (_subset(np.arange(a, b), y) for a, b in ((0, 50), (50, 70), (70, 90)))
-    cfg = load_config(overrides={"eval": {"min_size_mm": 5.0}})
+    cfg = load_config(overrides={"eval": {"min_size_mm": 5.0}, "model": {"fusion_weight": weight}})
     return model, deep, fit, val, test, extra, y, cfg
 
 
@@ -70,6 +70,38 @@ def test_network_weight_zero_gives_the_radiomics_baseline_exactly():
     want = lr_pipeline(cfg.train.seed).fit(extra[train_rows], y[train_rows]).predict_proba(extra[test.rows])
     got = results["test"][["prob_cyst", "prob_metastasis"]].to_numpy()
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.2, 1.0])
+def test_a_set_network_weight_is_used_as_set(weight):
+    """model.fusion_weight as a number: no cross-fitting, the fused logits are exactly the weighted
+    halves, and only a mixture gets a temperature (fitted on inner validation)."""
+    from liverlesion.fusion import radiomics_lr, radiomics_lr_logits
+    from liverlesion.inference import fit_temperature
+
+    model, deep, fit, val, test, extra, y, cfg = _fold(str(weight))
+    net0 = deep(val)
+
+    def must_not_run():
+        raise AssertionError("a set weight needs no out-of-fold logits")
+
+    results, dec = finish_fold(
+        model, deep, fit, val, {"test": test}, CLASSES, cfg, extra, 0, cross_fitted=must_not_run
+    )
+    assert dec["fusion"]["alpha"] == weight == dec["network_weight"]
+    t_net = dec["fusion"]["network_temperature"]
+    rad_val = radiomics_lr_logits(
+        radiomics_lr(extra[fit.rows], y[fit.rows], 2, cfg.train.seed), extra[val.rows]
+    )
+    mix = weight * net0 / t_net + (1 - weight) * rad_val
+    want_t = float(fit_temperature(mix, val.labels)) if 0 < weight < 1 else 1.0
+    assert dec["temperature"] == pytest.approx(want_t)
+    train_rows = np.arange(0, 70)  # the radiomics half refitted on fit + inner validation
+    rad_test = radiomics_lr_logits(
+        radiomics_lr(extra[train_rows], y[train_rows], 2, cfg.train.seed), extra[test.rows]
+    )
+    got = results["test"][["logit_cyst", "logit_metastasis"]].to_numpy()
+    np.testing.assert_allclose(got, weight * deep(test) + (1 - weight) * rad_test, atol=1e-4)
 
 
 def test_network_temperature_is_folded_into_its_last_layer():

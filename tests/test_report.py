@@ -267,6 +267,9 @@ def test_model_card_says_what_the_network_reads_and_what_it_is_fused_with(tmp_pa
     assert "0.00, 0.00" in rows["Fusion"] and "radiomics logistic regression's" in rows["Fusion"]
     mixed = dict(model_rows(cfg, "inception_v3", {"per_fold": {"0": {"network_weight": 0.35}}}))
     assert "0.35" in mixed["Fusion"] and "logistic regression's" not in mixed["Fusion"]
+    assert "chosen on each fold" in mixed["Fusion"]  # not the default weight: chosen (an older run)
+    set_w = {"per_fold": {"0": {"network_weight": 0.2}, "1": {"network_weight": 0.2}}}
+    assert "w = 0.2, set by model.fusion_weight" in dict(model_rows(cfg, "inception_v3", set_w))["Fusion"]
 
     cfg.write_text("model:\n  fusion: none\n  features_from: last\ntrain:\n  recipe: end_to_end\n")
     rows = dict(model_rows(cfg, "inception_v3", {"per_fold": {}}))

@@ -55,6 +55,10 @@ class ModelConfig:
     fusion: str = (
         "radiomics"  # radiomics: late fusion of the network with radiomics-style features | none (paper)
     )
+    # the network's weight a in the fused logits a*network + (1-a)*radiomics LR, each half calibrated
+    # first: a number in [0, 1] (0.2: a minority vote, see README "fusion") | auto (chosen per fold on
+    # the training patients' out-of-fold logits, one-standard-error rule on NLL and on ROC AUC)
+    fusion_weight: str = "0.2"
     # where the head reads the backbone: mid (second-to-last timm stage; inception_v3: Mixed_6e, 768
     # channels: mid-level features describe texture) | last (the paper: Mixed_7c, 2048) | a stage name
     features_from: str = "mid"
@@ -279,6 +283,8 @@ def validate_config(cfg: Config) -> Config:
     if cfg.patch.mode == "2d" and cfg.patch.neighbours < 0:
         raise UserError(f"config patch.neighbours={cfg.patch.neighbours}: must be >= 0")
     parse_threshold_method(cfg.eval.threshold)
+    cfg.model.fusion_weight = str(cfg.model.fusion_weight).strip().lower()
+    fixed_fusion_weight(cfg.model)  # raises on a bad value
     d = str(cfg.train.devices).strip().lower()
     if not (d == "auto" or d.isdigit() and int(d) >= 1):
         raise UserError(
@@ -289,6 +295,23 @@ def validate_config(cfg: Config) -> Config:
             "config eval.positive_class is empty; name the positive lesion class, e.g. metastasis"
         )
     return cfg
+
+
+def fixed_fusion_weight(model: ModelConfig) -> float | None:
+    """``model.fusion_weight`` as a number, or None for ``auto`` (chosen per fold by ``fusion.choose_alpha``)."""
+    text = str(model.fusion_weight).strip().lower()
+    if text == "auto":
+        return None
+    try:
+        w = float(text)
+    except ValueError:
+        w = float("nan")
+    if not 0.0 <= w <= 1.0:  # also NaN
+        raise UserError(
+            f"config model.fusion_weight={model.fusion_weight!r}: use a number from 0 (the radiomics "
+            "half alone) to 1 (the network alone), e.g. 0.2, or auto"
+        )
+    return w
 
 
 def load_config(

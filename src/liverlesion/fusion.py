@@ -1,11 +1,13 @@
 """Late fusion of the network with the radiomics-style features (``model.fusion: radiomics``).
 
 The radiomics half is the radiomics baselines' logistic regression (``baselines.lr_pipeline``) read
-out as arrays and held in the model's ``fusion_head``; the network's weight ``alpha`` in the fused
-logits is chosen by NLL on out-of-fold logits of the training patients (inner patient folds) with a
-one-standard-error rule, so neither half can swamp the other. Each half is calibrated on its own before
+out as arrays and held in the model's ``fusion_head``. Each half is calibrated on its own before
 mixing (the network by temperature on inner validation, folded into its last layer; the logistic
-regression by its fit); a mixture gets the temperature fitted with its weight, a half kept alone none.
+regression by its fit), so neither can swamp the other, and the fused logits are
+``alpha * network + (1 - alpha) * radiomics``. ``alpha`` is ``model.fusion_weight`` (default 0.2: a
+minority vote for the network) or, with ``auto``, chosen by :func:`choose_alpha` on out-of-fold
+logits of the training patients (inner patient folds). A mixture gets a temperature fitted with its
+weight, a half kept alone none.
 """
 
 from __future__ import annotations

@@ -296,8 +296,8 @@ def cross_fitted_probe_logits(
     Each inner fold trains a fresh copy of ``head`` (the untrained paper head) on the frozen pooled
     features of the other patients' views, for the ``epochs`` the fold's own probe needed (chosen on
     its inner validation, so nothing here looks at the held-out patients), then scores the held-out
-    lesions' TTA views. These logits let the fusion weight be chosen on every training lesion
-    instead of the few dozen inner-validation ones. A plain loop: the head is small.
+    lesions' TTA views. These logits let the fusion weight (``model.fusion_weight=auto``) be chosen
+    on every training lesion instead of the few dozen inner-validation ones. A plain loop: the head is small.
     """
     import torch.nn.functional as F
 

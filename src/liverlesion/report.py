@@ -111,9 +111,10 @@ def build_html(run_dir: Path, metrics: dict[str, Any], plots: dict[str, Path], n
     out.append(H.table(*H.per_fold_rows(net)))
     if any("network_weight" in v for v in net["per_fold"].values()):
         out.append(
-            "<p>Network weight: the fused model's weight on the network in its logits, chosen on each "
-            "fold's training patients (0: the radiomics-style half alone, exactly the radiomics logistic "
-            "regression; 1: the network alone; setting <code>model.fusion</code>, README \u201cChoices where the paper is silent\u201d).</p>"
+            "<p>Network weight: the fused model's weight on the network in its logits, set by "
+            "<code>model.fusion_weight</code> or, with <code>auto</code>, chosen on each fold's training "
+            "patients (0: the radiomics-style half alone, exactly the radiomics logistic regression; "
+            "1: the network alone; README \u201cChoices where the paper is silent\u201d).</p>"
         )
     half = network_half_line(metrics)
     if half:

@@ -263,13 +263,19 @@ def model_rows(cfg_path: Path, backbone: str, summary: dict[str, Any]) -> list[l
         ],
     ]
     if m.fusion == "radiomics":
-        text = (
-            "late fusion with a logistic regression on the radiomics-style features (model.fusion): "
-            "logits = w·network + (1 − w)·radiomics, w chosen on each fold's training patients, 0 when "
-            "mixing in the network does not clearly help."
-        )
         weights = [v.get("network_weight") for v in summary.get("per_fold", {}).values()]
         known = [w for w in weights if w is not None]
+        fixed = _set_weight(m)
+        how = (
+            f"w = {fixed:g}, set by model.fusion_weight"
+            if fixed is not None and known and all(w == fixed for w in known)
+            else "w chosen on each fold's training patients, 0 when mixing in the network does not "
+            "clearly help"
+        )
+        text = (
+            "late fusion with a logistic regression on the radiomics-style features (model.fusion): "
+            f"logits = w·network + (1 − w)·radiomics, each half calibrated first; {how}."
+        )
         if known:
             text += f" Weight of the network per fold: {', '.join(num(w, 2) for w in weights)}"
             text += (
@@ -280,3 +286,13 @@ def model_rows(cfg_path: Path, backbone: str, summary: dict[str, Any]) -> list[l
             )
         rows.append(["Fusion", text])
     return rows
+
+
+def _set_weight(m) -> float | None:
+    from liverlesion.config import fixed_fusion_weight
+    from liverlesion.errors import UserError
+
+    try:
+        return fixed_fusion_weight(m)
+    except UserError:  # a hand-edited config.yaml: describe the recorded weights only
+        return None

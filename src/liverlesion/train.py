@@ -3,7 +3,7 @@
 ``train_fold`` (called by ``cv.run_cv`` and ``cv.train_single``) trains one model with early
 stopping on the fold's inner validation patients (never on the test fold): the ``lpft`` recipe
 (``lpft.py``) on the shared view cache, or the paper's end-to-end recipe with Lightning
-(``lightning_modules.LesionModule``). ``finish_fold`` then chooses the fusion weight
+(``lightning_modules.LesionModule``). ``finish_fold`` then sets or chooses the fusion weight
 (``fusion.py``), the temperature and the threshold on training patients only, writes a
 self-describing checkpoint and the lesion-level predictions of every set.
 """
@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from liverlesion import runs
-from liverlesion.config import Config
+from liverlesion.config import Config, fixed_fusion_weight
 from liverlesion.decision import CLASSIFIED, TOO_SMALL, choose_threshold, decide, too_small_rows
 from liverlesion.domain import training_range
 from liverlesion.fileio import write_csv
@@ -233,9 +233,10 @@ def finish_fold(
     by :mod:`liverlesion.inference`). The threshold is fitted on the same calibrated probabilities
     it is compared with later, on the lesions the size rule lets through.
 
-    ``cross_fitted()`` (lpft recipe) returns out-of-fold ``(deep, radiomics, labels, too_small,
-    patient_ids)`` over every training patient; the fusion weight is then chosen on all of
-    them rather than on the inner-validation lesions alone.
+    The network's weight in a fusion model is ``model.fusion_weight`` when that is a number. With
+    ``auto``, ``cross_fitted()`` (lpft recipe) returns out-of-fold ``(deep, radiomics, labels,
+    too_small, patient_ids)`` over every training patient, and the weight is chosen on all of them
+    (:func:`liverlesion.fusion.choose_alpha`) rather than on the inner-validation lesions alone.
     """
     import torch
 
@@ -255,8 +256,19 @@ def finish_fold(
         deep_t = float(fit_temperature(val_deep[ok], val.labels[ok]))
         calibrate_deep(model, deep_t)
         val_deep = val_deep / deep_t
-        oof = cross_fitted() if cross_fitted is not None else None
-        if oof is not None:
+        fixed = fixed_fusion_weight(cfg.model)
+        oof = cross_fitted() if cross_fitted is not None and fixed is None else None
+        if fixed is not None:
+            # a set weight; a mixture gets the temperature of its fused logits on inner validation
+            rad = radiomics_logits(model, extra[val.rows])
+            alpha, scores = fixed, {}
+            temperature = 1.0
+            if 0.0 < alpha < 1.0:
+                temperature = float(
+                    fit_temperature(alpha * val_deep[ok] + (1 - alpha) * rad[ok], val.labels[ok])
+                )
+            chosen_on = "set by model.fusion_weight"
+        elif oof is not None:
             d_oof, r_oof, y_oof, small_oof, patients = oof
             keep = ~small_oof
             d_cal = d_oof[keep] / fit_temperature(d_oof[keep], y_oof[keep])
