@@ -488,6 +488,29 @@ def test_a_full_or_read_only_disk_is_one_line(monkeypatch, capsys, code, expecte
     assert expected in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
+def test_a_disk_that_fills_mid_run_leaves_nothing_half_written(monkeypatch, capsys, tmp_path):
+    import errno
+    import os
+
+    import liverlesion.synth.cohort as cohort
+    from liverlesion.cli import main
+
+    real, calls = cohort._write_nifti, []
+
+    def fills_up(array, spacing, origin, path):
+        calls.append(path)
+        if len(calls) == 3:  # the second patient's image: the first one is already on disk
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        real(array, spacing, origin, path)
+
+    monkeypatch.setattr(cohort, "_write_nifti", fills_up)
+    rc = main(["synth", "-o", str(tmp_path / "out"), "--patients", "3", "--lesions", "6", "--workers", "1"])
+    err = capsys.readouterr().err
+    assert rc == 1 and len(calls) == 3
+    assert "no space left on the disk" in err and len(err.strip().splitlines()) == 1, err
+    assert list(tmp_path.iterdir()) == []  # neither the output folder nor its temporary one
+
+
 def test_other_os_errors_are_not_disguised(monkeypatch):
     import liverlesion.cli as cli
 
