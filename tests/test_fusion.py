@@ -72,22 +72,43 @@ def test_network_weight_zero_gives_the_radiomics_baseline_exactly():
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
-@pytest.mark.parametrize("weight", [0.0, 0.2, 1.0])
+def _held_out_logits(deep_signal: float, n: int = 160, seed: int = 4):
+    """Out-of-fold logits as ``cross_fitted()`` returns them: each half sees the label through noise
+    of its own, so a mixture beats either half when both carry signal."""
+    rng = np.random.default_rng(seed)
+    y = np.tile([0, 1], n // 2)
+    s = 2 * y - 1.0
+
+    def two(z: np.ndarray) -> np.ndarray:
+        return np.stack([-z / 2, z / 2], axis=1)
+
+    deep = two(deep_signal * s + rng.normal(size=n) * 1.5)
+    rad = two(1.5 * s + rng.normal(size=n) * 1.5)
+    return deep, rad, y, np.zeros(n, bool), np.array([f"q{i // 2:03d}" for i in range(n)])
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.2, 0.5])
 def test_a_set_network_weight_is_used_as_set(weight):
-    """model.fusion_weight as a number: no cross-fitting, and the fused logits are exactly the
-    weighted halves (each calibrated on its own), with no temperature on top."""
+    """model.fusion_weight as a number, where the network adds to the radiomics half on held-out
+    training lesions: the fused logits are exactly the weighted halves (each calibrated on its own),
+    with no temperature on top."""
     from scipy.special import softmax
 
     from liverlesion.fusion import radiomics_lr, radiomics_lr_logits
 
     model, deep, fit, val, test, extra, y, cfg = _fold(str(weight))
     net0 = deep(val)
-
-    def must_not_run():
-        raise AssertionError("a set weight needs no out-of-fold logits")
-
     results, dec = finish_fold(
-        model, deep, fit, val, {"test": test}, CLASSES, cfg, extra, 0, cross_fitted=must_not_run
+        model,
+        deep,
+        fit,
+        val,
+        {"test": test},
+        CLASSES,
+        cfg,
+        extra,
+        0,
+        cross_fitted=lambda: _held_out_logits(1.5),
     )
     assert dec["fusion"]["alpha"] == weight == dec["network_weight"]
     t_net = dec["fusion"]["network_temperature"]
@@ -105,6 +126,41 @@ def test_a_set_network_weight_is_used_as_set(weight):
     np.testing.assert_allclose(got, weight * deep(test) + (1 - weight) * rad_test, atol=1e-4)
     probs = results["test"][["prob_cyst", "prob_metastasis"]].to_numpy()
     np.testing.assert_allclose(probs, softmax(got, axis=1), atol=1e-6)
+
+
+def test_a_set_weight_is_refused_where_the_network_adds_nothing():
+    """The training patients' held-out logits decide whether the network gets its weight at all;
+    refused, the fused model is the radiomics LR baseline exactly."""
+    from liverlesion.fusion import gate_weight
+
+    taken = {0.0: 0, 1.5: 0}
+    for seed in range(20):
+        for signal in taken:  # a network without signal, and one as good as the radiomics half
+            deep, rad, y, _, _ = _held_out_logits(signal, seed=seed)
+            alpha, scores = gate_weight(deep, rad, y, 0.2)
+            assert alpha in (0.0, 0.2) and (alpha == 0.2) == (scores[0.2] < scores[0.0])
+            taken[signal] += alpha == 0.2
+    # a point comparison on 160 lesions: noise passes now and then (4 of 40 seeds), signal always
+    assert taken[0.0] <= 5 and taken[1.5] == 20
+    assert gate_weight(deep[:0], rad[:0], y[:0], 0.2) == (0.2, {})  # nothing to judge on: as set
+
+    model, deep_fn, fit, val, test, extra, y, cfg = _fold("0.2")
+    results, dec = finish_fold(
+        model,
+        deep_fn,
+        fit,
+        val,
+        {"test": test},
+        CLASSES,
+        cfg,
+        extra,
+        0,
+        cross_fitted=lambda: _held_out_logits(0.0),
+    )
+    assert dec["fusion"]["alpha"] == 0.0 and dec["temperature"] == 1.0
+    train_rows = np.arange(0, 70)
+    want = lr_pipeline(cfg.train.seed).fit(extra[train_rows], y[train_rows]).predict_proba(extra[test.rows])
+    np.testing.assert_allclose(results["test"][["prob_cyst", "prob_metastasis"]].to_numpy(), want, atol=1e-5)
 
 
 def test_network_temperature_is_folded_into_its_last_layer():

@@ -56,8 +56,9 @@ class ModelConfig:
         "radiomics"  # radiomics: late fusion of the network with radiomics-style features | none (paper)
     )
     # the network's weight a in the fused logits a*network + (1-a)*radiomics LR, each half calibrated
-    # first: a number in [0, 1] (0.2: a minority vote, see README "fusion") | auto (chosen per fold on
-    # the training patients' out-of-fold logits, one-standard-error rule on NLL and on ROC AUC)
+    # first: a number in [0, 1], taken where mixing the network in at it lowers the NLL on the training
+    # patients' out-of-fold logits, else 0 (0.2: a minority vote, see README "fusion") | auto (chosen
+    # per fold on the same logits, one-standard-error rule on NLL and on ROC AUC)
     fusion_weight: str = "0.2"
     # where the head reads the backbone: mid (second-to-last timm stage; inception_v3: Mixed_6e, 768
     # channels: mid-level features describe texture) | last (the paper: Mixed_7c, 2048) | a stage name

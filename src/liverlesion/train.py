@@ -29,6 +29,7 @@ from liverlesion.fusion import (
     choose_alpha,
     cross_fitted_radiomics,
     fit_fusion,
+    gate_weight,
     inner_patient_splits,
     radiomics_logits,
 )
@@ -233,10 +234,11 @@ def finish_fold(
     by :mod:`liverlesion.inference`). The threshold is fitted on the same calibrated probabilities
     it is compared with later, on the lesions the size rule lets through.
 
-    The network's weight in a fusion model is ``model.fusion_weight`` when that is a number. With
-    ``auto``, ``cross_fitted()`` (lpft recipe) returns out-of-fold ``(deep, radiomics, labels,
-    too_small, patient_ids)`` over every training patient, and the weight is chosen on all of them
-    (:func:`liverlesion.fusion.choose_alpha`) rather than on the inner-validation lesions alone.
+    The network's weight in a fusion model is judged on held-out training lesions: ``cross_fitted()``
+    (lpft recipe) returns out-of-fold ``(deep, radiomics, labels, too_small, patient_ids)`` over every
+    training patient, so it is judged on all of them rather than on the inner-validation lesions
+    alone (the end-to-end recipe). A number in ``model.fusion_weight`` is taken or refused
+    (:func:`liverlesion.fusion.gate_weight`); ``auto`` chooses it (:func:`liverlesion.fusion.choose_alpha`).
     """
     import torch
 
@@ -252,29 +254,30 @@ def finish_fold(
     ok = ~too_small_rows(val.index, cfg.eval.min_size_mm)
     if model.fusion_features:
         fit_fusion(model, extra[fit.rows], fit.labels, cfg.train.seed)
-        # each half calibrated on its own, then mixed; a mixture gets its own temperature (fusion.py)
+        # each half calibrated on its own, then mixed (fusion.py)
         deep_t = float(fit_temperature(val_deep[ok], val.labels[ok]))
         calibrate_deep(model, deep_t)
         val_deep = val_deep / deep_t
-        fixed = fixed_fusion_weight(cfg.model)
-        oof = cross_fitted() if cross_fitted is not None and fixed is None else None
-        if fixed is not None:
-            # a set weight: the weighted mean of two calibrated halves, no temperature on top. One
-            # fitted on the ~40 inner-validation lesions varied 0.6-1.5 between folds, which put the
-            # folds on different scales (pooled ROC AUC -0.009 on one cohort) without a better NLL
-            alpha, scores, temperature = fixed, {}, 1.0
-            chosen_on = "set by model.fusion_weight"
-        elif oof is not None:
+        oof = cross_fitted() if cross_fitted is not None else None
+        if oof is not None:
             d_oof, r_oof, y_oof, small_oof, patients = oof
             keep = ~small_oof
-            d_cal = d_oof[keep] / fit_temperature(d_oof[keep], y_oof[keep])
-            alpha, temperature, scores = choose_alpha(d_cal, r_oof[keep], y_oof[keep], patients[keep])
+            d = d_oof[keep] / fit_temperature(d_oof[keep], y_oof[keep])
+            r, y_w, g_w = r_oof[keep], y_oof[keep], patients[keep]
             chosen_on = f"out-of-fold over {int(keep.sum())} training lesions (inner patient folds)"
         else:
-            rad = radiomics_logits(model, extra[val.rows])
-            patients = val.index["patient_id"].astype(str).to_numpy()
-            alpha, temperature, scores = choose_alpha(val_deep[ok], rad[ok], val.labels[ok], patients[ok])
+            d, r = val_deep[ok], radiomics_logits(model, extra[val.rows])[ok]
+            y_w, g_w = val.labels[ok], val.index["patient_id"].astype(str).to_numpy()[ok]
             chosen_on = f"{int(ok.sum())} inner-validation lesions"
+        fixed = fixed_fusion_weight(cfg.model)
+        if fixed is None:
+            alpha, temperature, scores = choose_alpha(d, r, y_w, g_w)
+        else:
+            # the set weight or none, and no temperature on top of the two calibrated halves: one
+            # fitted per fold on ~40 inner-validation lesions (0.6-1.5) put the folds on different
+            # scales (pooled ROC AUC -0.009 on one cohort) without a better NLL
+            alpha, scores = gate_weight(d, r, y_w, fixed)
+            temperature = 1.0
         with torch.no_grad():
             model.fusion_alpha.fill_(alpha)
         info["fusion"] = {
