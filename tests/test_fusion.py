@@ -87,6 +87,19 @@ def _held_out_logits(deep_signal: float, n: int = 160, seed: int = 4):
     return deep, rad, y, np.zeros(n, bool), np.array([f"q{i // 2:03d}" for i in range(n)])
 
 
+def _finish_judged_on(weight: str, deep_signal: float):
+    """``finish_fold`` of :func:`_fold` with ``model.fusion_weight=weight``, the weight judged on
+    :func:`_held_out_logits`; also the network's inner-validation logits before calibration."""
+    model, deep, fit, val, test, extra, y, cfg = _fold(weight)
+    net_val = deep(val)  # finish_fold folds the network's temperature into its last layer
+    held_out = _held_out_logits(deep_signal)
+    tests = {"test": test}
+    results, dec = finish_fold(
+        model, deep, fit, val, tests, CLASSES, cfg, extra, 0, cross_fitted=lambda: held_out
+    )
+    return results, dec, net_val, (deep, fit, val, test, extra, y, cfg)
+
+
 @pytest.mark.parametrize("weight", [0.0, 0.2, 0.5])
 def test_a_set_network_weight_is_used_as_set(weight):
     """model.fusion_weight as a number, where the network adds to the radiomics half on held-out
@@ -96,20 +109,7 @@ def test_a_set_network_weight_is_used_as_set(weight):
 
     from liverlesion.fusion import radiomics_lr, radiomics_lr_logits
 
-    model, deep, fit, val, test, extra, y, cfg = _fold(str(weight))
-    net0 = deep(val)
-    results, dec = finish_fold(
-        model,
-        deep,
-        fit,
-        val,
-        {"test": test},
-        CLASSES,
-        cfg,
-        extra,
-        0,
-        cross_fitted=lambda: _held_out_logits(1.5),
-    )
+    results, dec, net0, (deep, fit, val, test, extra, y, cfg) = _finish_judged_on(str(weight), 1.5)
     assert dec["fusion"]["alpha"] == weight == dec["network_weight"]
     t_net = dec["fusion"]["network_temperature"]
     rad_val = radiomics_lr_logits(
@@ -144,19 +144,7 @@ def test_a_set_weight_is_refused_where_the_network_adds_nothing():
     assert taken[0.0] <= 5 and taken[1.5] == 20
     assert gate_weight(deep[:0], rad[:0], y[:0], 0.2) == (0.2, {})  # nothing to judge on: as set
 
-    model, deep_fn, fit, val, test, extra, y, cfg = _fold("0.2")
-    results, dec = finish_fold(
-        model,
-        deep_fn,
-        fit,
-        val,
-        {"test": test},
-        CLASSES,
-        cfg,
-        extra,
-        0,
-        cross_fitted=lambda: _held_out_logits(0.0),
-    )
+    results, dec, _, (_, _, _, test, extra, y, cfg) = _finish_judged_on("0.2", 0.0)
     assert dec["fusion"]["alpha"] == 0.0 and dec["temperature"] == 1.0
     train_rows = np.arange(0, 70)
     want = lr_pipeline(cfg.train.seed).fit(extra[train_rows], y[train_rows]).predict_proba(extra[test.rows])
