@@ -17,6 +17,8 @@ Variants (all inception_v3 with ImageNet weights, the quick preset's folds and b
   * ``lpft_last``: ``lpft`` (network alone) on the last block
   * ``fusion_lesion`` / ``lpft_lesion``: ``fusion`` / ``lpft`` with the features pooled inside the
     lesion mask (``model.pool=lesion``) instead of over the whole patch
+  * ``fusion_auto`` / ``lpft_raw``: the fusion weight chosen per fold / early stopping on the raw loss
+  * ``fusion_stacks``: ``fusion`` with three 2.5-D stacks per lesion (``patch.stacks=1``)
 
 Usage:
     python benchmarks/bench_accuracy.py [--difficulties 0 1 2] [--seeds 0 1] [--variants ...]
@@ -46,6 +48,7 @@ VARIANTS = {
     "fusion_lesion": ["model.pool=lesion"],
     "lpft_lesion": ["model.fusion=none", "model.pool=lesion"],
     "lpft_raw": ["model.fusion=none", "train.select_on=loss"],  # early stopping on the raw loss (before)
+    "fusion_stacks": ["patch.stacks=1"],  # three 2.5-D stacks per lesion (centre slice and one either side)
 }  # fmt: skip
 
 

@@ -107,6 +107,7 @@ def make_tiny_checkpoint(
     size_px: int = 64,
     mode: str = "2.5d",
     pool: str = "global",
+    stacks: int = 0,
     **extra,
 ) -> Path:
     """An untrained checkpoint of timm's tiny ``test_resnet`` (the plumbing is under test, not accuracy).
@@ -118,6 +119,7 @@ def make_tiny_checkpoint(
         size_px: Patch side in px.
         mode: ``"2.5d"`` (3 slices as channels) or ``"2d"`` (one grey slice per sample).
         pool: ``model.pool`` (``"lesion"``: the network also takes the lesion mask).
+        stacks: ``patch.stacks`` (2.5-D: 2·stacks+1 stacked samples per lesion).
         **extra: Further ``save_checkpoint`` arguments; temperature 1, threshold 0.5 and
             positive class ``metastasis`` (when a class) unless given.
 
@@ -137,6 +139,7 @@ def make_tiny_checkpoint(
     cfg.patch.size_px = size_px
     cfg.patch.neighbours = 1
     cfg.patch.mode = mode
+    cfg.patch.stacks = stacks
     cfg.model.pool = pool
     in_chans = 3 if mode == "2.5d" else 1  # 2.5-D: 2k+1 slices as channels; 2-D: one grey slice per sample
     torch.manual_seed(seed)

@@ -161,6 +161,39 @@ def test_2d_mode_shapes_and_content_match_25d():
     assert areas.argmax() == 2 and areas[0] < areas[2]  # each sample's own slice of the sphere
 
 
+@pytest.mark.parametrize("stacks", [1, 2])
+def test_25d_stacks_are_the_neighbouring_slices_stacks(stacks):
+    # patch.stacks=m: 2m+1 samples, each the 2.5-D stack centred on one slice; the centre one is the
+    # patch of stacks=0, and sample j's channels are the slices of the wider 2-D cut around it
+    vol, mask = _z_coded_volume()
+    one = P.extract_patch(vol, mask, cfg_(neighbours=1, window_center=100.0, window_width=400.0))
+    many = P.extract_patch(
+        vol, mask, cfg_(neighbours=1, stacks=stacks, window_center=100.0, window_width=400.0)
+    )
+    wide = P.extract_patch(
+        vol, mask, cfg_(mode="2d", neighbours=1 + stacks, window_center=100.0, window_width=400.0)
+    )
+    n = 2 * stacks + 1
+    assert (
+        many.image.shape == (n, 3, 32, 32) and many.mask.shape == (n, 32, 32) and many.hu.shape == (n, 32, 32)
+    )
+    np.testing.assert_array_equal(many.image[stacks], one.image[0])
+    np.testing.assert_array_equal(many.mask[stacks], one.mask[0])
+    for j in range(n):
+        np.testing.assert_array_equal(many.image[j], wide.image[j : j + 3, 0])
+        np.testing.assert_array_equal(many.mask[j], wide.mask[j + 1])
+        np.testing.assert_array_equal(many.hu[j], wide.hu[j + 1])
+    assert len(many.meta["slice_indices"]) == 2 * (1 + stacks) + 1
+
+
+def test_stacks_in_2d_mode_is_refused_in_one_line():
+    vol, mask = make_volume()
+    with pytest.raises(
+        UserError, match=r"patch.stacks=1: applies to mode=2.5d only .*raise patch.neighbours"
+    ):
+        P.extract_patch(vol, mask, cfg_(mode="2d", stacks=1))
+
+
 def test_lesion_at_volume_edge_pads_with_air_and_clamps_slices():
     # lesion touching column 0 and slice 0
     vol, mask = make_volume(centre=(0, 32, 2), radius=5.0)

@@ -228,6 +228,27 @@ def test_2d_mode_averages_slice_samples(tmp_path, case):
     assert df["prob_metastasis"].iloc[0] == pytest.approx(per_sample[:, 1].mean(), rel=1e-5)
 
 
+def test_25d_stacks_average_their_samples(tmp_path, case):
+    # patch.stacks=1: three 2.5-D stacks per lesion, cut with the checkpoint's settings and averaged
+    from liverlesion.model import load_checkpoint
+    from liverlesion.patches import extract_patch
+
+    path = make_tiny_checkpoint(tmp_path / "stacks.pt", 3, stacks=1, temperature=1.5)
+    clf = Classifier.load(path)
+    image, mask = read_volume(case["image"]), read_volume(case["mask"], kind="mask")
+    df = clf.predict(image, mask=mask, gradcam=True)
+    assert df["pred_class"].iloc[0] != TOO_SMALL and df.attrs["gradcam"]["case-L01"].shape == (64, 64)
+    lesion_mask = mask.array == 1
+    lesion_mask[:, :, 30:] = False
+    patch = extract_patch(image, lesion_mask, clf.patch_config)
+    assert patch.image.shape == (3, 3, 64, 64)  # three stacks of three slices
+    model, _ = load_checkpoint(path)
+    with torch.no_grad():
+        per_sample = torch.softmax(model(torch.from_numpy(patch.image)) / 1.5, dim=1).numpy()
+    assert not np.allclose(per_sample[0], per_sample[2])
+    assert df["prob_metastasis"].iloc[0] == pytest.approx(per_sample[:, 1].mean(), rel=1e-5)
+
+
 def test_min_size_is_configurable(ckpts, case):
     clf = Classifier.load(ckpts["a"])
     df = clf.predict(read_volume(case["image"]), mask=read_volume(case["mask"], kind="mask"), min_size_mm=0)

@@ -246,7 +246,7 @@ class Classifier:
         """
         target = self.class_names.index(target_class) if isinstance(target_class, str) else int(target_class)
         x = np.asarray(patch_image, dtype=np.float32)
-        s = x.shape[0] // 2  # 2-D mode: the centre slice; 2.5-D: the only sample
+        s = x.shape[0] // 2  # 2-D mode: the centre slice; 2.5-D: the centre stack
         m_s = None if mask is None else np.asarray(mask)[s : s + 1]
         nets = [m.network(self.device) for m in self.members]
         if self.threads is not None:  # with onnx, torch was imported just now, with a thread per core

@@ -30,6 +30,7 @@ class PatchConfig:
 
     mode: str = "2.5d"  # "2.5d": k neighbours stacked as channels; "2d": each slice a sample (grey -> 3 ch)
     neighbours: int = 1  # k slices each side of the largest cross-section (2.5d: 2k+1 channels)
+    stacks: int = 0  # 2.5d: also a stack centred on each of m slices either side (2m+1 samples, averaged)
     slice_step_mm: float = 0.0  # spacing between neighbouring slices in mm; 0 = native slice spacing
     size_px: int = 224  # output patch side in pixels (paper input not stated; quick: 160, paper: 299)
     margin_mm: float = (
@@ -220,6 +221,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 # (lowest, highest, inclusive low) of numeric settings; None = unbounded
 _RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "patch.neighbours": (0, 10, True),
+    "patch.stacks": (0, 10, True),
     "patch.slice_step_mm": (0, 50, True),
     "patch.size_px": (8, 1024, True),
     "patch.margin_mm": (0, 100, True),

@@ -35,7 +35,7 @@ def draw_lesion_overlay(result: LesionResult, image: Volume, path: Path, class_n
 
     row, patch = result.row, result.patch
     z = int(row["centre_slice"])
-    s = patch.image.shape[0] // 2  # 2-D mode: the centre sample; 2.5-D: the only one
+    s = patch.image.shape[0] // 2  # 2-D mode: the centre sample; 2.5-D: the centre stack
     centre = patch.image[s, patch.image.shape[1] // 2]
     patch_mask = patch.mask[min(s, patch.mask.shape[0] - 1)]
 

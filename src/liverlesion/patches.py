@@ -6,6 +6,10 @@ One lesion gives one patch, cut around its largest axial cross-section:
   The ``neighbours`` slices on each side are taken at native spacing, or every
   ``slice_step_mm`` along z with interpolation. They are clamped at the ends of
   the volume, so the edge slice is repeated.
+* ``2.5d``: the centre slice and its neighbours are the channels of one sample.
+  ``stacks = m`` adds a sample centred on each of the ``m`` slices either side
+  (the same step), so the network sees more of the lesion's volume: ``2m+1``
+  samples whose features are averaged, like the slices of ``2d`` mode.
 * The in-plane field is a square centred on the lesion's centroid on the centre
   slice. Its side is the lesion's extent plus a margin, and at least
   ``min_field_mm``. It is resampled in millimetres to ``size_px`` pixels, so
@@ -50,7 +54,7 @@ class LesionPatch:
     """One lesion's patch, in the layout of the patch cache.
 
     Attributes:
-        image: float32 ``(S, C, H, W)`` windowed to ``[0, 1]`` (2.5d: S=1, C=2k+1; 2d: S=2k+1, C=1).
+        image: float32 ``(S, C, H, W)`` windowed to ``[0, 1]`` (2.5d: S=2m+1 stacks, C=2k+1; 2d: S=2k+1, C=1).
         mask: uint8 ``(S, H, W)`` lesion mask on the centre slice of each sample.
         hu: float32 ``(S, H, W)`` HU on the centre slice of each sample.
         meta: Geometry of the cut: ``centre_slice``, ``slice_indices``, ``slice_positions_mm``,
@@ -83,6 +87,12 @@ def check_patch_config(cfg: PatchConfig) -> None:
         )
     checks = [
         ("neighbours", cfg.neighbours >= 0, "must be 0 or more"),
+        ("stacks", cfg.stacks >= 0, "must be 0 or more"),
+        (
+            "stacks",
+            cfg.stacks == 0 or cfg.mode == "2.5d",
+            "applies to mode=2.5d only (in 2d mode every slice is a sample already: raise patch.neighbours)",
+        ),
         ("slice_step_mm", cfg.slice_step_mm >= 0, "must be 0 (native spacing) or a positive step in mm"),
         ("size_px", cfg.size_px >= 8, "must be at least 8 pixels"),
         ("margin_mm", cfg.margin_mm >= 0, "must be 0 or more"),
@@ -213,8 +223,8 @@ def extract_patch(volume: Volume, lesion_mask: Any, cfg: PatchConfig) -> LesionP
     rows = cy + offsets / sy
     cols = cx + offsets / sx
 
-    k = int(cfg.neighbours)
-    steps = np.arange(-k, k + 1, dtype=float)
+    k, m = int(cfg.neighbours), int(cfg.stacks)
+    steps = np.arange(-(k + m), k + m + 1, dtype=float)
     z_wanted = zc + (steps if cfg.slice_step_mm == 0 else steps * (cfg.slice_step_mm / sz))
     zs = np.clip(z_wanted, 0, nz - 1)
 
@@ -238,9 +248,10 @@ def extract_patch(volume: Volume, lesion_mask: Any, cfg: PatchConfig) -> LesionP
     img = window(hu, cfg.window_center, cfg.window_width)
 
     if cfg.mode == "2.5d":
-        image = img[None]  # (1, 2k+1, H, W): channels run inferior -> superior
-        mask_out = lesion[k][None]
-        hu_out = hu[k][None]
+        # (2m+1, 2k+1, H, W): one stack per centre slice, channels run inferior -> superior
+        image = np.stack([img[j : j + 2 * k + 1] for j in range(2 * m + 1)])
+        mask_out = lesion[k : k + 2 * m + 1]
+        hu_out = hu[k : k + 2 * m + 1]
     else:
         image = img[:, None]  # (2k+1, 1, H, W)
         mask_out = lesion
