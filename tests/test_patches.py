@@ -38,7 +38,7 @@ def make_volume(shape=(20, 64, 64), spacing=SPACING, centre=(10, 32, 32), radius
 
 
 def cfg_(**kw) -> PatchConfig:
-    base = dict(size_px=32, neighbours=1, margin_mm=5.0, min_field_mm=24.0)
+    base = dict(size_px=32, neighbours=1, stacks=0, margin_mm=5.0, min_field_mm=24.0)
     base.update(kw)
     return PatchConfig(**base)
 
@@ -186,12 +186,17 @@ def test_25d_stacks_are_the_neighbouring_slices_stacks(stacks):
     assert len(many.meta["slice_indices"]) == 2 * (1 + stacks) + 1
 
 
-def test_stacks_in_2d_mode_is_refused_in_one_line():
+def test_stacks_do_not_change_2d_mode_or_the_radiomics_features():
+    from liverlesion.features import lesion_features
+
     vol, mask = make_volume()
-    with pytest.raises(
-        UserError, match=r"patch.stacks=1: applies to mode=2.5d only .*raise patch.neighbours"
-    ):
-        P.extract_patch(vol, mask, cfg_(mode="2d", stacks=1))
+    plain, stacked = (P.extract_patch(vol, mask, cfg_(mode="2d", stacks=m)) for m in (0, 2))
+    np.testing.assert_array_equal(plain.image, stacked.image)  # 2d: the samples are the neighbours
+    one, three = (P.extract_patch(vol, mask, cfg_(stacks=m)) for m in (0, 1))
+    assert three.hu.shape[0] == 3 and not np.array_equal(three.mask[0], three.mask[1])
+    assert lesion_features(three.hu, three.mask, 1.0) == lesion_features(one.hu, one.mask, 1.0)
+    with pytest.raises(UserError, match=r"patch.stacks=-1: must be 0 or more"):
+        P.extract_patch(vol, mask, cfg_(stacks=-1))
 
 
 def test_lesion_at_volume_edge_pads_with_air_and_clamps_slices():
@@ -570,6 +575,8 @@ def test_build_patches_with_real_reader_and_cli(tmp_path, capsys):
             "patch.margin_mm=5",
             "--set",
             "patch.min_field_mm=24",
+            "--set",
+            "patch.stacks=0",
         ]
     )
     assert rc == 0

@@ -30,7 +30,7 @@ class PatchConfig:
 
     mode: str = "2.5d"  # "2.5d": k neighbours stacked as channels; "2d": each slice a sample (grey -> 3 ch)
     neighbours: int = 1  # k slices each side of the largest cross-section (2.5d: 2k+1 channels)
-    stacks: int = 0  # 2.5d: also a stack centred on each of m slices either side (2m+1 samples, averaged)
+    stacks: int = 1  # 2.5d: also a stack centred on each of m slices either side (2m+1 samples); 2d: ignored
     slice_step_mm: float = 0.0  # spacing between neighbouring slices in mm; 0 = native slice spacing
     size_px: int = 224  # output patch side in pixels (paper input not stated; quick: 160, paper: 299)
     margin_mm: float = (
@@ -85,7 +85,7 @@ class TrainConfig:
         1  # lpft stage 2: last backbone blocks fine-tuned on cached activations (0: probe only)
     )
     finetune_lr: float = 1e-4  # lpft stage 2: learning rate of the unfrozen blocks and the head
-    aug_views: int = 8  # lpft: augmented views per lesion whose frozen activations are cached
+    aug_views: int = 2  # lpft: augmented views per lesion (and per stack) whose frozen activations are cached
     batch_size: int = 32
     lr: float = 3e-4  # AdamW learning rate for the head; backbone gets lr * backbone_lr_mult
     backbone_lr_mult: float = 0.3  # pretrained layers move more slowly than the new head

@@ -159,8 +159,9 @@ def lesion_features(
         window: Liver window (centre, width) used to quantise grey levels for the GLCM.
 
     Returns:
-        First-order (``fo_*``, over the lesion pixels of all slices), GLCM (``glcm_*``), 2-D shape
-        (``shape_*``) and margin (``margin_*``) features of the centre slice.
+        First-order (``fo_*``), GLCM (``glcm_*``), 2-D shape (``shape_*``) and margin (``margin_*``)
+        features of the centre slice, the largest cross-section: how many slices the network's patch
+        holds (``patch.neighbours`` in 2d mode, ``patch.stacks``) does not change them.
     """
     hu = np.asarray(hu, dtype=np.float32)
     mask = np.asarray(mask).astype(bool)
@@ -175,7 +176,7 @@ def lesion_features(
     c = hu.shape[0] // 2
     if not mask[c].any():  # the centre slice is the largest cross-section; fall back to any slice with lesion
         c = int(np.argmax(mask.reshape(mask.shape[0], -1).sum(1)))
-    feats = _first_order(hu[mask])
+    feats = _first_order(hu[c][mask[c]])
     feats |= _glcm(hu[c], mask[c], pixel_mm, window)
     feats |= _shape_2d(mask[c], pixel_mm)
     feats |= _margin(hu[c], mask[c], pixel_mm)

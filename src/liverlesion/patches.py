@@ -9,7 +9,8 @@ One lesion gives one patch, cut around its largest axial cross-section:
 * ``2.5d``: the centre slice and its neighbours are the channels of one sample.
   ``stacks = m`` adds a sample centred on each of the ``m`` slices either side
   (the same step), so the network sees more of the lesion's volume: ``2m+1``
-  samples whose features are averaged, like the slices of ``2d`` mode.
+  samples whose features are averaged, like the slices of ``2d`` mode (which
+  ignores ``stacks``: its samples are the ``neighbours`` slices).
 * The in-plane field is a square centred on the lesion's centroid on the centre
   slice. Its side is the lesion's extent plus a margin, and at least
   ``min_field_mm``. It is resampled in millimetres to ``size_px`` pixels, so
@@ -88,11 +89,6 @@ def check_patch_config(cfg: PatchConfig) -> None:
     checks = [
         ("neighbours", cfg.neighbours >= 0, "must be 0 or more"),
         ("stacks", cfg.stacks >= 0, "must be 0 or more"),
-        (
-            "stacks",
-            cfg.stacks == 0 or cfg.mode == "2.5d",
-            "applies to mode=2.5d only (in 2d mode every slice is a sample already: raise patch.neighbours)",
-        ),
         ("slice_step_mm", cfg.slice_step_mm >= 0, "must be 0 (native spacing) or a positive step in mm"),
         ("size_px", cfg.size_px >= 8, "must be at least 8 pixels"),
         ("margin_mm", cfg.margin_mm >= 0, "must be 0 or more"),
@@ -223,7 +219,8 @@ def extract_patch(volume: Volume, lesion_mask: Any, cfg: PatchConfig) -> LesionP
     rows = cy + offsets / sy
     cols = cx + offsets / sx
 
-    k, m = int(cfg.neighbours), int(cfg.stacks)
+    k = int(cfg.neighbours)
+    m = int(cfg.stacks) if cfg.mode == "2.5d" else 0  # 2d mode: every slice is a sample already
     steps = np.arange(-(k + m), k + m + 1, dtype=float)
     z_wanted = zc + (steps if cfg.slice_step_mm == 0 else steps * (cfg.slice_step_mm / sz))
     zs = np.clip(z_wanted, 0, nz - 1)
