@@ -108,3 +108,24 @@ def test_presets_validate_and_choose_the_recipes():
     quick, paper = load(preset="quick"), load(preset="paper")
     assert quick.patch.size_px >= 160 and quick.train.recipe == "lpft" and quick.model.fusion == "radiomics"
     assert paper.train.recipe == "end_to_end" and paper.model.fusion == "none" and paper.patch.size_px == 299
+
+
+def test_saved_configs_from_before_patch_stacks_keep_one_stack(tmp_path):
+    # checkpoints and run folders written before patch.stacks cut one 2.5-D stack per lesion: a saved
+    # config without the key must reproduce that, not take today's default (three stacks)
+    import yaml
+
+    from liverlesion.config import Config, config_from_dict, load_config, load_run_config
+
+    assert Config().patch.stacks == 1
+    saved = Config().to_dict()
+    assert config_from_dict(saved).patch.stacks == 1  # a new checkpoint keeps what it was trained with
+    del saved["patch"]["stacks"]
+    assert config_from_dict(saved).patch.stacks == 0
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(saved))
+    assert load_run_config(path).patch.stacks == 0
+    assert load_config(path).patch.stacks == 1  # a user's YAML without the key gets the default
+    path.write_text("patch: [1, 2\n")
+    with pytest.raises(UserError, match=r"config.yaml: not valid YAML .*fix or delete the file"):
+        load_run_config(path)

@@ -368,8 +368,33 @@ def load_config(
     return validate_config(cfg)
 
 
+# Settings added after configs were first saved, and the value that reproduces what a saved config
+# without them did: a checkpoint or run folder from before ``patch.stacks`` cut one stack per lesion.
+_BEFORE_SETTING: dict[tuple[str, str], Any] = {("patch", "stacks"): 0}
+
+
 def config_from_dict(data: dict[str, Any]) -> Config:
-    """Rebuild a Config from ``to_dict()`` output (e.g. stored in a checkpoint)."""
+    """Rebuild a Config from ``to_dict()`` output (stored in a checkpoint or a run's config.yaml).
+
+    A setting the saved config lacks because it was written before the setting existed takes the
+    value that keeps its old behaviour (``_BEFORE_SETTING``), not today's default.
+    """
+    data = dict(data)
+    for (section, key), old in _BEFORE_SETTING.items():
+        if isinstance(data.get(section), dict) and key not in data[section]:
+            data[section] = {**data[section], key: old}
     cfg = Config()
     _apply(cfg, data, "")
     return validate_config(cfg)
+
+
+def load_run_config(path: str | Path) -> Config:
+    """The config.yaml a run folder was written with (:func:`config_from_dict` rules)."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]}); fix or delete the file") from e
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: not a config mapping; fix or delete the file")
+    return config_from_dict(data)

@@ -154,9 +154,10 @@ def prepare_shared(
         if note:
             print(f"Note: {note}")
         views = (4 if cfg.model.tta == "flips" else 1) + cfg.train.aug_views
+        samples = int(arrays[0].shape[0]) if arrays else 1  # 2.5d stacks or 2d slices per lesion
         print(
             f"Recipe lpft: head on frozen features, then the top {n_top} block(s) fine-tuned; caching "
-            f"{views} views per lesion"
+            f"{views} views" + (f" of each of {samples} samples" if samples > 1 else "") + " per lesion"
         )
         shared.update(template=model, init=init, cache=build_cache(model, arrays, cfg, n_top))
     return shared

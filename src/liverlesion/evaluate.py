@@ -22,7 +22,7 @@ import pandas as pd
 
 from liverlesion import runs
 from liverlesion.bootstrap import CI_LEVEL, compare_with_best_baseline
-from liverlesion.config import Config, load_config
+from liverlesion.config import Config, load_run_config
 from liverlesion.decision import parse_threshold_method
 from liverlesion.errors import UserError
 from liverlesion.external import evaluate_external, is_predict_output
@@ -38,7 +38,7 @@ from liverlesion.thresholds import apply_thresholds
 def _run_config(run_dir: Path) -> tuple[Config, str | None]:
     path = runs.config_path(run_dir)
     return (
-        (load_config(path), None)
+        (load_run_config(path), None)
         if path.is_file()
         else (Config(), "no config.yaml in the run folder: defaults used")
     )

@@ -229,12 +229,12 @@ def model_rows(cfg_path: Path, backbone: str, summary: dict[str, Any]) -> list[l
     model, the weight each fold gave the network (``network_weight`` of the predictions). A run folder
     without a readable config (an external validation) gets the network row alone.
     """
-    from liverlesion.config import load_config  # local: yaml
+    from liverlesion.config import load_run_config  # local: yaml
     from liverlesion.errors import UserError
 
     head = f"{backbone} (timm) with the paper's head (FC 512, dropout 0.4, FC 512)"
     try:
-        cfg = load_config(cfg_path) if Path(cfg_path).is_file() else None
+        cfg = load_run_config(cfg_path) if Path(cfg_path).is_file() else None
     except (UserError, OSError, ValueError):
         cfg = None
     if cfg is None:
@@ -248,11 +248,13 @@ def model_rows(cfg_path: Path, backbone: str, summary: dict[str, Any]) -> list[l
         f"the features of {m.features_from} (model.features_from; the paper reads the last block)",
     )
     pool = POOL_TEXT.get(m.pool, m.pool)
+    n_stacks = 2 * int(getattr(p, "stacks", 0)) + 1 if p.mode == "2.5d" else 1
+    stacks = f" ({n_stacks} stacks per lesion, features averaged)" if n_stacks > 1 else ""
     rows = [
         [
             "Network",
             f"{head}, reading {block}, {pool}; input {p.size_px} px "
-            f"{p.mode} patches; test-time augmentation: {m.tta}",
+            f"{p.mode} patches{stacks}; test-time augmentation: {m.tta}",
         ],
         [
             "Training",
