@@ -206,34 +206,19 @@ def test_classify_case_is_typed_and_is_what_predict_tabulates(ckpts, case):
     )
 
 
-def test_2d_mode_averages_slice_samples(tmp_path, case):
-    from liverlesion.model import load_checkpoint
-
-    path = make_tiny_checkpoint(tmp_path / "2d.pt", 3, mode="2d", temperature=1.5)
-    clf = Classifier.load(path)
-    image, mask = read_volume(case["image"]), read_volume(case["mask"], kind="mask")
-    df = clf.predict(image, mask=mask, gradcam=True)
-    assert df["pred_class"].iloc[0] != TOO_SMALL and df.attrs["gradcam"]["case-L01"].shape == (64, 64)
-
-    from liverlesion.patches import extract_patch
-
-    lesion_mask = mask.array == 1
-    lesion_mask[:, :, 30:] = False
-    patch = extract_patch(image, lesion_mask, clf.patch_config)
-    assert patch.image.shape == (3, 1, 64, 64)  # three slice samples of one channel
-    model, _ = load_checkpoint(path)
-    with torch.no_grad():
-        per_sample = torch.softmax(model(torch.from_numpy(patch.image)) / 1.5, dim=1).numpy()
-    assert not np.allclose(per_sample[0], per_sample[1])  # the average is over really different samples
-    assert df["prob_metastasis"].iloc[0] == pytest.approx(per_sample[:, 1].mean(), rel=1e-5)
-
-
-def test_25d_stacks_average_their_samples(tmp_path, case):
-    # patch.stacks=1: three 2.5-D stacks per lesion, cut with the checkpoint's settings and averaged
+@pytest.mark.parametrize(
+    ("mode", "stacks", "shape"),
+    [
+        ("2d", 0, (3, 1, 64, 64)),  # 2-D mode: three slice samples of one channel
+        ("2.5d", 1, (3, 3, 64, 64)),  # patch.stacks=1: three 2.5-D stacks of three slices
+    ],
+)
+def test_samples_of_a_lesion_are_averaged(tmp_path, case, mode, stacks, shape):
+    # the samples are cut with the checkpoint's patch settings, and predict averages their probabilities
     from liverlesion.model import load_checkpoint
     from liverlesion.patches import extract_patch
 
-    path = make_tiny_checkpoint(tmp_path / "stacks.pt", 3, stacks=1, temperature=1.5)
+    path = make_tiny_checkpoint(tmp_path / "m.pt", 3, mode=mode, stacks=stacks, temperature=1.5)
     clf = Classifier.load(path)
     image, mask = read_volume(case["image"]), read_volume(case["mask"], kind="mask")
     df = clf.predict(image, mask=mask, gradcam=True)
@@ -241,11 +226,11 @@ def test_25d_stacks_average_their_samples(tmp_path, case):
     lesion_mask = mask.array == 1
     lesion_mask[:, :, 30:] = False
     patch = extract_patch(image, lesion_mask, clf.patch_config)
-    assert patch.image.shape == (3, 3, 64, 64)  # three stacks of three slices
+    assert patch.image.shape == shape
     model, _ = load_checkpoint(path)
     with torch.no_grad():
         per_sample = torch.softmax(model(torch.from_numpy(patch.image)) / 1.5, dim=1).numpy()
-    assert not np.allclose(per_sample[0], per_sample[2])
+    assert not np.allclose(per_sample[0], per_sample[-1])  # the average is over really different samples
     assert df["prob_metastasis"].iloc[0] == pytest.approx(per_sample[:, 1].mean(), rel=1e-5)
 
 
