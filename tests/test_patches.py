@@ -725,3 +725,11 @@ def test_build_patches_shows_one_progress_bar(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "patches:" in err  # our bar, per image
     assert "lesions:" not in err  # the lesion reader's own bar is switched off
+
+
+def test_a_cache_cut_before_patch_stacks_reads_as_one_stack(tmp_path):
+    (tmp_path / "settings.json").write_text(json.dumps({"mode": "2.5d", "neighbours": 1, "size_px": 32}))
+    (tmp_path / "index.csv").write_text("lesion_id,file\n")
+    assert PC.load_patch_config(tmp_path).stacks == 0
+    (tmp_path / "settings.json").write_text(json.dumps({"mode": "2.5d", "stacks": 2, "size_px": 32}))
+    assert PC.load_patch_config(tmp_path).stacks == 2

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from liverlesion import DISCLAIMER, __version__
-from liverlesion.config import PatchConfig
+from liverlesion.config import PatchConfig, config_from_dict
 from liverlesion.errors import UserError
 from liverlesion.fileio import atomic_dir, atomic_path, safe_name, write_csv, write_json
 from liverlesion.io import check_tolerance
@@ -281,10 +281,10 @@ def load_patch_index(patch_dir: str | Path) -> pd.DataFrame:
 
 
 def load_patch_config(patch_dir: str | Path) -> PatchConfig:
-    """The PatchConfig a cache was built with (``settings.json``)."""
+    """The PatchConfig a cache was built with (``settings.json``; a setting it predates keeps its old value)."""
     data = json.loads((resolve_patch_dir(patch_dir) / "settings.json").read_text())
     known = {f.name for f in dataclasses.fields(PatchConfig)}
-    return PatchConfig(**{k: v for k, v in data.items() if k in known})
+    return config_from_dict({"patch": {k: v for k, v in data.items() if k in known}}).patch
 
 
 def load_patch_settings(patch_dir: str | Path) -> dict[str, Any]:
