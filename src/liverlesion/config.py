@@ -317,6 +317,17 @@ def fixed_fusion_weight(model: ModelConfig) -> float | None:
     return w
 
 
+def _read_yaml_config(path: Path, name: str, fix: str) -> dict[str, Any]:
+    """A YAML config file's sections (``{}`` when empty); ``name`` and ``fix`` word its one-line errors."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise UserError(f"{name}: not valid YAML ({str(e).splitlines()[0]}); {fix}") from e
+    if data is not None and not isinstance(data, dict):
+        raise UserError(f"{name}: expected a mapping of sections (patch:, model:, train:, ...); {fix}")
+    return data or {}
+
+
 def load_config(
     path: str | Path | None = None,
     preset: str | None = None,
@@ -342,15 +353,7 @@ def load_config(
         path = Path(path)
         if not path.is_file():
             raise UserError(f"--config {path}: file not found; give the path of a YAML config file")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise UserError(
-                f"--config {path}: not valid YAML ({str(e).splitlines()[0]}); fix the syntax"
-            ) from e
-        if data is not None and not isinstance(data, dict):
-            raise UserError(f"--config {path}: expected a mapping of sections (patch:, model:, train:, ...)")
-        _apply(cfg, data or {}, "")
+        _apply(cfg, _read_yaml_config(path, f"--config {path}", "fix the syntax"), "")
     if isinstance(overrides, dict):
         _apply(cfg, overrides, "")
     else:
@@ -390,11 +393,4 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 
 def load_run_config(path: str | Path) -> Config:
     """The config.yaml a run folder was written with (:func:`config_from_dict` rules)."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]}); fix or delete the file") from e
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: not a config mapping; fix or delete the file")
-    return config_from_dict(data)
+    return config_from_dict(_read_yaml_config(Path(path), str(path), "fix or delete the file"))

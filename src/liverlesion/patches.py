@@ -42,6 +42,7 @@ __all__ = [
     "LesionPatch",
     "check_patch_config",
     "extract_patch",
+    "stacks_each_side",
     "window",
 ]
 
@@ -101,6 +102,12 @@ def check_patch_config(cfg: PatchConfig) -> None:
     for name in ("slice_step_mm", "margin_mm", "min_field_mm", "window_center", "window_width"):
         if not math.isfinite(float(getattr(cfg, name))):
             raise UserError(f"config patch.{name}={getattr(cfg, name)!r}: must be a finite number")
+
+
+def stacks_each_side(cfg: PatchConfig) -> int:
+    """2.5-D stacks cut on each side of the centre one (``patch.stacks``); 0 in 2d mode, whose samples
+    are its ``neighbours`` slices already."""
+    return int(cfg.stacks) if cfg.mode == "2.5d" else 0
 
 
 def window(hu: np.ndarray, center: float, width: float) -> np.ndarray:
@@ -219,8 +226,7 @@ def extract_patch(volume: Volume, lesion_mask: Any, cfg: PatchConfig) -> LesionP
     rows = cy + offsets / sy
     cols = cx + offsets / sx
 
-    k = int(cfg.neighbours)
-    m = int(cfg.stacks) if cfg.mode == "2.5d" else 0  # 2d mode: every slice is a sample already
+    k, m = int(cfg.neighbours), stacks_each_side(cfg)
     steps = np.arange(-(k + m), k + m + 1, dtype=float)
     z_wanted = zc + (steps if cfg.slice_step_mm == 0 else steps * (cfg.slice_step_mm / sz))
     zs = np.clip(z_wanted, 0, nz - 1)

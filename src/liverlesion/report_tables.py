@@ -231,6 +231,7 @@ def model_rows(cfg_path: Path, backbone: str, summary: dict[str, Any]) -> list[l
     """
     from liverlesion.config import load_run_config  # local: yaml
     from liverlesion.errors import UserError
+    from liverlesion.patches import stacks_each_side  # local: scipy
 
     head = f"{backbone} (timm) with the paper's head (FC 512, dropout 0.4, FC 512)"
     try:
@@ -248,7 +249,7 @@ def model_rows(cfg_path: Path, backbone: str, summary: dict[str, Any]) -> list[l
         f"the features of {m.features_from} (model.features_from; the paper reads the last block)",
     )
     pool = POOL_TEXT.get(m.pool, m.pool)
-    n_stacks = 2 * int(p.stacks) + 1 if p.mode == "2.5d" else 1
+    n_stacks = 2 * stacks_each_side(p) + 1
     stacks = f" ({n_stacks} stacks per lesion, features averaged)" if n_stacks > 1 else ""
     rows = [
         [
