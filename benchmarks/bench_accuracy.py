@@ -67,6 +67,7 @@ def run_grid(args, make_cohort, label: str = "") -> None:
     """``liverlesion cv`` of every variant on every cohort (difficulty x seed), with the baselines of
     the same folds; prints one JSON row per run and a Markdown table. ``make_cohort(folder, seed,
     difficulty)`` writes ``folder/manifest.csv`` (called only where it is missing)."""
+    from liverlesion.cli_common import default_training_threads
     from liverlesion.config import load_config
     from liverlesion.cv import run_cv
 
@@ -83,6 +84,9 @@ def run_grid(args, make_cohort, label: str = "") -> None:
             for i, v in enumerate(args.variants):
                 run = args.out / f"run_d{d:g}_s{seed}_{v}"
                 cfg = load_config(preset="quick", overrides=VARIANTS[v])
+                # as `liverlesion cv` does: torch on the free cores, so that two benchmark runs side
+                # by side do not each start one thread per core
+                default_training_threads(cfg, None)
                 t0 = time.time()
                 if not (run / "metrics.json").exists():
                     run_cv(cohort / "manifest.csv", run, cfg, resume=run.exists(), baselines=True)
