@@ -96,6 +96,10 @@ def _config(args, precision: str):
     cfg = load_config(preset="quick")
     cfg.model.backbone = args.backbone
     cfg.model.weights = "none"
+    # the paper's network, as the bare loop builds it: GAP over the last block of 3 image channels
+    # (the quick preset's lesion pooling would take a 4th, mask channel; its lpft recipe caches)
+    cfg.model.pool, cfg.model.features_from, cfg.model.fusion = "global", "last", "none"
+    cfg.train.recipe = "end_to_end"
     cfg.patch.size_px = args.size
     cfg.train.batch_size = args.batch
     cfg.train.epochs = 1  # one epoch holds exactly warmup + steps batches
