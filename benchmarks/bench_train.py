@@ -97,7 +97,8 @@ def _config(args, precision: str):
     cfg.model.backbone = args.backbone
     cfg.model.weights = "none"
     # the paper's network, as the bare loop builds it: GAP over the last block of 3 image channels
-    # (the quick preset's lesion pooling would take a 4th, mask channel; its lpft recipe caches)
+    # (the quick preset's lesion pooling takes a 4th, mask channel, and its lpft recipe trains on
+    # cached activations instead)
     cfg.model.pool, cfg.model.features_from, cfg.model.fusion = "global", "last", "none"
     cfg.train.recipe = "end_to_end"
     cfg.patch.size_px = args.size

@@ -5,7 +5,8 @@ synthetic cohort (63 patients, 230 lesions, as in the paper) -> patient-level
 baselines side by side, report.html.
 
 Presets: ``quick`` (default; about 9 minutes on 2 CPU cores: 160 px input, three 2.5-D stacks
-per lesion, the lpft recipe, radiomics late fusion) and ``paper`` (299 px, end to end, up to 60 epochs; meant for a GPU).
+per lesion, the lpft recipe, radiomics late fusion) and ``paper`` (299 px, end to end, up to 60
+epochs; meant for a GPU).
 """
 
 from __future__ import annotations
