@@ -114,15 +114,19 @@ def test_2d_mode_averages_slices_back_to_lesions():
 
 
 @pytest.mark.slow  # a Lightning run of 15-50 s on 2 cores: the slow job (.ci/run-slow)
-@pytest.mark.parametrize("pool", ["global", "lesion"])
-def test_lpft_staged_forward_matches_full_model_and_learns(tmp_path, pool):
-    """lpft trains the top block on cached activations; the saved model's full forward gives the same logits."""
+@pytest.mark.parametrize(("pool", "views"), [("global", 0), ("lesion", 1)])
+def test_lpft_staged_forward_matches_full_model_and_learns(tmp_path, pool, views):
+    """lpft trains the top block on cached activations; the saved model's full forward gives the same logits.
+
+    ``views``: train.finetune_views (0: every cached view each epoch; 1: one per lesion sample).
+    """
     torch.set_num_threads(2)
     index, arrays = _toy(16, 0, pool=pool)
     classes = ["cyst", "metastasis"]
     patients = sorted(index["patient_id"].unique())
-    cfg = _cfg(4, recipe="lpft")
+    cfg = _cfg(4 if not views else 12, recipe="lpft")
     cfg.model.pool = pool
+    cfg.train.finetune_views = views
     shared = prepare_shared(cfg, index, arrays, tmp_path, classes, None, 3)
     fit = fold_subset(index, arrays, classes, patients[:10])
     val = fold_subset(index, arrays, classes, patients[10:13])
@@ -271,3 +275,26 @@ def test_calibrated_selection_loss_judges_ranking_not_confidence():
     assert selection_loss(worse_logits, y, None, cal) > selection_loss(logits, y, None, cal)
     # a constant network is no better than chance (log 2) after calibration
     assert selection_loss(torch.zeros(40, 2), y, None, cal) == pytest.approx(np.log(2), abs=1e-6)
+
+
+def test_finetune_views_draws_k_distinct_views_of_every_lesion_sample_per_epoch():
+    """train.finetune_views: each epoch has every (lesion, sample) k times, each a different view, at random."""
+    from liverlesion.lpft import _Views, _ViewsPerEpoch
+
+    # 7 lesions, 5 views (4 flips + 1 augmented), 3 samples (stacks); item value = (lesion, view, sample)
+    source = [np.array([[[i, v, s] for s in range(3)] for v in range(5)], dtype=np.float32) for i in range(7)]
+    ds = _Views(source, np.zeros(7, int), n_tta=4, train=True)
+    assert len(ds) == 7 * 5 * 3
+    for k in (1, 2, 5, 9):
+        sampler = _ViewsPerEpoch(ds, k, torch.Generator().manual_seed(0))
+        epochs = [list(sampler) for _ in range(3)]
+        assert all(len(e) == len(sampler) == 7 * 3 * min(k, 5) for e in epochs)
+        for e in epochs:
+            picked = [tuple(int(t) for t in ds[j][0]) for j in e]
+            assert len(set(picked)) == len(picked)  # no view twice in one epoch
+            per = pd.Series([(i, s) for i, _, s in picked]).value_counts()
+            assert len(per) == 7 * 3 and (per == min(k, 5)).all()
+        if k < 5:
+            assert epochs[0] != epochs[1]  # other views (and order) next epoch
+    again = _ViewsPerEpoch(ds, 1, torch.Generator().manual_seed(0))
+    assert list(again) == list(_ViewsPerEpoch(ds, 1, torch.Generator().manual_seed(0)))  # seeded

@@ -86,6 +86,10 @@ class TrainConfig:
     )
     finetune_lr: float = 1e-4  # lpft stage 2: learning rate of the unfrozen blocks and the head
     aug_views: int = 2  # lpft: augmented views per lesion (and per stack) whose frozen activations are cached
+    # lpft fine-tuning stage: cached views of each lesion sample drawn at random per epoch (0: every
+    # view every epoch). Fewer make an epoch shorter, so early stopping looks more often and stops
+    # sooner after the best epoch; train.epochs and train.patience then count these shorter epochs
+    finetune_views: int = 0
     batch_size: int = 32
     lr: float = 3e-4  # AdamW learning rate for the head; backbone gets lr * backbone_lr_mult
     backbone_lr_mult: float = 0.3  # pretrained layers move more slowly than the new head
@@ -236,6 +240,7 @@ _RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "train.finetune_blocks": (0, 50, True),
     "train.finetune_lr": (0, 10, False),
     "train.aug_views": (0, 256, True),
+    "train.finetune_views": (0, 256, True),
     "train.batch_size": (1, None, True),
     "train.lr": (0, 10, False),
     "train.backbone_lr_mult": (0, 100, True),

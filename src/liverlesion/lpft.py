@@ -164,6 +164,32 @@ class _Views(torch.utils.data.Dataset):
         return torch.from_numpy(np.ascontiguousarray(x)), int(self.labels[i])
 
 
+class _ViewsPerEpoch(torch.utils.data.Sampler):
+    """Each epoch, ``k`` of the cached views of every (lesion, sample), drawn at random, in random order.
+
+    An index of :class:`_Views` (train) is one (lesion, view, sample); the views of one (lesion,
+    sample) are its TTA flips and augmented copies, so an epoch of all of them sees every lesion as
+    many times as it has views. Drawing ``k`` per epoch keeps every lesion and sample in every
+    epoch while early stopping looks ``views / k`` times as often.
+    """
+
+    def __init__(self, ds: _Views, k: int, generator: torch.Generator):
+        groups: dict[tuple[int, int], list[int]] = {}
+        for j, (i, _, s) in enumerate(ds.items):
+            groups.setdefault((i, s), []).append(j)
+        self.groups, self.k, self.generator = list(groups.values()), k, generator
+
+    def __len__(self) -> int:
+        return sum(min(self.k, len(g)) for g in self.groups)
+
+    def __iter__(self):
+        picked = [
+            g[int(v)] for g in self.groups for v in torch.randperm(len(g), generator=self.generator)[: self.k]
+        ]
+        order = torch.randperm(len(picked), generator=self.generator)
+        return iter([picked[int(o)] for o in order])
+
+
 def _val_loss(net: nn.Module, ds: _Views, class_weights, cfg: Config) -> float:
     from liverlesion.lightning_modules import selection_loss  # local: heavy (lightning)
 
@@ -176,7 +202,9 @@ def _val_loss(net: nn.Module, ds: _Views, class_weights, cfg: Config) -> float:
         return selection_loss(logits, y, class_weights, cfg)
 
 
-def _fit_stage(net, params, lr, epochs, fit_ds, val_ds, cfg: Config, class_weights, fold_dir, name, progress):
+def _fit_stage(
+    net, params, lr, epochs, fit_ds, val_ds, cfg: Config, class_weights, fold_dir, name, progress, views=0
+):
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import EarlyStopping
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -189,7 +217,11 @@ def _fit_stage(net, params, lr, epochs, fit_ds, val_ds, cfg: Config, class_weigh
     module = StageModule(net, params, lr, cfg, class_weights)
     g = torch.Generator().manual_seed(cfg.train.seed)
     bs = cfg.train.batch_size
-    train_dl = DataLoader(fit_ds, batch_size=bs, shuffle=True, drop_last=len(fit_ds) > bs, generator=g)
+    if views > 0:  # train.finetune_views: a random few of each sample's views per epoch
+        sampler = _ViewsPerEpoch(fit_ds, views, g)
+        train_dl = DataLoader(fit_ds, batch_size=bs, sampler=sampler, drop_last=len(sampler) > bs)
+    else:
+        train_dl = DataLoader(fit_ds, batch_size=bs, shuffle=True, drop_last=len(fit_ds) > bs, generator=g)
     val_dl = DataLoader(val_ds, batch_size=max(bs, 64), shuffle=False)
     trainer = pl.Trainer(
         max_epochs=epochs,
@@ -267,6 +299,7 @@ def train_lpft(
             fold_dir,
             "finetune",
             progress,
+            views=t.finetune_views,
         )
     return info
 
