@@ -6,8 +6,7 @@ baselines side by side, report.html.
 
 Presets: ``quick`` (default; about 14 minutes on 2 CPU cores, by host: 160 px input, three 2.5-D
 stacks per lesion, the lpft recipe with one cached view per lesion stack per fine-tuning epoch,
-radiomics late fusion) and ``paper`` (299 px, end to end, up to 60
-epochs; meant for a GPU).
+radiomics late fusion) and ``paper`` (299 px, end to end, up to 60 epochs; meant for a GPU).
 """
 
 from __future__ import annotations
