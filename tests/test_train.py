@@ -298,3 +298,57 @@ def test_finetune_views_draws_k_distinct_views_of_every_lesion_sample_per_epoch(
             assert epochs[0] != epochs[1]  # other views (and order) next epoch
     again = _ViewsPerEpoch(ds, 1, torch.Generator().manual_seed(0))
     assert list(again) == list(_ViewsPerEpoch(ds, 1, torch.Generator().manual_seed(0)))  # seeded
+
+
+def test_build_cache_runs_channels_last_and_leaves_the_model_as_it_found_it():
+    """The cache pass holds the weights channels-last (faster convolutions on CPU): same features as NCHW,
+    and afterwards the model is trainable and in the usual layout (checkpoints, the fine-tuning stage)."""
+    import contextlib
+
+    from liverlesion import lpft
+    from liverlesion.model import build_model
+
+    torch.set_num_threads(2)
+    _, arrays = _toy(2, 0, pool="lesion")
+    cfg = _cfg(recipe="lpft")
+    cfg.model.pool = "lesion"
+    torch.manual_seed(0)
+    model, _ = build_model(cfg.model, num_classes=2, in_chans=3)
+    n_top, _ = lpft.n_top_blocks(model, cfg)
+    assert n_top >= 1
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = []
+    real = lpft.channels_last
+
+    @contextlib.contextmanager
+    def spy(module):
+        with real(module):
+            convs = [p for p in module.parameters() if p.ndim == 4]
+            seen.append(
+                bool(convs) and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+            )
+            yield module
+
+    lpft.channels_last = spy
+    try:
+        fast = lpft.build_cache(model, arrays, cfg, n_top, progress=False)
+    finally:
+        lpft.channels_last = real
+    assert seen == [True]
+    lpft.channels_last = lambda m: contextlib.nullcontext(m)
+    try:
+        plain = lpft.build_cache(model, arrays, cfg, n_top, progress=False)
+    finally:
+        lpft.channels_last = real
+    for a, b in zip(fast.pooled + fast.lower, plain.pooled + plain.lower, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.is_contiguous() for p in model.parameters())
+    assert not any(
+        p.is_contiguous(memory_format=torch.channels_last)
+        for p in model.parameters()
+        if p.ndim == 4 and p.shape[-1] > 1
+    )
+    for p in model.parameters():  # not inference tensors: the fine-tuning stage trains them
+        p.requires_grad_(True)
