@@ -195,6 +195,7 @@ def test_default_threads_are_the_free_cores(monkeypatch):
     from liverlesion import runtime
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(runtime, "runnable_elsewhere", lambda: None)  # no instant reading: the load average
     monkeypatch.setattr(os, "getloadavg", lambda: (2.4, 0.0, 0.0))
     assert runtime.free_cores() == 6
     monkeypatch.setattr(os, "getloadavg", lambda: (30.0, 0.0, 0.0))
@@ -202,6 +203,49 @@ def test_default_threads_are_the_free_cores(monkeypatch):
     monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
     assert runtime.free_cores() == 8
     assert runtime.resolve_threads(3) == 3
+
+
+def test_run_json_records_the_cpu_threads_training_used():
+    """run.json's hardware (and the report's table) says how many CPU threads torch had: runs compare by it."""
+    import torch
+
+    from liverlesion.cv import _hardware
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert _hardware()["threads"] == 1
+    finally:
+        torch.set_num_threads(before)
+    assert _hardware()["threads"] == before
+
+
+def test_free_cores_read_the_work_running_now_not_the_lagging_load_average(monkeypatch, tmp_path):
+    """Just after another run ended the 1-minute load average still says 2 busy cores; the instant count says 0."""
+    from pathlib import Path
+
+    from liverlesion import runtime
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(2)), raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.0, 1.5, 1.0))
+    reads = iter(["2.00 1.50 1.00 1/113 999\n", "2.00 1.50 1.00 2/113 999\n", "2.00 1.50 1.00 1/113 999\n"])
+    real_read = Path.read_text
+    monkeypatch.setattr(
+        Path,
+        "read_text",
+        lambda self, *a, **k: next(reads) if str(self) == "/proc/loadavg" else real_read(self, *a, **k),
+    )
+    assert (
+        runtime.runnable_elsewhere(interval_s=0) == 0.0
+    )  # the caller itself is the 1 running; median of 0, 1, 0
+    reads = iter(["9.0 9.0 9.0 3/113 999\n"] * 3)
+    assert runtime.free_cores() == 1  # two other threads running now on 2 cores
+    reads = iter(["0.1 0.1 0.1 1/113 999\n"] * 3)
+    assert runtime.free_cores() == 2  # the load average (2.0) lags; nothing else runs now
+    if Path("/proc/loadavg").is_file():  # the real file, where there is one
+        monkeypatch.setattr(Path, "read_text", real_read)
+        n = runtime.runnable_elsewhere(interval_s=0)
+        assert n is not None and n >= 0
 
 
 def test_root_dash_h(capsys):

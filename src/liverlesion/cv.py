@@ -179,7 +179,7 @@ def _run_info(manifest: Path, patch_dir: Path, classes: list[str], cfg: Config, 
 
 
 def _hardware() -> dict[str, Any]:
-    """CPU model, usable cores and GPU name of the training machine (for the report)."""
+    """CPU model, usable cores, torch's CPU threads and GPU name of the training machine (for the report)."""
     import platform
 
     import torch
@@ -194,7 +194,7 @@ def _hardware() -> dict[str, Any]:
         pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": cores, "gpu": gpu}
+    return {"cpu": cpu, "cores": cores, "threads": torch.get_num_threads(), "gpu": gpu}
 
 
 def resolve_init(cfg: Config) -> tuple[Any, str]:

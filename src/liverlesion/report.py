@@ -276,6 +276,7 @@ def build_html(run_dir: Path, metrics: dict[str, Any], plots: dict[str, Path], n
         ],
         ["CPU", str(hw.get("cpu", "n/a"))],
         ["CPU cores", str(hw.get("cores", "n/a"))],
+        ["CPU threads (torch)", str(hw.get("threads", "n/a"))],
         ["GPU", str(hw.get("gpu") or "none")],
     ]
     out.append(H.table(["", ""], run_rows, num_from=99))

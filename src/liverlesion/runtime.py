@@ -9,7 +9,10 @@ from __future__ import annotations
 import math
 import os
 import re
+import statistics
 import sys
+import time
+from pathlib import Path
 
 from liverlesion.errors import UserError
 
@@ -54,20 +57,44 @@ def check_positive_int(value: int | None, name: str, what: str) -> int | None:
     return int(value)
 
 
+def runnable_elsewhere(samples: int = 3, interval_s: float = 0.05) -> float | None:
+    """Threads runnable on this machine right now besides the caller: the median of a few reads.
+
+    Linux's ``/proc/loadavg`` counts the runnable threads at the moment of reading (its 4th field,
+    ``running/total``), the caller among them. None where there is no such file.
+    """
+    counts = []
+    for i in range(samples):
+        try:
+            running = int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
+        except (OSError, IndexError, ValueError):
+            return None
+        counts.append(max(0, running - 1))
+        if i + 1 < samples:
+            time.sleep(interval_s)
+    return float(statistics.median(counts))
+
+
 def free_cores() -> int:
-    """CPU cores this process may use minus the current load (1-minute average), at least 1.
+    """CPU cores this process may use minus the other work running now, at least 1.
 
     On a shared machine, asking for more threads than there are idle cores makes every small
     operation wait for a descheduled thread (torch's intra-op pool); fewer threads are faster.
+    The other work is read now (:func:`runnable_elsewhere`) rather than from the 1-minute load
+    average, which lags: on 2 cores, a run started within a minute or so of another one ending
+    would see a load near 2 and keep a single thread for its whole length. Where no instant
+    reading exists (not Linux), the load average is used.
     """
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not Linux
         cores = os.cpu_count() or 1
-    try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):
-        load = 0.0
+    load = runnable_elsewhere()
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except (AttributeError, OSError):
+            load = 0.0
     return max(1, min(cores, math.floor(cores - load + 0.5)))
 
 
