@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import copy
 import time
+from pathlib import Path
 
 import _common
 import numpy as np
@@ -46,6 +47,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6, help="timed fine-tuning steps")
     ap.add_argument("--repeats", type=int, default=2, help="alternating repeats of each layout")
     ap.add_argument("--weights", default=None, help="model.weights (default: the preset's)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
     args = ap.parse_args()
 
     cfg = load_config(
@@ -66,7 +68,8 @@ def main() -> None:
         arrays.append(a)
     shipped = lpft.channels_last
     layouts = {"channels-last (shipped)": shipped, "NCHW": _nchw}
-    print(_common.machine_info("cpu"))
+    info = _common.machine_info("cpu")
+    info["command"] = _common.command_line(None)
     print(
         f"{cfg.model.backbone} ({init}), {size} px, {stacks} stacks, top {n_top} block(s) fine-tuned, "
         f"{args.lesions} lesions, batch {cfg.train.batch_size}, {torch.get_num_threads()} torch threads"
@@ -124,6 +127,17 @@ def main() -> None:
     print(
         f"pooled frozen features, largest difference between layouts: {diff:.2e} (largest value {scale:.2f})"
     )
+    info["load_avg_after"] = _common.load_avg()
+    _common.print_machine(info, f"torch {torch.__version__}")
+    best = {
+        name: {
+            "cache_images_per_s": max(cache_rate[name]),
+            "finetune_samples_per_s": max(step_rate[name]),
+            "validation_samples_per_s": max(eval_rate[name]),
+        }
+        for name in layouts
+    }
+    _common.write_results(args.json, info, args, layouts=best, max_feature_difference=diff)
 
 
 if __name__ == "__main__":
