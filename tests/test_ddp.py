@@ -36,15 +36,18 @@ def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
 
 
-@pytest.mark.parametrize("recipe", ["end_to_end", "lpft"])
+@pytest.mark.parametrize("recipe", ["end_to_end", "lpft", "lpft:finetune_views=1"])
 def test_torchrun_two_processes_match_one(tmp_path, recipe):
+    """``lpft:finetune_views=1``: the quick preset's sampler of one cached view per lesion stack per epoch."""
+    recipe, _, views = recipe.partition(":finetune_views=")
     from liverlesion.synth import generate_cohort
 
     torchrun = Path(sys.executable).with_name("torchrun")
     if not torchrun.exists():
         pytest.skip("torchrun is not installed next to this Python")
     generate_cohort(tmp_path / "cohort", patients=6, lesions=14, seed=2, matrix=192, workers=1)
-    sets = [a for s in [*SETTINGS, f"train.recipe={recipe}"] for a in ("--set", s)]
+    extra = [f"train.finetune_views={views}"] if views else []
+    sets = [a for s in [*SETTINGS, f"train.recipe={recipe}", *extra] for a in ("--set", s)]
     manifest = str(tmp_path / "cohort" / "manifest.csv")
     one = _run([_liverlesion(), "train", manifest, "-o", "one", *sets, "--set", "train.devices=1"], tmp_path)
     assert one.returncode == 0, one.stderr[-2000:]
