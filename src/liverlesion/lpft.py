@@ -287,39 +287,33 @@ def train_lpft(
 ) -> dict[str, Any]:
     """Stages 2 and 3 for one fold (``fit_idx`` / ``val_idx`` index the cache); trains ``model`` in place."""
     t = cfg.train
+
+    def stage(net, source: list[np.ndarray], lr: float, epochs: int, name: str, views: int = 0):
+        return _fit_stage(
+            net,
+            list(net.parameters()),
+            lr,
+            epochs,
+            _Views([source[i] for i in fit_idx], labels[fit_idx], cache.n_tta, True),
+            _Views([source[i] for i in val_idx], labels[val_idx], cache.n_tta, False),
+            cfg,
+            class_weights,
+            fold_dir,
+            name,
+            progress,
+            views=views,
+        )
+
     probe = _Probe(model)
     info: dict[str, Any] = {"recipe": "lpft", "finetune_blocks": cache.n_top}
-    info["probe"] = _fit_stage(
-        probe,
-        list(probe.parameters()),
-        t.probe_lr,
-        t.probe_epochs,
-        _Views([cache.pooled[i] for i in fit_idx], labels[fit_idx], cache.n_tta, True),
-        _Views([cache.pooled[i] for i in val_idx], labels[val_idx], cache.n_tta, False),
-        cfg,
-        class_weights,
-        fold_dir,
-        "probe",
-        progress,
-    )
+    info["probe"] = stage(probe, cache.pooled, t.probe_lr, t.probe_epochs, "probe")
     if cache.n_top > 0:
         upper = _Upper(model, cache.n_top)
         for p in upper.top.parameters():
             p.requires_grad_(True)
         with channels_last(upper):
-            info["finetune"] = _fit_stage(
-                upper,
-                list(upper.parameters()),
-                t.finetune_lr,
-                t.epochs,
-                _Views([cache.lower[i] for i in fit_idx], labels[fit_idx], cache.n_tta, True),
-                _Views([cache.lower[i] for i in val_idx], labels[val_idx], cache.n_tta, False),
-                cfg,
-                class_weights,
-                fold_dir,
-                "finetune",
-                progress,
-                views=t.finetune_views,
+            info["finetune"] = stage(
+                upper, cache.lower, t.finetune_lr, t.epochs, "finetune", t.finetune_views
             )
     return info
 
