@@ -275,6 +275,27 @@ def test_truncated_nifti_is_refused(tmp_path, capsys, tiny_ct, suffix):
     cli_fails(capsys, ["inspect", m], "truncated", f"image{suffix}")
 
 
+def test_damaged_nifti_gz_is_refused(tmp_path):
+    """Bytes changed inside a .nii.gz whose stream still inflates: ITK reads garbage; the CRC catches it.
+
+    Noise makes the deflate stream mostly literals, so the damage changes voxels, not the codes,
+    and only gzip's CRC-32 at the end of the stream can tell.
+    """
+    import SimpleITK as sitk
+
+    noise = np.random.default_rng(0).normal(0, 100, (40, 64, 64)).astype(np.int16)
+    path = tmp_path / "image.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(noise), str(path), True)
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid : mid + 64] = bytes(b ^ 0xFF for b in data[mid : mid + 64])
+    path.write_bytes(bytes(data))
+    assert sitk.GetArrayFromImage(sitk.ReadImage(str(path))).shape == noise.shape  # ITK reads it
+    with pytest.raises(UserError, match="corrupt") as e:
+        read_volume(path, name="--image")
+    assert "image.nii.gz" in str(e.value) and "CRC" in str(e.value)
+
+
 def test_random_bytes_named_nifti_is_refused(tmp_path):
     path = tmp_path / "x.nii"
     path.write_bytes(np.random.default_rng(0).bytes(5000))

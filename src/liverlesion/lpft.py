@@ -376,7 +376,7 @@ def cross_fitted_probe_logits(
         if t.class_weighting == "loss":  # as the fold's probe: weighted cross-entropy
             counts = torch.bincount(y, minlength=k).float().clamp(min=1)
             w = counts.sum() / (k * counts)
-        opt = torch.optim.AdamW(net.parameters(), lr=t.probe_lr, weight_decay=t.weight_decay)
+        opt = torch.optim.AdamW(net.parameters(), lr=t.probe_lr, weight_decay=t.weight_decay, foreach=True)
         net.train()
         for _ in range(epochs):
             order = torch.randperm(len(y), generator=g)

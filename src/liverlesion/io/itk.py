@@ -180,8 +180,9 @@ def _check_nifti_complete(path: Path, label: str) -> None:
     """Refuse a NIfTI file that is not one, or whose voxel data is shorter than its header says.
 
     ITK reads a truncated ``.nii``/``.nii.gz`` without complaint and fills the missing voxels
-    with zeros; here the decompressed stream is counted (not kept) and compared with
-    ``vox_offset + voxels x bytes per voxel``.
+    with zeros, and reads a damaged ``.nii.gz`` as garbage; here the decompressed stream is read to
+    its end, so gzip verifies its CRC-32, counted (not kept) and compared with ``vox_offset + voxels
+    x bytes per voxel``.
     """
     import gzip
     import zlib
@@ -207,11 +208,8 @@ def _check_nifti_complete(path: Path, label: str) -> None:
     try:
         if name.endswith(".gz"):
             size = 0
-            with gzip.open(path, "rb") as f:
-                while size < expected:
-                    chunk = f.read(min(1 << 22, expected - size))
-                    if not chunk:
-                        break
+            with gzip.open(path, "rb") as f:  # to the end: gzip checks the CRC-32 there
+                while chunk := f.read(1 << 22):
                     size += len(chunk)
         else:
             size = path.stat().st_size
