@@ -465,3 +465,29 @@ def test_load_unknown_config_key(resnet_ckpt, tmp_path) -> None:
         UserError, match=r"checkpoint .*edited.pt: config key model.'future_option' is unknown"
     ):
         load_checkpoint(p)
+
+
+def test_fold_batchnorm_gives_the_same_numbers_and_leaves_the_model_alone():
+    """The lpft cache pass runs a BatchNorm-folded copy: same outputs, fewer layers, original untouched."""
+    import timm
+    from timm.layers import BatchNormAct2d
+
+    from liverlesion.model import fold_batchnorm
+
+    torch.manual_seed(0)
+    net = timm.create_model("inception_v3", pretrained=False, num_classes=0).eval()
+    for m in net.modules():  # statistics as after training, not the identity of a fresh BatchNorm
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    folded = fold_batchnorm(net)
+    n_bn = sum(isinstance(m, BatchNormAct2d) for m in net.modules())
+    assert n_bn > 50 and not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    x = torch.rand(2, 3, 96, 96)
+    with torch.inference_mode():
+        ref, out = net(x), folded(x)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())

@@ -75,13 +75,16 @@ def build_cache(model, arrays: list[np.ndarray], cfg: Config, n_top: int, progre
         else None
     )
     flips = tta_flips(cfg.model.tta)
+    from liverlesion.model import fold_batchnorm  # local: heavy (timm)
+
     gen_state = torch.get_rng_state()
     torch.manual_seed(t.seed)
     model.eval()
+    net = fold_batchnorm(model)  # frozen here: BatchNorm folded into the convolutions
     lower, pooled, frozen = [], [], []
-    kids = model.blocks()
+    kids = net.blocks()
     top = nn.Sequential(*[m for _, m in kids[len(kids) - n_top :]]) if kids else None
-    with channels_last(model), torch.inference_mode():  # layout changes outside inference mode
+    with channels_last(net), torch.inference_mode():  # layout changes outside inference mode
         for a in progress_bar(arrays, desc="caching frozen features", unit="lesion", enabled=progress):
             x = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
             views = [x if not d else torch.flip(x, dims=d) for d in flips]
@@ -89,13 +92,13 @@ def build_cache(model, arrays: list[np.ndarray], cfg: Config, n_top: int, progre
                 views.append(torch.stack([aug(s.clone()) for s in x]))
             batch = torch.cat(views)  # (V*S, C, H, W)
             if kids:
-                h = model.forward_lower(batch, n_top)
-                fmap, weights = model.upper_map(h, top)
+                h = net.forward_lower(batch, n_top)
+                fmap, weights = net.upper_map(h, top)
             else:
                 h = batch
-                fmap, weights = model.feature_map(batch), model.split_input(batch)[1]
-            f = model._pool(fmap, weights)
-            g = model._pool(fmap) if weights is not None else f  # global pooling, for frozen_lr
+                fmap, weights = net.feature_map(batch), net.split_input(batch)[1]
+            f = net._pool(fmap, weights)
+            g = net._pool(fmap) if weights is not None else f  # global pooling, for frozen_lr
             v, s = len(views), x.shape[0]
             pooled.append(f.reshape(v, s, -1).numpy().astype(np.float32))
             frozen.append(g.reshape(v, s, -1)[0].numpy().astype(np.float32))

