@@ -140,7 +140,10 @@ def main() -> None:
     labels = torch.arange(len(feats)) % 2
     losses = {}
     for _ in range(args.repeats):
-        for name, foreach in (("head steps, AdamW foreach (shipped)", True), ("head steps, AdamW single-tensor", False)):
+        for name, foreach in (
+            ("head steps, AdamW foreach (shipped)", True),
+            ("head steps, AdamW single-tensor", False),
+        ):
             torch.manual_seed(0)
             head = copy.deepcopy(model.head).train()
             opt = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=1e-4, foreach=foreach)
@@ -160,7 +163,9 @@ def main() -> None:
     print(f"\n{'what':<46} {'best':>9}  runs   (cache: images/s; top: samples/s; head: steps/s)")
     for name, v in rates.items():
         print(f"{name:<46} {max(v):>9.1f}  {' '.join(f'{x:.1f}' for x in v)}")
-    print(f"pooled frozen features, folded against as it is: largest difference {diff:.2e} (largest value {scale:.2f})")
+    print(
+        f"pooled frozen features, folded against as it is: largest difference {diff:.2e} (largest value {scale:.2f})"
+    )
     print("head loss after the steps: " + ", ".join(f"{k.split(', ')[1]} {v:.6f}" for k, v in losses.items()))
     info["load_avg_after"] = _common.load_avg()
     _common.print_machine(info, f"torch {torch.__version__}")

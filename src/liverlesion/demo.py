@@ -4,7 +4,7 @@ synthetic cohort (63 patients, 230 lesions, as in the paper) -> patient-level
 5-fold CV with the paper's network -> metrics with patient-bootstrap CIs,
 baselines side by side, report.html.
 
-Presets: ``quick`` (default; about 11-12 minutes on 2 CPU cores, by host: 160 px input, three 2.5-D
+Presets: ``quick`` (default; about 10 minutes on 2 CPU cores, by host: 160 px input, three 2.5-D
 stacks per lesion, the lpft recipe with one cached view per lesion stack per fine-tuning epoch,
 radiomics late fusion) and ``paper`` (299 px, end to end, up to 60 epochs; meant for a GPU).
 """

@@ -116,7 +116,9 @@ class LesionModule(_SelectionLoss):
         if t.optimizer == "adamw":
             opt = torch.optim.AdamW(groups, weight_decay=t.weight_decay, foreach=True)
         elif t.optimizer == "sgd":
-            opt = torch.optim.SGD(groups, momentum=0.9, nesterov=True, weight_decay=t.weight_decay, foreach=True)
+            opt = torch.optim.SGD(
+                groups, momentum=0.9, nesterov=True, weight_decay=t.weight_decay, foreach=True
+            )
         else:
             raise UserError(f"config train.optimizer={t.optimizer!r}: choose adamw or sgd")
         if t.scheduler == "none":
@@ -191,7 +193,9 @@ class StageModule(_SelectionLoss):
     def configure_optimizers(self):
         # foreach: one fused update over all tensors (PyTorch's default on GPU only); same numbers, and
         # on CPU half the time per step of the small head
-        return torch.optim.AdamW(self.params, lr=self.lr, weight_decay=self.cfg.train.weight_decay, foreach=True)
+        return torch.optim.AdamW(
+            self.params, lr=self.lr, weight_decay=self.cfg.train.weight_decay, foreach=True
+        )
 
 
 class KeepBest(Callback):
