@@ -191,8 +191,8 @@ class StageModule(_SelectionLoss):
         )
 
     def configure_optimizers(self):
-        # foreach: one fused update over all tensors (PyTorch's default on GPU only); same numbers, and
-        # on CPU half the time per step of the small head
+        # foreach: one update over all tensors (PyTorch's default on GPU only); same numbers, and on
+        # CPU 1.0-2.0x the steps/s of the small head (noisy: benchmarks/bench_lpft_speed.py)
         return torch.optim.AdamW(
             self.params, lr=self.lr, weight_decay=self.cfg.train.weight_decay, foreach=True
         )
