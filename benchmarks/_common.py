@@ -107,6 +107,50 @@ def model_parser(description: str) -> argparse.ArgumentParser:
     return ap
 
 
+def lpft_parser(description: str, repeats: int) -> argparse.ArgumentParser:
+    """The options of the lpft speed benchmarks: preset, lesions, repeats, weights, JSON output."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--preset", default="quick")
+    ap.add_argument("--lesions", type=int, default=24, help="random lesions to cache")
+    ap.add_argument("--repeats", type=int, default=repeats, help="alternating repeats of each variant")
+    ap.add_argument("--weights", default=None, help="model.weights (default: the preset's)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
+    return ap
+
+
+def lpft_setup(args: argparse.Namespace):
+    """The preset's network and random lesions for the lpft speed benchmarks.
+
+    Returns ``(cfg, model, init, n_top, arrays)``: ``arrays`` are ``args.lesions`` model inputs of
+    random pixels, each with a disc as its lesion mask where the model pools inside the lesion.
+    """
+    import numpy as np
+
+    from liverlesion import lpft
+    from liverlesion.config import load_config
+    from liverlesion.cv import resolve_init
+    from liverlesion.model import build_model
+    from liverlesion.model_input import takes_mask
+
+    cfg = load_config(
+        preset=args.preset, overrides=[f"model.weights={args.weights}"] if args.weights else None
+    )
+    imagenet, init = resolve_init(cfg)
+    model, _ = build_model(cfg.model, num_classes=2, in_chans=3, imagenet=imagenet)
+    n_top, _ = lpft.n_top_blocks(model, cfg)
+    size, stacks = cfg.patch.size_px, 2 * cfg.patch.stacks + 1
+    chans = 3 + int(takes_mask(model.pool))
+    rng = np.random.default_rng(0)
+    arrays = []
+    for _ in range(args.lesions):
+        a = rng.random((stacks, chans, size, size), dtype=np.float32)
+        if chans > 3:  # a lesion mask: a disc in the middle
+            yy, xx = np.mgrid[:size, :size]
+            a[:, -1] = ((yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 5) ** 2).astype(np.float32)
+        arrays.append(a)
+    return cfg, model, init, n_top, arrays
+
+
 def resolve_device(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Turn ``--device auto`` into ``cuda`` or ``cpu``; refuse a CUDA device torch cannot see."""
     import torch

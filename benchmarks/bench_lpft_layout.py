@@ -19,21 +19,15 @@ Takes about a minute on 2 CPU cores. Results: benchmarks/README.md, "Channels-la
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import time
-from pathlib import Path
 
 import _common
 import numpy as np
 import torch
 
 from liverlesion import lpft
-from liverlesion.config import load_config
-from liverlesion.cv import resolve_init
-from liverlesion.model import build_model
-from liverlesion.model_input import takes_mask
 
 
 def _nchw(module):
@@ -41,31 +35,11 @@ def _nchw(module):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", default="quick")
-    ap.add_argument("--lesions", type=int, default=24, help="random lesions to cache")
+    ap = _common.lpft_parser(__doc__.split("\n\n")[0], repeats=2)
     ap.add_argument("--steps", type=int, default=6, help="timed fine-tuning steps")
-    ap.add_argument("--repeats", type=int, default=2, help="alternating repeats of each layout")
-    ap.add_argument("--weights", default=None, help="model.weights (default: the preset's)")
-    ap.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
     args = ap.parse_args()
-
-    cfg = load_config(
-        preset=args.preset, overrides=[f"model.weights={args.weights}"] if args.weights else None
-    )
-    imagenet, init = resolve_init(cfg)
-    model, _ = build_model(cfg.model, num_classes=2, in_chans=3, imagenet=imagenet)
-    n_top, _ = lpft.n_top_blocks(model, cfg)
+    cfg, model, init, n_top, arrays = _common.lpft_setup(args)
     size, stacks = cfg.patch.size_px, 2 * cfg.patch.stacks + 1
-    chans = 3 + int(takes_mask(model.pool))
-    rng = np.random.default_rng(0)
-    arrays = []
-    for _ in range(args.lesions):
-        a = rng.random((stacks, chans, size, size), dtype=np.float32)
-        if chans > 3:  # a lesion mask: a disc in the middle
-            yy, xx = np.mgrid[:size, :size]
-            a[:, -1] = ((yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 5) ** 2).astype(np.float32)
-        arrays.append(a)
     shipped = lpft.channels_last
     layouts = {"channels-last (shipped)": shipped, "NCHW": _nchw}
     info = _common.machine_info("cpu")

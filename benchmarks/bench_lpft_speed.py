@@ -22,10 +22,8 @@ input, foreach AdamW".
 
 from __future__ import annotations
 
-import argparse
 import copy
 import time
-from pathlib import Path
 
 import _common
 import numpy as np
@@ -34,22 +32,7 @@ import torch.nn.functional as F
 
 import liverlesion.model as model_module
 from liverlesion import lpft
-from liverlesion.config import load_config
-from liverlesion.cv import resolve_init
-from liverlesion.model import build_model
 from liverlesion.model_input import takes_mask
-
-
-def _arrays(n: int, stacks: int, chans: int, size: int) -> list[np.ndarray]:
-    rng = np.random.default_rng(0)
-    out = []
-    for _ in range(n):
-        a = rng.random((stacks, chans, size, size), dtype=np.float32)
-        if chans > 3:  # a lesion mask: a disc in the middle
-            yy, xx = np.mgrid[:size, :size]
-            a[:, -1] = ((yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 5) ** 2).astype(np.float32)
-        out.append(a)
-    return out
 
 
 def _rate(fn, items: int, reps: int = 1) -> float:
@@ -61,22 +44,9 @@ def _rate(fn, items: int, reps: int = 1) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", default="quick")
-    ap.add_argument("--lesions", type=int, default=24, help="random lesions to cache")
-    ap.add_argument("--repeats", type=int, default=3, help="alternating repeats of each pair")
-    ap.add_argument("--weights", default=None, help="model.weights (default: the preset's)")
-    ap.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
-    args = ap.parse_args()
-
-    cfg = load_config(
-        preset=args.preset, overrides=[f"model.weights={args.weights}"] if args.weights else None
-    )
-    imagenet, init = resolve_init(cfg)
-    model, _ = build_model(cfg.model, num_classes=2, in_chans=3, imagenet=imagenet)
-    n_top, _ = lpft.n_top_blocks(model, cfg)
+    args = _common.lpft_parser(__doc__.split("\n\n")[0], repeats=3).parse_args()
+    cfg, model, init, n_top, arrays = _common.lpft_setup(args)
     size, stacks = cfg.patch.size_px, 2 * cfg.patch.stacks + 1
-    arrays = _arrays(args.lesions, stacks, 3 + int(takes_mask(model.pool)), size)
     info = _common.machine_info("cpu")
     info["command"] = _common.command_line(None)
     print(
