@@ -66,6 +66,7 @@ def build_cache(model, arrays: list[np.ndarray], cfg: Config, n_top: int, progre
     weights (:meth:`~liverlesion.model.LesionNet.forward_lower`).
     """
     from liverlesion.data import Augment  # local: heavy (scipy)
+    from liverlesion.model import fold_batchnorm  # local: heavy (timm)
 
     t = cfg.train
     n_mask = int(takes_mask(model.pool))
@@ -75,8 +76,6 @@ def build_cache(model, arrays: list[np.ndarray], cfg: Config, n_top: int, progre
         else None
     )
     flips = tta_flips(cfg.model.tta)
-    from liverlesion.model import fold_batchnorm  # local: heavy (timm)
-
     gen_state = torch.get_rng_state()
     torch.manual_seed(t.seed)
     model.eval()
