@@ -11,7 +11,8 @@
   cross-fitted probes of the fusion weight) with ``foreach=True`` against the single-tensor loop
   that PyTorch picks on CPU; the losses after the steps are compared (same arithmetic).
 
-Each pair runs alternately, ``--repeats`` times; the best of each is printed with the machine. No
+Each pair runs alternately, ``--repeats`` times (the top-block pair: ``4 x --repeats`` single calls
+after a warm-up, ``_common.timed_rounds``); the best of each is printed with the machine. No
 pass/fail threshold.
 
     python benchmarks/bench_lpft_speed.py [--preset quick] [--lesions 24] [--repeats 3] [--json OUT]
@@ -33,14 +34,6 @@ import torch.nn.functional as F
 import liverlesion.model as model_module
 from liverlesion import lpft
 from liverlesion.model_input import takes_mask
-
-
-def _rate(fn, items: int, reps: int = 1) -> float:
-    fn()  # one-off costs (kernel selection)
-    t = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    return reps * items / (time.perf_counter() - t)
 
 
 def main() -> None:
@@ -85,25 +78,29 @@ def main() -> None:
         for p in upper.parameters():
             p.requires_grad_(True)
         opt = torch.optim.AdamW(upper.parameters(), lr=1e-6, foreach=True)
-        for _ in range(args.repeats):
-            for name, layout in (("channels-last (shipped)", torch.channels_last), ("NCHW slice", None)):
+        layouts = (("channels-last (shipped)", torch.channels_last), ("NCHW slice", None))
 
-                def run(x, train: bool, layout=layout):
-                    x = x[:, :-1] if takes_mask(model.pool) else x
-                    if layout is not None:
-                        x = x.contiguous(memory_format=layout)
-                    if not train:
-                        with torch.inference_mode():
-                            return top(x)
-                    loss = F.cross_entropy(upper.head(top(x).mean((2, 3))), y)
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
+        def run(x, train: bool, layout):
+            x = x[:, :-1] if takes_mask(model.pool) else x
+            if layout is not None:
+                x = x.contiguous(memory_format=layout)
+            if not train:
+                with torch.inference_mode():
+                    return top(x)
+            loss = F.cross_entropy(upper.head(top(x).mean((2, 3))), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
 
-                upper.train()
-                add(f"top step, input {name}", _rate(lambda: run(batch, True), len(batch), 4))
-                upper.eval()
-                add(f"top validation, input {name}", _rate(lambda: run(val, False), len(val), 2))
+        for train, what, x in ((True, "step", batch), (False, "validation", val)):
+            upper.train(train)
+            seconds = _common.timed_rounds(
+                [(name, lambda x=x, tr=train, m=m: run(x, tr, m)) for name, m in layouts],
+                4 * args.repeats,
+                "cpu",
+            )
+            for name, times in seconds.items():
+                rates[f"top {what}, input {name}"] = [len(x) / t for t in times]
 
     # 3. the head on pooled features: AdamW foreach against single-tensor
     feats = torch.from_numpy(np.concatenate([p.reshape(-1, p.shape[-1]) for p in a.pooled])).float()
