@@ -309,6 +309,15 @@ def test_manifest_batch_mode(ckpts, tmp_path, capsys):
     assert sorted(p.name for p in (out / "overlays").iterdir()) == ["p1-L01.png", "p1-L02.png", "p2-L01.png"]
 
 
+def test_no_progress_bar_when_stderr_is_not_a_terminal(ckpts, case, tmp_path, monkeypatch, capsys):
+    """The classifying bar was drawn into logs and pipes: its carriage returns then came before an
+    error's one line (``classifying lesions: 0%| ... liverlesion: error: ...``)."""
+    monkeypatch.delenv("LIVERLESION_PROGRESS", raising=False)
+    rc, _, err = _run([*_on_mask([ckpts["a"]], case), "--out", tmp_path / "out", "--no-gradcam"], capsys)
+    assert rc == 0, err
+    assert "\r" not in err and "classifying lesions" not in err, err
+
+
 def test_overwrite(ckpts, case, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,7 @@ from liverlesion.manifest import read_manifest
 from liverlesion.manifest_lesions import iter_manifest_lesions
 from liverlesion.model_input import model_input
 from liverlesion.patches import extract_patch
+from liverlesion.progress import progress_bar
 from liverlesion.results import CaseResult, LesionResult, results_table
 from liverlesion.runtime import apply_torch_threads
 from liverlesion.volume import Volume
@@ -460,17 +460,11 @@ class Classifier:
     def _classify(
         self, volume: Volume, items: list, min_size_mm: float, gradcam: bool, image_ref: str
     ) -> list[LesionResult]:
-        from tqdm.auto import tqdm
-
         results = []
         hashes = ";".join(self.checkpoint_hashes)
-        for lesion, lmask in tqdm(
-            items,
-            desc="classifying lesions",
-            unit="lesion",
-            file=sys.stderr,
-            disable=len(items) < 2,
-            leave=False,
+        # a bar on a terminal only: elsewhere its carriage returns end up in logs, before an error's line
+        for lesion, lmask in progress_bar(
+            items, "classifying lesions", unit="lesion", enabled=len(items) >= 2, log=False
         ):
             patch = extract_patch(volume, lmask, self.patch_config)
             too_small = is_too_small(lesion.min_axis_mm, min_size_mm)
