@@ -18,7 +18,13 @@ HEADER = "patient_id,image,mask,label,lesion_class,x_mm,y_mm,z_mm,diameter_mm"
 def folder(tmp_path: Path) -> Path:
     """A study folder with placeholder image/mask files (the manifest only checks they exist)."""
     (tmp_path / "img").mkdir()
-    for name in ("img/p1.nii.gz", "img/p1_mask.nii.gz", "img/p2.nii.gz", "img/p2_mask.nii.gz"):
+    for name in (
+        "img/p1.nii.gz",
+        "img/p1_mask.nii.gz",
+        "img/p1_cysts.nii.gz",
+        "img/p2.nii.gz",
+        "img/p2_mask.nii.gz",
+    ):
         (tmp_path / name).write_bytes(b"placeholder")
     (tmp_path / "img" / "dicom_p3").mkdir()  # a DICOM folder is a valid image
     return tmp_path
@@ -35,7 +41,7 @@ def good_text() -> str:
         [
             HEADER,
             "p1,img/p1.nii.gz,img/p1_mask.nii.gz,,metastasis,,,,",
-            "p1,img/p1.nii.gz,img/p1_mask.nii.gz,2,cyst,,,,",
+            "p1,img/p1.nii.gz,img/p1_cysts.nii.gz,2,cyst,,,,",
             "p2,img/p2.nii.gz,,,cyst,10.5,-20,300.25,12",
             "p3,img/dicom_p3,,,metastasis,1,2,3,4.5",
         ]
@@ -52,7 +58,7 @@ def test_read_good_manifest_types_and_paths(folder: Path):
     # original strings kept, resolved absolute paths added
     assert df.loc[0, "image"] == "img/p1.nii.gz"
     assert df.loc[0, "image_path"] == str((folder / "img/p1.nii.gz").resolve())
-    assert df.loc[1, "mask_path"] == str((folder / "img/p1_mask.nii.gz").resolve())
+    assert df.loc[1, "mask_path"] == str((folder / "img/p1_cysts.nii.gz").resolve())
     assert df.loc[2, "mask"] == "" and df.loc[2, "mask_path"] is None
     assert str(df["label"].dtype) == "Int64"
     assert pd.isna(df.loc[0, "label"]) and df.loc[1, "label"] == 2
@@ -130,6 +136,9 @@ def row_error(folder: Path, row_text: str, header: str = HEADER) -> str:
         ("p1,img/missing.nii.gz,,,cyst,1,2,3,4", "image 'img/missing.nii.gz' not found"),
         ("p1,img/p1.nii.gz,img/nomask.nii.gz,,cyst,,,,", "mask 'img/nomask.nii.gz' not found"),
         ("p1,img/p1.nii.gz,img/p1_mask.nii.gz,,cyst,,,,", "duplicates row 1"),
+        ("p1,img/p1.nii.gz,img/p1_mask.nii.gz,0,cyst,,,,", "duplicates row 1"),  # 0 = empty: every lesion
+        # row 1's empty label already takes every lesion of the mask: label 2 would be counted twice
+        ("p1,img/p1.nii.gz,img/p1_mask.nii.gz,2,cyst,,,,", "label 2 is already taken by row 1"),
         ("p2,img/p1.nii.gz,,,cyst,1,2,3,4", "belongs to patient_id='p1' in row 1 but to 'p2'"),
         ("p1,img/p1.nii.gz,img/p1_mask.nii.gz,,cyst,,,", "8 fields but the header has 9"),
     ],
@@ -202,6 +211,14 @@ def test_latin1_error_gives_line(folder: Path):
     path.write_bytes(b"patient_id,image,mask,lesion_class\np1,a,b,c\np\xe9,a,b,c\n")
     with pytest.raises(UserError, match="file line 3"):
         read_manifest(path)
+
+
+def test_an_empty_label_after_a_labelled_row_of_the_same_mask_is_refused(folder: Path):
+    """An empty label takes every lesion of its mask: with another row selecting one of them, that
+    lesion was read twice (two lesion ids, counted twice in cv and its metrics)."""
+    text = f"{HEADER}\np1,img/p1.nii.gz,img/p1_mask.nii.gz,1,cyst,,,,\np1,img/p1.nii.gz,img/p1_mask.nii.gz,,cyst,,,,\n"
+    msg = read_error(write(folder, text))
+    assert "row 2 (file line 3)" in msg and "label 1 of row 1 included" in msg
 
 
 def test_missing_and_folder_manifest(folder: Path):

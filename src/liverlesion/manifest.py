@@ -209,7 +209,7 @@ def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
         raise UserError(f"manifest {path}: no data rows under the header; add one row per lesion source")
     base = path.resolve().parent
     records = []
-    seen: dict[tuple, int] = {}
+    seen: dict[tuple, list[tuple[int | str | None, int]]] = {}  # lesion source -> (label, row)
     image_patient: dict[str, tuple[str, int]] = {}
     for row, fields in rows:
         v = dict(zip(header, fields, strict=True))
@@ -288,19 +288,33 @@ def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
                 f"{where}: image {rec['image']!r} belongs to patient_id={owner[0]!r} in row {owner[1]} but "
                 f"to {rec['patient_id']!r} here; one image must belong to one patient"
             )
-        key = (
+        source = (
             rec["image_path"],
             rec["series"],
             rec["mask_path"],
-            None if rec["label"] is pd.NA else rec["label"],
             *(rec[c] for c in CLICK_COLUMNS if has_click),
         )
-        if key in seen:
-            raise UserError(
-                f"{where}: duplicates row {seen[key]} (same image, series and lesion source); "
-                "delete one so lesions are not counted twice"
-            )
-        seen[key] = row
+        # An empty or 0 label takes every lesion of the mask, so it overlaps any other row on that mask.
+        label = None if rec["label"] is pd.NA or rec["label"] == 0 else rec["label"]
+        for other_label, other_row in seen.get(source, []):
+            if label == other_label:
+                raise UserError(
+                    f"{where}: duplicates row {other_row} (same image, series and lesion source); "
+                    "delete one so lesions are not counted twice"
+                )
+            if label is None or other_label is None:
+                overlap = (
+                    f"label {label} is already taken by row {other_row}, whose empty or 0 label takes every "
+                    f"lesion of mask {rec['mask']!r}"
+                    if other_label is None
+                    else f"the empty or 0 label takes every lesion of mask {rec['mask']!r}, label "
+                    f"{other_label} of row {other_row} included"
+                )
+                raise UserError(
+                    f"{where}: {overlap}, so that lesion would be counted twice; give every row its own label, "
+                    "or keep only the row with the empty label"
+                )
+        seen.setdefault(source, []).append((label, row))
         records.append(rec)
     df = pd.DataFrame.from_records(records, columns=[*COLUMNS, *DERIVED_COLUMNS])
     df["label"] = _label_column(df["label"])
