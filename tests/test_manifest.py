@@ -139,6 +139,10 @@ def row_error(folder: Path, row_text: str, header: str = HEADER) -> str:
         ("p1,img/p1.nii.gz,img/p1_mask.nii.gz,0,cyst,,,,", "duplicates row 1"),  # 0 = empty: every lesion
         # row 1's empty label already takes every lesion of the mask: label 2 would be counted twice
         ("p1,img/p1.nii.gz,img/p1_mask.nii.gz,2,cyst,,,,", "label 2 is already taken by row 1"),
+        (
+            "p1,img/p1.nii.gz,img/p1_cysts.nii.gz,,Cyst,,,,",
+            "'Cyst' differs only in upper/lower case from 'cyst'",
+        ),
         ("p2,img/p1.nii.gz,,,cyst,1,2,3,4", "belongs to patient_id='p1' in row 1 but to 'p2'"),
         ("p1,img/p1.nii.gz,img/p1_mask.nii.gz,,cyst,,,", "8 fields but the header has 9"),
     ],

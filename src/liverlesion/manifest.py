@@ -211,6 +211,7 @@ def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
     records = []
     seen: dict[tuple, list[tuple[int | str | None, int]]] = {}  # lesion source -> (label, row)
     image_patient: dict[str, tuple[str, int]] = {}
+    class_spelling: dict[str, tuple[str, int]] = {}  # casefolded lesion_class -> (first spelling, row)
     for row, fields in rows:
         v = dict(zip(header, fields, strict=True))
         where = _where(path, row)
@@ -281,6 +282,14 @@ def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
                     f"{where}: mask {rec['mask']!r} is the image itself; give the lesion mask file in the mask column"
                 )
         rec["row"] = row
+        # "Metastasis" and "metastasis" would silently be two classes in training and evaluation.
+        spelled = class_spelling.setdefault(rec["lesion_class"].casefold(), (rec["lesion_class"], row))
+        if spelled[0] != rec["lesion_class"]:
+            raise UserError(
+                f"{where}: lesion_class {rec['lesion_class']!r} differs only in upper/lower case from "
+                f"{spelled[0]!r} in row {spelled[1]}, which would make them two classes; spell each class "
+                "the same way in every row"
+            )
         # The same image under two patient IDs would put one scan in two CV folds.
         owner = image_patient.setdefault(rec["image_path"], (rec["patient_id"], row))
         if owner[0] != rec["patient_id"]:
