@@ -451,9 +451,31 @@ def test_load_state_dict_mismatch(resnet_ckpt, tmp_path) -> None:
 
 def test_load_config_for_other_classes(resnet_ckpt, tmp_path) -> None:
     path, _, _ = resnet_ckpt
-    p = _rewrite(path, tmp_path, class_names=["a", "b"])  # head has 3 outputs
+    p = _rewrite(path, tmp_path, class_names=["a", "b"], positive_class=None)  # head has 3 outputs
     with pytest.raises(UserError, match="do not match the stored config"):
         load_checkpoint(p)
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"config": "hello"}, "config is a str"),  # was a ValueError traceback from config_from_dict
+        ({"state_dict": [1, 2]}, "state_dict is a list"),  # was an AttributeError traceback
+        ({"class_names": "cyst"}, "class_names='cyst'"),  # was a head-size mismatch, blaming the weights
+        ({"in_chans": "1"}, "in_chans='1'"),
+        # the decision values were silently replaced (temperature 1, argmax) or used (nothing >= 2)
+        ({"temperature": float("nan")}, "temperature=nan"),
+        ({"temperature": -1.0}, "temperature=-1.0"),
+        ({"threshold": 2.0}, "threshold=2.0"),
+        ({"positive_class": "zebra"}, "positive_class='zebra'"),
+    ],
+)
+def test_load_refuses_fields_of_the_wrong_kind(resnet_ckpt, tmp_path, changes, expected) -> None:
+    path, _, _ = resnet_ckpt
+    p = _rewrite(path, tmp_path, **changes)
+    with pytest.raises(UserError, match=r"checkpoint .*edited.pt: ") as e:
+        load_checkpoint(p)
+    assert expected in str(e.value) and "use the original model.pt" in str(e.value)
 
 
 def test_load_unknown_config_key(resnet_ckpt, tmp_path) -> None:

@@ -11,6 +11,7 @@ for user files (checkpoints and ``--weights`` files). Rebuilding the network fro
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import pickle
 import zipfile
 from pathlib import Path
@@ -170,7 +171,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         The checkpoint dict, ``state_dict`` included.
 
     Raises:
-        UserError: missing / corrupt / foreign file, unsupported format version or missing fields.
+        UserError: missing / corrupt / foreign file, unsupported format version, missing fields or
+            fields of the wrong kind.
     """
     path = Path(path).expanduser()
     if not path.is_file():
@@ -195,7 +197,38 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise UserError(
             f"checkpoint {path}: incomplete, no {', '.join(missing)}; the file is damaged, copy it again"
         )
+    problem = _field_problem(obj)
+    if problem:
+        raise UserError(f"checkpoint {path}: {problem}")
     return obj
+
+
+def _field_problem(obj: dict[str, Any]) -> str | None:
+    """What is wrong with a checkpoint's fields (types and decision values), or None."""
+    edited = "the file is damaged or was edited, use the original model.pt"
+    names = obj["class_names"]
+    if not isinstance(obj["config"], dict):
+        return f"config is a {type(obj['config']).__name__}, not a mapping of settings; {edited}"
+    if not isinstance(names, list) or len(set(map(str, names))) != len(names) or len(names) < 2:
+        return f"class_names={names!r}: not a list of two or more distinct class names; {edited}"
+    if type(obj["in_chans"]) is not int or obj["in_chans"] < 1:
+        return f"in_chans={obj['in_chans']!r}: not a positive whole number; {edited}"
+    if not isinstance(obj["state_dict"], dict):
+        return f"state_dict is a {type(obj['state_dict']).__name__}, not a mapping of tensors; {edited}"
+    temperature, threshold, positive = obj.get("temperature"), obj.get("threshold"), obj.get("positive_class")
+    if temperature is not None and not (
+        _is_number(temperature) and math.isfinite(temperature) and temperature > 0
+    ):
+        return f"temperature={temperature!r}: not a finite number > 0; {edited}"
+    if threshold is not None and not (_is_number(threshold) and 0 <= threshold <= 1):
+        return f"threshold={threshold!r}: not a probability in [0, 1]; {edited}"
+    if positive is not None and positive not in names:
+        return f"positive_class={positive!r} is not one of its class_names {names}; {edited}"
+    return None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def foreign_kind(obj: Any) -> str:
