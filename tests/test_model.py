@@ -478,6 +478,17 @@ def test_load_refuses_fields_of_the_wrong_kind(resnet_ckpt, tmp_path, changes, e
     assert expected in str(e.value) and "use the original model.pt" in str(e.value)
 
 
+def test_load_refuses_nan_weights(resnet_ckpt, tmp_path) -> None:
+    """A diverged run's NaN weights gave every lesion NaN probabilities and, silently, the negative class."""
+    path, _, _ = resnet_ckpt
+    sd = dict(torch.load(path, weights_only=True)["state_dict"])
+    sd["head.5.bias"] = torch.full_like(sd["head.5.bias"], float("nan"))
+    with pytest.raises(
+        UserError, match=r"edited.pt: 1 weight tensor\(s\) hold NaN or inf \(e.g. head.5.bias\)"
+    ):
+        load_checkpoint(_rewrite(path, tmp_path, state_dict=sd))
+
+
 def test_load_unknown_config_key(resnet_ckpt, tmp_path) -> None:
     path, _, cfg = resnet_ckpt
     conf = cfg.to_dict()

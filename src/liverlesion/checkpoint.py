@@ -171,8 +171,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         The checkpoint dict, ``state_dict`` included.
 
     Raises:
-        UserError: missing / corrupt / foreign file, unsupported format version, missing fields or
-            fields of the wrong kind.
+        UserError: missing / corrupt / foreign file, unsupported format version, missing fields,
+            fields of the wrong kind or NaN / inf weights.
     """
     path = Path(path).expanduser()
     if not path.is_file():
@@ -204,7 +204,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def _field_problem(obj: dict[str, Any]) -> str | None:
-    """What is wrong with a checkpoint's fields (types and decision values), or None."""
+    """What is wrong with a checkpoint's fields (types, decision values, finite weights), or None."""
     edited = "the file is damaged or was edited, use the original model.pt"
     names = obj["class_names"]
     if not isinstance(obj["config"], dict):
@@ -224,6 +224,17 @@ def _field_problem(obj: dict[str, Any]) -> str | None:
         return f"threshold={threshold!r}: not a probability in [0, 1]; {edited}"
     if positive is not None and positive not in names:
         return f"positive_class={positive!r} is not one of its class_names {names}; {edited}"
+    # A diverged training run saves NaN weights: every lesion then got NaN probabilities, and a class.
+    bad = [
+        k
+        for k, v in obj["state_dict"].items()
+        if torch.is_tensor(v) and v.is_floating_point() and not bool(v.isfinite().all())
+    ]
+    if bad:
+        return (
+            f"{len(bad)} weight tensor(s) hold NaN or inf (e.g. {bad[0]}): the training run diverged; retrain "
+            "(e.g. with a lower learning rate), or use a model from another run"
+        )
     return None
 
 
