@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as _dt
 import math
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,7 +51,10 @@ MIN_CHECKPOINT_VERSION = 1
 def safe_torch_load(path: Path, what: str) -> Any:
     """``torch.load(weights_only=True)`` with one-line errors for the ways a file can be wrong."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns (several lines) about the pickle protocol of a foreign file before refusing it
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # liverlesion and Lightning always write zip archives; anything else is garbage or foreign
         if "Weights only load failed" in str(e) and zipfile.is_zipfile(path):
