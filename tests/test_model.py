@@ -376,6 +376,14 @@ def test_load_not_a_torch_file(tmp_path, text: str) -> None:
         load_checkpoint(p)
 
 
+def test_load_onnx_export_says_to_give_its_model_pt(tmp_path) -> None:
+    """An ONNX file in the checkpoint slot was "not a PyTorch file or corrupt ...; copy it again"."""
+    p = tmp_path / "model.onnx"
+    p.write_bytes(b"\x08\x07\x12\x07pytorch")  # the start of an ONNX protobuf
+    with pytest.raises(UserError, match=r"model.onnx: an ONNX export, not a PyTorch file; give the model.pt"):
+        load_checkpoint(p)
+
+
 def test_load_truncated(resnet_ckpt, tmp_path) -> None:
     path, _, _ = resnet_ckpt
     p = tmp_path / "model.pt"

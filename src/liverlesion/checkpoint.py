@@ -50,6 +50,11 @@ MIN_CHECKPOINT_VERSION = 1
 
 def safe_torch_load(path: Path, what: str) -> Any:
     """``torch.load(weights_only=True)`` with one-line errors for the ways a file can be wrong."""
+    if Path(path).suffix.lower() == ".onnx":  # export writes model.onnx next to model.pt: easily mixed up
+        raise UserError(
+            f"{what} {path}: an ONNX export, not a PyTorch file; give the model.pt it was exported from "
+            "(predict and serve find the model.onnx next to it themselves, with --backend onnx or auto)"
+        )
     try:
         with warnings.catch_warnings():
             # torch warns (several lines) about the pickle protocol of a foreign file before refusing it
