@@ -256,6 +256,20 @@ def test_mask_with_too_many_components_is_refused(tmp_path, capsys):
     _inspect_with_mask(tmp_path, capsys, arr, "connected components")
 
 
+def test_manifest_image_not_in_hu_is_refused_like_predict_refuses_it(tmp_path, capsys):
+    """inspect / patches / cv read a manifest's images without predict's CT check: stored values without
+    the rescale (no negative HU) were cut into patches and trained on."""
+    image, mask = make_ct_array()
+    write_volume(image.with_array(image.array + 1024), tmp_path / "raw.nii.gz")
+    write_volume(mask, tmp_path / "mask.nii.gz")
+    m = write_manifest(
+        tmp_path / "m.csv", "patient_id,image,lesion_class,mask", "p1,raw.nii.gz,cyst,mask.nii.gz"
+    )
+    out = tmp_path / "t.csv"
+    cli_fails(capsys, ["inspect", m, "--out", out], "manifest row 1 image 'raw.nii.gz'", "not CT in HU")
+    assert not out.exists()
+
+
 # --------------------------------------------------------------------------- 5. truncated / non-NIfTI files
 
 

@@ -521,6 +521,7 @@ def _write_nifti_cohort(folder: Path) -> Path:
         vol, _ = make_volume()
         lab = np.zeros(vol.shape, np.uint8)
         arr = vol.array.copy()
+        arr[:, :2] = -1000.0  # air in front of the body: a manifest's images must be CT in HU
         for centre, r in spheres:
             m = sphere_mask(vol.shape, vol.spacing, centre, r)
             lab[m] = 1

@@ -366,7 +366,6 @@ class Classifier:
         cases = []
         for image, items in iter_manifest_lesions(table, tolerance):
             ref = str(image.meta.get("source") or "")
-            check_ct_volume(image, f"--manifest {manifest} image {ref}")
             case = CaseResult(image=image, image_ref=ref)
             case.results = self._classify(image, items, min_size_mm, gradcam, ref)
             cases.append(case)

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import pandas as pd
 from tqdm.auto import tqdm
 
+from liverlesion.case_input import check_ct_volume
 from liverlesion.click import lesion_from_click
 from liverlesion.dicom_seg import seg_lesions
 from liverlesion.errors import UserError
@@ -84,12 +85,9 @@ def iter_manifest_lesions(
         file=sys.stderr,
     ) as bar:
         for (image_path, image_series), recs in bar:
-            image = read_volume(
-                image_path,
-                series=image_series or None,
-                kind="image",
-                name=f"manifest row {recs[0].row} image",
-            )
+            name = f"manifest row {recs[0].row} image"
+            image = read_volume(image_path, series=image_series or None, kind="image", name=name)
+            check_ct_volume(image, f"{name} {recs[0].image!r}")  # predict's check: CT in HU, sane geometry
             yield image, _image_lesions(image, recs, counters, tolerance, min_voxels, seen)
 
 
