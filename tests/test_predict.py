@@ -380,6 +380,14 @@ def _no_hu(tmp_path: Path, ckpts) -> Path:
     return write_volume(image, tmp_path / "raw.nii.gz")
 
 
+def _normalised(tmp_path: Path, ckpts) -> Path:
+    """z-scored intensities (a network's preprocessed input): negative values, but not HU."""
+    image, _ = make_ct_array()
+    a = image.array
+    image.array[:] = (a - a.mean()) / a.std()
+    return write_volume(image, tmp_path / "zscored.nii.gz")
+
+
 def _mr_series(tmp_path: Path, ckpts) -> Path:
     image, _ = make_ct_array()
     write_dicom_series(image, tmp_path / "mr", modality="MR")
@@ -407,6 +415,7 @@ BAD_CASES = {
     "zero spacing NIfTI": (lambda t, c, k: _at_point(k, _nifti_pixdim(t, 0.0)), "pixdim"),
     "negative spacing NIfTI": (lambda t, c, k: _at_point(k, _nifti_pixdim(t, -2.5)), "pixdim"),
     "not HU": (lambda t, c, k: _at_point(k, _no_hu(t, k)), "HU"),
+    "normalised, not HU": (lambda t, c, k: _at_point(k, _normalised(t, k)), "values span only"),
     "MR series": (lambda t, c, k: _at_point(k, _mr_series(t, k)), "MR"),
     "mask shape": (lambda t, c, k: _on_mask([k["a"]], c, _mask_other_shape(t, k)), "shape"),
     "mask origin": (lambda t, c, k: _on_mask([k["a"]], c, _mask_shifted(t, k)), "origin"),

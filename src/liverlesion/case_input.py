@@ -18,6 +18,9 @@ __all__ = ["check_ct_volume", "check_min_size", "mask_volume", "parse_point"]
 
 # Spacing beyond this is not a CT voxel (mm); usually a unit error (cm / m) in a converted file.
 _MAX_SPACING_MM = 50.0
+# A CT in HU spans hundreds (fat -100 to contrast-filled vessels 200, air -1000); normalised or
+# rescaled intensities (z-scores, [-1, 1], HU / 1000) span a few units.
+_MIN_HU_SPAN = 100.0
 
 
 def parse_point(text: str, name: str = "--point") -> tuple[float, float, float]:
@@ -73,12 +76,13 @@ def check_ct_volume(volume: Volume, name: str = "image") -> None:
         raise UserError(
             f"{name}: shape {volume.shape} (z, y, x) is not a 3-D volume; pass the whole CT series"
         )
-    lo = float(np.min(volume.array))
-    if lo >= 0:
+    lo, hi = float(np.min(volume.array)), float(np.max(volume.array))
+    if lo >= 0 or hi - lo < _MIN_HU_SPAN:
+        why = "no negative values" if lo >= 0 else f"values span only {hi - lo:.3g}"
         raise UserError(
-            f"{name}: no negative values (min {lo:g}, max {float(np.max(volume.array)):g}); CT in Hounsfield units "
-            "has air near -1000 and fat near -100, so this is not CT in HU (rescale slope/intercept not applied, "
-            "or not a CT): convert it to HU"
+            f"{name}: {why} (min {lo:g}, max {hi:g}); CT in Hounsfield units has air near -1000 and fat near "
+            "-100, so this is not CT in HU (rescale slope/intercept not applied, intensities normalised, or not "
+            "a CT): convert it to HU"
         )
 
 
