@@ -640,3 +640,25 @@ def test_truncated_metaimage_refused_before_itk(tmp_path, capfd):
         read_volume(tmp_path / "cut.mha")
     err = capfd.readouterr().err
     assert "MetaImage" not in err
+
+
+def test_mhd_with_missing_or_short_data_file_refused_before_itk(tmp_path, capfd):
+    """A .mhd without its .raw next to it (or with a cut-short one) printed MetaIO's lines on stderr
+    above a vague 'could not be read' error; it now names the data file in one line."""
+    import SimpleITK as sitk
+
+    from liverlesion.errors import UserError
+    from liverlesion.io import read_volume
+
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((6, 16, 16), np.int16)), str(tmp_path / "ct.mhd"))
+    assert read_volume(tmp_path / "ct.mhd").array.shape == (6, 16, 16)
+    raw = tmp_path / "ct.raw"
+    raw.write_bytes(raw.read_bytes()[:-100])
+    with pytest.raises(UserError, match=r"ct\.mhd is truncated: .* but .*ct\.raw holds"):
+        read_volume(tmp_path / "ct.mhd")
+    raw.unlink()
+    with pytest.raises(
+        UserError, match=r"ct\.mhd: its pixel data file 'ct\.raw' \(ElementDataFile\) is missing"
+    ):
+        read_volume(tmp_path / "ct.mhd")
+    assert "MetaImage" not in capfd.readouterr().err

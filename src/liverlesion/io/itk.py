@@ -57,7 +57,7 @@ def read_sitk_file(path: Path, kind: str, label: str, fmt: str) -> Volume:
     if fmt == "nifti":
         _check_nifti_complete(path, label)  # before ITK, which zero-fills truncated data silently
         _check_nifti_voxel_size(path, label)  # before ITK, which "repairs" it with a warning
-    elif path.name.lower().endswith(".mha"):
+    elif path.name.lower().endswith((".mha", ".mhd")):
         _check_metaimage_complete(path, label)  # before ITK, whose MetaIO prints to stderr
     try:
         img = sitk.ReadImage(str(path))
@@ -94,7 +94,8 @@ _META_BYTES = {
 
 
 def _check_metaimage_complete(path: Path, label: str) -> None:
-    """Refuse an uncompressed ``.mha`` whose pixel data is shorter than its header says."""
+    """Refuse a MetaImage whose pixel data is missing, or (uncompressed) shorter than its header says:
+    after the header in a ``.mha``, in the ``ElementDataFile`` next to a ``.mhd``."""
     with open(path, "rb") as f:
         head = f.read(64 * 1024)
     end = head.find(b"ElementDataFile")
@@ -108,10 +109,20 @@ def _check_metaimage_complete(path: Path, label: str) -> None:
         key, sep, value = line.partition("=")
         if sep:
             fields[key.strip()] = value.strip()
-    if (
-        fields.get("ElementDataFile", "").upper() != "LOCAL"
-        or fields.get("CompressedData", "False") == "True"
-    ):
+    data_name = fields.get("ElementDataFile", "")
+    if data_name.upper() == "LOCAL":
+        data, actual = path, path.stat().st_size - (line_end + 1)
+    elif data_name and data_name.upper() != "LIST" and "%" not in data_name and " " not in data_name:
+        data = path.parent / data_name  # one detached file (not a list of slices or a name pattern)
+        if not data.is_file():
+            raise UserError(
+                f"{label}: {path}: its pixel data file {data_name!r} (ElementDataFile) is missing, looked for "
+                f"{data}; copy it next to the header, or export the image as one .mha / .nii.gz file"
+            )
+        actual = data.stat().st_size
+    else:
+        return
+    if fields.get("CompressedData", "False") == "True":
         return
     try:
         dims = [int(v) for v in fields["DimSize"].split()]
@@ -120,11 +131,10 @@ def _check_metaimage_complete(path: Path, label: str) -> None:
     except (KeyError, ValueError):
         return
     expected = math.prod(dims) * channels * size
-    actual = path.stat().st_size - (line_end + 1)
     if actual < expected:
         raise UserError(
-            f"{label}: {path} is truncated: its header promises {expected} bytes of pixel data but the file "
-            f"holds {actual}; copy or export it again"
+            f"{label}: {path} is truncated: its header promises {expected} bytes of pixel data but "
+            f"{'the file' if data == path else data} holds {actual}; copy or export it again"
         )
 
 
