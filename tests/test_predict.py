@@ -388,6 +388,13 @@ def _normalised(tmp_path: Path, ckpts) -> Path:
     return write_volume(image, tmp_path / "zscored.nii.gz")
 
 
+def _rescaled(tmp_path: Path, ckpts) -> Path:
+    """A broken scale factor (e.g. a NIfTI scl_slope of 1e6): negative values and a wide span, but not HU."""
+    image, _ = make_ct_array()
+    image.array[:] = image.array * 1e6
+    return write_volume(image, tmp_path / "rescaled.nii.gz")
+
+
 def _mr_series(tmp_path: Path, ckpts) -> Path:
     image, _ = make_ct_array()
     write_dicom_series(image, tmp_path / "mr", modality="MR")
@@ -416,6 +423,7 @@ BAD_CASES = {
     "negative spacing NIfTI": (lambda t, c, k: _at_point(k, _nifti_pixdim(t, -2.5)), "pixdim"),
     "not HU": (lambda t, c, k: _at_point(k, _no_hu(t, k)), "HU"),
     "normalised, not HU": (lambda t, c, k: _at_point(k, _normalised(t, k)), "values span only"),
+    "wrong scale, not HU": (lambda t, c, k: _at_point(k, _rescaled(t, k)), "values beyond +-100000"),
     "MR series": (lambda t, c, k: _at_point(k, _mr_series(t, k)), "MR"),
     "mask shape": (lambda t, c, k: _on_mask([k["a"]], c, _mask_other_shape(t, k)), "shape"),
     "mask origin": (lambda t, c, k: _on_mask([k["a"]], c, _mask_shifted(t, k)), "origin"),

@@ -21,6 +21,8 @@ _MAX_SPACING_MM = 50.0
 # A CT in HU spans hundreds (fat -100 to contrast-filled vessels 200, air -1000); normalised or
 # rescaled intensities (z-scores, [-1, 1], HU / 1000) span a few units.
 _MIN_HU_SPAN = 100.0
+# Beyond any HU a scanner stores (int16 padding -32768 less an intercept; metal ~30000): a wrong scale factor.
+_MAX_ABS_HU = 1e5
 
 
 def parse_point(text: str, name: str = "--point") -> tuple[float, float, float]:
@@ -77,12 +79,20 @@ def check_ct_volume(volume: Volume, name: str = "image") -> None:
             f"{name}: shape {volume.shape} (z, y, x) is not a 3-D volume; pass the whole CT series"
         )
     lo, hi = float(np.min(volume.array)), float(np.max(volume.array))
-    if lo >= 0 or hi - lo < _MIN_HU_SPAN:
-        why = "no negative values" if lo >= 0 else f"values span only {hi - lo:.3g}"
+    why = (
+        "no negative values"
+        if lo >= 0
+        else f"values span only {hi - lo:.3g}"
+        if hi - lo < _MIN_HU_SPAN
+        else f"values beyond +-{_MAX_ABS_HU:g}"
+        if max(-lo, hi) > _MAX_ABS_HU
+        else None
+    )
+    if why:
         raise UserError(
             f"{name}: {why} (min {lo:g}, max {hi:g}); CT in Hounsfield units has air near -1000 and fat near "
-            "-100, so this is not CT in HU (rescale slope/intercept not applied, intensities normalised, or not "
-            "a CT): convert it to HU"
+            "-100, so this is not CT in HU (rescale slope/intercept not applied or wrong, intensities normalised, "
+            "or not a CT): convert it to HU"
         )
 
 
