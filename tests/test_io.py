@@ -662,3 +662,19 @@ def test_mhd_with_missing_or_short_data_file_refused_before_itk(tmp_path, capfd)
     ):
         read_volume(tmp_path / "ct.mhd")
     assert "MetaImage" not in capfd.readouterr().err
+
+
+def test_huge_finite_values_print_no_numpy_warnings(tmp_path):
+    """The reader's NaN/inf shortcut sums the voxels: a float32 overflow there printed two numpy
+    RuntimeWarnings (four lines) above the one-line error; the values are finite, so the read succeeds."""
+    import warnings
+
+    from liverlesion.io import read_volume, write_volume
+
+    image, _ = make_ct_array()
+    path = write_volume(
+        image.with_array(np.where(image.array > 0, 3e38, -3e38).astype(np.float32)), tmp_path / "x.nii"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_volume(path).array.max() == np.float32(3e38)
