@@ -352,3 +352,33 @@ def test_build_cache_runs_channels_last_and_leaves_the_model_as_it_found_it():
     )
     for p in model.parameters():  # not inference tensors: the fine-tuning stage trains them
         p.requires_grad_(True)
+
+
+def test_min_delta_stops_a_creeping_loss_and_still_keeps_the_lowest(tmp_path):
+    """train.min_delta: epochs that lower the inner-validation loss by less do not reset the patience.
+
+    A linear head on separable features with a small learning rate lowers the raw loss every epoch,
+    by far less than 1 nat: with min_delta 0 it trains to the epoch limit, with min_delta 1 it stops
+    after ``patience`` epochs without a large enough gain; both keep the weights of the lowest loss.
+    """
+    from liverlesion.lpft import _fit_stage, _Views
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    y = np.arange(40) % 2
+    # 40 lesions, 2 views, 1 sample, 8 features; class 1 shifted along every feature
+    source = [(rng.normal(size=(2, 1, 8)) + 1.5 * k).astype(np.float32) for k in y]
+    ran = {}
+    for delta in (0.0, 1.0):
+        cfg = load_config(overrides={"train": {"min_delta": delta, "patience": 2, "select_on": "loss"}})
+        net = torch.nn.Linear(8, 2)
+        with torch.no_grad():
+            net.weight.zero_(), net.bias.zero_()
+        fit, val = _Views(source[:30], y[:30], 2, True), _Views(source[30:], y[30:], 2, False)
+        res = _fit_stage(
+            net, list(net.parameters()), 1e-3, 10, fit, val, cfg, None, tmp_path, f"d{delta}", False
+        )
+        assert res["improved"] and res["best_val_loss"] < res["start_val_loss"] - 1e-3
+        ran[delta] = res
+    assert ran[0.0]["epochs"] == 10 and ran[0.0]["best_epochs"] == 10  # still improving at the limit
+    assert ran[1.0]["epochs"] == 3 and ran[1.0]["best_epochs"] == 3  # patience 2 after the first epoch

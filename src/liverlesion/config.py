@@ -98,6 +98,10 @@ class TrainConfig:
     scheduler: str = "cosine"  # cosine | none
     warmup_epochs: int = 1
     patience: int = 6  # early-stopping patience (epochs) on inner-validation loss
+    # early stopping counts an epoch as better only when the inner-validation loss (nats per lesion)
+    # falls by more than this; a loss creeping down by less no longer keeps training going. The kept
+    # weights are still those of the lowest loss seen
+    min_delta: float = 0.0
     # early stopping and the kept epoch compare inner-validation cross-entropy: calibrated (after the
     # temperature the fold fits on it afterwards, so over-confidence alone does not count) | loss (raw)
     select_on: str = "calibrated"
@@ -247,6 +251,7 @@ _RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "train.weight_decay": (0, 10, True),
     "train.warmup_epochs": (0, None, True),
     "train.patience": (1, None, True),
+    "train.min_delta": (0, 10, True),
     "train.val_fraction": (0, 0.9, False),
     "train.label_smoothing": (0, 1, True),
     "train.num_workers": (0, 256, True),

@@ -250,7 +250,9 @@ def _fit_stage(
         devices=1,
         deterministic=cfg.train.deterministic,
         callbacks=[
-            EarlyStopping(monitor="val_loss", patience=cfg.train.patience, mode="min"),
+            EarlyStopping(
+                monitor="val_loss", patience=cfg.train.patience, min_delta=cfg.train.min_delta, mode="min"
+            ),
             keep,
             *lightning_progress(progress),
         ],

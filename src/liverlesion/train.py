@@ -146,7 +146,8 @@ def _trainer(cfg: Config, fold_dir: Path, enable_progress: bool = True):
         save_last=True,
     )
     bar = lightning_progress(enable_progress)
-    callbacks = [EarlyStopping(monitor="val_loss", patience=t.patience, mode="min"), ckpt, *bar]
+    stop = EarlyStopping(monitor="val_loss", patience=t.patience, min_delta=t.min_delta, mode="min")
+    callbacks = [stop, ckpt, *bar]
     devices: Any = t.devices
     if isinstance(devices, str) and devices.isdigit():
         devices = int(devices)
