@@ -678,3 +678,23 @@ def test_huge_finite_values_print_no_numpy_warnings(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert read_volume(path).array.max() == np.float32(3e38)
+
+
+def test_nifti_with_nan_in_its_orientation_is_refused_before_itk(tmp_path, capfd):
+    """A NaN in the sform made ITK's SVD print a matrix dump (eight lines) on stderr above a vague
+    'could not be read ... corrupt, truncated or not an image file'."""
+    import nibabel as nib
+
+    from liverlesion.errors import UserError
+    from liverlesion.io import read_volume
+
+    affine = np.diag([1.0, 1.0, 2.5, 1.0])
+    affine[0, 3] = np.nan
+    img = nib.Nifti1Image(np.zeros((16, 16, 6), np.int16), affine)
+    img.set_qform(None, code=0)  # the sform alone is in use
+    nib.save(img, tmp_path / "nan.nii.gz")
+    with pytest.raises(
+        UserError, match=r"nan\.nii\.gz has NaN/inf in its orientation \(NIfTI header srow_x\)"
+    ):
+        read_volume(tmp_path / "nan.nii.gz")
+    assert "vnl" not in capfd.readouterr().err

@@ -57,6 +57,7 @@ def read_sitk_file(path: Path, kind: str, label: str, fmt: str) -> Volume:
     if fmt == "nifti":
         _check_nifti_complete(path, label)  # before ITK, which zero-fills truncated data silently
         _check_nifti_voxel_size(path, label)  # before ITK, which "repairs" it with a warning
+        _check_nifti_orientation(path, label)  # before ITK, whose SVD prints a matrix dump on NaN
     elif path.name.lower().endswith((".mha", ".mhd")):
         _check_metaimage_complete(path, label)  # before ITK, whose MetaIO prints to stderr
     try:
@@ -146,6 +147,24 @@ def _check_nifti_voxel_size(path: Path, label: str) -> None:
             f"{label}: {path} has voxel size (NIfTI pixdim x, y, z) {format_values(pixdim, 4)}: zero, negative or "
             f"non-finite sizes are invalid (they would silently be read as 1 mm or their absolute value); fix the "
             f"header with the true spacing (e.g. nibabel: img.header.set_zooms(...), then nib.save) or re-export the image"
+        )
+
+
+def _check_nifti_orientation(path: Path, label: str) -> None:
+    """Refuse NaN/inf in the NIfTI orientation (the qform / sform in use)."""
+    header = _nifti_header(path)
+    if header is None:
+        return
+    fields = []
+    if int(header["qform_code"]) > 0:
+        fields += ["quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y", "qoffset_z"]
+    if int(header["sform_code"]) > 0:
+        fields += ["srow_x", "srow_y", "srow_z"]
+    bad = [f for f in fields if not np.all(np.isfinite(np.asarray(header[f], dtype=float)))]
+    if bad:
+        raise UserError(
+            f"{label}: {path} has NaN/inf in its orientation (NIfTI header {', '.join(bad)}); the header is "
+            "damaged: re-export the image (e.g. from DICOM with dcm2niix)"
         )
 
 
