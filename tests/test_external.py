@@ -213,3 +213,21 @@ def test_evaluate_refuses_classes_the_model_does_not_know(tmp_path, capsys):
     rc, _, err = _run(["evaluate", d], capsys)
     assert rc != 0 and "haemangioma" in err and "model's classes" in err and "\n" not in err.strip()
     assert not (d / "metrics.json").exists() and not (d / "predictions.csv").exists()
+
+
+def test_evaluate_bad_probability_names_the_file_and_its_line(tmp_path, capsys):
+    """The check ran on the classified rows only: it named "network", not results.csv, and counted
+    rows without the too-small ones before it (line 4 here, not 5)."""
+    d = tmp_path / "pred"
+    d.mkdir()
+    (d / "results.csv").write_text(
+        "lesion_id,patient_id,true_class,pred_class,prob_cyst,prob_metastasis,status,checkpoint_sha256\n"
+        "p1-L01,p1,cyst,too small to characterise,,,too small to characterise,abc\n"
+        "p2-L01,p2,cyst,cyst,0.7,0.3,classified,abc\n"
+        "p3-L01,p3,metastasis,metastasis,0.2,0.8,classified,abc\n"
+        "p4-L01,p4,metastasis,cyst,nan,0.4,classified,abc\n"
+    )
+    rc, _, err = _run(["evaluate", d, "--n-bootstrap", 0, "--no-gradcam"], capsys)
+    assert rc != 0 and "\n" not in err.strip(), err
+    assert "results.csv: probabilities missing or outside [0, 1] in row(s) 5;" in err
+    assert not (d / "metrics.json").exists() and not (d / "predictions.csv").exists()

@@ -29,6 +29,7 @@ from liverlesion.predictions import (
     check_positive_class,
     classified_rows,
     prediction_arrays,
+    validate_predictions,
     write_predictions,
 )
 from liverlesion.report import render_report
@@ -163,6 +164,9 @@ def evaluate_external(
             "external validation needs lesions of the classes the model was trained on"
         )
     preds = prediction_frame(results, classes)
+    validate_predictions(
+        preds, str(results_path), classes
+    )  # on the file's rows: messages give its line numbers
     df, coverage = classified_rows(preds)
     if df.empty:
         raise UserError(f"{results_path}: every lesion is too small to classify; nothing to score")

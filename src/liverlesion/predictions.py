@@ -94,7 +94,10 @@ def validate_predictions(df: pd.DataFrame, where: str, class_names: Sequence[str
     if "status" in df.columns:  # lesions the size rule left unclassified carry no probabilities
         bad &= (df["status"] == CLASSIFIED).to_numpy()
     if bad.any():
-        raise UserError(f"{where}: probabilities missing or outside [0, 1] in row(s) {_rows(bad)}")
+        raise UserError(
+            f"{where}: probabilities missing or outside [0, 1] in row(s) {_rows(bad)}; the file is damaged or "
+            "was edited: re-run the step that wrote it"
+        )
     return classes
 
 
