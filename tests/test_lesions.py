@@ -489,6 +489,15 @@ def test_inspect_cli_refuses_to_overwrite_manifest(study: Path, capsys):
     assert main(["inspect", str(study), "--out", str(study)]) == 2
     assert "is the manifest itself" in capsys.readouterr().err
     assert study.read_text() == before
+    # nor over one of its images or masks: the table was written over the CT (exit 0)
+    for name, what in [
+        ("a.nii.gz", "the image of manifest row 1"),
+        ("b_mask.nii.gz", "the mask of manifest row 2"),
+    ]:
+        data = (study.parent / "data" / name).read_bytes()
+        assert main(["inspect", str(study), "--out", str(study.parent / "data" / name)]) == 2
+        assert f"is {what};" in capsys.readouterr().err
+        assert (study.parent / "data" / name).read_bytes() == data
 
 
 # --------------------------------------------------------------------------- real CT

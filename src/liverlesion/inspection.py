@@ -11,6 +11,7 @@ import pandas as pd
 from liverlesion import DISCLAIMER
 from liverlesion.errors import UserError
 from liverlesion.fileio import write_csv
+from liverlesion.manifest import read_manifest
 from liverlesion.manifest_lesions import lesion_table
 
 
@@ -149,13 +150,22 @@ def inspect_manifest(
     Returns:
         The lesion table.
     """
+    rows = read_manifest(manifest)
     if out is not None:
         out = Path(out)
         if out.is_dir():
             raise UserError(f"--out {out}: is a folder; give a CSV file path, e.g. {out / 'lesions.csv'}")
-        if out.resolve() == Path(manifest).resolve():
-            raise UserError(f"--out {out}: is the manifest itself; give another file name, e.g. lesions.csv")
-    table = lesion_table(manifest, tolerance=tolerance, series=series)
+        # writing the table over an input would destroy it: the manifest, or a row's image or mask
+        inputs = {str(Path(manifest).resolve()): "the manifest itself"}
+        for rec in rows.itertuples():
+            for col in ("mask_path", "image_path"):
+                if isinstance(getattr(rec, col), str):
+                    inputs.setdefault(getattr(rec, col), f"the {col[:-5]} of manifest row {rec.row}")
+        if str(out.resolve()) in inputs:
+            raise UserError(
+                f"--out {out}: is {inputs[str(out.resolve())]}; give another file name, e.g. lesions.csv"
+            )
+    table = lesion_table(rows, tolerance=tolerance, series=series)
     if out is not None:
         write_csv(out, table)
     print_lesion_table(table)
