@@ -52,6 +52,22 @@ def test_bad_override_and_preset():
         load_config("/nonexistent/config.yaml")
 
 
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ("train:\n  epochs: 3\n".encode("utf-16"), "not UTF-8 text"),  # saved by a Windows editor
+        (b"\x89PNG\r\n\x1a\n\x00\x00", "not UTF-8 text"),  # the wrong file in the slot
+        (None, "is a folder"),
+    ],
+)
+def test_config_file_that_is_not_utf8_text_is_one_line_user_error(tmp_path, content, match):
+    p = tmp_path / "c.yaml"
+    p.mkdir() if content is None else p.write_bytes(content)
+    with pytest.raises(UserError, match=match) as e:
+        load_config(p)
+    assert "\n" not in str(e.value) and str(p) in str(e.value)
+
+
 def test_saved_config_round_trips(tmp_path):
     cfg = load_config(preset="quick", overrides=["train.seed=5"])
     cfg.save(tmp_path / "config.yaml")

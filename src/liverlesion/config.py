@@ -331,6 +331,10 @@ def _read_yaml_config(path: Path, name: str, fix: str) -> dict[str, Any]:
     """A YAML config file's sections (``{}`` when empty); ``name`` and ``fix`` word its one-line errors."""
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{name}: not UTF-8 text (byte {e.start}); save the YAML config as UTF-8 text") from e
+    except OSError as e:
+        raise UserError(f"{name}: cannot be read ({e.strerror}); check the path and its permissions") from e
     except yaml.YAMLError as e:
         raise UserError(f"{name}: not valid YAML ({str(e).splitlines()[0]}); {fix}") from e
     if data is not None and not isinstance(data, dict):
@@ -361,6 +365,8 @@ def load_config(
         cfg.preset = preset
     if path:
         path = Path(path)
+        if path.is_dir():
+            raise UserError(f"--config {path}: is a folder; give the path of a YAML config file")
         if not path.is_file():
             raise UserError(f"--config {path}: file not found; give the path of a YAML config file")
         _apply(cfg, _read_yaml_config(path, f"--config {path}", "fix the syntax"), "")
