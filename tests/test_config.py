@@ -145,3 +145,14 @@ def test_saved_configs_from_before_patch_stacks_keep_one_stack(tmp_path):
     path.write_text("patch: [1, 2\n")
     with pytest.raises(UserError, match=r"config.yaml: not valid YAML .*fix or delete the file"):
         load_run_config(path)
+
+
+def test_saved_configs_from_before_min_delta_stop_on_any_fall_of_the_loss(tmp_path):
+    # a run folder written before train.min_delta must resume (--resume) with the stopping it began with
+    from liverlesion.config import Config, config_from_dict
+
+    assert Config().train.min_delta == 0.002
+    saved = Config().to_dict()
+    assert config_from_dict(saved).train.min_delta == 0.002
+    del saved["train"]["min_delta"]
+    assert config_from_dict(saved).train.min_delta == 0.0

@@ -99,9 +99,11 @@ class TrainConfig:
     warmup_epochs: int = 1
     patience: int = 6  # early-stopping patience (epochs) on inner-validation loss
     # early stopping counts an epoch as better only when the inner-validation loss (nats per lesion)
-    # falls by more than this; a loss creeping down by less no longer keeps training going. The kept
-    # weights are still those of the lowest loss seen
-    min_delta: float = 0.0
+    # falls by more than this below the last epoch that counted; a loss creeping down by less no longer
+    # keeps training going. The kept weights are still those of the lowest loss seen. 0.002: under a
+    # patience's worth of the creep (0.0015 in 6 epochs) that once kept a fold training 28 epochs instead
+    # of about 11, and far under the epoch-to-epoch noise of ~40 validation lesions (see README)
+    min_delta: float = 0.002
     # early stopping and the kept epoch compare inner-validation cross-entropy: calibrated (after the
     # temperature the fold fits on it afterwards, so over-confidence alone does not count) | loss (raw)
     select_on: str = "calibrated"
@@ -388,8 +390,9 @@ def load_config(
 
 
 # Settings added after configs were first saved, and the value that reproduces what a saved config
-# without them did: a checkpoint or run folder from before ``patch.stacks`` cut one stack per lesion.
-_BEFORE_SETTING: dict[tuple[str, str], Any] = {("patch", "stacks"): 0}
+# without them did: a checkpoint or run folder from before ``patch.stacks`` cut one stack per lesion, and
+# one from before ``train.min_delta`` stopped early on any fall of the loss (``--resume`` keeps that).
+_BEFORE_SETTING: dict[tuple[str, str], Any] = {("patch", "stacks"): 0, ("train", "min_delta"): 0.0}
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
