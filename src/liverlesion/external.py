@@ -164,9 +164,8 @@ def evaluate_external(
             "external validation needs lesions of the classes the model was trained on"
         )
     preds = prediction_frame(results, classes)
-    validate_predictions(
-        preds, str(results_path), classes
-    )  # on the file's rows: messages give its line numbers
+    # on the file's own rows (before the too-small ones are dropped), so messages give its line numbers
+    validate_predictions(preds, str(results_path), classes)
     df, coverage = classified_rows(preds)
     if df.empty:
         raise UserError(f"{results_path}: every lesion is too small to classify; nothing to score")
