@@ -100,7 +100,7 @@ class TrainConfig:
     patience: int = 6  # early-stopping patience (epochs) on inner-validation loss
     # early stopping counts an epoch as better only when the inner-validation loss (nats per lesion)
     # falls by more than this below the last epoch that counted; a loss creeping down by less no longer
-    # keeps training going. The kept weights are still those of the lowest loss seen. 0.002: under a
+    # keeps training going. The kept weights are still those of the lowest loss seen. 0.002: more than a
     # patience's worth of the creep (0.0015 in 6 epochs) that once kept a fold training 28 epochs instead
     # of about 11, and far under the epoch-to-epoch noise of ~40 validation lesions (see README)
     min_delta: float = 0.002
