@@ -25,10 +25,9 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from liverlesion.config import load_run_config
-from liverlesion.runs import logs_dir
+from liverlesion.runs import loss_logs
 
 
 def replay(losses: np.ndarray, patience: int, min_delta: float) -> int:
@@ -44,18 +43,6 @@ def replay(losses: np.ndarray, patience: int, min_delta: float) -> int:
     return len(losses)
 
 
-def stage_losses(fold: Path) -> dict[str, np.ndarray]:
-    """Per-epoch inner-validation loss of each stage of one fold (probe, finetune; '' = end_to_end)."""
-    out = {}
-    for csv in sorted(logs_dir(fold).glob("csv*/metrics.csv")):
-        m = pd.read_csv(csv)
-        if "val_loss" in m:
-            out[csv.parent.name.removeprefix("csv").lstrip("_") or "end_to_end"] = (
-                m.dropna(subset=["val_loss"]).groupby("epoch")["val_loss"].last().to_numpy()
-            )
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", type=Path)
@@ -67,22 +54,24 @@ def main() -> None:
         deltas = [d for d in args.deltas if d >= own]
         print(f"\n{run}: patience {patience}, run with min_delta {own:g}")
         labels = [f"min_delta {d:g}" for d in deltas]
-        print("fold    stage       run (kept) | " + " | ".join(labels))
+        print("fold and stage      run (kept) | " + " | ".join(labels))
         saved = dict.fromkeys(deltas, 0)
         changed = dict.fromkeys(deltas, 0)
         total = 0
-        for fold in sorted(run.glob("fold_*")):
-            for stage, v in stage_losses(fold).items():
-                kept = int(np.argmin(v)) + 1
-                total += len(v)
-                row = f"{fold.name:7s} {stage:10s} {len(v):3d} ({kept:2d})   |"
-                for d, label in zip(deltas, labels, strict=True):
-                    n = replay(v, patience, d)
-                    k = int(np.argmin(v[:n])) + 1
-                    saved[d] += len(v) - n
-                    changed[d] += k != kept
-                    row += f" {f'{n:3d} ({k:2d})' + ('*' if k != kept else ''):{len(label)}s} |"
-                print(row)
+        for name, log in loss_logs(run).items():
+            if "val_loss" not in log:
+                continue
+            v = log.dropna(subset=["val_loss"]).groupby("epoch")["val_loss"].last().to_numpy()
+            kept = int(np.argmin(v)) + 1
+            total += len(v)
+            row = f"{name:18s} {len(v):3d} ({kept:2d})   |"
+            for d, label in zip(deltas, labels, strict=True):
+                n = replay(v, patience, d)
+                k = int(np.argmin(v[:n])) + 1
+                saved[d] += len(v) - n
+                changed[d] += k != kept
+                row += f" {f'{n:3d} ({k:2d})' + ('*' if k != kept else ''):{len(label)}s} |"
+            print(row)
         for d in deltas:
             print(
                 f"min_delta {d:g}: {saved[d]} of {total} epochs not run; "

@@ -249,29 +249,9 @@ def plot_dataset(df: pd.DataFrame, classes: list[str], out: Path) -> Path:
     return _save(fig, out)
 
 
-def _loss_logs(run_dir: Path) -> dict[str, pd.DataFrame]:
-    """Per fold and training stage, Lightning's CSV log (``fold_K/logs/csv*/metrics.csv``)."""
-    logs = {}
-    order = {"probe": 0, "train": 1, "finetune": 2}  # the order the stages ran in
-    found = sorted(
-        runs.loss_log_files(run_dir),
-        key=lambda f: (
-            f.parents[2].name,
-            order.get(f.parent.name.removeprefix("csv").strip("_") or "train", 3),
-        ),
-    )
-    for f in found:
-        stage = f.parent.name.removeprefix("csv").strip("_") or "train"
-        try:
-            logs[f"{f.parents[2].name} {stage}"] = pd.read_csv(f)
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, OSError):
-            continue
-    return logs
-
-
 def plot_losses(run_dir: Path, out: Path) -> Path | None:
     """Training and inner-validation loss per epoch, one panel per fold and stage (None without logs)."""
-    logs = {k: v for k, v in _loss_logs(run_dir).items() if "epoch" in v}
+    logs = {k: v for k, v in runs.loss_logs(run_dir).items() if "epoch" in v}
     if not logs:
         return None
     n = len(logs)

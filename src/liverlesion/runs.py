@@ -197,6 +197,28 @@ def loss_log_files(run_dir: str | Path) -> list[Path]:
     return list(Path(run_dir).glob("fold_*/logs/csv*/metrics.csv"))
 
 
+def loss_logs(run_dir: str | Path) -> dict[str, Any]:
+    """Per fold and training stage, in the order they ran, Lightning's CSV log as a DataFrame.
+
+    Keys are ``"fold_K stage"`` (stage: ``probe``, ``finetune``; ``train`` for ``end_to_end``);
+    a log that cannot be parsed is left out.
+    """
+    import pandas as pd  # local: heavy
+
+    order = {"probe": 0, "train": 1, "finetune": 2}  # the order the stages ran in
+
+    def stage(f: Path) -> str:
+        return f.parent.name.removeprefix("csv").strip("_") or "train"
+
+    logs = {}
+    for f in sorted(loss_log_files(run_dir), key=lambda f: (f.parents[2].name, order.get(stage(f), 3))):
+        try:
+            logs[f"{f.parents[2].name} {stage(f)}"] = pd.read_csv(f)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, OSError):
+            continue
+    return logs
+
+
 def baselines_dir(run_dir: str | Path) -> Path:
     """``RUN/baselines``: one folder per baseline."""
     return Path(run_dir) / BASELINES
