@@ -270,6 +270,41 @@ def test_manifest_image_not_in_hu_is_refused_like_predict_refuses_it(tmp_path, c
     assert not out.exists()
 
 
+def _real_ct_volumes(ircad: Path | None):
+    """Real CT in HU: pydicom's CT_small.dcm (one slice, stacked to a volume) and, where present,
+    3D-IRCADb-01 patient 1."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    from liverlesion.volume import Volume
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    arr = np.repeat(hu[None].astype(np.float32), 4, axis=0)
+    yield "CT_small.dcm", Volume(arr, (5.0, *map(float, ds.PixelSpacing)), (0.0, 0.0, 0.0), np.eye(3), {})
+    if ircad is not None:
+        yield "3D-IRCADb 1", read_volume(ircad / "PATIENT_DICOM")
+
+
+@pytest.mark.parametrize("real", ["CT_small", "ircadb"])
+def test_inverted_intensities_are_refused_and_real_ct_is_not(real, request):
+    """A negative rescale slope (NIfTI scl_slope < 0) makes air +1000 HU and tissue -60: it has negative
+    values and a wide span, so it passed the CT check and was classified; real CT must still pass."""
+    from liverlesion.case_input import check_ct_volume
+
+    ircad = request.getfixturevalue("ircad_patient1") if real == "ircadb" else None
+    vols = list(_real_ct_volumes(ircad))
+    name, vol = vols[-1]
+    check_ct_volume(vol, name)  # real CT is accepted
+    with pytest.raises(UserError, match=r"look inverted.*negative") as exc:
+        check_ct_volume(vol.with_array(-vol.array), name)
+    assert "\n" not in str(exc.value)
+    image, _ = make_ct_array()  # the synthetic CT of the other tests too
+    check_ct_volume(image)
+    with pytest.raises(UserError, match="look inverted"):
+        check_ct_volume(image.with_array(-image.array))
+
+
 # --------------------------------------------------------------------------- 5. truncated / non-NIfTI files
 
 

@@ -395,6 +395,19 @@ def _rescaled(tmp_path: Path, ckpts) -> Path:
     return write_volume(image, tmp_path / "rescaled.nii.gz")
 
 
+def _inverted(tmp_path: Path, ckpts) -> Path:
+    """HU stored with a negative NIfTI scl_slope: air reads as +1000, tissue as -60 (passed the CT check)."""
+    import nibabel as nib
+
+    image, _ = make_ct_array()
+    raw = np.round(image.array).astype(np.int16).transpose(2, 1, 0)  # nibabel: x, y, z
+    img = nib.Nifti1Image(raw, np.diag([1.0, 1.0, 2.5, 1.0]))
+    img.header.set_slope_inter(-1.0, 0.0)
+    p = tmp_path / "inverted.nii.gz"
+    nib.save(img, p)
+    return p
+
+
 def _mr_series(tmp_path: Path, ckpts) -> Path:
     image, _ = make_ct_array()
     write_dicom_series(image, tmp_path / "mr", modality="MR")
@@ -424,6 +437,7 @@ BAD_CASES = {
     "not HU": (lambda t, c, k: _at_point(k, _no_hu(t, k)), "HU"),
     "normalised, not HU": (lambda t, c, k: _at_point(k, _normalised(t, k)), "values span only"),
     "wrong scale, not HU": (lambda t, c, k: _at_point(k, _rescaled(t, k)), "values beyond +-100000"),
+    "inverted HU (negative scl_slope)": (lambda t, c, k: _at_point(k, _inverted(t, k)), "look inverted"),
     "MR series": (lambda t, c, k: _at_point(k, _mr_series(t, k)), "MR"),
     "mask shape": (lambda t, c, k: _on_mask([k["a"]], c, _mask_other_shape(t, k)), "shape"),
     "mask origin": (lambda t, c, k: _on_mask([k["a"]], c, _mask_shifted(t, k)), "origin"),
