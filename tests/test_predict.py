@@ -523,3 +523,45 @@ def test_manifest_class_the_model_does_not_know_is_named_before_classifying(ckpt
     warning = [line for line in err.splitlines() if "warning" in line]
     assert len(warning) == 1 and "'metastases' (1 row)" in warning[0] and "cyst, metastasis" in warning[0]
     assert list(pd.read_csv(tmp_path / "out" / "results.csv")["true_class"]) == ["metastases"] * 2
+
+
+@pytest.mark.parametrize("bad", ["mask geometry", "not HU", "truncated image"])
+def test_manifest_checks_every_input_before_classifying_any(bad, ckpts, tmp_path, capsys, monkeypatch):
+    """Each image was checked only when its turn came: a bad last row failed after the rows before
+    it were classified (minutes of work on a real batch). Every input is now read and checked first."""
+    import gzip
+
+    from liverlesion.classifier import Classifier
+
+    image, mask = make_ct_with_two_lesions()
+    write_volume(image, tmp_path / "p1.nii.gz")
+    write_volume(mask, tmp_path / "p1_mask.nii.gz")
+    if bad == "mask geometry":
+        write_volume(image, tmp_path / "p2.nii.gz")
+        write_volume(make_ct_array(origin=(-14.0, -24.0, 100.0))[1], tmp_path / "p2_mask.nii.gz")
+    elif bad == "not HU":
+        write_volume(image.with_array(image.array + 1024), tmp_path / "p2.nii.gz")
+        write_volume(mask, tmp_path / "p2_mask.nii.gz")
+    else:
+        data = write_volume(image, tmp_path / "p2.nii").read_bytes()
+        (tmp_path / "p2.nii.gz").write_bytes(gzip.compress(data[: len(data) // 2]))
+        (tmp_path / "p2.nii").unlink()
+        write_volume(mask, tmp_path / "p2_mask.nii.gz")
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(
+        "patient_id,image,mask,lesion_class\n"
+        "p1,p1.nii.gz,p1_mask.nii.gz,cyst\n"
+        "p2,p2.nii.gz,p2_mask.nii.gz,cyst\n"
+    )
+    classified = []
+    real = Classifier._classify
+    monkeypatch.setattr(
+        Classifier, "_classify", lambda self, *a, **k: classified.append(a[0]) or real(self, *a, **k)
+    )
+    out = tmp_path / "out"
+    rc, _, err = _run(["--model", ckpts["a"], "--manifest", manifest, "--out", out, "--no-gradcam"], capsys)
+    assert rc == 2 and "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.startswith("liverlesion: error:")]
+    assert len(lines) == 1 and "manifest row 2" in lines[0], err
+    assert classified == []  # nothing classified before the bad row was found
+    assert not out.exists()

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -354,8 +354,20 @@ class Classifier:
         min_size_mm: float = 5.0,
         gradcam: bool = False,
         tolerance: float = 1e-3,
+        check_image: Callable[[Volume, str], None] | None = None,
     ) -> list[CaseResult]:
         """Classify every lesion of a manifest CSV: one :class:`~liverlesion.results.CaseResult` per image.
+
+        Every image and mask is read and checked (CT check, geometry, lesions) before the first
+        lesion is classified, so a bad last row fails at once, not after the others were classified.
+
+        Args:
+            manifest: The manifest CSV.
+            min_size_mm: Lesions whose smallest axis is below this are flagged, not classified.
+            gradcam: Also compute each classified lesion's Grad-CAM.
+            tolerance: Geometry tolerance (mm) between image and mask.
+            check_image: Called as ``check_image(image, image_ref)`` on every image once all are read,
+                before any is classified (e.g. that it is DICOM for ``--dicom-sr``).
 
         Raises:
             UserError: Bad manifest rows, images or masks (one line naming the row's file).
@@ -363,9 +375,15 @@ class Classifier:
         manifest = Path(manifest)
         check_min_size(min_size_mm)
         table = read_manifest(manifest)
+        loaded = [
+            (image, items, str(image.meta.get("source") or ""))
+            for image, items in iter_manifest_lesions(table, tolerance)
+        ]  # every input read and checked: only now is any lesion classified
+        if check_image is not None:
+            for image, _, ref in loaded:
+                check_image(image, ref)
         cases = []
-        for image, items in iter_manifest_lesions(table, tolerance):
-            ref = str(image.meta.get("source") or "")
+        for image, items, ref in loaded:
             case = CaseResult(image=image, image_ref=ref)
             case.results = self._classify(image, items, min_size_mm, gradcam, ref)
             cases.append(case)

@@ -204,11 +204,21 @@ def predict_cli(
     )
     if gradcam is None:
         gradcam = clf.backend == "torch"
+
+    def check_source(volume, name: str) -> None:  # before any lesion is classified
+        if dicom_sr:
+            check_sr_source(volume, name)
+        if dicom_seg:
+            check_seg_source(volume, name)
+
     if manifest is not None:
         _warn_unknown_classes(Path(manifest), clf.class_names)
-        cases = clf.classify_manifest(Path(manifest), min_size_mm, gradcam, tolerance)
+        cases = clf.classify_manifest(
+            Path(manifest), min_size_mm, gradcam, tolerance, check_image=check_source
+        )
     else:
         volume = read_volume(image, series=series, kind="image", name="--image")
+        check_source(volume, str(image))
         seg_labels = None
         if mask_is_seg:
             seg_labels, label = seg_mask(
@@ -237,12 +247,6 @@ def predict_cli(
         if seg_labels is not None:
             for r in cases[0].results:  # refer to each lesion by its segment
                 r.lesion.label = r.row["label"] = segment_of(r.mask, seg_labels)
-    if dicom_sr or dicom_seg:
-        for case in cases:
-            if dicom_sr:
-                check_sr_source(case.image, case.image_ref)
-            if dicom_seg:
-                check_seg_source(case.image, case.image_ref)
 
     df = clf.results_frame([r.row for case in cases for r in case.results])
     inputs = {
