@@ -664,6 +664,32 @@ def test_mhd_with_missing_or_short_data_file_refused_before_itk(tmp_path, capfd)
     assert "MetaImage" not in capfd.readouterr().err
 
 
+def test_nhdr_with_missing_or_short_data_file_names_both_files(tmp_path, capfd):
+    """A .nhdr without its detached data file (or with a cut-short one) was 'could not be read ...
+    (corrupt, truncated or not an image file)', naming neither the missing file nor the field."""
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((6, 16, 16), np.int16)), str(tmp_path / "ct.nhdr"))
+    assert read_volume(tmp_path / "ct.nhdr").array.shape == (6, 16, 16)
+    raw = tmp_path / "ct.raw"
+    raw.write_bytes(raw.read_bytes()[:-100])
+    with pytest.raises(UserError, match=r"ct\.nhdr is truncated: .* 3072 bytes .* but .*ct\.raw holds 2972"):
+        read_volume(tmp_path / "ct.nhdr")
+    raw.unlink()
+    with pytest.raises(UserError) as exc:
+        read_volume(tmp_path / "ct.nhdr", name="--image")
+    assert one_line(exc).startswith("--image: ")
+    assert f"{tmp_path / 'ct.nhdr'}: its pixel data file 'ct.raw' (NRRD 'data file') is missing" in str(
+        exc.value
+    )
+    assert f"looked for {raw}" in str(exc.value)
+    # an attached .nrrd cut short is named as truncated too
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((6, 16, 16), np.int16)), str(tmp_path / "a.nrrd"))
+    data = (tmp_path / "a.nrrd").read_bytes()
+    (tmp_path / "cut.nrrd").write_bytes(data[:-10])
+    with pytest.raises(UserError, match=r"cut\.nrrd is truncated: .* but the file holds 3062"):
+        read_volume(tmp_path / "cut.nrrd")
+    assert "NRRD" not in capfd.readouterr().err
+
+
 def test_huge_finite_values_print_no_numpy_warnings(tmp_path):
     """The reader's NaN/inf shortcut sums the voxels: a float32 overflow there printed two numpy
     RuntimeWarnings (four lines) above the one-line error; the values are finite, so the read succeeds."""

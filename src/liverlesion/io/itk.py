@@ -60,6 +60,8 @@ def read_sitk_file(path: Path, kind: str, label: str, fmt: str) -> Volume:
         _check_nifti_orientation(path, label)  # before ITK, whose SVD prints a matrix dump on NaN
     elif path.name.lower().endswith((".mha", ".mhd")):
         _check_metaimage_complete(path, label)  # before ITK, whose MetaIO prints to stderr
+    elif fmt == "nrrd":
+        _check_nrrd_complete(path, label)  # before ITK, whose error names neither file
     try:
         img = sitk.ReadImage(str(path))
     except RuntimeError as exc:
@@ -132,6 +134,70 @@ def _check_metaimage_complete(path: Path, label: str) -> None:
     except (KeyError, ValueError):
         return
     expected = math.prod(dims) * channels * size
+    if actual < expected:
+        raise UserError(
+            f"{label}: {path} is truncated: its header promises {expected} bytes of pixel data but "
+            f"{'the file' if data == path else data} holds {actual}; copy or export it again"
+        )
+
+
+_NRRD_BYTES = {
+    **dict.fromkeys(("signed char", "int8", "int8_t", "uchar", "unsigned char", "uint8", "uint8_t"), 1),
+    **dict.fromkeys(
+        ("short", "short int", "signed short", "signed short int", "int16", "int16_t", "ushort",
+         "unsigned short", "unsigned short int", "uint16", "uint16_t"), 2),
+    **dict.fromkeys(
+        ("int", "signed int", "int32", "int32_t", "uint", "unsigned int", "uint32", "uint32_t", "float"), 4),
+    **dict.fromkeys(
+        ("longlong", "long long", "long long int", "signed long long", "signed long long int", "int64",
+         "int64_t", "ulonglong", "unsigned long long", "unsigned long long int", "uint64", "uint64_t",
+         "double"), 8),
+}  # fmt: skip
+
+
+def _check_nrrd_complete(path: Path, label: str) -> None:
+    """Refuse a NRRD whose pixel data is missing, or (raw encoding) shorter than its header says: the
+    ``data file`` next to a detached header (``.nhdr``), or the data after an attached header."""
+    with open(path, "rb") as f:
+        head = f.read(64 * 1024)
+    if not head.startswith(b"NRRD000"):
+        return  # not a NRRD header we understand: leave the judgement to ITK
+    fields: dict[str, str] = {}
+    end = len(head)  # a detached header may end at the end of the file
+    pos = head.find(b"\n") + 1
+    while 0 < pos < len(head):
+        nl = head.find(b"\n", pos)
+        line = head[pos : nl if nl >= 0 else len(head)].decode("latin-1").rstrip("\r")
+        if not line.strip():
+            end = nl + 1 if nl >= 0 else len(head)
+            break
+        key, sep, value = line.partition(": ")
+        if sep and not line.startswith("#") and ":=" not in key:
+            fields[key.strip().lower().replace("datafile", "data file")] = value.strip()
+        pos = nl + 1 if nl >= 0 else len(head)
+    data_name = fields.get("data file", "")
+    if data_name:
+        if " " in data_name or "%" in data_name:
+            return  # a LIST of files or a name pattern: leave the judgement to ITK
+        data = Path(data_name) if Path(data_name).is_absolute() else path.parent / data_name
+        if not data.is_file():
+            raise UserError(
+                f"{label}: {path}: its pixel data file {data_name!r} (NRRD 'data file') is missing, looked for "
+                f"{data}; copy it next to the header, or export the image as one .nrrd / .nii.gz file"
+            )
+        actual = data.stat().st_size
+    else:
+        data, actual = path, path.stat().st_size - end
+    if fields.get("encoding", "").lower() != "raw" or fields.get("byte skip", "0") != "0":
+        return
+    if fields.get("line skip", "0") != "0":
+        return
+    try:
+        dims = [int(v) for v in fields["sizes"].split()]
+        size = _NRRD_BYTES[" ".join(fields["type"].lower().split())]
+    except (KeyError, ValueError):
+        return
+    expected = math.prod(dims) * size
     if actual < expected:
         raise UserError(
             f"{label}: {path} is truncated: its header promises {expected} bytes of pixel data but "
