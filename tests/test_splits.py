@@ -116,3 +116,41 @@ def test_inner_split_count(val_fraction, expected):
     from liverlesion.splits import inner_split_count
 
     assert inner_split_count(val_fraction) == expected
+
+
+def _lesion_counts(table: pd.DataFrame, patients: list[str]) -> dict[str, int]:
+    return table[table["patient_id"].isin(patients)]["lesion_class"].value_counts().to_dict()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_folds_are_stratified_by_class_whatever_the_seed(seed):
+    """40 one-lesion patients, 20 per class, 5 folds: every test fold holds exactly 4 of each class.
+
+    scikit-learn's ``StratifiedGroupKFold(shuffle=True)`` up to 1.7 pairs each patient with another
+    patient's class counts (scikit-learn issue #32478), so its folds were a random draw instead."""
+    table = _one_lesion_each(40)
+    s = make_splits(table, folds=5, seed=seed)
+    for f in s["splits"]:
+        assert _lesion_counts(table, f["test_patients"]) == {"cyst": 4, "metastasis": 4}
+        # the inner validation split of the 32 training patients is stratified too (a fifth: 3-4 each)
+        assert set(_lesion_counts(table, f["val_patients"]).values()) <= {3, 4}
+
+
+def test_folds_have_similar_sizes_with_patients_of_mostly_one_class():
+    """Three classes, patients of 1-12 lesions mostly of one class (as in clinical cohorts and ``synth``):
+    no test fold is less than half or more than 1.5 times the mean, and each holds every class."""
+    rng = np.random.default_rng(3)
+    classes = ["metastasis", "cyst", "haemangioma"]
+    rows = []
+    for p in range(24):
+        own = classes[p % 3]
+        for _ in range(int(rng.integers(1, 7)) if p else 12):
+            cls = own if rng.random() < 0.8 else classes[int(rng.integers(3))]
+            rows.append({"patient_id": f"P{p:03d}", "lesion_class": cls})
+    table = pd.DataFrame(rows)
+    s = make_splits(table, folds=5, seed=0)
+    sizes = [len(table[table["patient_id"].isin(f["test_patients"])]) for f in s["splits"]]
+    mean = len(table) / 5
+    assert 0.5 * mean <= min(sizes) and max(sizes) <= 1.5 * mean, sizes
+    for f in s["splits"]:
+        assert set(_lesion_counts(table, f["test_patients"])) == set(classes)

@@ -97,11 +97,18 @@ def _stratified_group_split(
         raise UserError(
             f"cv.folds={n_splits}: only {n_patients} patients in the manifest; use at most {n_patients} folds"
         )
-    sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    # The patients' order is shuffled here, not by ``shuffle=True``: up to scikit-learn 1.7, that
+    # shuffles the per-patient class counts without the patient index they belong to, so each fold
+    # got the patients of other rows and the folds were neither stratified nor balanced in size
+    # (scikit-learn issue #32478, fixed in 1.8). Unshuffled, the splitter assigns patients greedily
+    # by class mix, ties in the order of their codes: a seeded permutation of the patients.
+    names, codes = np.unique(groups, return_inverse=True)
+    order = np.random.default_rng(seed).permutation(len(names))
+    sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=False)
     out = []
     with warnings.catch_warnings():  # a rare class with fewer lesions than folds is expected, not news
         warnings.filterwarnings("ignore", message=r".*least populated class.*")
-        for tr, te in sgkf.split(np.zeros(len(y)), y, groups):
+        for tr, te in sgkf.split(np.zeros(len(y)), y, order[codes]):
             out.append((sorted(set(groups[tr])), sorted(set(groups[te]))))
     return out
 
