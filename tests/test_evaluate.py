@@ -503,7 +503,7 @@ def test_user_errors(tmp_path):
     (run / "predictions.csv").write_text(
         text[: text.index("\n", len(text) // 2) + 1] + text.split("\n")[-2][:20]
     )
-    with pytest.raises(UserError, match=r"empty fold in row\(s\) \d+.*truncated"):
+    with pytest.raises(UserError, match=r"looks truncated: its last row \(file line \d+\) has 3 of"):
         evaluate_run(run, gradcam=False)
     odd = full.copy()
     odd.loc[3, "status"] = "clasified"

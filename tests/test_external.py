@@ -231,3 +231,38 @@ def test_evaluate_bad_probability_names_the_file_and_its_line(tmp_path, capsys):
     assert rc != 0 and "\n" not in err.strip(), err
     assert "results.csv: probabilities missing or outside [0, 1] in row(s) 5;" in err
     assert not (d / "metrics.json").exists() and not (d / "predictions.csv").exists()
+
+
+def test_evaluate_truncated_results_csv_says_truncated(tmp_path, capsys):
+    """A results.csv cut short mid-row was 'empty true_class in row(s) N; every lesion of the manifest
+    needs a lesion_class' (pandas pads the short row): wrong cause, wrong fix."""
+    from liverlesion.errors import UserError
+    from liverlesion.predictions import read_predictions
+
+    header = "lesion_id,patient_id,pred_class,prob_cyst,prob_metastasis,status,checkpoint_sha256,true_class\n"
+    rows = [
+        "p1-L01,p1,cyst,0.7,0.3,classified,abc,cyst\n",
+        "p2-L01,p2,metastasis,0.2,0.8,classified,abc,metastasis\n",
+        "p3-L01,p3,metastasis,0.1,0.9,classified,abc,metastasis\n",
+    ]
+    d = tmp_path / "pred"
+    d.mkdir()
+    full = header + "".join(rows)
+    (d / "results.csv").write_text(full[: len(full) - 20])  # cut inside the last row
+    rc, _, err = _run(["evaluate", d, "--n-bootstrap", 0, "--no-gradcam"], capsys)
+    assert rc != 0 and "Traceback" not in err and "\n" not in err.strip(), err
+    assert "results.csv: looks truncated: its last row (file line 4) has 6 of the header's 8 fields" in err
+    assert "does not end with a newline" in err and "copy results.csv again" in err
+    assert "true_class" not in err
+    assert not (d / "metrics.json").exists() and not (d / "predictions.csv").exists()
+
+    (d / "results.csv").write_text(header + rows[0] + rows[1][:30] + "\n" + rows[2])  # a row cut mid-file
+    rc, _, err = _run(["evaluate", d, "--n-bootstrap", 0, "--no-gradcam"], capsys)
+    assert rc != 0 and "results.csv: file line 3 has 6 fields but the header has 8" in err, err
+
+    p = tmp_path / "predictions.csv"  # a cv run's predictions, read by the same check
+    p.write_text(
+        "patient_id,lesion_id,true_class,prob_cyst,prob_metastasis,fold\np1,p1-L01,cyst,0.7,0.3,0\np2,p2-L0"
+    )
+    with pytest.raises(UserError, match=r"predictions\.csv: looks truncated: .* 2 of the header's 6 fields"):
+        read_predictions(p)

@@ -22,6 +22,7 @@ from liverlesion import runs
 from liverlesion.bootstrap import CI_LEVEL
 from liverlesion.calibration import calibration_block
 from liverlesion.config import Config
+from liverlesion.csv_check import check_csv_complete
 from liverlesion.domain import format_domain
 from liverlesion.errors import UserError
 from liverlesion.fileio import write_json
@@ -60,6 +61,7 @@ def _locate(path: Path) -> tuple[Path, Path]:
 
 def read_results(path: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Read ``predict``'s ``results.csv`` (and ``results.json`` beside it) and check it can be scored."""
+    check_csv_complete(path, "run `liverlesion predict --manifest` again, or copy results.csv again")
     try:
         df = pd.read_csv(path, dtype=_TEXT, keep_default_na=False, na_values=[""])
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:

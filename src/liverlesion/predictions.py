@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from liverlesion.csv_check import check_csv_complete
 from liverlesion.decision import CLASSIFIED, TOO_SMALL
 from liverlesion.errors import UserError
 from liverlesion.fileio import write_csv
@@ -38,6 +39,7 @@ def read_predictions(
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: file not found")
+    check_csv_complete(path, "re-run the step that wrote it, or copy the file again")
     try:
         df = pd.read_csv(path, dtype=_TEXT, keep_default_na=False, na_values=[""])
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
