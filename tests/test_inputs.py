@@ -256,6 +256,28 @@ def test_mask_with_too_many_components_is_refused(tmp_path, capsys):
     _inspect_with_mask(tmp_path, capsys, arr, "connected components")
 
 
+def test_mask_lesion_in_air_is_refused_and_a_speck_is_left_to_the_size_rule(tmp_path, capsys):
+    """A mask lesion lying wholly in air (mean -1000 HU: the mask of another image, or flipped) was
+    measured and classified like any lesion (cv trained on it, predict gave it a class)."""
+    from liverlesion.lesions import lesions_from_mask
+
+    image, mask = make_ct_array()
+    arr = mask.array.copy()
+    arr[10:13, 0:4, 0:4] = 1  # 48 voxels in the air outside the body ellipse
+    err = _inspect_with_mask(
+        tmp_path, capsys, arr, "lesion p1-L01 (component 1 of 2, 48 voxels", "lies in air"
+    )
+    assert "HU" in err and "give the mask drawn on this image" in err
+    labels = mask.array.copy()
+    labels[10:13, 0:4, 0:4] = 3
+    with pytest.raises(UserError, match=r"lesion p1-L03 \(label 3, 48 voxels .* lies in air"):
+        lesions_from_mask(image, mask.with_array(labels), patient_id="p1", mask_name="mask")
+    speck = mask.array.copy()
+    speck[11, 0, 0] = 1  # one voxel: kept, and too small to characterise by the size rule
+    items = lesions_from_mask(image, mask.with_array(speck), patient_id="p1")
+    assert len(items) == 2 and min(les.min_axis_mm for les, _ in items) < 5.0
+
+
 def test_manifest_image_not_in_hu_is_refused_like_predict_refuses_it(tmp_path, capsys):
     """inspect / patches / cv read a manifest's images without predict's CT check: stored values without
     the rescale (no negative HU) were cut into patches and trained on."""

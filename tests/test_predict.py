@@ -419,6 +419,14 @@ def _mask_other_shape(tmp_path: Path, ckpts) -> Path:
     return write_volume(mask, tmp_path / "mask_shape.nii.gz")
 
 
+def _mask_in_air(tmp_path: Path, ckpts) -> Path:
+    """The case's mask with one more lesion, drawn outside the body (in air)."""
+    _, mask = make_ct_with_two_lesions()
+    arr = mask.array.copy()
+    arr[10:13, 0:4, 0:4] = 1
+    return write_volume(mask.with_array(arr), tmp_path / "mask_air.nii.gz")
+
+
 def _mask_shifted(tmp_path: Path, ckpts) -> Path:
     _, mask = make_ct_array(origin=(-14.0, -24.0, 100.0))
     return write_volume(mask, tmp_path / "mask_shift.nii.gz")
@@ -441,6 +449,7 @@ BAD_CASES = {
     "MR series": (lambda t, c, k: _at_point(k, _mr_series(t, k)), "MR"),
     "mask shape": (lambda t, c, k: _on_mask([k["a"]], c, _mask_other_shape(t, k)), "shape"),
     "mask origin": (lambda t, c, k: _on_mask([k["a"]], c, _mask_shifted(t, k)), "origin"),
+    "mask lesion in air": (lambda t, c, k: _on_mask([k["a"]], c, _mask_in_air(t, k)), "lies in air"),
     "point outside": (lambda t, c, k: _at_point(k, c["image"], "500,0,100"), "outside the image"),
     # row 0, column 0 of the middle slice: outside the body ellipse
     "point in air": (lambda t, c, k: _at_point(k, c["image"], "-24,-24,128.75"), "in air"),

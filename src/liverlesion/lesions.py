@@ -269,6 +269,10 @@ def lesion_source_problem(
 MAX_BODY_FRACTION = 0.5
 #: More connected components than this in a lesion mask is not plausible.
 MAX_COMPONENTS = 500
+#: A mask lesion of at least this many voxels whose mean HU is below :data:`AIR_THRESHOLD_HU` lies in
+#: air (outside the body, lung or gas): the mask is not drawn on this image (another patient's, or
+#: flipped / shifted). Fewer voxels: a speck, which the size rule reports as too small to characterise.
+MIN_AIR_LESION_VOXELS = 10
 
 
 def check_mask_foreground(
@@ -441,8 +445,22 @@ def lesions_from_mask(
     out: list[LesionWithMask] = []
     for i, (crop, off) in enumerate(lesions):
         m = measure_lesion(image, crop, off)
+        lesion_id = make_lesion_id(patient_id, numbers[i] if numbers is not None else first_number + i)
+        if m["n_voxels"] >= MIN_AIR_LESION_VOXELS and m["hu_mean"] < AIR_THRESHOLD_HU:
+            which = (
+                f"label {numbers[i] if numbers is not None else label}"
+                if numbers is not None or label is not None
+                else f"component {i + 1} of {len(lesions)}"
+            )
+            raise UserError(
+                f"{mask_name}: lesion {lesion_id} ({which}, {m['n_voxels']} voxels at LPS "
+                f"{tuple(round(float(c), 1) for c in m['centroid_mm'])} mm) lies in air: its mean is "
+                f"{m['hu_mean']:.0f} HU, below {AIR_THRESHOLD_HU:.0f} HU, where a lesion is tissue; the mask "
+                "does not fit this image (another patient's or series' mask, or flipped / shifted): give the "
+                "mask drawn on this image, or remove that lesion from it"
+            )
         lesion = Lesion(
-            lesion_id=make_lesion_id(patient_id, numbers[i] if numbers is not None else first_number + i),
+            lesion_id=lesion_id,
             patient_id=patient_id,
             lesion_class=lesion_class,
             image=image_ref,
