@@ -198,6 +198,37 @@ def test_ircadb_zip_with_escaping_entry_is_refused(tmp_path):
         index_zip(z, "PATIENT_DICOM")
 
 
+def _zip_with_damaged_data(src: Path, dest: Path, arcdir: str) -> Path:
+    """A deflated zip of ``src``'s files whose first entry's compressed data starts with an invalid
+    deflate block (0xFF: a reserved block type), as a bit error in a download would leave it."""
+    with zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED) as zf:
+        for f in sorted(src.iterdir()):
+            zf.write(f, f"{arcdir}/{f.name}")
+    data = bytearray(dest.read_bytes())
+    start = 30 + int.from_bytes(data[26:28], "little") + int.from_bytes(data[28:30], "little")
+    data[start : start + 8] = b"\xff" * 8
+    dest.write_bytes(bytes(data))
+    return dest
+
+
+def test_zip_with_damaged_compressed_data_is_one_line(tmp_path, capsys, tiny_dicom_dir, tiny_ct):
+    """Damaged deflate data raised zlib.error, which no reader caught: a traceback, not a message."""
+    from liverlesion.datasets.ircadb_layout import index_zip
+
+    z = _zip_with_damaged_data(tiny_dicom_dir, tmp_path / "series.zip", "dicom")
+    with pytest.raises(UserError, match=r"series\.zip is not a readable zip file \(Error -3"):
+        read_volume(z, name="--image")
+    write_volume(tiny_ct[1], tmp_path / "mask.nii.gz")
+    m = write_manifest(
+        tmp_path / "m.csv", "patient_id,image,lesion_class,mask", "p1,series.zip,cyst,mask.nii.gz"
+    )
+    cli_fails(capsys, ["inspect", m], "series.zip", "not a readable zip file")
+    z = _zip_with_damaged_data(tiny_dicom_dir, tmp_path / "PATIENT_DICOM.zip", "PATIENT_DICOM")
+    part = index_zip(z, "PATIENT_DICOM")
+    with pytest.raises(UserError, match=r"PATIENT_DICOM\.zip: cannot extract .*Error -3.*re-download"):
+        part.folder(next(iter(part.groups)), tmp_path)
+
+
 def test_good_zip_still_reads_and_leaves_no_temp(tmp_path, tiny_dicom_dir, monkeypatch):
     import tempfile
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from liverlesion.errors import UserError
 from liverlesion.io import check_zip_members
+from liverlesion.io.archive import ZIP_READ_ERRORS
 
 __all__ = [
     "PATIENT_PART",
@@ -99,7 +100,7 @@ class Part:
                         open(dest / f"{i:05d}_{PurePosixPath(member).name}", "wb") as fout,
                     ):
                         shutil.copyfileobj(fin, fout)
-        except (zipfile.BadZipFile, OSError) as e:
+        except ZIP_READ_ERRORS as e:
             raise UserError(
                 f"{self.path}: cannot extract {group or 'slices'} ({e}); re-download the zip"
             ) from e
@@ -110,7 +111,7 @@ def index_zip(path: Path, name: str) -> Part:
     try:
         with zipfile.ZipFile(path) as zf:
             members = [i.filename for i in check_zip_members(zf, name, path)]
-    except (zipfile.BadZipFile, OSError) as e:
+    except ZIP_READ_ERRORS as e:
         raise UserError(
             f"{path}: not a readable zip file ({e}); re-download it or extract it to a {name} folder"
         ) from e

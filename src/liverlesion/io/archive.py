@@ -4,9 +4,23 @@ from __future__ import annotations
 
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 
 from liverlesion.errors import UserError
+
+#: What reading a damaged or unusual zip raises: a bad header or CRC (BadZipFile), cut-short data
+#: (EOFError), damaged compressed data (zlib.error), an encrypted entry (RuntimeError), a compression
+#: method Python cannot read, e.g. Deflate64 (NotImplementedError), and I/O errors.
+ZIP_READ_ERRORS = (
+    zipfile.BadZipFile,
+    OSError,
+    RuntimeError,
+    EOFError,
+    ValueError,
+    zlib.error,
+    NotImplementedError,
+)
 
 
 def unsafe_zip_member(info: zipfile.ZipInfo) -> str | None:
@@ -78,7 +92,7 @@ class extracted_zip:
                     )
                 for info in members:
                     zf.extract(info, self._tmp)
-        except (zipfile.BadZipFile, OSError, RuntimeError, EOFError, ValueError) as exc:
+        except ZIP_READ_ERRORS as exc:
             self._cleanup()
             raise UserError(
                 f"{self.label}: {self.path} is not a readable zip file ({exc}); re-create it or pass the unzipped folder"
