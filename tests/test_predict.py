@@ -395,6 +395,24 @@ def _rescaled(tmp_path: Path, ckpts) -> Path:
     return write_volume(image, tmp_path / "rescaled.nii.gz")
 
 
+def _text_file(tmp_path: Path, ckpts) -> Path:
+    p = tmp_path / "manifest.csv"
+    p.write_text("patient_id,image,mask,lesion_class\np1,ct.nii.gz,mask.nii.gz,cyst\n")
+    return p
+
+
+def _dicom_zip(tmp_path: Path, ckpts) -> Path:
+    import zipfile
+
+    image, _ = make_ct_array()
+    write_dicom_series(image, tmp_path / "series")
+    p = tmp_path / "series.zip"
+    with zipfile.ZipFile(p, "w") as zf:
+        for f in sorted((tmp_path / "series").iterdir()):
+            zf.write(f, f"series/{f.name}")
+    return p
+
+
 def _inverted(tmp_path: Path, ckpts) -> Path:
     """HU stored with a negative NIfTI scl_slope: air reads as +1000, tissue as -60 (passed the CT check)."""
     import nibabel as nib
@@ -437,6 +455,13 @@ BAD_CASES = {
     "corrupt checkpoint": (lambda t, c, k: _on_mask([_corrupt(t, k)], c), "corrupt.pt"),
     "newer checkpoint": (lambda t, c, k: _on_mask([_newer(t, k)], c), "newer"),
     "missing checkpoint": (lambda t, c, k: _on_mask([t / "nope.pt"], c), "nope.pt"),
+    # another input given as --model: 'corrupt ... copy it again' was the wrong advice
+    "CT as --model": (
+        lambda t, c, k: _on_mask([c["image"]], c),
+        "ct.nii.gz: a NIfTI image, not the model.pt",
+    ),
+    "CSV as --model": (lambda t, c, k: _on_mask([_text_file(t, k)], c), "a text file (e.g. a CSV"),
+    "DICOM zip as --model": (lambda t, c, k: _on_mask([_dicom_zip(t, k)], c), "a zip archive without"),
     "ensemble classes differ": (lambda t, c, k: _on_mask([k["a"], k["other_classes"]], c), "class names"),
     "ensemble patch differs": (lambda t, c, k: _on_mask([k["a"], k["other_patch"]], c), "size_px"),
     "2-D PNG": (lambda t, c, k: _at_point(k, _png(t, k)), "--image"),

@@ -10,6 +10,7 @@ for user files (checkpoints and ``--weights`` files). Rebuilding the network fro
 
 from __future__ import annotations
 
+import codecs
 import datetime as _dt
 import math
 import pickle
@@ -68,13 +69,67 @@ def safe_torch_load(path: Path, what: str) -> Any:
                 f"{what} {path}: {kind}; it holds Python objects other than tensors and plain values, which "
                 f"liverlesion will not unpickle (that could run code)"
             ) from e
+        _refuse_other_kind(path, what, e)
         raise UserError(
             f"{what} {path}: not a PyTorch file or corrupt (not the zip archive torch.save writes); copy it again"
         ) from e
     except Exception as e:  # the unpickler fails in many ways on garbage (KeyError, EOFError, ...)
+        _refuse_other_kind(path, what, e)
         raise UserError(
             f"{what} {path}: not a PyTorch file, truncated or corrupt ({_first_line(e)}); copy it again"
         ) from e
+
+
+def _other_kind(path: Path) -> str | None:
+    """What kind of file ``path`` is, when it is recognisably another input of this tool (an image,
+    a DICOM file, a CSV / YAML / JSON text), else None (garbage or a damaged checkpoint)."""
+    import gzip
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+        if head[:2] == b"\x1f\x8b":  # gzip: a .nii.gz (the only gzip this tool reads)
+            with gzip.open(path, "rb") as f:
+                head = f.read(4096)
+    except (OSError, EOFError):
+        return None
+    sizes = {int.from_bytes(head[:4], "little"), int.from_bytes(head[:4], "big")}
+    if len(head) >= 348 and sizes & {348, 540}:  # the NIfTI-1 / NIfTI-2 header size
+        return "a NIfTI image"
+    if head[128:132] == b"DICM":
+        return "a DICOM file"
+    if head.startswith(b"NRRD000"):
+        return "a NRRD image"
+    if head.startswith((b"ObjectType", b"NDims")):
+        return "a MetaImage"
+    if head and b"\x00" not in head:
+        try:  # incremental: the 4096 bytes may end inside a character
+            codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+        except UnicodeDecodeError:
+            return None
+        return "a text file (e.g. a CSV, YAML or JSON file)"
+    try:
+        with zipfile.ZipFile(path) as z:
+            if not any(n.endswith("data.pkl") for n in z.namelist()):  # torch.save's archive holds one
+                return "a zip archive without torch.save's contents (e.g. a zipped DICOM series)"
+    except (zipfile.BadZipFile, OSError, ValueError):
+        pass
+    return None
+
+
+def _refuse_other_kind(path: Path, what: str, cause: BaseException) -> None:
+    """Say so when a file that failed to load as a checkpoint is another kind of input (e.g. the CT
+    given as --model): 'corrupt ... copy it again' would be the wrong advice."""
+    kind = _other_kind(Path(path))
+    if kind is not None:
+        wanted = (
+            "a checkpoint or state_dict (model.pt / .pth / .safetensors)"
+            if what == "--weights"
+            else "the model.pt written by train or cv"
+        )
+        raise UserError(
+            f"{what} {path}: {kind}, not {wanted}; check which file went to which option"
+        ) from cause
 
 
 def _first_line(e: BaseException) -> str:
