@@ -153,6 +153,17 @@ def test_row_errors_name_row_and_value(folder: Path, row_text: str, expected: st
     assert "row 2 (file line 3)" in msg
 
 
+def test_manifest_cut_short_says_so(folder: Path):
+    """A manifest cut mid-row (an interrupted copy: no newline at its end) was 'N fields but the header
+    has M; check for a missing or extra comma', sending the user to look for a comma."""
+    text = f"{HEADER}\np1,img/p1.nii.gz,img/p1_mask.nii.gz,,cyst,,,,\np1,img/p1.nii.gz,img/p1_ma"
+    msg = read_error(write(folder, text))
+    assert "row 2 (file line 3): 3 fields but the header has 9" in msg
+    assert "does not end with a newline: it looks cut short" in msg and "comma" not in msg
+    # the same short row ending with a newline is a typing slip, as before
+    assert "check for a missing or extra comma" in read_error(write(folder, text + "\n"))
+
+
 def test_missing_file_error_says_relative_to_manifest(folder: Path):
     msg = row_error(folder, "p1,img/missing.nii.gz,,,cyst,1,2,3,4")
     assert "relative to the manifest's folder" in msg

@@ -145,6 +145,11 @@ def _read_rows(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
         )
     rows: list[tuple[int, list[str]]] = []
     for i, (_, rec) in enumerate(records[1:], start=1):
+        if i == len(records) - 1 and len(rec) < len(header) and not text.endswith(("\n", "\r")):
+            raise UserError(
+                f"{_where(path, i)}: {len(rec)} fields but the header has {len(header)}, and the file does not "
+                "end with a newline: it looks cut short (an interrupted copy or save); copy or save it again"
+            )
         if len(rec) != len(header):
             raise UserError(
                 f"{_where(path, i)}: {len(rec)} fields but the header has {len(header)}; "
