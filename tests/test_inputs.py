@@ -688,3 +688,26 @@ def test_predict_lesion_source_rule_messages(tmp_path, kwargs, message):
         predict_cli([tmp_path / "model.pt"], tmp_path / "out", **kwargs)
     assert str(e.value).startswith(message)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("which", ["run.json", "results.json", "metrics.json"])
+def test_result_json_that_is_not_text_is_one_line(tmp_path, capsys, which):
+    """A run.json / results.json / metrics.json holding binary bytes (a damaged copy, another file under
+    its name) raised UnicodeDecodeError, which only JSONDecodeError was caught for: a traceback."""
+    d = tmp_path / "folder"
+    d.mkdir()
+    (d / which).write_bytes(b"\x89PNG\r\n\x1a\n\xff")
+    if which == "run.json":  # evaluate of a cv run folder
+        (d / "predictions.csv").write_text(
+            "patient_id,lesion_id,true_class,prob_cyst,prob_metastasis,fold\np1,p1-L01,cyst,0.7,0.3,0\n"
+        )
+        args = ["evaluate", d]
+    elif which == "results.json":  # evaluate of a predict output folder
+        (d / "results.csv").write_text(
+            "lesion_id,patient_id,true_class,pred_class,prob_cyst,prob_metastasis,checkpoint_sha256\n"
+            "p1-L01,p1,cyst,cyst,0.8,0.2,abc\n"
+        )
+        args = ["evaluate", d]
+    else:
+        args = ["report", d]
+    cli_fails(capsys, args, which, "not valid JSON")

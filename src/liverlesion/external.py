@@ -93,7 +93,7 @@ def read_results(path: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     if info_path.is_file():
         try:
             info = json.loads(info_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
+        except ValueError as e:  # JSONDecodeError, or UnicodeDecodeError: not UTF-8 text at all
             raise UserError(f"{info_path}: not valid JSON ({e}); run `liverlesion predict` again") from e
     return df, info
 

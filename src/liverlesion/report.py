@@ -42,8 +42,7 @@ KNOWN_LIMITS = (
 def build_html(run_dir: Path, metrics: dict[str, Any], plots: dict[str, Path], notes: list[str]) -> str:
     """The report as one HTML string (PNG data URIs, inline CSS, all text escaped)."""
     net = metrics["network"]
-    info_path = runs.run_info_path(run_dir)
-    run_info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    run_info = runs.read_run_info(run_dir)
     cfg_path = runs.config_path(run_dir)
     cfg_text = (
         cfg_path.read_text(encoding="utf-8") if cfg_path.is_file() else "(no config.yaml in the run folder)"
@@ -291,7 +290,7 @@ def load_metrics(run_dir: str | Path) -> dict[str, Any]:
         raise UserError(f"{path}: not found; run `liverlesion evaluate {run_dir}` first")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # JSONDecodeError, or UnicodeDecodeError: not UTF-8 text at all
         raise UserError(f"{path}: not valid JSON ({e}); re-run `liverlesion evaluate {run_dir}`") from e
 
 

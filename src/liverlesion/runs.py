@@ -241,7 +241,7 @@ def read_run_info(run_dir: str | Path) -> dict[str, Any]:
         return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # JSONDecodeError, or UnicodeDecodeError: not UTF-8 text at all
         raise UserError(f"{path}: not valid JSON ({e}); re-run `liverlesion cv` or repair the file") from e
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a JSON object; re-run `liverlesion cv`")
@@ -255,8 +255,7 @@ def run_patch_dir(run_dir: str | Path, metrics: dict[str, Any]) -> Path | None:
     folder was moved), ``RUN/patches/<name>`` is tried. None when no patch cache is recorded.
     """
     run_dir = Path(run_dir)
-    path = run_info_path(run_dir)
-    info = json.loads(path.read_text()) if path.is_file() else {}
+    info = read_run_info(run_dir)
     p = info.get("patch_dir") or metrics.get("run", {}).get("patch_dir")
     if not p:
         return None
