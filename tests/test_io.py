@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 import warnings
@@ -642,46 +643,32 @@ def test_truncated_metaimage_refused_before_itk(tmp_path, capfd):
     assert "MetaImage" not in err
 
 
-def test_mhd_with_missing_or_short_data_file_refused_before_itk(tmp_path, capfd):
-    """A .mhd without its .raw next to it (or with a cut-short one) printed MetaIO's lines on stderr
-    above a vague 'could not be read' error; it now names the data file in one line."""
-    import SimpleITK as sitk
-
-    from liverlesion.errors import UserError
-    from liverlesion.io import read_volume
-
-    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((6, 16, 16), np.int16)), str(tmp_path / "ct.mhd"))
-    assert read_volume(tmp_path / "ct.mhd").array.shape == (6, 16, 16)
+@pytest.mark.parametrize(
+    ("header", "field", "reader_noise"),
+    [("ct.mhd", "ElementDataFile", "MetaImage"), ("ct.nhdr", "NRRD 'data file'", "NRRD")],
+)
+def test_detached_header_with_missing_or_short_data_file_names_both_files(
+    tmp_path, capfd, header, field, reader_noise
+):
+    """A .mhd or .nhdr without its data file next to it (or with a cut-short one) was a vague 'could not
+    be read' error (for .mhd under MetaIO's lines on stderr); it now names the header and the data file."""
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((6, 16, 16), np.int16)), str(tmp_path / header))
+    assert read_volume(tmp_path / header).array.shape == (6, 16, 16)
     raw = tmp_path / "ct.raw"
     raw.write_bytes(raw.read_bytes()[:-100])
-    with pytest.raises(UserError, match=r"ct\.mhd is truncated: .* but .*ct\.raw holds"):
-        read_volume(tmp_path / "ct.mhd")
-    raw.unlink()
-    with pytest.raises(
-        UserError, match=r"ct\.mhd: its pixel data file 'ct\.raw' \(ElementDataFile\) is missing"
-    ):
-        read_volume(tmp_path / "ct.mhd")
-    assert "MetaImage" not in capfd.readouterr().err
-
-
-def test_nhdr_with_missing_or_short_data_file_names_both_files(tmp_path, capfd):
-    """A .nhdr without its detached data file (or with a cut-short one) was 'could not be read ...
-    (corrupt, truncated or not an image file)', naming neither the missing file nor the field."""
-    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((6, 16, 16), np.int16)), str(tmp_path / "ct.nhdr"))
-    assert read_volume(tmp_path / "ct.nhdr").array.shape == (6, 16, 16)
-    raw = tmp_path / "ct.raw"
-    raw.write_bytes(raw.read_bytes()[:-100])
-    with pytest.raises(UserError, match=r"ct\.nhdr is truncated: .* 3072 bytes .* but .*ct\.raw holds 2972"):
-        read_volume(tmp_path / "ct.nhdr")
+    stem = re.escape(header)
+    with pytest.raises(UserError, match=rf"{stem} is truncated: .* 3072 bytes .* but .*ct\.raw holds 2972"):
+        read_volume(tmp_path / header)
     raw.unlink()
     with pytest.raises(UserError) as exc:
-        read_volume(tmp_path / "ct.nhdr", name="--image")
+        read_volume(tmp_path / header, name="--image")
     assert one_line(exc).startswith("--image: ")
-    assert f"{tmp_path / 'ct.nhdr'}: its pixel data file 'ct.raw' (NRRD 'data file') is missing" in str(
-        exc.value
-    )
+    assert f"{tmp_path / header}: its pixel data file 'ct.raw' ({field}) is missing" in str(exc.value)
     assert f"looked for {raw}" in str(exc.value)
-    # an attached .nrrd cut short is named as truncated too
+    assert reader_noise not in capfd.readouterr().err
+
+
+def test_attached_nrrd_cut_short_is_named_truncated(tmp_path, capfd):
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((6, 16, 16), np.int16)), str(tmp_path / "a.nrrd"))
     data = (tmp_path / "a.nrrd").read_bytes()
     (tmp_path / "cut.nrrd").write_bytes(data[:-10])

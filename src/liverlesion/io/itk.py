@@ -96,6 +96,26 @@ _META_BYTES = {
 }  # fmt: skip
 
 
+def _detached_data_file(path: Path, label: str, data_name: str, field: str, one_file: str) -> Path:
+    """The pixel data file a detached header (``.mhd``, ``.nhdr``) names, refused when missing."""
+    data = Path(data_name) if Path(data_name).is_absolute() else path.parent / data_name
+    if not data.is_file():
+        raise UserError(
+            f"{label}: {path}: its pixel data file {data_name!r} ({field}) is missing, looked for "
+            f"{data}; copy it next to the header, or export the image as one {one_file} / .nii.gz file"
+        )
+    return data
+
+
+def _refuse_short_data(path: Path, label: str, data: Path, actual: int, expected: int) -> None:
+    """Refuse pixel data (in ``data``: the header's own file or a detached one) shorter than promised."""
+    if actual < expected:
+        raise UserError(
+            f"{label}: {path} is truncated: its header promises {expected} bytes of pixel data but "
+            f"{'the file' if data == path else data} holds {actual}; copy or export it again"
+        )
+
+
 def _check_metaimage_complete(path: Path, label: str) -> None:
     """Refuse a MetaImage whose pixel data is missing, or (uncompressed) shorter than its header says:
     after the header in a ``.mha``, in the ``ElementDataFile`` next to a ``.mhd``."""
@@ -116,12 +136,8 @@ def _check_metaimage_complete(path: Path, label: str) -> None:
     if data_name.upper() == "LOCAL":
         data, actual = path, path.stat().st_size - (line_end + 1)
     elif data_name and data_name.upper() != "LIST" and "%" not in data_name and " " not in data_name:
-        data = path.parent / data_name  # one detached file (not a list of slices or a name pattern)
-        if not data.is_file():
-            raise UserError(
-                f"{label}: {path}: its pixel data file {data_name!r} (ElementDataFile) is missing, looked for "
-                f"{data}; copy it next to the header, or export the image as one .mha / .nii.gz file"
-            )
+        # one detached file (not a list of slices or a name pattern)
+        data = _detached_data_file(path, label, data_name, "ElementDataFile", ".mha")
         actual = data.stat().st_size
     else:
         return
@@ -133,12 +149,7 @@ def _check_metaimage_complete(path: Path, label: str) -> None:
         size = _META_BYTES[fields["ElementType"]]
     except (KeyError, ValueError):
         return
-    expected = math.prod(dims) * channels * size
-    if actual < expected:
-        raise UserError(
-            f"{label}: {path} is truncated: its header promises {expected} bytes of pixel data but "
-            f"{'the file' if data == path else data} holds {actual}; copy or export it again"
-        )
+    _refuse_short_data(path, label, data, actual, math.prod(dims) * channels * size)
 
 
 _NRRD_BYTES = {
@@ -179,12 +190,7 @@ def _check_nrrd_complete(path: Path, label: str) -> None:
     if data_name:
         if " " in data_name or "%" in data_name:
             return  # a LIST of files or a name pattern: leave the judgement to ITK
-        data = Path(data_name) if Path(data_name).is_absolute() else path.parent / data_name
-        if not data.is_file():
-            raise UserError(
-                f"{label}: {path}: its pixel data file {data_name!r} (NRRD 'data file') is missing, looked for "
-                f"{data}; copy it next to the header, or export the image as one .nrrd / .nii.gz file"
-            )
+        data = _detached_data_file(path, label, data_name, "NRRD 'data file'", ".nrrd")
         actual = data.stat().st_size
     else:
         data, actual = path, path.stat().st_size - end
@@ -197,12 +203,7 @@ def _check_nrrd_complete(path: Path, label: str) -> None:
         size = _NRRD_BYTES[" ".join(fields["type"].lower().split())]
     except (KeyError, ValueError):
         return
-    expected = math.prod(dims) * size
-    if actual < expected:
-        raise UserError(
-            f"{label}: {path} is truncated: its header promises {expected} bytes of pixel data but "
-            f"{'the file' if data == path else data} holds {actual}; copy or export it again"
-        )
+    _refuse_short_data(path, label, data, actual, math.prod(dims) * size)
 
 
 def _check_nifti_voxel_size(path: Path, label: str) -> None:
