@@ -522,3 +522,25 @@ def test_cli_evaluate_error_is_one_line(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "liverlesion cv" in err and len(err.strip().splitlines()) == 1
+
+
+def test_ece_interval_brackets_its_estimate():
+    """Resampled ECEs run high (duplicated patients leave noisier bins), so a plain percentile interval
+    can lie wholly above the estimate; the shifted interval brackets it, and other metrics keep theirs."""
+    from liverlesion.bootstrap import bootstrap_ci
+    from liverlesion.calibration import expected_calibration_error
+
+    rng = np.random.default_rng(1)
+    n = 70
+    p = rng.beta(1.0, 1.0, n)
+    y = (rng.random(n) < p).astype(float)
+    groups = np.array([f"P{i // 3}" for i in range(n)])  # 3 lesions per patient
+
+    def fn(idx):
+        return {"ece": expected_calibration_error(y[idx], p[idx]), "mean_p": float(p[idx].mean())}
+
+    res = bootstrap_ci(fn, groups, 300, seed=0)
+    ece = res["ece"]
+    assert 0.0 <= ece["ci_low"] <= ece["value"] <= ece["ci_high"], ece
+    draws = [fn(idx)["mean_p"] for idx in patient_bootstrap(groups, 300, seed=0)]
+    assert res["mean_p"]["ci_low"] == pytest.approx(np.percentile(draws, 2.5))  # unshifted

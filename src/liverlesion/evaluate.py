@@ -21,7 +21,7 @@ from typing import Any
 import pandas as pd
 
 from liverlesion import runs
-from liverlesion.bootstrap import CI_LEVEL, compare_with_best_baseline
+from liverlesion.bootstrap import CI_LEVEL, CI_METHOD, compare_with_best_baseline
 from liverlesion.config import Config, load_run_config
 from liverlesion.decision import parse_threshold_method
 from liverlesion.errors import UserError
@@ -124,6 +124,7 @@ def evaluate_run(
         "settings": {
             "n_bootstrap": nb,
             "ci_level": CI_LEVEL,
+            "ci_method": CI_METHOD,
             "bootstrap_unit": "patient",
             "threshold_method": method,
             "threshold_fitted_on": "each fold's inner-validation predictions (val_predictions.csv)",

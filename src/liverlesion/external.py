@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from liverlesion import runs
-from liverlesion.bootstrap import CI_LEVEL
+from liverlesion.bootstrap import CI_LEVEL, CI_METHOD
 from liverlesion.calibration import calibration_block
 from liverlesion.config import Config
 from liverlesion.csv_check import check_csv_complete
@@ -198,6 +198,7 @@ def evaluate_external(
         "settings": {
             "n_bootstrap": nb,
             "ci_level": CI_LEVEL,
+            "ci_method": CI_METHOD,
             "bootstrap_unit": "patient",
             "threshold_method": "checkpoint" if stored else "argmax",
             "threshold_fitted_on": "each checkpoint's inner validation at training (stored in the checkpoint); "

@@ -59,7 +59,8 @@ def build_html(run_dir: Path, metrics: dict[str, Any], plots: dict[str, Path], n
         f" {H.esc(metrics['n_lesions'])} lesions from {H.esc(metrics['n_patients'])} patients; classes "
         f"{H.esc(', '.join(metrics['class_names']))}; positive class <b>{H.esc(metrics['positive_class'])}</b>. "
         f"95% confidence intervals from {H.esc(s['n_bootstrap'])} patient-level bootstrap resamples "
-        "(all lesions of a drawn patient come along).</p>",
+        "(all lesions of a drawn patient come along); percentile intervals, except ECE's, shifted down by the "
+        "bootstrap's estimate of its bias (resampled ECEs run high), so that it brackets its estimate.</p>",
     ]
     # Summary
     out.append(
