@@ -189,6 +189,7 @@ def test_multiclass_metrics_agree_with_sklearn():
         assert m[f"ppv_{c}"] == pytest.approx(prec[i])
         assert m[f"f1_{c}"] == pytest.approx(f1[i])
         assert m[f"roc_auc_{c}"] == pytest.approx(skm.roc_auc_score(y == i, probs[:, i]))
+        assert m[f"pr_auc_{c}"] == pytest.approx(skm.average_precision_score(y == i, probs[:, i]))
         assert m[f"specificity_{c}"] == pytest.approx(skm.recall_score(y == i, pred == i, pos_label=False))
 
 

@@ -125,6 +125,13 @@ def test_multiclass_report(tmp_path):
     assert (
         json.loads((run / "metrics.json").read_text())["network"]["curves"]["positive_class"] == "metastasis"
     )
+    # The ROC / PR curves drawn are 'metastasis' vs rest: their legends give that curve's AUC and AP,
+    # not the macro AUC over all three classes (and not "AP n/a")
+    from liverlesion import plots
+
+    net = m["network"]["metrics"]
+    assert plots._curve_metric(m, m["network"], "roc_auc") == net["roc_auc_metastasis"] != net["roc_auc"]
+    assert plots._curve_metric(m, m["network"], "pr_auc")["value"] > 0
 
 
 def test_redraw_without_metrics_is_a_user_error(tmp_path):

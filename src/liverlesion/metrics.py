@@ -28,7 +28,7 @@ BINARY_METRICS = (
     "nll",
 )
 MULTICLASS_METRICS = ("accuracy", "macro_f1", "balanced_accuracy", "roc_auc", "brier", "ece", "nll")
-PER_CLASS_METRICS = ("sensitivity", "specificity", "ppv", "f1", "roc_auc")
+PER_CLASS_METRICS = ("sensitivity", "specificity", "ppv", "f1", "roc_auc", "pr_auc")
 METRIC_LABELS = {
     "accuracy": "Accuracy",
     "f1": "F1",
@@ -164,7 +164,7 @@ def multiclass_metrics(
     Returns:
         accuracy, macro_f1, balanced_accuracy, roc_auc (one-vs-rest macro), brier (sum over
         classes, range [0, 2]), ece, nll, and ``<metric>_<class>`` for sensitivity,
-        specificity, ppv, f1 and roc_auc of each class.
+        specificity, ppv, f1, roc_auc and pr_auc (average precision) of each class, one vs rest.
     """
     y = np.asarray(y_true).astype(int)
     probs = np.asarray(probs, dtype=float)
@@ -198,6 +198,7 @@ def multiclass_metrics(
         out[f"ppv_{name}"] = _div(tp[c], predicted[c])
         out[f"f1_{name}"] = f1[c]
         out[f"roc_auc_{name}"] = float(aucs[c])
+        out[f"pr_auc_{name}"] = average_precision(y == c, probs[:, c])
     return out
 
 

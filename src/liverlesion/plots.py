@@ -39,6 +39,22 @@ def _methods(metrics: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {"network": metrics["network"], **metrics.get("baselines", {})}
 
 
+def _curve_class(metrics: dict[str, Any]) -> str:
+    pos = metrics["positive_class"]
+    return f"{pos!r} vs rest" if len(metrics["class_names"]) > 2 else f"positive class {pos!r}"
+
+
+def _curve_metric(metrics: dict[str, Any], s: dict[str, Any], key: str) -> Any:
+    """The metric of the curve drawn: the positive class one vs rest (``roc_auc_<class>``) where the
+    run has more than two classes, whose ``roc_auc`` is the macro mean of every class's curve."""
+    m = s["metrics"]
+    return (
+        m.get(f"{key}_{metrics['positive_class']}", m.get(key))
+        if len(metrics["class_names"]) > 2
+        else m.get(key)
+    )
+
+
 def plot_roc(metrics: dict[str, Any], out: Path) -> Path:
     """ROC curves of the positive class with 95% bootstrap bands, network and baselines."""
     fig = _figure(5.2, 4.6)
@@ -55,7 +71,7 @@ def plot_roc(metrics: dict[str, Any], out: Path) -> Path:
             roc["tpr"],
             color=col,
             lw=2.2 if main else 1.2,
-            label=f"{name}: AUC {fmt_ci(s['metrics'].get('roc_auc'))}",
+            label=f"{name}: AUC {fmt_ci(_curve_metric(metrics, s, 'roc_auc'))}",
         )
         if "band_low" in roc:
             ax.fill_between(
@@ -72,7 +88,7 @@ def plot_roc(metrics: dict[str, Any], out: Path) -> Path:
         ylim=(0, 1.01),
         xlabel="1 − specificity (false-positive rate)",
         ylabel="sensitivity (true-positive rate)",
-        title=f"ROC, positive class {metrics['positive_class']!r}",
+        title=f"ROC, {_curve_class(metrics)}",
     )
     ax.legend(loc="lower right", fontsize=7)
     ax.text(0.99, 0.01, DISCLAIMER, transform=ax.transAxes, fontsize=6, ha="right", va="bottom", color="grey")
@@ -97,7 +113,7 @@ def plot_pr(metrics: dict[str, Any], out: Path) -> Path:
             color=col,
             lw=2.2 if main else 1.2,
             drawstyle="steps-post",
-            label=f"{name}: AP {fmt_ci(s['metrics'].get('pr_auc'))}",
+            label=f"{name}: AP {fmt_ci(_curve_metric(metrics, s, 'pr_auc'))}",
         )
         if "band_low" in pr:
             ax.fill_between(
@@ -110,7 +126,7 @@ def plot_pr(metrics: dict[str, Any], out: Path) -> Path:
         ylim=(0, 1.01),
         xlabel="recall (sensitivity)",
         ylabel="precision (PPV)",
-        title=f"Precision-recall, positive class {metrics['positive_class']!r}",
+        title=f"Precision-recall, {_curve_class(metrics)}",
     )
     ax.legend(loc="lower left", fontsize=7)
     return _save(fig, out)

@@ -173,9 +173,10 @@ def build_html(run_dir: Path, metrics: dict[str, Any], plots: dict[str, Path], n
         )
         out.append(H.img(plots.get("reliability"), "Reliability diagram before / after temperature scaling"))
         out.append(
-            "<p class=note>With few lesions per bin the ECE is noisy and biased upwards, so its bootstrap "
-            "interval can lie above the point estimate; temperatures fitted on small inner-validation sets "
-            "are unstable and may not improve calibration on the test folds.</p>"
+            "<p class=note>With few lesions per bin the ECE is noisy and biased upwards, and more so in "
+            "bootstrap resamples, so its interval is shifted down by the bootstrap's estimate of that bias; "
+            "temperatures fitted on small inner-validation sets are unstable and may not improve calibration "
+            "on the test folds.</p>"
         )
     else:
         out.append(f"<p class=note>{H.esc(cal.get('note', 'not available'))}</p>")
