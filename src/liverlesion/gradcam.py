@@ -265,7 +265,8 @@ def gradcam_gallery(
                 "cam": cam,
                 "mask": mask,
                 "wrong": bool(row.wrong__),
-                "title": f"{lid}\ntrue {row.true_class} / pred {pred}\np({pred}) = {row.conf__:.2f}",
+                # one short line each: "true haemangioma / pred haemangioma" overran the neighbouring cells
+                "title": f"{lid}\ntrue {row.true_class}\npred {pred}, p = {row.conf__:.2f}",
             }
         )
     if not cells:
