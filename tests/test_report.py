@@ -285,3 +285,13 @@ def test_model_card_says_what_the_network_reads_and_what_it_is_fused_with(tmp_pa
     assert [r[0] for r in model_rows(tmp_path / "absent.yaml", "resnet18", {})] == ["Network"]
     cfg.write_text("model: [not, a, mapping\n")
     assert [r[0] for r in model_rows(cfg, "resnet18", {})] == ["Network"]
+
+
+def test_model_card_names_as_untrained_only_classes_the_model_was_not_trained_on():
+    from liverlesion.report import known_limits
+
+    binary = known_limits(["cyst", "metastasis"], external=False)
+    assert "such as HCC, haemangioma or FNH are forced" in binary and "No external validation" in binary
+    three = known_limits(["cyst", "haemangioma", "metastasis"], external=True)
+    assert "haemangioma" not in three.split("such as")[1].split("are forced")[0]
+    assert "No external validation" not in three

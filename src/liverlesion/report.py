@@ -34,9 +34,21 @@ KNOWN_LIMITS = (
     "CT protocol matters: contrast phase, slice thickness, reconstruction kernel and scanner differ between "
     "sites and change lesion appearance.",
     "Lesions are given (mask or click); the model does not detect them, and it can only answer with the "
-    "classes it was trained on (other lesion types such as HCC, haemangioma or FNH are forced into them).",
+    "classes it was trained on (other lesion types such as {others} are forced into them).",
     "Probabilities are calibrated on inner-validation data of the same cohort only.",
 )
+#: Common focal liver lesions, named as examples of what a model not trained on them forces into its classes.
+OTHER_LESION_TYPES = ("HCC", "haemangioma", "FNH", "abscess", "metastasis", "cyst")
+
+
+def known_limits(class_names: list[str], external: bool) -> str:
+    """The model card's known limits; the example lesion types are those the model was not trained on."""
+    trained = {c.lower() for c in class_names}
+    others = [t for t in OTHER_LESION_TYPES if t.lower() not in trained][:3]
+    text = ", ".join(others[:-1]) + f" or {others[-1]}" if len(others) > 1 else "".join(others)
+    return " ".join(
+        k.format(others=text) for k in KNOWN_LIMITS if not (external and k.startswith("No external"))
+    )
 
 
 def build_html(run_dir: Path, metrics: dict[str, Any], plots: dict[str, Path], notes: list[str]) -> str:
@@ -232,7 +244,7 @@ def build_html(run_dir: Path, metrics: dict[str, Any], plots: dict[str, Path], n
             else f"{net['n_folds']}-fold patient-level cross-validation; thresholds and temperatures from "
             "each fold's inner-validation patients",
         ],
-        ["Known limits", " ".join(k for k in KNOWN_LIMITS if not (external and k.startswith("No external")))],
+        ["Known limits", known_limits(list(metrics["class_names"]), external)],
         ["Published context", PAPER_CONTEXT],
     ]
     out.append(H.table(["", ""], card, num_from=99))
