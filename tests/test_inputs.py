@@ -435,7 +435,7 @@ def test_cv_too_many_folds_is_refused_before_any_work(tmp_path, capsys):
         (["--backbone", "inceptoin_v3"], ["inceptoin_v3", "not a timm model", "inception_v3"]),
         (["--set", "model.features_from=Mixed_99"], ["Mixed_99", "not a stage", "Mixed_6e"]),
         (["--weights", "missing.pth"], ["missing.pth", "file not found"]),
-        (["--weights", "m.csv"], ["m.csv", "not a PyTorch file"]),
+        (["--weights", "m.csv"], ["m.csv", "a text file", "not a checkpoint or state_dict"]),
     ],
 )
 def test_network_settings_are_refused_before_any_work(tmp_path, capsys, command, setting, expected):

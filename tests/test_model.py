@@ -368,11 +368,18 @@ def test_load_missing_file(tmp_path) -> None:
         load_checkpoint(tmp_path)
 
 
-@pytest.mark.parametrize("text", ["patient,label\n", "hello", ""])
-def test_load_not_a_torch_file(tmp_path, text: str) -> None:
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("patient,label\n", r"a text file \(e\.g\. a CSV, YAML or JSON file\), not the model\.pt"),
+        ("hello", r"a text file .*, not the model\.pt"),
+        ("", "not a PyTorch file"),
+    ],
+)
+def test_load_not_a_torch_file(tmp_path, text: str, says: str) -> None:
     p = tmp_path / "model.pt"
     p.write_text(text)
-    with pytest.raises(UserError, match="not a PyTorch file"):
+    with pytest.raises(UserError, match=says):
         load_checkpoint(p)
 
 
