@@ -164,6 +164,20 @@ def test_manifest_cut_short_says_so(folder: Path):
     assert "check for a missing or extra comma" in read_error(write(folder, text + "\n"))
 
 
+def test_row_errors_give_the_file_line_past_blank_lines_and_multi_line_fields(folder: Path):
+    """'row N (file line N + 1)' was off by the blank lines above the row (and by the extra lines of
+    a quoted field spanning lines): the user opened the file at the wrong line."""
+    good = "p1,img/p1.nii.gz,img/p1_mask.nii.gz,,cyst,,,,"
+    text = f'{HEADER}\n{good}\n\n\n"p1",img/p1.nii.gz,img/p1_mask.nii.gz,,"cy\nst",,,,\n{good[:-1]}x\n'
+    lines = text.splitlines()
+    msg = read_error(write(folder, text))
+    assert "row 6 (file line 7)" in msg, msg
+    assert lines[6].endswith("x")  # file line 7 is the bad row
+    # a malformed row right after blank lines
+    msg = read_error(write(folder, f"{HEADER}\n{good}\n\n\np1,img/p1.nii.gz\n"))
+    assert "row 4 (file line 5): 2 fields" in msg, msg
+
+
 def test_missing_file_error_says_relative_to_manifest(folder: Path):
     msg = row_error(folder, "p1,img/missing.nii.gz,,,cyst,1,2,3,4")
     assert "relative to the manifest's folder" in msg

@@ -12,7 +12,8 @@ Columns (header names are matched after trimming spaces and lower-casing):
 ``image`` and ``mask`` are relative to the manifest's folder (absolute paths are
 accepted). Unknown columns are rejected, so a typo (``lable``) is never silently
 ignored. Every problem is reported as one line naming the manifest, the row
-("row 1" is the first data row, i.e. file line 2 under the header) and the value.
+("row N" is file line N + 1: "row 1" is the first data row under the header, and blank lines
+count as a spreadsheet counts them) and the value.
 """
 
 from __future__ import annotations
@@ -134,7 +135,12 @@ def _read_rows(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
             f"manifest {path}: not a valid CSV file (file line {reader.line_num}: {e}); "
             "check the quoting, or re-export it as CSV"
         ) from e
-    records = [(ln, rec) for ln, rec in records if any(f.strip() for f in rec)]  # skip blank lines
+    # Each record's first file line (the reader counts to its last: a quoted field may span lines), so that
+    # "row N" is always file line N + 1, blank lines counted as a spreadsheet counts them; blank lines skipped.
+    starts = [1, *(end + 1 for end, _ in records[:-1])][: len(records)]
+    records = [
+        (start, rec) for start, (_, rec) in zip(starts, records, strict=True) if any(f.strip() for f in rec)
+    ]
     if not records:
         raise UserError(f"manifest {path}: the file is empty; {_FIX_HEADER}, then one row per lesion source")
     header = [h.strip().lower() for h in records[0][1]]
@@ -144,8 +150,9 @@ def _read_rows(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
             f"manifest {path}: the columns are separated by {sep}, not commas; save it as comma-separated CSV"
         )
     rows: list[tuple[int, list[str]]] = []
-    for i, (_, rec) in enumerate(records[1:], start=1):
-        if i == len(records) - 1 and len(rec) < len(header) and not text.endswith(("\n", "\r")):
+    for k, (line, rec) in enumerate(records[1:], start=1):
+        i = line - 1  # the row number: file line - 1 (row 1 is file line 2, under the header)
+        if k == len(records) - 1 and len(rec) < len(header) and not text.endswith(("\n", "\r")):
             raise UserError(
                 f"{_where(path, i)}: {len(rec)} fields but the header has {len(header)}, and the file does not "
                 "end with a newline: it looks cut short (an interrupted copy or save); copy or save it again"
