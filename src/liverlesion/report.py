@@ -71,8 +71,7 @@ def build_html(run_dir: Path, metrics: dict[str, Any], plots: dict[str, Path], n
         f" {H.esc(metrics['n_lesions'])} lesions from {H.esc(metrics['n_patients'])} patients; classes "
         f"{H.esc(', '.join(metrics['class_names']))}; positive class <b>{H.esc(metrics['positive_class'])}</b>. "
         f"95% confidence intervals from {H.esc(s['n_bootstrap'])} patient-level bootstrap resamples "
-        "(all lesions of a drawn patient come along); percentile intervals, except ECE's, shifted down by the "
-        "bootstrap's estimate of its bias (resampled ECEs run high), so that it brackets its estimate.</p>",
+        f"(all lesions of a drawn patient come along); intervals: {H.esc(s.get('ci_method', 'percentile'))}.</p>",
     ]
     # Summary
     out.append(
@@ -186,9 +185,14 @@ def build_html(run_dir: Path, metrics: dict[str, Any], plots: dict[str, Path], n
         out.append(H.img(plots.get("reliability"), "Reliability diagram before / after temperature scaling"))
         out.append(
             "<p class=note>With few lesions per bin the ECE is noisy and biased upwards, and more so in "
-            "bootstrap resamples, so its interval is shifted down by the bootstrap's estimate of that bias; "
-            "temperatures fitted on small inner-validation sets are unstable and may not improve calibration "
-            "on the test folds.</p>"
+            "bootstrap resamples"
+            + (
+                ", so its interval is shifted down by the bootstrap's estimate of that bias"
+                if "ECE" in s.get("ci_method", "")
+                else " (this run's interval is not corrected for it: it can lie above the estimate)"
+            )
+            + "; temperatures fitted on small inner-validation sets are unstable and may not improve "
+            "calibration on the test folds.</p>"
         )
     else:
         out.append(f"<p class=note>{H.esc(cal.get('note', 'not available'))}</p>")
