@@ -46,15 +46,15 @@ from sklearn.model_selection import GridSearchCV, GroupKFold
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import SplineTransformer, StandardScaler
 
-from liverlesion.baselines import _rf, lr_pipeline
+from liverlesion.baselines import lr_pipeline, rf_pipeline
 from liverlesion.config import load_config
 from liverlesion.decision import too_small_rows
 from liverlesion.fusion import (
     choose_alpha,
     cross_fitted_radiomics,
+    handcrafted_half,
+    handcrafted_logits,
     inner_patient_splits,
-    radiomics_lr,
-    radiomics_lr_logits,
 )
 from liverlesion.inference import fit_temperature
 
@@ -103,17 +103,17 @@ def _candidates(seed: int) -> dict:
 def _lr_rf_chosen(x, y, g, x_test, seed: int) -> tuple[np.ndarray, float]:
     """LR and RF logits mixed with a weight chosen on inner patient folds, as the fusion does.
 
-    The LR half is the fusion's own (``fusion.cross_fitted_radiomics`` / ``radiomics_lr``).
+    The LR half is the fusion's own with ``model.fusion: radiomics`` (``fusion.handcrafted_half``).
     """
     splits = inner_patient_splits(g)
-    zl = cross_fitted_radiomics(x, y, splits, 2, seed)
+    zl = cross_fitted_radiomics(x, y, splits, 2, seed, vote=False)
     zr = np.zeros((len(y), 2))
     for tr, te in splits:
-        zr[te] = _z(_rf(seed).fit(x[tr], y[tr]).predict_proba(x[te])[:, 1])
+        zr[te] = _z(rf_pipeline(seed).fit(x[tr], y[tr]).predict_proba(x[te])[:, 1])
     t_rf = float(fit_temperature(zr, y))
     alpha, t, _ = choose_alpha(zr / t_rf, zl, y, g)
-    lt = radiomics_lr_logits(radiomics_lr(x, y, 2, seed), x_test)
-    rt = _z(_rf(seed).fit(x, y).predict_proba(x_test)[:, 1]) / t_rf
+    lt = handcrafted_logits(handcrafted_half(x, y, 2, seed, vote=False), x_test)
+    rt = _z(rf_pipeline(seed).fit(x, y).predict_proba(x_test)[:, 1]) / t_rf
     z = (alpha * rt + (1 - alpha) * lt) / t
     return 1 / (1 + np.exp(z[:, 0] - z[:, 1])), alpha
 
@@ -137,7 +137,7 @@ def run(run_dir: Path) -> dict:
         test = np.isin(groups, s["test_patients"])
         tr = ~test
         probs["radiomics_lr"][test] = lr_pipeline(seed).fit(x[tr], y[tr]).predict_proba(x[test])[:, 1]
-        probs["radiomics_rf"][test] = _rf(seed).fit(x[tr], y[tr]).predict_proba(x[test])[:, 1]
+        probs["radiomics_rf"][test] = rf_pipeline(seed).fit(x[tr], y[tr]).predict_proba(x[test])[:, 1]
         probs["lr+rf mean"][test] = (probs["radiomics_lr"][test] + probs["radiomics_rf"][test]) / 2
         probs["lr+rf chosen"][test], a = _lr_rf_chosen(x[tr], y[tr], groups[tr], x[test], seed)
         weights.append(a)

@@ -108,6 +108,7 @@ def make_tiny_checkpoint(
     mode: str = "2.5d",
     pool: str = "global",
     stacks: int = 0,
+    fusion: tuple[np.ndarray, np.ndarray] | None = None,
     **extra,
 ) -> Path:
     """An untrained checkpoint of timm's tiny ``test_resnet`` (the plumbing is under test, not accuracy).
@@ -120,6 +121,8 @@ def make_tiny_checkpoint(
         mode: ``"2.5d"`` (3 slices as channels) or ``"2d"`` (one grey slice per sample).
         pool: ``model.pool`` (``"lesion"``: the network also takes the lesion mask).
         stacks: ``patch.stacks`` (2.5-D: 2·stacks+1 stacked samples per lesion).
+        fusion: ``(features, labels)``: a fusion model (``model.fusion: radiomics_vote``) whose handcrafted
+            half is fitted on these, network weight 0.5; its features are named ``f0, f1, ...``.
         **extra: Further ``save_checkpoint`` arguments; temperature 1, threshold 0.5 and
             positive class ``metastasis`` (when a class) unless given.
 
@@ -143,7 +146,13 @@ def make_tiny_checkpoint(
     cfg.model.pool = pool
     in_chans = 3 if mode == "2.5d" else 1  # 2.5-D: 2k+1 slices as channels; 2-D: one grey slice per sample
     torch.manual_seed(seed)
-    model, _ = build_model(cfg.model, num_classes=len(classes), in_chans=in_chans)
+    names = [f"f{i}" for i in range(fusion[0].shape[1])] if fusion is not None else []
+    model, _ = build_model(cfg.model, num_classes=len(classes), in_chans=in_chans, fusion_features=names)
+    if fusion is not None:
+        from liverlesion.fusion import fit_fusion
+
+        fit_fusion(model, fusion[0], fusion[1], seed, vote=True)
+        model.fusion_alpha.fill_(0.5)
     extra.setdefault("temperature", 1.0)
     extra.setdefault("threshold", 0.5)
     extra.setdefault("positive_class", "metastasis" if "metastasis" in classes else None)

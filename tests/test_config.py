@@ -122,7 +122,9 @@ def test_presets_validate_and_choose_the_recipes():
     from liverlesion.config import load_config as load
 
     quick, paper = load(preset="quick"), load(preset="paper")
-    assert quick.patch.size_px >= 160 and quick.train.recipe == "lpft" and quick.model.fusion == "radiomics"
+    assert (
+        quick.patch.size_px >= 160 and quick.train.recipe == "lpft" and quick.model.fusion == "radiomics_vote"
+    )
     assert paper.train.recipe == "end_to_end" and paper.model.fusion == "none" and paper.patch.size_px == 299
 
 

@@ -1,8 +1,9 @@
 """Late fusion (fusion.py + train.finish_fold): each half calibrated on its own, then mixed.
 
 The property that makes "fusion is never below its radiomics half" hold to the letter: a fold whose
-network weight is 0 gives exactly the radiomics logistic-regression baseline's probabilities, with no
-temperature of its own that would put each fold on a different scale.
+network weight is 0 gives exactly the soft vote of the radiomics LR and RF baselines (``model.fusion:
+radiomics_vote``; ``radiomics``: the LR baseline's probabilities), with no temperature of its own that
+would put each fold on a different scale.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from liverlesion.baselines import lr_pipeline
+from liverlesion.baselines import fit_predict
 from liverlesion.config import load_config
 from liverlesion.fusion import calibrate_deep, choose_alpha
 from liverlesion.model import LesionNet
@@ -40,7 +41,7 @@ def _subset(rows: np.ndarray, y: np.ndarray) -> FoldData:
     return FoldData(index, [np.zeros((1, 3, 8, 8), np.float32)] * len(rows), y[rows], rows)
 
 
-def _fold(weight: str = "auto"):
+def _fold(weight: str = "auto", fusion: str = "radiomics_vote"):
     """One fold whose radiomics features carry the signal and whose network carries none."""
     rng = np.random.default_rng(0)
     n = 90
@@ -55,19 +56,43 @@ def _fold(weight: str = "auto"):
             return model.head.eval()(feats[data.rows]).double().numpy()
 
     fit, val, test = (_subset(np.arange(a, b), y) for a, b in ((0, 50), (50, 70), (70, 90)))
-    cfg = load_config(overrides={"eval": {"min_size_mm": 5.0}, "model": {"fusion_weight": weight}})
+    cfg = load_config(
+        overrides={"eval": {"min_size_mm": 5.0}, "model": {"fusion_weight": weight, "fusion": fusion}}
+    )
     return model, deep, fit, val, test, extra, y, cfg
 
 
-def test_network_weight_zero_gives_the_radiomics_baseline_exactly():
-    model, deep, fit, val, test, extra, y, cfg = _fold()
+def _baselines(extra: np.ndarray, y: np.ndarray, train_rows: np.ndarray, test_rows: np.ndarray, seed: int):
+    """Test-row probabilities of the radiomics LR and RF baselines, fitted by ``baselines`` itself on
+    a lesion table of these features (NaN cells as the baselines read them)."""
+    names = [f"f{i}" for i in range(extra.shape[1])]
+    table = pd.DataFrame(extra, columns=names).assign(lesion_class=[CLASSES[v] for v in y])
+    train, test = table.iloc[train_rows], table.iloc[test_rows]
+    return {
+        n: fit_predict(n, names, CLASSES, "metastasis", seed, train, test)[0]
+        for n in ("radiomics_lr", "radiomics_rf")
+    }
+
+
+@pytest.mark.parametrize("fusion", ["radiomics_vote", "radiomics"])
+def test_network_weight_zero_gives_the_radiomics_baselines_exactly(fusion):
+    """Weight 0: the soft vote of the LR and RF baselines (radiomics_vote), or the LR baseline (radiomics)."""
+    model, deep, fit, val, test, extra, y, cfg = _fold(fusion=fusion)
+    # the forest's bootstrap samples follow the row order: hand the fold its training rows shuffled
+    fit = _subset(fit.rows[::-1], y)
     results, dec = finish_fold(model, deep, fit, val, {"test": test}, CLASSES, cfg, extra, 0)
 
     assert dec["fusion"]["alpha"] == 0.0
     assert dec["temperature"] == 1.0  # the radiomics half alone: no temperature on top
     assert float(model.fusion_alpha) == 0.0
-    train_rows = np.arange(0, 70)  # fit + inner validation, as the baseline is fitted
-    want = lr_pipeline(cfg.train.seed).fit(extra[train_rows], y[train_rows]).predict_proba(extra[test.rows])
+    assert (model.fusion_forest is not None) == (fusion == "radiomics_vote")
+    # fit + inner validation, as the baselines are fitted
+    base = _baselines(extra, y, np.arange(0, 70), test.rows, cfg.train.seed)
+    want = (
+        (base["radiomics_lr"] + base["radiomics_rf"]) / 2
+        if fusion == "radiomics_vote"
+        else base["radiomics_lr"]
+    )
     got = results["test"][["prob_cyst", "prob_metastasis"]].to_numpy()
     np.testing.assert_allclose(got, want, atol=1e-5)
 
@@ -107,20 +132,20 @@ def test_a_set_network_weight_is_used_as_set(weight):
     with no temperature on top."""
     from scipy.special import softmax
 
-    from liverlesion.fusion import radiomics_lr, radiomics_lr_logits
+    from liverlesion.fusion import handcrafted_half, handcrafted_logits
 
     results, dec, net0, (deep, fit, val, test, extra, y, cfg) = _finish_judged_on(str(weight), 1.5)
     assert dec["fusion"]["alpha"] == weight == dec["network_weight"]
     t_net = dec["fusion"]["network_temperature"]
-    rad_val = radiomics_lr_logits(
-        radiomics_lr(extra[fit.rows], y[fit.rows], 2, cfg.train.seed), extra[val.rows]
+    rad_val = handcrafted_logits(
+        handcrafted_half(extra[fit.rows], y[fit.rows], 2, cfg.train.seed, vote=True), extra[val.rows]
     )
     got_val = results["val"][["logit_cyst", "logit_metastasis"]].to_numpy()
     np.testing.assert_allclose(got_val, weight * net0 / t_net + (1 - weight) * rad_val, atol=1e-4)
     assert dec["temperature"] == 1.0
     train_rows = np.arange(0, 70)  # the radiomics half refitted on fit + inner validation
-    rad_test = radiomics_lr_logits(
-        radiomics_lr(extra[train_rows], y[train_rows], 2, cfg.train.seed), extra[test.rows]
+    rad_test = handcrafted_logits(
+        handcrafted_half(extra[train_rows], y[train_rows], 2, cfg.train.seed, vote=True), extra[test.rows]
     )
     got = results["test"][["logit_cyst", "logit_metastasis"]].to_numpy()
     np.testing.assert_allclose(got, weight * deep(test) + (1 - weight) * rad_test, atol=1e-4)
@@ -130,7 +155,7 @@ def test_a_set_network_weight_is_used_as_set(weight):
 
 def test_a_set_weight_is_refused_where_the_network_adds_nothing():
     """The training patients' held-out logits decide whether the network gets its weight at all;
-    refused, the fused model is the radiomics LR baseline exactly."""
+    refused, the fused model is the radiomics baselines' soft vote exactly."""
     from liverlesion.fusion import gate_weight
 
     taken = {0.0: 0, 1.5: 0}
@@ -146,8 +171,8 @@ def test_a_set_weight_is_refused_where_the_network_adds_nothing():
 
     results, dec, _, (_, _, _, test, extra, y, cfg) = _finish_judged_on("0.2", 0.0)
     assert dec["fusion"]["alpha"] == 0.0 and dec["temperature"] == 1.0
-    train_rows = np.arange(0, 70)
-    want = lr_pipeline(cfg.train.seed).fit(extra[train_rows], y[train_rows]).predict_proba(extra[test.rows])
+    base = _baselines(extra, y, np.arange(0, 70), test.rows, cfg.train.seed)
+    want = (base["radiomics_lr"] + base["radiomics_rf"]) / 2
     np.testing.assert_allclose(results["test"][["prob_cyst", "prob_metastasis"]].to_numpy(), want, atol=1e-5)
 
 

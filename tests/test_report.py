@@ -266,14 +266,15 @@ def test_model_card_says_what_the_network_reads_and_what_it_is_fused_with(tmp_pa
     from liverlesion.report_tables import model_rows
 
     cfg = tmp_path / "config.yaml"
-    cfg.write_text("patch:\n  size_px: 160\nmodel:\n  fusion: radiomics\n  features_from: mid\n")
+    cfg.write_text("patch:\n  size_px: 160\nmodel:\n  fusion: radiomics_vote\n  features_from: mid\n")
     per_fold = {"per_fold": {"0": {"network_weight": 0.0}, "1": {"network_weight": 0.0}}}
     rows = dict(model_rows(cfg, "inception_v3", per_fold))
     assert "second-to-last stage" in rows["Network"] and "160 px" in rows["Network"]
     assert rows["Training"].startswith("lpft")
-    assert "0.00, 0.00" in rows["Fusion"] and "radiomics logistic regression's" in rows["Fusion"]
+    assert "0.00, 0.00" in rows["Fusion"] and "LR and RF baselines' probabilities" in rows["Fusion"]
+    assert "soft vote" in rows["Fusion"] and "random forest" in rows["Fusion"]
     mixed = dict(model_rows(cfg, "inception_v3", {"per_fold": {"0": {"network_weight": 0.35}}}))
-    assert "0.35" in mixed["Fusion"] and "logistic regression's" not in mixed["Fusion"]
+    assert "0.35" in mixed["Fusion"] and "baselines' probabilities" not in mixed["Fusion"]
     assert "chosen on each fold" in mixed["Fusion"]  # not the default weight: chosen (an older run)
     set_w = {"per_fold": {"0": {"network_weight": 0.2}, "1": {"network_weight": 0.2}}}
     assert "w = 0.2, set by model.fusion_weight" in dict(model_rows(cfg, "inception_v3", set_w))["Fusion"]

@@ -58,7 +58,7 @@ def lr_pipeline(seed: int):
     )
 
 
-def _rf(seed: int):
+def rf_pipeline(seed: int):
     from sklearn.ensemble import RandomForestClassifier
     from sklearn.impute import SimpleImputer
     from sklearn.pipeline import Pipeline
@@ -114,7 +114,7 @@ class _Fitted:
         self.info: dict[str, Any] = {}
 
     def fit(self, X: pd.DataFrame, y: np.ndarray) -> _Fitted:
-        self.model = _rf(self.seed) if self.name == "radiomics_rf" else lr_pipeline(self.seed)
+        self.model = rf_pipeline(self.seed) if self.name == "radiomics_rf" else lr_pipeline(self.seed)
         self.model.fit(X[self.features], y)
         if self.name == "mean_hu" and len(self.classes) == 2:
             x = X[self.features[0]].to_numpy(float)

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from liverlesion import DISCLAIMER, __version__, runs
-from liverlesion.config import Config
+from liverlesion.config import FUSION_HALF, Config
 from liverlesion.domain import stats_table
 from liverlesion.errors import UserError
 from liverlesion.fileio import write_csv, write_json
@@ -127,7 +127,7 @@ def prepare_shared(
     shared: dict[str, Any] = {"extra": None, "extra_names": []}
     # per-lesion intensity/spacing statistics; each fold stores the range of its own training lesions
     shared["domain"] = stats_table(index, patch_dir)
-    if cfg.model.fusion == "radiomics":
+    if cfg.model.fusion != "none":
         from liverlesion.features import cache_radiomics  # local: heavy (scipy)
 
         print("Fusion: radiomics-style features of every lesion (training-fold statistics per fold)")
@@ -296,7 +296,7 @@ def _announce_init(
     cfg: Config, manifest: Path, out: Path, patch_dir: Path, classes: list[str], kind: str, resolved: tuple
 ) -> tuple[dict, Any]:
     imagenet, init = resolved
-    fusion = " + radiomics late fusion" if cfg.model.fusion == "radiomics" else ""
+    fusion = f" + late fusion with {FUSION_HALF[cfg.model.fusion]}" if cfg.model.fusion != "none" else ""
     pool = f"features {POOL_TEXT[cfg.model.pool]}"
     print(
         f"Network: {cfg.model.backbone} ({pool}) + paper head{fusion}; recipe {cfg.train.recipe}; init: {init}"

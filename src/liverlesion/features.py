@@ -2,7 +2,7 @@
 
 * Radiomics-style features (:func:`radiomics_features`): first-order HU statistics, GLCM texture,
   2-D shape and margin of the patch (:func:`lesion_features`) plus the lesion table's 3-D
-  measurements. The radiomics baselines and ``model.fusion: radiomics`` use exactly these, computed
+  measurements. The radiomics baselines and ``model.fusion`` use exactly these, computed
   from the same arrays: the patch cache's ``hu`` / ``mask`` in ``cv``, the freshly cut patch in
   ``predict`` and ``serve``. :func:`extract_features` computes them for a whole patch cache
   (scikit-image by default; ``extractor="pyradiomics"`` uses PyRadiomics where it is installed:

@@ -1,14 +1,17 @@
-"""Late fusion of the network with the radiomics-style features (``model.fusion: radiomics``).
+"""Late fusion of the network with the radiomics-style features (``model.fusion``).
 
-The radiomics half is the radiomics baselines' logistic regression (``baselines.lr_pipeline``) read
-out as arrays and held in the model's ``fusion_head``. Each half is calibrated on its own before
-mixing (the network by temperature on inner validation, folded into its last layer; the logistic
-regression by its fit), so neither can swamp the other, and the fused logits are
-``alpha * network + (1 - alpha) * radiomics``. ``alpha`` is ``model.fusion_weight`` (default 0.2: a
-minority vote for the network) when mixing the network in at that weight lowers the NLL on
-out-of-fold logits of the training patients (inner patient folds), else 0 (:func:`gate_weight`);
-with ``auto`` it is chosen on the same logits (:func:`choose_alpha`), and a mixture then gets a
-temperature fitted with its weight. Otherwise the fused logits get no temperature.
+The handcrafted half is the radiomics baselines read out into the model: with ``radiomics_vote`` (the
+default) the soft vote, i.e. the mean class probability, of the logistic regression
+(``baselines.lr_pipeline``, held as arrays in the model's ``fusion_head``) and the random forest
+(``baselines.rf_pipeline``, held as a ``forest.TreeEnsemble``); with ``radiomics`` the logistic
+regression alone. Each half is calibrated on its own before mixing (the network by temperature on
+inner validation, folded into its last layer; the handcrafted half by its own fit), so neither can
+swamp the other, and the fused logits are ``alpha * network + (1 - alpha) * handcrafted``. A fold whose
+``alpha`` is 0 gives exactly the baselines' probabilities (their mean, or the LR's). ``alpha`` is
+``model.fusion_weight`` (default 0.2: a minority vote for the network) when mixing the network in at
+that weight lowers the NLL on out-of-fold logits of the training patients (inner patient folds), else
+0 (:func:`gate_weight`); with ``auto`` it is chosen on the same logits (:func:`choose_alpha`), and a
+mixture then gets a temperature fitted with its weight. Otherwise the fused logits get no temperature.
 """
 
 from __future__ import annotations
@@ -19,12 +22,13 @@ from liverlesion.inference import fit_temperature
 
 
 def radiomics_logits(model, extra: np.ndarray) -> np.ndarray:
+    """The handcrafted half's logits as the model holds it (``LesionNet.handcrafted_logits``)."""
     import torch
 
     with torch.inference_mode():
-        e = torch.from_numpy(np.asarray(extra, dtype=np.float32))
-        e = torch.where(torch.isnan(e), model.fusion_fill, e)
-        return model.fusion_head((e - model.fusion_mean) / model.fusion_std).double().numpy()
+        return (
+            model.handcrafted_logits(torch.from_numpy(np.asarray(extra, dtype=np.float32))).double().numpy()
+        )
 
 
 def radiomics_lr(fit_x: np.ndarray, fit_y: np.ndarray, k: int, seed: int):
@@ -47,23 +51,52 @@ def radiomics_lr(fit_x: np.ndarray, fit_y: np.ndarray, k: int, seed: int):
     return fill, mean, std, w, b
 
 
-def radiomics_lr_logits(params, x: np.ndarray) -> np.ndarray:
-    fill, mean, std, w, b = params
-    x = np.where(np.isfinite(x), x, fill)
-    return ((x - mean) / std) @ w.T + b
+def radiomics_forest(fit_x: np.ndarray, fit_y: np.ndarray, k: int, seed: int):
+    """The radiomics baselines' random forest (``baselines.radiomics_rf``), as a torch module."""
+    from liverlesion.baselines import rf_pipeline  # local: heavy (scipy)
+    from liverlesion.forest import TreeEnsemble
+
+    x = np.where(np.isfinite(fit_x), fit_x, np.nan)
+    return TreeEnsemble.from_sklearn(rf_pipeline(seed).fit(x, fit_y).named_steps["rf"], k)
 
 
-def fit_fusion(model, fit_x: np.ndarray, fit_y: np.ndarray, seed: int) -> None:
-    """The fusion branch: a class-balanced logistic regression on training-fold-standardised features."""
+def handcrafted_half(fit_x: np.ndarray, fit_y: np.ndarray, k: int, seed: int, vote: bool):
+    """The fusion's handcrafted half fitted on ``fit_x``: ``(LR arrays, forest or None)``.
+
+    ``vote`` (``model.fusion: radiomics_vote``): the soft vote of the two radiomics baselines, the
+    logistic regression and the random forest; else (``radiomics``) the logistic regression alone.
+    """
+    forest = radiomics_forest(fit_x, fit_y, k, seed) if vote else None
+    return radiomics_lr(fit_x, fit_y, k, seed), forest
+
+
+def handcrafted_logits(half, x: np.ndarray) -> np.ndarray:
+    """Logits of a half from :func:`handcrafted_half` on features ``x`` (NaN = missing)."""
     import torch
 
-    fill, mean, std, w, b = radiomics_lr(fit_x, fit_y, model.num_classes, seed)
+    from liverlesion.forest import vote_logits
+
+    (fill, mean, std, w, b), forest = half
+    x = np.where(np.isfinite(x), x, fill)
+    lr = torch.from_numpy(((x - mean) / std) @ w.T + b)
+    with torch.inference_mode():
+        probs = None if forest is None else forest(torch.from_numpy(x)).double()
+        return vote_logits(lr, probs).numpy()
+
+
+def fit_fusion(model, fit_x: np.ndarray, fit_y: np.ndarray, seed: int, vote: bool) -> None:
+    """Fit the model's handcrafted half (:func:`handcrafted_half`) on the training rows given, in
+    lesion-table order (the forest's bootstrap samples depend on the row order, as the baseline's do)."""
+    import torch
+
+    (fill, mean, std, w, b), forest = handcrafted_half(fit_x, fit_y, model.num_classes, seed, vote)
     with torch.no_grad():
         model.fusion_fill.copy_(torch.as_tensor(fill, dtype=torch.float32))
         model.fusion_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
         model.fusion_std.copy_(torch.as_tensor(std, dtype=torch.float32))
         model.fusion_head.weight.copy_(torch.as_tensor(w, dtype=torch.float32))
         model.fusion_head.bias.copy_(torch.as_tensor(b, dtype=torch.float32))
+    model.fusion_forest = None if forest is None else forest.to(model.fusion_fill.device)
 
 
 def choose_alpha(
@@ -199,12 +232,12 @@ def inner_patient_splits(groups: np.ndarray, n_splits: int = 5) -> list[tuple[np
 
 
 def cross_fitted_radiomics(
-    x: np.ndarray, y: np.ndarray, splits: list[tuple[np.ndarray, np.ndarray]], k: int, seed: int
+    x: np.ndarray, y: np.ndarray, splits: list[tuple[np.ndarray, np.ndarray]], k: int, seed: int, vote: bool
 ) -> np.ndarray:
-    """Out-of-fold radiomics-LR logits on the same inner splits as the probe's."""
+    """Out-of-fold logits of the handcrafted half (:func:`handcrafted_half`) on the probe's inner splits."""
     out = np.zeros((len(y), k))
     for tr, te in splits:
         if len(np.unique(y[tr])) < 2:
             continue  # an inner fold with one class: no model, neutral logits
-        out[te] = radiomics_lr_logits(radiomics_lr(x[tr], y[tr], k, seed), x[te])
+        out[te] = handcrafted_logits(handcrafted_half(x[tr], y[tr], k, seed, vote), x[te])
     return out

@@ -34,6 +34,7 @@ from liverlesion.backbone_weights import init_from_file, load_backbone
 from liverlesion.checkpoint import checkpoint_hash, read_checkpoint, save_checkpoint
 from liverlesion.config import ModelConfig, config_from_dict
 from liverlesion.errors import UserError
+from liverlesion.forest import TreeEnsemble, vote_logits
 from liverlesion.model_input import POOLS, checkpoint_pool, input_chans, takes_mask
 
 __all__ = ["LesionNet", "build_model", "checkpoint_hash", "load_checkpoint", "save_checkpoint"]
@@ -89,9 +90,12 @@ class LesionNet(nn.Module):
             nn.ReLU(inplace=True),
             nn.Linear(head_hidden, num_classes),
         )
-        # Late fusion (model.fusion = radiomics): logits = a * network + (1 - a) * linear(features),
-        # features standardised with training-fold statistics; ``a`` is chosen on inner validation.
+        # Late fusion (model.fusion): logits = a * network + (1 - a) * handcrafted half, the half a
+        # logistic regression on the features standardised with training-fold statistics, or (radiomics)
+        # its soft vote with a random forest (fusion_forest, set by fusion.fit_fusion); ``a`` is chosen
+        # on the training patients (fusion.py).
         self.fusion_features = [str(f) for f in fusion_features]
+        self.fusion_forest: TreeEnsemble | None = None
         if self.fusion_features:
             k = len(self.fusion_features)
             self.register_buffer("fusion_fill", torch.zeros(k))
@@ -202,10 +206,14 @@ class LesionNet(nn.Module):
                 f"this model fuses the network with {len(self.fusion_features)} radiomics-style features; "
                 "pass them (Classifier and predict compute them from the lesion mask)"
             )
-        e = torch.where(torch.isnan(extra), self.fusion_fill.to(extra.dtype), extra)
-        z = (e - self.fusion_mean) / self.fusion_std
         a = self.fusion_alpha
-        return a * deep_logits + (1 - a) * self.fusion_head(z)
+        return a * deep_logits + (1 - a) * self.handcrafted_logits(extra)
+
+    def handcrafted_logits(self, extra: Tensor) -> Tensor:
+        """The fusion's handcrafted half: its logistic regression, voting with its forest where it has one."""
+        e = torch.where(torch.isnan(extra), self.fusion_fill.to(extra.dtype), extra)
+        lr = self.fusion_head((e - self.fusion_mean) / self.fusion_std)
+        return vote_logits(lr, None if self.fusion_forest is None else self.fusion_forest(e))
 
     # ------------------------------------------------------------------ staged (cached) forward
     _NOT_FEATURES = ("global_pool", "head_drop", "fc", "head", "classifier", "fc_norm", "pre_logits")
@@ -584,6 +592,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             pool=checkpoint_pool(obj),
         )
         model.apply_backbone_patch(obj.get("backbone_patch"))
+        forest = TreeEnsemble.size_in(obj["state_dict"], "fusion_forest.")
+        if forest is not None and model.fusion_features:
+            model.fusion_forest = TreeEnsemble(*forest)  # its tensors come with the state dict below
     except UserError as e:
         raise UserError(f"checkpoint {path}: {e}") from e
     wrong = _shape_mismatch(model, obj["state_dict"])

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from liverlesion import __version__, runs
+from liverlesion.config import FUSION_HALF
 from liverlesion.metrics import metric_label
 from liverlesion.model_input import POOL_TEXT
 from liverlesion.predictions import read_predictions_table
@@ -265,7 +266,7 @@ def model_rows(cfg_path: Path, backbone: str, summary: dict[str, Any]) -> list[l
             else "end to end: the whole network fine-tuned (the paper); early stopping on inner validation",
         ],
     ]
-    if m.fusion == "radiomics":
+    if m.fusion != "none":
         weights = [v.get("network_weight") for v in summary.get("per_fold", {}).values()]
         known = [w for w in weights if w is not None]
         fixed = _set_weight(m)
@@ -276,14 +277,18 @@ def model_rows(cfg_path: Path, backbone: str, summary: dict[str, Any]) -> list[l
             "clearly help"
         )
         text = (
-            "late fusion with a logistic regression on the radiomics-style features (model.fusion): "
+            f"late fusion with {FUSION_HALF.get(m.fusion, m.fusion)} (model.fusion={m.fusion}): "
             f"logits = w·network + (1 − w)·radiomics, each half calibrated first; {how}."
         )
         if known:
             text += f" Weight of the network per fold: {', '.join(num(w, 2) for w in weights)}"
             text += (
-                "; every fold kept the radiomics half alone, so these predictions are the radiomics "
-                "logistic regression's."
+                "; every fold kept the radiomics half alone, so these predictions are "
+                + (
+                    "the radiomics logistic regression's."
+                    if m.fusion == "radiomics"
+                    else "the mean of the radiomics LR and RF baselines' probabilities."
+                )
                 if max(known) == 0
                 else "."
             )

@@ -217,6 +217,12 @@ def _prediction_frame(
     return df
 
 
+def _in_table_order(extra: np.ndarray, rows: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Features and labels of ``rows`` in lesion-table order, the order the radiomics baselines fit in."""
+    order = np.argsort(rows, kind="stable")
+    return extra[rows[order]], labels[order]
+
+
 def finish_fold(
     model,
     deep_logits,
@@ -253,8 +259,9 @@ def finish_fold(
         return a * deep + (1 - a) * radiomics_logits(model, extra[data.rows])
 
     ok = ~too_small_rows(val.index, cfg.eval.min_size_mm)
+    vote = cfg.model.fusion == "radiomics_vote"  # radiomics: the logistic regression alone
     if model.fusion_features:
-        fit_fusion(model, extra[fit.rows], fit.labels, cfg.train.seed)
+        fit_fusion(model, *_in_table_order(extra, fit.rows, fit.labels), cfg.train.seed, vote)
         # each half calibrated on its own, then mixed (fusion.py)
         deep_t = float(fit_temperature(val_deep[ok], val.labels[ok]))
         calibrate_deep(model, deep_t)
@@ -310,12 +317,8 @@ def finish_fold(
     if model.fusion_features and len(val.rows):
         # weight, temperature and threshold are chosen; the radiomics half is refit on every training
         # patient (fit + inner validation), as the radiomics baselines are, before the test folds
-        fit_fusion(
-            model,
-            extra[np.concatenate([fit.rows, val.rows])],
-            np.concatenate([fit.labels, val.labels]),
-            cfg.train.seed,
-        )
+        rows, labels = np.concatenate([fit.rows, val.rows]), np.concatenate([fit.labels, val.labels])
+        fit_fusion(model, *_in_table_order(extra, rows, labels), cfg.train.seed, vote)
     for name, data in tests.items():
         if len(data.arrays):
             deep = deep_logits(data)  # calibrate_deep folded the network's temperature into its head
@@ -440,7 +443,9 @@ def train_fold(
                 splits = inner_patient_splits(patients)
                 epochs = int(train_info["probe"].get("best_epochs", 0))
                 d = cross_fitted_probe_logits(head0, cache, rows, labels, splits, cfg, epochs)
-                r = cross_fitted_radiomics(extra[rows], y, splits, len(classes), cfg.train.seed)
+                r = cross_fitted_radiomics(
+                    extra[rows], y, splits, len(classes), cfg.train.seed, cfg.model.fusion == "radiomics_vote"
+                )
                 return d, r, y, too_small_rows(idx, cfg.eval.min_size_mm), patients
     else:
         model, init = build_model(
