@@ -3,6 +3,8 @@ checkpoint and the ONNX export of a fused model, and the soft vote that makes th
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -96,3 +98,31 @@ def test_fused_checkpoint_keeps_its_forest_and_onnx_agrees(tmp_path):
     )
     assert (half - lr).abs().max() > 1e-3
     np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "says"),
+    [
+        ("fusion_forest.feature", 99, "splits on a feature outside the 6"),
+        ("fusion_forest.left", 10**7, "node that does not exist (left)"),
+        ("fusion_forest.depth", 10**6, "depth"),
+    ],
+)
+def test_a_damaged_forest_is_refused_in_one_line(tmp_path, key, value, says):
+    """An edited checkpoint whose forest would index outside itself: a one-line error on load, not an
+    IndexError in the middle of a prediction."""
+    from liverlesion.errors import UserError
+    from liverlesion.model import load_checkpoint
+
+    x, y = _data(2, f=6)
+    ckpt = make_tiny_checkpoint(tmp_path / "model.pt", 0, fusion=(x, y))
+    obj = torch.load(ckpt, weights_only=False)
+    t = obj["state_dict"][key]
+    if t.dim():
+        t.view(-1)[0] = value
+    else:
+        t.fill_(value)
+    torch.save(obj, ckpt)
+    with pytest.raises(UserError, match=re.escape(says)) as e:
+        load_checkpoint(ckpt)
+    assert "damaged or was edited" in str(e.value) and "\n" not in str(e.value)

@@ -87,6 +87,21 @@ class TreeEnsemble(nn.Module):
         value = state_dict.get(prefix + "value")
         return None if value is None or value.dim() != 3 else tuple(int(d) for d in value.shape)
 
+    def damage(self, n_features: int) -> str | None:
+        """What makes this forest unusable on ``n_features`` inputs (an edited or damaged file), or None."""
+        n_flat = self.feature.numel()
+        if self.feature.numel() and not (
+            0 <= int(self.feature.min()) and int(self.feature.max()) < n_features
+        ):
+            return f"its forest splits on a feature outside the {n_features} the model reads"
+        for name in ("left", "right"):
+            child = getattr(self, name)
+            if child.numel() and not (0 <= int(child.min()) and int(child.max()) < n_flat):
+                return f"its forest points to a node that does not exist ({name})"
+        if not 0 <= self.levels <= self.feature.shape[1]:
+            return f"its forest's depth {self.levels} does not fit its {self.feature.shape[1]} nodes per tree"
+        return None
+
     def forward(self, x: Tensor) -> Tensor:
         n_trees, n_nodes = self.feature.shape
         feature, threshold = self.feature.view(-1), self.threshold.view(-1)

@@ -91,7 +91,7 @@ class LesionNet(nn.Module):
             nn.Linear(head_hidden, num_classes),
         )
         # Late fusion (model.fusion): logits = a * network + (1 - a) * handcrafted half, the half a
-        # logistic regression on the features standardised with training-fold statistics, or (radiomics)
+        # logistic regression on the features standardised with training-fold statistics, or (radiomics_vote)
         # its soft vote with a random forest (fusion_forest, set by fusion.fit_fusion); ``a`` is chosen
         # on the training patients (fusion.py).
         self.fusion_features = [str(f) for f in fusion_features]
@@ -617,6 +617,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise UserError(
             f"checkpoint {path}: weights do not match the stored config ({'; '.join(parts)}); "
             f"the file is damaged or was edited, use the original model.pt"
+        )
+    damage = (
+        model.fusion_forest.damage(len(model.fusion_features)) if model.fusion_forest is not None else None
+    )
+    if damage:
+        raise UserError(
+            f"checkpoint {path}: {damage}; the file is damaged or was edited, use the original model.pt"
         )
     model.to(map_location).eval()
     meta = {k: v for k, v in obj.items() if k != "state_dict"}

@@ -124,7 +124,9 @@ def build_html(run_dir: Path, metrics: dict[str, Any], plots: dict[str, Path], n
         out.append(
             "<p>Network weight: the fused model's weight on the network in its logits, set by "
             "<code>model.fusion_weight</code> or, with <code>auto</code>, chosen on each fold's training "
-            "patients (0: the radiomics-style half alone, exactly the radiomics logistic regression; "
+            "patients (0: the radiomics-style half alone, exactly the radiomics baselines: the mean of "
+            "the LR's and the RF's probabilities with <code>model.fusion: radiomics_vote</code>, the LR's "
+            "with <code>radiomics</code>; "
             "1: the network alone; README \u201cChoices where the paper is silent\u201d).</p>"
         )
     half = network_half_line(metrics)
