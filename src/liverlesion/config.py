@@ -321,6 +321,11 @@ FUSION_HALF = {
 }
 
 
+def fusion_votes(model: ModelConfig) -> bool:
+    """Whether the fusion's handcrafted half is the LR and RF vote (``radiomics_vote``), not the LR alone."""
+    return model.fusion == "radiomics_vote"
+
+
 def fixed_fusion_weight(model: ModelConfig) -> float | None:
     """``model.fusion_weight`` as a number, or None for ``auto`` (chosen per fold by ``fusion.choose_alpha``)."""
     text = str(model.fusion_weight).strip().lower()

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from liverlesion import __version__, runs
-from liverlesion.config import FUSION_HALF
+from liverlesion.config import FUSION_HALF, fusion_votes
 from liverlesion.metrics import metric_label
 from liverlesion.model_input import POOL_TEXT
 from liverlesion.predictions import read_predictions_table
@@ -285,9 +285,9 @@ def model_rows(cfg_path: Path, backbone: str, summary: dict[str, Any]) -> list[l
             text += (
                 "; every fold kept the radiomics half alone, so these predictions are "
                 + (
-                    "the radiomics logistic regression's."
-                    if m.fusion == "radiomics"
-                    else "the mean of the radiomics LR and RF baselines' probabilities."
+                    "the mean of the radiomics LR and RF baselines' probabilities."
+                    if fusion_votes(m)
+                    else "the radiomics logistic regression's."
                 )
                 if max(known) == 0
                 else "."

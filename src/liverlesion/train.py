@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from liverlesion import runs
-from liverlesion.config import Config, fixed_fusion_weight
+from liverlesion.config import Config, fixed_fusion_weight, fusion_votes
 from liverlesion.decision import CLASSIFIED, TOO_SMALL, choose_threshold, decide, too_small_rows
 from liverlesion.domain import training_range
 from liverlesion.fileio import write_csv
@@ -259,7 +259,7 @@ def finish_fold(
         return a * deep + (1 - a) * radiomics_logits(model, extra[data.rows])
 
     ok = ~too_small_rows(val.index, cfg.eval.min_size_mm)
-    vote = cfg.model.fusion == "radiomics_vote"  # radiomics: the logistic regression alone
+    vote = fusion_votes(cfg.model)
     if model.fusion_features:
         fit_fusion(model, *_in_table_order(extra, fit.rows, fit.labels), cfg.train.seed, vote)
         # each half calibrated on its own, then mixed (fusion.py)
@@ -444,7 +444,7 @@ def train_fold(
                 epochs = int(train_info["probe"].get("best_epochs", 0))
                 d = cross_fitted_probe_logits(head0, cache, rows, labels, splits, cfg, epochs)
                 r = cross_fitted_radiomics(
-                    extra[rows], y, splits, len(classes), cfg.train.seed, cfg.model.fusion == "radiomics_vote"
+                    extra[rows], y, splits, len(classes), cfg.train.seed, fusion_votes(cfg.model)
                 )
                 return d, r, y, too_small_rows(idx, cfg.eval.min_size_mm), patients
     else:
