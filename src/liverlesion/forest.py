@@ -42,10 +42,14 @@ class TreeEnsemble(nn.Module):
         self.register_buffer("value", torch.zeros(*shape, n_classes))
         self.register_buffer("depth", torch.zeros((), dtype=torch.long))
         self.levels = 0  # the walk's length, a plain int so that export unrolls it
-        self.register_load_state_dict_post_hook(lambda module, _keys: module._set_levels())
+        self.register_load_state_dict_post_hook(TreeEnsemble._after_load)
 
     def _set_levels(self) -> None:
         self.levels = int(self.depth)
+
+    @staticmethod
+    def _after_load(module: TreeEnsemble, _keys) -> None:  # a named function: the module stays picklable
+        module._set_levels()
 
     @classmethod
     def from_sklearn(cls, forest, n_classes: int) -> TreeEnsemble:
