@@ -94,9 +94,7 @@ class TreeEnsemble(nn.Module):
     def damage(self, n_features: int) -> str | None:
         """What makes this forest unusable on ``n_features`` inputs (an edited or damaged file), or None."""
         n_flat = self.feature.numel()
-        if self.feature.numel() and not (
-            0 <= int(self.feature.min()) and int(self.feature.max()) < n_features
-        ):
+        if n_flat and not (0 <= int(self.feature.min()) and int(self.feature.max()) < n_features):
             return f"its forest splits on a feature outside the {n_features} the model reads"
         for name in ("left", "right"):
             child = getattr(self, name)

@@ -31,11 +31,10 @@ def radiomics_logits(model, extra: np.ndarray) -> np.ndarray:
         )
 
 
-def radiomics_lr(fit_x: np.ndarray, fit_y: np.ndarray, k: int, seed: int):
+def radiomics_lr(x: np.ndarray, fit_y: np.ndarray, k: int, seed: int):
     """The radiomics baselines' logistic regression, as plain arrays (fill, mean, std, W, b) of logits."""
     from liverlesion.baselines import lr_pipeline  # local: heavy (scipy)
 
-    x = np.where(np.isfinite(fit_x), fit_x, np.nan)
     pipe = lr_pipeline(seed).fit(x, fit_y)
     imp, scale, lr = pipe.named_steps["impute"], pipe.named_steps["scale"], pipe.named_steps["lr"]
     fill, mean, std = imp.statistics_, scale.mean_, scale.scale_
@@ -51,12 +50,11 @@ def radiomics_lr(fit_x: np.ndarray, fit_y: np.ndarray, k: int, seed: int):
     return fill, mean, std, w, b
 
 
-def radiomics_forest(fit_x: np.ndarray, fit_y: np.ndarray, k: int, seed: int):
+def radiomics_forest(x: np.ndarray, fit_y: np.ndarray, k: int, seed: int):
     """The radiomics baselines' random forest (``baselines.radiomics_rf``), as a torch module."""
     from liverlesion.baselines import rf_pipeline  # local: heavy (scipy)
     from liverlesion.forest import TreeEnsemble
 
-    x = np.where(np.isfinite(fit_x), fit_x, np.nan)
     return TreeEnsemble.from_sklearn(rf_pipeline(seed).fit(x, fit_y).named_steps["rf"], k)
 
 
@@ -66,8 +64,9 @@ def handcrafted_half(fit_x: np.ndarray, fit_y: np.ndarray, k: int, seed: int, vo
     ``vote`` (``model.fusion: radiomics_vote``): the soft vote of the two radiomics baselines, the
     logistic regression and the random forest; else (``radiomics``) the logistic regression alone.
     """
-    forest = radiomics_forest(fit_x, fit_y, k, seed) if vote else None
-    return radiomics_lr(fit_x, fit_y, k, seed), forest
+    x = np.where(np.isfinite(fit_x), fit_x, np.nan)  # inf as missing, as the baselines impute it
+    forest = radiomics_forest(x, fit_y, k, seed) if vote else None
+    return radiomics_lr(x, fit_y, k, seed), forest
 
 
 def handcrafted_logits(half, x: np.ndarray) -> np.ndarray:
