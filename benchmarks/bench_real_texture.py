@@ -93,10 +93,21 @@ class RealLiver:
         self.liver_box = (tuple(slice(0, n) for n in allowed.shape),)
 
 
-def make_cohort(src: Path, out: Path, patients: int, lesions: int, seed: int, difficulty: float) -> Path:
-    """Write ``out/manifest.csv`` with ``patients`` studies of the real liver and new lesions."""
+def make_cohort(
+    src: Path,
+    out: Path,
+    patients: int,
+    lesions: int,
+    seed: int,
+    difficulty: float,
+    classes: tuple[str, ...] | None = None,
+) -> Path:
+    """Write ``out/manifest.csv`` with ``patients`` studies of the real liver and new lesions.
+
+    ``classes``: the lesion classes (``liverlesion synth --classes``); None is metastasis and cyst.
+    """
     from liverlesion.fileio import write_csv
-    from liverlesion.synth.cohort import _write_nifti, allocate_lesions, manifest_row
+    from liverlesion.synth.cohort import CLASSES, _write_nifti, allocate_lesions, manifest_row
     from liverlesion.synth.lesions import LesionPainter
 
     class Painter(RealLiver, LesionPainter):
@@ -107,7 +118,7 @@ def make_cohort(src: Path, out: Path, patients: int, lesions: int, seed: int, di
     sig = [LOCAL_MEAN_SIGMA_MM / s for s in spacing]
     smooth = ndimage.gaussian_filter(hu, sig)
     rng = np.random.default_rng(seed)
-    per_patient = allocate_lesions(rng, patients, lesions)
+    per_patient = allocate_lesions(rng, patients, lesions, tuple(classes or CLASSES))
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
     rows = []
@@ -145,6 +156,7 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=["fusion", "lpft"], choices=list(VARIANTS))
     ap.add_argument("--patients", type=int, default=63)
     ap.add_argument("--lesions", type=int, default=230)
+    ap.add_argument("--classes", default=None, help="comma-separated (liverlesion synth --classes)")
     ap.add_argument("--out", type=Path, default=Path("/tmp/bench_real_texture"))
     args = ap.parse_args()
     if not args.ircadb.is_dir():
@@ -153,7 +165,8 @@ def main() -> None:
         )
 
     def make(folder: Path, seed: int, d: float) -> None:
-        make_cohort(args.ircadb, folder, args.patients, args.lesions, seed, d)
+        classes = tuple(c.strip() for c in args.classes.split(",")) if args.classes else None
+        make_cohort(args.ircadb, folder, args.patients, args.lesions, seed, d, classes)
 
     run_grid(args, make, label="real-texture ")
 

@@ -397,6 +397,10 @@ def test_cache_readers(fake_cohort, tmp_path):
     assert PC.load_patch_settings(out)["window_width"] == cfg.window_width
     (out / "settings.json").unlink()
     assert PC.load_patch_settings(out) == {}  # a cache without settings.json: callers use defaults
+    whole = (out / "index.csv").read_bytes()
+    (out / "index.csv").write_bytes(whole[: whole.rindex(b",")])  # a copy cut short in its last row
+    with pytest.raises(UserError, match=r"index.csv: looks truncated: .*delete the patch cache folder"):
+        PC.load_patch_index(out)
     idx.drop(columns=["file"]).to_csv(out / "index.csv", index=False)
     with pytest.raises(UserError, match=r"index.csv: missing column\(s\) file; rebuild the patch cache"):
         PC.load_patch_index(out)

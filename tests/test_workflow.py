@@ -105,6 +105,14 @@ def test_cv_resume_reuses_finished_folds(cohort, tmp_path, capsys):
     assert "already trained" in capsys.readouterr().out
     again = pd.read_csv(run / "predictions.csv")
     assert sorted(again["lesion_id"]) == sorted(preds["lesion_id"])
+    # a finished fold whose kept predictions were cut short (a copy of the run) is not silently reused
+    kept = run / "fold_0" / "test_predictions.csv"
+    kept.write_bytes(kept.read_bytes()[:-12])
+    (run / "predictions.csv").unlink()
+    assert main([*args, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "test_predictions.csv: looks truncated" in err and "fold_0 and run again" in err
+    assert not (run / "predictions.csv").exists()
 
 
 def test_deterministic_mode_repeats_exactly(tmp_path):

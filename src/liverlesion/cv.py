@@ -22,6 +22,7 @@ import pandas as pd
 
 from liverlesion import DISCLAIMER, __version__, runs
 from liverlesion.config import FUSION_HALF, Config
+from liverlesion.csv_check import check_csv_complete
 from liverlesion.domain import stats_table
 from liverlesion.errors import UserError
 from liverlesion.fileio import write_csv, write_json
@@ -377,11 +378,9 @@ def run_cv(
             # is byte-identical to an uninterrupted one
             ids = {c: str for c in ("patient_id", "lesion_id", "true_class", "pred_class")}
             for frames, name in ((test_frames, "test"), (val_frames, "val")):
-                frames.append(
-                    pd.read_csv(
-                        runs.fold_predictions_path(fold_dir, name), dtype=ids, float_precision="round_trip"
-                    )
-                )
+                kept = runs.fold_predictions_path(fold_dir, name)
+                check_csv_complete(kept, f"delete the folder {fold_dir} and run again to retrain this fold")
+                frames.append(pd.read_csv(kept, dtype=ids, float_precision="round_trip"))
             continue
         fit = fold_subset(index, arrays, classes, s["train_patients"])
         val = fold_subset(index, arrays, classes, s["val_patients"])

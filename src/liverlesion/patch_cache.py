@@ -26,6 +26,7 @@ import pandas as pd
 
 from liverlesion import DISCLAIMER, __version__
 from liverlesion.config import PatchConfig, config_from_dict
+from liverlesion.csv_check import check_csv_complete
 from liverlesion.errors import UserError
 from liverlesion.fileio import atomic_dir, atomic_path, safe_name, write_csv, write_json
 from liverlesion.io import check_tolerance
@@ -272,6 +273,9 @@ def load_patch_index(patch_dir: str | Path) -> pd.DataFrame:
         UserError: No (single) cache in ``patch_dir``, or an index without ``lesion_id`` / ``file``.
     """
     folder = resolve_patch_dir(patch_dir)
+    check_csv_complete(
+        folder / "index.csv", f"delete the patch cache folder {folder} and run again to rebuild it"
+    )
     text = {c: str for c in _TEXT_COLUMNS}
     index = pd.read_csv(folder / "index.csv", dtype=text, keep_default_na=False, na_values=[""])
     missing = [c for c in ("lesion_id", "file") if c not in index.columns]
