@@ -382,3 +382,32 @@ def test_min_delta_stops_a_creeping_loss_and_still_keeps_the_lowest(tmp_path):
         ran[delta] = res
     assert ran[0.0]["epochs"] == 10 and ran[0.0]["best_epochs"] == 10  # still improving at the limit
     assert ran[1.0]["epochs"] == 3 and ran[1.0]["best_epochs"] == 3  # patience 2 after the first epoch
+
+
+@pytest.mark.parametrize("command", ["cv", "train"])
+@pytest.mark.parametrize("made", [False, True])
+def test_a_bad_image_found_while_cutting_patches_leaves_no_run_folder(tmp_path, capsys, command, made):
+    # the run folder's config.yaml and empty patches/ were left behind, and the next run was refused
+    # with 'run folder already exists and is not empty; pass --resume'
+    from helpers import make_ct_array
+    from liverlesion.cli import main
+    from liverlesion.io import write_volume
+
+    rows = []
+    for i in range(4):
+        image, mask = make_ct_array(seed=i)
+        write_volume(image, tmp_path / f"ct{i}.nii.gz")
+        write_volume(mask, tmp_path / f"mask{i}.nii.gz")
+        rows.append(f"p{i},ct{i}.nii.gz,{['cyst', 'metastasis'][i % 2]},mask{i}.nii.gz")
+    (tmp_path / "ct3.nii.gz").write_text("not an image\n")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("patient_id,image,lesion_class,mask\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "runs" / "run"
+    if made:  # a folder the user made for the run is kept, empty
+        out.mkdir(parents=True)
+    extra = ["--folds", "2"] if command == "cv" else []
+    for _ in range(2):  # the second run meets the same error, not the first run's leftovers
+        assert main([command, str(manifest), "-o", str(out), *extra]) == 2
+        err = capsys.readouterr().err
+        assert "ct3.nii.gz is not a NIfTI image" in err and "Traceback" not in err
+        assert (out.is_dir() and not any(out.iterdir())) if made else not out.exists()

@@ -13,6 +13,7 @@ import contextlib
 import functools
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,16 @@ def _prepare_run_dir(out: Path, resume: bool) -> Path:
         )
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def _remove_new_run_dir(out: Path, existed: bool) -> None:
+    """Undo a run folder's start (config.yaml, the empty patches/ folder); keep a folder the user made."""
+    runs.config_path(out).unlink(missing_ok=True)
+    patches = runs.patches_dir(out)
+    if patches.is_dir() and not any(patches.rglob("*.npz")):  # build_patches leaves no partial cache
+        shutil.rmtree(patches, ignore_errors=True)
+    if not existed and not any(out.iterdir()):
+        out.rmdir()
 
 
 @contextlib.contextmanager
@@ -249,13 +260,20 @@ def _start_run(manifest: str | Path, out: str | Path, cfg: Config, resume: bool,
     resolved = resolve_init(cfg)
     rank = _init_distributed(cfg)
     out = Path(out)
+    existed = out.exists()
     if rank == 0:  # under torchrun the first process sets the run folder up, the others wait for it
         out = _prepare_run_dir(out, resume)
+    fresh = not any(out.iterdir()) if rank == 0 else False
     _set_threads(cfg)
     if rank == 0:
-        cfg.save(runs.config_path(out))
-        print(f"liverlesion {kind}: {DISCLAIMER}")
-        patch_dir, index = prepare_patches(manifest, out, cfg)
+        try:
+            cfg.save(runs.config_path(out))
+            print(f"liverlesion {kind}: {DISCLAIMER}")
+            patch_dir, index = prepare_patches(manifest, out, cfg)
+        except BaseException:
+            if fresh:  # a bad image or mask found while cutting patches: leave no run folder to --resume
+                _remove_new_run_dir(out, existed)
+            raise
     _barrier()
     if rank != 0:
         patch_dir, index = prepare_patches(manifest, out, cfg)  # the finished cache: nothing is recut
