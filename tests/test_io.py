@@ -429,6 +429,28 @@ def test_zip_input_reads_and_cleans_up(tmp_path, tiny_ct, tiny_dicom_dir, monkey
     assert list(scratch.iterdir()) == []
 
 
+def test_checkpoint_or_nested_zip_given_as_the_image_says_what_it_is(tmp_path, tiny_dicom_dir):
+    # torch.save writes a zip: a model.pt given as --image was unpacked and scanned for DICOM ('no DICOM
+    # image series found (skipped: 102 not DICOM or unreadable)'), and a zip inside the zip read as 'not DICOM'
+    import torch
+
+    ckpt = tmp_path / "model.pt"
+    torch.save({"w": torch.zeros(2)}, ckpt)
+    for kind in ("image", "mask"):
+        with pytest.raises(UserError, match=r"model.pt is a PyTorch file .* not a CT image") as e:
+            read_volume(ckpt, kind=kind, name="--image")
+        assert "--model" in one_line(e)
+    inner = tmp_path / "series.zip"
+    with zipfile.ZipFile(inner, "w") as zf:
+        for f in tiny_dicom_dir.iterdir():
+            zf.write(f, f"series/{f.name}")
+    outer = tmp_path / "outer.zip"
+    with zipfile.ZipFile(outer, "w") as zf:
+        zf.write(inner, "series.zip")
+    with pytest.raises(UserError, match=r"no DICOM image series .*skipped: 1 zip archive \(unzip it first\)"):
+        read_volume(outer)
+
+
 def test_multiframe_enhanced_ct(tmp_path, tiny_ct):
     highdicom = pytest.importorskip("highdicom")
     image, _ = tiny_ct

@@ -82,6 +82,12 @@ class extracted_zip:
         try:
             with zipfile.ZipFile(self.path) as zf:
                 members = check_zip_members(zf, self.label, self.path)
+                if any(i.filename.rpartition("/")[2] == "data.pkl" for i in members):  # torch.save's zip
+                    raise UserError(
+                        f"{self.label}: {self.path} is a PyTorch file (e.g. a model.pt checkpoint), not a CT "
+                        f"image or a zipped DICOM series; check which file went to which option (a checkpoint "
+                        f"is given with --model)"
+                    )
                 total = sum(i.file_size for i in members)
                 free = shutil.disk_usage(self._tmp).free
                 if total > free:

@@ -9,6 +9,7 @@ import functools
 import logging
 import os
 import warnings
+import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,7 +188,10 @@ def scan_dicom(folder: Path, label: str, with_skipped: bool = False):
             continue
         ds = read_header(f)
         if ds is None:
-            skipped["not DICOM or unreadable"] += 1
+            # a zip in the folder (or in the .zip given) is not opened: say so rather than 'not DICOM'
+            skipped[
+                "zip archive (unzip it first)" if zipfile.is_zipfile(f) else "not DICOM or unreadable"
+            ] += 1
             continue
         if not is_image(ds):
             skipped[f"non-image {ds.get('Modality', 'object')}"] += 1
