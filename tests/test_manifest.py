@@ -235,6 +235,16 @@ def test_not_csv_or_bad_encoding(folder: Path, data: bytes, expected: str):
         read_manifest(path)
 
 
+def test_checkpoint_given_as_the_manifest_is_named(folder: Path):
+    # torch.save writes a zip: it was called an Excel workbook, to be saved as CSV
+    import torch
+
+    path = folder / "model.pt"
+    torch.save({"w": torch.zeros(2)}, path)
+    with pytest.raises(UserError, match=r"model.pt: a PyTorch file .*not a CSV file.*--model"):
+        read_manifest(path)
+
+
 def test_latin1_error_gives_line(folder: Path):
     path = folder / "m.csv"
     path.write_bytes(b"patient_id,image,mask,lesion_class\np1,a,b,c\np\xe9,a,b,c\n")

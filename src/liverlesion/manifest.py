@@ -22,6 +22,7 @@ import csv
 import io as _io
 import math
 import os
+import zipfile
 from pathlib import Path
 
 import pandas as pd
@@ -52,6 +53,11 @@ def _decode(path: Path, data: bytes) -> str:
             f"manifest {path}: the file is UTF-16 text (Excel 'Unicode text'); save it as 'CSV UTF-8 (comma delimited)'"
         )
     if data.startswith(b"PK\x03\x04"):
+        if _is_torch_zip(data):
+            raise UserError(
+                f"manifest {path}: a PyTorch file (e.g. a model.pt checkpoint), not a CSV file; give the manifest "
+                "CSV here, and a checkpoint with --model"
+            )
         raise UserError(
             f"manifest {path}: this is a zip/Excel workbook, not a CSV file; "
             "save it as 'CSV UTF-8 (comma delimited)'"
@@ -66,6 +72,16 @@ def _decode(path: Path, data: bytes) -> str:
             f"manifest {path}: not UTF-8 text (byte 0x{data[e.start]:02x} on file line {line}); "
             "re-save it as 'CSV UTF-8' (e.g. Excel: Save As > CSV UTF-8)"
         ) from e
+
+
+def _is_torch_zip(data: bytes) -> bool:
+    from liverlesion.io.archive import is_torch_archive
+
+    try:
+        with zipfile.ZipFile(_io.BytesIO(data)) as zf:
+            return is_torch_archive(zf)
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return False
 
 
 def _where(path: Path, row: int) -> str:

@@ -47,6 +47,11 @@ def unsafe_zip_member(info: zipfile.ZipInfo) -> str | None:
     return None
 
 
+def is_torch_archive(zf: zipfile.ZipFile) -> bool:
+    """True for the zip ``torch.save`` writes (a checkpoint): it holds a ``data.pkl``."""
+    return any(name.rpartition("/")[2] == "data.pkl" for name in zf.namelist())
+
+
 def check_zip_members(zf: zipfile.ZipFile, label: str, path: Path) -> list[zipfile.ZipInfo]:
     """The file entries of an open zip, after refusing unsafe entry names (see :func:`unsafe_zip_member`).
 
@@ -82,7 +87,7 @@ class extracted_zip:
         try:
             with zipfile.ZipFile(self.path) as zf:
                 members = check_zip_members(zf, self.label, self.path)
-                if any(i.filename.rpartition("/")[2] == "data.pkl" for i in members):  # torch.save's zip
+                if is_torch_archive(zf):
                     raise UserError(
                         f"{self.label}: {self.path} is a PyTorch file (e.g. a model.pt checkpoint), not a CT "
                         f"image or a zipped DICOM series; check which file went to which option (a checkpoint "
