@@ -191,6 +191,14 @@ def test_evaluate_a_foreign_csv_is_one_line(tmp_path, capsys):
     assert rc != 0 and "not the output of `liverlesion predict`" in err and "\n" not in err.strip()
 
 
+def test_evaluate_a_checkpoint_given_as_the_results_is_one_line(tmp_path, capsys):
+    # it was read as a CSV: 'file line 9 has 2 fields but the header has 1; the file is damaged or was edited'
+    ckpt = make_tiny_checkpoint(tmp_path / "model.pt", seed=0)
+    rc, _, err = _run(["evaluate", ckpt], capsys)
+    assert rc == 2 and "Traceback" not in err and "\n" not in err.strip(), err
+    assert "model.pt: binary data, not a CSV table" in err and "file line" not in err
+
+
 def test_fold_range_excludes_the_test_fold():
     from liverlesion.train import FoldData, _training_domain
 

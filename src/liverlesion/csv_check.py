@@ -28,9 +28,15 @@ def check_csv_complete(path: str | Path, fix: str) -> None:
     """
     path = Path(path)
     try:
-        text = path.read_bytes().decode("utf-8-sig", errors="replace")
+        data = path.read_bytes()
     except OSError:
         return
+    if b"\x00" in data[:65536]:  # no CSV holds NUL bytes: another kind of file (or a damaged one)
+        raise UserError(
+            f"{path}: binary data, not a CSV table (another kind of file given in its place, e.g. a checkpoint "
+            f"or an image, or a damaged copy); check the path, or {fix}"
+        )
+    text = data.decode("utf-8-sig", errors="replace")
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
         records = [(reader.line_num, rec) for rec in reader]
