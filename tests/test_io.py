@@ -124,6 +124,17 @@ def test_2d_and_4d_images_are_refused(tmp_path):
         read_volume(tmp_path / "phases.nii.gz")
 
 
+def test_sheared_nifti_is_named_sheared_not_corrupt(tmp_path):
+    # ITK refuses non-orthogonal axes; the message was 'corrupt, truncated or not an image file'
+    affine = np.diag([1.0, 1.0, 2.5, 1.0])
+    affine[0, 1] = 0.5
+    path = tmp_path / "sheared.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 4), np.int16), affine), path)
+    with pytest.raises(UserError, match="sheared or skewed orientation") as e:
+        read_volume(path, name="--image")
+    assert "corrupt" not in one_line(e)
+
+
 @pytest.mark.parametrize("name", ["fake.nii", "fake.nii.gz", "fake.dcm", "fake"])
 def test_non_image_file_is_refused(tmp_path, name):
     path = tmp_path / name
@@ -655,14 +666,17 @@ def test_truncated_metaimage_refused_before_itk(tmp_path, capfd):
     from liverlesion.errors import UserError
     from liverlesion.io import read_volume
 
-    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((6, 16, 16), np.int16)), str(tmp_path / "ct.mha"))
-    data = (tmp_path / "ct.mha").read_bytes()
-    (tmp_path / "cut.mha").write_bytes(data[: len(data) - 100])
-    assert read_volume(tmp_path / "ct.mha").array.shape == (6, 16, 16)
-    with pytest.raises(UserError, match=r"cut\.mha is truncated.*copy or export it again"):
-        read_volume(tmp_path / "cut.mha")
-    err = capfd.readouterr().err
-    assert "MetaImage" not in err
+    noise = np.random.default_rng(0).integers(-1000, 1000, (6, 16, 16)).astype(np.int16)
+    # compressed too (write_volume's own .mha), where the header gives CompressedDataSize
+    for compressed in (False, True):
+        sitk.WriteImage(sitk.GetImageFromArray(noise), str(tmp_path / "ct.mha"), useCompression=compressed)
+        data = (tmp_path / "ct.mha").read_bytes()
+        (tmp_path / "cut.mha").write_bytes(data[: len(data) - 100])
+        assert read_volume(tmp_path / "ct.mha").array.shape == (6, 16, 16)
+        with pytest.raises(UserError, match=r"cut\.mha is truncated.*copy or export it again"):
+            read_volume(tmp_path / "cut.mha")
+        err = capfd.readouterr().err
+        assert "MetaImage" not in err
 
 
 @pytest.mark.parametrize(

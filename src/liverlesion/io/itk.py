@@ -66,6 +66,12 @@ def read_sitk_file(path: Path, kind: str, label: str, fmt: str) -> Volume:
         img = sitk.ReadImage(str(path))
     except RuntimeError as exc:
         log.debug("%s: ITK could not read %s: %s", label, path, exc)
+        if "orthonormal" in str(exc):  # a sheared or skewed affine (sform / qform): not a damaged file
+            raise UserError(
+                f"{label}: {path} has a sheared or skewed orientation (its voxel axes are not at right angles), "
+                f"which cannot be read as a CT grid; resample it onto an orthogonal grid (e.g. 3D Slicer or "
+                f"nibabel's resample_to_output) or re-export it from DICOM with dcm2niix"
+            ) from None
         raise UserError(
             f"{label}: {path} could not be read as a {fmt} image (corrupt, truncated or not an image file); "
             f"re-export it or copy it again"
@@ -142,6 +148,11 @@ def _check_metaimage_complete(path: Path, label: str) -> None:
     else:
         return
     if fields.get("CompressedData", "False") == "True":
+        try:  # ITK writes the compressed size; a file cut short holds less (ITK would print to stderr)
+            expected = int(fields["CompressedDataSize"])
+        except (KeyError, ValueError):
+            return
+        _refuse_short_data(path, label, data, actual, expected)
         return
     try:
         dims = [int(v) for v in fields["DimSize"].split()]
