@@ -373,7 +373,7 @@ def test_load_missing_file(tmp_path) -> None:
     [
         ("patient,label\n", r"a text file \(e\.g\. a CSV, YAML or JSON file\), not the model\.pt"),
         ("hello", r"a text file .*, not the model\.pt"),
-        ("", "not a PyTorch file"),
+        ("", r"model\.pt: the file is empty \(0 bytes"),
     ],
 )
 def test_load_not_a_torch_file(tmp_path, text: str, says: str) -> None:

@@ -11,6 +11,7 @@ for user files (checkpoints and ``--weights`` files). Rebuilding the network fro
 from __future__ import annotations
 
 import codecs
+import contextlib
 import datetime as _dt
 import math
 import pickle
@@ -56,6 +57,11 @@ def safe_torch_load(path: Path, what: str) -> Any:
             f"{what} {path}: an ONNX export, not a PyTorch file; give the model.pt it was exported from "
             "(predict and serve find the model.onnx next to it themselves, with --backend onnx or auto)"
         )
+    with contextlib.suppress(OSError):  # a missing file is torch.load's to report
+        if Path(path).stat().st_size == 0:  # torch says only 'EOFError: '
+            raise UserError(
+                f"{what} {path}: the file is empty (0 bytes; a copy or save that never finished); copy it again"
+            )
     try:
         with warnings.catch_warnings():
             # torch warns (several lines) about the pickle protocol of a foreign file before refusing it
