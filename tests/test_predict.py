@@ -380,6 +380,11 @@ def _no_hu(tmp_path: Path, ckpts) -> Path:
     return write_volume(image, tmp_path / "raw.nii.gz")
 
 
+def _label_mask(tmp_path: Path, ckpts) -> Path:
+    _, mask = make_ct_with_two_lesions()
+    return write_volume(mask, tmp_path / "labels.nii.gz")
+
+
 def _normalised(tmp_path: Path, ckpts) -> Path:
     """z-scored intensities (a network's preprocessed input): negative values, but not HU."""
     image, _ = make_ct_array()
@@ -467,7 +472,14 @@ BAD_CASES = {
     "2-D PNG": (lambda t, c, k: _at_point(k, _png(t, k)), "--image"),
     "zero spacing NIfTI": (lambda t, c, k: _at_point(k, _nifti_pixdim(t, 0.0)), "pixdim"),
     "negative spacing NIfTI": (lambda t, c, k: _at_point(k, _nifti_pixdim(t, -2.5)), "pixdim"),
+    # a metre-scale header: lesion crops of millions of voxels ran out of memory after a long wait
+    "sub-micron spacing NIfTI": (lambda t, c, k: _at_point(k, _nifti_pixdim(t, 1e-5)), "not a CT geometry"),
     "not HU": (lambda t, c, k: _at_point(k, _no_hu(t, k)), "HU"),
+    # a label mask given as the image was only 'no negative values ... not CT in HU'
+    "label mask as --image": (
+        lambda t, c, k: ["--model", k["a"], "--image", _label_mask(t, k), "--mask", c["mask"]],
+        "as in a label mask (were the image and the mask swapped?)",
+    ),
     "normalised, not HU": (lambda t, c, k: _at_point(k, _normalised(t, k)), "values span only"),
     "wrong scale, not HU": (lambda t, c, k: _at_point(k, _rescaled(t, k)), "values beyond +-100000"),
     "inverted HU (negative scl_slope)": (lambda t, c, k: _at_point(k, _inverted(t, k)), "look inverted"),

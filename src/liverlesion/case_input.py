@@ -18,11 +18,16 @@ __all__ = ["check_ct_volume", "check_min_size", "mask_volume", "parse_point"]
 
 # Spacing beyond this is not a CT voxel (mm); usually a unit error (cm / m) in a converted file.
 _MAX_SPACING_MM = 50.0
+# Finer than any clinical CT (ultra-high-resolution CT: 0.15-0.25 mm): spacing in metres or a broken header. Left
+# through, a 16 mm lesion crop spans millions of voxels (at 1e-5 mm predict ran out of memory after a long wait).
+_MIN_SPACING_MM = 0.05
 # A CT in HU spans hundreds (fat -100 to contrast-filled vessels 200, air -1000); normalised or
 # rescaled intensities (z-scores, [-1, 1], HU / 1000) span a few units.
 _MIN_HU_SPAN = 100.0
 # Beyond any HU a scanner stores (int16 padding -32768 less an intercept; metal ~30000): a wrong scale factor.
 _MAX_ABS_HU = 1e5
+# A volume of whole numbers 0..255 is a label mask (a CT without its rescale still spans 0 to 1000s).
+_MAX_MASK_LABEL = 255
 # Inverted intensities (a negative rescale slope, e.g. NIfTI scl_slope -1): air, the lungs and the padding
 # outside the body become +1000 HU or more. In real CT only bone, contrast and metal exceed +500 HU, a few
 # per cent of the voxels (3D-IRCADb patient 1: 0.6%), always far fewer than the air below -500 HU (46% there).
@@ -67,10 +72,14 @@ def check_ct_volume(volume: Volume, name: str = "image") -> None:
         UserError: One line naming ``name``.
     """
     spacing = np.asarray(volume.spacing, dtype=float)
-    if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0) or np.any(spacing > _MAX_SPACING_MM):
+    if (
+        not np.all(np.isfinite(spacing))
+        or np.any(spacing < _MIN_SPACING_MM)
+        or np.any(spacing > _MAX_SPACING_MM)
+    ):
         raise UserError(
-            f"{name}: voxel spacing {tuple(round(float(s), 4) for s in spacing)} mm (z, y, x) is not a CT geometry "
-            f"(each must be > 0 and <= {_MAX_SPACING_MM:g} mm); the file's header is broken or not in mm: "
+            f"{name}: voxel spacing {tuple(float(f'{s:.4g}') for s in spacing)} mm (z, y, x) is not a CT geometry "
+            f"(each must be {_MIN_SPACING_MM:g} to {_MAX_SPACING_MM:g} mm); the file's header is broken or not in mm: "
             "re-export the CT with its real spacing (e.g. from DICOM with dcm2niix)"
         )
     if not np.all(np.isfinite(volume.direction)) or abs(abs(np.linalg.det(volume.direction)) - 1) > 1e-2:
@@ -89,7 +98,9 @@ def check_ct_volume(volume: Volume, name: str = "image") -> None:
         )
     lo, hi = float(np.min(volume.array)), float(np.max(volume.array))
     why = (
-        "no negative values"
+        f"whole numbers from {lo:g} to {hi:g} only, as in a label mask (were the image and the mask swapped?)"
+        if lo >= 0 and hi <= _MAX_MASK_LABEL and np.array_equal(volume.array, np.round(volume.array))
+        else "no negative values"
         if lo >= 0
         else f"values span only {hi - lo:.3g}"
         if hi - lo < _MIN_HU_SPAN
