@@ -12,6 +12,7 @@ from helpers import make_ct_array
 from liverlesion.cli import main
 from liverlesion.errors import UserError
 from liverlesion.io import read_volume, write_volume
+from liverlesion.volume import Volume
 
 
 def cli_fails(capsys, args, *names) -> str:
@@ -356,6 +357,26 @@ def test_inverted_intensities_are_refused_and_real_ct_is_not(real, request):
     check_ct_volume(image)
     with pytest.raises(UserError, match="look inverted"):
         check_ct_volume(image.with_array(-image.array))
+
+
+@pytest.mark.parametrize("real", ["synthetic", "ircadb"])
+def test_inverted_crop_without_air_is_refused_and_the_real_crop_is_not(real, request):
+    """A tight crop around a lesion holds no air, so the air rule cannot see its inversion; its median can
+    (the liver around the lesion is above 0 HU, inverted below -40)."""
+    from liverlesion.case_input import check_ct_volume
+
+    if real == "ircadb":
+        vol = read_volume(request.getfixturevalue("ircad_patient1") / "PATIENT_DICOM")
+        crop = vol.array[82:92, 183:263, 121:201]  # inside the liver of patient 1 (its liver mask), no air
+    else:
+        vol, _ = make_ct_array(noise_hu=20.0)  # a scanner's noise: a crop of 5 HU noise spans under 100 HU
+        crop = vol.array[6:18, 16:32, 16:32]  # the body's soft tissue and the lesion, no air
+    assert (crop < -500).mean() < 0.01
+    tight = Volume(np.ascontiguousarray(crop), vol.spacing, (0.0, 0.0, 0.0), np.eye(3), {})
+    check_ct_volume(tight, "crop")  # real tissue is accepted
+    with pytest.raises(UserError, match=r"crop: a crop with no air whose median is -\d.*inverted") as exc:
+        check_ct_volume(tight.with_array(-tight.array), "crop")
+    assert "\n" not in str(exc.value)
 
 
 # --------------------------------------------------------------------------- 5. truncated / non-NIfTI files
