@@ -460,6 +460,20 @@ def test_checkpoint_or_nested_zip_given_as_the_image_says_what_it_is(tmp_path, t
         zf.write(inner, "series.zip")
     with pytest.raises(UserError, match=r"no DICOM image series .*skipped: 1 zip archive \(unzip it first\)"):
         read_volume(outer)
+    locked = (
+        tmp_path / "locked.zip"
+    )  # Python cannot encrypt: set the flag readers go by (bit 0) in both headers
+    with zipfile.ZipFile(locked, "w") as zf:
+        zf.writestr("series/IM0001", b"\x00" * 64)
+    data = bytearray(locked.read_bytes())
+    data[data.index(b"PK\x03\x04") + 6] |= 0x1  # the local header's flags
+    data[data.index(b"PK\x01\x02") + 8] |= 0x1  # the central directory's
+    locked.write_bytes(bytes(data))
+    with pytest.raises(
+        UserError, match=r"locked.zip is password-protected .*unzip it with its password"
+    ) as e:
+        read_volume(locked)
+    assert "ZipInfo" not in one_line(e)  # it printed the entry's repr
 
 
 def test_multiframe_enhanced_ct(tmp_path, tiny_ct):

@@ -93,6 +93,12 @@ class extracted_zip:
                         f"image or a zipped DICOM series; check which file went to which option (a checkpoint "
                         f"is given with --model)"
                     )
+                locked = [i for i in members if i.flag_bits & 0x1]  # bit 0 of the flags: encrypted
+                if locked:
+                    raise UserError(
+                        f"{self.label}: {self.path} is password-protected ({len(locked)} encrypted entries, e.g. "
+                        f"{locked[0].filename!r}); unzip it with its password and pass the folder"
+                    )
                 total = sum(i.file_size for i in members)
                 free = shutil.disk_usage(self._tmp).free
                 if total > free:
