@@ -27,6 +27,7 @@ from liverlesion import __version__
 from liverlesion.config import Config
 from liverlesion.errors import UserError
 from liverlesion.fileio import atomic_path
+from liverlesion.io.archive import is_torch_archive
 from liverlesion.onnx_backend import file_hash
 from liverlesion.runs import not_a_model_file
 from liverlesion.versions import library_versions
@@ -116,7 +117,7 @@ def _other_kind(path: Path) -> str | None:
         return "a text file (e.g. a CSV, YAML or JSON file)"
     try:
         with zipfile.ZipFile(path) as z:
-            if not any(n.endswith("data.pkl") for n in z.namelist()):  # torch.save's archive holds one
+            if not is_torch_archive(z):
                 return "a zip archive without torch.save's contents (e.g. a zipped DICOM series)"
     except (zipfile.BadZipFile, OSError, ValueError):
         pass
