@@ -258,6 +258,11 @@ def test_folder_wrong_layout_names_expected_and_missing(tmp_path: Path):
     (ircad / "PATIENT_DICOM").mkdir(parents=True)
     with pytest.raises(UserError, match="import ircadb"):
         import_folder(ircad, tmp_path / "out", ["2=metastasis"])
+    (empty / "manifest.csv").write_text("patient_id,image,mask,label,lesion_class\n")  # a cohort of ours
+    with pytest.raises(
+        UserError, match=r"it holds a manifest.csv: pass .*manifest.csv to `liverlesion inspect`"
+    ):
+        import_folder(empty, tmp_path / "out", ["2=metastasis"])
 
 
 def test_folder_unpaired_files_are_named(tmp_path: Path):

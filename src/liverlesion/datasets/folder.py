@@ -109,6 +109,8 @@ def _layout(src: Path) -> tuple[str, Path, Path]:
     hint = ""
     if any(n.startswith("3dircadb1.") for n in lower) or {"patient_dicom", "masks_dicom"} & lower:
         hint = "; it looks like 3D-IRCADb-01: use `liverlesion import ircadb`"
+    elif (src / "manifest.csv").is_file():
+        hint = f"; it holds a manifest.csv: pass {src / 'manifest.csv'} to `liverlesion inspect` or `cv` as it is"
     raise UserError(
         f"{src}: no layout `import folder` reads; expected {NNUNET} (missing {', '.join(missing_nn)}) "
         f"or {PAIRS} (missing {', '.join(missing_pairs)}){hint}"
@@ -202,7 +204,7 @@ def _values_in_labels(cases: Sequence[Case]) -> dict[int, int]:
     """Label value -> number of label files holding it (reads every label file once)."""
     found: dict[int, int] = {}
     for c in cases:
-        arr = np.asarray(read_volume(c.label, kind="mask", name=f"case {c.case_id} label {c.label}").array)
+        arr = np.asarray(read_volume(c.label, kind="mask", name=f"case {c.case_id} label").array)
         for v in np.unique(arr):
             found[int(v)] = found.get(int(v), 0) + 1
     return found

@@ -170,8 +170,8 @@ def _import_case(
     tmp_out: Path,
     tolerance: float,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    image = read_volume(case.image, kind="image", name=f"case {case.case_id} image {case.image}")
-    label = read_volume(case.label, kind="mask", name=f"case {case.case_id} label {case.label}")
+    image = read_volume(case.image, kind="image", name=f"case {case.case_id} image")
+    label = read_volume(case.label, kind="mask", name=f"case {case.case_id} label")
     check_geometry(
         image,
         label,
