@@ -342,6 +342,27 @@ def test_impossible_spacing_or_rescale_is_refused(tmp_path, tiny_ct, keyword, va
     assert msg.startswith("--image: DICOM file") and expected in msg and "re-export" in msg
 
 
+def test_series_without_rescale_tags_is_named_when_its_values_are_not_hu(tmp_path, tiny_ct):
+    """Stored values of 0..4095 with no RescaleSlope/Intercept read as 'HU' with no negatives: the check
+    that refuses them says which tags are missing, not only that the values are not HU."""
+    from liverlesion.case_input import check_ct_volume
+
+    image, _ = tiny_ct
+    paths = write_dicom_series(image, tmp_path / "s", shuffle_names=False)  # intercept -1024: all stored >= 0
+    for p in paths:
+        ds = pydicom.dcmread(p)
+        del ds.RescaleSlope, ds.RescaleIntercept
+        ds.save_as(p)
+    vol = read_volume(tmp_path / "s", name="--image")
+    assert vol.meta["rescale_absent"] and float(vol.array.min()) >= 0
+    with pytest.raises(UserError) as exc:
+        check_ct_volume(vol, "--image")
+    assert "no negative values, and the DICOM series has no RescaleSlope or RescaleIntercept" in one_line(exc)
+    with_tags = read_volume(write_dicom_series(image, tmp_path / "t")[0].parent)
+    assert "rescale_absent" not in with_tags.meta
+    check_ct_volume(with_tags, "--image")
+
+
 def test_missing_slice_names_the_gap(tmp_path, tiny_ct):
     image, _ = tiny_ct
     paths = write_dicom_series(image, tmp_path / "s", shuffle_names=False)

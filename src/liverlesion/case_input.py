@@ -113,6 +113,8 @@ def check_ct_volume(volume: Volume, name: str = "image") -> None:
         if max(-lo, hi) > _MAX_ABS_HU
         else None
     )
+    if why and volume.meta.get("rescale_absent"):
+        why += ", and the DICOM series has no RescaleSlope or RescaleIntercept to convert its stored values"
     if why:
         raise UserError(
             f"{name}: {why} (min {lo:g}, max {hi:g}); CT in Hounsfield units has air near -1000 and fat near "

@@ -354,6 +354,8 @@ def _finish_dicom(
         "source": str(path),
         "format": fmt,
     }
+    if all(str(ds0.get(k, "") or "").strip() == "" for k in ("RescaleSlope", "RescaleIntercept")):
+        meta["rescale_absent"] = True  # stored values taken as HU: check_ct_volume names it if they are not
     vol = sitk_to_volume(img, meta)
     vol.array = convert_array(vol.array, kind, label, path)
     sop_uids = [str(ds.get("SOPInstanceUID", "")) for _, ds in files]
