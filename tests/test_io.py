@@ -363,6 +363,26 @@ def test_series_without_rescale_tags_is_named_when_its_values_are_not_hu(tmp_pat
     check_ct_volume(with_tags, "--image")
 
 
+def test_undecodable_compressed_series_is_one_line_without_the_decoders_own_lines(tmp_path, tiny_ct, capfd):
+    """GDCM/OpenJPEG print a line per slice straight to file descriptor 2 ("Expected a SOC marker")."""
+    from pydicom.encaps import encapsulate
+
+    image, _ = tiny_ct
+    paths = write_dicom_series(image, tmp_path / "s", shuffle_names=False)
+    for p in paths:
+        ds = pydicom.dcmread(p)
+        ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.90"  # JPEG 2000, with no JPEG 2000 in it
+        ds.PixelData = encapsulate([b"\x00" * 100])
+        ds["PixelData"].VR = "OB"
+        ds.save_as(p, enforce_file_format=True)
+    capfd.readouterr()
+    with pytest.raises(UserError) as exc:
+        read_volume(tmp_path / "s", name="--image")
+    assert "could not be decoded" in one_line(exc)
+    out, err = capfd.readouterr()
+    assert "SOC" not in err and err.strip() == "", err[:300]
+
+
 def test_missing_slice_names_the_gap(tmp_path, tiny_ct):
     image, _ = tiny_ct
     paths = write_dicom_series(image, tmp_path / "s", shuffle_names=False)

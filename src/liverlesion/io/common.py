@@ -4,6 +4,12 @@ size, dimension and voxel-value checks every volume passes.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +30,35 @@ SITK_SUFFIXES = {
 # Formats write_volume produces as a single file (so the write can be atomic);
 # .nhdr/.mhd would leave a separate data file beside the header.
 WRITE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
+
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def native_stderr_to_log(what: str) -> Iterator[None]:
+    """Send what C libraries write straight to file descriptor 2 (GDCM's and OpenJPEG's lines, one per
+    slice, e.g. "Expected a SOC marker") to the debug log, so a failed read ends in our one line."""
+    fd = 2  # where C libraries write, whatever sys.stderr is in Python
+    try:
+        os.fstat(fd)
+    except OSError:  # no descriptor 2 (a detached service): nothing to redirect
+        yield
+        return
+    with tempfile.TemporaryFile() as sink:
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            sys.stderr.flush()
+        saved = os.dup(fd)
+        os.dup2(sink.fileno(), fd)
+        try:
+            yield
+        finally:
+            os.dup2(saved, fd)
+            os.close(saved)
+            sink.seek(0)
+            text = sink.read(1 << 16).decode("utf-8", "replace").strip()
+            if text:
+                log.debug("%s: native library output: %s", what, text)
 
 
 def file_suffix(path: Path) -> str:

@@ -26,6 +26,7 @@ from liverlesion.io.common import (
     file_suffix,
     first_line,
     format_values,
+    native_stderr_to_log,
     sitk_to_volume,
 )
 from liverlesion.io.scan import (
@@ -290,7 +291,8 @@ def _read_pixels(files: list[Path], kind: str, label: str, path: Path):
         # Float output keeps fractional slopes exact; ITK applies each slice's own rescale.
         reader.SetOutputPixelType(sitk.sitkFloat32)
     try:
-        img = reader.Execute()
+        with native_stderr_to_log(label):
+            img = reader.Execute()
     except RuntimeError as exc:
         raise UserError(
             f"{label}: the DICOM slices in {path} could not be decoded (truncated/corrupt file or unsupported "
@@ -309,7 +311,8 @@ def _read_multiframe(s: DicomSeries, kind: str, label: str, path: Path, fmt: str
 
     f, ds = s.files[0]
     try:
-        img = sitk.ReadImage(str(f), sitk.sitkFloat32 if kind == "image" else sitk.sitkUnknown)
+        with native_stderr_to_log(label):
+            img = sitk.ReadImage(str(f), sitk.sitkFloat32 if kind == "image" else sitk.sitkUnknown)
     except RuntimeError as exc:
         raise UserError(
             f"{label}: the multi-frame DICOM file {f} could not be decoded; convert it to a classic slice series "
