@@ -457,6 +457,8 @@ def test_cv_too_many_folds_is_refused_before_any_work(tmp_path, capsys):
         (["--set", "model.features_from=Mixed_99"], ["Mixed_99", "not a stage", "Mixed_6e"]),
         (["--weights", "missing.pth"], ["missing.pth", "file not found"]),
         (["--weights", "m.csv"], ["m.csv", "a text file", "not a checkpoint or state_dict"]),
+        # was a torch RuntimeError traceback in the first fold ("Output size is too small")
+        (["--set", "patch.size_px=20"], ["patch.size_px=20", "too small for inception_v3", "at least 43 px"]),
     ],
 )
 def test_network_settings_are_refused_before_any_work(tmp_path, capsys, command, setting, expected):
@@ -467,6 +469,30 @@ def test_network_settings_are_refused_before_any_work(tmp_path, capsys, command,
     before = set(tmp_path.iterdir())
     extra = ["--folds", "2"] if command == "cv" else []
     cli_fails(capsys, [command, m, "-o", tmp_path / "run", *extra, *setting], *expected)
+    assert set(tmp_path.iterdir()) == before  # no run folder, no patch cache
+
+
+def test_a_fold_whose_training_patients_hold_one_class_is_refused_before_any_work(tmp_path, capsys):
+    """4 patients in 2 folds leave 1 training patient per fold once inner validation is held out; here
+    one with metastases only: a one-class training set, which failed in the first fold with
+    scikit-learn's traceback (the 8-lesion cohort of `liverlesion synth --patients 4 --lesions 8`)."""
+    classes = [["metastasis"] * 2, ["cyst", "cyst", "metastasis"], ["metastasis"], ["metastasis", "cyst"]]
+    rows = []
+    for i, lesions in enumerate(classes):
+        image, mask = make_ct_array(seed=i)
+        write_volume(image, tmp_path / f"ct{i}.nii.gz")
+        for j, c in enumerate(lesions):  # one row per lesion (mask and label): the folds follow from the rows
+            write_volume(mask, tmp_path / f"mask{i}_{j}.nii.gz")
+            rows.append(f"p{i},ct{i}.nii.gz,{c},mask{i}_{j}.nii.gz,1")
+    m = write_manifest(tmp_path / "m.csv", "patient_id,image,lesion_class,mask,label", *rows)
+    before = set(tmp_path.iterdir())
+    cli_fails(
+        capsys,
+        ["cv", m, "-o", tmp_path / "run", "--folds", "2"],
+        "cv.folds=2: fold 0's training patients (1,",
+        "one class only",
+        "use fewer folds or add patients",
+    )
     assert set(tmp_path.iterdir()) == before  # no run folder, no patch cache
 
 

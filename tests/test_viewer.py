@@ -305,7 +305,10 @@ def test_bad_study_slice_and_click_are_one_line_errors(served):
     [
         ({"image": ("notes.txt", b"this is not a CT\n" * 10)}, "'notes.txt': not a CT file type"),
         ({"image": ("ct.nii.gz", b"\x1f\x8b" + bytes(200))}, "ct.nii.gz"),
-        ({"image": ("mask.nii.gz", None)}, "no negative values"),  # a mask in the CT slot
+        (
+            {"image": ("mask.nii.gz", None)},
+            "as in a label mask (were the image and the mask swapped?)",
+        ),  # a mask in the CT slot
         (
             {"image": ("ct.nii.gz", None), "mask": ("seg.dcm", b"DICM" * 10)},
             "'seg.dcm': not a readable DICOM SEG",

@@ -215,22 +215,28 @@ def resolve_init(cfg: Config) -> tuple[Any, str]:
     Returns:
         (resolved ImageNet weights or None, description of the init).
     """
+    from liverlesion.model import build_model, check_input_size, check_model_config  # local: heavy (torch)
+
+    w = None
     if cfg.model.weights.lower() == "imagenet":
-        from liverlesion.model import check_model_config  # local: heavy (torch)
         from liverlesion.weights import resolve_imagenet_weights  # local: heavy (torch, timm)
 
         check_model_config(cfg.model)
         w = resolve_imagenet_weights(cfg.model.backbone)
-        return w, w.source
-    from liverlesion.model import build_model  # local: heavy (torch)
-
-    _, init = build_model(cfg.model, num_classes=2, in_chans=3)
-    return None, init
+    model, init = build_model(cfg.model, num_classes=2, in_chans=3, imagenet=w)
+    check_input_size(model, cfg.patch.size_px)
+    return w, init
 
 
 def check_manifest_folds(df: pd.DataFrame, cfg: Config) -> None:
-    """``cv.folds`` against a read manifest's patients and classes (``splits.check_folds``), before any work."""
-    from liverlesion.splits import check_folds  # local: heavy (sklearn)
+    """``cv.folds`` against a read manifest's patients and classes (``splits.check_folds``), before any work.
+
+    Where each row is one lesion (a mask with its label, a DICOM SEG segment or a click), the folds
+    are also made from the rows as they will be from the lesion table (``splits.make_splits``: the
+    same patients and classes give the same folds), so a fold that cannot be trained, e.g. one whose
+    training patients hold a single class, is refused before patches are cut.
+    """
+    from liverlesion.splits import check_folds, make_splits  # local: heavy (sklearn)
 
     check_folds(
         int(df["patient_id"].astype(str).nunique()),
@@ -238,6 +244,9 @@ def check_manifest_folds(df: pd.DataFrame, cfg: Config) -> None:
         cfg.train.val_fraction,
         classes=list(df["lesion_class"].astype(str)),
     )
+    whole_masks = df["mask_path"].fillna("").astype(str).ne("") & df["label"].isna()
+    if not whole_masks.any():  # a mask row without a label may hold several lesions: the table decides
+        make_splits(df[["patient_id", "lesion_class"]], cfg.cv.folds, cfg.cv.seed, cfg.train.val_fraction)
 
 
 def check_run_settings(cfg: Config, n_patients: int, classes: list[str] | None = None) -> tuple[Any, str]:

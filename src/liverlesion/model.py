@@ -505,6 +505,46 @@ def check_model_config(cfg: ModelConfig, in_chans: int = 3) -> None:
     _feature_cut(_create_backbone(cfg.backbone, in_chans, init=False), cfg.features_from)
 
 
+def check_input_size(model: LesionNet, size_px: int) -> None:
+    """Refuse a ``patch.size_px`` too small for the network's strides, before any work.
+
+    A blank patch of that size is run up to the block the head reads (as every patch will be); when
+    it does not fit, the smallest size that does is found the same way and named, instead of a torch
+    error in the first fold.
+    """
+    was = model.training
+    model.eval()
+
+    def fits(size: int) -> bool:
+        try:
+            with torch.no_grad():
+                model.feature_map(torch.zeros(1, model.in_chans, size, size, device=model.input_mean.device))
+        except RuntimeError:
+            return False
+        return True
+
+    try:
+        if fits(int(size_px)):
+            return
+        low, high = int(size_px), max(2 * int(size_px), 32)  # bracket the smallest size that fits, then halve
+        while not fits(high):
+            if high >= 1024:
+                raise UserError(
+                    f"model.backbone={model.backbone_name}: does not run on a square patch of up to 1024 px; "
+                    "choose another backbone"
+                )
+            low, high = high, min(2 * high, 1024)
+        while high - low > 1:
+            mid = (low + high) // 2
+            low, high = (low, mid) if fits(mid) else (mid, high)
+    finally:
+        model.train(was)
+    raise UserError(
+        f"patch.size_px={size_px}: too small for {model.backbone_name} (features read at {model.features_from}), "
+        f"whose strides need at least {high} px; set patch.size_px={high} or more (quick preset: 160, paper: 299)"
+    )
+
+
 def build_model(
     cfg: ModelConfig,
     num_classes: int,

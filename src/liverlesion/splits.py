@@ -149,6 +149,13 @@ def make_splits(
                 f"off an inner validation set by patient; use fewer folds or add lesions"
             )
         fit_p, val_p = _stratified_group_split(inner, n_inner, seed + 1000 + k)[0]
+        fit_classes = sorted(set(_patient_label(inner[inner["patient_id"].astype(str).isin(fit_p)])))
+        if len(fit_classes) < 2:
+            raise UserError(
+                f"cv.folds={folds}: fold {k}'s training patients ({len(fit_p)}, after {len(val_p)} held out for "
+                f"inner validation) have lesions of one class only ({fit_classes[0]!r}), so no classifier can "
+                f"be trained on them; use fewer folds or add patients"
+            )
         splits.append({"fold": k, "train_patients": fit_p, "val_patients": val_p, "test_patients": test_p})
     result = {
         "group": "patient_id",
