@@ -496,6 +496,28 @@ def test_a_fold_whose_training_patients_hold_one_class_is_refused_before_any_wor
     assert set(tmp_path.iterdir()) == before  # no run folder, no patch cache
 
 
+@pytest.mark.parametrize("command", ["cv", "baselines"])
+def test_a_positive_class_the_manifest_lacks_is_refused_before_any_work(tmp_path, capsys, command):
+    """It failed only at evaluation, after every fold had trained (e.g. classes benign/malignant and the
+    default eval.positive_class=metastasis)."""
+    m = one_lesion_patients(tmp_path, 6)
+    before = set(tmp_path.iterdir())
+    args = [command, m, "-o", tmp_path / "run", "--set", "cv.folds=2", "--set", "eval.positive_class=hcc"]
+    cli_fails(
+        capsys, args, "eval.positive_class='hcc'", "not among the manifest's classes (cyst, metastasis)"
+    )
+    assert set(tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize("command", ["cv", "baselines"])
+def test_a_size_rule_that_leaves_no_lesion_is_refused_before_training(tmp_path, capsys, command):
+    """Every lesion under eval.min_size_mm: it failed after training with 'network: no rows'."""
+    m = one_lesion_patients(tmp_path, 6)
+    args = [command, m, "-o", tmp_path / "run", "--set", "cv.folds=2", "--set", "eval.min_size_mm=500"]
+    cli_fails(capsys, args, "eval.min_size_mm=500: all 6 lesions are smaller", "lower eval.min_size_mm")
+    assert not any((tmp_path / "run").rglob("fold_*")) and not any((tmp_path / "run").rglob("predictions.csv"))
+
+
 def test_baselines_settings_are_refused_before_any_work(tmp_path, capsys):
     m = one_lesion_patients(tmp_path, 4)
     before = set(tmp_path.iterdir())

@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from liverlesion import DISCLAIMER, runs
+from liverlesion.decision import check_some_classified
 from liverlesion.errors import UserError
 from liverlesion.features import TABLE_FEATURES, extract_features, frozen_features, frozen_table
 from liverlesion.fileio import write_csv, write_json
@@ -455,7 +456,12 @@ def run_baselines_cli(manifest: str | Path, out: str | Path, cfg) -> dict[str, P
     Returns:
         ``{name: path of predictions.csv}``.
     """
-    from liverlesion.cv import check_manifest_folds, resolve_init  # local: heavy (torch)
+    from liverlesion.cv import (  # local: heavy (torch)
+        check_manifest_folds,
+        check_positive_setting,
+        class_names_from,
+        resolve_init,
+    )
     from liverlesion.manifest import read_manifest
     from liverlesion.splits import load_or_create_splits  # local: heavy (sklearn)
 
@@ -465,7 +471,9 @@ def run_baselines_cli(manifest: str | Path, out: str | Path, cfg) -> dict[str, P
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is a file; give a folder for the baseline results")
     # Validate, then work: the folds the patients can fill and, for frozen_lr, the network and its weights.
-    check_manifest_folds(read_manifest(manifest), cfg)
+    df = read_manifest(manifest)
+    check_positive_setting(cfg, class_names_from(df))
+    check_manifest_folds(df, cfg)
     if str(cfg.model.weights).lower() == "imagenet":  # otherwise frozen_lr is skipped: no network needed
         resolve_init(cfg)
     print(f"liverlesion baselines: {DISCLAIMER}")
@@ -473,6 +481,7 @@ def run_baselines_cli(manifest: str | Path, out: str | Path, cfg) -> dict[str, P
     # volumes once gives both.
     patch_dir = Path(build_patches(manifest, runs.patches_dir(out), cfg.patch))
     table = load_patch_index(patch_dir)
+    check_some_classified(table, cfg.eval.min_size_mm)
     splits = load_or_create_splits(
         runs.splits_path(out), table, cfg.cv.folds, cfg.cv.seed, cfg.train.val_fraction
     )

@@ -24,6 +24,7 @@ import pandas as pd
 from liverlesion import DISCLAIMER, __version__, runs
 from liverlesion.config import FUSION_HALF, Config
 from liverlesion.csv_check import check_csv_complete
+from liverlesion.decision import check_some_classified
 from liverlesion.domain import stats_table
 from liverlesion.errors import UserError
 from liverlesion.fileio import write_csv, write_json
@@ -122,6 +123,15 @@ def class_names_from(index: pd.DataFrame) -> list[str]:
             f"manifest lesion_class: only one class ({names[0]!r}) present; a classifier needs at least two"
         )
     return names
+
+
+def check_positive_setting(cfg: Config, classes: list[str]) -> None:
+    """Refuse an ``eval.positive_class`` the manifest does not hold, before any work (the metrics need it)."""
+    if cfg.eval.positive_class not in classes:
+        raise UserError(
+            f"config eval.positive_class={cfg.eval.positive_class!r} is not among the manifest's classes "
+            f"({', '.join(classes)}); pass --set eval.positive_class=CLASS with one of them"
+        )
 
 
 def prepare_shared(
@@ -361,9 +371,10 @@ def run_cv(
 
     # Validate, then work: the same fold checks as the CLI, before the run folder or patches exist.
     df = read_manifest(manifest)
-    class_names_from(df)
+    check_positive_setting(cfg, class_names_from(df))
     check_manifest_folds(df, cfg)
     manifest, out, patch_dir, index, classes, resolved = _start_run(manifest, out, cfg, resume, "cv")
+    check_some_classified(index, cfg.eval.min_size_mm)  # the lesion sizes are known once patches are cut
     for turn in ("first", "rest"):  # rank 0 writes splits.json, the other ranks then read it
         if (_init_distributed(cfg) == 0) == (turn == "first"):
             splits = load_or_create_splits(

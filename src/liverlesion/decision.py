@@ -107,3 +107,18 @@ def too_small_rows(index: pd.DataFrame, min_size_mm: float) -> np.ndarray:
     if "min_axis_mm" not in index:
         return np.zeros(len(index), dtype=bool)
     return np.array([too_small(v, min_size_mm) for v in index["min_axis_mm"]], dtype=bool)
+
+
+def check_some_classified(index: pd.DataFrame, min_size_mm: float) -> None:
+    """Refuse a size rule that leaves no lesion of a run to classify or score (before any training).
+
+    Raises:
+        UserError: Naming ``eval.min_size_mm``, the lesion count and the largest smallest axis.
+    """
+    small = too_small_rows(index, min_size_mm)
+    if len(small) and small.all():
+        largest = float(np.nanmax(np.asarray(index["min_axis_mm"], dtype=float)))
+        raise UserError(
+            f"config eval.min_size_mm={min_size_mm:g}: all {len(small)} lesions are smaller (the largest smallest "
+            f"axis is {largest:.1f} mm), so none would be classified or scored; lower eval.min_size_mm (default 5)"
+        )
