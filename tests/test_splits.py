@@ -154,3 +154,27 @@ def test_folds_have_similar_sizes_with_patients_of_mostly_one_class():
     assert 0.5 * mean <= min(sizes) and max(sizes) <= 1.5 * mean, sizes
     for f in s["splits"]:
         assert set(_lesion_counts(table, f["test_patients"])) == set(classes)
+
+
+def test_fold_classes_refuse_a_one_class_training_set_and_pass_a_mixed_one():
+    from liverlesion.splits import check_fold_classes
+
+    lesions = pd.DataFrame(
+        {
+            "patient_id": ["a", "a", "b", "c", "d"],
+            "lesion_class": ["cyst", "metastasis", "metastasis", "cyst", "cyst"],
+        }
+    )
+    mixed = {
+        "folds": 2,
+        "splits": [{"fold": 0, "train_patients": ["a"], "val_patients": ["b"], "test_patients": ["c"]}],
+    }
+    check_fold_classes(mixed, lesions)  # patient a alone holds both classes
+    one = {
+        "folds": 2,
+        "splits": [{"fold": 1, "train_patients": ["c", "d"], "val_patients": ["a"], "test_patients": ["b"]}],
+    }
+    with pytest.raises(
+        UserError, match=r"cv.folds=2: fold 1's training patients \(2, .*one class only \('cyst'\)"
+    ):
+        check_fold_classes(one, lesions)

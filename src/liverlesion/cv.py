@@ -246,7 +246,7 @@ def check_manifest_folds(df: pd.DataFrame, cfg: Config) -> None:
     same patients and classes give the same folds), so a fold that cannot be trained, e.g. one whose
     training patients hold a single class, is refused before patches are cut.
     """
-    from liverlesion.splits import check_folds, make_splits  # local: heavy (sklearn)
+    from liverlesion.splits import check_fold_classes, check_folds, make_splits  # local: heavy (sklearn)
 
     check_folds(
         int(df["patient_id"].astype(str).nunique()),
@@ -256,7 +256,8 @@ def check_manifest_folds(df: pd.DataFrame, cfg: Config) -> None:
     )
     whole_masks = df["mask_path"].fillna("").astype(str).ne("") & df["label"].isna()
     if not whole_masks.any():  # a mask row without a label may hold several lesions: the table decides
-        make_splits(df[["patient_id", "lesion_class"]], cfg.cv.folds, cfg.cv.seed, cfg.train.val_fraction)
+        rows = df[["patient_id", "lesion_class"]]
+        check_fold_classes(make_splits(rows, cfg.cv.folds, cfg.cv.seed, cfg.train.val_fraction), rows)
 
 
 def check_run_settings(cfg: Config, n_patients: int, classes: list[str] | None = None) -> tuple[Any, str]:
@@ -367,7 +368,7 @@ def run_cv(
         evaluate: Run ``evaluate_run`` at the end.
     """
     from liverlesion.data import load_patch_arrays  # local: heavy (torch)
-    from liverlesion.splits import load_or_create_splits  # local: heavy (sklearn)
+    from liverlesion.splits import check_fold_classes, load_or_create_splits  # local: heavy (sklearn)
 
     # Validate, then work: the same fold checks as the CLI, before the run folder or patches exist.
     df = read_manifest(manifest)
@@ -380,6 +381,7 @@ def run_cv(
             splits = load_or_create_splits(
                 runs.splits_path(out), index, cfg.cv.folds, cfg.cv.seed, cfg.train.val_fraction
             )
+            check_fold_classes(splits, index)
         _barrier()
     info, imagenet = _announce_init(cfg, manifest, out, patch_dir, classes, "cv", resolved)
     print(

@@ -149,13 +149,6 @@ def make_splits(
                 f"off an inner validation set by patient; use fewer folds or add lesions"
             )
         fit_p, val_p = _stratified_group_split(inner, n_inner, seed + 1000 + k)[0]
-        fit_classes = sorted(set(_patient_label(inner[inner["patient_id"].astype(str).isin(fit_p)])))
-        if len(fit_classes) < 2:
-            raise UserError(
-                f"cv.folds={folds}: fold {k}'s training patients ({len(fit_p)}, after {len(val_p)} held out for "
-                f"inner validation) have lesions of one class only ({fit_classes[0]!r}), so no classifier can "
-                f"be trained on them; use fewer folds or add patients"
-            )
         splits.append({"fold": k, "train_patients": fit_p, "val_patients": val_p, "test_patients": test_p})
     result = {
         "group": "patient_id",
@@ -168,6 +161,28 @@ def make_splits(
     }
     check_splits(result)
     return result
+
+
+def check_fold_classes(splits: dict[str, Any], lesions: pd.DataFrame) -> None:
+    """Refuse cross-validation folds whose training patients hold lesions of one class only.
+
+    Small cohorts can leave a fold with one or two training patients once inner validation is held
+    out; no classifier can be fitted to one class (scikit-learn raised its own traceback).
+
+    Raises:
+        UserError: Naming the fold, its training patients and the one class.
+    """
+    by_patient = _patient_label(lesions).groupby(lesions["patient_id"].astype(str))
+    classes = {str(p): set(v) for p, v in by_patient}
+    for s in splits["splits"]:
+        fit = set().union(*(classes.get(str(p), set()) for p in s["train_patients"]))
+        if len(fit) < 2:
+            raise UserError(
+                f"cv.folds={splits['folds']}: fold {s['fold']}'s training patients ({len(s['train_patients'])}, after "
+                f"{len(s['val_patients'])} held out for inner validation) have lesions of one class only "
+                f"({', '.join(map(repr, sorted(fit))) or 'none'}), so no classifier can be trained on them; use "
+                "fewer folds or add patients"
+            )
 
 
 def check_splits(splits: dict[str, Any], path: str | Path | None = None) -> None:
