@@ -449,6 +449,12 @@ def test_cv_too_many_folds_is_refused_before_any_work(tmp_path, capsys):
     cli_fails(capsys, ["cv", m, out, "--folds", "1"], "folds=1")  # the config check names cv.folds
 
 
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 @pytest.mark.parametrize("command", ["cv", "train"])
 @pytest.mark.parametrize(
     "setting, expected",
@@ -459,6 +465,12 @@ def test_cv_too_many_folds_is_refused_before_any_work(tmp_path, capsys):
         (["--weights", "m.csv"], ["m.csv", "a text file", "not a checkpoint or state_dict"]),
         # was a torch RuntimeError traceback in the first fold ("Output size is too small")
         (["--set", "patch.size_px=20"], ["patch.size_px=20", "too small for inception_v3", "at least 43 px"]),
+        # was Lightning's traceback when the first fold's trainer started
+        pytest.param(
+            ["--device", "cuda"],
+            ["train.accelerator=gpu (--device cuda)", "no CUDA device", "--device cpu"],
+            marks=pytest.mark.skipif(_has_cuda(), reason="a CUDA device is present here"),
+        ),
     ],
 )
 def test_network_settings_are_refused_before_any_work(tmp_path, capsys, command, setting, expected):
@@ -515,7 +527,9 @@ def test_a_size_rule_that_leaves_no_lesion_is_refused_before_training(tmp_path, 
     m = one_lesion_patients(tmp_path, 6)
     args = [command, m, "-o", tmp_path / "run", "--set", "cv.folds=2", "--set", "eval.min_size_mm=500"]
     cli_fails(capsys, args, "eval.min_size_mm=500: all 6 lesions are smaller", "lower eval.min_size_mm")
-    assert not any((tmp_path / "run").rglob("fold_*")) and not any((tmp_path / "run").rglob("predictions.csv"))
+    assert not any((tmp_path / "run").rglob("fold_*")) and not any(
+        (tmp_path / "run").rglob("predictions.csv")
+    )
 
 
 def test_baselines_settings_are_refused_before_any_work(tmp_path, capsys):

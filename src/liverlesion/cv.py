@@ -226,7 +226,9 @@ def resolve_init(cfg: Config) -> tuple[Any, str]:
         (resolved ImageNet weights or None, description of the init).
     """
     from liverlesion.model import build_model, check_input_size, check_model_config  # local: heavy (torch)
+    from liverlesion.runtime import check_accelerator
 
+    check_accelerator(cfg.train.accelerator)
     w = None
     if cfg.model.weights.lower() == "imagenet":
         from liverlesion.weights import resolve_imagenet_weights  # local: heavy (torch, timm)

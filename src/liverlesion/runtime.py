@@ -128,6 +128,25 @@ def resolve_torch_device(device: str, name: str = "--device") -> str:
     return device
 
 
+def check_accelerator(accelerator: str) -> None:
+    """Refuse ``train.accelerator`` gpu / cuda / mps where this machine has none (imports torch).
+
+    Lightning would fail only when the first fold's trainer starts, with its own traceback.
+    """
+    import torch
+
+    kind = str(accelerator).strip().lower()
+    if kind in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise UserError(
+            f"train.accelerator={kind} (--device cuda): no CUDA device is available here; use --device cpu "
+            "or --device auto"
+        )
+    if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError(
+            "train.accelerator=mps: no Apple GPU (MPS) is available here; use --device cpu or auto"
+        )
+
+
 def cuda_maybe_present() -> bool:
     """Whether a CUDA device could be present, without importing torch (driver files or env)."""
     if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
