@@ -397,3 +397,19 @@ def http_post(url: str, body: bytes, ctype: str, timeout: float = 120) -> tuple[
             return r.status, r.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
+
+
+def one_lesion_patients(folder: Path, n: int) -> Path:
+    """``folder/m.csv``: ``n`` patients with one lesion each (``ct{i}.nii.gz``, ``mask{i}.nii.gz``),
+    cyst and metastasis in turn."""
+    from liverlesion.io import write_volume
+
+    rows = []
+    for i in range(n):
+        image, mask = make_ct_array(seed=i)
+        write_volume(image, folder / f"ct{i}.nii.gz")
+        write_volume(mask, folder / f"mask{i}.nii.gz")
+        rows.append(f"p{i},ct{i}.nii.gz,{['cyst', 'metastasis'][i % 2]},mask{i}.nii.gz")
+    manifest = folder / "m.csv"
+    manifest.write_text("patient_id,image,lesion_class,mask\n" + "\n".join(rows) + "\n")
+    return manifest

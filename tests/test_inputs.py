@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import make_ct_array
+from helpers import make_ct_array, one_lesion_patients
 from liverlesion.cli import main
 from liverlesion.errors import UserError
 from liverlesion.io import read_volume, write_volume
@@ -427,17 +427,6 @@ def test_random_bytes_named_nifti_is_refused(tmp_path):
 
 
 # --------------------------------------------------------------------------- 6. folds vs patients
-
-
-def one_lesion_patients(folder: Path, n: int) -> Path:
-    """A manifest of ``n`` patients with one lesion each, cyst and metastasis in turn."""
-    rows = []
-    for i in range(n):
-        image, mask = make_ct_array(seed=i)
-        write_volume(image, folder / f"ct{i}.nii.gz")
-        write_volume(mask, folder / f"mask{i}.nii.gz")
-        rows.append(f"p{i},ct{i}.nii.gz,{['cyst', 'metastasis'][i % 2]},mask{i}.nii.gz")
-    return write_manifest(folder / "m.csv", "patient_id,image,lesion_class,mask", *rows)
 
 
 def test_cv_too_many_folds_is_refused_before_any_work(tmp_path, capsys):

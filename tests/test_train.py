@@ -389,19 +389,11 @@ def test_min_delta_stops_a_creeping_loss_and_still_keeps_the_lowest(tmp_path):
 def test_a_bad_image_found_while_cutting_patches_leaves_no_run_folder(tmp_path, capsys, command, made):
     # the run folder's config.yaml and empty patches/ were left behind, and the next run was refused
     # with 'run folder already exists and is not empty; pass --resume'
-    from helpers import make_ct_array
+    from helpers import one_lesion_patients
     from liverlesion.cli import main
-    from liverlesion.io import write_volume
 
-    rows = []
-    for i in range(4):
-        image, mask = make_ct_array(seed=i)
-        write_volume(image, tmp_path / f"ct{i}.nii.gz")
-        write_volume(mask, tmp_path / f"mask{i}.nii.gz")
-        rows.append(f"p{i},ct{i}.nii.gz,{['cyst', 'metastasis'][i % 2]},mask{i}.nii.gz")
+    manifest = one_lesion_patients(tmp_path, 4)
     (tmp_path / "ct3.nii.gz").write_text("not an image\n")
-    manifest = tmp_path / "m.csv"
-    manifest.write_text("patient_id,image,lesion_class,mask\n" + "\n".join(rows) + "\n")
     out = tmp_path / "runs" / "run"
     if made:  # a folder the user made for the run is kept, empty
         out.mkdir(parents=True)
