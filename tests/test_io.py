@@ -237,6 +237,31 @@ def test_messy_export_folder(tmp_path, tiny_ct):
     assert len(list_series(root)) == 1
 
 
+def test_large_junk_file_is_skipped_unparsed_and_bare_datasets_still_read(tmp_path, tiny_ct, monkeypatch):
+    """A big non-DICOM file (zeros: millions of empty elements to a forced pydicom, minutes) is refused from
+    its first bytes; a file without the 128-byte preamble and DICM (an old export) is still read."""
+    image, _ = tiny_ct
+    paths = write_dicom_series(image, tmp_path / "s")
+    ds = pydicom.dcmread(paths[0])
+    ds.preamble = None
+    del ds.file_meta
+    pydicom.dcmwrite(paths[0], ds, enforce_file_format=False, little_endian=True, implicit_vr=False)
+    assert pydicom.dcmread(paths[0], force=True).SOPInstanceUID and paths[0].read_bytes()[:2] == b"\x08\x00"
+    (tmp_path / "s" / "zeros.bin").write_bytes(bytes(1_000_000))
+    forced = []
+    real = pydicom.dcmread
+
+    def spy(fp, *args, **kw):
+        if kw.get("force"):
+            forced.append(Path(fp).name)
+        return real(fp, *args, **kw)
+
+    monkeypatch.setattr(pydicom, "dcmread", spy)
+    vol = read_volume(tmp_path / "s")
+    np.testing.assert_array_equal(vol.array, quantised_hu(image.array))
+    assert "zeros.bin" not in forced and paths[0].name in forced
+
+
 def test_localizer_in_series_is_skipped(tmp_path, tiny_ct):
     image, _ = tiny_ct
     paths = write_dicom_series(image, tmp_path / "s")

@@ -93,6 +93,21 @@ def _scan_tags() -> list:
     return [Tag(keyword) for keyword in SCAN_TAGS]
 
 
+def _may_be_bare_dataset(path: Path) -> bool:
+    """Whether a file without the DICM preamble can start a data set that holds a SOPInstanceUID.
+
+    Tags come in ascending order, so such a data set starts in group 0x0002 to 0x0008 (either
+    byte order). Anything else is refused here, unparsed: forcing pydicom through a large
+    non-DICOM file (e.g. zeros, read as millions of empty elements) takes minutes.
+    """
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(2)
+    except OSError:
+        return False
+    return len(head) == 2 and any(1 <= int.from_bytes(head, order) <= 8 for order in ("little", "big"))
+
+
 def read_header(path: Path, full: bool = False):
     """pydicom header (large values such as pixel data deferred), or None when the file is not DICOM.
 
@@ -115,6 +130,8 @@ def read_header(path: Path, full: bool = False):
         except Exception:  # truncated/corrupt DICOM: treat like junk, reported by the caller
             return None
         # Old files without the 128-byte preamble: accept only if they look like an image header.
+        if not _may_be_bare_dataset(path):
+            return None
         try:
             ds = pydicom.dcmread(path, defer_size=_DEFER_SIZE, force=True, specific_tags=tags)
             if "SOPInstanceUID" in ds and "Rows" in ds and "SeriesInstanceUID" in ds:
