@@ -283,6 +283,12 @@ def test_bad_study_slice_and_click_are_one_line_errors(served):
         ({"slice": 5, "x_px": 10, "y_px": 10, "diameter_mm": -4}, "positive"),
         ({"slice": 5, "x_px": "ten", "y_px": 10, "diameter_mm": 4}, "finite number"),
         ({"label": 9}, "not a lesion label"),
+        ({"label": 0}, "not a lesion label"),  # the background
+        ({"label": 10**400}, "finite number"),  # too large for a float: was a 500
+        ({"slice": 5, "x_px": 10**400, "y_px": 10, "diameter_mm": 4}, "finite number"),
+        ({"all": True, "min_size_mm": -(10**400)}, "finite number"),
+        ({"all": "no"}, "true or false"),
+        ({"slice": 5, "x_px": 10, "y_px": 10, "use_mask": "false"}, "true or false"),
         ({"slice": 5, "x_px": 10, "y_px": 10, "colour": "red"}, "unknown field"),
         ([1, 2], "JSON object"),
     ]
@@ -290,8 +296,9 @@ def test_bad_study_slice_and_click_are_one_line_errors(served):
         status, resp = post_json(f"{url}/api/studies/{sid}/classify", body_obj)
         assert status == 400, (body_obj, resp)
         assert expected in error_of((status, resp)), (body_obj, resp)
-    status, resp = post_json(f"{url}/api/studies/{sid}/classify", b"{not json")
-    assert status == 400 and "not JSON" in error_of((status, resp))
+    for raw in (b"{not json", b"[" * 30000 + b"]" * 30000):  # the second: too deep for the parser (was a 500)
+        status, resp = post_json(f"{url}/api/studies/{sid}/classify", raw)
+        assert status == 400 and "not JSON" in error_of((status, resp))
     status, resp = post_json(f"{url}/api/studies/{'y' * 24}/classify", {"all": True})
     assert status == 404
     status, body, _ = get(f"{url}/api/studies/{sid}/lesions/case-L09/overlay.png")

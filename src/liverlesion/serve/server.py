@@ -337,7 +337,7 @@ class _Handler(BaseHTTPRequestHandler):
             raw = self.rfile.read(length)
             try:
                 body = json.loads(raw.decode("utf-8") or "null")
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # Recursion: [[[[...
                 raise UserError(
                     f"classify request: not JSON ({e.__class__.__name__}); send a JSON object such as "
                     '{"slice": 40, "x_px": 120, "y_px": 96, "diameter_mm": 15}'

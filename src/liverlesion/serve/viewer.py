@@ -285,7 +285,7 @@ def _number(body: dict[str, Any], key: str, what: str) -> float | None:
         return None
     try:
         f = float(v)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: a JSON integer of 400 digits
         f = math.nan
     if isinstance(v, bool) or not math.isfinite(f):
         raise UserError(f"{what} {v!r}: must be a finite number")
@@ -314,6 +314,11 @@ def parse_classify(study: Study, body: Any) -> dict[str, Any]:
     )
     if unknown:
         raise UserError(f"classify request: unknown field(s) {', '.join(unknown)}")
+    for key in ("all", "use_mask"):  # "false" as text would be true
+        if body.get(key) is not None and not isinstance(body[key], bool):
+            raise UserError(
+                f"{key} {body[key]!r}: must be true or false (JSON booleans, not text or numbers)"
+            )
     min_size = _number(body, "min_size_mm", "min_size_mm")
     min_size = 5.0 if min_size is None else min_size
     if min_size < 0:
@@ -332,7 +337,7 @@ def parse_classify(study: Study, body: Any) -> dict[str, Any]:
             label = _number(body, "label", "label")
         elif label == 0:  # a SegmentLabel naming the study's only segment, opened as components
             return _all_spec(study, min_size)
-        if label is None or label != int(label) or not np.any(study.labels.array == int(label)):
+        if label is None or label != int(label) or label < 1 or not np.any(study.labels.array == int(label)):
             raise UserError(
                 f"label {body['label']!r}: not a lesion label of the mask; pick one from the list"
             )
