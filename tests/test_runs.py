@@ -40,6 +40,21 @@ def test_read_run_info(tmp_path):
     (tmp_path / "run.json").write_text("[1, 2]")
     with pytest.raises(UserError, match="expected a JSON object"):
         runs.read_run_info(tmp_path)
+    # entries of the wrong type (evaluate split a text into letters, or failed on ints with a traceback)
+    for entry in (
+        '"class_names": "cyst,metastasis"',
+        '"class_names": [1, 2]',
+        '"class_names": ["a", "a"]',
+        '"patch_dir": 5',
+        '"train_seconds": "12"',
+        '"hardware": []',
+    ):
+        (tmp_path / "run.json").write_text(f'{{"kind": "cv", {entry}}}')
+        with pytest.raises(UserError, match=f"{entry.split(':')[0].strip(chr(34))} is .*expected") as e:
+            runs.read_run_info(tmp_path)
+        assert "\n" not in str(e.value)
+    (tmp_path / "run.json").write_text('{"class_names": ["cyst", "metastasis"], "patch_dir": null}')
+    assert runs.read_run_info(tmp_path)["class_names"] == ["cyst", "metastasis"]
 
 
 def test_run_patch_dir_relative_recorded_and_moved(tmp_path):

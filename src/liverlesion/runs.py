@@ -245,7 +245,33 @@ def read_run_info(run_dir: str | Path) -> dict[str, Any]:
         raise UserError(f"{path}: not valid JSON ({e}); re-run `liverlesion cv` or repair the file") from e
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a JSON object; re-run `liverlesion cv`")
+    for key, ok, what in _RUN_INFO_TYPES:
+        if key in data and data[key] is not None and not ok(data[key]):
+            raise UserError(
+                f"{path}: {key} is {data[key]!r}, expected {what}; the file is damaged or was edited: re-run "
+                "`liverlesion cv`, or repair or delete that entry"
+            )
     return data
+
+
+# run.json entries that evaluate and report use, and what each must be.
+_RUN_INFO_TYPES = (
+    (
+        "class_names",
+        lambda v: isinstance(v, list)
+        and len(v) >= 2
+        and len(set(v)) == len(v)
+        and all(isinstance(c, str) and c for c in v),
+        'a list of at least two distinct class names, e.g. ["cyst", "metastasis"]',
+    ),
+    ("patch_dir", lambda v: isinstance(v, str), "the patch folder's path as text"),
+    ("hardware", lambda v: isinstance(v, dict), "an object"),
+    (
+        "train_seconds",
+        lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        "a number of seconds",
+    ),
+)
 
 
 def run_patch_dir(run_dir: str | Path, metrics: dict[str, Any]) -> Path | None:
