@@ -488,6 +488,11 @@ def test_user_errors(tmp_path):
     with pytest.raises(UserError, match="outside \\[0, 1\\] in row\\(s\\) 4"):
         evaluate_run(run, gradcam=False)
     bad = test.copy()
+    bad.loc[[1, 3], ["prob_cyst", "prob_metastasis"]] = [[0.9, 0.9], [0.0, 0.0]]  # was renormalised silently
+    bad.to_csv(run / "predictions.csv", index=False)
+    with pytest.raises(UserError, match=r"row\(s\) 3, 5 do not sum to 1 \(row 3: 1.8"):
+        evaluate_run(run, gradcam=False)
+    bad = test.copy()
     bad.loc[0, "true_class"] = "adenoma"
     bad.to_csv(run / "predictions.csv", index=False)
     with pytest.raises(UserError, match="adenoma"):

@@ -100,7 +100,21 @@ def validate_predictions(df: pd.DataFrame, where: str, class_names: Sequence[str
             f"{where}: probabilities missing or outside [0, 1] in row(s) {_rows(bad)}; the file is damaged or "
             "was edited: re-run the step that wrote it"
         )
+    # Each row is one softmax; a sum far from 1 (not CSV rounding) would be renormalised into other numbers.
+    off = ~np.isclose(probs.sum(1), 1.0, rtol=0.0, atol=_SUM_TOLERANCE)
+    if "status" in df.columns:
+        off &= (df["status"] == CLASSIFIED).to_numpy()
+    if off.any():
+        i = int(np.flatnonzero(off)[0])
+        raise UserError(
+            f"{where}: probabilities of row(s) {_rows(off)} do not sum to 1 (row {i + 2}: {probs[i].sum():.4g}, "
+            f"over {', '.join('prob_' + c for c in classes)}); the file is damaged or was edited, or a class "
+            "column is missing from run.json's class_names: re-run the step that wrote it"
+        )
     return classes
+
+
+_SUM_TOLERANCE = 0.01  # of a row's probabilities around 1: far above the rounding of a CSV
 
 
 def _rows(mask: Any) -> str:
