@@ -140,6 +140,11 @@ def test_redraw_without_metrics_is_a_user_error(tmp_path):
     (tmp_path / "metrics.json").write_text("{not json")
     with pytest.raises(UserError, match="not valid JSON"):
         load_metrics(tmp_path)
+    # valid JSON but not evaluate's (another file, an older or hand-cut one): was a KeyError/TypeError traceback
+    for text, expected in (("[]", "no network"), ("{}", "no network"), ('{"network": 5}', "no settings")):
+        (tmp_path / "metrics.json").write_text(text)
+        with pytest.raises(UserError, match=f"not a metrics.json written by .*{expected}"):
+            render_report(tmp_path)
 
 
 def test_per_lesion_table_and_loss_curves(tmp_path):

@@ -309,9 +309,21 @@ def load_metrics(run_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"{path}: not found; run `liverlesion evaluate {run_dir}` first")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        metrics = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as e:  # JSONDecodeError, or UnicodeDecodeError: not UTF-8 text at all
         raise UserError(f"{path}: not valid JSON ({e}); re-run `liverlesion evaluate {run_dir}`") from e
+    missing = [k for k in _METRICS_KEYS if not isinstance(metrics, dict) or k not in metrics]
+    if missing or not isinstance(metrics["network"], dict) or not isinstance(metrics["settings"], dict):
+        raise UserError(
+            f"{path}: not a metrics.json written by `liverlesion evaluate` "
+            f"({'no ' + ', '.join(missing) if missing else 'network or settings is not an object'}); "
+            f"re-run `liverlesion evaluate {run_dir}`"
+        )
+    return metrics
+
+
+# What the report reads from metrics.json before anything else.
+_METRICS_KEYS = ("network", "settings", "class_names", "positive_class", "n_lesions", "n_patients")
 
 
 def render_report(
