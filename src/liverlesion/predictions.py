@@ -114,7 +114,9 @@ def validate_predictions(df: pd.DataFrame, where: str, class_names: Sequence[str
     return classes
 
 
-_SUM_TOLERANCE = 0.01  # of a row's probabilities around 1: far above the rounding of a CSV
+# Of a row's probabilities around 1: above what rounding to 2 decimals leaves over 5 classes (0.025), far
+# below what a damaged or mislabelled file gives (0.9 + 0.9, 0 + 0).
+_SUM_TOLERANCE = 0.05
 
 
 def _rows(mask: Any) -> str:
