@@ -519,6 +519,8 @@ def test_a_size_rule_that_leaves_no_lesion_is_refused_before_training(tmp_path, 
     assert not any((tmp_path / "run").rglob("fold_*")) and not any(
         (tmp_path / "run").rglob("predictions.csv")
     )
+    if command == "cv":  # the run folder it had made is removed: the next run needs no --resume
+        assert not (tmp_path / "run").exists()
 
 
 def test_baselines_settings_are_refused_before_any_work(tmp_path, capsys):

@@ -45,11 +45,9 @@ def _prepare_run_dir(out: Path, resume: bool) -> Path:
 
 
 def _remove_new_run_dir(out: Path, existed: bool) -> None:
-    """Undo a run folder's start (config.yaml, the empty patches/ folder); keep a folder the user made."""
+    """Undo a new run folder's start (config.yaml, patches/: this run made both); keep a folder the user made."""
     runs.config_path(out).unlink(missing_ok=True)
-    patches = runs.patches_dir(out)
-    if patches.is_dir() and not any(patches.rglob("*.npz")):  # build_patches leaves no partial cache
-        shutil.rmtree(patches, ignore_errors=True)
+    shutil.rmtree(runs.patches_dir(out), ignore_errors=True)
     if not existed and not any(out.iterdir()):
         out.rmdir()
 
@@ -292,8 +290,11 @@ def _start_run(manifest: str | Path, out: str | Path, cfg: Config, resume: bool,
             cfg.save(runs.config_path(out))
             print(f"liverlesion {kind}: {DISCLAIMER}")
             patch_dir, index = prepare_patches(manifest, out, cfg)
+            check_some_classified(
+                index, cfg.eval.min_size_mm
+            )  # the lesion sizes are known once patches are cut
         except BaseException:
-            if fresh:  # a bad image or mask found while cutting patches: leave no run folder to --resume
+            if fresh:  # a bad image or mask, or a size rule that leaves no lesion: no run folder to --resume
                 _remove_new_run_dir(out, existed)
             raise
     _barrier()
@@ -377,7 +378,6 @@ def run_cv(
     check_positive_setting(cfg, class_names_from(df))
     check_manifest_folds(df, cfg)
     manifest, out, patch_dir, index, classes, resolved = _start_run(manifest, out, cfg, resume, "cv")
-    check_some_classified(index, cfg.eval.min_size_mm)  # the lesion sizes are known once patches are cut
     for turn in ("first", "rest"):  # rank 0 writes splits.json, the other ranks then read it
         if (_init_distributed(cfg) == 0) == (turn == "first"):
             splits = load_or_create_splits(
