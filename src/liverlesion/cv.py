@@ -248,14 +248,15 @@ def check_manifest_folds(df: pd.DataFrame, cfg: Config) -> None:
     """
     from liverlesion.splits import check_fold_classes, check_folds, make_splits  # local: heavy (sklearn)
 
-    check_folds(
-        int(df["patient_id"].astype(str).nunique()),
-        cfg.cv.folds,
-        cfg.train.val_fraction,
-        classes=list(df["lesion_class"].astype(str)),
-    )
     whole_masks = df["mask_path"].fillna("").astype(str).ne("") & df["label"].isna()
-    if not whole_masks.any():  # a mask row without a label may hold several lesions: the table decides
+    if whole_masks.any():  # a mask row without a label may hold several lesions: the table decides the folds
+        check_folds(
+            int(df["patient_id"].astype(str).nunique()),
+            cfg.cv.folds,
+            cfg.train.val_fraction,
+            classes=list(df["lesion_class"].astype(str)),
+        )
+    else:  # make_splits runs check_folds on the same patients and classes first
         rows = df[["patient_id", "lesion_class"]]
         check_fold_classes(make_splits(rows, cfg.cv.folds, cfg.cv.seed, cfg.train.val_fraction), rows)
 
