@@ -542,6 +542,29 @@ def test_checkpoint_or_nested_zip_given_as_the_image_says_what_it_is(tmp_path, t
     assert "ZipInfo" not in one_line(e)  # it printed the entry's repr
 
 
+def test_zip_that_would_unpack_beyond_any_ct_series_is_refused_before_extracting(tmp_path, monkeypatch):
+    # a zip bomb's entries claim gigabytes while the archive holds bytes; the cap is checked on the
+    # central directory, before anything is written
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as zf:
+        for i in range(3):
+            zf.writestr(f"series/IM{i:04d}", b"\x00" * 64)
+    data = bytearray(bomb.read_bytes())
+    at = 0
+    for _ in range(3):  # each central-directory entry now claims 0xFFFFFFF0 bytes (4 GiB) unpacked
+        at = data.index(b"PK\x01\x02", at)
+        data[at + 24 : at + 28] = (0xFFFFFFF0).to_bytes(4, "little")
+        at += 4
+    bomb.write_bytes(bytes(data))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    with pytest.raises(UserError, match=r"bomb.zip would unpack to 12 GiB, more than any one CT series") as e:
+        read_volume(bomb, name="--image")
+    assert one_line(e).startswith("--image: ") and "pass the folder" in one_line(e)
+    assert list(scratch.iterdir()) == []  # nothing extracted, the private folder removed
+
+
 def test_multiframe_enhanced_ct(tmp_path, tiny_ct):
     highdicom = pytest.importorskip("highdicom")
     image, _ = tiny_ct

@@ -8,6 +8,12 @@ import zlib
 from pathlib import Path
 
 from liverlesion.errors import UserError
+from liverlesion.io.common import MAX_VOXELS
+
+#: Largest total a zipped series may unpack to: the largest volume read (``MAX_VOXELS``) at 4 bytes a
+#: voxel, twice over for headers and stray files. Beyond it the archive is not one CT series (or is a
+#: zip bomb, whose entries can claim terabytes while the archive holds kilobytes).
+MAX_UNPACKED_BYTES = 8 * MAX_VOXELS
 
 #: What reading a damaged or unusual zip raises: a bad header or CRC (BadZipFile), cut-short data
 #: (EOFError), damaged compressed data (zlib.error), an encrypted entry (RuntimeError), a compression
@@ -73,7 +79,8 @@ class extracted_zip:
     """Context manager: extract a zip to a private temporary folder, removed afterwards.
 
     Entry names are checked first (no writes or reads outside the temporary folder) and the
-    total uncompressed size is compared with the free space there.
+    total uncompressed size with ``MAX_UNPACKED_BYTES`` and with the free space there. Python's
+    zipfile stops each entry at the size its header gives, so the headers bound what is written.
     """
 
     def __init__(self, path: Path, label: str):
@@ -100,6 +107,12 @@ class extracted_zip:
                         f"{locked[0].filename!r}); unzip it with its password and pass the folder"
                     )
                 total = sum(i.file_size for i in members)
+                if total > MAX_UNPACKED_BYTES:
+                    raise UserError(
+                        f"{self.label}: {self.path} would unpack to {total / 2**30:.3g} GiB, more than any one CT "
+                        f"series ({MAX_UNPACKED_BYTES / 2**30:.0f} GiB at most; a damaged archive or not one series); "
+                        f"unzip it yourself and pass the folder of the one CT series"
+                    )
                 free = shutil.disk_usage(self._tmp).free
                 if total > free:
                     raise UserError(
