@@ -314,3 +314,52 @@ def test_saturated_server_answers_503_in_one_line(tmp_path):
         thread.join(timeout=10)
     with pytest.raises(UserError, match="--max-concurrent 0"):
         make_server([ckpt], port=0, max_concurrent=0)
+
+
+def _raw(url: str, method: str, path: str, headers: dict[str, str] | None = None, body: bytes = b""):
+    """(status, headers, body) of one request sent as is (any method, any header)."""
+    port = int(url.rsplit(":", 1)[1])
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.putrequest(method, path, skip_accept_encoding=True)
+        for k, v in (headers or {"Content-Length": str(len(body))}).items():
+            conn.putheader(k, v)
+        conn.endheaders(body or None)
+        resp = conn.getresponse()
+        return resp.status, dict(resp.getheaders()), resp.read()
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "allow"),
+    [
+        ("PUT", "/api/studies", 405, "POST"),
+        ("PATCH", "/api/health", 405, "GET, HEAD"),
+        ("DELETE", "/api/predict", 405, "POST"),
+        ("OPTIONS", "/api/info", 405, "GET, HEAD"),
+        ("PUT", "/api/studies/abcdefghijklmnopqrst", 405, "GET, HEAD, DELETE"),
+        ("POST", "/api/health", 405, "GET, HEAD"),
+        ("GET", "/api/predict", 405, "POST"),
+        ("PUT", "/api/nothing-here", 404, None),
+        ("DELETE", "/api/nothing-here", 404, None),
+        ("BREW", "/api/health", 501, None),  # a method no one knows
+    ],
+)
+def test_unsupported_methods_get_a_json_error_with_allow(served, method, path, status, allow):
+    """Was the stdlib's 501 HTML page for PUT/PATCH/OPTIONS, and 404 "no such study URL" for DELETE."""
+    got, headers, body = _raw(served["url"], method, path, body=b'{"x": 1}')
+    assert got == status
+    assert headers["Content-Type"].startswith("application/json")
+    err = json.loads(body)
+    assert set(err) == {"error", "disclaimer"} and "\n" not in err["error"] and path in err["error"]
+    assert headers.get("Allow") == allow
+    if allow:
+        assert f"answers {allow}" in err["error"]
+
+
+def test_head_answers_like_get_without_a_body(served):
+    status, headers, body = _raw(served["url"], "HEAD", "/api/health")
+    assert status == 200 and body == b"" and int(headers["Content-Length"]) > 0
+    status, headers, body = _raw(served["url"], "PUT", "/form")  # a page, not the API: an HTML 405
+    assert status == 405 and headers["Allow"] == "GET, HEAD" and b"method not allowed" in body

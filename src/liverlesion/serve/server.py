@@ -19,6 +19,9 @@ Routes (JSON under ``/api``):
     GET    /api/studies/{id}/lesions/{lesion}/overlay.png[?gradcam=1]
     GET    /api/studies/{id}/results.csv | results.json | report-sr.dcm | seg.dcm
 
+Any GET route also answers HEAD. A known path asked with another method gets 405 with an ``Allow``
+header; an unknown path 404; both as ``{"error": ..., "disclaimer": ...}`` under ``/api``.
+
 There is no authentication: anyone who can reach the port can upload data, so only bind to
 another host than 127.0.0.1 on a trusted network.
 """
@@ -80,6 +83,29 @@ _ROUTES_GET = [
 ]
 _CLASSIFY = re.compile(rf"^/api/studies/{_SID}/classify$")
 _DELETE = re.compile(rf"^/api/studies/{_SID}$")
+_PAGES = ("/", "/index.html", "/form", "/api/health", "/api/info")
+_UPLOADS = ("/predict", "/api/predict", "/api/studies")
+
+
+def allowed_methods(path: str) -> tuple[str, ...] | None:
+    """The methods a URL path answers (its ``Allow`` header), or None when no route has that path."""
+    if path in _PAGES or (path.startswith("/static/") and path[len("/static/") :] in _STATIC):
+        return ("GET", "HEAD")
+    if path in _UPLOADS or _CLASSIFY.match(path):
+        return ("POST",)
+    if _DELETE.match(path):
+        return ("GET", "HEAD", "DELETE")
+    if any(rx.match(path) for rx, _ in _ROUTES_GET):
+        return ("GET", "HEAD")
+    return None
+
+
+def _content_length(headers: Any) -> int:
+    """Content-Length as a number; 0 when absent or not a number (for draining a refused body)."""
+    try:
+        return max(int(headers.get("Content-Length") or 0), 0)
+    except ValueError:
+        return 0
 
 
 def _static(name: str) -> bytes:
@@ -96,7 +122,9 @@ class _Handler(BaseHTTPRequestHandler):
         log.info("%s %s", self.address_string(), format % args)
 
     # ------------------------------------------------------------------ replies
-    def _send(self, status: int, body: bytes, ctype: str, download: str | None = None) -> None:
+    def _send(
+        self, status: int, body: bytes, ctype: str, download: str | None = None, allow: str | None = None
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
@@ -106,21 +134,62 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Disposition", f'attachment; filename="{download}"')
         if status == HTTPStatus.SERVICE_UNAVAILABLE:
             self.send_header("Retry-After", "5")
+        if allow:
+            self.send_header("Allow", allow)
         self.send_header("Connection", "close")
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
         self.close_connection = True
 
-    def _send_json(self, status: int, obj: Any) -> None:
+    def _send_json(self, status: int, obj: Any, allow: str | None = None) -> None:
         body = json.dumps(oneshot.json_safe(obj), indent=2, allow_nan=False).encode("utf-8")
-        self._send(status, body, "application/json; charset=utf-8")
+        self._send(status, body, "application/json; charset=utf-8", allow=allow)
 
-    def _error(self, api: bool, status: int, message: str) -> None:
+    def _error(self, api: bool, status: int, message: str, allow: str | None = None) -> None:
         if api:
-            self._send_json(status, {"error": message, "disclaimer": DISCLAIMER})
+            self._send_json(status, {"error": message, "disclaimer": DISCLAIMER}, allow)
         else:
-            self._send(status, oneshot.error_html(status, message), "text/html; charset=utf-8")
+            self._send(status, oneshot.error_html(status, message), "text/html; charset=utf-8", allow=allow)
+
+    def _no_route(self, path: str, api: bool) -> None:
+        """Answer a request no route takes: 405 + Allow when the path exists for other methods, else 404."""
+        allowed = allowed_methods(path)
+        if allowed is None:
+            where = "see GET /api/info" if api else "go to /"
+            self._error(
+                api, HTTPStatus.NOT_FOUND, f"{path}: no such {'endpoint' if api else 'page'}; {where}"
+            )
+        else:
+            self._error(
+                api,
+                HTTPStatus.METHOD_NOT_ALLOWED,
+                f"{self.command} {path}: method not allowed; this URL answers {', '.join(allowed)}",
+                allow=", ".join(allowed),
+            )
+
+    def _refuse_method(self) -> None:
+        """PUT, PATCH, OPTIONS, TRACE, CONNECT: no route takes them (was the stdlib's 501 HTML page)."""
+        self._drain(_content_length(self.headers))
+        path = unquote(urlsplit(self.path).path)
+        self._no_route(path, path.startswith("/api/"))
+
+    do_PUT = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = _refuse_method  # noqa: N815 (stdlib names)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """The stdlib's own refusals (unknown method, bad request line, headers too large) in our shape."""
+        path = unquote(urlsplit(getattr(self, "path", "") or "").path)
+        if not path.startswith("/api/"):
+            super().send_error(code, message, explain)
+            return
+        if code == HTTPStatus.NOT_IMPLEMENTED and self.command:
+            self._drain(_content_length(self.headers))
+            allowed = allowed_methods(path)
+            hint = f"this URL answers {', '.join(allowed)}" if allowed else "see GET /api/info"
+            text = f"{self.command} {path}: method not supported; {hint}"
+        else:
+            text = f"request: {message or HTTPStatus(code).phrase}"
+        self._error(True, code, text)
 
     def _internal(self, e: Exception, api: bool) -> None:
         # Log where it failed, not the message: it may quote file names or values from the upload.
@@ -167,7 +236,7 @@ class _Handler(BaseHTTPRequestHandler):
                     if m:
                         getattr(self, f"_get_{name}")(query, **m.groupdict())
                         return
-                self._error(api, HTTPStatus.NOT_FOUND, f"{path}: no such page; go to /")
+                self._no_route(path, api)
         except UserError as e:
             self._error(api, self._status_of(e), str(e))
         except Exception as e:
@@ -217,11 +286,14 @@ class _Handler(BaseHTTPRequestHandler):
         job, ahead = self.server.jobs.get(jid)
         self._send_json(HTTPStatus.OK, job.describe(ahead))
 
+    do_HEAD = do_GET  # noqa: N815 (stdlib name); _send leaves the body out
+
     # ------------------------------------------------------------------ DELETE
     def do_DELETE(self) -> None:  # noqa: N802 (stdlib name)
-        m = _DELETE.match(urlsplit(self.path).path)
+        path = unquote(urlsplit(self.path).path)
+        m = _DELETE.match(path)
         if not m:
-            self._error(True, HTTPStatus.NOT_FOUND, f"{self.path}: no such study URL")
+            self._refuse_method()
         elif self.server.studies.remove(m["sid"]):
             self._send_json(HTTPStatus.OK, {"closed": m["sid"]})
         else:
@@ -259,10 +331,8 @@ class _Handler(BaseHTTPRequestHandler):
         if m:
             self._classify(m["sid"], parse_qs(urlsplit(self.path).query))
             return
-        if path not in ("/predict", "/api/predict", "/api/studies"):
-            self._error(
-                api, HTTPStatus.NOT_FOUND, f"{path}: no such endpoint; POST to /api/studies or /predict"
-            )
+        if path not in _UPLOADS:
+            self._refuse_method()
             return
         length = self._length(api, self.server.max_upload_bytes)
         if length is None:
