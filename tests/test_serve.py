@@ -363,3 +363,30 @@ def test_head_answers_like_get_without_a_body(served):
     assert status == 200 and body == b"" and int(headers["Content-Length"]) > 0
     status, headers, body = _raw(served["url"], "PUT", "/form")  # a page, not the API: an HTML 405
     assert status == 405 and headers["Allow"] == "GET, HEAD" and b"method not allowed" in body
+
+
+@pytest.mark.parametrize("length", ["abc", "-5"])
+def test_unreadable_content_length_is_400_saying_so(served, length):
+    """Was 411 "Content-Length missing" for a header that is there."""
+    status, _, body = _raw(served["url"], "POST", "/api/predict", {"Content-Length": length})
+    assert status == 400
+    assert f"Content-Length {length!r} is not a byte count" in json.loads(body)["error"]
+
+
+def test_empty_upload_is_named_not_taken_for_no_file(served):
+    """A chosen 0-byte file was read as "none uploaded" (or, as the mask, as "neither a mask nor a point")."""
+    d: Path = served["dir"]
+    ct = (d / "ct.nii.gz").read_bytes()
+    for files, expected in (
+        ({"image": ("ct.nii.gz", b"")}, "CT file 'ct.nii.gz': empty (0 bytes)"),
+        ({"image": ("ct.nii.gz", ct), "mask": ("m.nii.gz", b"")}, "mask file 'm.nii.gz': empty (0 bytes)"),
+    ):
+        body, ctype = multipart_body({"point": "", "diameter": ""}, files)
+        for path in ("/api/predict", "/api/studies"):
+            status, resp = http_post(served["url"] + path, body, ctype)
+            assert status == 400
+            assert expected in json.loads(resp)["error"], (path, resp)
+    # a file input left empty (no file name) is still "none uploaded"
+    body, ctype = multipart_body({"point": "1,2,3", "diameter": "10"}, {"image": ("", b"")})
+    status, resp = http_post(served["url"] + "/api/predict", body, ctype)
+    assert status == 400 and "none uploaded" in json.loads(resp)["error"]

@@ -301,6 +301,11 @@ def test_bad_study_slice_and_click_are_one_line_errors(served):
         assert status == 400 and "not JSON" in error_of((status, resp))
     status, resp = post_json(f"{url}/api/studies/{'y' * 24}/classify", {"all": True})
     assert status == 404
+    # over the JSON limit: the message is about the classify request, not --max-upload-mb
+    status, resp = post_json(f"{url}/api/studies/{sid}/classify", b" " * 70_000)
+    assert status == 413
+    msg = error_of((status, resp))
+    assert "classify request of 70000 bytes" in msg and "--max-upload-mb" not in msg
     status, body, _ = get(f"{url}/api/studies/{sid}/lesions/case-L09/overlay.png")
     assert status == 400 and "click it first" in error_of((status, body))
     status, body, _ = get(f"{url}/api/jobs/nosuchjob")

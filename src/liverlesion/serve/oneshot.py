@@ -35,8 +35,18 @@ def suffix(filename: str, allowed: Sequence[str]) -> str:
 
 
 def form_file(fields: dict[str, FormField], name: str) -> FormField | None:
+    """The uploaded file of field ``name``; None when no file was chosen (browsers send an empty
+    part with no file name); a chosen file with no bytes is refused, not taken as "none"."""
     f = fields.get(name)
-    return f if f is not None and f.filename and (f.data or f.size) else None
+    if f is None or not f.filename:
+        return None
+    if not (f.data or f.size):
+        what = "CT" if name == "image" else name
+        raise UserError(
+            f"{what} file {f.filename!r}: empty (0 bytes); choose the file again (an interrupted download "
+            "or copy leaves an empty file)"
+        )
+    return f
 
 
 def form_text(fields: dict[str, FormField], name: str) -> str:

@@ -300,17 +300,37 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(True, HTTPStatus.NOT_FOUND, f"study {m['sid']!r}: no such study (already closed?)")
 
     # ------------------------------------------------------------------ POST
-    def _length(self, api: bool, limit: int) -> int | None:
-        """The body's Content-Length, or None after answering 411/413."""
+    def _length(self, api: bool, limit: int, json_body: bool = False) -> int | None:
+        """The body's Content-Length, or None after answering 400/411/413.
+
+        ``json_body``: a classify request, whose size limit is fixed (not ``--max-upload-mb``).
+        """
+        raw = self.headers.get("Content-Length")
+        if raw is None:
+            self._error(
+                api,
+                HTTPStatus.LENGTH_REQUIRED,
+                "request: Content-Length missing (a chunked body is not accepted); "
+                + ("send the JSON with a Content-Length" if json_body else "submit the form from the page"),
+            )
+            return None
         try:
-            length = int(self.headers.get("Content-Length") or -1)
+            length = int(raw.strip())
         except ValueError:
             length = -1
         if length < 0:
             self._error(
                 api,
-                HTTPStatus.LENGTH_REQUIRED,
-                "request: Content-Length missing; submit the form from the page",
+                HTTPStatus.BAD_REQUEST,
+                f"request: Content-Length {raw[:40]!r} is not a byte count; send the body's length in bytes",
+            )
+            return None
+        if length > limit and json_body:
+            self._error(
+                api,
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                f"classify request of {length} bytes: over the {limit // 1024} KiB a click, label or "
+                'all needs; send a small JSON object such as {"slice": 40, "x_px": 120, "y_px": 96}',
             )
             return None
         if length > limit:
@@ -400,7 +420,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(status, payload, "text/html; charset=utf-8")
 
     def _classify(self, sid: str, query: dict) -> None:
-        length = self._length(True, _MAX_JSON)
+        length = self._length(True, _MAX_JSON, json_body=True)
         if length is None:
             return
         try:
