@@ -612,6 +612,18 @@ def test_no_progress_bars_when_stderr_is_not_a_tty(tmp_path, capsys, tiny_nifti,
     assert progress_disabled(Tty())
 
 
+def test_a_stage_line_in_a_log_counts_its_items_in_plain_words(capsys, monkeypatch):
+    from liverlesion.progress import progress_bar
+
+    monkeypatch.setenv("LIVERLESION_PROGRESS", "0")
+    assert list(progress_bar(range(30), "radiomics features", unit="lesion")) == list(range(30))
+    assert list(progress_bar([7], "caching", unit="lesion")) == [7]
+    assert capsys.readouterr().err.splitlines() == [
+        "radiomics features (30 lesions) ...",
+        "caching (1 lesion) ...",
+    ]
+
+
 # --------------------------------------------------------------------------- wrong file in the wrong slot
 
 

@@ -49,7 +49,8 @@ def progress_bar(
         return
     if enabled and log:
         n = total if total is not None else (len(items) if hasattr(items, "__len__") else None)  # type: ignore[arg-type]
-        print(f"{desc}{f' ({n} {unit})' if n is not None else ''} ...", file=sys.stderr, flush=True)
+        units = unit if n == 1 or unit.endswith("s") else f"{unit}s"  # "30 lesions", "1 lesion"
+        print(f"{desc}{f' ({n} {units})' if n is not None else ''} ...", file=sys.stderr, flush=True)
     yield from items
 
 
