@@ -291,6 +291,9 @@ def test_bad_study_slice_and_click_are_one_line_errors(served):
         ({"slice": 5, "x_px": 10, "y_px": 10, "use_mask": "false"}, "true or false"),
         ({"slice": 5, "x_px": 10, "y_px": 10, "colour": "red"}, "unknown field"),
         ([1, 2], "JSON object"),
+        # two requests in one: one of them was dropped silently ("all" won)
+        ({"all": True, "label": 1}, 'gives a label and "all": true'),
+        ({"slice": 5, "x_px": 10, "y_px": 10, "diameter_mm": 4, "label": 1}, "send one of them"),
     ]
     for body_obj, expected in cases:
         status, resp = post_json(f"{url}/api/studies/{sid}/classify", body_obj)
@@ -309,7 +312,7 @@ def test_bad_study_slice_and_click_are_one_line_errors(served):
     status, body, _ = get(f"{url}/api/studies/{sid}/lesions/case-L09/overlay.png")
     assert status == 400 and "click it first" in error_of((status, body))
     status, body, _ = get(f"{url}/api/jobs/nosuchjob")
-    assert status == 400 and "no such job" in error_of((status, body))
+    assert status == 404 and "no such job" in error_of((status, body))  # was 400: a missing resource
 
 
 @pytest.mark.parametrize(

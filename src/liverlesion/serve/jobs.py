@@ -15,11 +15,15 @@ from typing import Any
 
 from liverlesion.errors import UserError
 
-__all__ = ["Job", "JobQueue"]
+__all__ = ["Job", "JobGone", "JobQueue"]
 
 log = logging.getLogger(__name__)
 
 _KEEP = 256  # finished jobs remembered (their results are small JSON)
+
+
+class JobGone(UserError):
+    """The job id is unknown or its result was forgotten (HTTP 404)."""
 
 
 @dataclass(eq=False)
@@ -128,12 +132,12 @@ class JobQueue:
         """The job and how many jobs are queued before it.
 
         Raises:
-            UserError: No such job (finished jobs are forgotten after a while).
+            JobGone: No such job (finished jobs are forgotten after a while).
         """
         with self._mutex:
             job = self._jobs.get(job_id)
             if job is None:
-                raise UserError(
+                raise JobGone(
                     f"job {job_id!r}: no such job (finished jobs are kept a short while); classify again"
                 )
             ahead = sum(

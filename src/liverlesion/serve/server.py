@@ -48,7 +48,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from liverlesion import DISCLAIMER, __version__
 from liverlesion.errors import UserError
 from liverlesion.serve import downloads, oneshot, viewer
-from liverlesion.serve.jobs import JobQueue
+from liverlesion.serve.jobs import JobGone, JobQueue
 from liverlesion.serve.multipart import CHUNK, stream_multipart
 from liverlesion.serve.studies import (
     DEFAULT_MAX_STUDIES,
@@ -204,7 +204,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     @staticmethod
     def _status_of(e: UserError) -> int:
-        if isinstance(e, StudyGone):
+        if isinstance(e, (StudyGone, JobGone)):
             return HTTPStatus.NOT_FOUND
         if isinstance(e, downloads.NotAvailable):
             return HTTPStatus.CONFLICT

@@ -319,6 +319,17 @@ def parse_classify(study: Study, body: Any) -> dict[str, Any]:
             raise UserError(
                 f"{key} {body[key]!r}: must be true or false (JSON booleans, not text or numbers)"
             )
+    given = [
+        what
+        for what, present in (
+            ("a click (slice, x_px, y_px)", any(body.get(k) is not None for k in ("slice", "x_px", "y_px"))),
+            ("a label", body.get("label") not in (None, "")),
+            ('"all": true', body.get("all") is True),
+        )
+        if present
+    ]
+    if len(given) > 1:  # one would be dropped silently
+        raise UserError(f"classify request: gives {' and '.join(given)}; send one of them per request")
     min_size = _number(body, "min_size_mm", "min_size_mm")
     min_size = 5.0 if min_size is None else min_size
     if min_size < 0:
