@@ -550,3 +550,33 @@ def test_ece_interval_brackets_its_estimate():
     assert 0.0 <= ece["ci_low"] <= ece["value"] <= ece["ci_high"], ece
     draws = [fn(idx)["mean_p"] for idx in patient_bootstrap(groups, 300, seed=0)]
     assert res["mean_p"]["ci_low"] == pytest.approx(np.percentile(draws, 2.5))  # unshifted
+
+
+@pytest.mark.parametrize(
+    ("damage", "expected"),
+    [
+        # another cohort's baselines: was "radiomics_lr: no rows; re-run the step that wrote it"
+        ("other_cohort", r"none of its \d+ lesions is in predictions.csv \(its ids e.g. 'Q000-L01'"),
+        ("subset", r"lacks \d+ of the \d+ lesions of predictions.csv"),  # was scored on the subset, rc 0
+        ("other_patients", r"lesion 'P000-L01' has patient_id 'XP000' there but 'P000'"),  # was rc 0
+        ("other_truth", r"has true_class '\w+' there but"),
+    ],
+)
+def test_baselines_of_other_lesions_are_refused_before_any_work(tmp_path, damage, expected):
+    test = synth_predictions(14, n_patients=12)
+    b = baseline_from(test, 1, 1.0)
+    if damage == "other_cohort":
+        b = baseline_from(synth_predictions(99, n_patients=12, prefix="Q"), 1, 1.0)
+    elif damage == "subset":
+        b = b.iloc[: len(b) // 2]
+    elif damage == "other_patients":
+        b["patient_id"] = "X" + b["patient_id"]
+    else:
+        b["true_class"] = b["true_class"].map({"cyst": "metastasis", "metastasis": "cyst"})
+    run = write_run(tmp_path / "run", test, synth_val(15), n_bootstrap=5, baselines={"radiomics_lr": b})
+    with pytest.raises(UserError, match=expected) as e:
+        evaluate_run(run, gradcam=False)
+    msg = str(e.value)
+    assert "\n" not in msg and "baselines/radiomics_lr/predictions.csv" in msg
+    assert "liverlesion baselines" in msg and "delete" in msg
+    assert not (run / "metrics.json").exists() and not (run / "report.html").exists()

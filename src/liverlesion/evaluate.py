@@ -91,24 +91,27 @@ def evaluate_run(
     df, classes = read_predictions(pred_path, run_info.get("class_names"))
     check_positive_class(pos, classes, str(pred_path))
     df, coverage = classified_rows(df)
-    covered = set(df["lesion_id"].astype(str))
     val_path = runs.val_predictions_path(run_dir)
     val_df = classified_rows(read_predictions(val_path, classes)[0])[0] if val_path.is_file() else None
     notes = [n for n in [cfg_note] if n]
     if val_df is None:
         notes.append(f"{val_path.name} not found: threshold 0.5 and no temperature scaling")
 
+    # Validate, then work: every baseline is read and matched to the network's lesions first.
+    baseline_inputs: dict[str, tuple[pd.DataFrame, pd.DataFrame | None]] = {}
+    for bpath in runs.baseline_predictions(run_dir):
+        bdf, _ = read_predictions(bpath, classes)
+        bdf = same_lesions(bdf, df, bpath, pred_path, run_dir)
+        bval_path = runs.val_predictions_path(bpath.parent)
+        bval = read_predictions(bval_path, classes)[0] if bval_path.is_file() else None
+        baseline_inputs[bpath.parent.name] = (bdf, bval)
+
     common = {"n_bootstrap": nb, "threshold": method, "n_bins": n_bins, "seed": seed}
     network = summarize_predictions(df, pos, classes, val_df, detail=True, name="network", **common)
 
     baselines: dict[str, dict[str, Any]] = {}
     baseline_dfs: dict[str, pd.DataFrame] = {}
-    for bpath in runs.baseline_predictions(run_dir):
-        bname = bpath.parent.name
-        bdf, _ = read_predictions(bpath, classes)
-        bdf = bdf[bdf["lesion_id"].astype(str).isin(covered)].reset_index(drop=True)  # same lesions
-        bval_path = runs.val_predictions_path(bpath.parent)
-        bval = read_predictions(bval_path, classes)[0] if bval_path.is_file() else None
+    for bname, (bdf, bval) in baseline_inputs.items():
         # Without its own inner-validation predictions a baseline is scored at 0.5.
         b_common = dict(common, threshold=method if bval is not None else 0.5)
         baselines[bname] = summarize_predictions(
@@ -167,6 +170,61 @@ def evaluate_run(
     print(format_summary(metrics))
     print(f"Wrote {runs.metrics_path(run_dir)} and {html}")
     return metrics
+
+
+def same_lesions(
+    bdf: pd.DataFrame, net: pd.DataFrame, bpath: Path, pred_path: Path, run_dir: Path
+) -> pd.DataFrame:
+    """A baseline's rows for the lesions the network's metrics cover, refusing a baseline of other lesions.
+
+    Scoring a baseline on whatever part of its lesions the run shares would compare two methods on
+    different patients (or on none: an empty table).
+
+    Args:
+        bdf: The baseline's predictions.
+        net: The network's classified predictions (the lesions the metrics cover).
+        bpath: The baseline's predictions.csv, for messages.
+        pred_path: The network's predictions.csv, for messages.
+        run_dir: The run folder, for the suggested command.
+
+    Raises:
+        UserError: Lesions of the network missing from the baseline, or a lesion with another
+            patient or true class there.
+    """
+    ids = bdf["lesion_id"].astype(str)
+    want = net["lesion_id"].astype(str)
+    fix = (
+        f"re-run `liverlesion baselines MANIFEST -o {run_dir}` with the manifest of this run, "
+        f"or delete {bpath.parent}"
+    )
+    missing = want[~want.isin(set(ids))]
+    if len(missing) == len(want):
+        raise UserError(
+            f"{bpath}: none of its {len(bdf)} lesions is in {pred_path.name} (its ids e.g. {ids.iloc[0]!r}, "
+            f"{pred_path.name}'s e.g. {want.iloc[0]!r}): these baselines were run on another cohort; {fix}"
+        )
+    if len(missing):
+        raise UserError(
+            f"{bpath}: lacks {len(missing)} of the {len(want)} lesions of {pred_path.name} "
+            f"(e.g. {', '.join(repr(x) for x in missing.iloc[:3])}): it was run on other lesions; {fix}"
+        )
+    bdf = bdf[ids.isin(set(want))].reset_index(drop=True)
+    merged = (
+        net[["lesion_id", "patient_id", "true_class"]]
+        .astype(str)
+        .merge(
+            bdf[["lesion_id", "patient_id", "true_class"]].astype(str), on="lesion_id", suffixes=("", "_b")
+        )
+    )
+    for col in ("patient_id", "true_class"):
+        wrong = merged[merged[col] != merged[f"{col}_b"]]
+        if len(wrong):
+            r = wrong.iloc[0]
+            raise UserError(
+                f"{bpath}: lesion {r['lesion_id']!r} has {col} {r[col + '_b']!r} there but {r[col]!r} in "
+                f"{pred_path.name} ({len(wrong)} lesion(s) differ): it was run on another cohort; {fix}"
+            )
+    return bdf
 
 
 def draw_gradcam_gallery(run_dir: str | Path, metrics: dict[str, Any]) -> dict[str, Any]:
