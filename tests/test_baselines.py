@@ -324,3 +324,28 @@ def test_cli_missing_manifest(tmp_path, capsys):
     assert main(["baselines", str(tmp_path / "nope.csv"), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert "nope.csv" in err and "\n" not in err
+
+
+def test_baselines_into_a_run_of_other_lesions_are_refused(tmp_path, capsys):
+    """Baselines of another cohort in a cv run folder: evaluate then said "radiomics_lr: no rows"."""
+    from liverlesion.baselines import check_run_folder
+    from liverlesion.cli import main
+    from liverlesion.synth import generate_cohort
+
+    generate_cohort(tmp_path / "cohort", patients=4, lesions=8, seed=2, matrix=96)
+    run = tmp_path / "run"
+    run.mkdir()
+    pd.DataFrame(
+        {"patient_id": ["other01", "syn001"], "lesion_id": ["other01-L01", "syn001-L01"], "fold": [0, 1]}
+    ).to_csv(run / "predictions.csv", index=False)
+    capsys.readouterr()
+    # before any work: the run's patients are not this manifest's
+    assert main(["baselines", str(tmp_path / "cohort" / "manifest.csv"), "-o", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "patients not in this manifest (other01)" in err and "-o" in err
+    assert sorted(p.name for p in run.iterdir()) == ["predictions.csv"]  # no patches, no splits
+    # after the patch index: the same patients, other lesions
+    with pytest.raises(UserError, match=r"has 2 lesions, this manifest 3, 3 in only one of them"):
+        check_run_folder(run, lesions={"syn001-L02", "syn001-L03", "other01-L01"})
+    check_run_folder(run, patients={"other01", "syn001", "syn002"}, lesions={"other01-L01", "syn001-L01"})
+    check_run_folder(tmp_path / "new", patients={"x"}, lesions={"x-L01"})  # no run there: nothing to match

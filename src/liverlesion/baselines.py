@@ -445,6 +445,47 @@ def frozen_lr_table(cfg, patch_dir: Path, table: pd.DataFrame) -> pd.DataFrame |
     return frozen_table(table["lesion_id"], frozen_features(model, arrays))
 
 
+def check_run_folder(out: Path, patients: set[str] | None = None, lesions: set[str] | None = None) -> None:
+    """Refuse to add baselines to a run folder whose ``predictions.csv`` holds other patients or lesions.
+
+    ``evaluate`` compares the baselines with that file lesion by lesion, so baselines of another cohort
+    written there could only be refused later (after patches and fits).
+
+    Args:
+        out: The output folder (a ``cv`` run folder, or a new one).
+        patients: The manifest's patients (before any work): the run's must all be among them.
+        lesions: The patch index's lesions (before the fits): they must be the run's.
+
+    Raises:
+        UserError: The run folder's predictions are of other patients or lesions.
+    """
+    pred = runs.predictions_path(out)
+    if not pred.is_file():
+        return
+    try:
+        have = pd.read_csv(pred, usecols=["patient_id", "lesion_id"], dtype=str)
+    except (ValueError, OSError, pd.errors.ParserError):
+        return  # a damaged file is evaluate's to report, with its own message
+    fix = "give another -o folder, or the manifest that run was made from"
+    if patients is not None:
+        extra = sorted(set(have["patient_id"].dropna()) - patients)
+        if extra:
+            raise UserError(
+                f"-o {out}: its {pred.name} is of patients not in this manifest ({', '.join(extra[:3])}"
+                f"{', ...' if len(extra) > 3 else ''}); baselines of this manifest there would not match "
+                f"that run's lesions; {fix}"
+            )
+    if lesions is not None:
+        theirs = set(have["lesion_id"].dropna())
+        if theirs != lesions:
+            odd = sorted(theirs ^ lesions)
+            raise UserError(
+                f"-o {out}: its {pred.name} has {len(theirs)} lesions, this manifest {len(lesions)}, "
+                f"{len(odd)} in only one of them (e.g. {', '.join(odd[:3])}); baselines of this manifest "
+                f"there would not match that run's lesions; {fix}"
+            )
+
+
 def run_baselines_cli(manifest: str | Path, out: str | Path, cfg) -> dict[str, Path]:
     """``liverlesion baselines``: patches, splits, baselines and a metrics table.
 
@@ -472,6 +513,7 @@ def run_baselines_cli(manifest: str | Path, out: str | Path, cfg) -> dict[str, P
         raise UserError(f"{out}: exists and is a file; give a folder for the baseline results")
     # Validate, then work: the folds the patients can fill and, for frozen_lr, the network and its weights.
     df = read_manifest(manifest)
+    check_run_folder(out, patients=set(df["patient_id"].astype(str)))
     check_positive_setting(cfg, class_names_from(df))
     check_manifest_folds(df, cfg)
     if str(cfg.model.weights).lower() == "imagenet":  # otherwise frozen_lr is skipped: no network needed
@@ -481,6 +523,7 @@ def run_baselines_cli(manifest: str | Path, out: str | Path, cfg) -> dict[str, P
     # volumes once gives both.
     patch_dir = Path(build_patches(manifest, runs.patches_dir(out), cfg.patch))
     table = load_patch_index(patch_dir)
+    check_run_folder(out, lesions=set(table["lesion_id"].astype(str)))
     check_some_classified(table, cfg.eval.min_size_mm)
     splits = load_or_create_splits(
         runs.splits_path(out), table, cfg.cv.folds, cfg.cv.seed, cfg.train.val_fraction
