@@ -257,6 +257,21 @@ def test_truncated_seg_is_refused(study, tmp_path):
     _one_line(exc)
 
 
+@pytest.mark.parametrize("keep", [0.05, 0.3, 0.6, 0.9, 0.99])
+def test_seg_cut_before_its_pixels_is_named_truncated(study, tmp_path, keep):
+    """pydicom reads a file cut short up to where it ends: the rest looked like 'no segments' or a
+    highdicom AttributeError ('not a valid DICOM SEG'), never like the interrupted copy it is."""
+    data = study["seg"].read_bytes()
+    pixels_at = data.rindex(b"\xe0\x7f\x10\x00")  # the PixelData tag (7FE0,0010), little endian
+    bad = tmp_path / "cut.dcm"
+    bad.write_bytes(data[: int(pixels_at * keep)])
+    assert is_seg(bad)  # also when the cut falls inside SOPClassUID: the file meta says SEG
+    with pytest.raises(UserError) as exc:
+        seg_labelmap(bad, read_volume(study["ct"]), "Tumor_1")
+    msg = _one_line(exc)
+    assert "ends before its pixel data" in msg and "truncated" in msg and str(bad) in msg
+
+
 # --------------------------------------------------------------------------- manifest
 
 

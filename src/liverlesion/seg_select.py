@@ -77,25 +77,38 @@ def is_seg(path: str | os.PathLike) -> bool:
         ds = pydicom.dcmread(p, stop_before_pixels=True, specific_tags=["SOPClassUID"])
     except (InvalidDicomError, OSError, ValueError, EOFError, AttributeError, KeyError):
         return False
+    return _says_seg(ds)
+
+
+def _says_seg(ds) -> bool:
+    """The dataset's SOPClassUID, or its file meta's (a file cut short may hold only the meta), is SEG's."""
     meta = getattr(ds, "file_meta", None)
-    uid = str(ds.get("SOPClassUID", "") or (meta.get("MediaStorageSOPClassUID", "") if meta else ""))
-    return uid == SEG_SOP_CLASS_UID
+    meta_uid = str(meta.get("MediaStorageSOPClassUID", "") or "") if meta is not None else ""
+    return SEG_SOP_CLASS_UID in (str(ds.get("SOPClassUID", "") or ""), meta_uid)
 
 
 def read_seg_header(path: Path, name: str):
-    """The header of a DICOM file (no pixels).
+    """The header of a DICOM file (its pixel data, when any, is left unread).
 
     Raises:
-        UserError: Not a readable DICOM file.
+        UserError: Not a readable DICOM file, or a SEG that ends before its pixel data.
     """
     import pydicom
 
-    try:
-        return pydicom.dcmread(path, stop_before_pixels=True)
+    try:  # the whole file is parsed, so a SEG cut short shows; values over 1 KiB (the pixels) stay unread
+        ds = pydicom.dcmread(path, defer_size=1024)
     except Exception as e:  # noqa: BLE001 - any parse failure is a bad file for the user
         raise UserError(
             f"{name} {path}: not a readable DICOM SEG file ({e}); re-export the segmentation"
         ) from e
+    # pydicom reads a file cut short (an interrupted copy or download) without complaint, up to where it
+    # ends: what is missing then looked like a SEG without segments or a malformed one.
+    if _says_seg(ds) and not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise UserError(
+            f"{name} {path}: the DICOM SEG file ends before its pixel data ({path.stat().st_size} bytes: "
+            "truncated, e.g. an interrupted copy or download); copy or export it again"
+        )
+    return ds
 
 
 def _segments(ds, path: Path, name: str) -> list[Segment]:
