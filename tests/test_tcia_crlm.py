@@ -169,6 +169,19 @@ def test_missing_ct_series_is_named(tmp_path):
     assert "100.000000-Segmentation-53960" in msg and "CT series it references" in msg
 
 
+@pytest.mark.parametrize("keep", [0, 300, 0.5])
+def test_seg_cut_short_or_empty_is_named_before_any_work(tmp_path, keep):
+    """A SEG cut short read as a SEG of no segments (the patient skipped for the wrong reason) or as
+    no SEG at all (its folder listed, but not why)."""
+    root = tmp_path / COLLECTION
+    p = write_patient(root, "CRLM-CT-1010")
+    data = p["seg"].read_bytes()
+    p["seg"].write_bytes(data[: int(len(data) * keep) if isinstance(keep, float) else keep])
+    msg = _refused(root, tmp_path / "out")
+    assert "CRLM-CT-1010" in msg and "100.000000-Segmentation-53960" in msg
+    assert ("ends before its pixel data" if keep else "1-1.dcm 0 bytes: empty, cut short or not DICOM") in msg
+
+
 def test_empty_or_missing_source(tmp_path):
     assert "not found" in _refused(tmp_path / "nope", tmp_path / "out")
     (tmp_path / "empty").mkdir()

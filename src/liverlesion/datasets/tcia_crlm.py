@@ -173,14 +173,28 @@ def _series_of(folder: Path) -> _Series | None:
             )
         except (InvalidDicomError, OSError, ValueError, EOFError):
             continue
+        meta = getattr(ds, "file_meta", None)  # a file cut short may hold only its meta's SOP class
+        sop_class = str(
+            ds.get("SOPClassUID", "") or (meta.get("MediaStorageSOPClassUID", "") if meta else "")
+        )
         return _Series(
             folder,
             files,
             str(ds.get("SeriesInstanceUID", "") or ""),
-            str(ds.get("SOPClassUID", "") or ""),
+            sop_class,
             str(ds.get("Modality", "") or ""),
         )
     return None
+
+
+def _unreadable(folder: Path) -> str | None:
+    """Why a series folder holding files has no readable DICOM file (e.g. a SEG cut short), or None when empty."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not _is_junk(p.name))
+    if not files:
+        return None
+    sizes = ", ".join(f"{f.name} {f.stat().st_size} bytes" for f in files[:2])
+    more = f", ... ({len(files)} files)" if len(files) > 2 else ""
+    return f"{folder.name}/ ({sizes}{more}: empty, cut short or not DICOM; download it again)"
 
 
 def _discover(src: str | os.PathLike) -> list[tuple[_Study, _Series, _Series]]:
@@ -198,13 +212,23 @@ def _discover(src: str | os.PathLike) -> list[tuple[_Study, _Series, _Series]]:
             missing.append(f"{pdir}: no study folder (it holds {_describe(pdir)})")
             continue
         found_seg = False
+        unreadable: list[str] = []
         for sdir in studies:
             study = _Study(pdir.name, sdir)
-            study.series = [s for s in (_series_of(d) for d in _subdirs(sdir)) if s is not None]
+            for d in _subdirs(sdir):
+                series = _series_of(d)
+                if series is not None:
+                    study.series.append(series)
+                elif (why := _unreadable(d)) is not None:
+                    unreadable.append(why)
             by_uid = {s.uid: s for s in study.series if s.sop_class != SEG_SOP_CLASS_UID}
             for seg in (s for s in study.series if s.sop_class == SEG_SOP_CLASS_UID):
                 found_seg = True
-                refs = referenced_series(seg.files[0], f"{pdir.name} SEG")
+                try:
+                    refs = referenced_series(seg.files[0], f"{pdir.name} SEG")
+                except UserError as e:  # a SEG cut short: named with the other missing parts
+                    missing.append(str(e))
+                    continue
                 ct = next((by_uid[u] for u in refs if u in by_uid), None)
                 if ct is None:
                     missing.append(
@@ -214,9 +238,10 @@ def _discover(src: str | os.PathLike) -> list[tuple[_Study, _Series, _Series]]:
                     continue
                 pairs.append((study, seg, ct))
         if not found_seg:
+            bad = f"; unreadable series folders: {', '.join(unreadable[:3])}" if unreadable else ""
             missing.append(
                 f"{pdir}: no DICOM SEG (Segmentation series) in any study folder "
-                f"({', '.join(f'{s.name}/ holds {_describe(s)}' for s in studies)})"
+                f"({', '.join(f'{s.name}/ holds {_describe(s)}' for s in studies)}){bad}"
             )
     if missing:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
