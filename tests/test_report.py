@@ -6,6 +6,7 @@ import base64
 import importlib.util
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -301,3 +302,34 @@ def test_model_card_names_as_untrained_only_classes_the_model_was_not_trained_on
     three = known_limits(["cyst", "haemangioma", "metastasis"], external=True)
     assert "haemangioma" not in three.split("such as")[1].split("are forced")[0]
     assert "No external validation" not in three
+
+
+@pytest.mark.parametrize(
+    ("damage", "expected"),
+    [
+        (lambda m: m.pop("dataset"), r"dataset missing or of the wrong type"),
+        (lambda m: m["network"].pop("size"), r"network.size missing"),
+        (lambda m: m["network"].pop("confusion_matrix"), r"network.confusion_matrix missing"),
+        (lambda m: m["network"]["threshold"].pop("per_fold"), r"network.threshold.per_fold missing"),
+        (lambda m: m.__setitem__("class_names", "cyst"), r"class_names missing or of the wrong type"),
+        # deeper damage: caught while drawing, still one line naming the file
+        (
+            lambda m: m["network"]["metrics"].__setitem__("roc_auc", "high"),
+            r"a value is missing .*AttributeError",
+        ),
+        (lambda m: m["settings"].pop("n_bootstrap"), r"a value is missing .*KeyError: 'n_bootstrap'"),
+    ],
+)
+def test_redraw_from_a_damaged_metrics_json_is_one_line(binary_run: Path, tmp_path, damage, expected):
+    """Sections cut out of metrics.json or retyped were KeyError/AttributeError tracebacks."""
+    run = tmp_path / "run"
+    shutil.copytree(binary_run, run)
+    metrics = json.loads((run / "metrics.json").read_text())
+    damage(metrics)
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    before = (run / "report.html").read_bytes()
+    with pytest.raises(UserError, match=expected) as e:
+        render_report(run)
+    msg = str(e.value)
+    assert "\n" not in msg and "metrics.json" in msg and "liverlesion evaluate" in msg
+    assert (run / "report.html").read_bytes() == before  # the old report is kept whole

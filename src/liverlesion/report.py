@@ -319,11 +319,44 @@ def load_metrics(run_dir: str | Path) -> dict[str, Any]:
             f"({'no ' + ', '.join(missing) if missing else 'network or settings is not an object'}); "
             f"re-run `liverlesion evaluate {run_dir}`"
         )
+    # Sections cut out or retyped (an edited or partly merged file): named here, not a KeyError later.
+    net = metrics["network"]
+    damaged = [
+        where
+        for where, value, kind in (
+            ("dataset", metrics.get("dataset"), dict),
+            ("class_names", metrics["class_names"] if _names(metrics["class_names"]) else None, list),
+            *((f"network.{k}", net.get(k), t) for k, t in _NETWORK_KEYS),
+            ("network.threshold.per_fold", (net.get("threshold") or {}).get("per_fold"), dict),
+            ("network.temperature.per_fold", (net.get("temperature") or {}).get("per_fold"), dict),
+        )
+        if not isinstance(value, kind)
+    ]
+    if damaged:
+        raise UserError(
+            f"{path}: {', '.join(damaged)} missing or of the wrong type (the file was edited or is from "
+            f"another tool); re-run `liverlesion evaluate {run_dir}`"
+        )
     return metrics
+
+
+def _names(value: Any) -> bool:
+    """A list of at least two class names."""
+    return isinstance(value, list) and len(value) >= 2 and all(isinstance(c, str) for c in value)
 
 
 # What the report reads from metrics.json before anything else.
 _METRICS_KEYS = ("network", "settings", "class_names", "positive_class", "n_lesions", "n_patients")
+_NETWORK_KEYS = (
+    ("metrics", dict),
+    ("per_fold", dict),
+    ("threshold", dict),
+    ("temperature", dict),
+    ("calibration", dict),
+    ("confusion_matrix", dict),
+    ("size", list),
+    ("task", str),
+)
 
 
 def render_report(
@@ -341,10 +374,23 @@ def render_report(
         Path of ``report.html``.
     """
     run_dir = Path(run_dir)
-    if metrics is None:
-        metrics = load_metrics(run_dir)
-    drawn = make_plots(run_dir, metrics, gradcam=gradcam)
-    return write_text(runs.report_path(run_dir), build_html(run_dir, metrics, drawn["plots"], drawn["notes"]))
+    if metrics is not None:  # evaluate's own, just computed: a failure here is our bug, not the user's
+        drawn = make_plots(run_dir, metrics, gradcam=gradcam)
+        return write_text(
+            runs.report_path(run_dir), build_html(run_dir, metrics, drawn["plots"], drawn["notes"])
+        )
+    metrics = load_metrics(run_dir)
+    try:
+        drawn = make_plots(run_dir, metrics, gradcam=gradcam)
+        html = build_html(run_dir, metrics, drawn["plots"], drawn["notes"])
+    except (KeyError, TypeError, AttributeError, IndexError, ValueError) as e:
+        # A value deeper in metrics.json damaged beyond what load_metrics checks (a number
+        # replaced by text, a list cut short): name the file, not the line of report code.
+        raise UserError(
+            f"{runs.metrics_path(run_dir)}: a value is missing or of the wrong type ({type(e).__name__}: "
+            f"{str(e)[:80]}); the file was edited or is damaged: re-run `liverlesion evaluate {run_dir}`"
+        ) from e
+    return write_text(runs.report_path(run_dir), html)
 
 
 def external_html(metrics: dict[str, Any], esc) -> list[str]:
