@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -282,6 +283,18 @@ def test_folder_image_as_label_is_refused(tmp_path: Path):
     write_volume(_case(0)[0], folder / "labels" / "p0.nii.gz")
     with pytest.raises(UserError, match="looks like a CT image"):
         import_folder(folder, tmp_path / "out", ["2=cyst"])
+
+
+def test_folder_label_map_as_image_is_refused(tmp_path: Path):
+    """Wrong file in the wrong slot: a label map where the CT should be was imported (rc 0) as the CT."""
+    folder = make_pairs(tmp_path, n=2)
+    shutil.copy(folder / "labels" / "p1.nii.gz", folder / "images" / "p1.nii.gz")
+    out = tmp_path / "out"
+    with pytest.raises(UserError) as e:
+        import_folder(folder, out, ["2=cyst"])
+    msg = str(e.value)
+    assert "case p1 image" in msg and "as in a label mask" in msg and "\n" not in msg
+    assert not out.exists()
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -340,6 +340,20 @@ def test_mask_geometry_mismatch_is_an_error_and_leaves_nothing(tmp_path: Path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # no temp folder left
 
 
+def test_mask_series_in_the_ct_place_is_refused_and_leaves_nothing(tmp_path: Path):
+    """Wrong file in the wrong slot: PATIENT_DICOM holding a 0/255 mask series was imported as the CT."""
+    src = _write_patient(tmp_path / "3Dircadb1.1", {"livertumor": T01})
+    shutil.rmtree(src / "PATIENT_DICOM")
+    shutil.copytree(src / "MASKS_DICOM" / "livertumor", src / "PATIENT_DICOM")
+    out = tmp_path / "out"
+    with pytest.raises(UserError) as e:
+        import_ircadb(src, out)
+    msg = str(e.value)
+    assert "PATIENT_DICOM" in msg and "as in a label mask" in msg and "\n" not in msg
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
 def test_overwrite_protection(fake_patient: Path, tmp_path: Path):
     out = tmp_path / "out"
     out.mkdir()

@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 
 from liverlesion import DISCLAIMER, __version__
+from liverlesion.case_input import check_ct_volume
 from liverlesion.datasets.ircadb_layout import (
     Part,
     Patient,
@@ -262,6 +263,7 @@ def _import_patient(
         image = read_volume(image_dir, kind="image", name=image_name)
         if patient.image.is_zip:
             shutil.rmtree(image_dir.parent, ignore_errors=True)
+        check_ct_volume(image, image_name)  # predict's and cv's check: not a mask series in the CT's place
         report["shape_zyx"] = list(image.shape)
         report["spacing_zyx_mm"] = [round(s, 4) for s in image.spacing]
 

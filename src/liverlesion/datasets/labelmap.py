@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from liverlesion import DISCLAIMER, __version__
+from liverlesion.case_input import check_ct_volume
 from liverlesion.datasets.ircadb import MAX_SPECK_VOXELS, LabelBuilder
 from liverlesion.errors import UserError
 from liverlesion.fileio import atomic_dir, check_output_dir, write_csv, write_json, write_text
@@ -171,6 +172,8 @@ def _import_case(
     tolerance: float,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     image = read_volume(case.image, kind="image", name=f"case {case.case_id} image")
+    # cv's check on every manifest image, here so that a label map in the image's place fails the import
+    check_ct_volume(image, f"case {case.case_id} image {case.image}")
     label = read_volume(case.label, kind="mask", name=f"case {case.case_id} label")
     check_geometry(
         image,
