@@ -331,6 +331,53 @@ def test_corrupt_zip_and_empty_masks(tmp_path: Path):
         import_ircadb(src2, tmp_path / "out")
 
 
+def _encrypt_flags(path: Path) -> None:
+    """Set the 'encrypted' flag bit of every entry (local and central headers), as a password zip has."""
+    data = bytearray(path.read_bytes())
+    for sig, flag_at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        i = data.find(sig)
+        while i >= 0:
+            data[i + flag_at] |= 1
+            i = data.find(sig, i + 4)
+    path.write_bytes(bytes(data))
+
+
+def test_unusable_masks_zip_is_refused_before_any_work(tmp_path: Path, monkeypatch):
+    """Password-protected: found only when extracting, after the CT was read, with the advice to
+    re-download; a checkpoint in its place; a structure unpacking to more than any CT series."""
+    src = _write_patient(tmp_path / "3Dircadb1.1", {"livertumor": T01}, zip_masks=True)
+    zipped = src / "MASKS_DICOM.zip"
+    good = zipped.read_bytes()
+    _encrypt_flags(zipped)
+    read = []
+    monkeypatch.setattr("liverlesion.datasets.ircadb.read_volume", lambda *a, **k: read.append(a))
+    with pytest.raises(UserError, match=r"MASKS_DICOM\.zip: is password-protected .*with its password"):
+        import_ircadb(src, tmp_path / "out")
+    with zipfile.ZipFile(zipped, "w") as zf:
+        zf.writestr("model/data.pkl", b"x")
+    with pytest.raises(UserError, match=r"MASKS_DICOM\.zip: is a PyTorch file"):
+        import_ircadb(src, tmp_path / "out")
+    zipped.write_bytes(good)
+    monkeypatch.setattr("liverlesion.datasets.ircadb_layout.MAX_UNPACKED_BYTES", 1000)
+    with pytest.raises(UserError, match=r"'MASKS_DICOM/livertumor' would unpack to"):
+        import_ircadb(src, tmp_path / "out")
+    assert not read and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("zip_masks", [False, True])
+def test_zipped_structures_inside_masks_dicom_are_named(tmp_path: Path, zip_masks: bool):
+    """MASKS_DICOM/livertumor.zip was 'no structure folders found', as if MASKS_DICOM were empty."""
+    src = _write_patient(tmp_path / "3Dircadb1.1", {"livertumor": T01})
+    masks = src / "MASKS_DICOM"
+    _zip_folder(masks / "livertumor", masks / "livertumor.zip", top=True)
+    shutil.rmtree(masks / "livertumor")
+    if zip_masks:
+        _zip_folder(masks, src / "MASKS_DICOM.zip", top=True)
+        shutil.rmtree(masks)
+    with pytest.raises(UserError, match=r"holds zip files \(livertumor\.zip\) where structure folders"):
+        import_ircadb(src, tmp_path / "out")
+
+
 def test_mask_geometry_mismatch_is_an_error_and_leaves_nothing(tmp_path: Path):
     src = _write_patient(tmp_path / "3Dircadb1.1", {"livertumor": T01}, mask_spacing=(2.0, 1.2, 1.2))
     out = tmp_path / "out"

@@ -19,7 +19,7 @@ from typing import Any
 
 from liverlesion.errors import UserError
 from liverlesion.io import check_zip_members
-from liverlesion.io.archive import ZIP_READ_ERRORS
+from liverlesion.io.archive import MAX_UNPACKED_BYTES, ZIP_READ_ERRORS, is_torch_archive
 
 __all__ = [
     "PATIENT_PART",
@@ -108,13 +108,41 @@ class Part:
 
 
 def index_zip(path: Path, name: str) -> Part:
+    """Index a part given as a zip, refusing what could not be extracted before any work.
+
+    Raises:
+        UserError: Unreadable, unsafe entry names, password-protected, a checkpoint, or a structure that
+            would unpack to more than any CT series.
+    """
     try:
         with zipfile.ZipFile(path) as zf:
-            members = [i.filename for i in check_zip_members(zf, name, path)]
+            infos = check_zip_members(zf, name, path)
+            if is_torch_archive(zf):
+                raise UserError(
+                    f"{path}: is a PyTorch file (e.g. a model.pt checkpoint), not the {name} zip of 3D-IRCADb-01; "
+                    f"put the {name}.zip from the IRCAD download there"
+                )
     except ZIP_READ_ERRORS as e:
         raise UserError(
             f"{path}: not a readable zip file ({e}); re-download it or extract it to a {name} folder"
         ) from e
+    locked = [i for i in infos if i.flag_bits & 0x1]  # bit 0 of the flags: encrypted
+    if locked:
+        raise UserError(
+            f"{path}: is password-protected ({len(locked)} encrypted entries, e.g. {locked[0].filename!r}); "
+            f"extract it with its password to a {name} folder next to it and remove the zip"
+        )
+    sizes: dict[str, int] = {}
+    for i in infos:
+        group = str(PurePosixPath(i.filename).parent)
+        sizes[group] = sizes.get(group, 0) + i.file_size
+    big = max(sizes.items(), key=lambda kv: kv[1], default=("", 0))
+    if big[1] > MAX_UNPACKED_BYTES:  # each structure is extracted on its own: bound each
+        raise UserError(
+            f"{path}: {big[0]!r} would unpack to {big[1] / 2**30:.3g} GiB, more than any CT series "
+            f"({MAX_UNPACKED_BYTES / 2**30:.0f} GiB at most: a damaged archive); re-download it"
+        )
+    members = [i.filename for i in infos]
     parts = [PurePosixPath(m).parts for m in members]
     keep = [(m, p) for m, p in zip(members, parts, strict=True) if p and not any(_is_junk(x) for x in p)]
     # The official zips hold a top-level folder of the same name; tolerate both forms.
@@ -157,6 +185,16 @@ def _find_part(patient_dir: Path, name: str) -> Part:
         raise UserError(
             f"{patient_dir}: no {name} folder or {name}.zip found; expected the 3D-IRCADb-01 layout "
             f"3Dircadb1.N/{name}[.zip] as downloaded from IRCAD"
+        )
+    top = [PurePosixPath(f).name for f in part.groups.get("", [])]
+    zips = [f for f in top if f.lower().endswith(".zip")]
+    if zips and (name == MASKS_PART and not part.structures() or len(zips) == len(top)):
+        # zips inside the part (MASKS_DICOM/livertumor01.zip, PATIENT_DICOM/PATIENT_DICOM.zip) are not read
+        raise UserError(
+            f"{part.path}: holds zip files ({', '.join(sorted(zips)[:3])}{', ...' if len(zips) > 3 else ''}) "
+            f"where {'structure folders' if name == MASKS_PART else 'DICOM slices'} are expected; extract each "
+            f"into a folder of its own name ({name}/"
+            f"{'<structure>/image_0, ...' if name == MASKS_PART else 'image_0, image_1, ...'})"
         )
     if name == PATIENT_PART and not part.groups.get(""):
         raise UserError(
