@@ -199,6 +199,28 @@ def test_msd_wrong_layouts_name_expected_and_missing(tmp_path: Path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    "key, entry, match",
+    [
+        ("image", "/etc/hostname", "points outside the task folder"),
+        ("label", "../../other/Task03_Liver/labelsTr/liver_0.nii.gz", "points outside the task folder"),
+        ("image", "./imagesTr", "lists folders where image files belong: imagesTr"),
+    ],
+)
+def test_msd_dataset_json_entry_outside_the_task_or_a_folder_is_refused(tmp_path: Path, key, entry, match):
+    """Entries leaving the task were read wherever they pointed (a label of another task imported with
+    exit 0); a folder entry was called 'missing'."""
+    task = make_msd_task(tmp_path / "a", n=1)
+    make_msd_task(tmp_path / "other", n=1)
+    meta = json.loads((task / "dataset.json").read_text())
+    meta["training"][0][key] = entry
+    (task / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match=match) as e:
+        import_msd(task, tmp_path / "out", ["2=metastasis"])
+    assert "\n" not in str(e.value) and str(task) in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
 def test_msd_truncated_image_fails_and_leaves_nothing(tmp_path: Path):
     task = make_msd_task(tmp_path, n=2)
     f = task / "imagesTr" / "liver_1.nii.gz"
@@ -283,6 +305,22 @@ def test_folder_image_as_label_is_refused(tmp_path: Path):
     write_volume(_case(0)[0], folder / "labels" / "p0.nii.gz")
     with pytest.raises(UserError, match="looks like a CT image"):
         import_folder(folder, tmp_path / "out", ["2=cyst"])
+
+
+@pytest.mark.parametrize("kind", ["dicom folder", "zip"])
+def test_folder_of_dicom_series_per_case_is_named(tmp_path: Path, kind: str):
+    """images/ holding a DICOM folder or zip per case was 'no image files', with nothing on what it held."""
+    folder = make_pairs(tmp_path, n=1)
+    (folder / "images" / "p0.nii.gz").unlink()
+    if kind == "zip":
+        (folder / "images" / "p0.zip").write_bytes(b"PK\x05\x06" + bytes(18))
+    else:
+        (folder / "images" / "p0").mkdir()
+    with pytest.raises(UserError) as e:
+        import_folder(folder, tmp_path / "out", ["2=cyst"])
+    msg = str(e.value)
+    assert f"it holds {'p0.zip' if kind == 'zip' else 'p0/'}" in msg and "dcm2niix" in msg and "\n" not in msg
+    assert not (tmp_path / "out").exists()
 
 
 def test_folder_label_map_as_image_is_refused(tmp_path: Path):

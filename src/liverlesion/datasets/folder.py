@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from liverlesion.datasets.labelmap import (
+    ENDINGS,
     Case,
     check_out,
     check_values_present,
@@ -167,9 +168,17 @@ def find_cases(src: str | Path) -> tuple[str, list[Case], dict[int, str] | None]
     images = _index(images_dir, channels=True)
     labels = _index(labels_dir, channels=False)
     if not images:
-        raise UserError(
-            f"{images_dir}: no image files ({', '.join(e for e in ('.nii.gz', '.nii', '.nrrd', '.mha'))})"
+        held = sorted(
+            c.name + ("/" if c.is_dir() else "") for c in images_dir.iterdir() if not is_junk(c.name)
         )
+        what = (
+            f"; it holds {_listing(held)}, which `import folder` does not read (one volume file per case): "
+            "convert DICOM series to NIfTI first (e.g. dcm2niix), or list the cases in a manifest CSV "
+            "(its image column takes DICOM folders and zips)"
+            if held
+            else "; it is empty"
+        )
+        raise UserError(f"{images_dir}: no image files ({', '.join(ENDINGS)}){what}")
     no_ch0 = sorted(k for k, v in images.items() if 0 not in v)
     if no_ch0:
         raise UserError(

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from liverlesion.datasets.labelmap import (
@@ -159,6 +159,14 @@ def find_cases(task: Path, meta: dict[str, Any]) -> list[Case]:
                     f'{task / "dataset.json"}: training entry {i} is not {{"image": ..., "label": ...}}; '
                     "re-extract the task"
                 )
+            for key in ("image", "label"):
+                rel = PurePosixPath(str(entry[key]).replace("\\", "/"))
+                if rel.is_absolute() or ".." in rel.parts or ":" in str(entry[key]):
+                    raise UserError(
+                        f"{task / 'dataset.json'}: training entry {i} {key} {str(entry[key])!r} points outside "
+                        f"the task folder; entries are paths inside it (./imagesTr/CASE.nii.gz, ./labelsTr/CASE.nii.gz): "
+                        "re-extract the task"
+                    )
             pairs.append((task / str(entry["image"]), task / str(entry["label"])))
     else:  # no list: every image of imagesTr/ with its label of the same name
         for f in sorted((task / "imagesTr").iterdir()):
@@ -166,6 +174,12 @@ def find_cases(task: Path, meta: dict[str, Any]) -> list[Case]:
                 pairs.append((f, task / "labelsTr" / f.name))
     if not pairs:
         raise UserError(f"{task}: no training cases in dataset.json or imagesTr/; expected {LAYOUT}")
+    folders = [str(p.relative_to(task)) for pair in pairs for p in pair if p.is_dir()]
+    if folders:
+        raise UserError(
+            f"{task}: dataset.json lists folders where image files belong: {', '.join(folders[:5])}; "
+            "each entry names one file (./imagesTr/CASE.nii.gz, ./labelsTr/CASE.nii.gz): re-extract the task"
+        )
     missing = [str(p.relative_to(task)) for pair in pairs for p in pair if not p.is_file()]
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
