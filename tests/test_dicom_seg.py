@@ -422,6 +422,9 @@ def test_predict_manifest_with_seg_writes_one_seg_per_image(study, ckpt, tmp_pat
         (["--dicom-seg", "--image-nifti"], "--dicom-seg needs a DICOM --image"),
         (["--swap"], "DICOM SEG object without an image"),  # the SEG in the --image slot
         (["--other-series"], "references series"),
+        # TCIA's SEG folder (N.000000-Segmentation-NNNNN/1-1.dcm): was 'no DICOM image series found ... pass a
+        # folder or .zip holding CT DICOM slices'
+        (["--seg-folder"], "is a folder holding a DICOM SEG (1-1.dcm), not a mask series; pass the SEG file"),
     ],
 )
 def test_predict_bad_seg_input_is_one_line(study, ckpt, tmp_path, capsys, extra, fragment):
@@ -437,8 +440,15 @@ def test_predict_bad_seg_input_is_one_line(study, ckpt, tmp_path, capsys, extra,
     if "--other-series" in extra:
         write_dicom_series(study["image"], tmp_path / "other")
         image = str(tmp_path / "other")
+    if "--seg-folder" in extra:
+        (tmp_path / "100.000000-Segmentation-53960").mkdir()
+        mask = str(tmp_path / "100.000000-Segmentation-53960" / "1-1.dcm")
+        Path(mask).write_bytes(study["seg"].read_bytes())
+        mask = str(Path(mask).parent)
     extra = [
-        e for e in extra if not e.startswith(("--mask-nifti", "--image-nifti", "--swap", "--other-series"))
+        e
+        for e in extra
+        if not e.startswith(("--mask-nifti", "--image-nifti", "--swap", "--other-series", "--seg-folder"))
     ]
     out = tmp_path / "out"
     rc = main(["predict", "--model", str(ckpt), "--image", image, "--mask", mask, *extra, "--out", str(out)])

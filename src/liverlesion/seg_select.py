@@ -215,6 +215,21 @@ def names_one_segment(selector: Selector) -> bool:
     return isinstance(selector, int) or (isinstance(selector, str) and not _PATTERN_CHARS & set(selector))
 
 
+#: A folder with more files than this is a mask series, not the folder of a SEG (one file per series).
+_SEG_FOLDER_MAX_FILES = 16
+
+
+def _segs_only_folder(path: Path) -> list[Path]:
+    """The SEG files of a folder holding nothing but SEG files (TCIA's N.000000-Segmentation-NNNNN/1-1.dcm)."""
+    if not path.is_dir():
+        return []
+    files = sorted(f for f in path.iterdir() if f.is_file() and not f.name.startswith("."))
+    if not files or len(files) > _SEG_FOLDER_MAX_FILES:
+        return []
+    segs = [f for f in files if is_seg(f)]
+    return segs if len(segs) == len(files) else []
+
+
 def check_cli_mask_label(
     mask: str | os.PathLike | None, label: Any, option: str = "--label"
 ) -> tuple[bool, Selector]:
@@ -224,8 +239,14 @@ def check_cli_mask_label(
         ``(mask_is_seg, label)``: the label as a segment selector for a SEG, else as an integer.
 
     Raises:
-        UserError: A text label for a non-SEG mask, a negative label, or a SEG that has no such segment.
+        UserError: A text label for a non-SEG mask, a negative label, a SEG that has no such segment, or a
+            folder holding only a SEG (its file is the mask).
     """
+    if mask is not None and (segs := _segs_only_folder(Path(mask))):
+        raise UserError(
+            f"--mask {mask}: is a folder holding a DICOM SEG ({', '.join(f.name for f in segs[:3])}), not a mask "
+            f"series; pass the SEG file itself: --mask {segs[0]}"
+        )
     mask_is_seg = mask is not None and is_seg(mask)
     if mask_is_seg:
         selector = parse_selector(label)
