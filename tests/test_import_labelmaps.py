@@ -335,6 +335,16 @@ def test_folder_label_map_as_image_is_refused(tmp_path: Path):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("where", ["the task", "its parent"])
+def test_msd_output_over_its_source_is_refused(tmp_path: Path, where: str):
+    """Output replaces the whole folder: -o TASK --overwrite deleted imagesTr/ and labelsTr/ (exit 0)."""
+    task = make_msd_task(tmp_path, n=1)
+    out = task if where == "the task" else tmp_path
+    with pytest.raises(UserError, match=r"(is|holds) the input source folder .*--overwrite would delete"):
+        import_msd(task, out, ["2=metastasis"], overwrite=True)
+    assert (task / "imagesTr" / "liver_0.nii.gz").is_file() and not (task / "manifest.csv").exists()
+
+
 # ----------------------------------------------------------------------------- CLI
 
 

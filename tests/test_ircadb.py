@@ -416,6 +416,13 @@ def test_overwrite_protection(fake_patient: Path, tmp_path: Path):
         import_ircadb(fake_patient, f)
 
 
+def test_output_holding_the_source_is_refused(fake_patient: Path):
+    """-o on the folder that holds 3Dircadb1.N, with --overwrite, deleted the patient (exit 0)."""
+    with pytest.raises(UserError, match=r"holds the input source folder .*3Dircadb1\.3"):
+        import_ircadb(fake_patient, fake_patient.parent, overwrite=True)
+    assert (fake_patient / "PATIENT_DICOM").is_dir() and not (fake_patient.parent / "manifest.csv").exists()
+
+
 # ----------------------------------------------------------------------------- CLI
 
 

@@ -535,6 +535,25 @@ def test_bad_input_is_one_line_and_writes_nothing(name, ckpts, case, tmp_path, c
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # no temp folder left
 
 
+@pytest.mark.parametrize("held", ["--image", "--mask", "--model"])
+def test_out_holding_an_input_is_refused_and_the_input_kept(held, ckpts, case, tmp_path, capsys):
+    """The results replace the whole --out folder: with --overwrite, a CT, mask or checkpoint inside it was
+    deleted (and without it, the message advised --overwrite)."""
+    import shutil
+
+    out = tmp_path / "study"
+    out.mkdir()
+    inputs = {"--image": case["image"], "--mask": case["mask"], "--model": ckpts["a"]}
+    inputs[held] = Path(shutil.copy(inputs[held], out))
+    for extra in ([], ["--overwrite"]):
+        args = ["--model", inputs["--model"], "--image", inputs["--image"], "--mask", inputs["--mask"]]
+        rc, _, err = _run([*args, "--out", out, "--no-gradcam", *extra], capsys)
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
+        assert f"--out {out}: holds the input {held} {inputs[held]}" in lines[0]
+        assert sorted(p.name for p in out.iterdir()) == [inputs[held].name]
+
+
 def test_predict_leaves_no_torchinductor_folder_in_tmpdir(ckpts, case, tmp_path):
     """timm -> torchvision -> torch._dynamo makes TMPDIR/torchinductor_<user> on import; not ours."""
     import os

@@ -182,6 +182,15 @@ def test_seg_cut_short_or_empty_is_named_before_any_work(tmp_path, keep):
     assert ("ends before its pixel data" if keep else "1-1.dcm 0 bytes: empty, cut short or not DICOM") in msg
 
 
+def test_output_holding_the_download_is_refused(tmp_path):
+    """-o on the folder above the download, with --overwrite, deleted the download (the manifest's CT and SEG)."""
+    root = tmp_path / "dl" / COLLECTION
+    p = write_patient(root, "CRLM-CT-1011")
+    with pytest.raises(UserError, match=r"holds the input source folder"):
+        import_tcia_crlm(root, tmp_path / "dl", overwrite=True)
+    assert p["seg"].is_file()
+
+
 def test_empty_or_missing_source(tmp_path):
     assert "not found" in _refused(tmp_path / "nope", tmp_path / "out")
     (tmp_path / "empty").mkdir()

@@ -13,7 +13,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +160,40 @@ def check_output_dir(path: str | os.PathLike, name: str = "output folder") -> Pa
         )
     _check_parents(path, name)
     return path
+
+
+def check_out_spares_inputs(
+    path: str | os.PathLike,
+    inputs: Iterable[tuple[str, str | os.PathLike | None]],
+    name: str = "output folder",
+) -> None:
+    """Refuse an output folder that is, or holds, one of the inputs (before any work is done).
+
+    :func:`atomic_dir` replaces the output folder as a whole, so with ``--overwrite`` an input inside
+    it (a CT next to its results, a dataset imported into its own folder) would be deleted.
+
+    Args:
+        path: The output folder.
+        inputs: ``(how the input is named, its path)``; None paths are skipped.
+        name: How the output argument is named in messages.
+
+    Raises:
+        UserError: Naming the output folder and the first input it is or holds.
+    """
+    out = Path(path).expanduser()
+    if not out.exists():  # nothing can lie inside a folder that does not exist yet
+        return
+    resolved = out.resolve()
+    for what, given in inputs:
+        if given is None:
+            continue
+        target = Path(given).expanduser().resolve()
+        if target == resolved or target.is_relative_to(resolved):
+            raise UserError(
+                f"{name} {out}: {'is' if target == resolved else 'holds'} the input {what} {given}; the results "
+                "replace the whole output folder (--overwrite would delete the input): give an output folder "
+                "outside the inputs"
+            )
 
 
 def _check_not_dangling(path: Path, name: str) -> None:

@@ -28,7 +28,7 @@ from liverlesion.decision import TOO_SMALL
 from liverlesion.dicom_seg import seg_mask, segment_of, union_if_several
 from liverlesion.domain import format_domain
 from liverlesion.errors import UserError
-from liverlesion.fileio import atomic_dir, write_csv, write_json
+from liverlesion.fileio import atomic_dir, check_out_spares_inputs, write_csv, write_json
 from liverlesion.io import read_volume
 from liverlesion.lesions import lesion_source_problem
 from liverlesion.overlay import draw_lesion_overlay
@@ -194,6 +194,11 @@ def predict_cli(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: is a file; give a folder path")
+    check_out_spares_inputs(
+        out,
+        [("--image", image), ("--mask", mask), ("--manifest", manifest), *(("--model", m) for m in models)],
+        "--out",
+    )
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UserError(
             f"--out {out}: folder already exists and is not empty; choose another path or pass --overwrite"

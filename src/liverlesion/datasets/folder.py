@@ -251,7 +251,7 @@ def import_folder(
         else str(src / ("labelsTr" if kind == "nnunet" else "labels"))
     )
     cmap = parse_class_map(class_map, declared, where=where)
-    check_out(out, overwrite)
+    check_out(out, overwrite, src)
     if declared is None:
         check_values_present(cmap, _values_in_labels(cases), where)
     return import_cases(

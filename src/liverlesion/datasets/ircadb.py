@@ -58,7 +58,7 @@ from liverlesion.datasets.ircadb_layout import (
     discover_patients,
 )
 from liverlesion.errors import UserError
-from liverlesion.fileio import atomic_dir, write_csv, write_json, write_text
+from liverlesion.fileio import atomic_dir, check_out_spares_inputs, write_csv, write_json, write_text
 from liverlesion.io import check_geometry, read_volume, write_volume
 from liverlesion.progress import progress_disabled
 
@@ -381,6 +381,7 @@ def import_ircadb(src: str | Path, out: str | Path, overwrite: bool = False) -> 
     patients = discover_patients(src)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is a file; give a folder path for the output")
+    check_out_spares_inputs(out, [("source folder", src)])
 
     rows: list[dict[str, Any]] = []
     reports: list[dict[str, Any]] = []

@@ -33,7 +33,14 @@ from liverlesion import DISCLAIMER, __version__
 from liverlesion.case_input import check_ct_volume
 from liverlesion.datasets.ircadb import MAX_SPECK_VOXELS, LabelBuilder
 from liverlesion.errors import UserError
-from liverlesion.fileio import atomic_dir, check_output_dir, write_csv, write_json, write_text
+from liverlesion.fileio import (
+    atomic_dir,
+    check_out_spares_inputs,
+    check_output_dir,
+    write_csv,
+    write_json,
+    write_text,
+)
 from liverlesion.io import check_geometry, read_volume, write_volume
 from liverlesion.progress import progress_disabled
 
@@ -153,9 +160,11 @@ def safe_case_id(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name).strip("._") or "case"
 
 
-def check_out(out: Path, overwrite: bool) -> None:
-    """Refuse an output path that is a file, or an existing non-empty folder without ``overwrite`` (before any work)."""
+def check_out(out: Path, overwrite: bool, src: Path | None = None) -> None:
+    """Refuse an output path that is a file, is or holds the source ``src``, or an existing non-empty folder
+    without ``overwrite`` (before any work)."""
     check_output_dir(out)
+    check_out_spares_inputs(out, [("source folder", src)])
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is a file; give a folder path for the output")
     if out.is_dir() and any(out.iterdir()) and not overwrite:

@@ -229,7 +229,7 @@ def import_msd(
     meta = read_dataset_json(task)
     cmap = parse_class_map(class_map, meta["labels"], where=str(task / "dataset.json"))
     cases = find_cases(task, meta)
-    check_out(out, overwrite)
+    check_out(out, overwrite, src)
     return import_cases(
         cases,
         cmap,

@@ -47,7 +47,7 @@ from typing import Any
 from liverlesion import DISCLAIMER, __version__
 from liverlesion.dicom_seg import referenced_series, seg_lesions
 from liverlesion.errors import UserError
-from liverlesion.fileio import atomic_dir, write_json, write_text
+from liverlesion.fileio import atomic_dir, check_out_spares_inputs, write_json, write_text
 from liverlesion.io import read_volume
 from liverlesion.manifest import write_manifest
 from liverlesion.progress import progress_disabled
@@ -325,6 +325,7 @@ def import_tcia_crlm(src: str | Path, out: str | Path, overwrite: bool = False) 
     src, out = Path(src), Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is a file; give a folder path for the output")
+    check_out_spares_inputs(out, [("source folder", src)])
     pairs = _discover(src)
     final = out.resolve()
     rows: list[dict[str, Any]] = []
