@@ -128,9 +128,9 @@ def lpft_setup(args: argparse.Namespace):
 
     from liverlesion import lpft
     from liverlesion.config import load_config
-    from liverlesion.cv import resolve_init
     from liverlesion.model import build_model
     from liverlesion.model_input import takes_mask
+    from liverlesion.run_checks import resolve_init
 
     cfg = load_config(
         preset=args.preset, overrides=[f"model.weights={args.weights}"] if args.weights else None

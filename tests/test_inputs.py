@@ -797,3 +797,93 @@ def test_result_json_that_is_not_text_is_one_line(tmp_path, capsys, which):
     else:
         args = ["report", d]
     cli_fails(capsys, args, which, "not valid JSON")
+
+
+# --------------------------------------------------------------------------- resuming a run folder
+
+
+def _run_folder(path: Path, kind: str = "cv", preset: str = "quick") -> Path:
+    """A run folder as an interrupted run leaves it: its settings and run.json."""
+    import json
+
+    from liverlesion import runs
+    from liverlesion.config import load_config
+
+    path.mkdir(parents=True)
+    load_config(preset=preset).save(runs.config_path(path))
+    runs.run_info_path(path).write_text(json.dumps({"kind": kind}))
+    return path
+
+
+def test_resume_with_other_settings_is_refused_before_any_work(tmp_path, capsys):
+    # the finished folds were trained with the run's settings: resuming with others mixed two models in
+    # one run, and the new settings silently replaced config.yaml
+    from liverlesion import runs
+
+    m = one_lesion_patients(tmp_path, 10)
+    run = _run_folder(tmp_path / "run")
+    saved = runs.config_path(run).read_text()
+    other = tmp_path / "other.yaml"
+    other.write_text("train:\n  epochs: 5\n")
+    for extra, shown in (
+        (["--set", "train.epochs=3"], "train.epochs 40 -> 3"),
+        (["--epochs", "3"], "train.epochs 40 -> 3"),
+        (["--preset", "paper"], "patch.size_px 160 -> 299"),
+        (["--config", other], "patch.size_px 160 -> 224"),  # a config on the defaults, not on quick
+    ):
+        err = cli_fails(capsys, ["cv", m, "-o", run, "--resume", *extra], "resuming with settings other")
+        assert shown in err and "mix two models" in err, err
+    assert runs.config_path(run).read_text() == saved
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "run.json"]  # no patches cut
+
+
+def test_resume_keeps_the_runs_own_settings_and_may_change_only_how_it_runs(tmp_path, capsys):
+    from liverlesion import runs
+    from liverlesion.cli_common import config_from
+    from liverlesion.config import load_config, load_run_config, setting_differences
+    from liverlesion.run_checks import check_resume
+
+    run = _run_folder(tmp_path / "run")
+    cfg = config_from(
+        None, None, None, resume_run=run, **{"train.max_threads": 1, "train.accelerator": "cpu"}
+    )
+    assert "the run's own settings" in capsys.readouterr().err
+    assert setting_differences(load_run_config(runs.config_path(run)), cfg) == []
+    assert cfg.patch.size_px == 160 and cfg.train.max_threads == 1  # quick's, not the defaults
+    check_resume(run, cfg, "cv")  # threads and device may change
+    check_resume(run, load_config(preset="quick", overrides=["eval.n_bootstrap=50"]), "cv")
+    with pytest.raises(UserError, match=r"train.batch_size 32 -> 8"):
+        check_resume(run, load_config(preset="quick", overrides=["train.batch_size=8"]), "cv")
+    check_resume(tmp_path / "new", load_config(), "cv")  # nothing to resume: nothing to match
+
+
+@pytest.mark.parametrize("made_by,resumed_as", [("cv", "train"), ("train", "cv")])
+def test_resuming_a_run_folder_of_the_other_kind_is_refused(tmp_path, capsys, made_by, resumed_as):
+    # `train --resume` on a cv run folder read its splits.json as a train split: KeyError 'train_patients'
+    m = one_lesion_patients(tmp_path, 10)
+    run = _run_folder(tmp_path / "run", kind=made_by)
+    cli_fails(
+        capsys,
+        [resumed_as, m, "-o", run, "--resume"],
+        f"a `liverlesion {made_by}` run folder",
+        f"resume it with `liverlesion {made_by} ... --resume`",
+    )
+
+
+@pytest.mark.parametrize(
+    "text", ["{not json", '{"splits": []}', '{"train_patients": [], "val_patients": ["p"]}']
+)
+def test_a_damaged_train_split_is_named(tmp_path, text):
+    from liverlesion.cv import _read_train_split
+
+    path = tmp_path / "splits.json"
+    path.write_text(text)
+    with pytest.raises(UserError, match=r"splits.json: .*delete it and run again to draw the split anew"):
+        _read_train_split(path)
+
+
+def test_demo_rerun_with_other_settings_is_refused_before_generating(tmp_path, capsys):
+    out = tmp_path / "demo"
+    _run_folder(out / "cv")
+    cli_fails(capsys, ["demo", "-o", out, "--set", "train.epochs=3"], "train.epochs 40 -> 3", "--overwrite")
+    assert sorted(p.name for p in out.iterdir()) == ["cv"]  # no cohort generated

@@ -497,13 +497,13 @@ def run_baselines_cli(manifest: str | Path, out: str | Path, cfg) -> dict[str, P
     Returns:
         ``{name: path of predictions.csv}``.
     """
-    from liverlesion.cv import (  # local: heavy (torch)
+    from liverlesion.manifest import read_manifest
+    from liverlesion.run_checks import (  # local: heavy (torch, in resolve_init)
         check_manifest_folds,
         check_positive_setting,
         class_names_from,
         resolve_init,
     )
-    from liverlesion.manifest import read_manifest
     from liverlesion.splits import load_or_create_splits  # local: heavy (sklearn)
 
     manifest, out = Path(manifest), Path(out)

@@ -223,6 +223,7 @@ def train(
         config,
         preset,
         set_,
+        resume_run=out if resume else None,
         **{"model.weights": weights, "model.backbone": backbone, "train.epochs": epochs, **extra},
     )
     from liverlesion.cv import train_single
@@ -261,6 +262,7 @@ def cv(
         config,
         preset,
         set_,
+        resume_run=out if resume else None,
         **{
             "model.weights": weights,
             "model.backbone": backbone,
@@ -275,7 +277,7 @@ def cv(
 
     # Before any work (the patch cache is written first): enough patients for the folds?
     df = read_manifest(manifest)
-    from liverlesion.cv import class_names_from
+    from liverlesion.run_checks import class_names_from
 
     class_names_from(df)  # one class only: its own message comes first
     check_folds(

@@ -7,6 +7,7 @@ and ``cli_predict.py`` (predict, export, serve); ``cli.main`` is the entry point
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -128,14 +129,27 @@ def output(
     return out, "--out"
 
 
-def config_from(config: Path | None, preset: str | None, sets: list[str] | None, **extra):
+def config_from(
+    config: Path | None, preset: str | None, sets: list[str] | None, resume_run: Path | None = None, **extra
+):
+    """The resolved config of a command; ``resume_run``: a run folder being resumed, whose own settings
+    (its config.yaml) are the base when neither --config nor --preset is given."""
     from liverlesion.config import load_config
 
     overrides = list(sets or [])
     for key, value in extra.items():
         if value is not None:
             overrides.append(f"{key}={value}")
-    return load_config(config, preset, overrides)
+    base = None
+    if resume_run is not None and config is None and preset is None:
+        from liverlesion import runs
+        from liverlesion.config import load_run_config
+
+        saved = runs.config_path(resume_run)
+        if saved.is_file():
+            base = load_run_config(saved)
+            print(f"--resume: the run's own settings, from {saved}", file=sys.stderr)
+    return load_config(config, preset, overrides, base=base)
 
 
 def out_dir(path: Path | None, name: str = "OUT") -> None:

@@ -362,15 +362,17 @@ def load_config(
     path: str | Path | None = None,
     preset: str | None = None,
     overrides: list[str] | dict[str, Any] | None = None,
+    base: Config | None = None,
 ) -> Config:
-    """Resolve a config: defaults <- preset <- YAML file <- overrides.
+    """Resolve a config: defaults (or ``base``) <- preset <- YAML file <- overrides.
 
     Args:
         path: Optional YAML file.
         preset: Optional preset name (``quick``, ``paper``, ...).
         overrides: ``["train.epochs=5", ...]`` or a nested dict.
+        base: Start from this config instead of the defaults (e.g. a run's own, to resume it).
     """
-    cfg = Config()
+    cfg = Config() if base is None else config_from_dict(base.to_dict())
     if preset:
         p = PRESETS_DIR / f"{preset}.yaml"
         if not p.exists():
@@ -422,6 +424,40 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     cfg = Config()
     _apply(cfg, data, "")
     return validate_config(cfg)
+
+
+#: Settings that change how a run is computed, not what: a resumed run may change them (e.g. resumed on a
+#: GPU, or with more threads). The evaluation settings are applied afresh to every fold at the end.
+RESUMABLE_SETTINGS = frozenset(
+    {
+        "preset",  # a name; its values are compared one by one
+        "train.accelerator",
+        "train.devices",
+        "train.max_threads",
+        "train.num_workers",
+        "eval.n_bootstrap",
+        "eval.gradcam_max",
+        "eval.n_calibration_bins",
+    }
+)
+
+
+def setting_differences(
+    before: Config, now: Config, ignore: frozenset[str] = RESUMABLE_SETTINGS
+) -> list[str]:
+    """``section.key before -> now`` for every setting, other than ``ignore``, that differs."""
+
+    def flat(cfg: Config) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in cfg.to_dict().items():
+            if isinstance(value, dict):
+                out.update({f"{key}.{k}": v for k, v in value.items()})
+            else:
+                out[key] = value
+        return out
+
+    a, b = flat(before), flat(now)
+    return [f"{k} {a[k]!r} -> {b.get(k)!r}" for k in a if k not in ignore and a[k] != b.get(k)]
 
 
 def load_run_config(path: str | Path) -> Config:

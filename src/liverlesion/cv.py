@@ -30,6 +30,13 @@ from liverlesion.errors import UserError
 from liverlesion.fileio import write_csv, write_json
 from liverlesion.manifest import read_manifest
 from liverlesion.model_input import POOL_TEXT, image_chans
+from liverlesion.run_checks import (
+    check_manifest_folds,
+    check_positive_setting,
+    check_resume,
+    class_names_from,
+    resolve_init,
+)
 from liverlesion.train import fold_subset, train_fold
 from liverlesion.versions import library_versions
 
@@ -111,25 +118,6 @@ def prepare_patches(manifest: Path, out: Path, cfg: Config) -> tuple[Path, pd.Da
             f"{manifest}: no lesions found; check the masks and labels with `liverlesion inspect`"
         )
     return Path(patch_dir), index
-
-
-def class_names_from(index: pd.DataFrame) -> list[str]:
-    """Classes in a stable order (sorted names), from the manifest's lesion_class column."""
-    names = sorted(index["lesion_class"].astype(str).unique())
-    if len(names) < 2:
-        raise UserError(
-            f"manifest lesion_class: only one class ({names[0]!r}) present; a classifier needs at least two"
-        )
-    return names
-
-
-def check_positive_setting(cfg: Config, classes: list[str]) -> None:
-    """Refuse an ``eval.positive_class`` the manifest does not hold, before any work (the metrics need it)."""
-    if cfg.eval.positive_class not in classes:
-        raise UserError(
-            f"config eval.positive_class={cfg.eval.positive_class!r} is not among the manifest's classes "
-            f"({', '.join(classes)}); pass --set eval.positive_class=CLASS with one of them"
-        )
 
 
 def prepare_shared(
@@ -217,65 +205,11 @@ def _hardware() -> dict[str, Any]:
     return {"cpu": cpu, "cores": cores, "threads": torch.get_num_threads(), "gpu": gpu}
 
 
-def resolve_init(cfg: Config) -> tuple[Any, str]:
-    """Resolve the init once, up front, so the user sees it before training and folds reuse it.
-
-    Returns:
-        (resolved ImageNet weights or None, description of the init).
-    """
-    from liverlesion.model import build_model, check_input_size, check_model_config  # local: heavy (torch)
-    from liverlesion.runtime import check_accelerator
-
-    check_accelerator(cfg.train.accelerator)
-    w = None
-    if cfg.model.weights.lower() == "imagenet":
-        from liverlesion.weights import resolve_imagenet_weights  # local: heavy (torch, timm)
-
-        check_model_config(cfg.model)
-        w = resolve_imagenet_weights(cfg.model.backbone)
-    model, init = build_model(cfg.model, num_classes=2, in_chans=3, imagenet=w)
-    check_input_size(model, cfg.patch.size_px)
-    return w, init
-
-
-def check_manifest_folds(df: pd.DataFrame, cfg: Config) -> None:
-    """``cv.folds`` against a read manifest's patients and classes (``splits.check_folds``), before any work.
-
-    Where each row is one lesion (a mask with its label, a DICOM SEG segment or a click), the folds
-    are also made from the rows as they will be from the lesion table (``splits.make_splits``: the
-    same patients and classes give the same folds), so a fold that cannot be trained, e.g. one whose
-    training patients hold a single class, is refused before patches are cut.
-    """
-    from liverlesion.splits import check_fold_classes, check_folds, make_splits  # local: heavy (sklearn)
-
-    whole_masks = df["mask_path"].fillna("").astype(str).ne("") & df["label"].isna()
-    if whole_masks.any():  # a mask row without a label may hold several lesions: the table decides the folds
-        check_folds(
-            int(df["patient_id"].astype(str).nunique()),
-            cfg.cv.folds,
-            cfg.train.val_fraction,
-            classes=list(df["lesion_class"].astype(str)),
-        )
-    else:  # make_splits runs check_folds on the same patients and classes first
-        rows = df[["patient_id", "lesion_class"]]
-        check_fold_classes(make_splits(rows, cfg.cv.folds, cfg.cv.seed, cfg.train.val_fraction), rows)
-
-
-def check_run_settings(cfg: Config, n_patients: int, classes: list[str] | None = None) -> tuple[Any, str]:
-    """Everything a run's settings can get wrong, checked before any work: folds, network, weights.
-
-    Returns:
-        What ``resolve_init`` gives (the resolved ImageNet weights or None, the init's description).
-    """
-    from liverlesion.splits import check_folds  # local: heavy (sklearn)
-
-    check_folds(n_patients, cfg.cv.folds, cfg.train.val_fraction, classes=classes)
-    return resolve_init(cfg)
-
-
 def _start_run(manifest: str | Path, out: str | Path, cfg: Config, resume: bool, kind: str):
     """Common start of `cv` and `train`: run folder, config.yaml, patches, classes, the resolved init."""
     manifest = Path(manifest)
+    if resume:
+        check_resume(out, cfg, kind)
     # Validate the manifest and its classes, the network's settings and its weights before creating anything.
     class_names_from(read_manifest(manifest))
     resolved = resolve_init(cfg)
@@ -496,6 +430,21 @@ def _frozen_features(
 
 
 @_quietly
+def _read_train_split(path: Path) -> dict[str, Any]:
+    """The inner split of a ``train`` run (``splits.json``: train and validation patients)."""
+    fix = "delete it and run again to draw the split anew"
+    try:
+        split = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # not JSON, or not UTF-8 text
+        raise UserError(f"{path}: not valid JSON ({e}); {fix}") from None
+    ok = isinstance(split, dict) and all(
+        isinstance(split.get(k), list) and split[k] for k in ("train_patients", "val_patients")
+    )
+    if not ok:
+        raise UserError(f"{path}: lacks the lists train_patients and val_patients of a train run; {fix}")
+    return split
+
+
 def train_single(manifest: str | Path, out: str | Path, cfg: Config, resume: bool = False) -> Path:
     """Train one model on all patients (an inner validation split by patient for early stopping)."""
     from liverlesion.data import load_patch_arrays  # local: heavy (torch)
@@ -510,7 +459,7 @@ def train_single(manifest: str | Path, out: str | Path, cfg: Config, resume: boo
         split = {"group": "patient_id", "train_patients": fit_p, "val_patients": split["test_patients"]}
         write_json(split_file, split)
     _barrier()  # under torchrun every rank reads the split rank 0 wrote
-    split = json.loads(split_file.read_text())
+    split = _read_train_split(split_file)
     _, imagenet = _announce_init(cfg, manifest, out, patch_dir, classes, "train", resolved)
     arrays = load_patch_arrays(patch_dir, index, cfg.model.pool)
     shared = prepare_shared(

@@ -18,9 +18,10 @@ from pathlib import Path
 
 from liverlesion import DISCLAIMER, runs
 from liverlesion.config import load_config
-from liverlesion.cv import check_run_settings, run_cv
+from liverlesion.cv import run_cv
 from liverlesion.errors import UserError
 from liverlesion.fileio import check_output_dir
+from liverlesion.run_checks import check_resume, check_run_settings
 
 DEMO_PATIENTS, DEMO_LESIONS = 63, 230  # the paper's biobank size
 
@@ -66,6 +67,14 @@ def run_demo(
         )
     if out.exists() and overwrite:
         shutil.rmtree(out)
+    elif (
+        out / "cv"
+    ).exists():  # a re-run resumes: its finished folds were trained with the first run's settings
+        check_resume(
+            out / "cv",
+            cfg,
+            fix="pass --overwrite to run the demo again with these settings, or run it without them",
+        )
     print(f"liverlesion demo ({DISCLAIMER}); preset '{preset}', output {out}")
 
     cohort = out / "cohort"
