@@ -19,7 +19,7 @@ from typing import Any
 
 from liverlesion.errors import UserError
 from liverlesion.io import check_zip_members
-from liverlesion.io.archive import MAX_UNPACKED_BYTES, ZIP_READ_ERRORS, is_torch_archive
+from liverlesion.io.archive import MAX_UNPACKED_BYTES, ZIP_READ_ERRORS, encrypted_members, is_torch_archive
 
 __all__ = [
     "PATIENT_PART",
@@ -126,7 +126,7 @@ def index_zip(path: Path, name: str) -> Part:
         raise UserError(
             f"{path}: not a readable zip file ({e}); re-download it or extract it to a {name} folder"
         ) from e
-    locked = [i for i in infos if i.flag_bits & 0x1]  # bit 0 of the flags: encrypted
+    locked = encrypted_members(infos)
     if locked:
         raise UserError(
             f"{path}: is password-protected ({len(locked)} encrypted entries, e.g. {locked[0].filename!r}); "

@@ -58,6 +58,11 @@ def is_torch_archive(zf: zipfile.ZipFile) -> bool:
     return any(name.rpartition("/")[2] == "data.pkl" for name in zf.namelist())
 
 
+def encrypted_members(infos: list[zipfile.ZipInfo]) -> list[zipfile.ZipInfo]:
+    """The password-protected entries (bit 0 of an entry's flags), which Python cannot extract."""
+    return [i for i in infos if i.flag_bits & 0x1]
+
+
 def check_zip_members(zf: zipfile.ZipFile, label: str, path: Path) -> list[zipfile.ZipInfo]:
     """The file entries of an open zip, after refusing unsafe entry names (see :func:`unsafe_zip_member`).
 
@@ -100,7 +105,7 @@ class extracted_zip:
                         f"image or a zipped DICOM series; check which file went to which option (a checkpoint "
                         f"is given with --model)"
                     )
-                locked = [i for i in members if i.flag_bits & 0x1]  # bit 0 of the flags: encrypted
+                locked = encrypted_members(members)
                 if locked:
                     raise UserError(
                         f"{self.label}: {self.path} is password-protected ({len(locked)} encrypted entries, e.g. "
