@@ -342,6 +342,22 @@ def test_rtstruct_given_as_the_mask_says_how_to_convert_it(tmp_path):
         read_volume(f, name="--image")  # as the image: the CT is what is missing
 
 
+def test_non_image_dicom_as_the_mask_asks_for_a_mask_not_the_ct(tmp_path):
+    # a DICOM SR (e.g. this tool's own report) in the --mask slot was told to 'pass the CT series folder'
+    import pydicom
+
+    f = _rtstruct(tmp_path / "sr" / "SR.dcm")
+    ds = pydicom.dcmread(f)
+    ds.Modality = "SR"
+    ds.save_as(f)
+    with pytest.raises(UserError) as exc:
+        read_volume(f, kind="mask", name="--mask")
+    msg = one_line(exc)
+    assert "DICOM SR object without an image; pass the lesion mask" in msg and "CT series" not in msg
+    with pytest.raises(UserError, match="SR object without an image; pass the CT series folder"):
+        read_volume(f, name="--image")
+
+
 @pytest.mark.parametrize(
     "keyword, value, expected",
     [

@@ -105,8 +105,13 @@ def read_dicom_file(path: Path, series: str | None, kind: str, label: str, slice
         what = (
             f"a DICOM {ds.Modality} object" if "Modality" in ds else "an incomplete (truncated?) DICOM file"
         )
+        instead = (
+            "the CT series folder"
+            if kind == "image"
+            else "the lesion mask (a NIfTI / NRRD / MetaImage label image, a DICOM SEG or a DICOM mask series)"
+        )
         raise UserError(
-            f"{label}: {path} is {what} without an image; pass the CT series folder instead "
+            f"{label}: {path} is {what} without an image; pass {instead} instead "
             f"(or copy the file again if it is truncated)"
         )
     if int(ds.get("NumberOfFrames", 1) or 1) <= 1:
