@@ -558,6 +558,20 @@ def test_checkpoint_or_nested_zip_given_as_the_image_says_what_it_is(tmp_path, t
     assert "ZipInfo" not in one_line(e)  # it printed the entry's repr
 
 
+def test_zip_cut_short_says_so(tmp_path, tiny_dicom_dir):
+    # an interrupted download keeps the zip's start but loses its index (the end): 'File is not a zip file'
+    archive = tmp_path / "series.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for f in tiny_dicom_dir.iterdir():
+            zf.write(f, f"series/{f.name}")
+    data = archive.read_bytes()
+    archive.write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError) as e:
+        read_volume(archive, name="--image")
+    msg = one_line(e)
+    assert msg.startswith("--image: ") and "probably cut short" in msg and "copy it again" in msg
+
+
 def test_zip_that_would_unpack_beyond_any_ct_series_is_refused_before_extracting(tmp_path, monkeypatch):
     # a zip bomb's entries claim gigabytes while the archive holds bytes; the cap is checked on the
     # central directory, before anything is written

@@ -19,7 +19,13 @@ from typing import Any
 
 from liverlesion.errors import UserError
 from liverlesion.io import check_zip_members
-from liverlesion.io.archive import MAX_UNPACKED_BYTES, ZIP_READ_ERRORS, encrypted_members, is_torch_archive
+from liverlesion.io.archive import (
+    MAX_UNPACKED_BYTES,
+    ZIP_READ_ERRORS,
+    cut_short,
+    encrypted_members,
+    is_torch_archive,
+)
 
 __all__ = [
     "PATIENT_PART",
@@ -124,7 +130,7 @@ def index_zip(path: Path, name: str) -> Part:
                 )
     except ZIP_READ_ERRORS as e:
         raise UserError(
-            f"{path}: not a readable zip file ({e}); re-download it or extract it to a {name} folder"
+            f"{path}: not a readable zip file ({e}{cut_short(path, e)}); re-download it or extract it to a {name} folder"
         ) from e
     locked = encrypted_members(infos)
     if locked:

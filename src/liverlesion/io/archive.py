@@ -80,6 +80,19 @@ def check_zip_members(zf: zipfile.ZipFile, label: str, path: Path) -> list[zipfi
     return [i for i in infos if not i.is_dir()]
 
 
+def cut_short(path: Path, exc: BaseException) -> str:
+    """A hint for a zip that begins as one but has no index: a zip's index is its last part, so a file
+    cut short (an interrupted download or copy) loses it first."""
+    try:
+        with open(path, "rb") as f:
+            starts_as_zip = f.read(4) == b"PK\x03\x04"
+    except OSError:
+        return ""
+    if isinstance(exc, zipfile.BadZipFile) and starts_as_zip:
+        return ": it begins as a zip but its index, the end of the file, is missing, so it was probably cut short"
+    return ""
+
+
 class extracted_zip:
     """Context manager: extract a zip to a private temporary folder, removed afterwards.
 
@@ -130,7 +143,8 @@ class extracted_zip:
         except ZIP_READ_ERRORS as exc:
             self._cleanup()
             raise UserError(
-                f"{self.label}: {self.path} is not a readable zip file ({exc}); re-create it or pass the unzipped folder"
+                f"{self.label}: {self.path} is not a readable zip file ({exc}{cut_short(self.path, exc)}); "
+                f"re-create it or copy it again, or pass the unzipped folder"
             ) from exc
         except BaseException:
             self._cleanup()
