@@ -29,13 +29,14 @@ import numpy as np
 import pandas as pd
 import torch
 from _common import command_line, load_avg, machine_info, print_machine, write_results
+from bench_feature_blocks import pooled_block_features
 from sklearn.metrics import roc_auc_score
 
 from liverlesion.baselines import lr_pipeline
 from liverlesion.config import load_config
 from liverlesion.data import load_patch_arrays
 from liverlesion.fusion import inner_patient_splits
-from liverlesion.inference import fit_temperature, tta_flips
+from liverlesion.inference import fit_temperature
 from liverlesion.model import build_model
 from liverlesion.patch_cache import build_patches, load_patch, load_patch_index
 from liverlesion.weights import resolve_imagenet_weights
@@ -64,21 +65,7 @@ def block_features(cohort: Path, work: Path) -> tuple[pd.DataFrame, dict[str, np
         imagenet=resolve_imagenet_weights("inception_v3"),
     )
     model.eval()
-    acts: dict[str, torch.Tensor] = {}
-    for n in BLOCKS:
-        model.backbone.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: acts.__setitem__(n, o))
-    pooled: dict[str, list[np.ndarray]] = {n: [] for n in BLOCKS}
-    flips = tta_flips("flips")
-    with torch.inference_mode():
-        for a, mk in zip(arrays, masks, strict=True):
-            x, m = torch.from_numpy(a), torch.from_numpy(mk)[:, None]
-            model.feature_map(torch.cat([x if not d else torch.flip(x, dims=d) for d in flips]))
-            m = torch.cat([m if not d else torch.flip(m, dims=d) for d in flips])
-            for n in BLOCKS:
-                w = torch.nn.functional.interpolate(m, size=acts[n].shape[2:], mode="area")
-                w = w / w.sum((2, 3), keepdim=True).clamp(min=1e-6)
-                pooled[n].append((acts[n] * w).sum((2, 3)).mean(0).double().numpy())
-    return table, {n: np.stack(v) for n, v in pooled.items()}
+    return table, pooled_block_features(model, BLOCKS, arrays, masks)[1]
 
 
 def measure(cohort: Path, run: Path, work: Path) -> dict[str, float]:

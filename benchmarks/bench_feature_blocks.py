@@ -41,6 +41,31 @@ def _oof_auc(x: np.ndarray, y: np.ndarray, patients: np.ndarray, splits: dict) -
     return float(roc_auc_score(y, p))
 
 
+def pooled_block_features(
+    model, names: list[str], arrays: list[np.ndarray], masks: list[np.ndarray]
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Frozen features of the blocks ``names`` per lesion (lesions x channels), flip views averaged:
+    ``(global average, average inside the lesion mask)``."""
+    acts: dict[str, torch.Tensor] = {}
+    for n in names:
+        model.backbone.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: acts.__setitem__(n, o))
+    gap: dict[str, list] = {n: [] for n in names}
+    roi: dict[str, list] = {n: [] for n in names}
+    flips = tta_flips("flips")
+    with torch.inference_mode():
+        for a, mk in zip(arrays, masks, strict=True):
+            x, m = torch.from_numpy(a), torch.from_numpy(mk)[:, None]
+            model.feature_map(torch.cat([x if not d else torch.flip(x, dims=d) for d in flips]))
+            m = torch.cat([m if not d else torch.flip(m, dims=d) for d in flips])
+            for n in names:
+                h = acts[n]
+                gap[n].append(h.mean((2, 3)).mean(0).double().numpy())
+                w = torch.nn.functional.interpolate(m, size=h.shape[2:], mode="area")
+                w = w / w.sum((2, 3), keepdim=True).clamp(min=1e-6)
+                roi[n].append((h * w).sum((2, 3)).mean(0).double().numpy())
+    return {n: np.stack(v) for n, v in gap.items()}, {n: np.stack(v) for n, v in roi.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", type=Path, help="folder of a `liverlesion baselines` or `cv` run")
@@ -59,24 +84,8 @@ def main() -> None:
     model, init = build_model(cfg.model, num_classes=2, in_chans=int(arrays[0].shape[1]))
     model.eval()
     names = [n for n, _ in model.blocks() if n.startswith(("Mixed", "layer", "stages"))]
-    acts: dict[str, torch.Tensor] = {}
-    for n in names:
-        model.backbone.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: acts.__setitem__(n, o))
-    gap: dict[str, list] = {n: [] for n in names}
-    roi: dict[str, list] = {n: [] for n in names}
     t0 = time.time()
-    flips = tta_flips("flips")
-    with torch.inference_mode():
-        for a, mk in zip(arrays, masks, strict=True):
-            x, m = torch.from_numpy(a), torch.from_numpy(mk)[:, None]
-            model.feature_map(torch.cat([x if not d else torch.flip(x, dims=d) for d in flips]))
-            m = torch.cat([m if not d else torch.flip(m, dims=d) for d in flips])
-            for n in names:
-                h = acts[n]
-                gap[n].append(h.mean((2, 3)).mean(0).double().numpy())
-                w = torch.nn.functional.interpolate(m, size=h.shape[2:], mode="area")
-                w = w / w.sum((2, 3), keepdim=True).clamp(min=1e-6)
-                roi[n].append((h * w).sum((2, 3)).mean(0).double().numpy())
+    gap, roi = pooled_block_features(model, names, arrays, masks)
     seconds = time.time() - t0
     y = (table["lesion_class"].astype(str).to_numpy() == args.positive).astype(int)
     patients = table["patient_id"].astype(str).to_numpy()
@@ -88,7 +97,7 @@ def main() -> None:
     )
     print(f"{'block':<12} {'channels':>8} {'whole patch':>12} {'lesion mask':>12}")
     for n in names:
-        g, r = np.stack(gap[n]), np.stack(roi[n])
+        g, r = gap[n], roi[n]
         print(
             f"{n:<12} {g.shape[1]:>8} {_oof_auc(g, y, patients, splits):>12.3f} "
             f"{_oof_auc(r, y, patients, splits):>12.3f}"
