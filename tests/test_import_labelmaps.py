@@ -199,6 +199,20 @@ def test_msd_wrong_layouts_name_expected_and_missing(tmp_path: Path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("training", ["oops", {"image": "x"}, 3])
+def test_msd_training_entry_that_is_not_a_list_is_refused(tmp_path: Path, training):
+    # it was ignored: every image of imagesTr/ was imported instead, with exit 0
+    task = make_msd_task(tmp_path / "t", n=1)
+    meta = json.loads((task / "dataset.json").read_text())
+    meta["training"] = training
+    (task / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(
+        UserError, match=r'dataset.json: "training" is .*not a list of .*delete the "training" key'
+    ):
+        import_msd(task, tmp_path / "out", ["2=metastasis"])
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(
     "key, entry, match",
     [

@@ -152,7 +152,13 @@ def find_cases(task: Path, meta: dict[str, Any]) -> list[Case]:
     """
     pairs: list[tuple[Path, Path]] = []
     training = meta.get("training")
-    if isinstance(training, list) and training:
+    if training is not None and not isinstance(training, list):
+        raise UserError(
+            f'{task / "dataset.json"}: "training" is {type(training).__name__} {str(training)[:40]!r}, not a list of '
+            '{"image": ..., "label": ...} entries; re-extract the task, or delete the "training" key to import '
+            "every image of imagesTr/ with its label of the same name"
+        )
+    if training:
         for i, entry in enumerate(training):
             if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
                 raise UserError(
