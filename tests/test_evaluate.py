@@ -580,3 +580,20 @@ def test_baselines_of_other_lesions_are_refused_before_any_work(tmp_path, damage
     assert "\n" not in msg and "baselines/radiomics_lr/predictions.csv" in msg
     assert "liverlesion baselines" in msg and "delete" in msg
     assert not (run / "metrics.json").exists() and not (run / "report.html").exists()
+
+
+def test_validation_rows_of_a_folds_own_test_patients_are_refused(tmp_path):
+    # thresholds are chosen on each fold's validation rows: a val_predictions.csv holding that fold's
+    # test patients (another run's file) tuned them on the lesions they are scored on, with exit 0
+    test = synth_predictions(10, n_patients=30)
+    leaked = test[test["fold"] == 1].head(3)  # fold 1's own test rows, filed as its validation rows
+    run = write_run(tmp_path / "run", test, pd.concat([synth_val(11), leaked], ignore_index=True))
+    with pytest.raises(UserError) as e:
+        evaluate_run(run, gradcam=False)
+    msg = str(e.value)
+    assert "val_predictions.csv: fold 1's validation rows include patient" in msg and "\n" not in msg
+    assert "thresholds would be tuned on test lesions" in msg and not (run / "metrics.json").exists()
+    # the same rows under another fold are that fold's validation patients: accepted
+    moved = leaked.assign(fold=(leaked["fold"] + 1) % 3)
+    write_run(tmp_path / "run", test, pd.concat([synth_val(11), moved], ignore_index=True))
+    evaluate_run(run, gradcam=False)

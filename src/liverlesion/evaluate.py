@@ -93,6 +93,8 @@ def evaluate_run(
     df, coverage = classified_rows(df)
     val_path = runs.val_predictions_path(run_dir)
     val_df = classified_rows(read_predictions(val_path, classes)[0])[0] if val_path.is_file() else None
+    if val_df is not None:
+        check_validation_apart(val_df, df, val_path, pred_path)
     notes = [n for n in [cfg_note] if n]
     if val_df is None:
         notes.append(f"{val_path.name} not found: threshold 0.5 and no temperature scaling")
@@ -170,6 +172,25 @@ def evaluate_run(
     print(format_summary(metrics))
     print(f"Wrote {runs.metrics_path(run_dir)} and {html}")
     return metrics
+
+
+def check_validation_apart(val: pd.DataFrame, test: pd.DataFrame, val_path: Path, pred_path: Path) -> None:
+    """Refuse inner-validation predictions of a fold's own test patients (e.g. another run's file).
+
+    Each fold's threshold is chosen on its validation rows; rows of its test patients would tune it
+    on the very lesions it is then scored on.
+    """
+    if "fold" not in val.columns or "fold" not in test.columns:
+        return
+    pairs = lambda d: set(zip(d["fold"].astype(str), d["patient_id"].astype(str), strict=True))  # noqa: E731
+    shared = sorted(pairs(val) & pairs(test))
+    if shared:
+        fold, patient = shared[0]
+        raise UserError(
+            f"{val_path}: fold {fold}'s validation rows include patient {patient!r}, a test patient of that fold in "
+            f"{pred_path.name} ({len(shared)} such fold/patient pairs), so thresholds would be tuned on test lesions: "
+            f"it is not this run's file; re-run `liverlesion cv`, or delete it (threshold 0.5 then)"
+        )
 
 
 def same_lesions(
