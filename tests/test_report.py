@@ -333,3 +333,21 @@ def test_redraw_from_a_damaged_metrics_json_is_one_line(binary_run: Path, tmp_pa
     msg = str(e.value)
     assert "\n" not in msg and "metrics.json" in msg and "liverlesion evaluate" in msg
     assert (run / "report.html").read_bytes() == before  # the old report is kept whole
+
+
+def test_redraw_from_another_runs_predictions_is_refused(binary_run: Path, tmp_path, capsys):
+    # report draws its curves and tables from predictions.csv and its numbers from metrics.json: a
+    # predictions.csv copied in from another run drew a report contradicting itself, with exit 0
+    import shutil
+
+    from liverlesion.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(binary_run, run)
+    helpers.synth_predictions(99, n_patients=30).to_csv(run / "predictions.csv", index=False)
+    before = (run / "report.html").read_bytes()
+    assert main(["report", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "predictions.csv: " in err and "metrics.json was computed from" in err and "Traceback" not in err
+    assert "re-run `liverlesion evaluate" in err and len(err.strip().splitlines()) == 1
+    assert (run / "report.html").read_bytes() == before

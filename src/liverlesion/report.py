@@ -340,6 +340,29 @@ def load_metrics(run_dir: str | Path) -> dict[str, Any]:
     return metrics
 
 
+def check_same_predictions(run_dir: Path, metrics: dict[str, Any]) -> None:
+    """Refuse to draw a report from a ``predictions.csv`` other than the one ``metrics.json`` was computed
+    from (e.g. copied in from another run): its curves and tables would contradict the metrics beside them.
+
+    The lesions the metrics cover and their patients are counted again, as ``evaluate`` counted them.
+    """
+    path = runs.predictions_path(run_dir)
+    dataset = metrics.get("dataset") or {}
+    if not path.is_file() or "n_lesions" not in dataset or "n_patients" not in dataset:
+        return  # the plots name a missing file; an old metrics.json has nothing to compare
+    from liverlesion.predictions import classified_rows, read_predictions_table  # local: pandas
+
+    df = classified_rows(read_predictions_table(path))[0]
+    have = (len(df), int(df["patient_id"].astype(str).nunique()))
+    want = (dataset["n_lesions"], dataset["n_patients"])
+    if have != want:
+        raise UserError(
+            f"{path}: {have[0]} classified lesions of {have[1]} patients, but {runs.metrics_path(run_dir).name} was "
+            f"computed from {want[0]} of {want[1]}: the predictions changed since `liverlesion evaluate`; re-run "
+            f"`liverlesion evaluate {run_dir}`"
+        )
+
+
 def _names(value: Any) -> bool:
     """A list of at least two class names."""
     return isinstance(value, list) and len(value) >= 2 and all(isinstance(c, str) for c in value)
@@ -380,6 +403,7 @@ def render_report(
             runs.report_path(run_dir), build_html(run_dir, metrics, drawn["plots"], drawn["notes"])
         )
     metrics = load_metrics(run_dir)
+    check_same_predictions(run_dir, metrics)
     try:
         drawn = make_plots(run_dir, metrics, gradcam=gradcam)
         html = build_html(run_dir, metrics, drawn["plots"], drawn["notes"])
