@@ -887,3 +887,37 @@ def test_demo_rerun_with_other_settings_is_refused_before_generating(tmp_path, c
     _run_folder(out / "cv")
     cli_fails(capsys, ["demo", "-o", out, "--set", "train.epochs=3"], "train.epochs 40 -> 3", "--overwrite")
     assert sorted(p.name for p in out.iterdir()) == ["cv"]  # no cohort generated
+
+
+@pytest.mark.parametrize("kind", ["cv", "train"])
+def test_resume_with_a_manifest_of_other_patients_is_refused_before_any_patch(tmp_path, capsys, kind):
+    # the patients were compared only after every patch was cut, in the splits reader
+    import json
+
+    from liverlesion import runs
+
+    m = one_lesion_patients(tmp_path, 10)
+    run = _run_folder(tmp_path / "run", kind=kind)
+    patients = [f"p{i}" for i in range(9)] + ["q9"]  # the run's: one differs from the manifest's
+    split = (
+        {
+            "splits": [
+                {
+                    "fold": 0,
+                    "train_patients": patients[2:],
+                    "val_patients": patients[1:2],
+                    "test_patients": patients,
+                }
+            ]
+        }
+        if kind == "cv"
+        else {"group": "patient_id", "train_patients": patients[1:], "val_patients": patients[:1]}
+    )
+    runs.splits_path(run).write_text(json.dumps(split))
+    cli_fails(
+        capsys,
+        [kind, m, "-o", run, "--resume", "--preset", "quick"],
+        "splits.json is of 10 patients, this manifest of 10 (2 in only one of them, e.g. p9, q9)",
+        "resume with the manifest the run was started with",
+    )
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "run.json", "splits.json"]

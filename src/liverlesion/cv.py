@@ -208,10 +208,11 @@ def _hardware() -> dict[str, Any]:
 def _start_run(manifest: str | Path, out: str | Path, cfg: Config, resume: bool, kind: str):
     """Common start of `cv` and `train`: run folder, config.yaml, patches, classes, the resolved init."""
     manifest = Path(manifest)
-    if resume:
-        check_resume(out, cfg, kind)
     # Validate the manifest and its classes, the network's settings and its weights before creating anything.
-    class_names_from(read_manifest(manifest))
+    df = read_manifest(manifest)
+    if resume:
+        check_resume(out, cfg, kind, patients=set(df["patient_id"].astype(str)))
+    class_names_from(df)
     resolved = resolve_init(cfg)
     rank = _init_distributed(cfg)
     out = Path(out)

@@ -6,6 +6,7 @@ network and its weights, and, when resuming, that the run folder is one it may c
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -96,9 +97,11 @@ def check_resume(
     cfg: Config,
     kind: str = "cv",
     fix: str = "resume without --config, --preset or --set to keep them, or give a new run folder",
+    patients: set[str] | None = None,
 ) -> None:
-    """Refuse to resume a run of another kind (``cv`` / ``train``), or with settings other than those its
-    finished folds were trained with.
+    """Refuse to resume a run of another kind (``cv`` / ``train``), of other patients than the manifest's
+    (``patients``, against its ``splits.json``), or with settings other than those its finished folds
+    were trained with.
 
     Only what changes how, not what, a run computes may differ (``config.RESUMABLE_SETTINGS``: the
     device, threads, workers and evaluation settings); a new or empty run folder has nothing to match.
@@ -109,6 +112,8 @@ def check_resume(
             f"{out}: a `liverlesion {made_by}` run folder (run.json), so `liverlesion {kind} --resume` cannot "
             f"continue it; resume it with `liverlesion {made_by} ... --resume`, or give a new run folder"
         )
+    if patients is not None:
+        _check_split_patients(Path(out), patients)
     saved = runs.config_path(out)
     if not saved.is_file():
         return
@@ -118,4 +123,32 @@ def check_resume(
         raise UserError(
             f"{out}: resuming with settings other than the run's own ({saved.name} -> now: {shown}), which would "
             f"mix two models in one run; {fix}"
+        )
+
+
+def _check_split_patients(out: Path, patients: set[str]) -> None:
+    """The patients of a run folder's ``splits.json`` (cv: its test folds; train: its inner split) against
+    a manifest's, before any patch is cut; a damaged file is left to the splits reader to name."""
+    path = runs.splits_path(out)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, ValueError):
+        return
+    if not isinstance(data, dict):
+        return
+    folds = data.get("splits") if isinstance(data.get("splits"), list) else [data]
+    have = {
+        str(p)
+        for s in folds
+        if isinstance(s, dict)
+        for key in ("test_patients", "train_patients", "val_patients")
+        if isinstance(s.get(key), list)
+        for p in s[key]
+    }
+    if have and have != patients:
+        odd = sorted(have ^ patients)
+        raise UserError(
+            f"{out}: its {path.name} is of {len(have)} patients, this manifest of {len(patients)} ({len(odd)} in only "
+            f"one of them, e.g. {', '.join(odd[:3])}); its finished folds were trained on the run's own patients: "
+            "resume with the manifest the run was started with, or give a new run folder"
         )
