@@ -182,8 +182,10 @@ def check_validation_apart(val: pd.DataFrame, test: pd.DataFrame, val_path: Path
     """
     if "fold" not in val.columns or "fold" not in test.columns:
         return
-    pairs = lambda d: set(zip(d["fold"].astype(str), d["patient_id"].astype(str), strict=True))  # noqa: E731
-    shared = sorted(pairs(val) & pairs(test))
+    shared = sorted(
+        set(zip(val["fold"].astype(str), val["patient_id"].astype(str), strict=True))
+        & set(zip(test["fold"].astype(str), test["patient_id"].astype(str), strict=True))
+    )
     if shared:
         fold, patient = shared[0]
         raise UserError(

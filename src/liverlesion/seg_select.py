@@ -80,11 +80,17 @@ def is_seg(path: str | os.PathLike) -> bool:
     return _says_seg(ds)
 
 
-def _says_seg(ds) -> bool:
-    """The dataset's SOPClassUID, or its file meta's (a file cut short may hold only the meta), is SEG's."""
+def sop_classes(ds) -> tuple[str, str]:
+    """``(SOPClassUID, the file meta's MediaStorageSOPClassUID)``, "" where absent: a file cut short may
+    hold only its meta's."""
     meta = getattr(ds, "file_meta", None)
     meta_uid = str(meta.get("MediaStorageSOPClassUID", "") or "") if meta is not None else ""
-    return SEG_SOP_CLASS_UID in (str(ds.get("SOPClassUID", "") or ""), meta_uid)
+    return str(ds.get("SOPClassUID", "") or ""), meta_uid
+
+
+def _says_seg(ds) -> bool:
+    """The dataset's SOPClassUID, or its file meta's, is SEG's."""
+    return SEG_SOP_CLASS_UID in sop_classes(ds)
 
 
 def read_seg_header(path: Path, name: str):

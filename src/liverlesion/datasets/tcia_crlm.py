@@ -51,7 +51,7 @@ from liverlesion.fileio import atomic_dir, check_out_spares_inputs, write_json, 
 from liverlesion.io import read_volume
 from liverlesion.manifest import write_manifest
 from liverlesion.progress import progress_disabled
-from liverlesion.seg_select import SEG_SOP_CLASS_UID, read_seg_segments, select_segments
+from liverlesion.seg_select import SEG_SOP_CLASS_UID, read_seg_segments, select_segments, sop_classes
 
 log = logging.getLogger(__name__)
 
@@ -173,15 +173,12 @@ def _series_of(folder: Path) -> _Series | None:
             )
         except (InvalidDicomError, OSError, ValueError, EOFError):
             continue
-        meta = getattr(ds, "file_meta", None)  # a file cut short may hold only its meta's SOP class
-        sop_class = str(
-            ds.get("SOPClassUID", "") or (meta.get("MediaStorageSOPClassUID", "") if meta else "")
-        )
+        own, meta = sop_classes(ds)  # a file cut short may hold only its meta's SOP class
         return _Series(
             folder,
             files,
             str(ds.get("SeriesInstanceUID", "") or ""),
-            sop_class,
+            own or meta,
             str(ds.get("Modality", "") or ""),
         )
     return None
