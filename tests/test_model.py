@@ -514,7 +514,7 @@ def test_load_unknown_config_key(resnet_ckpt, tmp_path) -> None:
     conf["model"]["future_option"] = 1
     p = _rewrite(path, tmp_path, config=conf)
     with pytest.raises(
-        UserError, match=r"checkpoint .*edited.pt: config key model.'future_option' is unknown"
+        UserError, match=r"checkpoint .*edited.pt: config key 'model.future_option' is unknown"
     ):
         load_checkpoint(p)
 

@@ -12,6 +12,7 @@ protocol for a GPU) override them.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -203,8 +204,10 @@ def _apply(obj: Any, updates: dict[str, Any], where: str) -> None:
     valid = {f.name: f for f in fields(obj)}
     for key, value in updates.items():
         if key not in valid:
+            near = difflib.get_close_matches(str(key), list(valid), n=1)
+            hint = f"did you mean {where}{near[0]}? " if near else ""
             raise UserError(
-                f"config key {where}{key!r} is unknown; valid keys here: {', '.join(sorted(valid))}"
+                f"config key '{where}{key}' is unknown; {hint}valid keys here: {', '.join(sorted(valid))}"
             )
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
