@@ -382,3 +382,18 @@ def test_cli_import_msd_and_folder(tmp_path: Path, capsys):
     assert rc == 0, err
     assert "1 cyst" not in out  # each liver is one lesion: 2 cyst, 4 metastasis
     assert "(2 cyst, 4 metastasis;" in out
+
+
+def test_no_lesion_of_the_mapped_labels_in_any_case_is_refused(tmp_path: Path):
+    folder = tmp_path / "pairs"
+    (folder / "images").mkdir(parents=True)
+    (folder / "labels").mkdir()
+    vol, lab = _case(0, tumours=0, speck=True)  # the liver and a one-voxel speck of tumour: no lesion
+    _write(vol, lab, folder / "images" / "p0.nii.gz", folder / "labels" / "p0.nii.gz")
+    out = tmp_path / "out"
+    with pytest.raises(UserError) as e:
+        import_folder(folder, out, ["2=metastasis"])
+    msg = str(e.value)
+    assert msg.startswith(f"{folder}: no lesions found in 1 case (p0: label values [0, 1, 2], specks only)")
+    assert "check --class-map (2 metastasis)" in msg and "\n" not in msg
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))

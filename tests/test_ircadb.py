@@ -229,6 +229,19 @@ def test_parent_folder_sorted_numerically_and_lesion_free_patient(tmp_path: Path
     assert report["totals"]["patients_with_lesions"] == 2
 
 
+def test_no_patient_with_a_lesion_is_refused_and_writes_nothing(tmp_path: Path):
+    src = tmp_path / "3Dircadb1"
+    _write_patient(src / "3Dircadb1.4", {"liver": LIVER, "bone": _box(0, 6, 0, 2, 0, 24)})
+    _write_patient(src / "3Dircadb1.6", {"liver": LIVER, "livertumor": np.zeros_like(LIVER)})
+    out = tmp_path / "out"
+    with pytest.raises(UserError) as e:
+        import_ircadb(src, out)
+    msg = str(e.value)
+    assert msg.startswith(f"{src}: no lesions found in 2 patients (ircadb1_04: no tumour or cyst masks")
+    assert "ircadb1_06: no lesion left after dropping specks" in msg and "livertumor*/liverkyst*" in msg
+    assert "\n" not in msg and not out.exists() and not list(tmp_path.glob(".out.*"))
+
+
 def test_bare_tumor_without_liver_mask_is_dropped(tmp_path: Path):
     src = _write_patient(tmp_path / "3Dircadb1.5", {"livertumor": T01, "tumor": BARE_OUT})
     out = tmp_path / "out"

@@ -214,3 +214,11 @@ def test_seg_without_tumour_or_segments_skips_the_patient(tmp_path):
     problems = {r["patient_id"]: r["problems"][0] for r in report["patients"] if r["problems"]}
     assert "'Tumor*'" in problems["CRLM-CT-1008"] and "no segments" in problems["CRLM-CT-1009"]
     assert p["seg"].is_file()
+
+
+def test_no_patient_with_a_tumour_is_refused_and_writes_nothing(tmp_path):
+    root = tmp_path / COLLECTION
+    write_patient(root, "CRLM-CT-1010", {})  # liver and vessels only
+    msg = _refused(root, tmp_path / "out")
+    assert msg.startswith(f"{root}: no lesions found in 1 patient (CRLM-CT-1010: ")
+    assert "'Tumor*'" in msg and "nothing was written" in msg

@@ -8,7 +8,34 @@
 
 from __future__ import annotations
 
-__all__ = ["import_folder", "import_ircadb", "import_msd", "import_tcia_crlm"]
+from collections.abc import Sequence
+from pathlib import Path
+
+from liverlesion.errors import UserError
+
+__all__ = ["import_folder", "import_ircadb", "import_msd", "import_tcia_crlm", "refuse_empty_import"]
+
+
+def refuse_empty_import(
+    source: str | Path, n_cases: int, unit: str, reasons: Sequence[str], fix: str
+) -> None:
+    """Refuse an import that found no lesion in any case, with the first reasons why.
+
+    Every importer calls it inside its ``atomic_dir`` block, before writing the manifest, so a refused
+    import leaves no output folder (an empty manifest would only fail later, in ``cv`` or ``inspect``).
+
+    Args:
+        source: The folder read.
+        n_cases: How many cases (patients) were read.
+        unit: ``"patient"`` or ``"case"``.
+        reasons: One line per case on why it gave no lesion (``"ID: reason"``).
+        fix: What to try, in a few words.
+    """
+    shown = "; ".join(reasons[:3]) + (f"; and {len(reasons) - 3} more" if len(reasons) > 3 else "")
+    raise UserError(
+        f"{source}: no lesions found in {n_cases} {unit}{'s' if n_cases != 1 else ''}"
+        f"{f' ({shown})' if shown else ''}; nothing was written: {fix}"
+    )
 
 
 def __getattr__(name: str):

@@ -51,6 +51,7 @@ import numpy as np
 
 from liverlesion import DISCLAIMER, __version__
 from liverlesion.case_input import check_ct_volume
+from liverlesion.datasets import refuse_empty_import
 from liverlesion.datasets.ircadb_layout import (
     Part,
     Patient,
@@ -393,6 +394,14 @@ def import_ircadb(src: str | Path, out: str | Path, overwrite: bool = False) -> 
             p_rows, p_report = _import_patient(patient, tmp_out, Path(tmp))
             rows += p_rows
             reports.append(p_report)
+        if not rows:
+            refuse_empty_import(
+                src,
+                len(patients),
+                "patient",
+                [f"{r['patient_id']}: {r['warnings'][-1]}" for r in reports if r["warnings"]],
+                "check that each patient's MASKS_DICOM holds livertumor*/liverkyst* masks",
+            )
 
         manifest = pd.DataFrame(rows, columns=["patient_id", "image", "mask", "label", "lesion_class"])
         write_csv(tmp_out / "manifest.csv", manifest)
@@ -424,8 +433,6 @@ def import_ircadb(src: str | Path, out: str | Path, overwrite: bool = False) -> 
             },
         )
         write_text(tmp_out / "LICENSE-NOTICE.txt", LICENSE_NOTICE)
-    if not rows:
-        log.warning("%s: no lesions found in %d patient(s); the manifest is empty", src, len(patients))
     return out / "manifest.csv"
 
 

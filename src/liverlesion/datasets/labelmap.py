@@ -31,6 +31,7 @@ import numpy as np
 
 from liverlesion import DISCLAIMER, __version__
 from liverlesion.case_input import check_ct_volume
+from liverlesion.datasets import refuse_empty_import
 from liverlesion.datasets.ircadb import MAX_SPECK_VOXELS, LabelBuilder
 from liverlesion.errors import UserError
 from liverlesion.fileio import (
@@ -296,6 +297,18 @@ def import_cases(
             c_rows, c_report = _import_case(case, class_map, declared, tmp_out, tolerance)
             rows += c_rows
             reports.append(c_report)
+        if not rows:
+            refuse_empty_import(
+                source,
+                len(cases),
+                "case",
+                [
+                    f"{r['case']}: label values {r['label_values']}"
+                    + (", specks only" if r["specks_dropped"] else "")
+                    for r in reports
+                ],
+                f"check --class-map ({_describe_labels(class_map)}) against the label values found",
+            )
         manifest = pd.DataFrame(rows, columns=["patient_id", "image", "mask", "label", "lesion_class"])
         write_csv(tmp_out / "manifest.csv", manifest)
         by_class = manifest["lesion_class"].value_counts().to_dict() if len(manifest) else {}
@@ -328,10 +341,6 @@ def import_cases(
             },
         )
         write_text(tmp_out / "LICENSE-NOTICE.txt", licence_notice)
-    if not rows:
-        log.warning(
-            "%s: no lesions of the mapped labels in %d case(s); the manifest is empty", source, len(cases)
-        )
     return out / "manifest.csv"
 
 

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from liverlesion import DISCLAIMER, __version__
+from liverlesion.datasets import refuse_empty_import
 from liverlesion.dicom_seg import referenced_series, seg_lesions
 from liverlesion.errors import UserError
 from liverlesion.fileio import atomic_dir, check_out_spares_inputs, write_json, write_text
@@ -338,6 +339,14 @@ def import_tcia_crlm(src: str | Path, out: str | Path, overwrite: bool = False) 
                 for col in ("image", "mask"):
                     row[col] = Path(os.path.relpath(Path(row[col]).resolve(), final)).as_posix()
                 rows.append(row)
+        if not rows:
+            refuse_empty_import(
+                src,
+                len(pairs),
+                "patient",
+                [f"{r['patient_id']}: {r['problems'][-1]}" for r in reports if r["problems"]],
+                "each patient needs a SEG with tumour segments over its CT series",
+            )
         manifest = pd.DataFrame(rows, columns=["patient_id", "image", "mask", "label", "lesion_class"])
         write_manifest(manifest, tmp_out / "manifest.csv")
         n_lesions = sum(len(r["lesions"]) for r in reports)
