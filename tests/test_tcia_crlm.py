@@ -8,6 +8,7 @@ N.000000-Segmentation-NNNNN/1-1.dcm with the collection's segment labels.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -222,3 +223,19 @@ def test_no_patient_with_a_tumour_is_refused_and_writes_nothing(tmp_path):
     msg = _refused(root, tmp_path / "out")
     assert msg.startswith(f"{root}: no lesions found in 1 patient (CRLM-CT-1010: ")
     assert "'Tumor*'" in msg and "nothing was written" in msg
+
+
+def test_seg_saved_into_its_ct_series_folder_is_found(tmp_path):
+    root = tmp_path / COLLECTION
+    p = write_patient(root, "CRLM-CT-1011")
+    mixed = (
+        p["ct"] / "1-1.dcm"
+    )  # sorts after the CT's 1-001.dcm ..., so the folder's first file is a CT slice
+    shutil.move(p["seg"], mixed)
+    p["seg"].parent.rmdir()
+    manifest = import_tcia_crlm(root, tmp_path / "out")
+    row = pd.read_csv(manifest).iloc[0]
+    assert (manifest.parent / row["mask"]).resolve() == mixed.resolve()
+    assert (manifest.parent / row["image"]).resolve() == p["ct"].resolve()
+    table = lesion_table(manifest, progress=False)  # the CT folder still reads as the CT, the SEG as the mask
+    assert len(table) == 2 and set(table["lesion_class"]) == {"metastasis"}

@@ -10,9 +10,9 @@ be the download folder ``manifest-*``, the collection folder, or one patient fol
             N.000000-NA-NNNNN/              the CT series: 1-001.dcm, 1-002.dcm, ...
             N.000000-Segmentation-NNNNN/    the DICOM SEG: 1-1.dcm
 
-Folders are recognised by content, not by their descriptive names: a series folder is a SEG
-when its file has SOP class Segmentation Storage, and the CT is the series the SEG references
-(ReferencedSeriesSequence). Each SEG holds the segments ``Liver``, ``Liver Remnant``,
+Series are recognised by content, not by their folders' descriptive names: a file is a SEG when
+it has SOP class Segmentation Storage (also when it was saved into the CT series folder), and the
+CT is the series the SEG references (ReferencedSeriesSequence). Each SEG holds the segments ``Liver``, ``Liver Remnant``,
 ``Hepatic``, ``Portal`` (veins) and ``Tumor_1``, ``Tumor_2``, ...
 
 Rules: tumour segments (labels matching ``Tumor*``, case-insensitive) become class
@@ -161,12 +161,17 @@ def find_patient_folders(src: str | os.PathLike) -> list[Path]:
     )
 
 
-def _series_of(folder: Path) -> _Series | None:
-    """The series in ``folder`` from its first DICOM file's header, or None when it holds no DICOM."""
+def _series_in(folder: Path) -> list[_Series]:
+    """The series in ``folder``, from every DICOM file's header (none when it holds no DICOM).
+
+    Every file is read, not only the first, so that a SEG saved into its CT series folder is found
+    (the CT reader passes over it).
+    """
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     files = sorted(p for p in folder.iterdir() if p.is_file() and not _is_junk(p.name))
+    found: dict[tuple[str, str], _Series] = {}
     for f in files:
         try:
             ds = pydicom.dcmread(
@@ -175,14 +180,12 @@ def _series_of(folder: Path) -> _Series | None:
         except (InvalidDicomError, OSError, ValueError, EOFError):
             continue
         own, meta = sop_classes(ds)  # a file cut short may hold only its meta's SOP class
-        return _Series(
-            folder,
-            files,
-            str(ds.get("SeriesInstanceUID", "") or ""),
-            own or meta,
-            str(ds.get("Modality", "") or ""),
+        uid, sop = str(ds.get("SeriesInstanceUID", "") or ""), own or meta
+        series = found.setdefault(
+            (uid, sop), _Series(folder, [], uid, sop, str(ds.get("Modality", "") or ""))
         )
-    return None
+        series.files.append(f)
+    return list(found.values())
 
 
 def _unreadable(folder: Path) -> str | None:
@@ -214,9 +217,9 @@ def _discover(src: str | os.PathLike) -> list[tuple[_Study, _Series, _Series]]:
         for sdir in studies:
             study = _Study(pdir.name, sdir)
             for d in _subdirs(sdir):
-                series = _series_of(d)
-                if series is not None:
-                    study.series.append(series)
+                series = _series_in(d)
+                if series:
+                    study.series += series
                 elif (why := _unreadable(d)) is not None:
                     unreadable.append(why)
             by_uid = {s.uid: s for s in study.series if s.sop_class != SEG_SOP_CLASS_UID}
