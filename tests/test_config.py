@@ -27,7 +27,10 @@ def test_yaml_then_overrides(tmp_path):
 @pytest.mark.parametrize(
     "yaml_text, match",
     [
-        ("train:\n  epoch: 3\n", "'train.epoch' is unknown; did you mean train.epochs\\? valid keys here: .*epochs"),
+        (
+            "train:\n  epoch: 3\n",
+            "'train.epoch' is unknown; did you mean train.epochs\\? valid keys here: .*epochs",
+        ),
         ("trian:\n  epochs: 3\n", "'trian' is unknown; did you mean train\\?"),
         ("patch:\n  size: 160\n", "'patch.size' is unknown; did you mean patch.size_px\\?"),
         ("train:\n  epochs: three\n", "expected a value of type int"),

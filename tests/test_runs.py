@@ -120,3 +120,30 @@ def test_a_cv_run_folder_as_model_is_the_ensemble_of_its_folds(tmp_path):
     assert all((run / f"fold_{k}" / "model.onnx").is_file() for k in range(3))
     onnx = Classifier.load(run, device="cpu", backend="onnx")  # the exports of every fold are used
     assert [m.path for m in onnx.members] == [m.path for m in clf.members]
+
+
+@pytest.mark.parametrize(
+    "name, make",
+    [(n, "dir") for n in runs._FILE_SLOTS] + [(n, "file") for n in runs._FOLDER_SLOTS],
+)
+def test_a_run_entry_of_the_wrong_kind_is_refused_by_every_reader(tmp_path, name, make):
+    from liverlesion.baselines import check_run_folder
+    from liverlesion.config import Config
+    from liverlesion.evaluate import evaluate_run
+    from liverlesion.report import render_report
+    from liverlesion.run_checks import check_resume
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / name).mkdir() if make == "dir" else (run / name).write_text("x\n")
+    want = f"{run / name}: a {'folder' if make == 'dir' else 'file'} where the run's {name}"
+    for call in (
+        lambda: evaluate_run(run),
+        lambda: render_report(run),
+        lambda: check_resume(run, Config()),
+        lambda: check_run_folder(run),
+    ):
+        with pytest.raises(UserError) as e:
+            call()
+        assert str(e.value).startswith(want) and "move it out of the run folder" in str(e.value)
+    runs.check_run_slots(tmp_path / "new")  # a run folder not made yet: nothing to refuse

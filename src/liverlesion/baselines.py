@@ -459,6 +459,7 @@ def check_run_folder(out: Path, patients: set[str] | None = None, lesions: set[s
     Raises:
         UserError: The run folder's predictions are of other patients or lesions.
     """
+    runs.check_run_slots(out)
     pred = runs.predictions_path(out)
     if not pred.is_file():
         return

@@ -71,6 +71,7 @@ def evaluate_run(
             f"{run_dir}: run folder not found; give the folder written by `liverlesion cv`, or the "
             "output folder of `liverlesion predict --manifest` for external validation"
         )
+    runs.check_run_slots(run_dir)
     pred_path = runs.predictions_path(run_dir)
     if not pred_path.is_file():
         raise UserError(

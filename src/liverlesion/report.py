@@ -402,6 +402,7 @@ def render_report(
         return write_text(
             runs.report_path(run_dir), build_html(run_dir, metrics, drawn["plots"], drawn["notes"])
         )
+    runs.check_run_slots(run_dir)
     metrics = load_metrics(run_dir)
     check_same_predictions(run_dir, metrics)
     try:

@@ -106,6 +106,7 @@ def check_resume(
     Only what changes how, not what, a run computes may differ (``config.RESUMABLE_SETTINGS``: the
     device, threads, workers and evaluation settings); a new or empty run folder has nothing to match.
     """
+    runs.check_run_slots(out)
     made_by = runs.read_run_info(out).get("kind")
     if made_by in ("cv", "train") and made_by != kind:
         raise UserError(

@@ -46,6 +46,33 @@ BASELINES = "baselines"
 GRADCAM_GALLERY = "gradcam_gallery.png"
 
 
+# The run folder's own entries, by the kind each must be.
+_FILE_SLOTS = (CONFIG, SPLITS, RUN_INFO, PREDICTIONS, VAL_PREDICTIONS, METRICS, REPORT)
+_FOLDER_SLOTS = (PATCHES, PLOTS, BASELINES)
+
+
+def check_run_slots(run_dir: str | Path) -> None:
+    """Refuse a run folder whose own entries are of the wrong kind: a folder named ``config.yaml`` or
+    ``predictions.csv``, a file named ``baselines`` or ``plots``.
+
+    Each reader would otherwise pass over it as absent (defaults used, "not found: run cv first") or
+    fail on it later; called by ``evaluate``, ``report``, ``baselines`` and ``--resume`` before any work.
+    """
+    run_dir = Path(run_dir)
+    for name in _FILE_SLOTS:
+        if (run_dir / name).is_dir():
+            raise UserError(
+                f"{run_dir / name}: a folder where the run's {name} file belongs; move it out of the run folder "
+                "and re-run (the command that writes it will write it again)"
+            )
+    for name in _FOLDER_SLOTS:
+        p = run_dir / name
+        if p.exists() and not p.is_dir():
+            raise UserError(
+                f"{p}: a file where the run's {name}/ folder belongs; move it out of the run folder and re-run"
+            )
+
+
 def config_path(run_dir: str | Path) -> Path:
     """``RUN/config.yaml``: the resolved config of the run."""
     return Path(run_dir) / CONFIG
