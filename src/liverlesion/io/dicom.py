@@ -282,6 +282,18 @@ def _sort_and_check_slices(s: DicomSeries, label: str, path: Path, tol: float):
             f"{len(bad)} irregular gap(s) in all); re-export the complete series "
             f"(tolerance {tol:g} of the median gap)"
         )
+    # Gantry tilt: slices square to their normal but each shifted in-plane, so the grid is sheared and
+    # an orthogonal volume built from it would put every slice but the first in the wrong place.
+    steps = positions - positions[0]
+    drift = steps - np.outer(steps @ normal, normal)
+    shift = float(np.linalg.norm(drift[-1]))
+    if shift > 0.5 * float(spacings[0].min()):
+        angle = float(np.degrees(np.arctan2(shift, depth[-1] - depth[0])))
+        raise UserError(
+            f"{label}: series {s.uid} in {path} is sheared (gantry tilt of about {angle:.1f} degrees: the last slice "
+            f"is shifted {shift:.1f} mm in-plane from the first); liverlesion reads "
+            f"orthogonal grids only: convert the series with dcm2niix, which corrects gantry tilt, and pass the NIfTI"
+        )
     direction = np.column_stack([row, col, normal])  # columns: x, y, z index axes in LPS
     return files, (spacings[0][::-1], positions, direction, median)
 
