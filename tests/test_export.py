@@ -152,6 +152,19 @@ def test_out_with_the_wrong_suffix_is_refused_and_left_alone(resnet, tmp_path, f
     assert out.read_text() == "patient_id,image\n" and sorted(p.name for p in tmp_path.iterdir()) == [name]
 
 
+def test_out_that_is_the_checkpoint_is_refused_and_left_alone(resnet, tmp_path) -> None:
+    # -o model.pt with --format torchscript used to replace the checkpoint with its TorchScript export
+    import shutil
+
+    ckpt, _ = resnet
+    shutil.copy(ckpt, tmp_path / "model.pt")
+    before = (tmp_path / "model.pt").read_bytes()
+    with pytest.raises(UserError, match=r"model\.pt: is the checkpoint being exported .*/model\.ts\.pt"):
+        export_model(tmp_path / "model.pt", "torchscript", tmp_path / "model.pt")
+    assert (tmp_path / "model.pt").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+
+
 def test_missing_checkpoint(tmp_path) -> None:
     with pytest.raises(UserError, match="file not found"):
         export_model(tmp_path / "nope.pt", "onnx", tmp_path / "m.onnx")

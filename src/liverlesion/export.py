@@ -172,6 +172,12 @@ def export_model(ckpt_path: str | Path, format: str, out: str | Path) -> Path:
             f".{_suffix(fmt)} file; "
             f"give a name such as {out.with_name(out.stem.split('.')[0] + '.' + _suffix(fmt))}"
         )
+    if out.exists() and Path(ckpt_path).expanduser().exists() and out.samefile(Path(ckpt_path).expanduser()):
+        # a TorchScript export is a .pt file too: -o model.pt used to replace the checkpoint with it
+        raise UserError(
+            f"output {out}: is the checkpoint being exported (--model); the export would replace it: "
+            f"give another name, e.g. {out.with_name(out.name.split('.')[0] + '.ts.pt')}"
+        )
     model, meta = load_checkpoint(ckpt_path)
     size = int(meta["config"].get("patch", {}).get("size_px", 0))
     if size < 1:
