@@ -462,7 +462,7 @@ def test_failure_midway_leaves_no_cache(fake_cohort, tmp_path):
     with pytest.raises(RuntimeError, match="mid-way"):
         PC.build_patches(man, tmp_path / "patches", cfg_())
     parent = tmp_path / "patches"
-    assert not parent.exists() or list(parent.iterdir()) == []
+    assert not parent.exists()  # not even the new, empty output folder
     state["fail_after"] = None
     out = PC.build_patches(man, parent, cfg_())
     assert len(PC.load_patch_index(out)) == 3
@@ -586,6 +586,23 @@ def test_build_patches_with_real_reader_and_cli(tmp_path, capsys):
     )
     assert rc == 0
     assert "using cached patches at" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(_LESIONS_ERROR is not None, reason=_LESIONS_ERROR or "")
+def test_cli_refused_for_a_bad_mask_leaves_no_new_output_folder(tmp_path, capsys):
+    import SimpleITK as sitk
+
+    from liverlesion.cli import main
+
+    man = _write_nifti_cohort(tmp_path / "data")
+    empty = sitk.ReadImage(str(tmp_path / "data" / "002_mask.nii.gz")) * 0
+    sitk.WriteImage(empty, str(tmp_path / "data" / "002_mask.nii.gz"))
+    rc = main(["patches", str(man), "-o", str(tmp_path / "new"), "--set", "patch.size_px=32"])
+    assert rc == 2 and "the mask is empty" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()  # was left behind, empty
+    (tmp_path / "mine").mkdir()  # a folder the user made stays
+    assert main(["patches", str(man), "-o", str(tmp_path / "mine"), "--set", "patch.size_px=32"]) == 2
+    assert (tmp_path / "mine").is_dir() and list((tmp_path / "mine").iterdir()) == []
 
 
 @pytest.mark.skipif(_LESIONS_ERROR is not None, reason=_LESIONS_ERROR or "")

@@ -174,7 +174,6 @@ def build_patches(
     Returns:
         The cache folder ``out/<key>``.
     """
-    from tqdm import tqdm
 
     check_patch_config(cfg)
     check_tolerance(tolerance)
@@ -189,6 +188,30 @@ def build_patches(
         return dest
 
     _, n_images = _manifest_files(table)
+    existed = Path(out).exists()
+    try:
+        rows = _cut_patches(manifest, table, dest, key, cfg, tolerance, series, n_images)
+    except BaseException:
+        if not existed and Path(out).is_dir() and not any(Path(out).iterdir()):
+            Path(out).rmdir()  # a refused run leaves no new output folder (atomic_dir made it for dest)
+        raise
+    print(f"wrote {len(rows)} lesion patches to {dest}", file=sys.stderr)
+    return dest
+
+
+def _cut_patches(
+    manifest: Path,
+    table: pd.DataFrame,
+    dest: Path,
+    key: str,
+    cfg: PatchConfig,
+    tolerance: float,
+    series: str | None,
+    n_images: int,
+) -> list[dict[str, Any]]:
+    """Cut every lesion into the new cache folder ``dest``, written all at once (see :func:`build_patches`)."""
+    from tqdm import tqdm
+
     rows: list[dict[str, Any]] = []
     used: set[str] = set()
     with atomic_dir(dest, overwrite=True) as tmp:
@@ -239,8 +262,7 @@ def build_patches(
             },
         )
         draw_contact_sheet(tmp, index, tmp / "contact_sheet.png")
-    print(f"wrote {len(rows)} lesion patches to {dest}", file=sys.stderr)
-    return dest
+    return rows
 
 
 # --------------------------------------------------------------------------- readers
