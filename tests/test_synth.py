@@ -179,6 +179,28 @@ def test_bad_arguments(tmp_path, kwargs, match):
     assert not (tmp_path / "c").exists()
 
 
+def test_a_cohort_larger_than_the_free_disk_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    # a huge --patients allocated lesions for minutes without a line, then filled the disk for hours
+    import shutil
+
+    from liverlesion.cli import main
+
+    monkeypatch.setattr(
+        shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**12, 10**12 - 10**5, 10**5)
+    )
+    args = ["synth", "-o", str(tmp_path / "c"), "--workers", "1"]
+    assert main([*args, "--patients", "1", "--lesions", "1", "--matrix", "64"]) == 2  # 0.16 MB at least
+    assert "--patients 1 at --matrix 64: the cohort needs at least 0.000164 GB" in capsys.readouterr().err
+    rc = main([*args, "--patients", "100000000", "--lesions", "100000000"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err, err
+    assert "--patients 100000000 at --matrix 384: the cohort needs at least 5.9e+05 GB but" in err
+    assert "0.0001 GB free; use fewer --patients" in err
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    generate_cohort(tmp_path / "small", patients=1, lesions=1, matrix=64, workers=1)  # fits a real disk
+
+
 def test_out_is_a_file(tmp_path):
     f = tmp_path / "file.txt"
     f.write_text("x")

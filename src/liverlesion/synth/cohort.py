@@ -15,7 +15,7 @@ from liverlesion import DISCLAIMER
 from liverlesion.errors import UserError
 from liverlesion.fileio import atomic_dir, write_csv, write_json
 from liverlesion.progress import progress_disabled
-from liverlesion.synth.anatomy import IN_PLANE_PX
+from liverlesion.synth.anatomy import IN_PLANE_PX, MIN_SLICES
 from liverlesion.synth.lesions import (
     DEFAULT_CLASSES,
     HAEMANGIOMA,
@@ -31,6 +31,9 @@ METASTASIS_FRACTION = 0.6  # class mix of the cohort (metastasis : cyst = 60 : 4
 MAX_LESIONS_PER_PATIENT = 12  # more would not fit non-overlapping in a liver
 MATRIX_RANGE = (64, 1024)
 SYNTHETIC_NOTE = f"SYNTHETIC DATA (no real patient); {DISCLAIMER}"
+#: Fewest bytes a patient's image and mask take per voxel on disk (int16 CT noise compresses to about
+#: 1.25): with the fewest slices, a lower bound on the cohort's size.
+MIN_BYTES_PER_VOXEL = 1.0
 
 
 def allocate_lesions(
@@ -211,6 +214,28 @@ def _check_args(
             raise UserError(
                 f"{out}: --overwrite only replaces a synthetic cohort folder (with summary.json); choose another path"
             )
+    _check_disk_space(out, patients, matrix)
+
+
+def _check_disk_space(out: Path, patients: int, matrix: int) -> None:
+    """Refuse a cohort that cannot fit on the output's disk, before hours of simulation end in 'no space
+    left' (a huge --patients also spent minutes allocating lesions first, without a line of output)."""
+    import shutil
+
+    need = patients * MIN_SLICES * matrix * matrix * MIN_BYTES_PER_VOXEL
+    folder = out.expanduser().absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:  # not a folder we can ask: the output checks say why
+        return
+    if need > free:
+        raise UserError(
+            f"--patients {patients} at --matrix {matrix}: the cohort needs at least {need / 1e9:.3g} GB but "
+            f"{folder} has {free / 1e9:.3g} GB free; use fewer --patients or a smaller --matrix, or write to a "
+            "larger disk (-o/--out)"
+        )
 
 
 def generate_cohort(
