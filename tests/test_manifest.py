@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -182,6 +183,20 @@ def test_missing_file_error_says_relative_to_manifest(folder: Path):
     msg = row_error(folder, "p1,img/missing.nii.gz,,,cyst,1,2,3,4")
     assert "relative to the manifest's folder" in msg
     assert str(folder / "img/missing.nii.gz") in msg
+
+
+@pytest.mark.skipif(os.sep != "/", reason="a backslash separates folders on Windows")
+@pytest.mark.parametrize("col", ["image", "mask"])
+def test_a_windows_path_says_to_use_forward_slashes(folder: Path, col: str):
+    # was "image 'img\\\\p2.nii.gz' not found (looked for .../img\\p2.nii.gz)", with no word on why
+    row = (
+        "p2,img\\p2.nii.gz,img/p2_mask.nii.gz,,cyst,,,,"
+        if col == "image"
+        else "p2,img/p2.nii.gz,img\\p2_mask.nii.gz,,cyst,,,,"
+    )
+    msg = row_error(folder, row)
+    assert f"{col} " in msg and "is a Windows path (backslashes)" in msg
+    assert "write it with forward slashes ('img/p2" in msg
 
 
 @pytest.mark.parametrize(

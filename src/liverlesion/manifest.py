@@ -130,6 +130,20 @@ def _resolve(base: Path, text: str) -> Path:
     return p if p.is_absolute() else (base / p)
 
 
+def _not_found(where: str, col: str, text: str, looked: Path) -> str:
+    """The message for an image or mask path that does not exist."""
+    if "\\" in text and os.sep == "/":  # a manifest written on Windows: here a backslash is part of a name
+        return (
+            f"{where}: {col} {text!r} not found: it is a Windows path (backslashes), which this system reads "
+            f"as one file name; write it with forward slashes ({text.replace(chr(92), '/')!r}), relative to "
+            "the manifest's folder, or give an absolute path on this system"
+        )
+    return (
+        f"{where}: {col} {text!r} not found (looked for {looked}); "
+        "paths are relative to the manifest's folder, or give an absolute path"
+    )
+
+
 def _read_rows(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """Header (normalised) and data rows ``(row_number, fields)`` of a CSV file."""
     if not path.exists():
@@ -290,19 +304,13 @@ def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
                 )
         image_path = _resolve(base, rec["image"])
         if not image_path.exists():
-            raise UserError(
-                f"{where}: image {rec['image']!r} not found (looked for {image_path}); "
-                "paths are relative to the manifest's folder, or give an absolute path"
-            )
+            raise UserError(_not_found(where, "image", rec["image"], image_path))
         rec["image_path"] = str(image_path.resolve())
         rec["mask_path"] = None
         if has_mask:
             mask_path = _resolve(base, rec["mask"])
             if not mask_path.exists():
-                raise UserError(
-                    f"{where}: mask {rec['mask']!r} not found (looked for {mask_path}); "
-                    "paths are relative to the manifest's folder, or give an absolute path"
-                )
+                raise UserError(_not_found(where, "mask", rec["mask"], mask_path))
             rec["mask_path"] = str(mask_path.resolve())
             check_manifest_seg(mask_path, rec["label"], f"{where}: mask {rec['mask']!r}")
             if rec["mask_path"] == rec["image_path"]:
