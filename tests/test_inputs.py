@@ -419,6 +419,27 @@ def test_damaged_nifti_gz_is_refused(tmp_path):
     assert "image.nii.gz" in str(e.value) and "CRC" in str(e.value)
 
 
+@pytest.mark.parametrize(
+    "written, named, expected",
+    [
+        ("image.nii.gz", "image.nii", "is gzip-compressed but named .nii; rename it to image.nii.gz"),
+        (
+            "image.nii",
+            "image.nii.gz",
+            "is an uncompressed NIfTI image named .nii.gz; rename it to image.nii ",
+        ),
+    ],
+)
+def test_nifti_named_with_the_wrong_compression_says_to_rename_it(
+    tmp_path, tiny_ct, written, named, expected
+):
+    # was "not a NIfTI image (no NIfTI-1/2 header found; a corrupt download ...): copy the file again"
+    image, _ = tiny_ct
+    write_volume(image, tmp_path / "w" / written).rename(tmp_path / named)
+    with pytest.raises(UserError, match=expected.replace(".", r"\.")):
+        read_volume(tmp_path / named, name="--image")
+
+
 def test_random_bytes_named_nifti_is_refused(tmp_path):
     path = tmp_path / "x.nii"
     path.write_bytes(np.random.default_rng(0).bytes(5000))

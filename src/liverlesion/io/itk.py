@@ -283,6 +283,27 @@ def _nifti_header(path: Path):
         return None
 
 
+def _refuse_misnamed_nifti(path: Path, label: str) -> None:
+    """Refuse a NIfTI whose name says the wrong compression (the reader picks it by the name alone)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    gzipped = head[:2] == b"\x1f\x8b"
+    named_gz = path.name.lower().endswith(".gz")
+    if gzipped and not named_gz:
+        raise UserError(
+            f"{label}: {path} is gzip-compressed but named .nii; rename it to {path.name}.gz (or gunzip it)"
+        )
+    if (
+        not gzipped
+        and named_gz
+        and {int.from_bytes(head, "little"), int.from_bytes(head, "big")} & {348, 540}
+    ):
+        raise UserError(
+            f"{label}: {path} is an uncompressed NIfTI image named .nii.gz; rename it to "
+            f"{path.name[:-3]} (or gzip it)"
+        )
+
+
 def _check_nifti_complete(path: Path, label: str) -> None:
     """Refuse a NIfTI file that is not one, or whose voxel data is shorter than its header says.
 
@@ -296,6 +317,7 @@ def _check_nifti_complete(path: Path, label: str) -> None:
 
     header = _nifti_header(path)
     if header is None:
+        _refuse_misnamed_nifti(path, label)
         raise UserError(
             f"{label}: {path} is not a NIfTI image (no NIfTI-1/2 header found; a corrupt download, or another "
             f"format with a .nii name); re-export or copy the file again"
