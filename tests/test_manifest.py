@@ -219,6 +219,10 @@ def test_a_windows_path_says_to_use_forward_slashes(folder: Path, col: str):
         ("patient_id,image,mask,mask,lesion_class\n", "duplicate column(s) mask"),
         ("patient_id,image,,mask,lesion_class\n", "header column 3 has no name"),
         ("patient_id;image;mask;lesion_class\np1;a;b;c\n", "separated by semicolons"),
+        (  # was "row 1 (file line 2): 5 fields but the header has 2"
+            "sep=,\npatient_id,image,mask,label,lesion_class\np1,img/p1.nii.gz,img/p1_mask.nii.gz,,cyst\n",
+            "the first line 'sep=,' is Excel's separator hint, not the header; delete that line",
+        ),
         ("", "the file is empty"),
         ("\n\n", "the file is empty"),
         ("patient_id,image,mask,lesion_class\n", "no data rows"),

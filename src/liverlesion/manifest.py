@@ -174,6 +174,11 @@ def _read_rows(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     if not records:
         raise UserError(f"manifest {path}: the file is empty; {_FIX_HEADER}, then one row per lesion source")
     header = [h.strip().lower() for h in records[0][1]]
+    if header[0].startswith("sep="):
+        raise UserError(
+            f"manifest {path}: the first line {','.join(records[0][1])!r} is Excel's separator hint, not the "
+            "header; delete that line so the header (patient_id,image,...) comes first"
+        )
     if len(header) == 1 and (";" in header[0] or "\t" in header[0]):
         sep = "semicolons" if ";" in header[0] else "tabs"
         raise UserError(
