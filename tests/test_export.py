@@ -180,3 +180,37 @@ def test_cli_export(resnet, tmp_path, capsys) -> None:
     assert out.is_file() and "wrote" in capsys.readouterr().out
     assert main(["export", "--model", str(ckpt), "--format", "keras", str(out)]) == 2
     assert "--format 'keras' is unknown" in capsys.readouterr().err
+
+
+def test_fusion_export_metadata_names_the_features_input(tmp_path) -> None:
+    """A fusion model's graph takes a second input, ``features``: the metadata describes it (name, shape,
+    order), not only the image, so a consumer of the .onnx / .json knows what to feed."""
+    import onnx
+    import onnxruntime as ort
+
+    from helpers import make_tiny_checkpoint, torch_threads
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(20, 4)), np.array([0, 1] * 10)
+    with torch_threads(1):
+        ckpt = make_tiny_checkpoint(tmp_path / "model.pt", 0, fusion=(x, y))
+        out = export_model(ckpt, "onnx", tmp_path / "model.onnx")
+    side = json.loads((tmp_path / "model.onnx.json").read_text())
+    graph_inputs = [
+        i.name for i in ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).get_inputs()
+    ]
+    assert graph_inputs == ["image", "features"]
+    assert side["features_input"]["name"] == "features"
+    assert side["features_input"]["shape"] == ["N", 4]
+    assert side["fusion_features"] == ["f0", "f1", "f2", "f3"]
+    assert "fusion_features" in side["features_input"]["meaning"]
+    proto = onnx.load(str(out))
+    assert "'features'" in proto.doc_string
+    assert json.loads({p.key: p.value for p in proto.metadata_props}["features_input"])["shape"] == ["N", 4]
+
+
+def test_image_only_export_has_no_features_input(resnet, tmp_path) -> None:
+    ckpt, _ = resnet
+    export_model(ckpt, "onnx", tmp_path / "model.onnx")
+    side = json.loads((tmp_path / "model.onnx.json").read_text())
+    assert "features_input" not in side and side["fusion_features"] == []

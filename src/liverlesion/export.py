@@ -198,6 +198,14 @@ def export_model(ckpt_path: str | Path, format: str, out: str | Path) -> Path:
     info = export_metadata(meta, Path(ckpt_path), fmt, size, in_chans)
     info["tta"] = tta
     info["fusion_features"] = list(model.fusion_features)
+    if model.fusion_features:  # the graph's second input: without it here, the metadata names only the image
+        info["features_input"] = {
+            "name": "features",
+            "shape": ["N", len(model.fusion_features)],
+            "dtype": "float32",
+            "meaning": "the radiomics-style features named in fusion_features, in that order, as measured "
+            "(the model standardises them); NaN = missing",
+        }
     with atomic_path(out) as tmp:
         if fmt == "onnx":
             _export_onnx(wrapper, dummy, tmp, info)
@@ -241,8 +249,10 @@ def _export_onnx(wrapper: nn.Module, dummy: tuple[Tensor, ...], tmp: Path, info:
         entry = proto.metadata_props.add()
         entry.key = key
         entry.value = value if isinstance(value, str) else json.dumps(value)
+    features = ", 'features' (see fusion_features)" if info.get("features_input") else ""
     proto.doc_string = (
-        f"liverlesion export ({info['disclaimer']}); input 'image' [0, 1], output 'probabilities'"
+        f"liverlesion export ({info['disclaimer']}); input 'image' [0, 1]{features}; "
+        "outputs 'probabilities', 'logits' (before the temperature)"
     )
     onnx.checker.check_model(proto)
     onnx.save(proto, str(tmp))
