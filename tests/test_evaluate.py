@@ -597,3 +597,13 @@ def test_validation_rows_of_a_folds_own_test_patients_are_refused(tmp_path):
     moved = leaked.assign(fold=(leaked["fold"] + 1) % 3)
     write_run(tmp_path / "run", test, pd.concat([synth_val(11), moved], ignore_index=True))
     evaluate_run(run, gradcam=False)
+
+
+@pytest.mark.parametrize(("n_small", "says"), [(1, "1 is too small"), (2, "2 are too small")])
+def test_coverage_note_counts_too_small_lesions_in_words(tmp_path, n_small, says):
+    test = synth_predictions(10, n_patients=30).assign(status="classified")
+    test.loc[list(range(n_small)), "status"] = "too small to characterise"
+    run = write_run(tmp_path / "run", test, n_bootstrap=0)
+    m = evaluate_run(run, gradcam=False)
+    (note,) = [n for n in m["notes"] if n.startswith("metrics cover")]
+    assert f"; {says} to characterise" in note

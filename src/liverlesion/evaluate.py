@@ -160,9 +160,10 @@ def evaluate_run(
         "notes": notes + network["notes"],
     }
     if coverage["n_classified"] < coverage["n_lesions"]:
+        n_small = coverage["n_lesions"] - coverage["n_classified"]
         metrics["notes"].append(
             f"metrics cover the {coverage['n_classified']} of {coverage['n_lesions']} lesions that predict "
-            f"classifies; {coverage['n_lesions'] - coverage['n_classified']} are too small to characterise "
+            f"classifies; {n_small} {'is' if n_small == 1 else 'are'} too small to characterise "
             f"(smallest axis < eval.min_size_mm = {cfg.eval.min_size_mm:g} mm), for every method alike"
         )
     write_json(runs.metrics_path(run_dir), metrics)
