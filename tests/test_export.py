@@ -214,3 +214,20 @@ def test_image_only_export_has_no_features_input(resnet, tmp_path) -> None:
     export_model(ckpt, "onnx", tmp_path / "model.onnx")
     side = json.loads((tmp_path / "model.onnx.json").read_text())
     assert "features_input" not in side and side["fusion_features"] == []
+
+
+def test_cli_export_of_a_fusion_model_names_both_inputs(tmp_path, capsys) -> None:
+    """The line export prints says what the graph takes: a fusion model (the default) also takes its
+    radiomics-style features, not only the patches; and it carries the disclaimer."""
+    from helpers import make_tiny_checkpoint, torch_threads
+    from liverlesion.cli import main
+
+    rng = np.random.default_rng(0)
+    with torch_threads(1):
+        ckpt = make_tiny_checkpoint(
+            tmp_path / "model.pt", 0, fusion=(rng.normal(size=(20, 4)), np.array([0, 1] * 10))
+        )
+        assert main(["export", "--model", str(ckpt)]) == 0
+    out = capsys.readouterr().out
+    assert "[0, 1] patches and 4 radiomics-style features" in out
+    assert DISCLAIMER in out

@@ -156,10 +156,19 @@ def export(
 ) -> None:
     """Export a checkpoint to ONNX or TorchScript."""
     dest = None if out_opt is None and out is None else output(out_opt, out, "output file")[0]
+    import json
+
+    from liverlesion import DISCLAIMER
     from liverlesion.export import export_checkpoints
 
     for path in export_checkpoints(model, format, dest):
-        typer.echo(f"wrote {path} and {path.name}.json (input: [0, 1] patches; output: class probabilities)")
+        info = json.loads(path.with_name(path.name + ".json").read_text(encoding="utf-8"))
+        features = info.get("features_input")  # a fusion model's second input
+        inputs = "[0, 1] patches" + (
+            f" and {features['shape'][1]} radiomics-style features (fusion_features)" if features else ""
+        )
+        typer.echo(f"wrote {path} and {path.name}.json (input: {inputs}; output: class probabilities)")
+    typer.echo(f"liverlesion export: {DISCLAIMER}")
 
 
 @app.command()
