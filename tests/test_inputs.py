@@ -459,6 +459,21 @@ def test_cv_too_many_folds_is_refused_before_any_work(tmp_path, capsys):
     cli_fails(capsys, ["cv", m, out, "--folds", "1"], "folds=1")  # the config check names cv.folds
 
 
+def test_train_with_too_few_patients_for_its_inner_split_is_refused_before_any_work(tmp_path, capsys):
+    # was refused after cutting every patch, as "cv.folds=5: ... use at most 4 folds" (train has no folds),
+    # leaving the run folder with config.yaml and the patch cache behind
+    m = one_lesion_patients(tmp_path, 4)
+    out = tmp_path / "run"
+    before = set(tmp_path.iterdir())
+    args = ["train", m, "-o", out, "--preset", "quick", "--weights", "none", "--threads", "1"]
+    cli_fails(capsys, args, "4 patient(s)", "train.val_fraction=0.2", "--set train.val_fraction=0.5")
+    assert set(tmp_path.iterdir()) == before  # no run folder, no patch cache
+    (tmp_path / "two").mkdir()
+    m2 = one_lesion_patients(tmp_path / "two", 2)
+    cli_fails(capsys, ["train", m2, *args[2:]], "2 patient(s)", "add patients (at least 3")
+    assert set(tmp_path.iterdir()) == before | {tmp_path / "two"}
+
+
 def _has_cuda() -> bool:
     import torch
 
@@ -489,7 +504,7 @@ def test_network_settings_are_refused_before_any_work(tmp_path, capsys, command,
     m = one_lesion_patients(tmp_path, 4)
     setting = [str(tmp_path / a) if a.endswith((".pth", ".csv")) else a for a in setting]
     before = set(tmp_path.iterdir())
-    extra = ["--folds", "2"] if command == "cv" else []
+    extra = ["--folds", "2"] if command == "cv" else ["--set", "train.val_fraction=0.5"]
     cli_fails(capsys, [command, m, "-o", tmp_path / "run", *extra, *setting], *expected)
     assert set(tmp_path.iterdir()) == before  # no run folder, no patch cache
 
