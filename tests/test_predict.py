@@ -30,6 +30,7 @@ from liverlesion import DISCLAIMER
 from liverlesion.cli import main
 from liverlesion.errors import UserError
 from liverlesion.io import read_volume, write_volume
+from liverlesion.manifest import read_manifest
 from liverlesion.predict import TOO_SMALL, Classifier, parse_point
 
 
@@ -588,6 +589,26 @@ def test_manifest_class_the_model_does_not_know_is_named_before_classifying(ckpt
     warning = [line for line in err.splitlines() if "warning" in line]
     assert len(warning) == 1 and "'metastases' (1 row)" in warning[0] and "cyst, metastasis" in warning[0]
     assert list(pd.read_csv(tmp_path / "out" / "results.csv")["true_class"]) == ["metastases"] * 2
+
+
+@pytest.mark.parametrize("header", ["patient_id,image,mask", "patient_id,image,mask,lesion_class"])
+def test_manifest_of_new_cases_without_a_diagnosis_is_classified(ckpts, tmp_path, capsys, header):
+    image, mask = make_ct_with_two_lesions()
+    write_volume(image, tmp_path / "p1.nii.gz")
+    write_volume(mask, tmp_path / "p1_mask.nii.gz")
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(f"{header}\np1,p1.nii.gz,p1_mask.nii.gz{',' if 'class' in header else ''}\n")
+    out = tmp_path / "out"
+    rc, _, err = _run(["--model", ckpts["a"], "--manifest", manifest, "--out", out], capsys)
+    assert rc == 0 and "warning" not in err, err
+    df = pd.read_csv(out / "results.csv")
+    assert list(df["lesion_id"]) == ["p1-L01", "p1-L02"] and "true_class" not in df.columns
+    # nothing to score against: evaluate says so in one line
+    assert main(["evaluate", str(out)]) != 0
+    assert "no true_class column" in capsys.readouterr().err
+    # training still needs every lesion's class
+    with pytest.raises(UserError, match="missing required column|lesion_class is empty"):
+        read_manifest(manifest)
 
 
 @pytest.mark.parametrize("bad", ["mask geometry", "not HU", "truncated image"])

@@ -374,7 +374,7 @@ class Classifier:
         """
         manifest = Path(manifest)
         check_min_size(min_size_mm)
-        table = read_manifest(manifest)
+        table = read_manifest(manifest, need_class=False)  # new cases: no diagnosis needed
         loaded = [
             (image, items, str(image.meta.get("source") or ""))
             for image, items in iter_manifest_lesions(table, tolerance)

@@ -2,7 +2,8 @@
 
 Columns (header names are matched after trimming spaces and lower-casing):
 
-* required: ``patient_id``, ``image``, ``lesion_class``;
+* required: ``patient_id``, ``image``, ``lesion_class`` (for ``predict`` ``lesion_class`` is optional
+  and may be empty: cases without a diagnosis yet);
 * either ``mask`` (optional ``label``; for a DICOM SEG mask the label selects segments by
   number or SegmentLabel, see :mod:`liverlesion.dicom_seg`) or a click ``x_mm, y_mm, z_mm, diameter_mm``
   (LPS millimetres, as a PACS viewer shows DICOM patient coordinates); each row
@@ -201,7 +202,7 @@ def _read_rows(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     return header, rows
 
 
-def _check_header(path: Path, header: list[str]) -> None:
+def _check_header(path: Path, header: list[str], need_class: bool = True) -> None:
     allowed = set(COLUMNS)
     empty = [i + 1 for i, h in enumerate(header) if not h]
     if empty:
@@ -214,7 +215,7 @@ def _check_header(path: Path, header: list[str]) -> None:
         raise UserError(
             f"manifest {path}: unknown column(s) {', '.join(unknown)}; allowed columns are {', '.join(COLUMNS)}"
         )
-    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    missing = [c for c in REQUIRED_COLUMNS if c not in header and (need_class or c != "lesion_class")]
     if missing:
         raise UserError(f"manifest {path}: missing required column(s) {', '.join(missing)}; {_FIX_HEADER}")
     click = [c for c in CLICK_COLUMNS if c in header]
@@ -232,11 +233,13 @@ def _check_header(path: Path, header: list[str]) -> None:
         raise UserError(f"manifest {path}: column label without column mask; add the mask column")
 
 
-def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
+def read_manifest(path: str | os.PathLike, need_class: bool = True) -> pd.DataFrame:
     """Read and validate a manifest CSV.
 
     Args:
         path: The manifest file.
+        need_class: Every row must have a ``lesion_class`` (training and evaluation); False for
+            ``predict``, where the column may be absent or a cell empty (a case not diagnosed yet).
 
     Returns:
         One row per manifest row, with every column of :data:`COLUMNS` (absent ones
@@ -251,7 +254,7 @@ def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
     """
     path = Path(path)
     header, rows = _read_rows(path)
-    _check_header(path, header)
+    _check_header(path, header, need_class)
     if not rows:
         raise UserError(f"manifest {path}: no data rows under the header; add one row per lesion source")
     base = path.resolve().parent
@@ -263,7 +266,7 @@ def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
         v = dict(zip(header, fields, strict=True))
         where = _where(path, row)
         rec: dict = {c: v.get(c, "") for c in ("patient_id", "image", "mask", "lesion_class", "series")}
-        for col in ("patient_id", "image", "lesion_class"):
+        for col in ("patient_id", "image", "lesion_class") if need_class else ("patient_id", "image"):
             if not rec[col]:
                 raise UserError(f"{where}: {col} is empty; fill it in or delete the row")
         click_text = {c: v.get(c, "") for c in CLICK_COLUMNS}
@@ -325,7 +328,7 @@ def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
         rec["row"] = row
         # "Metastasis" and "metastasis" would silently be two classes in training and evaluation.
         spelled = class_spelling.setdefault(rec["lesion_class"].casefold(), (rec["lesion_class"], row))
-        if spelled[0] != rec["lesion_class"]:
+        if rec["lesion_class"] and spelled[0] != rec["lesion_class"]:
             raise UserError(
                 f"{where}: lesion_class {rec['lesion_class']!r} differs only in upper/lower case from "
                 f"{spelled[0]!r} in row {spelled[1]}, which would make them two classes; spell each class "

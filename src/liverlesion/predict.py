@@ -71,8 +71,8 @@ def _warn_unknown_classes(manifest: Path, classes: Sequence[str]) -> None:
     """
     from liverlesion.manifest import read_manifest  # also validates the manifest before any work
 
-    given = read_manifest(manifest)["lesion_class"].astype(str)
-    unknown = sorted(set(given) - set(classes))
+    given = read_manifest(manifest, need_class=False)["lesion_class"].astype(str)
+    unknown = sorted(set(given) - set(classes) - {""})  # "": a case without a diagnosis, nothing to check
     if unknown:
         n = int(given.isin(unknown).sum())
         print(

@@ -92,7 +92,7 @@ def check_sr_inputs(image=None, manifest=None, option: str = "--dicom-sr") -> No
     if image is not None:
         items.append(("--image", Path(image)))
     if manifest is not None:
-        df = read_manifest(manifest)
+        df = read_manifest(manifest, need_class=False)
         items += [(f"manifest {manifest} row {r.row} image", Path(r.image_path)) for r in df.itertuples()]
     for name, path in items:
         if not path.is_dir() and file_suffix(path) in SITK_SUFFIXES:
