@@ -403,3 +403,44 @@ def test_a_bad_image_found_while_cutting_patches_leaves_no_run_folder(tmp_path, 
         err = capsys.readouterr().err
         assert "ct3.nii.gz is not a NIfTI image" in err and "Traceback" not in err
         assert (out.is_dir() and not any(out.iterdir())) if made else not out.exists()
+
+
+@pytest.mark.parametrize("kind", ["cv", "train"])
+def test_train_and_cv_train_inside_the_same_quieting_and_say_whose_fusion_statistics(
+    tmp_path, monkeypatch, capsys, kind
+):
+    # `train` printed Lightning's "GPU available" / litlogger tip / eval-mode warnings that `cv` silences
+    # (quiet_lightning wrapped a helper, not train_single), and said "training-fold statistics per fold"
+    import logging
+    import warnings
+
+    from helpers import one_lesion_patients
+    from liverlesion import cv
+
+    seen = []
+
+    def probe(*args, **kwargs):  # the training itself: what the quieting is for
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.warn(
+                "Found 8 module(s) in eval mode at the start of training.", UserWarning, stacklevel=1
+            )
+        seen.append((logging.getLogger("lightning.pytorch.utilities.rank_zero").level, len(caught)))
+        return {}  # as a non-zero DDP rank: nothing to write
+
+    monkeypatch.setattr(cv, "train_fold", probe)
+    manifest = one_lesion_patients(tmp_path, 8)
+    cfg = load_config(
+        overrides={
+            "model": {"backbone": "resnet10t", "weights": "none", "fusion": "radiomics"},
+            "patch": {"size_px": 48},
+            "train": {"recipe": "end_to_end", "val_fraction": 0.5},
+            "cv": {"folds": 2},
+        }
+    )
+    if kind == "cv":
+        cv.run_cv(manifest, tmp_path / "run", cfg, baselines=False, evaluate=False)
+    else:
+        cv.train_single(manifest, tmp_path / "run", cfg)
+    assert seen and all(s == (logging.WARNING, 0) for s in seen), seen
+    stats = {"cv": "(training-fold statistics per fold)", "train": "(statistics of the training patients)"}
+    assert f"Fusion: radiomics-style features of every lesion {stats[kind]}" in capsys.readouterr().out

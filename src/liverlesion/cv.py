@@ -120,6 +120,10 @@ def prepare_patches(manifest: Path, out: Path, cfg: Config) -> tuple[Path, pd.Da
     return Path(patch_dir), index
 
 
+# whose statistics standardise the fusion's radiomics-style features, by run kind (the console line)
+_FUSION_STATS = {"cv": "training-fold statistics per fold", "train": "statistics of the training patients"}
+
+
 def prepare_shared(
     cfg: Config,
     index: pd.DataFrame,
@@ -128,8 +132,12 @@ def prepare_shared(
     classes: list[str],
     imagenet: Any,
     in_chans: int,
+    kind: str = "cv",
 ) -> dict[str, Any]:
-    """What every fold reuses: fusion features of every lesion and (lpft) the frozen-feature cache."""
+    """What every fold reuses: fusion features of every lesion and (lpft) the frozen-feature cache.
+
+    ``kind``: the run's (``cv`` or ``train``), as its console line says whose statistics the fusion uses.
+    """
     from liverlesion.model import build_model  # local: heavy (torch)
 
     shared: dict[str, Any] = {"extra": None, "extra_names": []}
@@ -138,7 +146,7 @@ def prepare_shared(
     if cfg.model.fusion != "none":
         from liverlesion.features import cache_radiomics  # local: heavy (scipy)
 
-        print("Fusion: radiomics-style features of every lesion (training-fold statistics per fold)")
+        print(f"Fusion: radiomics-style features of every lesion ({_FUSION_STATS[kind]})")
         table = cache_radiomics(patch_dir, index, (cfg.patch.window_center, cfg.patch.window_width))
         names = [c for c in table.columns if c != "lesion_id"]
         shared["extra"] = table[names].to_numpy(np.float64)
@@ -430,7 +438,6 @@ def _frozen_features(
     return frozen_table(index["lesion_id"], np.stack([p.mean(0) for p in cache.frozen]))
 
 
-@_quietly
 def _read_train_split(path: Path) -> dict[str, Any]:
     """The inner split of a ``train`` run (``splits.json``: train and validation patients)."""
     fix = "delete it and run again to draw the split anew"
@@ -446,6 +453,7 @@ def _read_train_split(path: Path) -> dict[str, Any]:
     return split
 
 
+@_quietly
 def train_single(manifest: str | Path, out: str | Path, cfg: Config, resume: bool = False) -> Path:
     """Train one model on all patients (an inner validation split by patient for early stopping)."""
     from liverlesion.data import load_patch_arrays  # local: heavy (torch)
@@ -464,7 +472,14 @@ def train_single(manifest: str | Path, out: str | Path, cfg: Config, resume: boo
     _, imagenet = _announce_init(cfg, manifest, out, patch_dir, classes, "train", resolved)
     arrays = load_patch_arrays(patch_dir, index, cfg.model.pool)
     shared = prepare_shared(
-        cfg, index, arrays, patch_dir, classes, imagenet, image_chans(arrays[0].shape[1], cfg.model.pool)
+        cfg,
+        index,
+        arrays,
+        patch_dir,
+        classes,
+        imagenet,
+        image_chans(arrays[0].shape[1], cfg.model.pool),
+        kind="train",
     )
     fit = fold_subset(index, arrays, classes, split["train_patients"])
     val = fold_subset(index, arrays, classes, split["val_patients"])
