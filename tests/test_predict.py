@@ -158,6 +158,8 @@ def test_ensemble_mean_and_uncertainty(ckpts, case):
     assert e["threshold"] == pytest.approx(0.45)  # mean of the members' thresholds
     assert e["pred_class"] == ("metastasis" if e["prob_metastasis"] >= 0.45 else "cyst")
     assert e["n_models"] == 2 and len(e["checkpoint_sha256"].split(";")) == 2
+    parent = ckpts["a"].parent.name
+    assert f"2 model(s): {parent}/a.pt, {parent}/b.pt;" in repr(ens)  # fold_0/model.pt, not model.pt twice
 
 
 def test_temperature_and_threshold_are_applied(ckpts, case):
@@ -307,6 +309,10 @@ def test_manifest_batch_mode(ckpts, tmp_path, capsys):
     )
     info = json.loads((out / "results.json").read_text())
     assert [s["n_lesions"] for s in info["sources"]] == [2, 1]
+    # images as the manifest names them (relative), never the absolute path (folder names can be patient names)
+    assert list(df["image"]) == ["p1.nii.gz", "p1.nii.gz", "p2.nii.gz"]
+    assert [s["image"] for s in info["sources"]] == ["p1.nii.gz", "p2.nii.gz"]
+    assert str(tmp_path) not in (out / "results.csv").read_text() + json.dumps(info["sources"])
     assert sorted(p.name for p in (out / "overlays").iterdir()) == ["p1-L01.png", "p1-L02.png", "p2-L01.png"]
 
 

@@ -133,7 +133,10 @@ class Classifier:
 
     def __repr__(self) -> str:
         pc = self.patch_config
-        names = ", ".join(m.path.name if len(self.members) > 1 else str(m.path) for m in self.members)
+        # several members: each as its folder and name (fold_0/model.pt, fold_1/model.pt, ...)
+        names = ", ".join(
+            f"{m.path.parent.name}/{m.path.name}" if len(self.members) > 1 else str(m.path) for m in self.members
+        )
         return (
             f"Classifier({self.n_models} model(s): {names}; classes {self.class_names}; "
             f"decision: {self.decision_rule}; patch {pc.mode} {pc.size_px} px, "
@@ -375,8 +378,11 @@ class Classifier:
         manifest = Path(manifest)
         check_min_size(min_size_mm)
         table = read_manifest(manifest, need_class=False)  # new cases: no diagnosis needed
+        # Each image as the manifest names it (relative to it), as the lesions' own rows do: an absolute
+        # path can hold folder names that are patient names.
+        as_written = dict(zip(table["image_path"], table["image"], strict=True))
         loaded = [
-            (image, items, str(image.meta.get("source") or ""))
+            (image, items, as_written.get(str(image.meta.get("source") or ""), ""))
             for image, items in iter_manifest_lesions(table, tolerance)
         ]  # every input read and checked: only now is any lesion classified
         if check_image is not None:
