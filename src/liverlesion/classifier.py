@@ -135,7 +135,8 @@ class Classifier:
         pc = self.patch_config
         # several members: each as its folder and name (fold_0/model.pt, fold_1/model.pt, ...)
         names = ", ".join(
-            f"{m.path.parent.name}/{m.path.name}" if len(self.members) > 1 else str(m.path) for m in self.members
+            f"{m.path.parent.name}/{m.path.name}" if len(self.members) > 1 else str(m.path)
+            for m in self.members
         )
         return (
             f"Classifier({self.n_models} model(s): {names}; classes {self.class_names}; "
