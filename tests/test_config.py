@@ -50,8 +50,10 @@ def test_bad_yaml_is_one_line_user_error(tmp_path, yaml_text, match):
 def test_bad_override_and_preset():
     with pytest.raises(UserError, match="section.key=value"):
         load_config(overrides=["epochs"])
-    with pytest.raises(UserError, match="choose one of"):
+    with pytest.raises(UserError, match="choose one of: paper, quick, or default"):
         load_config(preset="nope")
+    # `--preset default` is the built-in defaults by name, as the help and README call them
+    assert load_config(preset="default").to_dict() == load_config().to_dict()
     with pytest.raises(UserError, match="file not found"):
         load_config("/nonexistent/config.yaml")
 

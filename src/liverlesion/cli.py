@@ -359,7 +359,7 @@ def evaluate(
         ),
     ],
     positive_class: Annotated[
-        Optional[str], typer.Option(help="Positive class.", show_default="metastasis")
+        Optional[str], typer.Option(help="Positive class.", show_default="the run's eval.positive_class")
     ] = None,
     n_bootstrap: Annotated[
         Optional[int], typer.Option(help="Bootstrap resamples.", show_default="the run's config")

@@ -62,7 +62,11 @@ ConfigOpt = Annotated[
 ]
 PresetOpt = Annotated[
     Optional[str],
-    typer.Option("--preset", help="Preset: quick | paper | default.", show_default="none: built-in defaults"),
+    typer.Option(
+        "--preset",
+        help="Preset: quick | paper | default (the same as no preset).",
+        show_default="none: the built-in defaults",
+    ),
 ]
 SetOpt = Annotated[
     Optional[list[str]],
@@ -106,9 +110,12 @@ DEPRECATED_OUT = "Deprecated spelling of -o/--out (still accepted)."
 NOTES: list[str] = []
 
 
-def out_opt(help: str, default: str | None = None):  # noqa: A002 (typer's word)
-    # No default means required (unless the deprecated positional OUT is given; see output).
-    return typer.Option("-o", "--out", help=help, show_default=default or "required")
+def out_opt(help: str, default: str | None = None, typed_required: bool = False):  # noqa: A002 (typer's word)
+    # No default means required (unless the deprecated positional OUT is given; see output). An option
+    # typer itself requires (no positional OUT to fall back on) shows typer's own [required] mark only.
+    return typer.Option(
+        "-o", "--out", help=help, show_default=False if typed_required else default or "required"
+    )
 
 
 def output(

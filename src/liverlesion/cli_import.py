@@ -44,7 +44,6 @@ ClassMapOpt = Annotated[
         "--class-map",
         help="Label value (or its dataset.json name) = lesion class, e.g. 2=metastasis; repeatable or "
         "comma-separated. Each connected component of a mapped value is a lesion.",
-        show_default="required",
     ),
 ]
 ImportToleranceOpt = Annotated[
@@ -59,7 +58,7 @@ def import_msd(
         typer.Argument(help="Decathlon task folder, e.g. Task03_Liver (dataset.json, imagesTr/, labelsTr/)."),
     ],
     class_map: ClassMapOpt,
-    out: Annotated[Path, out_opt("Output folder for lesion masks and manifest.csv.")],
+    out: Annotated[Path, out_opt("Output folder for lesion masks and manifest.csv.", typed_required=True)],
     tolerance: ImportToleranceOpt = 1e-3,
     overwrite: OverwriteOpt = False,
 ) -> None:
@@ -81,7 +80,7 @@ def import_folder(
         ),
     ],
     class_map: ClassMapOpt,
-    out: Annotated[Path, out_opt("Output folder for lesion masks and manifest.csv.")],
+    out: Annotated[Path, out_opt("Output folder for lesion masks and manifest.csv.", typed_required=True)],
     tolerance: ImportToleranceOpt = 1e-3,
     overwrite: OverwriteOpt = False,
 ) -> None:
@@ -102,7 +101,9 @@ def import_tcia_crlm(
             help="TCIA Colorectal-Liver-Metastases download (manifest-*, collection or CRLM-CT-NNNN)."
         ),
     ],
-    out: Annotated[Path, out_opt("Output folder for manifest.csv and the import report.")],
+    out: Annotated[
+        Path, out_opt("Output folder for manifest.csv and the import report.", typed_required=True)
+    ],
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Import TCIA Colorectal-Liver-Metastases (tumour segments -> metastasis; CT and SEG used in place)."""

@@ -172,6 +172,8 @@ class Config:
 
 
 PRESETS_DIR = Path(__file__).parent / "presets"
+#: ``--preset default``: the built-in defaults, the same as giving no preset.
+DEFAULT_PRESET = "default"
 
 
 def available_presets() -> list[str]:
@@ -376,11 +378,14 @@ def load_config(
         base: Start from this config instead of the defaults (e.g. a run's own, to resume it).
     """
     cfg = Config() if base is None else config_from_dict(base.to_dict())
+    if preset == DEFAULT_PRESET:  # the built-in defaults by name, as the README calls them
+        preset = None
     if preset:
         p = PRESETS_DIR / f"{preset}.yaml"
         if not p.exists():
             raise UserError(
-                f"--preset {preset!r} is unknown; choose one of: {', '.join(available_presets())}"
+                f"--preset {preset!r} is unknown; choose one of: {', '.join(available_presets())}, "
+                f"or {DEFAULT_PRESET} (the built-in defaults, as with no --preset)"
             )
         _apply(cfg, yaml.safe_load(p.read_text()) or {}, "")
         cfg.preset = preset
