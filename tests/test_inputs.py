@@ -890,7 +890,45 @@ def test_resume_keeps_the_runs_own_settings_and_may_change_only_how_it_runs(tmp_
     check_resume(run, load_config(preset="quick", overrides=["eval.n_bootstrap=50"]), "cv")
     with pytest.raises(UserError, match=r"train.batch_size 32 -> 8"):
         check_resume(run, load_config(preset="quick", overrides=["train.batch_size=8"]), "cv")
-    check_resume(tmp_path / "new", load_config(), "cv")  # nothing to resume: nothing to match
+    with pytest.raises(UserError, match=r"new: nothing to resume \(no run folder there\); drop --resume"):
+        check_resume(tmp_path / "new", load_config(), "cv")  # a mistyped folder is not a new run
+
+
+@pytest.mark.parametrize("kind", ["cv", "train"])
+@pytest.mark.parametrize("made", [False, True])
+def test_resume_where_there_is_no_run_is_refused_before_any_work(tmp_path, capsys, kind, made):
+    # a missing (mistyped) or empty folder silently started a new run, exit 0: the user believed they resumed
+    m = one_lesion_patients(tmp_path, 6)
+    run = tmp_path / "run"
+    if made:
+        run.mkdir()
+    before = set(tmp_path.iterdir())
+    args = [kind, m, "-o", run, "--resume", "--preset", "quick", "--weights", "none", "--threads", "1"]
+    extra = ["--folds", "2"] if kind == "cv" else ["--set", "train.val_fraction=0.5"]
+    err = cli_fails(capsys, [*args, *extra], f"{run}: nothing to resume (no run folder there)")
+    assert "drop --resume to start a new run, or give the run folder to continue" in err
+    assert set(tmp_path.iterdir()) == before and empty_or_missing(run)  # no patch cache, no config.yaml
+
+
+def test_demo_resumes_its_own_run_and_starts_anew_in_an_empty_one(tmp_path, monkeypatch):
+    from liverlesion import demo, synth
+
+    resumed = []
+
+    def stop(manifest, run, cfg, resume, **kw):
+        resumed.append(resume)
+        raise UserError("stop")
+
+    monkeypatch.setattr(synth, "generate_cohort", lambda *a, **kw: None)
+    monkeypatch.setattr(demo, "run_cv", stop)
+    out = tmp_path / "demo"
+    (out / "cv").mkdir(parents=True)  # an empty cv/: nothing to resume, no refusal
+    with pytest.raises(UserError, match="stop"):
+        demo.run_demo(out)
+    _run_folder(tmp_path / "other" / "cv")
+    with pytest.raises(UserError, match="stop"):
+        demo.run_demo(tmp_path / "other")  # its own run folder: resumed
+    assert resumed == [False, True]
 
 
 @pytest.mark.parametrize("made_by,resumed_as", [("cv", "train"), ("train", "cv")])

@@ -21,7 +21,7 @@ from liverlesion.config import load_config
 from liverlesion.cv import run_cv
 from liverlesion.errors import UserError
 from liverlesion.fileio import check_output_dir
-from liverlesion.run_checks import check_resume, check_run_settings
+from liverlesion.run_checks import check_resume, check_run_settings, nothing_to_resume
 
 DEMO_PATIENTS, DEMO_LESIONS = 63, 230  # the paper's biobank size
 
@@ -67,11 +67,11 @@ def run_demo(
         )
     if out.exists() and overwrite:
         shutil.rmtree(out)
-    elif (
-        out / "cv"
-    ).exists():  # a re-run resumes: its finished folds were trained with the first run's settings
+    run = out / "cv"
+    resume = not nothing_to_resume(run)  # a re-run resumes (an empty cv/ starts anew)
+    if resume:  # its finished folds were trained with the first run's settings
         check_resume(
-            out / "cv",
+            run,
             cfg,
             fix="pass --overwrite to run the demo again with these settings, or run it without them",
         )
@@ -84,8 +84,6 @@ def run_demo(
         print(f"Step 1/3: generating the synthetic cohort ({DEMO_PATIENTS} patients, {DEMO_LESIONS} lesions)")
         generate_cohort(cohort, patients=DEMO_PATIENTS, lesions=DEMO_LESIONS, seed=0)
 
-    run = out / "cv"
-    resume = run.exists()
     print(
         f"Step 2/3: {cfg.cv.folds}-fold patient-level cross-validation ({cfg.model.backbone}, "
         f"{cfg.patch.size_px} px){' - resuming' if resume else ''}"

@@ -92,6 +92,12 @@ def check_run_settings(cfg: Config, n_patients: int, classes: list[str] | None =
     return resolve_init(cfg)
 
 
+def nothing_to_resume(out: str | Path) -> bool:
+    """Whether ``out`` holds no run to continue: no such path, or an empty folder."""
+    out = Path(out)
+    return not out.exists() or (out.is_dir() and not any(out.iterdir()))
+
+
 def check_resume(
     out: str | Path,
     cfg: Config,
@@ -99,13 +105,19 @@ def check_resume(
     fix: str = "resume without --config, --preset or --set to keep them, or give a new run folder",
     patients: set[str] | None = None,
 ) -> None:
-    """Refuse to resume a run of another kind (``cv`` / ``train``), of other patients than the manifest's
-    (``patients``, against its ``splits.json``), or with settings other than those its finished folds
-    were trained with.
+    """Refuse to resume where there is no run (no folder, or an empty one: a mistyped folder would
+    silently start a new run), a run of another kind (``cv`` / ``train``), of other patients than the
+    manifest's (``patients``, against its ``splits.json``), or with settings other than those its
+    finished folds were trained with.
 
     Only what changes how, not what, a run computes may differ (``config.RESUMABLE_SETTINGS``: the
-    device, threads, workers and evaluation settings); a new or empty run folder has nothing to match.
+    device, threads, workers and evaluation settings).
     """
+    if nothing_to_resume(out):
+        raise UserError(
+            f"{out}: nothing to resume (no run folder there); drop --resume to start a new run, or give the "
+            "run folder to continue"
+        )
     runs.check_run_slots(out)
     made_by = runs.read_run_info(out).get("kind")
     if made_by in ("cv", "train") and made_by != kind:
