@@ -102,6 +102,17 @@ def test_torchscript_matches_pytorch(resnet, tmp_path) -> None:
     meta = json.loads(extra["liverlesion.json"])
     assert meta["class_names"] == CLASSES and meta["disclaimer"] == DISCLAIMER
     assert (tmp_path / "model.ts.pt.json").is_file()
+    # the export given back where a checkpoint goes: named for what it is, not "corrupt, copy it again"
+    from liverlesion.predict import Classifier
+
+    with pytest.raises(UserError) as e:
+        Classifier.load(out)
+    msg = str(e.value)
+    assert (
+        "a TorchScript export (`liverlesion export --format torchscript`" in msg
+        and "copy it again" not in msg
+    )
+    assert "not the model.pt written by train or cv" in msg and "\n" not in msg
 
 
 def test_inception_with_tf_pooling_onnx(tmp_path) -> None:

@@ -117,6 +117,9 @@ def _other_kind(path: Path) -> str | None:
         return "a text file (e.g. a CSV, YAML or JSON file)"
     try:
         with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+            if any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names):
+                return "a TorchScript export (`liverlesion export --format torchscript`; load it with torch.jit.load)"
             if not is_torch_archive(z):
                 return "a zip archive without torch.save's contents (e.g. a zipped DICOM series)"
     except (zipfile.BadZipFile, OSError, ValueError):
