@@ -902,3 +902,134 @@ def test_gantry_tilted_series_is_refused_as_sheared(tmp_path, tiny_ct, tilt_deg)
         read_volume(tmp_path / "s")
     msg = one_line(exc)
     assert "sheared (gantry tilt of about 12.0 degrees" in msg and "dcm2niix" in msg
+
+
+# --------------------------------------------------------------------------- header-only grid (read_grid)
+
+
+def _refusal(fn, *args, **kwargs) -> str:
+    with pytest.raises(UserError) as exc:
+        fn(*args, **kwargs)
+    return str(exc.value)
+
+
+def assert_same_grid(grid, vol: Volume) -> None:
+    assert grid.shape == vol.shape
+    np.testing.assert_allclose(grid.spacing, vol.spacing, atol=1e-9)
+    np.testing.assert_allclose(grid.origin, vol.origin, atol=1e-6)
+    np.testing.assert_allclose(grid.direction, vol.direction, atol=1e-12)
+
+
+@pytest.mark.parametrize("oblique", [0.0, 0.05])
+def test_header_grid_is_the_loaded_volumes_grid_in_every_orientation(oblique):
+    import itertools
+
+    from liverlesion.io.common import header_grid, sitk_to_volume
+
+    turn = np.array(
+        [[np.cos(oblique), -np.sin(oblique), 0], [np.sin(oblique), np.cos(oblique), 0], [0, 0, 1]]
+    )
+    for perm in itertools.permutations(range(3)):
+        for signs in itertools.product((1, -1), repeat=3):
+            direction = np.zeros((3, 3))
+            for j, (i, sign) in enumerate(zip(perm, signs, strict=True)):
+                direction[i, j] = sign
+            direction = turn @ direction
+            size, spacing, origin = (3, 4, 5), (0.7, 0.9, 2.5), (12.5, -40.0, 7.25)
+            img = sitk.Image(list(size), sitk.sitkInt16)
+            img.SetSpacing(spacing)
+            img.SetOrigin(origin)
+            img.SetDirection(tuple(direction.ravel()))
+            assert_same_grid(header_grid(size, spacing, origin, direction), sitk_to_volume(img, {}))
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd", ".mha"])
+def test_read_grid_of_a_file_is_the_full_reads_grid(tmp_path, tiny_ct, suffix):
+    from liverlesion.io import read_grid
+
+    image, _ = tiny_ct
+    flipped = Volume(image.array, image.spacing, (3.0, -7.5, 40.0), np.diag([-1.0, 1.0, -1.0]))
+    path = write_volume(flipped, tmp_path / f"ct{suffix}")
+    assert_same_grid(read_grid(path), read_volume(path))
+
+
+def test_read_grid_of_dicom_series_is_the_full_reads_grid(tmp_path, tiny_ct):
+    from liverlesion.io import read_grid
+
+    image, _ = tiny_ct
+    sagittal = np.column_stack([(0.0, 1.0, 0.0), (0.0, 0.0, -1.0), (-1.0, 0.0, 0.0)])
+    for name, source in [
+        ("axial", image),
+        ("sag", Volume(image.array, image.spacing, (50.0, -20.0, 80.0), sagittal)),
+    ]:
+        write_dicom_series(source, tmp_path / name)
+        assert_same_grid(read_grid(tmp_path / name), read_volume(tmp_path / name))
+    with zipfile.ZipFile(tmp_path / "s.zip", "w") as zf:
+        for f in (tmp_path / "axial").iterdir():
+            zf.write(f, f.name)
+    assert (
+        read_grid(tmp_path / "s.zip") is None
+    )  # the headers are inside compressed entries: left to the full read
+
+
+def test_read_grid_refuses_what_the_full_read_refuses_with_its_message(tmp_path, tiny_ct, monkeypatch):
+    """2-D, 4-D, truncated, sheared, not an image, a cut-short zip, a truncated DICOM slice: the same one
+    line, and no voxel decoded."""
+    import liverlesion.io.itk as itk_module
+    from liverlesion.io import read_grid
+
+    image, _ = tiny_ct
+    sitk.WriteImage(sitk.Image(16, 16, sitk.sitkInt16), str(tmp_path / "slice.nii.gz"))
+    sitk.WriteImage(sitk.Image([8, 8, 4, 3], sitk.sitkInt16), str(tmp_path / "phases.nii.gz"))
+    sitk.WriteImage(sitk.Image([8, 8, 4], sitk.sitkVectorInt16, 3), str(tmp_path / "rgb.nrrd"))
+    for suffix in (".nii", ".mha"):
+        data = write_volume(image, tmp_path / f"whole{suffix}").read_bytes()
+        (tmp_path / f"cut{suffix}").write_bytes(data[:-500])
+    affine = np.diag([1.0, 1.0, 2.5, 1.0])
+    affine[0, 1] = 0.5
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 4), np.int16), affine), tmp_path / "sheared.nii.gz")
+    (tmp_path / "junk.nii.gz").write_bytes(b"not an image at all" * 20)
+    paths = write_dicom_series(image, tmp_path / "s", shuffle_names=False)
+    paths[5].write_bytes(paths[5].read_bytes()[:-1000])
+    with zipfile.ZipFile(tmp_path / "whole.zip", "w") as zf:
+        zf.writestr("a.dcm", b"x" * 1000)
+    (tmp_path / "cut.zip").write_bytes((tmp_path / "whole.zip").read_bytes()[:-40])
+    names = [
+        "slice.nii.gz", "phases.nii.gz", "rgb.nrrd", "cut.nii", "cut.mha", "sheared.nii.gz", "junk.nii.gz",
+        "s", "cut.zip", "missing.nii.gz",
+    ]  # fmt: skip
+    expected = {n: _refusal(read_volume, tmp_path / n, name="manifest row 3 image") for n in names}
+    monkeypatch.setattr(sitk, "ReadImage", lambda *a, **k: pytest.fail("read_grid decoded voxels"))
+    monkeypatch.setattr(itk_module, "_check_nifti_finite", lambda *a: pytest.fail("read_grid read voxels"))
+    for n in names:
+        assert _refusal(read_grid, tmp_path / n, name="manifest row 3 image") == expected[n], n
+
+
+def test_check_geometry_gives_one_message_for_grids_and_volumes(tmp_path, tiny_ct):
+    from liverlesion.io import read_grid
+
+    image, mask = tiny_ct
+    write_volume(image, tmp_path / "ct.nii.gz")
+    write_volume(Volume(mask.array[:, :-1], mask.spacing, (1.0, 2.0, 3.0)), tmp_path / "m.nii.gz")
+    args = dict(image_name="manifest row 2 image", mask_name="manifest row 2 mask")
+    on_headers = _refusal(
+        check_geometry,
+        read_grid(tmp_path / "ct.nii.gz"),
+        read_grid(tmp_path / "m.nii.gz", kind="mask"),
+        **args,
+    )
+    loaded = _refusal(
+        check_geometry,
+        read_volume(tmp_path / "ct.nii.gz"),
+        read_volume(tmp_path / "m.nii.gz", kind="mask"),
+        **args,
+    )
+    assert on_headers == loaded and "shape, origin" in loaded
+
+
+@pytest.mark.realdata
+def test_ircadb_patient1_grid_from_headers(ircad_patient1):
+    from liverlesion.io import read_grid
+
+    folder = ircad_patient1 / "PATIENT_DICOM"
+    assert_same_grid(read_grid(folder), read_volume(folder))

@@ -370,6 +370,32 @@ def test_geometry_mismatch_names_manifest_row(tmp_path: Path, study: Path):
     assert len(lesion_table(study, tolerance=10.0, progress=False)) == 4
 
 
+def test_headers_are_checked_before_any_image_is_read(tmp_path: Path, study: Path, monkeypatch):
+    """A click row (no mask) on a 4-D image, last in the manifest: refused with the full read's message
+    before the first image is read; each image and mask header is read once, and no mask for a click."""
+    import SimpleITK as sitk
+
+    import liverlesion.manifest_lesions as lio
+    from liverlesion.io import read_volume
+
+    sitk.WriteImage(sitk.Image([8, 8, 4, 3], sitk.sitkInt16), str(tmp_path / "data/c.nii.gz"))
+    study.write_text(study.read_text() + "C,data/c.nii.gz,,,cyst,1,2,3,6\n")
+    with pytest.raises(UserError) as full:
+        read_volume(tmp_path / "data/c.nii.gz", name="manifest row 4 image")
+    reads: list[str] = []
+    headers: list[str] = []
+    real_grid = lio.read_grid
+    monkeypatch.setattr(lio, "read_volume", lambda path, *a, **k: reads.append(path))
+    monkeypatch.setattr(
+        lio, "read_grid", lambda path, *a, **k: headers.append(Path(path).name) or real_grid(path, *a, **k)
+    )
+    with pytest.raises(UserError) as early:
+        iter_manifest_lesions(study, progress=False)  # refused when called, not when first iterated
+    assert str(early.value) == str(full.value) and "4-D image" in str(early.value)
+    assert reads == []
+    assert headers == ["a.nii.gz", "a_mask.nii.gz", "b.nii.gz", "b_mask.nii.gz", "c.nii.gz"]
+
+
 def test_label_absent_names_manifest_row(tmp_path: Path, study: Path):
     text = study.read_text().replace("data/b_mask.nii.gz,2,", "data/b_mask.nii.gz,7,")
     study.write_text(text)

@@ -624,6 +624,59 @@ def test_any_patient_id_gives_short_distinct_file_names_inside_the_cache(tmp_pat
     assert not (tmp_path / "a").exists()
 
 
+@pytest.mark.skipif(_LESIONS_ERROR is not None, reason=_LESIONS_ERROR or "")
+@pytest.mark.parametrize("damage", ["mask on another grid", "truncated image"])
+def test_a_bad_last_row_is_refused_before_the_first_rows_patches_are_cut(tmp_path, monkeypatch, damage):
+    """Validate before doing any work: every header is looked at first, with the full read's message."""
+    import SimpleITK as sitk
+
+    import liverlesion.manifest_lesions as ML
+
+    man = _write_nifti_cohort(tmp_path / "data")
+    data = tmp_path / "data"
+    if damage == "mask on another grid":
+        mask = sitk.ReadImage(str(data / "002_mask.nii.gz"))
+        mask.SetOrigin(tuple(o + 2.0 for o in mask.GetOrigin()))
+        sitk.WriteImage(mask, str(data / "002_mask.nii.gz"))
+        says = (
+            "manifest row 2 mask '002_mask.nii.gz' does not match manifest row 2 image '002.nii.gz' "
+            "in origin (differs by 2 mm)"
+        )
+    else:  # an uncompressed NIfTI cut short: ITK alone would fill the missing voxels with zeros
+        whole = sitk.ReadImage(str(data / "002.nii.gz"))
+        sitk.WriteImage(whole, str(data / "002.nii"))
+        (data / "002.nii").write_bytes((data / "002.nii").read_bytes()[:-3000])
+        man.write_text(man.read_text().replace("002.nii.gz", "002.nii"))
+        says = "manifest row 2 image: "
+    cuts: list[str] = []
+    real_extract = PC.extract_patch
+
+    def counting_extract(volume, mask, cfg):
+        cuts.append("cut")
+        return real_extract(volume, mask, cfg)
+
+    monkeypatch.setattr(PC, "extract_patch", counting_extract)
+    # today's full check, met after row 1 was read and cut (the header check switched off)
+    with monkeypatch.context() as m:
+        m.setattr(ML, "check_manifest_headers", lambda *a, **k: None)
+        with pytest.raises(UserError) as full:
+            PC.build_patches(man, tmp_path / "full", cfg_())
+    assert cuts == ["cut", "cut"]  # row 1's two lesions
+    cuts.clear()
+
+    reads: list[str] = []
+    real_read = ML.read_volume
+    monkeypatch.setattr(
+        ML, "read_volume", lambda path, *a, **k: reads.append(path) or real_read(path, *a, **k)
+    )
+    with pytest.raises(UserError) as early:
+        PC.build_patches(man, tmp_path / "patches", cfg_())
+    assert str(early.value) == str(full.value)  # the same one line, naming row, file, what differs, the fix
+    assert says in str(early.value) and "\n" not in str(early.value)
+    assert reads == [] and cuts == []  # no image or mask read, no patch cut
+    assert not (tmp_path / "patches").exists()
+
+
 def test_safe_name_is_short_and_tells_long_ids_apart():
     from liverlesion.fileio import MAX_STEM, safe_name
 

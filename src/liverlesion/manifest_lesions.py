@@ -1,5 +1,5 @@
-"""The lesions of a manifest: read each image once, its masks / SEGs / clicks, and number the
-lesions per patient; :func:`lesion_table` is the table of them (columns ``LESION_COLUMNS``).
+"""The lesions of a manifest: check every image's and mask's header first, then read each image once,
+its masks / SEGs / clicks, and number the lesions per patient; :func:`lesion_table` is the table of them (columns ``LESION_COLUMNS``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from liverlesion.case_input import check_ct_volume
 from liverlesion.click import lesion_from_click
 from liverlesion.dicom_seg import seg_lesions
 from liverlesion.errors import UserError
-from liverlesion.io import check_geometry, check_tolerance, read_volume
+from liverlesion.io import check_geometry, check_tolerance, read_grid, read_volume
 from liverlesion.lesions import (
     LESION_COLUMNS,
     LesionWithMask,
@@ -26,7 +26,7 @@ from liverlesion.lesions import (
 from liverlesion.manifest import read_manifest
 from liverlesion.progress import progress_disabled
 from liverlesion.seg_select import is_seg
-from liverlesion.volume import Volume
+from liverlesion.volume import Grid, Volume
 
 
 def _text(value) -> str:
@@ -48,11 +48,15 @@ def iter_manifest_lesions(
     series: str | None = None,
     progress: bool = True,
     min_voxels: int = 1,
+    check_progress: bool | None = None,
 ) -> Iterator[tuple[Volume, list[LesionWithMask]]]:
-    """Read each image of a manifest once and yield it with its lesions.
+    """Check every image's and mask's header, then read each image of a manifest once and yield it with its lesions.
 
-    Rows are grouped by image (and series); each image and each mask file is read
-    once; masks are checked against the image (``io.check_geometry``). Images come
+    The header check (:func:`check_manifest_headers`) runs when this is called, before any voxel
+    is read: a mask on another grid than its image, an unreadable or truncated header, a 2-D or
+    4-D image in the last row is refused with the message the full read would give, before the
+    first image is read. Then rows are grouped by image (and series); each image and each mask
+    file is read once; masks are checked against the image (``io.check_geometry``). Images come
     in order of first appearance in the manifest. Lesion IDs are
     ``{patient_id}-L{nn}``, numbered per patient in that processing order (rows in
     manifest order within an image), which equals manifest order whenever a
@@ -64,16 +68,81 @@ def iter_manifest_lesions(
         series: SeriesInstanceUID for rows whose ``series`` is empty.
         progress: Show a progress bar over images (stderr).
         min_voxels: Mask components with fewer voxels are dropped.
+        check_progress: Show the header check's progress bar (default: as ``progress``).
 
-    Yields:
-        ``(image, [(Lesion, LesionMask), ...])``, one image at a time.
+    Returns:
+        An iterator of ``(image, [(Lesion, LesionMask), ...])``, one image at a time.
     """
     check_tolerance(tolerance)  # before reading any image
-    df = _as_manifest(manifest)
+    groups = _image_groups(_as_manifest(manifest), series)
+    check_manifest_headers(groups, tolerance, progress=progress if check_progress is None else check_progress)
+    return _iter_images(groups, tolerance, progress, min_voxels)
+
+
+def _image_groups(df: pd.DataFrame, series: str | None) -> dict[tuple[str, str], list]:
+    """The manifest rows by (image path, series), in order of first appearance."""
     groups: dict[tuple[str, str], list] = {}
     for rec in df.itertuples(index=False):
         key = (_text(rec.image_path), _text(getattr(rec, "series", "")) or (series or ""))
         groups.setdefault(key, []).append(rec)
+    return groups
+
+
+def check_manifest_headers(
+    groups: dict[tuple[str, str], list], tolerance: float, progress: bool = True
+) -> None:
+    """Look at every image and mask of a manifest through its header alone, before any voxel is read.
+
+    For each image (``io.read_grid``: readable header, one 3-D volume, a complete DICOM series, an
+    uncompressed file as long as its header says) and each label-mask file, whose grid must match its
+    image's (``io.check_geometry``, the full read's comparison); a DICOM SEG and a click row have no
+    mask grid, so only their image is looked at. The names in the messages are the full read's
+    (``manifest row N image`` / ``mask``), so a problem reads the same whichever finds it; what the
+    headers cannot show (voxel values, a truncated ``.nii.gz``, a zip's or a SEG's contents) is left
+    to the full read.
+
+    Args:
+        groups: The manifest rows by image (:func:`_image_groups`).
+        tolerance: Geometry tolerance in mm between image and mask.
+        progress: Show a progress bar over images (stderr).
+    """
+    masks: dict[str, Grid | None] = {}  # a mask file's header is read once
+    with tqdm(
+        groups.items(),
+        desc="checking headers",
+        unit="image",
+        leave=False,
+        disable=not progress or progress_disabled(),
+        file=sys.stderr,
+    ) as bar:
+        for (image_path, image_series), recs in bar:
+            name = f"manifest row {recs[0].row} image"
+            image = read_grid(image_path, series=image_series or None, kind="image", name=name)
+            checked: set[str] = set()  # as the full read: each mask once per image, at its first row
+            for rec in recs:
+                mask_path = _text(rec.mask_path)
+                if not mask_path or mask_path in checked or is_seg(mask_path):
+                    continue
+                checked.add(mask_path)
+                if mask_path not in masks:
+                    masks[mask_path] = read_grid(mask_path, kind="mask", name=f"manifest row {rec.row} mask")
+                mask = masks[mask_path]
+                if image is not None and mask is not None:
+                    check_geometry(image, mask, tolerance=tolerance, **_geometry_names(rec))
+
+
+def _geometry_names(rec) -> dict[str, str]:
+    """How ``check_geometry`` names a row's image and mask, in the header check and the full read alike."""
+    return {
+        "image_name": f"manifest row {rec.row} image {str(rec.image)!r}",
+        "mask_name": f"manifest row {rec.row} mask {str(rec.mask)!r}",
+    }
+
+
+def _iter_images(
+    groups: dict[tuple[str, str], list], tolerance: float, progress: bool, min_voxels: int
+) -> Iterator[tuple[Volume, list[LesionWithMask]]]:
+    """Read each image of ``groups`` and yield it with its lesions (see :func:`iter_manifest_lesions`)."""
     counters: dict[str, int] = {}
     seen: set[str] = set()  # lesion ids so far: a label mask's ids are its labels and may collide
     # `with` closes the bar when an error propagates, so the message starts on its own line.
@@ -125,13 +194,7 @@ def _image_lesions(
             mask = masks.get(mask_path)
             if mask is None:
                 mask = read_volume(mask_path, kind="mask", name=f"manifest row {rec.row} mask")
-                check_geometry(
-                    image,
-                    mask,
-                    tolerance=tolerance,
-                    image_name=f"manifest row {rec.row} image",
-                    mask_name=f"manifest row {rec.row} mask",
-                )
+                check_geometry(image, mask, tolerance=tolerance, **_geometry_names(rec))
                 masks[mask_path] = mask
             label = None if pd.isna(rec.label) else int(rec.label)
             items = lesions_from_mask(

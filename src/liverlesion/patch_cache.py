@@ -129,9 +129,10 @@ def patch_cache_key(
 def _iter_lesions(
     manifest: pd.DataFrame, tolerance: float, series: str | None
 ) -> Iterator[tuple[Volume, list]]:
-    """The lesion reader."""
-    # our own bar (per image) replaces the reader's, so the user sees one
-    yield from iter_manifest_lesions(manifest, tolerance, series, progress=False)
+    """The lesion reader; every image's and mask's header is checked when it is called, before any
+    voxel is read (see :func:`liverlesion.manifest_lesions.iter_manifest_lesions`)."""
+    # our own bar (per image) replaces the reader's, so the user sees one (and the header check's)
+    return iter_manifest_lesions(manifest, tolerance, series, progress=False, check_progress=True)
 
 
 def _is_complete(folder: Path) -> bool:
@@ -214,9 +215,10 @@ def _cut_patches(
 
     rows: list[dict[str, Any]] = []
     used: set[str] = set()
+    lesions = _iter_lesions(table, tolerance, series)  # checks every header: before any folder is made
     with atomic_dir(dest, overwrite=True) as tmp:
         bar = tqdm(
-            _iter_lesions(table, tolerance, series),
+            lesions,
             total=n_images or None,
             desc="patches",
             unit="image",

@@ -92,6 +92,33 @@ def _num(v: float) -> str:
     return f"{float(v):.3f}".rstrip("0").rstrip(".")
 
 
+@dataclass(frozen=True, eq=False)
+class Grid:
+    """A voxel grid without its voxels: what an image's header says, in :class:`Volume`'s conventions.
+
+    The header-only readers (``liverlesion.io.read_grid``) return it, with the canonical
+    orientation the full read would give, so that ``io.check_geometry`` compares it with another
+    grid (or a :class:`Volume`) exactly as it compares loaded volumes.
+
+    Attributes:
+        shape: Array shape ``(z, y, x)`` the full read would give.
+        spacing: Voxel size in mm, ``(z, y, x)``.
+        origin: LPS position in mm ``(x, y, z)`` of voxel ``[0, 0, 0]``.
+        direction: 3x3 direction cosines (columns = x, y, z index axes in LPS).
+    """
+
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: np.ndarray
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(int(n) for n in self.shape))
+        object.__setattr__(self, "spacing", tuple(float(s) for s in self.spacing))
+        object.__setattr__(self, "origin", tuple(float(o) for o in self.origin))
+        object.__setattr__(self, "direction", np.asarray(self.direction, dtype=float).reshape(3, 3))
+
+
 @dataclass(repr=False)
 class Volume:
     """A 3-D image with geometry.

@@ -14,7 +14,8 @@ print, log or serialise it. ``Volume.meta`` holds only non-identifying facts.
 
 The package's modules, one job each:
 
-* :mod:`~liverlesion.io.reader`: :func:`read_volume`, dispatching on the path;
+* :mod:`~liverlesion.io.reader`: :func:`read_volume`, dispatching on the path, and :func:`read_grid`,
+  the same dispatch and checks from the headers alone (a manifest's pre-pass);
 * :mod:`~liverlesion.io.dicom`: DICOM series reading, :func:`list_series`, the DicomReference;
 * :mod:`~liverlesion.io.scan`: the DICOM header scan and series selection;
 * :mod:`~liverlesion.io.archive`: zip archives (unsafe entries, extraction);
@@ -28,10 +29,11 @@ from liverlesion.io.common import MAX_VOXELS, SITK_SUFFIXES, WRITE_SUFFIXES, fil
 from liverlesion.io.dicom import list_series
 from liverlesion.io.geometry import check_geometry, check_tolerance
 from liverlesion.io.itk import write_volume
-from liverlesion.io.reader import read_volume
+from liverlesion.io.reader import read_grid, read_volume
 
 __all__ = [
     "read_volume",
+    "read_grid",
     "list_series",
     "check_geometry",
     "check_tolerance",

@@ -93,6 +93,58 @@ def cut_short(path: Path, exc: BaseException) -> str:
     return ""
 
 
+def check_zip(path: Path, label: str) -> None:
+    """The checks :class:`extracted_zip` makes before it extracts, from the zip's index alone (no entry
+    is decompressed), with the same messages: for a header-only look at the inputs before any is read."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            _checked_members(zf, path, label, tempfile.gettempdir())
+    except ZIP_READ_ERRORS as exc:
+        raise _unreadable(path, label, exc) from exc
+
+
+def _unreadable(path: Path, label: str, exc: BaseException) -> UserError:
+    return UserError(
+        f"{label}: {path} is not a readable zip file ({exc}{cut_short(path, exc)}); "
+        f"re-create it or copy it again, or pass the unzipped folder"
+    )
+
+
+def _checked_members(zf: zipfile.ZipFile, path: Path, label: str, dest: str) -> list[zipfile.ZipInfo]:
+    """The entries to extract into ``dest``, after refusing unsafe names, checkpoints, encrypted entries,
+    and totals beyond ``MAX_UNPACKED_BYTES`` or the free space in ``dest``."""
+    import shutil
+
+    members = check_zip_members(zf, label, path)
+    if is_torch_archive(zf):
+        raise UserError(
+            f"{label}: {path} is a PyTorch file (e.g. a model.pt checkpoint), not a CT "
+            f"image or a zipped DICOM series; check which file went to which option (a checkpoint "
+            f"is given with --model)"
+        )
+    locked = encrypted_members(members)
+    if locked:
+        raise UserError(
+            f"{label}: {path} is password-protected ({len(locked)} encrypted entries, e.g. "
+            f"{locked[0].filename!r}); unzip it with its password and pass the folder"
+        )
+    total = sum(i.file_size for i in members)
+    if total > MAX_UNPACKED_BYTES:
+        raise UserError(
+            f"{label}: {path} would unpack to {total / 2**30:.3g} GiB, more than any one CT "
+            f"series ({MAX_UNPACKED_BYTES / 2**30:.0f} GiB at most; a damaged archive or not one series); "
+            f"unzip it yourself and pass the folder of the one CT series"
+        )
+    free = shutil.disk_usage(dest).free
+    if total > free:
+        raise UserError(
+            f"{label}: {path} unpacks to {total / 1e9:.1f} GB but the temporary folder "
+            f"{tempfile.gettempdir()} has {free / 1e9:.1f} GB free; set TMPDIR to a larger disk or "
+            f"pass the unzipped folder"
+        )
+    return members
+
+
 class extracted_zip:
     """Context manager: extract a zip to a private temporary folder, removed afterwards.
 
@@ -106,46 +158,14 @@ class extracted_zip:
         self._tmp: str | None = None
 
     def __enter__(self) -> Path:
-        import shutil
-
         self._tmp = tempfile.mkdtemp(prefix="liverlesion-zip-")  # mode 0700
         try:
             with zipfile.ZipFile(self.path) as zf:
-                members = check_zip_members(zf, self.label, self.path)
-                if is_torch_archive(zf):
-                    raise UserError(
-                        f"{self.label}: {self.path} is a PyTorch file (e.g. a model.pt checkpoint), not a CT "
-                        f"image or a zipped DICOM series; check which file went to which option (a checkpoint "
-                        f"is given with --model)"
-                    )
-                locked = encrypted_members(members)
-                if locked:
-                    raise UserError(
-                        f"{self.label}: {self.path} is password-protected ({len(locked)} encrypted entries, e.g. "
-                        f"{locked[0].filename!r}); unzip it with its password and pass the folder"
-                    )
-                total = sum(i.file_size for i in members)
-                if total > MAX_UNPACKED_BYTES:
-                    raise UserError(
-                        f"{self.label}: {self.path} would unpack to {total / 2**30:.3g} GiB, more than any one CT "
-                        f"series ({MAX_UNPACKED_BYTES / 2**30:.0f} GiB at most; a damaged archive or not one series); "
-                        f"unzip it yourself and pass the folder of the one CT series"
-                    )
-                free = shutil.disk_usage(self._tmp).free
-                if total > free:
-                    raise UserError(
-                        f"{self.label}: {self.path} unpacks to {total / 1e9:.1f} GB but the temporary folder "
-                        f"{tempfile.gettempdir()} has {free / 1e9:.1f} GB free; set TMPDIR to a larger disk or "
-                        f"pass the unzipped folder"
-                    )
-                for info in members:
+                for info in _checked_members(zf, self.path, self.label, self._tmp):
                     zf.extract(info, self._tmp)
         except ZIP_READ_ERRORS as exc:
             self._cleanup()
-            raise UserError(
-                f"{self.label}: {self.path} is not a readable zip file ({exc}{cut_short(self.path, exc)}); "
-                f"re-create it or copy it again, or pass the unzipped folder"
-            ) from exc
+            raise _unreadable(self.path, self.label, exc) from exc
         except BaseException:
             self._cleanup()
             raise

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from liverlesion.errors import UserError
-from liverlesion.volume import Volume
+from liverlesion.volume import Grid, Volume
 
 # Suffixes read directly by SimpleITK, with the format name stored in meta["format"].
 SITK_SUFFIXES = {
@@ -73,14 +73,46 @@ def format_values(values, nd: int = 3) -> str:
     return "(" + ", ".join(f"{float(v):.{nd}f}".rstrip("0").rstrip(".") for v in values) + ")"
 
 
+def needs_reorient(direction) -> bool:
+    """Whether reading reorients a volume with these direction cosines to canonical LPS (``DICOMOrient``).
+
+    DICOMOrient only permutes and flips axes, so it changes nothing when each index axis
+    already runs along +x, +y, +z (identity, or slightly oblique: with a diagonal above 0.9
+    the closest axis is unambiguous). Most axial CT is in this case.
+    """
+    return not bool(np.all(np.diag(np.asarray(direction, dtype=float).reshape(3, 3)) > 0.9))
+
+
 def sitk_to_volume(img, meta: dict[str, Any]) -> Volume:
     """Canonical LPS Volume; skips ``DICOMOrient`` (a full copy) when it would change nothing."""
-    direction = np.asarray(img.GetDirection(), dtype=float).reshape(3, 3)
-    # DICOMOrient only permutes and flips axes, so it changes nothing when each index axis
-    # already runs along +x, +y, +z (identity, or slightly oblique: with a diagonal above 0.9
-    # the closest axis is unambiguous). Most axial CT is in this case.
-    already_lps = bool(np.all(np.diag(direction) > 0.9))
-    return Volume.from_sitk(img, meta=meta, reorient=not already_lps)
+    return Volume.from_sitk(img, meta=meta, reorient=needs_reorient(img.GetDirection()))
+
+
+def header_grid(size_xyz, spacing_xyz, origin_xyz, direction) -> Grid:
+    """The grid :func:`sitk_to_volume` gives an image with this header, without its voxels.
+
+    The same reorientation: none where :func:`needs_reorient` says so, else the axis permutation and
+    flips that SimpleITK's ``DICOMOrient`` picks (asked of a 2x2x2 image with this direction), applied
+    to the size, spacing and origin (the physical position of the new first voxel).
+    """
+    size = np.asarray(size_xyz, dtype=int)
+    spacing = np.asarray(spacing_xyz, dtype=float)
+    origin = np.asarray(origin_xyz, dtype=float)
+    d = np.asarray(direction, dtype=float).reshape(3, 3)
+    if needs_reorient(d):
+        import SimpleITK as sitk
+
+        probe = sitk.Image([2, 2, 2], sitk.sitkUInt8)
+        probe.SetDirection(tuple(d.ravel()))
+        new_d = np.asarray(sitk.DICOMOrient(probe, "LPS").GetDirection(), dtype=float).reshape(3, 3)
+        signed = np.linalg.solve(d, new_d)  # d @ signed = new_d: a signed permutation of the axes
+        perm = np.argmax(np.abs(signed), axis=0)  # new index axis j is old axis perm[j] ...
+        flip = signed[perm, np.arange(3)] < 0  # ... running backwards where flip[j]
+        corner = np.zeros(3)  # the old index of the new first voxel
+        corner[perm[flip]] = size[perm[flip]] - 1
+        origin = origin + d @ (corner * spacing)
+        size, spacing, d = size[perm], spacing[perm], new_d
+    return Grid(tuple(size[::-1]), tuple(spacing[::-1]), tuple(origin), d)
 
 
 #: Largest volume read (voxels): 2**30 float32 voxels are 4 GiB, far above a thin-slice abdominal CT
@@ -101,20 +133,31 @@ def check_dimensions(img, label: str, path: Path):
     import SimpleITK as sitk
 
     size = list(img.GetSize())
-    if img.GetDimension() == 4 and size[3] == 1:
+    if check_size(size, label, path) != len(size):  # 4-D with one time point
         img = sitk.Extract(img, [*size[:3], 0], [0, 0, 0, 0])
+    return img
+
+
+def check_size(size, label: str, path: Path) -> int:
+    """Refuse an image size (x, y, z, ...: from a loaded image or a header) that is not one 3-D volume.
+
+    Returns:
+        The dimensions to keep: 3 (a 4-D size with one time point keeps its first three).
+    """
+    size = list(size)
+    if len(size) == 4 and size[3] == 1:
         size = size[:3]
-    if img.GetDimension() > 3:
+    if len(size) > 3:
         raise UserError(
-            f"{label}: {path} is a {img.GetDimension()}-D image of size {tuple(size)} (e.g. several phases or time points); "
+            f"{label}: {path} is a {len(size)}-D image of size {tuple(size)} (e.g. several phases or time points); "
             f"a single 3-D volume is needed: split it and pass one volume"
         )
-    if img.GetDimension() < 3 or min(size) < 2:
+    if len(size) < 3 or min(size) < 2:
         raise UserError(
             f"{label}: {path} is a 2-D image (a single slice, size {tuple(size)}); a 3-D volume is needed: "
             f"pass the whole series or volume"
         )
-    return img
+    return 3
 
 
 def convert_array(array: np.ndarray, kind: str, label: str, path: Path) -> np.ndarray:

@@ -26,6 +26,7 @@ from liverlesion.io.common import (
     file_suffix,
     first_line,
     format_values,
+    header_grid,
     native_stderr_to_log,
     sitk_to_volume,
 )
@@ -38,7 +39,7 @@ from liverlesion.io.scan import (
     scan_dicom,
     select_series,
 )
-from liverlesion.volume import DicomReference, Volume
+from liverlesion.volume import DicomReference, Grid, Volume
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,10 @@ def _rtstruct_mask(label: str, path: Path, folder: bool = False) -> str:
     )
 
 
-def read_dicom_file(path: Path, series: str | None, kind: str, label: str, slice_tolerance: float) -> Volume:
+def read_dicom_file(
+    path: Path, series: str | None, kind: str, label: str, slice_tolerance: float, header_only: bool = False
+) -> Volume | Grid | None:
+    """Read one (multi-frame) DICOM file; ``header_only``: its header checks only (see :func:`_read_series`)."""
     ds = read_header(path)
     if ds is None:
         raise UserError(
@@ -124,17 +128,25 @@ def read_dicom_file(path: Path, series: str | None, kind: str, label: str, slice
         raise UserError(
             f"{label}: series {series!r} is not in {path}; it holds series {describe_series({s.uid: s})}"
         )
-    return _read_series(s, kind, label, path, slice_tolerance, fmt="dicom")
+    return _read_series(s, kind, label, path, slice_tolerance, fmt="dicom", header_only=header_only)
 
 
 def read_dicom_folder(
-    folder: Path, series: str | None, kind: str, label: str, slice_tolerance: float, source: Path, fmt: str
-) -> Volume:
+    folder: Path,
+    series: str | None,
+    kind: str,
+    label: str,
+    slice_tolerance: float,
+    source: Path,
+    fmt: str,
+    header_only: bool = False,
+) -> Volume | Grid | None:
+    """Read the series of a DICOM folder; ``header_only``: its grid from the headers (see :func:`_read_series`)."""
     found, skipped = scan_dicom(folder, label, with_skipped=True)
     if kind == "mask" and not found and skipped.get("non-image RTSTRUCT"):
         raise UserError(_rtstruct_mask(label, source, folder=True))
     chosen = select_series(found, series, label, source, skipped)
-    return _read_series(chosen, kind, label, source, slice_tolerance, fmt=fmt)
+    return _read_series(chosen, kind, label, source, slice_tolerance, fmt=fmt, header_only=header_only)
 
 
 def _check_modality(ds, kind: str, label: str, path: Path) -> None:
@@ -184,8 +196,20 @@ def _check_rescale(ds, label: str, f: Path) -> None:
 
 
 def _read_series(
-    s: DicomSeries, kind: str, label: str, path: Path, slice_tolerance: float, fmt: str
-) -> Volume:
+    s: DicomSeries,
+    kind: str,
+    label: str,
+    path: Path,
+    slice_tolerance: float,
+    fmt: str,
+    header_only: bool = False,
+) -> Volume | Grid | None:
+    """Check a series' headers and decode its pixels.
+
+    With ``header_only``, stop after the header checks (modality, pixel data lengths, rescale, slice
+    grid) and return the :class:`Grid` the full read would give; None for a multi-frame file, whose
+    per-frame geometry needs its full header.
+    """
     ds0 = s.first
     _check_modality(ds0, kind, label, path)
     for f, ds in s.files:
@@ -199,6 +223,8 @@ def _read_series(
                 f"{label}: series {s.uid} in {path} mixes {len(multi)} multi-frame file(s) with other files; "
                 f"pass a folder holding one multi-frame file or one classic slice series"
             )
+        if header_only:
+            return None
         # The per-frame geometry sequences were not parsed by the scan.
         full = read_header(s.files[0][0], full=True)
         return _read_multiframe(
@@ -207,6 +233,9 @@ def _read_series(
     rows, cols = int(ds0.get("Rows", 0) or 0), int(ds0.get("Columns", 0) or 0)
     check_voxel_count(rows * cols * len(s.files), (len(s.files), rows, cols), label, path)
     files, geometry = _sort_and_check_slices(s, label, path, slice_tolerance)
+    if header_only:
+        spacing_xy, positions, direction, gap = geometry
+        return header_grid((cols, rows, len(files)), (*spacing_xy, gap), positions[0], direction)
     img = _read_pixels([f for f, _ in files], kind, label, path)
     spacing_xy, positions, direction, gap = geometry
     # Our header-derived geometry is authoritative (ITK derives spacing from the first two slices only).

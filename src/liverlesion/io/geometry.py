@@ -8,21 +8,24 @@ import numpy as np
 
 from liverlesion.errors import UserError
 from liverlesion.io.common import format_values
-from liverlesion.volume import Volume
+from liverlesion.volume import Grid, Volume
 
 
 def check_geometry(
-    image: Volume,
-    mask: Volume,
+    image: Volume | Grid,
+    mask: Volume | Grid,
     tolerance: float = 1e-3,
     image_name: str = "image",
     mask_name: str = "mask",
 ) -> None:
     """Check that a mask lies on exactly the image's voxel grid.
 
+    The one comparison for loaded volumes and for the grids their headers give (``io.read_grid``):
+    the same rules and the same message either way.
+
     Args:
-        image: The CT volume.
-        mask: The mask volume.
+        image: The CT volume, or its header's :class:`~liverlesion.volume.Grid`.
+        mask: The mask volume, or its header's grid.
         tolerance: Largest allowed absolute difference in spacing/origin (mm) and direction cosines.
         image_name: How to call the image in the message (e.g. ``"--image"``).
         mask_name: How to call the mask in the message.
@@ -46,7 +49,7 @@ def check_geometry(
     if not problems:
         return
 
-    def describe(v: Volume) -> str:
+    def describe(v: Volume | Grid) -> str:
         text = f"shape {tuple(v.shape)} spacing {format_values(v.spacing, 4)} origin {format_values(v.origin, 3)}"
         if direction_diff > tolerance:
             text += f" direction {format_values(v.direction.ravel(), 3)}"

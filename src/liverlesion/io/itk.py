@@ -16,14 +16,16 @@ from liverlesion.fileio import atomic_path
 from liverlesion.io.common import (
     WRITE_SUFFIXES,
     check_dimensions,
+    check_size,
     check_voxel_count,
     convert_array,
     file_suffix,
     first_line,
     format_values,
+    header_grid,
     sitk_to_volume,
 )
-from liverlesion.volume import Volume
+from liverlesion.volume import Grid, Volume
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +53,21 @@ def write_volume(volume: Volume, path: str | os.PathLike) -> Path:
     return path
 
 
-def read_sitk_file(path: Path, kind: str, label: str, fmt: str) -> Volume:
+def read_sitk_file(
+    path: Path, kind: str, label: str, fmt: str, header_only: bool = False
+) -> Volume | Grid | None:
+    """Read a NIfTI / NRRD / MetaImage file; with ``header_only``, its :class:`Grid` from the header alone.
+
+    The header-only read makes every check of the full read that needs no voxel data (the header,
+    the file size the header promises, 3-D, one value per voxel), with the same messages; a
+    ``.nii.gz`` is not decompressed, so a truncated one is found by the full read only. It returns
+    None for a 4-D file with one time point, whose 3-D direction ITK guesses on extraction.
+    """
     import SimpleITK as sitk
 
     if fmt == "nifti":
-        _check_nifti_complete(path, label)  # before ITK, which zero-fills truncated data silently
+        # before ITK, which zero-fills truncated data silently
+        _check_nifti_complete(path, label, read_data=not header_only)
         _check_nifti_voxel_size(path, label)  # before ITK, which "repairs" it with a warning
         _check_nifti_orientation(path, label)  # before ITK, whose SVD prints a matrix dump on NaN
     elif path.name.lower().endswith((".mha", ".mhd")):
@@ -63,7 +75,12 @@ def read_sitk_file(path: Path, kind: str, label: str, fmt: str) -> Volume:
     elif fmt == "nrrd":
         _check_nrrd_complete(path, label)  # before ITK, whose error names neither file
     try:
-        img = sitk.ReadImage(str(path))
+        if header_only:
+            img = sitk.ImageFileReader()
+            img.SetFileName(str(path))
+            img.ReadImageInformation()
+        else:
+            img = sitk.ReadImage(str(path))
     except RuntimeError as exc:
         log.debug("%s: ITK could not read %s: %s", label, path, exc)
         if "orthonormal" in str(exc):  # a sheared or skewed affine (sform / qform): not a damaged file
@@ -76,14 +93,17 @@ def read_sitk_file(path: Path, kind: str, label: str, fmt: str) -> Volume:
             f"{label}: {path} could not be read as a {fmt} image (corrupt, truncated or not an image file); "
             f"re-export it or copy it again"
         ) from None
+    if header_only:
+        size = img.GetSize()
+        check_size(size, label, path)
+        _check_components(img.GetNumberOfComponents(), kind, label, path)
+        if len(size) != 3:
+            return None
+        return header_grid(size, img.GetSpacing(), img.GetOrigin(), img.GetDirection())
     if fmt == "nifti":
         _check_nifti_finite(path, label)
     img = check_dimensions(img, label, path)
-    if img.GetNumberOfComponentsPerPixel() != 1:
-        raise UserError(
-            f"{label}: {path} has {img.GetNumberOfComponentsPerPixel()} values per voxel (colour or vector image); "
-            f"a grey-level {'CT' if kind == 'image' else 'label'} volume is needed"
-        )
+    _check_components(img.GetNumberOfComponentsPerPixel(), kind, label, path)
     meta = {
         "modality": None,  # not recorded by these formats; the user vouches it is CT
         "series_description": None,
@@ -94,6 +114,14 @@ def read_sitk_file(path: Path, kind: str, label: str, fmt: str) -> Volume:
     vol = sitk_to_volume(img, meta)
     vol.array = convert_array(vol.array, kind, label, path)
     return vol
+
+
+def _check_components(n: int, kind: str, label: str, path: Path) -> None:
+    if n != 1:
+        raise UserError(
+            f"{label}: {path} has {n} values per voxel (colour or vector image); "
+            f"a grey-level {'CT' if kind == 'image' else 'label'} volume is needed"
+        )
 
 
 _META_BYTES = {
@@ -304,13 +332,14 @@ def _refuse_misnamed_nifti(path: Path, label: str) -> None:
         )
 
 
-def _check_nifti_complete(path: Path, label: str) -> None:
+def _check_nifti_complete(path: Path, label: str, read_data: bool = True) -> None:
     """Refuse a NIfTI file that is not one, or whose voxel data is shorter than its header says.
 
     ITK reads a truncated ``.nii``/``.nii.gz`` without complaint and fills the missing voxels
     with zeros, and reads a damaged ``.nii.gz`` as garbage; here the decompressed stream is read to
     its end, so gzip verifies its CRC-32, counted (not kept) and compared with ``vox_offset + voxels
-    x bytes per voxel``.
+    x bytes per voxel``. Without ``read_data`` (a header-only check) a ``.nii.gz`` is not
+    decompressed: only its header is checked.
     """
     import gzip
     import zlib
@@ -335,6 +364,8 @@ def _check_nifti_complete(path: Path, label: str) -> None:
     expected = offset + n_voxels * itemsize
     name = path.name.lower()
     try:
+        if name.endswith(".gz") and not read_data:
+            return
         if name.endswith(".gz"):
             size = 0
             with gzip.open(path, "rb") as f:  # to the end: gzip checks the CRC-32 there
