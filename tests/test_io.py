@@ -1033,3 +1033,21 @@ def test_ircadb_patient1_grid_from_headers(ircad_patient1):
 
     folder = ircad_patient1 / "PATIENT_DICOM"
     assert_same_grid(read_grid(folder), read_volume(folder))
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_signed_8_bit_ct_is_refused_unless_its_header_scales_it_to_hu(tmp_path, scaled):
+    from liverlesion.io import read_grid
+
+    a = np.random.default_rng(0).integers(-64, 127, (10, 32, 32)).astype(np.int8)
+    img = nib.Nifti1Image(a, np.eye(4))
+    if scaled:  # scl_slope 16, scl_inter -1024: the stored bytes are HU / 16
+        img.header.set_slope_inter(16, -1024)
+    path = tmp_path / "ct.nii.gz"
+    nib.save(img, path)
+    if scaled:
+        assert read_volume(path).array.min() < -1000 and read_grid(path).shape == (32, 32, 10)
+        return
+    for read in (read_volume, read_grid):  # the header check and the full read say the same
+        with pytest.raises(UserError, match="stores signed 8-bit values .* re-export the CT with its 16-bit"):
+            read(path)

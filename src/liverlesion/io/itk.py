@@ -97,6 +97,7 @@ def read_sitk_file(
         size = img.GetSize()
         check_size(size, label, path)
         _check_components(img.GetNumberOfComponents(), kind, label, path)
+        _check_pixel_type(img.GetPixelID(), kind, label, path)
         if len(size) != 3:
             return None
         return header_grid(size, img.GetSpacing(), img.GetOrigin(), img.GetDirection())
@@ -104,6 +105,7 @@ def read_sitk_file(
         _check_nifti_finite(path, label)
     img = check_dimensions(img, label, path)
     _check_components(img.GetNumberOfComponentsPerPixel(), kind, label, path)
+    _check_pixel_type(img.GetPixelID(), kind, label, path)
     meta = {
         "modality": None,  # not recorded by these formats; the user vouches it is CT
         "series_description": None,
@@ -121,6 +123,20 @@ def _check_components(n: int, kind: str, label: str, path: Path) -> None:
         raise UserError(
             f"{label}: {path} has {n} values per voxel (colour or vector image); "
             f"a grey-level {'CT' if kind == 'image' else 'label'} volume is needed"
+        )
+
+
+def _check_pixel_type(pixel_id: int, kind: str, label: str, path: Path) -> None:
+    """Refuse a CT stored as signed 8-bit values (after any scaling the header asks for): HU from -1024
+    to 3071 cannot fit in -128..127, so these are wrapped or windowed display values. (Unsigned 8-bit
+    is refused by the CT check as having no negative values.)"""
+    import SimpleITK as sitk
+
+    if kind == "image" and pixel_id == sitk.sitkInt8:
+        raise UserError(
+            f"{label}: {path} stores signed 8-bit values (-128 to 127), which cannot hold Hounsfield units "
+            "(air -1000, bone above 300): a windowed or display export, not the CT; re-export the CT with its "
+            "16-bit values (e.g. from DICOM with dcm2niix)"
         )
 
 
