@@ -474,6 +474,21 @@ def test_train_with_too_few_patients_for_its_inner_split_is_refused_before_any_w
     assert set(tmp_path.iterdir()) == before | {tmp_path / "two"}
 
 
+def test_train_single_with_too_few_patients_names_its_inner_split_before_any_work(tmp_path):
+    # the Python API was refused after cutting every patch, as "cv.folds=5: ... use at most 4 folds"
+    from liverlesion.config import load_config
+    from liverlesion.cv import train_single
+
+    m = one_lesion_patients(tmp_path, 4)
+    before = set(tmp_path.iterdir())
+    with pytest.raises(UserError) as e:
+        train_single(m, tmp_path / "run", load_config(preset="quick", overrides=["model.weights=none"]))
+    msg = str(e.value)
+    assert msg.startswith(f"manifest {m}: 4 patient(s)") and "cv.folds" not in msg, msg
+    assert "train.val_fraction=0.2" in msg and "--set train.val_fraction=0.5" in msg, msg
+    assert set(tmp_path.iterdir()) == before  # no run folder, no patch cache
+
+
 def _has_cuda() -> bool:
     import torch
 

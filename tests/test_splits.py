@@ -178,3 +178,38 @@ def test_fold_classes_refuse_a_one_class_training_set_and_pass_a_mixed_one():
         UserError, match=r"cv.folds=2: fold 1's training patients \(2, .*one class only \('cyst'\)"
     ):
         check_fold_classes(one, lesions)
+
+
+def test_train_split_names_train_val_fraction_not_folds():
+    # train has no folds: make_splits said "cv.folds=5: ... use at most 4 folds" (the API) or, for
+    # patients that pass that check, "cv.folds=2: fold 0's training patients have one lesion per class"
+    from liverlesion.splits import make_train_split
+
+    with pytest.raises(UserError) as e:
+        make_train_split(_one_lesion_each(4), 0.2, source="manifest m.csv")
+    msg = str(e.value)
+    assert msg.startswith("manifest m.csv: 4 patient(s) with 4 lesion(s)") and "cv.folds" not in msg
+    assert "train.val_fraction=0.2" in msg and "--set train.val_fraction=0.5" in msg
+    with pytest.raises(UserError, match=r"2 patient\(s\).*add patients \(at least 3"):
+        make_train_split(_one_lesion_each(2), 0.5)
+    with pytest.raises(UserError, match="only one class"):
+        make_train_split(_one_lesion_each(4).assign(lesion_class="cyst"), 0.5)
+    s = make_train_split(_one_lesion_each(4), 0.5, seed=0)  # was refused by make_splits' unused inner splits
+    assert len(s["val_patients"]) == 2 and sorted(s["train_patients"] + s["val_patients"]) == [
+        f"P{i}" for i in range(4)
+    ]
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_train_split_holds_out_the_patients_it_always_did(seed):
+    # the first of round(1 / val_fraction) patient groups, as train drew it from make_splits' first fold
+    from liverlesion.splits import inner_split_count, make_train_split
+
+    table = _table(seed=seed)
+    fold = make_splits(table, inner_split_count(0.2), seed, 0.2)["splits"][0]
+    s = make_train_split(table, 0.2, seed)
+    assert s == {
+        "group": "patient_id",
+        "train_patients": sorted(fold["train_patients"] + fold["val_patients"]),
+        "val_patients": fold["test_patients"],
+    }

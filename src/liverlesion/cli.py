@@ -228,44 +228,8 @@ def train(
     )
     from liverlesion.cv import train_single
 
-    _check_train_split(manifest, cfg.train.val_fraction)
     default_training_threads(cfg, threads)
     train_single(manifest, out, cfg, resume=resume)
-
-
-def _check_train_split(manifest: Path, val_fraction: float) -> None:
-    """Before any work (the run folder and the patch cache come first): can the manifest's patients give
-    train its inner validation split (one of round(1 / train.val_fraction) patient groups, held out)?"""
-    from liverlesion.manifest import read_manifest
-    from liverlesion.run_checks import class_names_from
-    from liverlesion.splits import check_folds, inner_split_count
-
-    df = read_manifest(manifest)
-    class_names_from(df)  # one class only: its own message comes first
-    n_patients = int(df["patient_id"].astype(str).nunique())
-    classes = list(df["lesion_class"].astype(str))
-
-    def fits(k: int) -> bool:
-        try:
-            check_folds(n_patients, k, val_fraction, classes=classes)
-        except UserError:
-            return False
-        return True
-
-    need = inner_split_count(val_fraction)
-    if fits(need):
-        return
-    usable = next((k for k in range(need - 1, 1, -1) if fits(k)), None)
-    fix = (
-        f"hold out a larger part: --set train.val_fraction={1 / usable:.2g} (or add patients and lesions)"
-        if usable
-        else "add patients (at least 3, with lesions of every class)"
-    )
-    raise UserError(
-        f"manifest {manifest}: {n_patients} patient(s) with {len(classes)} lesion(s) cannot be split by patient "
-        f"into {need} groups (train.val_fraction={val_fraction:g}: one group is held out for early stopping, "
-        f"each needing a patient and the largest class a lesion in each); {fix}"
-    )
 
 
 @app.command()

@@ -457,16 +457,15 @@ def _read_train_split(path: Path) -> dict[str, Any]:
 def train_single(manifest: str | Path, out: str | Path, cfg: Config, resume: bool = False) -> Path:
     """Train one model on all patients (an inner validation split by patient for early stopping)."""
     from liverlesion.data import load_patch_arrays  # local: heavy (torch)
-    from liverlesion.splits import inner_split_count, make_splits  # local: heavy (sklearn)
+    from liverlesion.splits import check_train_split, make_train_split  # local: heavy (sklearn)
 
+    # Validate, then work: the inner split the patients must give, before the run folder or patches exist.
+    source = f"manifest {manifest}"
+    check_train_split(read_manifest(manifest), cfg.train.val_fraction, source)
     manifest, out, patch_dir, index, classes, resolved = _start_run(manifest, out, cfg, resume, "train")
-    n_inner = inner_split_count(cfg.train.val_fraction)
     split_file = runs.splits_path(out)
     if _init_distributed(cfg) == 0 and not split_file.exists():
-        split = make_splits(index, n_inner, cfg.cv.seed, cfg.train.val_fraction)["splits"][0]
-        fit_p = sorted(set(split["train_patients"]) | set(split["val_patients"]))
-        split = {"group": "patient_id", "train_patients": fit_p, "val_patients": split["test_patients"]}
-        write_json(split_file, split)
+        write_json(split_file, make_train_split(index, cfg.train.val_fraction, cfg.cv.seed, source))
     _barrier()  # under torchrun every rank reads the split rank 0 wrote
     split = _read_train_split(split_file)
     _, imagenet = _announce_init(cfg, manifest, out, patch_dir, classes, "train", resolved)

@@ -50,13 +50,8 @@ def check_folds(
     Raises:
         UserError: Naming ``name``, the value and the largest usable number of folds.
     """
-    if classes is not None and len(set(classes)) < 2:
-        names = sorted(set(classes))
-        raise UserError(
-            f"manifest lesion_class: only one class ({names[0]!r}) present; a classifier needs at least two"
-            if names
-            else "manifest: no lesions; a classifier needs lesions of at least two classes"
-        )
+    if classes is not None:
+        _check_two_classes(classes)
     try:
         k = int(folds)
     except (TypeError, ValueError):
@@ -85,6 +80,70 @@ def check_folds(
                 f"{name}={k}: the largest class ({counts.index[0]!r}) has only {int(counts.max())} lesion(s), "
                 f"too few to stratify {k} folds; use at most {max(int(counts.max()), 2)} folds or add lesions"
             )
+
+
+def _check_two_classes(classes: list[str]) -> None:
+    if len(set(classes)) < 2:
+        names = sorted(set(classes))
+        raise UserError(
+            f"manifest lesion_class: only one class ({names[0]!r}) present; a classifier needs at least two"
+            if names
+            else "manifest: no lesions; a classifier needs lesions of at least two classes"
+        )
+
+
+def check_train_split(lesions: pd.DataFrame, val_fraction: float, source: str = "manifest") -> None:
+    """Refuse, before any work, patients that cannot give ``train`` its inner validation split: one of
+    ``inner_split_count(val_fraction)`` patient groups, held out for early stopping.
+
+    ``train`` has no folds, so the message names ``train.val_fraction`` (not ``cv.folds``) and the
+    largest part it could hold out instead.
+
+    Args:
+        lesions: Manifest rows or lesion table, with ``patient_id`` and ``lesion_class``.
+        val_fraction: ``train.val_fraction``.
+        source: What the rows are, as the message names them (e.g. ``manifest PATH``).
+
+    Raises:
+        UserError: One class only, or too few patients or lesions for the split.
+    """
+    classes = list(_patient_label(lesions))
+    _check_two_classes(classes)  # one class only: its own message comes first
+    n_patients = int(lesions["patient_id"].astype(str).nunique())
+
+    def fits(k: int) -> bool:
+        try:
+            check_folds(n_patients, k, val_fraction, classes=classes)
+        except UserError:
+            return False
+        return True
+
+    need = inner_split_count(val_fraction)
+    if fits(need):
+        return
+    usable = next((k for k in range(need - 1, 1, -1) if fits(k)), None)
+    fix = (
+        f"hold out a larger part: --set train.val_fraction={1 / usable:.2g} (or add patients and lesions)"
+        if usable
+        else "add patients (at least 3, with lesions of every class)"
+    )
+    raise UserError(
+        f"{source}: {n_patients} patient(s) with {len(classes)} lesion(s) cannot be split by patient "
+        f"into {need} groups (train.val_fraction={val_fraction:g}: one group is held out for early stopping, "
+        f"each needing a patient and the largest class a lesion in each); {fix}"
+    )
+
+
+def make_train_split(
+    lesions: pd.DataFrame, val_fraction: float, seed: int = 0, source: str = "manifest"
+) -> dict[str, Any]:
+    """``train``'s inner split by patient (``splits.json``): ``train_patients`` and ``val_patients``, the
+    first of ``inner_split_count(val_fraction)`` stratified patient groups held out (checked first by
+    :func:`check_train_split`). The same patients as the first fold of ``make_splits`` with that many folds.
+    """
+    check_train_split(lesions, val_fraction, source)
+    fit_p, val_p = _stratified_group_split(lesions, inner_split_count(val_fraction), seed)[0]
+    return {"group": "patient_id", "train_patients": fit_p, "val_patients": val_p}
 
 
 def _stratified_group_split(
