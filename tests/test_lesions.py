@@ -358,6 +358,16 @@ def test_lesion_table_columns_and_values(study: Path):
     assert pd.isna(table.loc[0, "label"]) and table.loc[3, "label"] == 2
 
 
+def test_series_option_that_no_dicom_row_can_take_is_refused(study: Path, capsys):
+    from liverlesion.cli import main
+
+    with pytest.raises(UserError, match=r"--series 1\.2\.3: no manifest row it applies to .* drop --series"):
+        iter_manifest_lesions(study, series="1.2.3", progress=False)
+    assert main(["inspect", str(study), "-o", str(study.parent / "l.csv"), "--series", "1.2.3"]) != 0
+    assert "drop --series" in capsys.readouterr().err and not (study.parent / "l.csv").exists()
+    assert len(list(iter_manifest_lesions(study, progress=False))) == 2  # without it: read as before
+
+
 def test_geometry_mismatch_names_manifest_row(tmp_path: Path, study: Path):
     from liverlesion.io import read_volume
 

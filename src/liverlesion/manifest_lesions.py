@@ -8,6 +8,7 @@ import math
 import os
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pandas as pd
 from tqdm.auto import tqdm
@@ -16,7 +17,7 @@ from liverlesion.case_input import check_ct_volume
 from liverlesion.click import lesion_from_click
 from liverlesion.dicom_seg import seg_lesions
 from liverlesion.errors import UserError
-from liverlesion.io import check_geometry, check_tolerance, read_grid, read_volume
+from liverlesion.io import SITK_SUFFIXES, check_geometry, check_tolerance, file_suffix, read_grid, read_volume
 from liverlesion.lesions import (
     LESION_COLUMNS,
     LesionWithMask,
@@ -80,7 +81,19 @@ def iter_manifest_lesions(
 
 
 def _image_groups(df: pd.DataFrame, series: str | None) -> dict[tuple[str, str], list]:
-    """The manifest rows by (image path, series), in order of first appearance."""
+    """The manifest rows by (image path, series), in order of first appearance.
+
+    Raises:
+        UserError: ``series`` given, but no row it would apply to (an empty ``series`` cell) has a DICOM
+            image: it would be ignored, and the user would believe a series had been chosen.
+    """
+    if series:
+        takers = [rec for rec in df.itertuples(index=False) if not _text(getattr(rec, "series", ""))]
+        if all(file_suffix(Path(_text(rec.image_path))) in SITK_SUFFIXES for rec in takers):
+            raise UserError(
+                f"--series {series}: no manifest row it applies to (those with an empty series cell) has a DICOM "
+                "image, so it would choose nothing (a NIfTI, NRRD or MetaImage file holds one volume); drop --series"
+            )
     groups: dict[tuple[str, str], list] = {}
     for rec in df.itertuples(index=False):
         key = (_text(rec.image_path), _text(getattr(rec, "series", "")) or (series or ""))
