@@ -597,6 +597,48 @@ def test_manifest_class_the_model_does_not_know_is_named_before_classifying(ckpt
     assert list(pd.read_csv(tmp_path / "out" / "results.csv")["true_class"]) == ["metastases"] * 2
 
 
+def test_manifest_holds_one_image_at_a_time(ckpts, tmp_path, capsys, monkeypatch):
+    """Every input is checked before any lesion is classified, yet no image is kept for the next one's sake:
+    a manifest of hundreds of CTs would not fit in memory."""
+    import gc
+    import weakref
+
+    import liverlesion.manifest_lesions as ml
+    import liverlesion.predict as pr
+
+    rows = []
+    for i in range(3):
+        image, mask = make_ct_with_two_lesions(seed=i)
+        write_volume(image, tmp_path / f"p{i}.nii.gz")
+        write_volume(mask, tmp_path / f"p{i}_mask.nii.gz")
+        rows.append(f"p{i},p{i}.nii.gz,p{i}_mask.nii.gz")
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("patient_id,image,mask\n" + "\n".join(rows) + "\n")
+    images: list = []
+    real_read, real_write = ml.read_volume, pr._write_case_files
+
+    def reading(path, *args, kind="image", **kwargs):
+        vol = real_read(path, *args, kind=kind, **kwargs)
+        if kind == "image":
+            images.append(weakref.ref(vol))
+        return vol
+
+    alive_at_write: list[int] = []
+
+    def writing(case, *args, **kwargs):
+        gc.collect()
+        alive_at_write.append(sum(r() is not None for r in images))
+        return real_write(case, *args, **kwargs)
+
+    monkeypatch.setattr(ml, "read_volume", reading)
+    monkeypatch.setattr(pr, "_write_case_files", writing)
+    rc, _, err = _run(["--model", ckpts["a"], "--manifest", manifest, "--out", tmp_path / "out"], capsys)
+    assert rc == 0, err
+    assert len(images) == 6  # each image read twice: once to check every input, once to classify it
+    assert alive_at_write == [1, 1, 1]  # only the image being written out
+    assert len(pd.read_csv(tmp_path / "out" / "results.csv")) == 6
+
+
 @pytest.mark.parametrize("header", ["patient_id,image,mask", "patient_id,image,mask,lesion_class"])
 def test_manifest_of_new_cases_without_a_diagnosis_is_classified(ckpts, tmp_path, capsys, header):
     image, mask = make_ct_with_two_lesions()

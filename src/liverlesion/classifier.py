@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -362,19 +362,37 @@ class Classifier:
     ) -> list[CaseResult]:
         """Classify every lesion of a manifest CSV: one :class:`~liverlesion.results.CaseResult` per image.
 
-        Every image and mask is read and checked (CT check, geometry, lesions) before the first
-        lesion is classified, so a bad last row fails at once, not after the others were classified.
+        Holds every image in memory; :meth:`iter_manifest_cases` (which ``predict --manifest`` uses) holds
+        one at a time. Arguments and checks as there.
+        """
+        return list(self.iter_manifest_cases(manifest, min_size_mm, gradcam, tolerance, check_image))
+
+    def iter_manifest_cases(
+        self,
+        manifest: str | os.PathLike,
+        min_size_mm: float = 5.0,
+        gradcam: bool = False,
+        tolerance: float = 1e-3,
+        check_image: Callable[[Volume, str], None] | None = None,
+    ) -> Iterator[CaseResult]:
+        """Classify a manifest's lesions one image at a time, yielding each image's :class:`CaseResult`.
+
+        Every image and mask is read and checked (headers first, then CT check, geometry, lesions) before
+        the first lesion is classified, so a bad last row fails at once, not after the others were
+        classified. That check reads each image and lets it go; the images are read again to classify
+        them, so memory holds one CT at a time (a manifest of hundreds of CTs would not fit in memory).
 
         Args:
-            manifest: The manifest CSV.
+            manifest: The manifest CSV (``lesion_class`` may be empty or absent: new cases).
             min_size_mm: Lesions whose smallest axis is below this are flagged, not classified.
             gradcam: Also compute each classified lesion's Grad-CAM.
             tolerance: Geometry tolerance (mm) between image and mask.
-            check_image: Called as ``check_image(image, image_ref)`` on every image once all are read,
+            check_image: Called as ``check_image(image, image_ref)`` on every image in the check,
                 before any is classified (e.g. that it is DICOM for ``--dicom-sr``).
 
         Raises:
-            UserError: Bad manifest rows, images or masks (one line naming the row's file).
+            UserError: Bad manifest rows, images or masks (one line naming the row's file), before the
+                first case is yielded.
         """
         manifest = Path(manifest)
         check_min_size(min_size_mm)
@@ -382,19 +400,22 @@ class Classifier:
         # Each image as the manifest names it (relative to it), as the lesions' own rows do: an absolute
         # path can hold folder names that are patient names.
         as_written = dict(zip(table["image_path"], table["image"], strict=True))
-        loaded = [
-            (image, items, as_written.get(str(image.meta.get("source") or ""), ""))
-            for image, items in iter_manifest_lesions(table, tolerance)
-        ]  # every input read and checked: only now is any lesion classified
-        if check_image is not None:
-            for image, _, ref in loaded:
-                check_image(image, ref)
-        cases = []
-        for image, items, ref in loaded:
+
+        def ref_of(image: Volume) -> str:
+            return as_written.get(str(image.meta.get("source") or ""), "")
+
+        for image, _ in iter_manifest_lesions(table, tolerance, desc="checking inputs"):  # kept by none
+            if check_image is not None:
+                check_image(image, ref_of(image))
+        images = iter_manifest_lesions(table, tolerance, check_progress=False, desc="classifying")
+        return self._classify_images(images, ref_of, min_size_mm, gradcam)
+
+    def _classify_images(self, images, ref_of, min_size_mm: float, gradcam: bool) -> Iterator[CaseResult]:
+        for image, items in images:
+            ref = ref_of(image)
             case = CaseResult(image=image, image_ref=ref)
             case.results = self._classify(image, items, min_size_mm, gradcam, ref)
-            cases.append(case)
-        return cases
+            yield case
 
     def predict(
         self,
@@ -463,8 +484,8 @@ class Classifier:
         Raises:
             UserError: Bad manifest rows, images or masks (one line naming the row's file).
         """
-        cases = self.classify_manifest(manifest, min_size_mm, gradcam, tolerance)
-        return self._table([r for case in cases for r in case.results], gradcam)
+        cases = self.iter_manifest_cases(manifest, min_size_mm, gradcam, tolerance)
+        return self._table([r for case in cases for r in case.results], gradcam)  # each image let go
 
     def predict_case(self, volume: Volume, **kwargs: Any) -> CaseResult:
         """The same as :meth:`classify_case` (kept for callers written before it)."""

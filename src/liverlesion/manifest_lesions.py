@@ -50,6 +50,7 @@ def iter_manifest_lesions(
     progress: bool = True,
     min_voxels: int = 1,
     check_progress: bool | None = None,
+    desc: str = "lesions",
 ) -> Iterator[tuple[Volume, list[LesionWithMask]]]:
     """Check every image's and mask's header, then read each image of a manifest once and yield it with its lesions.
 
@@ -70,6 +71,7 @@ def iter_manifest_lesions(
         progress: Show a progress bar over images (stderr).
         min_voxels: Mask components with fewer voxels are dropped.
         check_progress: Show the header check's progress bar (default: as ``progress``).
+        desc: The progress bar's label.
 
     Returns:
         An iterator of ``(image, [(Lesion, LesionMask), ...])``, one image at a time.
@@ -77,7 +79,7 @@ def iter_manifest_lesions(
     check_tolerance(tolerance)  # before reading any image
     groups = _image_groups(_as_manifest(manifest), series)
     check_manifest_headers(groups, tolerance, progress=progress if check_progress is None else check_progress)
-    return _iter_images(groups, tolerance, progress, min_voxels)
+    return _iter_images(groups, tolerance, progress, min_voxels, desc)
 
 
 def _image_groups(df: pd.DataFrame, series: str | None) -> dict[tuple[str, str], list]:
@@ -153,7 +155,11 @@ def _geometry_names(rec) -> dict[str, str]:
 
 
 def _iter_images(
-    groups: dict[tuple[str, str], list], tolerance: float, progress: bool, min_voxels: int
+    groups: dict[tuple[str, str], list],
+    tolerance: float,
+    progress: bool,
+    min_voxels: int,
+    desc: str = "lesions",
 ) -> Iterator[tuple[Volume, list[LesionWithMask]]]:
     """Read each image of ``groups`` and yield it with its lesions (see :func:`iter_manifest_lesions`)."""
     counters: dict[str, int] = {}
@@ -161,7 +167,7 @@ def _iter_images(
     # `with` closes the bar when an error propagates, so the message starts on its own line.
     with tqdm(
         groups.items(),
-        desc="lesions",
+        desc=desc,
         unit="image",
         disable=not progress or progress_disabled(),
         file=sys.stderr,

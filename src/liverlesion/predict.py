@@ -15,7 +15,7 @@ Outputs are research results, not a diagnosis; every file says so.
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +96,46 @@ def _source_info(case: CaseResult) -> dict[str, Any]:
         "spacing_zyx_mm": geo["spacing_zyx_mm"],
         "n_lesions": len(case.results),
     }
+
+
+def _write_case_files(
+    case: CaseResult,
+    tmp: Path,
+    clf: Classifier,
+    used: set[str],
+    counts: dict[str, int],
+    per_patient: bool,
+    dicom_sr: bool,
+    dicom_seg: bool,
+) -> None:
+    """One image's overlays and, when asked, its DICOM SEG and SR, into the output being built.
+
+    Args:
+        used: Overlay names so far (lesion ids differing only in unsafe characters get a ``_``).
+        counts: SR/SEG files so far per patient (``--manifest``: ``reports/<patient>_<n>.dcm``).
+        per_patient: Name the SR/SEG by patient (``--manifest``), else ``report.dcm`` / ``segmentation.dcm``.
+    """
+    for r in case.results:
+        name = safe_name(r.row["lesion_id"])
+        while name in used:  # ids differing only in unsafe characters
+            name += "_"
+        used.add(name)
+        draw_lesion_overlay(r, case.image, tmp / "overlays" / f"{name}.png", clf.class_names)
+    if not (dicom_sr or dicom_seg) or not case.results:
+        return
+    if per_patient:
+        pid = safe_name(str(case.results[0].row["patient_id"]))
+        counts[pid] = counts.get(pid, 0) + 1
+        seg_path = tmp / "segmentations" / f"{pid}_{counts[pid]}.dcm"
+        sr_path = tmp / "reports" / f"{pid}_{counts[pid]}.dcm"
+    else:
+        seg_path, sr_path = tmp / "segmentation.dcm", tmp / "report.dcm"
+    seg_ref = None
+    if dicom_seg:
+        estimated = [r.row["lesion_id"] for r in case.results if r.lesion.source != "mask"]
+        seg_ref = write_seg(case.image, case.masks, seg_path, estimated=estimated)
+    if dicom_sr:
+        write_sr(clf.results_frame(case.rows), case.image, sr_path, lesion_masks=case.masks, seg=seg_ref)
 
 
 def _print_table(df: pd.DataFrame, clf: Classifier) -> None:
@@ -218,7 +258,8 @@ def predict_cli(
 
     if manifest is not None:
         _warn_unknown_classes(Path(manifest), clf.class_names)
-        cases = clf.classify_manifest(
+        # one image at a time (every input checked first): its outputs are written, then it is let go
+        cases: Iterable[CaseResult] = clf.iter_manifest_cases(
             Path(manifest), min_size_mm, gradcam, tolerance, check_image=check_source
         )
     else:
@@ -253,7 +294,6 @@ def predict_cli(
             for r in cases[0].results:  # refer to each lesion by its segment
                 r.lesion.label = r.row["label"] = segment_of(r.mask, seg_labels)
 
-    df = clf.results_frame([r.row for case in cases for r in case.results])
     inputs = {
         "image": str(image) if image is not None else None,
         "mask": str(mask) if mask is not None else None,
@@ -265,45 +305,22 @@ def predict_cli(
         "series": series,
         "patient_id": patient_id,
     }
-    domain = clf.domain_check([r for case in cases for r in case.results])
-    info = results_info(
-        clf, df, min_size_mm, inputs, sources=[_source_info(c) for c in cases], domain_check=domain
-    )
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        write_csv(tmp / "results.csv", df)
-        write_json(tmp / "results.json", info)
+        results: list = []
+        sources: list[dict[str, Any]] = []
         used: set[str] = set()
+        counts: dict[str, int] = {}
         for case in cases:
-            for r in case.results:
-                name = safe_name(r.row["lesion_id"])
-                while name in used:  # ids differing only in unsafe characters
-                    name += "_"
-                used.add(name)
-                draw_lesion_overlay(r, case.image, tmp / "overlays" / f"{name}.png", clf.class_names)
-        if dicom_sr or dicom_seg:
-            counts: dict[str, int] = {}
-            for case in cases:
-                if not case.results:
-                    continue
-                if manifest is None:
-                    seg_path, sr_path = tmp / "segmentation.dcm", tmp / "report.dcm"
-                else:
-                    pid = safe_name(str(case.results[0].row["patient_id"]))
-                    counts[pid] = counts.get(pid, 0) + 1
-                    seg_path = tmp / "segmentations" / f"{pid}_{counts[pid]}.dcm"
-                    sr_path = tmp / "reports" / f"{pid}_{counts[pid]}.dcm"
-                seg_ref = None
-                if dicom_seg:
-                    estimated = [r.row["lesion_id"] for r in case.results if r.lesion.source != "mask"]
-                    seg_ref = write_seg(case.image, case.masks, seg_path, estimated=estimated)
-                if dicom_sr:
-                    write_sr(
-                        clf.results_frame(case.rows),
-                        case.image,
-                        sr_path,
-                        lesion_masks=case.masks,
-                        seg=seg_ref,
-                    )
+            _write_case_files(case, tmp, clf, used, counts, manifest is not None, dicom_sr, dicom_seg)
+            results += case.results
+            sources.append(_source_info(case))
+        df = clf.results_frame([r.row for r in results])
+        domain = clf.domain_check(results)
+        write_csv(tmp / "results.csv", df)
+        write_json(
+            tmp / "results.json",
+            results_info(clf, df, min_size_mm, inputs, sources=sources, domain_check=domain),
+        )
     _print_table(df, clf)
     for line in format_domain(domain):
         print(f"liverlesion predict: {line}", file=sys.stderr if domain["status"] == "shift" else sys.stdout)
