@@ -471,8 +471,10 @@ def train_fold(
         init=init,
         training=train_info,
         fusion=dec.get("fusion"),
-        train_patients=sorted(set(fit.index["patient_id"].astype(str))),
-        val_patients=sorted(set(val.index["patient_id"].astype(str))),
+        # counts, not the ids: a model is shared beyond the site, and a manifest's patient_id may be an
+        # MRN (the run folder's splits.json keeps which patients each fold used)
+        n_train_patients=int(fit.index["patient_id"].astype(str).nunique()),
+        n_val_patients=int(val.index["patient_id"].astype(str).nunique()),
         training_domain=_training_domain(shared, fit, val),
         epochs_trained=int(train_info.get("epochs", 0)),
         train_seconds=round(time.time() - t0, 1),
