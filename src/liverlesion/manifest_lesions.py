@@ -122,14 +122,7 @@ def check_manifest_headers(
         progress: Show a progress bar over images (stderr).
     """
     masks: dict[str, Grid | None] = {}  # a mask file's header is read once
-    with tqdm(
-        groups.items(),
-        desc="checking headers",
-        unit="image",
-        leave=False,
-        disable=not progress or progress_disabled(),
-        file=sys.stderr,
-    ) as bar:
+    with _images_bar(groups, "checking headers", progress, leave=False) as bar:
         for (image_path, image_series), recs in bar:
             name = f"manifest row {recs[0].row} image"
             image = read_grid(image_path, series=image_series or None, kind="image", name=name)
@@ -144,6 +137,19 @@ def check_manifest_headers(
                 mask = masks[mask_path]
                 if image is not None and mask is not None:
                     check_geometry(image, mask, tolerance=tolerance, **_geometry_names(rec))
+
+
+def _images_bar(groups: dict[tuple[str, str], list], desc: str, progress: bool, leave: bool = True) -> tqdm:
+    """A progress bar over a manifest's images (stderr; a terminal only). Used as ``with``: it closes when
+    an error propagates, so the message starts on its own line."""
+    return tqdm(
+        groups.items(),
+        desc=desc,
+        unit="image",
+        leave=leave,
+        disable=not progress or progress_disabled(),
+        file=sys.stderr,
+    )
 
 
 def _geometry_names(rec) -> dict[str, str]:
@@ -165,13 +171,7 @@ def _iter_images(
     counters: dict[str, int] = {}
     seen: set[str] = set()  # lesion ids so far: a label mask's ids are its labels and may collide
     # `with` closes the bar when an error propagates, so the message starts on its own line.
-    with tqdm(
-        groups.items(),
-        desc=desc,
-        unit="image",
-        disable=not progress or progress_disabled(),
-        file=sys.stderr,
-    ) as bar:
+    with _images_bar(groups, desc, progress) as bar:
         for (image_path, image_series), recs in bar:
             name = f"manifest row {recs[0].row} image"
             image = read_volume(image_path, series=image_series or None, kind="image", name=name)
