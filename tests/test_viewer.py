@@ -315,6 +315,19 @@ def test_bad_study_slice_and_click_are_one_line_errors(served):
     assert status == 404 and "no such job" in error_of((status, body))  # was 400: a missing resource
 
 
+def test_click_in_air_is_refused_in_the_pages_terms_before_the_queue(served):
+    """A click outside the body: answered at once (400, no job) naming the slice and pixel, not LPS mm."""
+    sid = open_study(served)["study_id"]
+    status, resp = post_json(
+        f"{served['url']}/api/studies/{sid}/classify", {"slice": 5, "x_px": 1, "y_px": 1, "diameter_mm": 10}
+    )
+    assert status == 400, resp
+    msg = error_of((status, resp))
+    assert msg.startswith("click on slice 5 at pixel (1, 1): air (HU ")
+    assert msg.endswith("click inside the lesion")
+    assert "LPS" not in msg and "coordinates" not in msg
+
+
 @pytest.mark.parametrize(
     ("files", "expected"),
     [

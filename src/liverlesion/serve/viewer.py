@@ -301,9 +301,10 @@ def parse_classify(study: Study, body: Any) -> dict[str, Any]:
     ``min_size_mm`` optional (default 5).
 
     Raises:
-        UserError: A click outside the image, no diameter, a label not in the mask, and so on.
+        UserError: A click outside the image or in air, no diameter, a label not in the mask, and so on.
     """
     from liverlesion.click import check_diameter  # local: heavy (scipy)
+    from liverlesion.lesions import AIR_THRESHOLD_HU
 
     if not isinstance(body, dict):
         raise UserError(
@@ -370,6 +371,16 @@ def parse_classify(study: Study, body: Any) -> dict[str, Any]:
     use_mask = body.get("use_mask", True) is not False
     if use_mask and study.labels is not None and study.labels.array[iz, iy, ix] > 0:
         return {"kind": "label", "label": int(study.labels.array[iz, iy, ix]), "min_size_mm": min_size}
+    # Air (outside the body, lung, bowel gas) is answered here, in the page's terms (slice and pixel):
+    # the classifier would say it in LPS mm and ask to check the coordinates, which a click cannot get wrong.
+    # (the median of the 3x3x3 neighbourhood, as the classifier tests it)
+    near = tuple(slice(max(c - 1, 0), c + 2) for c in (iz, iy, ix))
+    hu_at = float(np.median(study.image.array[near]))
+    if hu_at < AIR_THRESHOLD_HU:
+        raise UserError(
+            f"click on slice {iz} at pixel ({ix}, {iy}): air (HU {hu_at:.0f}), outside the body or in lung / "
+            "bowel gas; click inside the lesion"
+        )
     d = _number(body, "diameter_mm", "diameter (mm)")
     if d is None:
         raise UserError("diameter (mm): none given; drag across the lesion, or type its diameter in mm")
