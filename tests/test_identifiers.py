@@ -459,3 +459,51 @@ def test_serve_viewer(cohort, cv_run, tmp_path, watch):
         for where, blob in _expand(path, data):
             leaks += _leaks_in(where, blob)
     _assert_clean(leaks + watch())
+
+
+# --------------------------------------------------------------------------- UIDs outside DICOM objects
+
+
+def _source_uids(folder: Path) -> set[str]:
+    """The SOP, series, study and frame-of-reference UIDs of a DICOM series (identifying outside DICOM)."""
+    import pydicom
+
+    uids = set()
+    for f in folder.iterdir():
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        uids |= {str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID), str(ds.StudyInstanceUID)}
+        uids.add(str(ds.FrameOfReferenceUID))
+    return uids
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    """An untrained 32-px checkpoint: enough for predict's plumbing (no cv needed)."""
+    from helpers import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ids_model") / "model.pt", seed=0, size_px=32)
+
+
+def test_sr_and_seg_writers_log_no_uid(cohort, tiny_model, tmp_path, caplog):
+    """highdicom logs, at INFO, the SOPInstanceUID it copies the patient module from: with the root
+    logger at DEBUG (``serve``'s log is at INFO, a Python caller's may be anything) no record of the
+    SR/SEG writers may carry a source UID or tag value."""
+    caplog.set_level(logging.DEBUG)  # the root logger: every library's records
+    common = [
+        "--model",
+        str(tiny_model),
+        "--image",
+        str(cohort / "ct3"),
+        "--mask",
+        str(cohort / "mask3.nii.gz"),
+    ]
+    with torch_threads(1):
+        rc = main(
+            ["predict", *common, "--out", str(tmp_path / "out"), "--dicom-sr", "--dicom-seg", "--no-gradcam"]
+        )
+    assert rc == 0
+    assert (tmp_path / "out" / "report.dcm").is_file() and (tmp_path / "out" / "segmentation.dcm").is_file()
+    text = "\n".join(f"{r.name}: {r.getMessage()}" for r in caplog.records)
+    found = sorted(u for u in _source_uids(cohort / "ct3") if u in text)
+    _assert_clean(scan_text("log", text) + [f"log: UID {u}" for u in found])
+    assert logging.getLogger("highdicom").level == logging.NOTSET  # restored

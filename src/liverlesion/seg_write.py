@@ -25,7 +25,7 @@ import numpy as np
 from liverlesion import DISCLAIMER, __version__
 from liverlesion.errors import UserError
 from liverlesion.fileio import atomic_path
-from liverlesion.sr import check_sr_source
+from liverlesion.sr import check_sr_source, quiet_highdicom
 from liverlesion.volume import Volume
 
 __all__ = ["SegReference", "check_seg_source", "write_seg", "SEG_SERIES_NUMBER"]
@@ -97,6 +97,7 @@ def check_seg_source(source: Volume, name: str = "--image") -> None:
         )
 
 
+@quiet_highdicom()
 def write_seg(
     source: Volume,
     lesion_masks: Mapping[str, Any],

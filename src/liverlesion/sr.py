@@ -24,10 +24,13 @@ source header (as any SR of a study must), so treat the file like the images.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
+import logging
 import math
 import os
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -42,7 +45,38 @@ from liverlesion.io import SITK_SUFFIXES, file_suffix
 from liverlesion.manifest import read_manifest
 from liverlesion.volume import DicomReference, Volume
 
-__all__ = ["check_sr_source", "write_sr", "class_concept", "PRIVATE_SCHEME"]
+__all__ = ["check_sr_source", "write_sr", "class_concept", "PRIVATE_SCHEME", "quiet_highdicom"]
+
+_quiet_lock = threading.Lock()
+_quiet_depth = 0
+_quiet_saved = logging.NOTSET
+
+
+@contextlib.contextmanager
+def quiet_highdicom():
+    """Keep highdicom's INFO and DEBUG records out of every log while a DICOM object is built.
+
+    highdicom logs which source it copies the patient and study modules from, by its
+    SOPInstanceUID ('copy Patient-related attributes from dataset "1.2..."'); a root logger at
+    INFO (``liverlesion serve``'s log, a Python caller's) would record it. Its warnings still
+    pass. Nested and concurrent uses (the server's threads) restore the level once, at the end.
+    Also a decorator.
+    """
+    global _quiet_depth, _quiet_saved
+    logger = logging.getLogger("highdicom")
+    with _quiet_lock:
+        if _quiet_depth == 0:
+            _quiet_saved = logger.level
+            logger.setLevel(max(logging.WARNING, logger.level))
+        _quiet_depth += 1
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            _quiet_depth -= 1
+            if _quiet_depth == 0:
+                logger.setLevel(_quiet_saved)
+
 
 #: Coding scheme for concepts with no standard code (99 prefix = private, PS3.16 8.2).
 PRIVATE_SCHEME = "99LIVERLESION"
@@ -242,6 +276,7 @@ def _evidence(header, uids: list[str]) -> list:
     return out
 
 
+@quiet_highdicom()
 def write_sr(
     results_df: pd.DataFrame,
     source: Volume,
