@@ -507,3 +507,48 @@ def test_sr_and_seg_writers_log_no_uid(cohort, tiny_model, tmp_path, caplog):
     found = sorted(u for u in _source_uids(cohort / "ct3") if u in text)
     _assert_clean(scan_text("log", text) + [f"log: UID {u}" for u in found])
     assert logging.getLogger("highdicom").level == logging.NOTSET  # restored
+
+
+def test_chosen_series_uid_stays_out_of_output_files(cohort, tiny_model, tmp_path, watch):
+    """``--series UID`` picks a series of a folder holding two; the UID may be typed and listed in the
+    error that names the series, but results.json and the patch cache's provenance record only that
+    one was chosen."""
+    import pydicom
+
+    folder = tmp_path / "two"
+    folder.mkdir()
+    for i in (0, 3):
+        for f in (cohort / f"ct{i}").iterdir():
+            (folder / f"s{i}_{f.name}").write_bytes(f.read_bytes())
+    uid = str(pydicom.dcmread(next((cohort / "ct0").iterdir()), stop_before_pixels=True).SeriesInstanceUID)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(
+        "patient_id,image,mask,label,lesion_class\n"
+        f"P0,{folder},{cohort / 'mask0.nii.gz'},1,cyst\nP0,{folder},{cohort / 'mask0.nii.gz'},2,metastasis\n"
+    )
+    out = tmp_path / "out"
+    common = ["--series", uid, "--set", "patch.size_px=32"]
+    assert main(["patches", str(manifest), "--out", str(out / "patches"), *common]) == 0
+    with torch_threads(1):
+        rc = main(
+            [
+                "predict",
+                "--model", str(tiny_model),
+                "--image", str(folder),
+                "--series", uid,
+                "--mask", str(cohort / "mask0.nii.gz"),
+                "--out", str(out / "pred"),
+                "--no-gradcam",
+            ]
+        )  # fmt: skip
+    assert rc == 0
+    leaks, _ = scan_tree(out)
+    leaks += [
+        str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and uid.encode() in p.read_bytes()
+    ]
+    _assert_clean(leaks + watch())
+    assert (
+        json.loads((out / "pred" / "results.json").read_text())["inputs"]["series"] == "given (UID withheld)"
+    )
+    (prov,) = (out / "patches").rglob("provenance.json")
+    assert json.loads(prov.read_text())["series"] == "given (UID withheld)"

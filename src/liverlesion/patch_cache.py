@@ -34,7 +34,7 @@ from liverlesion.manifest import read_manifest
 from liverlesion.manifest_lesions import iter_manifest_lesions
 from liverlesion.patches import check_patch_config, extract_patch
 from liverlesion.progress import progress_disabled
-from liverlesion.volume import Volume
+from liverlesion.volume import Volume, withheld_uid
 
 __all__ = [
     "build_patches",
@@ -258,7 +258,7 @@ def _cut_patches(
                 "liverlesion_version": __version__,
                 "manifest": str(manifest.resolve()),
                 "tolerance": tolerance,
-                "series": series,
+                "series": withheld_uid(series),  # the cache key holds it (hashed)
                 "n_lesions": len(rows),
                 "note": DISCLAIMER,
             },

@@ -19,7 +19,7 @@ import pandas as pd
 
 from liverlesion import DISCLAIMER, __version__
 from liverlesion.fileio import safe_name
-from liverlesion.volume import Volume
+from liverlesion.volume import Volume, withheld_uid
 
 __all__ = [
     "CaseResult",
@@ -98,7 +98,8 @@ def results_info(
         clf: The :class:`~liverlesion.classifier.Classifier` (its ``describe()``: models, classes, decision rule).
         df: The results table.
         min_size_mm: The minimum lesion size used.
-        inputs: What was classified (paths, options; never patient data from DICOM).
+        inputs: What was classified (paths, options; never patient data from DICOM; a ``series``
+            UID is recorded as given, see :func:`~liverlesion.volume.withheld_uid`).
         **extra: Further top-level fields (sources, domain check).
     """
     return {
@@ -108,7 +109,7 @@ def results_info(
         "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         **clf.describe(),
         "min_size_mm": float(min_size_mm),
-        "inputs": inputs,
+        "inputs": {**inputs, "series": withheld_uid(inputs["series"])} if "series" in inputs else inputs,
         **extra,
         "lesions": df.astype(object).where(df.notna(), None).to_dict(orient="records"),
     }

@@ -70,6 +70,13 @@ class DicomReference:
         return dataclasses.replace(self, **changes)
 
 
+def withheld_uid(uid: str | None) -> str | None:
+    """What an output file (results.json, a patch cache's provenance) keeps of a UID the user chose
+    (``--series``): that one was chosen, not the UID, which identifies the study; only the DICOM
+    objects written (SR, SEG) carry UIDs. The error that lists a folder's series still shows them."""
+    return "given (UID withheld)" if uid else None
+
+
 _AXIS_LETTERS = (("R", "L"), ("A", "P"), ("I", "S"))  # (negative, positive) end of LPS x, y, z
 
 
