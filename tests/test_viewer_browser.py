@@ -187,3 +187,88 @@ def test_open_scroll_click_and_read_the_result(driver, study_files, tmp_path):
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)
+
+
+# --------------------------------------------------------------------------- the page's own behaviour
+# One server on the small two-lesion CT (tests/helpers) and one browser for the tests below; each test
+# loads the page afresh.
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    from helpers import make_ct_with_two_lesions
+    from liverlesion.serve import make_server
+
+    tmp = tmp_path_factory.mktemp("page")
+    image, mask = make_ct_with_two_lesions()  # 24 x 48 x 48: a 12 mm and a too small lesion
+    write_volume(image, tmp / "ct.nii.gz")
+    write_volume(mask, tmp / "mask.nii.gz")
+    ckpt = make_tiny_checkpoint(tmp / "model.pt", seed=3, size_px=32)
+    with torch_threads(1):
+        server = make_server([ckpt], host="127.0.0.1", port=0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        drv = _driver()
+        try:
+            yield {
+                "driver": drv,
+                "server": server,
+                "url": f"http://127.0.0.1:{server.server_address[1]}/",
+                "dir": tmp,
+                "ckpt": ckpt,
+            }
+        finally:
+            drv.quit()
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+def _open(page, url: str | None = None, mask: bool = True):
+    """Load the page, open the small CT (and its mask), wait for the first slice; returns a waiter."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    drv, wait = page["driver"], WebDriverWait(page["driver"], 60)
+    drv.get(url or page["url"])
+    wait.until(lambda d: "Model:" in d.find_element(By.ID, "model-info").text)
+    drv.find_element(By.ID, "image-file").send_keys(str(page["dir"] / "ct.nii.gz"))
+    if mask:
+        drv.find_element(By.ID, "mask-file").send_keys(str(page["dir"] / "mask.nii.gz"))
+    drv.find_element(By.ID, "open-button").click()
+    wait.until(lambda d: d.find_element(By.ID, "view").is_displayed())
+    wait.until(lambda d: d.execute_script("return document.getElementById('slice-canvas').width") > 0)
+    return wait
+
+
+def _error(drv) -> str:
+    from selenium.webdriver.common.by import By
+
+    e = drv.find_element(By.ID, "error")
+    return e.text if e.is_displayed() else ""
+
+
+def test_window_level_in_hu_and_a_fixed_value_clears_its_error(page):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import Select
+
+    drv = page["driver"]
+    wait = _open(page)
+    toolbar = drv.find_element(By.ID, "level").find_element(By.XPATH, "../..").text
+    assert toolbar.count("HU") >= 2, toolbar  # the units of L and W are on the page
+    Select(drv.find_element(By.ID, "preset")).select_by_value("custom")
+    width = drv.find_element(By.ID, "width")
+    width.clear()
+    width.send_keys("0", Keys.TAB)
+    wait.until(lambda d: _error(d).startswith("window:"))
+    width.clear()
+    width.send_keys("400", Keys.TAB)
+    wait.until(lambda d: _error(d) == "")  # stayed up after the value was fixed
+    wait.until(
+        lambda d: d.execute_script(
+            "return performance.getEntriesByType('resource').some((e) => e.name.includes('ww=400'))"
+        )
+    )

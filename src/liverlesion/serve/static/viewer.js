@@ -189,10 +189,13 @@
       $("width").value = w.width;
     }
     const level = Number($("level").value), width = Number($("width").value);
-    if (!Number.isFinite(level) || !Number.isFinite(width) || width < 1) {
-      showError("window: level must be a number and width at least 1 HU");
+    const bad = !Number.isFinite(level) || !Number.isFinite(width) || width < 1 ||
+      $("level").value.trim() === "" || $("width").value.trim() === "";
+    if (bad) {
+      showError("window: level must be a number of HU and width at least 1 HU (e.g. L 60, W 250)");
       return;
     }
+    if ($("error").textContent.startsWith("window:")) showError(""); // fixed: the old complaint goes
     state.level = level;
     state.width = width;
     if (state.study) loadSlice();
