@@ -272,3 +272,26 @@ def test_window_level_in_hu_and_a_fixed_value_clears_its_error(page):
             "return performance.getEntriesByType('resource').some((e) => e.name.includes('ww=400'))"
         )
     )
+
+
+def test_slice_keys_work_after_a_button_or_row_click_with_home_and_end(page):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    drv = page["driver"]
+    wait = _open(page)
+    slice_text = lambda d: d.find_element(By.ID, "slice-number").text  # noqa: E731
+    drv.find_element(By.ID, "goto-lesion").click()  # the focus is on the button, not the canvas
+    wait.until(lambda d: " / 23" in slice_text(d))
+    k = int(slice_text(drv).split(" /")[0])
+    ActionChains(drv).send_keys(Keys.ARROW_DOWN).perform()
+    wait.until(lambda d: slice_text(d).startswith(f"{k - 1} /"))
+    ActionChains(drv).send_keys(Keys.END).perform()
+    wait.until(lambda d: slice_text(d).startswith("23 /"))
+    ActionChains(drv).send_keys(Keys.HOME).perform()
+    wait.until(lambda d: slice_text(d).startswith("0 /"))
+    # A field keeps its arrow keys: the diameter is stepped, the slice stays.
+    drv.find_element(By.ID, "diameter").send_keys(Keys.ARROW_UP)
+    assert drv.find_element(By.ID, "diameter").get_attribute("value") == "15.5"
+    assert slice_text(drv).startswith("0 /")

@@ -174,9 +174,17 @@
     e.preventDefault();
     goTo(state.k + (e.deltaY > 0 ? -1 : 1));
   }, { passive: false });
-  $("slice-canvas").addEventListener("keydown", (e) => {
-    const step = { ArrowUp: 1, ArrowDown: -1, PageUp: 10, PageDown: -10 }[e.key];
-    if (step) { e.preventDefault(); goTo(state.k + step); }
+  // Slice keys work wherever the focus is (after a click on a table row or a button too), except in
+  // the page's own fields and lists, which keep their arrow keys.
+  document.addEventListener("keydown", (e) => {
+    if (!state.study || $("view").hidden || e.altKey || e.ctrlKey || e.metaKey) return;
+    if (e.target.closest && e.target.closest("input, select, textarea")) return;
+    const nz = state.study.n_slices;
+    const to = {
+      ArrowUp: state.k + 1, ArrowDown: state.k - 1, PageUp: state.k + 10, PageDown: state.k - 10,
+      Home: 0, End: nz - 1,
+    }[e.key];
+    if (to !== undefined) { e.preventDefault(); goTo(to); }
   });
   $("outline").addEventListener("change", loadSlice);
   function setWindow() {
