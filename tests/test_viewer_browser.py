@@ -295,3 +295,36 @@ def test_slice_keys_work_after_a_button_or_row_click_with_home_and_end(page):
     drv.find_element(By.ID, "diameter").send_keys(Keys.ARROW_UP)
     assert drv.find_element(By.ID, "diameter").get_attribute("value") == "15.5"
     assert slice_text(drv).startswith("0 /")
+
+
+def test_a_stopped_server_is_said_in_words_not_failed_to_fetch(page):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    from liverlesion.serve import make_server
+
+    with torch_threads(1):
+        server = make_server([page["ckpt"]], host="127.0.0.1", port=0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    drv = page["driver"]
+    try:
+        wait = _open(page, url=f"http://127.0.0.1:{server.server_address[1]}/")
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+    said = "the liverlesion server does not answer"
+    ActionChains(drv).send_keys(Keys.ARROW_UP).perform()  # a slice it cannot fetch
+    wait.until(lambda d: said in _error(d))
+    drv.execute_script("document.getElementById('error').hidden = true")
+    canvas = drv.find_element(By.ID, "slice-canvas")
+    ActionChains(drv).move_to_element(canvas).click().perform()  # a click it cannot classify
+    wait.until(lambda d: said in _error(d))
+    assert "Failed to fetch" not in _error(drv)
+    wait.until(lambda d: not d.find_element(By.ID, "busy").is_displayed())  # no spinner left turning
+    drv.execute_script("document.getElementById('error').hidden = true")
+    drv.find_element(By.ID, "open-button").click()  # an upload nobody takes
+    wait.until(lambda d: said in _error(d))
+    assert drv.find_element(By.ID, "open-button").is_enabled()

@@ -38,10 +38,14 @@
     if (!resp.ok) throw new Error((body && body.error) || `HTTP ${resp.status}`);
     return body;
   }
+  // fetch() only rejects when no answer came at all: say so in words, not the browser's "Failed to fetch".
+  const OFFLINE = "the liverlesion server does not answer (stopped?); start liverlesion serve again and " +
+    "reload this page (open studies are not kept across a restart)";
+  const request = (url, opts) => fetch(url, opts).catch(() => { throw new Error(OFFLINE); });
   const api = (path) => `/api/studies/${encodeURIComponent(state.study.study_id)}${path}`;
 
   // ------------------------------------------------------------------ model info
-  fetch("/api/info").then(json).then((info) => {
+  request("/api/info").then(json).then((info) => {
     state.classNames = info.class_names || [];
     const models = (info.models || []).map((m) => `${m.backbone || "?"} (sha256 ${String(m.sha256 || "?").slice(0, 12)})`);
     $("model-info").textContent = `Model: ${models.join(", ")}; classes ${state.classNames.join(", ")}; ` +
@@ -78,7 +82,7 @@
       try { body = JSON.parse(xhr.responseText); } catch (e) { body = null; }
       if (xhr.status !== 201) {
         $("open-progress").hidden = true;
-        showError((body && body.error) || `upload failed (HTTP ${xhr.status || "no answer"})`);
+        showError((body && body.error) || (xhr.status ? `upload failed (HTTP ${xhr.status})` : OFFLINE));
         return;
       }
       $("open-status").textContent = `opened: ${body.n_slices} slices`;
@@ -141,7 +145,7 @@
     };
     img.onerror = () => {
       if (state.wanted !== url) return;
-      fetch(url).then(json).catch((e) => showError(`slice ${state.k}: ${e.message}`));
+      request(url).then(json).catch((e) => showError(`slice ${state.k}: ${e.message}`));
     };
     img.src = url;
   }
@@ -260,14 +264,14 @@
     const t0 = performance.now();
     busy("sending…");
     try {
-      const job = await json(await fetch(api("/classify"), {
+      const job = await json(await request(api("/classify"), {
         method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
       }));
       let st = job;
       while (st.state === "queued" || st.state === "running") {
         busy(`${st.stage}… ${((performance.now() - t0) / 1000).toFixed(1)} s`);
         await sleep(200);
-        st = await json(await fetch(`/api/jobs/${encodeURIComponent(job.job_id)}`));
+        st = await json(await request(`/api/jobs/${encodeURIComponent(job.job_id)}`));
       }
       if (st.state === "error") throw new Error(st.error);
       busy("");
