@@ -328,3 +328,30 @@ def test_a_stopped_server_is_said_in_words_not_failed_to_fetch(page):
     drv.find_element(By.ID, "open-button").click()  # an upload nobody takes
     wait.until(lambda d: said in _error(d))
     assert drv.find_element(By.ID, "open-button").is_enabled()
+
+
+def test_downloads_are_saved_and_a_closed_study_says_so(page, tmp_path):
+    import json
+    import urllib.request
+
+    from selenium.webdriver.common.by import By
+
+    drv = page["driver"]
+    wait = _open(page)
+    drv.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(tmp_path)})
+    drv.find_element(By.ID, "classify-all").click()
+    wait.until(lambda d: d.find_element(By.ID, "dl-json").get_attribute("aria-disabled") == "false")
+    drv.find_element(By.ID, "dl-json").click()
+    wait.until(lambda d: (tmp_path / "results.json").is_file())
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["disclaimer"] == "research use, not for diagnosis"
+    assert _error(drv) == ""
+    # The study is closed (as after idling past --study-ttl-min): the link says so instead of a silent
+    # failed download.
+    href = drv.find_element(By.ID, "dl-csv").get_attribute("href")
+    study = href.rsplit("/", 1)[0]
+    urllib.request.urlopen(urllib.request.Request(study, method="DELETE"), timeout=30).close()
+    drv.find_element(By.ID, "dl-csv").click()
+    wait.until(lambda d: _error(d).startswith("results.csv: study "))
+    assert "open the CT again" in _error(drv)
+    assert not (tmp_path / "results.csv").exists()

@@ -362,9 +362,32 @@
       a.title = ok ? "" : why;
     }
   }
+  // A download is fetched first, so a refusal (study closed after idling, server restarted or stopped,
+  // SEG not possible) is said on the page; a plain link left a failed download and no word.
   for (const id of ["dl-csv", "dl-json", "dl-sr", "dl-seg"]) {
-    $(id).addEventListener("click", (e) => { // a disabled link says why instead of downloading
-      if ($(id).getAttribute("aria-disabled") === "true") { e.preventDefault(); showError($(id).title); }
+    $(id).addEventListener("click", async (e) => {
+      e.preventDefault();
+      const a = $(id);
+      if (a.getAttribute("aria-disabled") === "true") { showError(a.title); return; } // says why
+      const name = a.pathname.split("/").pop();
+      showError("");
+      busy(`preparing ${name}…`);
+      try {
+        const resp = await request(a.href);
+        if (!resp.ok) await json(resp); // throws the server's one-line reason
+        const url = URL.createObjectURL(await resp.blob());
+        const save = document.createElement("a");
+        save.href = url;
+        save.download = name;
+        document.body.appendChild(save);
+        save.click();
+        save.remove();
+        setTimeout(() => URL.revokeObjectURL(url), 60000);
+        busy("");
+      } catch (err) {
+        busy("");
+        showError(`${name}: ${err.message}`);
+      }
     });
   }
 })();
