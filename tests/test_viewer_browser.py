@@ -355,3 +355,34 @@ def test_downloads_are_saved_and_a_closed_study_says_so(page, tmp_path):
     wait.until(lambda d: _error(d).startswith("results.csv: study "))
     assert "open the CT again" in _error(drv)
     assert not (tmp_path / "results.csv").exists()
+
+
+def test_controls_are_off_while_a_classification_runs(page, monkeypatch):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    from liverlesion.serve import viewer
+
+    gate, classify = threading.Event(), viewer.classify
+
+    def held(*args, **kwargs):  # the job stays "running" until the test lets it go
+        gate.wait(60)
+        return classify(*args, **kwargs)
+
+    monkeypatch.setattr(viewer, "classify", held)
+    drv = page["driver"]
+    wait = _open(page)
+    ids = ("classify-all", "classify-label", "open-button")
+    try:
+        drv.find_element(By.ID, "classify-all").click()
+        wait.until(lambda d: d.find_element(By.ID, "busy").is_displayed())
+        assert [drv.find_element(By.ID, i).is_enabled() for i in ids] == [False] * 3
+        canvas = drv.find_element(By.ID, "slice-canvas")
+        ActionChains(drv).move_to_element(canvas).click().perform()  # says why nothing starts
+        wait.until(lambda d: _error(d).startswith("still classifying"))
+        jobs = page["server"].jobs._jobs.values()
+        assert sum(j.state in ("queued", "running") for j in jobs) == 1  # the click queued nothing more
+    finally:
+        gate.set()
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#results-table tbody tr"))
+    wait.until(lambda d: all(d.find_element(By.ID, i).is_enabled() for i in ids))

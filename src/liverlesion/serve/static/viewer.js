@@ -15,6 +15,8 @@
     results: new Map(), // lesion_id -> row
     selected: null,
     classNames: [],
+    uploading: false,   // a CT is being uploaded / read
+    running: false,     // a classification job is queued or running
   };
 
   // ------------------------------------------------------------------ helpers
@@ -22,6 +24,12 @@
     const e = $("error");
     e.textContent = msg || "";
     e.hidden = !msg;
+  }
+  // While a classification runs, the buttons that would start another one (or replace the study under
+  // it) are off; a click on the slice says why nothing happens.
+  function setControls() {
+    $("open-button").disabled = state.uploading || state.running;
+    $("classify-label").disabled = $("classify-all").disabled = state.running;
   }
   function busy(text) {
     $("busy").hidden = !text;
@@ -66,7 +74,8 @@
     if (segments) data.append("label", segments);
     const xhr = new XMLHttpRequest();
     $("open-progress").hidden = false;
-    $("open-button").disabled = true;
+    state.uploading = true;
+    setControls();
     $("upload-bar").value = 0;
     $("open-status").textContent = "uploading…";
     xhr.upload.onprogress = (e) => {
@@ -77,7 +86,8 @@
       $("open-status").textContent = "reading the CT on the server…";
     };
     xhr.onloadend = () => {
-      $("open-button").disabled = false;
+      state.uploading = false;
+      setControls();
       let body = null;
       try { body = JSON.parse(xhr.responseText); } catch (e) { body = null; }
       if (xhr.status !== 201) {
@@ -225,6 +235,10 @@
   }
   $("slice-canvas").addEventListener("mousedown", (e) => {
     if (!state.study || e.button !== 0) return;
+    if (state.running) {
+      showError("still classifying the last lesion; click again when it is done");
+      return;
+    }
     const p = toPixel(e);
     state.drag = { k: state.k, x: p.x, y: p.y, rmm: 0 };
     draw();
@@ -260,8 +274,12 @@
   // ------------------------------------------------------------------ classification jobs
   const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
   async function classify(body) {
+    if (state.running) return;
     showError("");
     const t0 = performance.now();
+    const study = state.study;
+    state.running = true;
+    setControls();
     busy("sending…");
     try {
       const job = await json(await request(api("/classify"), {
@@ -275,6 +293,7 @@
       }
       if (st.state === "error") throw new Error(st.error);
       busy("");
+      if (state.study !== study) return; // another CT was opened meanwhile: not its result
       for (const row of st.result.lesions) state.results.set(row.lesion_id, row);
       state.classNames = st.result.class_names || state.classNames;
       const last = st.result.lesions[st.result.lesions.length - 1];
@@ -284,7 +303,10 @@
       loadSlice(); // the new lesion's outline
     } catch (e) {
       busy("");
-      showError(e.message);
+      if (state.study === study) showError(e.message);
+    } finally {
+      state.running = false;
+      setControls();
     }
   }
 
