@@ -386,3 +386,29 @@ def test_controls_are_off_while_a_classification_runs(page, monkeypatch):
         gate.set()
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#results-table tbody tr"))
     wait.until(lambda d: all(d.find_element(By.ID, i).is_enabled() for i in ids))
+
+
+def test_result_says_the_rule_the_minimum_size_and_no_spread_for_one_model(page):
+    from selenium.webdriver.common.by import By
+
+    drv = page["driver"]
+    wait = _open(page)
+    latest = lambda d: d.find_element(By.ID, "latest-result").text  # noqa: E731
+    rule = drv.find_element(By.ID, "decision-rule").text  # next to the result, not only in the footer
+    assert "metastasis if P(metastasis) >= 0.5" in rule and "not a diagnosis" in rule
+    drv.find_element(By.ID, "classify-all").click()
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results-table tbody tr")) == 2)
+    wait.until(lambda d: not d.find_element(By.ID, "busy").is_displayed())
+    rows = drv.find_elements(By.CSS_SELECTOR, "#results-table tbody tr")  # redrawn on each selection: ids
+    small = next(r for r in rows if "too small" in r.text).get_attribute("data-lesion")
+    big = next(r for r in rows if "too small" not in r.text).get_attribute("data-lesion")
+    drv.find_element(By.CSS_SELECTOR, f"tr[data-lesion='{small}']").click()
+    wait.until(lambda d: "too small" in latest(d))
+    assert "under the 5 mm minimum: not classified" in latest(drv)
+    assert "Grad-CAM" not in drv.find_element(By.ID, "overlay-caption").text  # none is drawn for it
+    drv.find_element(By.CSS_SELECTOR, f"tr[data-lesion='{big}']").click()
+    wait.until(lambda d: "P(metastasis)" in latest(d))
+    assert "one model (no ensemble spread)" in latest(drv) and "uncertainty 0.00" not in latest(drv)
+    assert "of at most 1.00 bits" in latest(drv)
+    heads = [h.text for h in drv.find_elements(By.CSS_SELECTOR, "#results-table thead th")]
+    assert "ensemble SD" in heads and "uncertainty" not in heads

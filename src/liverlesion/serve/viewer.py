@@ -425,7 +425,8 @@ def classify(clf, study: Study, spec: dict[str, Any], job=None) -> dict[str, Any
     again replaces its earlier result).
 
     Returns:
-        ``{"study_id", "lesions": [row + overlay_url], "decision_rule", "disclaimer"}``.
+        ``{"study_id", "lesions": [row + overlay_url], "class_names", "decision_rule", "min_size_mm"
+        (smaller lesions are not classified), "disclaimer"}``.
     """
     stage = job.set_stage if job is not None else (lambda s: None)
     stage("cutting the patch and running the model")
@@ -466,6 +467,7 @@ def classify(clf, study: Study, spec: dict[str, Any], job=None) -> dict[str, Any
         "lesions": rows,
         "class_names": list(clf.class_names),
         "decision_rule": clf.decision_rule,
+        "min_size_mm": float(spec["min_size_mm"]),
         "disclaimer": DISCLAIMER,
     }
 

@@ -15,6 +15,7 @@
     results: new Map(), // lesion_id -> row
     selected: null,
     classNames: [],
+    rule: "",           // the decision rule, in words
     uploading: false,   // a CT is being uploaded / read
     running: false,     // a classification job is queued or running
   };
@@ -58,6 +59,8 @@
     const models = (info.models || []).map((m) => `${m.backbone || "?"} (sha256 ${String(m.sha256 || "?").slice(0, 12)})`);
     $("model-info").textContent = `Model: ${models.join(", ")}; classes ${state.classNames.join(", ")}; ` +
       `decision: ${info.decision_rule}; liverlesion ${info.liverlesion_version}.`;
+    state.rule = info.decision_rule || "";
+    showRule();
   }).catch((e) => showError(`model info: ${e.message}`));
 
   // ------------------------------------------------------------------ opening a study
@@ -294,8 +297,13 @@
       if (st.state === "error") throw new Error(st.error);
       busy("");
       if (state.study !== study) return; // another CT was opened meanwhile: not its result
-      for (const row of st.result.lesions) state.results.set(row.lesion_id, row);
+      for (const row of st.result.lesions) {
+        row.min_size_mm = st.result.min_size_mm;
+        state.results.set(row.lesion_id, row);
+      }
       state.classNames = st.result.class_names || state.classNames;
+      state.rule = st.result.decision_rule || state.rule;
+      showRule();
       const last = st.result.lesions[st.result.lesions.length - 1];
       renderTable();
       setDownloads();
@@ -314,7 +322,7 @@
     ["lesion", (r) => r.lesion_id],
     ["class", (r) => r.pred_class],
     ...state.classNames.map((c) => [`P(${c})`, (r) => fmt(r[`prob_${c}`])]),
-    ["uncertainty", (r) => fmt(r.uncertainty)],
+    ["ensemble SD", (r) => (r.n_models > 1 ? fmt(r.uncertainty) : "-")],
     ["entropy (bits)", (r) => fmt(r.entropy_bits)],
     ["diameter (mm)", (r) => fmt(r.max_axial_diameter_mm, 1)],
     ["volume (mL)", (r) => fmt(r.volume_ml, 2)],
@@ -349,12 +357,18 @@
     strong.id = "result-class";
     strong.textContent = r.pred_class;
     el.append(`${r.lesion_id}: `, strong);
-    if (r.status === "classified") {
-      el.append(` — ${p}; uncertainty ${fmt(r.uncertainty, 2)}, entropy ${fmt(r.entropy_bits, 2)} bits.`);
+    const classified = r.status === "classified";
+    if (classified) {
+      // "uncertainty" is the spread of an ensemble's members: one model has none (it read as "0.00": certain)
+      const spread = r.n_models > 1 ? `ensemble SD ${fmt(r.uncertainty, 2)} (${r.n_models} models)`
+        : "one model (no ensemble spread)";
+      const most = fmt(Math.log2(Math.max(state.classNames.length, 2)), 2);
+      el.append(` — ${p}; ${spread}; entropy ${fmt(r.entropy_bits, 2)} of at most ${most} bits.`);
     } else {
-      el.append(` — smallest axis ${fmt(r.min_axis_mm, 1)} mm: not classified.`);
+      const min = Number.isFinite(r.min_size_mm) ? `, under the ${fmt(r.min_size_mm, 0)} mm minimum` : "";
+      el.append(` — smallest axis ${fmt(r.min_axis_mm, 1)} mm${min}: not classified.`);
     }
-    const cam = $("gradcam").checked;
+    const cam = $("gradcam").checked && classified; // no Grad-CAM for a lesion the model did not see
     const img = $("overlay");
     $("overlay-figure").hidden = false;
     $("overlay-caption").textContent = `${r.lesion_id}: slice ${r.slice}` + (cam ? ", with Grad-CAM" : "");
@@ -364,6 +378,11 @@
     img.src = r.overlay_url + (cam ? "?gradcam=1" : "");
   }
   $("gradcam").addEventListener("change", () => { if (state.selected) select(state.selected); });
+
+  function showRule() {
+    $("decision-rule").textContent = state.rule
+      ? `Decision rule: ${state.rule}. Probabilities are the model's, for research: not a diagnosis.` : "";
+  }
 
   function setDownloads() {
     const d = state.study.downloads || {};
