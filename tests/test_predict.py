@@ -699,3 +699,24 @@ def test_manifest_checks_every_input_before_classifying_any(bad, ckpts, tmp_path
     assert len(lines) == 1 and "manifest row 2" in lines[0], err
     assert classified == []  # nothing classified before the bad row was found
     assert not out.exists()
+
+
+@pytest.mark.parametrize("n_models", [1, 2])
+def test_overlay_title_names_the_spread_only_for_an_ensemble(ckpts, case, tmp_path, monkeypatch, n_models):
+    from matplotlib.figure import Figure
+
+    from liverlesion.overlay import draw_lesion_overlay
+
+    titles: list[str] = []
+    real = Figure.suptitle
+    monkeypatch.setattr(Figure, "suptitle", lambda self, t, **kw: (titles.append(t), real(self, t, **kw))[1])
+    clf = Classifier.load([ckpts["a"], ckpts["b"]][:n_models])
+    image, mask = read_volume(case["image"]), read_volume(case["mask"], kind="mask")
+    result = clf.classify_case(image, mask=mask).results[0]
+    draw_lesion_overlay(result, image, tmp_path / "o.png", clf.class_names)
+    assert (tmp_path / "o.png").is_file()
+    # one model has no spread: "uncertainty 0.00" read as certain next to P 0.53 / 0.47
+    want = (
+        "one model (no ensemble spread)" if n_models == 1 else f"ensemble SD {result.row['uncertainty']:.2f}"
+    )
+    assert want in titles[0] and "uncertainty" not in titles[0]

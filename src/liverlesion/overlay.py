@@ -79,7 +79,12 @@ def draw_lesion_overlay(result: LesionResult, image: Volume, path: Path, class_n
         verdict = f"{TOO_SMALL} (smallest axis {row['min_axis_mm']:.1f} mm): not classified"
     else:
         probs = ", ".join(f"P({c}) {row[f'prob_{c}']:.2f}" for c in class_names)
-        verdict = f"predicted {row['pred_class']}: {probs}, uncertainty {row['uncertainty']:.2f}"
+        spread = (  # one model has no spread: "uncertainty 0.00" would read as certain
+            "one model (no ensemble spread)"
+            if int(row.get("n_models") or 1) == 1
+            else f"ensemble SD {row['uncertainty']:.2f}"
+        )
+        verdict = f"predicted {row['pred_class']}: {probs}, {spread}"
     fig.suptitle(
         f"{row['lesion_id']}  {verdict}\n"
         f"diameter {row['max_axial_diameter_mm']:.1f} mm, volume {row['volume_ml']:.2f} mL",
