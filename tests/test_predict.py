@@ -160,6 +160,8 @@ def test_ensemble_mean_and_uncertainty(ckpts, case):
     assert e["n_models"] == 2 and len(e["checkpoint_sha256"].split(";")) == 2
     parent = ckpts["a"].parent.name
     assert f"2 model(s): {parent}/a.pt, {parent}/b.pt;" in repr(ens)  # fold_0/model.pt, not model.pt twice
+    # the printed table shows the ensemble's spread, and no "0.000" column for one model
+    assert "ens_sd" in str(pe) and "ens_sd" not in str(pa) and "uncertainty" not in str(pa)
 
 
 def test_temperature_and_threshold_are_applied(ckpts, case):

@@ -148,7 +148,7 @@ def results_table(
 class Results(pd.DataFrame):
     """The results table (one row per lesion, :func:`result_columns`); a plain DataFrame that prints short.
 
-    ``print(clf.predict(...))`` shows the lesion id, class, probability, uncertainty and size of each
+    ``print(clf.predict(...))`` shows the lesion id, class, probability, the ensemble's spread (several models) and size of each
     lesion, the decision rule and the disclaimer; every column is still in the frame
     (``df.to_string()`` or ``pd.DataFrame(df)`` show them all).
     """
@@ -177,12 +177,15 @@ def format_results(
         cols.append(f"prob_{positive_class}")
     else:
         cols += [f"prob_{c}" for c in class_names]
-    cols += ["uncertainty", "max_axial_diameter_mm", "volume_ml"]
+    n_models = n_models if n_models is not None else df.attrs.get("n_models")
+    # the spread across an ensemble's models; one model has none ("0.000" would read as certain)
+    cols += (["uncertainty"] if n_models != 1 else []) + ["max_axial_diameter_mm", "volume_ml"]
     show = pd.DataFrame(df)[[c for c in cols if c in df.columns]]
-    show = show.rename(columns={"max_axial_diameter_mm": "diam_mm", "volume_ml": "vol_ml"})
+    show = show.rename(
+        columns={"max_axial_diameter_mm": "diam_mm", "volume_ml": "vol_ml", "uncertainty": "ens_sd"}
+    )
     with pd.option_context("display.max_rows", 40, "display.width", 160):
         table = show.to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="-")
-    n_models = n_models if n_models is not None else df.attrs.get("n_models")
     tail = f"{len(df)} lesion(s)"
     if decision_rule:
         tail += f"; decision: {decision_rule}"
