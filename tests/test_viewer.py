@@ -153,6 +153,35 @@ def test_slice_png_is_windowed_with_the_mask_outline(served):
     assert np.abs(plain[..., 0].astype(float) - expected).max() <= 1
 
 
+def test_hu_under_the_mouse_is_the_voxels_value_and_lps_position(served):
+    sid = open_study(served)["study_id"]
+    url = f"{served['url']}/api/studies/{sid}/hu"
+    image = served["image"]
+    for k, y, x in ((11, 23, 23), (5, 1, 1), (0, 47, 0), (23, 0, 47)):
+        status, body, ctype = get(f"{url}?k={k}&x={x}&y={y}")
+        assert status == 200 and ctype.startswith("application/json")
+        v = json.loads(body)
+        assert (v["slice"], v["x_px"], v["y_px"]) == (k, x, y)
+        assert v["hu"] == pytest.approx(float(image.array[k, y, x]), abs=0.05)
+        assert v["lps_mm"] == pytest.approx(list(image.index_to_physical((k, y, x))), abs=0.01)
+    assert json.loads(get(f"{url}?k=5&x=1&y=1")[1])["hu"] < -500  # air outside the body
+    # out of the volume, missing or not whole: 400 in one line, as the slice route
+    for q, expected in (
+        ("k=24&x=3&y=3", "slices 0..23"),
+        ("k=-1&x=3&y=3", "slices 0..23"),
+        ("k=3&x=48&y=3", "outside the image"),
+        ("k=3&x=3&y=-1", "outside the image"),
+        ("k=3&x=3", "must be a whole number"),
+        ("k=3&x=2.5&y=3", "must be a whole number"),
+        ("k=3&x=abc&y=3", "must be a whole number"),
+    ):
+        status, body, _ = get(f"{url}?{q}")
+        assert status == 400, (q, body)
+        assert expected in error_of((status, body)), (q, body)
+    status, body, _ = get(f"{served['url']}/api/studies/{'x' * 24}/hu?k=3&x=3&y=3")
+    assert status == 404 and "no such study" in error_of((status, body))
+
+
 # --------------------------------------------------------------------------- clicks
 
 

@@ -412,3 +412,46 @@ def test_result_says_the_rule_the_minimum_size_and_no_spread_for_one_model(page)
     assert "of at most 1.00 bits" in latest(drv)
     heads = [h.text for h in drv.find_elements(By.CSS_SELECTOR, "#results-table thead th")]
     assert "ensemble SD" in heads and "uncertainty" not in heads
+
+
+def _move_to_voxel(drv, x: int, y: int) -> None:
+    """Move the mouse over pixel (x, y) of the slice canvas (the small CT: 48 x 48 pixels)."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    canvas = drv.find_element(By.ID, "slice-canvas")
+    w, h = canvas.size["width"], canvas.size["height"]
+    dx, dy = (x + 0.5) / 48 * w - w / 2, (y + 0.5) / 48 * h - h / 2
+    ActionChains(drv).move_to_element_with_offset(canvas, round(dx), round(dy)).perform()
+
+
+def test_hu_under_the_mouse_follows_it_and_the_slice(page):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    from helpers import make_ct_with_two_lesions
+
+    image, _ = make_ct_with_two_lesions()
+    drv = page["driver"]
+    wait = _open(page, mask=False)
+    readout = lambda d: d.find_element(By.ID, "hu-readout").text  # noqa: E731
+    k = int(drv.execute_script("return Number(document.getElementById('slice-range').value)"))
+
+    def expect(k, y, x):
+        hu = round(float(image.array[k, y, x])) or 0
+        lx, ly, lz = image.index_to_physical((k, y, x))
+        return f"x {x}, y {y}, " + "slice {}" + f": {hu} HU · LPS ({lx:.1f}, {ly:.1f}, {lz:.1f}) mm"
+
+    _move_to_voxel(drv, 23, 23)
+    wait.until(lambda d: readout(d) == expect(k, 23, 23).format(k))
+    _move_to_voxel(drv, 2, 3)  # air
+    wait.until(lambda d: readout(d) == expect(k, 3, 2).format(k))
+    assert int(readout(drv).split(": ")[1].split(" HU")[0]) < -500
+    ActionChains(drv).send_keys(Keys.ARROW_UP).perform()  # the mouse stays: the new slice's value
+    wait.until(lambda d: readout(d) == expect(k + 1, 3, 2).format(k + 1))
+    for x in range(4, 45, 3):  # a quick sweep: the readout ends on the last position, not an older answer
+        _move_to_voxel(drv, x, 20)
+    wait.until(lambda d: readout(d) == expect(k + 1, 20, 43).format(k + 1))
+    ActionChains(drv).move_to_element(drv.find_element(By.ID, "diameter")).perform()  # off the slice
+    wait.until(lambda d: "HU" in readout(d) and "x " not in readout(d))

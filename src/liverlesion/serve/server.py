@@ -14,6 +14,7 @@ Routes (JSON under ``/api``):
     GET    /api/studies/{id}                         the study's info
     DELETE /api/studies/{id}                         close it now
     GET    /api/studies/{id}/slice/{k}.png?wl=&ww=   windowed axial slice with outlines
+    GET    /api/studies/{id}/hu?k=&x=&y=             one voxel's HU and LPS position (the mouse readout)
     POST   /api/studies/{id}/classify[?wait=1]       a click / label / all -> job (202) or result
     GET    /api/jobs/{job}                           queued / running (stage) / done (result) / error
     GET    /api/studies/{id}/lesions/{lesion}/overlay.png[?gradcam=1]
@@ -74,6 +75,7 @@ _SID = r"(?P<sid>[A-Za-z0-9_-]{1,64})"
 _ROUTES_GET = [
     (re.compile(rf"^/api/studies/{_SID}$"), "study"),
     (re.compile(rf"^/api/studies/{_SID}/slice/(?P<k>-?\d{{1,6}})\.png$"), "slice"),
+    (re.compile(rf"^/api/studies/{_SID}/hu$"), "hu"),
     (re.compile(rf"^/api/studies/{_SID}/lesions/(?P<lid>[A-Za-z0-9._-]{{1,80}})/overlay\.png$"), "overlay"),
     (
         re.compile(rf"^/api/studies/{_SID}/(?P<name>results\.csv|results\.json|report-sr\.dcm|seg\.dcm)$"),
@@ -262,6 +264,9 @@ class _Handler(BaseHTTPRequestHandler):
         level, width = viewer.parse_window(query)
         outline = (query.get("outline") or ["1"])[0] != "0"
         self._send(HTTPStatus.OK, viewer.render_slice(study, int(k), level, width, outline), "image/png")
+
+    def _get_hu(self, query: dict, sid: str) -> None:
+        self._send_json(HTTPStatus.OK, viewer.hu_at(self.server.studies.get(sid), query))
 
     def _get_overlay(self, query: dict, sid: str, lid: str) -> None:
         study = self.server.studies.get(sid)

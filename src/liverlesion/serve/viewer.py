@@ -37,6 +37,7 @@ from liverlesion.serve.studies import Study, StudyStore
 __all__ = [
     "PRESETS",
     "classify",
+    "hu_at",
     "open_study",
     "overlay_png",
     "parse_classify",
@@ -274,6 +275,40 @@ def render_slice(study: Study, k: int, level: float, width: float, outline: bool
     buf = io.BytesIO()
     Image.fromarray(rgb, mode="RGB").save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
+
+
+def _whole(query: dict[str, list[str]], key: str, what: str) -> int:
+    raw = (query.get(key) or [""])[0].strip()
+    try:
+        return int(raw)
+    except ValueError:
+        raise UserError(f"{what} {key}={raw!r}: must be a whole number (a pixel index from 0)") from None
+
+
+def hu_at(study: Study, query: dict[str, list[str]]) -> dict[str, Any]:
+    """The HU of one voxel and its LPS position, from ``?k=&x=&y=`` (slice, column and row indices from 0,
+    as ``slice``, ``x_px`` and ``y_px`` of a click): what the page shows under the mouse.
+
+    Raises:
+        UserError: A missing or non-whole index, or one outside the volume.
+    """
+    k = _whole(query, "k", "slice")
+    x = _whole(query, "x", "pixel column")
+    y = _whole(query, "y", "pixel row")
+    _check_slice(study, k)
+    nz, ny, nx = study.image.shape
+    if not (0 <= x < nx and 0 <= y < ny):
+        raise UserError(
+            f"pixel x={x}, y={y}: outside the image ({nx} x {ny} pixels: x 0..{nx - 1}, y 0..{ny - 1})"
+        )
+    lps = study.image.index_to_physical((float(k), float(y), float(x)))
+    return {
+        "slice": k,
+        "x_px": x,
+        "y_px": y,
+        "hu": round(float(study.image.array[k, y, x]), 1),
+        "lps_mm": [round(float(v), 2) for v in lps],
+    }
 
 
 # --------------------------------------------------------------------------- classifying

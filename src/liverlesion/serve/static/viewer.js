@@ -18,6 +18,9 @@
     rule: "",           // the decision rule, in words
     uploading: false,   // a CT is being uploaded / read
     running: false,     // a classification job is queued or running
+    hover: null,        // the voxel under the mouse {x, y} (pixel indices), null when off the slice
+    huBusy: false,      // an HU request is in flight (one at a time: the latest position wins)
+    huWanted: false,    // the mouse moved (or the slice changed) while it was in flight
   };
 
   // ------------------------------------------------------------------ helpers
@@ -51,6 +54,7 @@
   const OFFLINE = "the liverlesion server does not answer (stopped?); start liverlesion serve again and " +
     "reload this page (open studies are not kept across a restart)";
   const request = (url, opts) => fetch(url, opts).catch(() => { throw new Error(OFFLINE); });
+  const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
   const api = (path) => `/api/studies/${encodeURIComponent(state.study.study_id)}${path}`;
 
   // ------------------------------------------------------------------ model info
@@ -111,6 +115,7 @@
     state.results.clear();
     state.selected = null;
     state.marker = null;
+    leaveSlice();
     renderTable();
     $("latest-result").textContent = "No lesion classified yet.";
     $("overlay-figure").hidden = true;
@@ -145,6 +150,7 @@
     $("slice-range").value = String(state.k);
     $("slice-number").textContent = `${state.k} / ${nz - 1}`;
     loadSlice();
+    askHU();
   }
   function loadSlice() {
     const o = $("outline").checked ? 1 : 0;
@@ -229,6 +235,40 @@
   $("level").addEventListener("change", setWindow);
   $("width").addEventListener("change", setWindow);
 
+  // ------------------------------------------------------------------ HU under the mouse
+  // One small request at a time (GET .../hu), at most every 40 ms; a move while one is in flight asks
+  // again for the latest position when it returns, so the readout follows the mouse without a queue.
+  function leaveSlice() {
+    state.hover = null;
+    $("hu-readout").textContent = "Move the mouse over the slice for its HU.";
+  }
+  function askHU() {
+    if (!state.study || !state.hover) return;
+    state.huWanted = true;
+    if (!state.huBusy) nextHU();
+  }
+  async function nextHU() {
+    state.huWanted = false;
+    const p = state.hover, k = state.k, study = state.study;
+    if (!p || !study) return;
+    state.huBusy = true;
+    try {
+      const v = await json(await request(api(`/hu?k=${k}&x=${p.x}&y=${p.y}`)));
+      if (state.study === study && state.hover) {
+        const [lx, ly, lz] = v.lps_mm.map((c) => fmt(c, 1));
+        $("hu-readout").textContent = `x ${v.x_px}, y ${v.y_px}, slice ${v.slice}: ${Math.round(v.hu) || 0} HU` +
+          ` · LPS (${lx}, ${ly}, ${lz}) mm`;
+      }
+    } catch (e) {
+      if (state.study === study) $("hu-readout").textContent = `HU: ${e.message}`;
+    } finally {
+      await sleep(40);
+      state.huBusy = false;
+      if (state.huWanted) nextHU();
+    }
+  }
+  $("slice-canvas").addEventListener("mouseleave", leaveSlice);
+
   // ------------------------------------------------------------------ clicks
   function toPixel(e) {
     const c = $("slice-canvas");
@@ -247,6 +287,13 @@
     draw();
   });
   $("slice-canvas").addEventListener("mousemove", (e) => {
+    if (!state.study) return;
+    const [, ny, nx] = state.study.shape_zyx;
+    const h = toPixel(e);
+    const x = Math.round(h.x), y = Math.round(h.y);
+    const inside = x >= 0 && x < nx && y >= 0 && y < ny;
+    if (!inside) leaveSlice();
+    else if (!state.hover || state.hover.x !== x || state.hover.y !== y) { state.hover = { x, y }; askHU(); }
     if (!state.drag) return;
     const p = toPixel(e);
     const [, sy, sx] = state.study.spacing_zyx_mm;
@@ -275,7 +322,6 @@
   });
 
   // ------------------------------------------------------------------ classification jobs
-  const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
   async function classify(body) {
     if (state.running) return;
     showError("");
