@@ -53,10 +53,19 @@ def patient_bootstrap(
 #: more noise, which the absolute value turns into a higher ECE. Their percentile interval could
 #: then lie wholly above the estimate (ECE 0.02, "CI" 0.03-0.11), so it is shifted down by the
 #: bootstrap's estimate of that bias (mean of the resamples minus the estimate; Efron & Tibshirani,
-#: *An Introduction to the Bootstrap*, ch. 10) and kept at or above 0.
+#: *An Introduction to the Bootstrap*, ch. 10) and kept at or above 0. That centres the interval on
+#: the estimate; it does not remove the estimate's own upward bias (the bootstrap's bias estimate is
+#: also that of the estimate, and correcting it would need a second shift). A perfectly calibrated
+#: model scores an ECE of about 0.07 on ~220 lesions in 10 bins, and its interval excludes the true 0
+#: in about 96 of 100 such cohorts; where the true ECE is well above the noise (0.14) the interval
+#: covers it about 95 times in 100. So the interval shows the spread of the estimate, not a test of
+#: miscalibration.
 BIAS_SHIFTED = frozenset({"ece"})
 #: How the intervals are made, for metrics.json and the report.
-CI_METHOD = "percentile; ECE: percentile shifted down by the bootstrap's bias estimate, floored at 0"
+CI_METHOD = (
+    "percentile; ECE: percentile shifted down by the bootstrap's bias estimate so that it brackets the "
+    "estimate, floored at 0 (the ECE estimate itself stays biased upwards with few lesions per bin)"
+)
 
 
 def _ci_entry(
