@@ -444,6 +444,10 @@ def test_evaluate_run_writes_metrics_and_prints_table(tmp_path, capsys):
     assert on_disk["baselines"]["mean_hu"]["calibration"]["available"] is False  # no logit columns
     cmp = on_disk["comparison"]
     assert cmp["b"] == max(m["baselines"], key=lambda n: m["baselines"][n]["metrics"]["roc_auc"]["value"])
+    # the best of 2 is picked on the test lesions themselves, and the comparison says so (was only
+    # "baseline with the highest pooled ROC AUC")
+    assert "of 2 baselines, picked on these same test lesions" in cmp["selection"]
+    assert "understated" in cmp["selection"]
     assert 0 <= cmp["p_value"] <= 1
     assert (run / "report.html").is_file()
     out = capsys.readouterr().out
