@@ -103,6 +103,31 @@ def test_ece_interval_is_not_sold_as_correcting_the_estimates_bias(binary_run: P
     assert "stays biased upwards" in settings["ci_method"]
 
 
+def test_cis_that_skipped_one_class_resamples_say_so(binary_run: Path, tmp_path):
+    """A CI that left out resamples with one class drawn (AUC undefined) is conditional on both classes;
+    metrics.json counted them (n_undefined) but the report never said so for the metric tables."""
+    run = tmp_path / "run"
+    shutil.copytree(binary_run, run)
+    metrics = json.loads((run / "metrics.json").read_text())
+    for e in metrics["network"]["size"]:
+        for v in e.get("metrics", {}).values():
+            v["n_undefined"] = 0
+    for v in metrics["network"]["metrics"].values():
+        v["n_undefined"] = 0
+    for f in metrics["network"]["per_fold"].values():
+        for v in f["metrics"].values():
+            v["n_undefined"] = 0
+    render_report(run, metrics=metrics)
+    assert "drew one class only" not in (run / "report.html").read_text(encoding="utf-8")
+    stratum = next(
+        e for e in metrics["network"]["size"] if e.get("metrics", {}).get("roc_auc", {}).get("ci_low")
+    )
+    stratum["metrics"]["roc_auc"]["n_undefined"] = 7
+    render_report(run, metrics=metrics)
+    text = (run / "report.html").read_text(encoding="utf-8")
+    assert "drew one class only" in text and f"{stratum['bin']} (up to 7)" in text
+
+
 def test_report_is_redrawn_from_files_without_re_evaluating(binary_run: Path):
     metrics_before = (binary_run / "metrics.json").read_bytes()
     for png in (binary_run / "plots").glob("*.png"):

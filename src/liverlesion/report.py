@@ -20,7 +20,13 @@ from liverlesion.errors import UserError
 from liverlesion.fileio import write_text
 from liverlesion.metrics import SUMMARY_METRICS, metric_label
 from liverlesion.plots import make_plots
-from liverlesion.summary import fmt_ci, format_comparison, network_half_line, side_by_side_rows
+from liverlesion.summary import (
+    fmt_ci,
+    format_comparison,
+    network_half_line,
+    side_by_side_rows,
+    undefined_note,
+)
 
 PAPER_CONTEXT = (
     "Romero et al. 2019 (InceptionV3 + FC512 / Dropout 0.4 / FC512 head) reported accuracy 0.96 and F1 0.92 "
@@ -160,6 +166,9 @@ def build_html(run_dir: Path, metrics: dict[str, Any], plots: dict[str, Path], n
     # Size
     out.append("<h2>By lesion size</h2>")
     out.append(H.table(*H.size_rows(net)))
+    undefined = undefined_note(net, s["n_bootstrap"])
+    if undefined:
+        out.append(f"<p class=note>{H.esc(undefined)}</p>")
     out.append(H.img(plots.get("size"), "Metrics per diameter bin with 95% CIs"))
     # Calibration
     out.append("<h2>Calibration</h2>")

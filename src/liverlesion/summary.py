@@ -59,6 +59,32 @@ def format_comparison(cmp: dict[str, Any] | None) -> str:
     )
 
 
+def undefined_note(summary: dict[str, Any], n_bootstrap: int) -> str | None:
+    """Where a CI left out resamples that drew one class only (its metric undefined there), or None.
+
+    Those CIs are conditional on both classes being drawn; ``metrics.json`` counts them as
+    ``n_undefined``, and the report says which (pooled, per fold, per size stratum).
+    """
+    parts = []
+    blocks = [("pooled", summary.get("metrics") or {})]
+    blocks += [(f"fold {f}", v.get("metrics") or {}) for f, v in (summary.get("per_fold") or {}).items()]
+    blocks += [(str(e.get("bin")), e.get("metrics") or {}) for e in summary.get("size") or []]
+    for where, metrics in blocks:
+        worst = max(
+            (v.get("n_undefined") or 0 for v in metrics.values() if v.get("ci_low") is not None), default=0
+        )
+        if worst:
+            parts.append(f"{where} (up to {worst})")
+    if not parts:
+        return None
+    return (
+        f"Resamples that drew one class only leave metrics such as ROC AUC undefined; their CIs use the "
+        f"other resamples of the {n_bootstrap} (no CI where fewer than half define it): "
+        + ", ".join(parts)
+        + "."
+    )
+
+
 def network_half_line(metrics: dict[str, Any]) -> str | None:
     """A fusion model's network half alone, next to the frozen-feature floor; None for other models."""
     half = (metrics["network"].get("network_half") or {}).get("metrics", {}).get("roc_auc")
