@@ -121,6 +121,8 @@ def test_open_study_gives_geometry_and_leaves_no_upload(served, tmp_path):
     assert list(tmp_path.iterdir()) == []  # the upload folder went with the request
     assert info["shape_zyx"] == [24, 48, 48] and info["n_slices"] == 24
     assert info["spacing_zyx_mm"] == [2.5, 1.0, 1.0]
+    # each slice's z (LPS mm), for the page's "slice k of n, z = ... mm"
+    assert info["slice_z_mm"] == pytest.approx([100.0 + 2.5 * k for k in range(24)])
     assert info["mask_kind"] == "components" and info["disclaimer"] == DISCLAIMER
     # a binary mask: its components, numbered as `predict --mask` numbers them
     assert [(m["lesion_id"], m["label"]) for m in info["mask_lesions"]] == [("case-L01", 1), ("case-L02", 2)]
@@ -352,7 +354,8 @@ def test_click_in_air_is_refused_in_the_pages_terms_before_the_queue(served):
     )
     assert status == 400, resp
     msg = error_of((status, resp))
-    assert msg.startswith("click on slice 5 at pixel (1, 1): air (HU ")
+    # the slice as the page numbers it (from 1), and the request's index
+    assert msg.startswith("click on slice 6 of 24 (index 5) at pixel (1, 1): air (HU ")
     assert msg.endswith("click inside the lesion")
     assert "LPS" not in msg and "coordinates" not in msg
 

@@ -102,16 +102,16 @@ def test_open_scroll_click_and_read_the_result(driver, study_files, tmp_path):
         counts = np.bincount(zz, minlength=labels.shape[0])
         k = int(np.argmax(counts))  # the cyst's largest cross-section: where the page opens
         slice_text = lambda drv: drv.find_element(By.ID, "slice-number").text  # noqa: E731
-        wait.until(lambda drv: slice_text(drv).startswith(f"{k} /"))
+        wait.until(lambda drv: slice_text(drv).startswith(f"slice {k + 1} of "))
 
         # Scroll: arrow keys on the canvas and the mouse wheel, then back to the lesion.
         canvas = driver.find_element(By.ID, "slice-canvas")
         canvas.send_keys(Keys.ARROW_DOWN, Keys.ARROW_DOWN, Keys.ARROW_DOWN)
-        wait.until(lambda drv: slice_text(drv).startswith(f"{k - 3} /"))
+        wait.until(lambda drv: slice_text(drv).startswith(f"slice {k - 2} of "))
         ActionChains(driver).scroll_from_origin(ScrollOrigin.from_element(canvas), 0, -120).perform()
-        wait.until(lambda drv: slice_text(drv).startswith(f"{k - 2} /"))
+        wait.until(lambda drv: slice_text(drv).startswith(f"slice {k - 1} of "))
         canvas.send_keys(Keys.ARROW_UP, Keys.ARROW_UP)
-        wait.until(lambda drv: slice_text(drv).startswith(f"{k} /"))
+        wait.until(lambda drv: slice_text(drv).startswith(f"slice {k + 1} of "))
         wait.until(lambda drv: drv.execute_script("return document.getElementById('slice-canvas').width") > 0)
 
         # Click the cyst's centre on the canvas (the page maps it back to the voxel).
@@ -156,7 +156,7 @@ def test_open_scroll_click_and_read_the_result(driver, study_files, tmp_path):
         # A row of the table selects its lesion and shows its slice.
         driver.find_element(By.CSS_SELECTOR, "#results-table tbody tr[data-lesion='case-L02']").click()
         wait.until(lambda drv: drv.find_element(By.ID, "latest-result").text.startswith("case-L02:"))
-        wait.until(lambda drv: slice_text(drv).startswith(f"{exp['centre_slice']} /"))
+        wait.until(lambda drv: slice_text(drv).startswith(f"slice {exp['centre_slice'] + 1} of "))
         wait.until(
             lambda drv: drv.execute_script(
                 "const i = document.getElementById('overlay');"
@@ -283,18 +283,18 @@ def test_slice_keys_work_after_a_button_or_row_click_with_home_and_end(page):
     wait = _open(page)
     slice_text = lambda d: d.find_element(By.ID, "slice-number").text  # noqa: E731
     drv.find_element(By.ID, "goto-lesion").click()  # the focus is on the button, not the canvas
-    wait.until(lambda d: " / 23" in slice_text(d))
-    k = int(slice_text(drv).split(" /")[0])
+    wait.until(lambda d: " of 24, z = " in slice_text(d))
+    k = int(slice_text(drv).split(" of")[0].split()[-1])
     ActionChains(drv).send_keys(Keys.ARROW_DOWN).perform()
-    wait.until(lambda d: slice_text(d).startswith(f"{k - 1} /"))
+    wait.until(lambda d: slice_text(d).startswith(f"slice {k - 1} of "))
     ActionChains(drv).send_keys(Keys.END).perform()
-    wait.until(lambda d: slice_text(d).startswith("23 /"))
+    wait.until(lambda d: slice_text(d).startswith("slice 24 of "))
     ActionChains(drv).send_keys(Keys.HOME).perform()
-    wait.until(lambda d: slice_text(d).startswith("0 /"))
+    wait.until(lambda d: slice_text(d).startswith("slice 1 of "))
     # A field keeps its arrow keys: the diameter is stepped, the slice stays.
     drv.find_element(By.ID, "diameter").send_keys(Keys.ARROW_UP)
     assert drv.find_element(By.ID, "diameter").get_attribute("value") == "15.5"
-    assert slice_text(drv).startswith("0 /")
+    assert slice_text(drv).startswith("slice 1 of ")
 
 
 def test_a_stopped_server_is_said_in_words_not_failed_to_fetch(page):
@@ -438,20 +438,68 @@ def test_hu_under_the_mouse_follows_it_and_the_slice(page):
     readout = lambda d: d.find_element(By.ID, "hu-readout").text  # noqa: E731
     k = int(drv.execute_script("return Number(document.getElementById('slice-range').value)"))
 
-    def expect(k, y, x):
+    def expect(k, y, x):  # the slice numbered from 1, as the slice counter; pixels from 0, as x_px / y_px
         hu = round(float(image.array[k, y, x])) or 0
         lx, ly, lz = image.index_to_physical((k, y, x))
-        return f"x {x}, y {y}, " + "slice {}" + f": {hu} HU · LPS ({lx:.1f}, {ly:.1f}, {lz:.1f}) mm"
+        return f"x {x}, y {y}, slice {k + 1}: {hu} HU · LPS ({lx:.1f}, {ly:.1f}, {lz:.1f}) mm"
 
     _move_to_voxel(drv, 23, 23)
-    wait.until(lambda d: readout(d) == expect(k, 23, 23).format(k))
+    wait.until(lambda d: readout(d) == expect(k, 23, 23))
     _move_to_voxel(drv, 2, 3)  # air
-    wait.until(lambda d: readout(d) == expect(k, 3, 2).format(k))
+    wait.until(lambda d: readout(d) == expect(k, 3, 2))
     assert int(readout(drv).split(": ")[1].split(" HU")[0]) < -500
     ActionChains(drv).send_keys(Keys.ARROW_UP).perform()  # the mouse stays: the new slice's value
-    wait.until(lambda d: readout(d) == expect(k + 1, 3, 2).format(k + 1))
+    wait.until(lambda d: readout(d) == expect(k + 1, 3, 2))
     for x in range(4, 45, 3):  # a quick sweep: the readout ends on the last position, not an older answer
         _move_to_voxel(drv, x, 20)
-    wait.until(lambda d: readout(d) == expect(k + 1, 20, 43).format(k + 1))
+    wait.until(lambda d: readout(d) == expect(k + 1, 20, 43))
     ActionChains(drv).move_to_element(drv.find_element(By.ID, "diameter")).perform()  # off the slice
     wait.until(lambda d: "HU" in readout(d) and "x " not in readout(d))
+
+
+def test_slice_counter_numbers_from_one_with_z_as_the_table_and_says_the_csv_numbering(page):
+    import io
+    import urllib.request
+
+    import pandas as pd
+    from scipy import ndimage
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    from helpers import make_ct_with_two_lesions
+
+    image, mask = make_ct_with_two_lesions()
+    drv = page["driver"]
+    wait = _open(page)
+    counter = lambda d: d.find_element(By.ID, "slice-number").text  # noqa: E731
+
+    def named(k):  # a PACS's numbering (from 1) and the slice's LPS z
+        return f"slice {k + 1} of 24, z = {image.index_to_physical((k, 0, 0))[2]:.1f} mm"
+
+    drv.find_element(By.ID, "slice-canvas").send_keys(Keys.HOME)
+    wait.until(lambda d: counter(d) == named(0))
+    drv.find_element(By.ID, "slice-canvas").send_keys(Keys.ARROW_UP)
+    wait.until(lambda d: counter(d) == named(1))
+    assert counter(drv) == "slice 2 of 24, z = 102.5 mm"  # origin z 100 mm, 2.5 mm slices
+    options = [o.text for o in drv.find_elements(By.CSS_SELECTOR, "#mask-lesion option")]
+    comps, n = ndimage.label(mask.array > 0, structure=np.ones((3, 3, 3), dtype=bool))
+    for lab, o in zip(range(1, n + 1), options, strict=True):  # the mask lesions' slices, from 1 too
+        zs = np.flatnonzero((comps == lab).any(axis=(1, 2)))
+        assert f"slices {zs[0] + 1}–{zs[-1] + 1}" in o, o
+    drv.find_element(By.ID, "classify-all").click()
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results-table tbody tr")) == 2)
+    wait.until(lambda d: not d.find_element(By.ID, "busy").is_displayed())
+    # The table's slice is the counter's: results.csv's centre_slice (from 0, unchanged) + 1.
+    csv_url = drv.find_element(By.ID, "dl-csv").get_attribute("href")
+    with urllib.request.urlopen(csv_url, timeout=30) as r:
+        rows = pd.read_csv(io.BytesIO(r.read())).set_index("lesion_id")
+    heads = [h.text for h in drv.find_elements(By.CSS_SELECTOR, "#results-table thead th")]
+    col = heads.index("slice")
+    tr = drv.find_element(By.CSS_SELECTOR, "#results-table tbody tr[data-lesion='case-L01']")
+    centre = int(rows.loc["case-L01", "centre_slice"])
+    assert tr.find_elements(By.TAG_NAME, "td")[col].text == str(centre + 1)
+    tr.click()
+    wait.until(lambda d: counter(d) == named(centre))
+    assert named(centre) in drv.find_element(By.ID, "overlay-caption").text
+    note = drv.find_element(By.ID, "slice-numbering").text
+    assert "numbered from 1" in note and "centre_slice" in note and "counts from 0" in note

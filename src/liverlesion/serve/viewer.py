@@ -156,7 +156,7 @@ def open_study(store: StudyStore, fields: dict[str, FormField], workdir: Path) -
 
 
 def study_info(study: Study) -> dict[str, Any]:
-    """Shape, spacing, slice count, the mask's lesions and where to start, as JSON."""
+    """Shape, spacing, slice count and each slice's z, the mask's lesions and where to start, as JSON."""
     from scipy import ndimage
 
     image = study.image
@@ -190,6 +190,14 @@ def study_info(study: Study) -> dict[str, Any]:
             "shape_zyx": [nz, ny, nx],
             "spacing_zyx_mm": [round(s, 4) for s in image.spacing],
             "n_slices": nz,
+            # each slice's z (LPS mm) at its first pixel, as DICOM's ImagePositionPatient: for the page's
+            # "slice k of n, z = ... mm" (slices are numbered from 0 here and in centre_slice, from 1 on the page)
+            "slice_z_mm": [
+                round(float(z), 3)
+                for z in image.index_to_physical(
+                    np.stack([np.arange(nz, dtype=float), np.zeros(nz), np.zeros(nz)], axis=1)
+                )[:, 2]
+            ],
             "start_slice": start,
             "format": image.meta.get("format"),
             "image": study.names.get("image"),
@@ -413,8 +421,8 @@ def parse_classify(study: Study, body: Any) -> dict[str, Any]:
     hu_at = float(np.median(study.image.array[near]))
     if hu_at < AIR_THRESHOLD_HU:
         raise UserError(
-            f"click on slice {iz} at pixel ({ix}, {iy}): air (HU {hu_at:.0f}), outside the body or in lung / "
-            "bowel gas; click inside the lesion"
+            f"click on slice {iz + 1} of {nz} (index {iz}) at pixel ({ix}, {iy}): air (HU {hu_at:.0f}), outside "
+            "the body or in lung / bowel gas; click inside the lesion"
         )
     d = _number(body, "diameter_mm", "diameter (mm)")
     if d is None:

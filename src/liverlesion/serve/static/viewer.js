@@ -133,7 +133,7 @@
       const o = document.createElement("option");
       o.value = String(l.label);
       const seg = l.segment_label ? ` “${l.segment_label}”` : "";
-      o.textContent = `label ${l.label}${seg} (${l.lesion_id}), slices ${l.first_slice}–${l.last_slice}`;
+      o.textContent = `label ${l.label}${seg} (${l.lesion_id}), slices ${l.first_slice + 1}–${l.last_slice + 1}`;
       sel.appendChild(o);
     }
     $("mask-tools").hidden = !(info.mask_lesions || []).length;
@@ -143,12 +143,21 @@
   }
 
   // ------------------------------------------------------------------ slices
+  // Slices are numbered from 1 on the page, as a PACS numbers them, with their z (LPS mm) to match them
+  // by position; the API's slice index and centre_slice in the downloads count from 0 (slice 1 = index 0).
+  function sliceName(k) {
+    const s = state.study;
+    const z = (s.slice_z_mm || [])[k];
+    const dz = Math.abs(s.spacing_zyx_mm[0]);
+    const where = Number.isFinite(z) ? `, z = ${fmt(z, dz >= 0.5 ? 1 : 2)} mm` : "";
+    return `slice ${k + 1} of ${s.n_slices}${where}`;
+  }
   function goTo(k) {
     if (!state.study) return;
     const nz = state.study.n_slices;
     state.k = Math.max(0, Math.min(nz - 1, Math.round(k)));
     $("slice-range").value = String(state.k);
-    $("slice-number").textContent = `${state.k} / ${nz - 1}`;
+    $("slice-number").textContent = sliceName(state.k);
     loadSlice();
     askHU();
   }
@@ -164,7 +173,7 @@
     };
     img.onerror = () => {
       if (state.wanted !== url) return;
-      request(url).then(json).catch((e) => showError(`slice ${state.k}: ${e.message}`));
+      request(url).then(json).catch((e) => showError(`slice ${state.k + 1}: ${e.message}`));
     };
     img.src = url;
   }
@@ -256,7 +265,7 @@
       const v = await json(await request(api(`/hu?k=${k}&x=${p.x}&y=${p.y}`)));
       if (state.study === study && state.hover) {
         const [lx, ly, lz] = v.lps_mm.map((c) => fmt(c, 1));
-        $("hu-readout").textContent = `x ${v.x_px}, y ${v.y_px}, slice ${v.slice}: ${Math.round(v.hu) || 0} HU` +
+        $("hu-readout").textContent = `x ${v.x_px}, y ${v.y_px}, slice ${v.slice + 1}: ${Math.round(v.hu) || 0} HU` +
           ` · LPS (${lx}, ${ly}, ${lz}) mm`;
       }
     } catch (e) {
@@ -372,7 +381,7 @@
     ["entropy (bits)", (r) => fmt(r.entropy_bits)],
     ["diameter (mm)", (r) => fmt(r.max_axial_diameter_mm, 1)],
     ["volume (mL)", (r) => fmt(r.volume_ml, 2)],
-    ["slice", (r) => fmt(r.slice, 0)],
+    ["slice", (r) => fmt(r.slice + 1, 0)], // from 1, as the slice counter (centre_slice + 1)
     ["source", (r) => r.source],
   ];
   function renderTable() {
@@ -380,6 +389,7 @@
     const cols = columns();
     t.tHead.innerHTML = "";
     t.tBodies[0].innerHTML = "";
+    $("slice-numbering").hidden = !state.results.size;
     if (!state.results.size) return;
     const hr = t.tHead.insertRow();
     for (const [name] of cols) { const th = document.createElement("th"); th.textContent = name; hr.appendChild(th); }
@@ -417,7 +427,7 @@
     const cam = $("gradcam").checked && classified; // no Grad-CAM for a lesion the model did not see
     const img = $("overlay");
     $("overlay-figure").hidden = false;
-    $("overlay-caption").textContent = `${r.lesion_id}: slice ${r.slice}` + (cam ? ", with Grad-CAM" : "");
+    $("overlay-caption").textContent = `${r.lesion_id}: ${sliceName(r.slice)}` + (cam ? ", with Grad-CAM" : "");
     busy(cam ? "drawing the overlay and Grad-CAM…" : "drawing the overlay…");
     img.onload = () => busy("");
     img.onerror = () => { busy(""); showError(`overlay of ${lid}: could not be drawn`); };
