@@ -503,3 +503,39 @@ def test_slice_counter_numbers_from_one_with_z_as_the_table_and_says_the_csv_num
     assert named(centre) in drv.find_element(By.ID, "overlay-caption").text
     note = drv.find_element(By.ID, "slice-numbering").text
     assert "numbered from 1" in note and "centre_slice" in note and "counts from 0" in note
+
+
+def _red_pixels(drv) -> int:
+    """Pixels of the click marker's red (#ff3030) on the slice canvas (the CT itself is grey)."""
+    return drv.execute_script(
+        "const c = document.getElementById('slice-canvas');"
+        "const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; let n = 0;"
+        "for (let i = 0; i < d.length; i += 4) if (d[i] > 150 && d[i + 1] < 110 && d[i + 2] < 110) n++;"
+        "return n;"
+    )
+
+
+def test_a_refused_click_leaves_no_marker_on_the_slice(page):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    drv = page["driver"]
+    wait = _open(page, mask=False)
+    for x, y, diameter, said in ((1, 1, "15", "air (HU"), (23, 23, "-4", "positive")):
+        d = drv.find_element(By.ID, "diameter")
+        d.clear()
+        d.send_keys(diameter)
+        drv.execute_script("document.getElementById('error').hidden = true")
+        _move_to_voxel(drv, x, y)
+        ActionChains(drv).click().perform()
+        wait.until(lambda d, said=said: said in _error(d))
+        wait.until(lambda d: not d.find_element(By.ID, "busy").is_displayed())
+        assert _red_pixels(drv) == 0, said  # the marker went with the refusal
+    # a click that is classified keeps its marker (and the check above can see one)
+    d = drv.find_element(By.ID, "diameter")
+    d.clear()
+    d.send_keys("12")
+    _move_to_voxel(drv, 23, 23)
+    ActionChains(drv).click().perform()
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "tr[data-lesion='case-C01']"))
+    assert _red_pixels(drv) > 0

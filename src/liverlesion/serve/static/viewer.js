@@ -366,7 +366,10 @@
       loadSlice(); // the new lesion's outline
     } catch (e) {
       busy("");
-      if (state.study === study) showError(e.message);
+      if (state.study !== study) return;
+      showError(e.message);
+      // a refused click (air, bad diameter, outside the volume) leaves no marker where nothing was classified
+      if (body.slice !== undefined) { state.marker = null; draw(); }
     } finally {
       state.running = false;
       setControls();
