@@ -465,6 +465,9 @@ def test_evaluate_run_overrides_and_no_val(tmp_path, capsys):
     assert m["network"]["metrics"]["accuracy"]["ci_low"] is None
     assert any("val_predictions.csv not found" in n for n in m["notes"])
     assert set(m["thresholds"].values()) == {0.5}
+    # settings say what happened, not "fitted on each fold's inner-validation predictions (val_predictions.csv)"
+    assert m["settings"]["threshold_fitted_on"] == "not fitted: 0.5 (no usable inner-validation predictions)"
+    assert m["settings"]["temperature_fitted_on"].startswith("not fitted: T = 1")
 
 
 def test_user_errors(tmp_path):

@@ -133,8 +133,8 @@ def evaluate_run(
             "ci_method": CI_METHOD,
             "bootstrap_unit": "patient",
             "threshold_method": method,
-            "threshold_fitted_on": "each fold's inner-validation predictions (val_predictions.csv)",
-            "temperature_fitted_on": "each fold's inner-validation logits (val_predictions.csv)",
+            "threshold_fitted_on": threshold_source(network["threshold"]["per_fold"]),
+            "temperature_fitted_on": temperature_source(network["temperature"]["per_fold"]),
             "n_calibration_bins": n_bins,
             "ece_on": network["calibration"].get("target", "positive-class probability"),
             "seed": seed,
@@ -174,6 +174,46 @@ def evaluate_run(
     print(format_summary(metrics))
     print(f"Wrote {runs.metrics_path(run_dir)} and {html}")
     return metrics
+
+
+_THRESHOLD_SOURCES = {
+    "checkpoint": "each fold's inner-validation predictions at training (recorded in its checkpoint)",
+    "inner-validation": "each fold's inner-validation predictions (val_predictions.csv)",
+    "config": "not fitted: fixed in the config (eval.threshold)",
+    "default": "not fitted: 0.5 (no usable inner-validation predictions)",
+    "argmax": "none: more than two classes, the class with the highest probability",
+}
+
+
+def _by_fold(phrases: dict[str, str]) -> str:
+    """One phrase when every fold shares it, else ``folds 0, 1: ...; fold 2: ...``."""
+    groups: dict[str, list[str]] = {}
+    for f, phrase in phrases.items():
+        groups.setdefault(phrase, []).append(f)
+    if len(groups) <= 1:
+        return next(iter(groups), "no folds")
+    return "; ".join(f"fold{'s' if len(fs) > 1 else ''} {', '.join(fs)}: {ph}" for ph, fs in groups.items())
+
+
+def threshold_source(per_fold: dict[str, Any]) -> str:
+    """Where the folds' thresholds came from, for ``settings.threshold_fitted_on`` (was a fixed claim of
+    val_predictions.csv, also for a fixed threshold, a missing file or three classes)."""
+    return _by_fold(
+        {f: _THRESHOLD_SOURCES.get(v.get("source"), str(v.get("note"))) for f, v in per_fold.items()}
+    )
+
+
+def temperature_source(per_fold: dict[str, Any]) -> str:
+    """Where the folds' temperatures came from, for ``settings.temperature_fitted_on``."""
+    phrases = {}
+    for f, v in per_fold.items():
+        if v.get("source") == "checkpoint":
+            phrases[f] = "each fold's checkpoint (fitted at training on its inner-validation logits, or 1)"
+        elif v.get("fitted"):
+            phrases[f] = "each fold's inner-validation logits (val_predictions.csv)"
+        else:
+            phrases[f] = f"not fitted: T = 1 ({v.get('note', '')})"
+    return _by_fold(phrases)
 
 
 def check_validation_apart(val: pd.DataFrame, test: pd.DataFrame, val_path: Path, pred_path: Path) -> None:

@@ -144,8 +144,9 @@ def build_html(run_dir: Path, metrics: dict[str, Any], plots: dict[str, Path], n
         )
     out.append("<h2>Thresholds and temperatures</h2>")
     out.append(
-        f"<p>Threshold method: <b>{H.esc(s['threshold_method'])}</b>, fitted on {H.esc(s['threshold_fitted_on'])}; "
-        f"never chosen on test data. Temperature fitted on {H.esc(s['temperature_fitted_on'])}.</p>"
+        f"<p>Threshold method: <b>{H.esc(s['threshold_method'])}</b>; thresholds from "
+        f"{H.esc(s['threshold_fitted_on'])}; never chosen on test data. Temperatures from "
+        f"{H.esc(s['temperature_fitted_on'])}.</p>"
     )
     trows = []
     for f, t in net["threshold"]["per_fold"].items():
