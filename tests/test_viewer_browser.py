@@ -539,3 +539,39 @@ def test_a_refused_click_leaves_no_marker_on_the_slice(page):
     ActionChains(drv).click().perform()
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "tr[data-lesion='case-C01']"))
     assert _red_pixels(drv) > 0
+
+
+def test_a_too_big_upload_is_refused_in_the_page_in_the_servers_words(page):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from liverlesion.serve import make_server
+    from liverlesion.serve.server import too_large_message
+
+    limit = 10_000  # the small CT and its mask are larger
+    with torch_threads(1):
+        server = make_server([page["ckpt"]], host="127.0.0.1", port=0, max_upload_bytes=limit)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    drv = page["driver"]
+    try:
+        wait = WebDriverWait(drv, 60)
+        drv.get(f"http://127.0.0.1:{server.server_address[1]}/")
+        wait.until(lambda d: "Model:" in d.find_element(By.ID, "model-info").text)
+        ct, mask = page["dir"] / "ct.nii.gz", page["dir"] / "mask.nii.gz"
+        drv.find_element(By.ID, "image-file").send_keys(str(ct))
+        drv.find_element(By.ID, "mask-file").send_keys(str(mask))
+        drv.find_element(By.ID, "open-button").click()
+        size = ct.stat().st_size + mask.stat().st_size
+        wait.until(lambda d: _error(d) != "")
+        assert _error(drv) == too_large_message(size, limit)
+        sent = drv.execute_script(
+            "return performance.getEntriesByType('resource').filter((e) => e.name.endsWith('/api/studies')).length"
+        )
+        assert sent == 0  # nothing was uploaded
+        assert drv.find_element(By.ID, "open-button").is_enabled()
+        assert not drv.find_element(By.ID, "open-progress").is_displayed()
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)

@@ -110,6 +110,16 @@ def _content_length(headers: Any) -> int:
         return 0
 
 
+def too_large_message(length: int, limit: int) -> str:
+    """The 413 refusal of an upload; the viewer page says the same, word for word, before uploading
+    (viewer.js ``tooLarge``: keep the two in step)."""
+    return (
+        f"upload of {length / 1e6:.1f} MB: over the server's limit of {limit / 1e6:.1f} MB; "
+        "upload a smaller file (e.g. a NIfTI of the series) or restart the server with a larger "
+        f"--max-upload-mb (now {limit / 1024**2:g})"
+    )
+
+
 def _static(name: str) -> bytes:
     return resources.files("liverlesion.serve").joinpath("static", name).read_bytes()
 
@@ -339,13 +349,7 @@ class _Handler(BaseHTTPRequestHandler):
             )
             return None
         if length > limit:
-            self._error(
-                api,
-                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                f"upload of {length / 1e6:.1f} MB: over the server's limit of {limit / 1e6:.1f} MB; "
-                "upload a smaller file (e.g. a NIfTI of the series) or restart the server with a larger "
-                f"--max-upload-mb (now {limit / 1024**2:g})",
-            )
+            self._error(api, HTTPStatus.REQUEST_ENTITY_TOO_LARGE, too_large_message(length, limit))
             return None
         return length
 

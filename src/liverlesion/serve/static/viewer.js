@@ -18,6 +18,7 @@
     rule: "",           // the decision rule, in words
     uploading: false,   // a CT is being uploaded / read
     running: false,     // a classification job is queued or running
+    maxUpload: null,    // the server's upload limit in bytes (/api/info), checked before uploading
     hover: null,        // the voxel under the mouse {x, y} (pixel indices), null when off the slice
     huBusy: false,      // an HU request is in flight (one at a time: the latest position wins)
     huWanted: false,    // the mouse moved (or the slice changed) while it was in flight
@@ -64,10 +65,32 @@
     $("model-info").textContent = `Model: ${models.join(", ")}; classes ${state.classNames.join(", ")}; ` +
       `decision: ${info.decision_rule}; liverlesion ${info.liverlesion_version}.`;
     state.rule = info.decision_rule || "";
+    state.maxUpload = Number.isFinite(info.max_upload_bytes) ? info.max_upload_bytes : null;
     showRule();
   }).catch((e) => showError(`model info: ${e.message}`));
 
   // ------------------------------------------------------------------ opening a study
+  // Python's "{:.1f}" and "{:g}", so the page's refusal reads as the server's 413, word for word.
+  function pyFixed1(v) {
+    if (Number.isInteger(v * 4) && !Number.isInteger(v * 2)) { // x.25, x.75: a tie, Python keeps the even digit
+      const f = Math.floor(v * 10);
+      return ((f % 2 === 0 ? f : f + 1) / 10).toFixed(1);
+    }
+    return v.toFixed(1);
+  }
+  function pyG(v) {
+    if (v === 0) return "0";
+    const [m, e] = v.toExponential(5).split("e");
+    const exp = Number(e);
+    const strip = (s) => (s.includes(".") ? s.replace(/0+$/, "").replace(/\.$/, "") : s);
+    if (exp >= -4 && exp < 6) return strip(v.toFixed(5 - exp));
+    return `${strip(m)}e${exp < 0 ? "-" : "+"}${String(Math.abs(exp)).padStart(2, "0")}`;
+  }
+  // as server.py's too_large_message (keep the two in step)
+  const tooLarge = (length, limit) => `upload of ${pyFixed1(length / 1e6)} MB: over the server's limit of ` +
+    `${pyFixed1(limit / 1e6)} MB; upload a smaller file (e.g. a NIfTI of the series) or restart the server ` +
+    `with a larger --max-upload-mb (now ${pyG(limit / 1024 ** 2)})`;
+
   $("open-form").addEventListener("submit", (ev) => {
     ev.preventDefault();
     showError("");
@@ -79,6 +102,9 @@
     if (mask) data.append("mask", mask, mask.name);
     const segments = $("seg-label").value.trim();
     if (segments) data.append("label", segments);
+    // Refused here, before a long upload the server would refuse from its size alone.
+    const size = image.size + (mask ? mask.size : 0);
+    if (state.maxUpload !== null && size > state.maxUpload) { showError(tooLarge(size, state.maxUpload)); return; }
     const xhr = new XMLHttpRequest();
     $("open-progress").hidden = false;
     state.uploading = true;
