@@ -722,3 +722,14 @@ def test_overlay_title_names_the_spread_only_for_an_ensemble(ckpts, case, tmp_pa
         "one model (no ensemble spread)" if n_models == 1 else f"ensemble SD {result.row['uncertainty']:.2f}"
     )
     assert want in titles[0] and "uncertainty" not in titles[0]
+    from matplotlib.axes import Axes
+
+    axes_titles: list[str] = []
+    real_title = Axes.set_title
+    monkeypatch.setattr(
+        Axes, "set_title", lambda self, t, **kw: (axes_titles.append(t), real_title(self, t, **kw))[1]
+    )
+    draw_lesion_overlay(result, image, tmp_path / "o2.png", clf.class_names)
+    # slices numbered from 1, as PACS viewers and the browser viewer number them (centre_slice counts from 0)
+    z = int(result.row["centre_slice"])
+    assert axes_titles[0].startswith(f"axial slice {z + 1} of {image.shape[0]} ")

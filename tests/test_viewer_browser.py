@@ -500,8 +500,7 @@ def test_slice_counter_numbers_from_one_with_z_as_the_table_and_says_the_csv_num
     assert tr.find_elements(By.TAG_NAME, "td")[col].text == str(centre + 1)
     tr.click()
     wait.until(lambda d: counter(d) == named(centre))
-    caption = drv.find_element(By.ID, "overlay-caption").text  # and the figure's title (from 0) explained
-    assert named(centre) in caption and f"the figure's axial slice {centre}: counted from 0" in caption
+    assert named(centre) in drv.find_element(By.ID, "overlay-caption").text
     note = drv.find_element(By.ID, "slice-numbering").text
     assert "numbered from 1" in note and "centre_slice" in note and "counts from 0" in note
 

@@ -66,7 +66,10 @@ def draw_lesion_overlay(result: LesionResult, image: Volume, path: Path, class_n
         ax.set_ylim(image.shape[1] - 0.5, -0.5)
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.set_title(f"axial slice {z} (anterior up, patient right on the left)", fontsize=8)
+    # numbered from 1 as a PACS viewer (and the browser viewer) numbers slices; centre_slice counts from 0
+    ax.set_title(
+        f"axial slice {z + 1} of {image.shape[0]} (anterior up, patient right on the left)", fontsize=8
+    )
     ax = fig.add_subplot(1, 2, 2)
     draw_overlay(
         ax,

@@ -456,9 +456,7 @@
     const cam = $("gradcam").checked && classified; // no Grad-CAM for a lesion the model did not see
     const img = $("overlay");
     $("overlay-figure").hidden = false;
-    // the figure (drawn as predict draws it) titles the slice by its index from 0, as centre_slice
-    $("overlay-caption").textContent = `${r.lesion_id}: ${sliceName(r.slice)} (the figure's axial slice ` +
-      `${r.slice}: counted from 0)` + (cam ? ", with Grad-CAM" : "");
+    $("overlay-caption").textContent = `${r.lesion_id}: ${sliceName(r.slice)}` + (cam ? ", with Grad-CAM" : "");
     busy(cam ? "drawing the overlay and Grad-CAM…" : "drawing the overlay…");
     img.onload = () => busy("");
     img.onerror = () => { busy(""); showError(`overlay of ${lid}: could not be drawn`); };
