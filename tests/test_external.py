@@ -137,6 +137,11 @@ def test_predict_warns_on_domain_shift_and_evaluate_marks_external(labelled, tmp
     sha = info["models"][0]["sha256"]
     assert m["validation"] == "external" and m["external"]["checkpoint_sha256"] == [sha]
     assert m["n_lesions"] == 8 and m["n_patients"] == 4
+    assert "8 lesions, 4 patients, external set;" in out
+    from liverlesion.summary import format_summary
+
+    one = {**m, "n_lesions": 1, "n_patients": 1}  # an external set of one patient: words, not "1 patients"
+    assert "1 lesion, 1 patient," in format_summary(one)
     assert m["network"]["threshold"]["per_fold"]["external"]["source"] == "checkpoint"
     assert m["network"]["calibration"]["available"]
     assert any(n.startswith("domain shift") for n in m["notes"])

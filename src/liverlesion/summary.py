@@ -101,7 +101,8 @@ def format_summary(metrics: dict[str, Any]) -> str:
     net = metrics["network"]
     lines = [
         f"liverlesion evaluate: {DISCLAIMER}",
-        f"{metrics['n_lesions']} lesions, {metrics['n_patients']} patients, {net['n_folds']} folds; "
+        f"{metrics['n_lesions']} lesion{'s' if metrics['n_lesions'] != 1 else ''}, {metrics['n_patients']} "
+        f"patient{'s' if metrics['n_patients'] != 1 else ''}, {net['n_folds']} folds; "
         f"classes {', '.join(metrics['class_names'])}; positive class {metrics['positive_class']!r}; "
         f"95% CIs from {metrics['settings']['n_bootstrap']} patient-level bootstrap resamples",
     ]
