@@ -388,3 +388,18 @@ def test_redraw_from_another_runs_predictions_is_refused(binary_run: Path, tmp_p
     assert "predictions.csv: " in err and "metrics.json was computed from" in err and "Traceback" not in err
     assert "re-run `liverlesion evaluate" in err and len(err.strip().splitlines()) == 1
     assert (run / "report.html").read_bytes() == before
+
+
+def test_note_columns_wrap_and_wide_tables_scroll_inside_the_page(binary_run: Path):
+    """The thresholds table's notes were `td.num` (nowrap): at 1300 px the page scrolled sideways.
+    Note columns wrap; every table sits in a box that scrolls itself, never the page."""
+    from liverlesion.report_tables import CSS
+
+    text = (binary_run / "report.html").read_text(encoding="utf-8")
+    assert ".wide{max-width:100%;overflow-x:auto}" in CSS and "td.text{white-space:normal" in CSS
+    thresholds = text.split("Thresholds and temperatures</h2>", 1)[1].split("</table>", 1)[0]
+    assert "<div class=wide><table>" in thresholds
+    first = re.search(r"<tbody><tr>(.*?)</tr>", thresholds).group(1)
+    cells = re.findall(r"<td( class=\w+)?>", first)
+    assert cells[2] == cells[5] == " class=text" and cells[1] == " class=num"
+    assert text.count("<table") == text.count("<div class=wide><table") + text.count("<div class=scroll>")

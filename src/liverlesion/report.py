@@ -162,11 +162,16 @@ def build_html(run_dir: Path, metrics: dict[str, Any], plots: dict[str, Path], n
             ]
         )
     out.append(
-        H.table(["fold", "threshold", "threshold note", "T", "val NLL before → after", "T note"], trows)
+        H.table(
+            ["fold", "threshold", "threshold note", "T", "val NLL before → after", "T note"],
+            trows,
+            text_cols=(2, 5),
+        )
     )
     # Size
     out.append("<h2>By lesion size</h2>")
-    out.append(H.table(*H.size_rows(net)))
+    size_header, size_body = H.size_rows(net)
+    out.append(H.table(size_header, size_body, text_cols=(len(size_header) - 1,)))  # the note wraps
     undefined = undefined_note(net, s["n_bootstrap"])
     if undefined:
         out.append(f"<p class=note>{H.esc(undefined)}</p>")

@@ -35,6 +35,7 @@ pre{background:#f7f7f7;padding:.8em;overflow-x:auto;font-size:.85em}
 figcaption{font-size:.85em;color:#555}
 .toc{columns:2;font-size:.9em}.toc a{color:#1a4f8b}th.sort{cursor:pointer}th.sort:after{content:" \\2195";color:#999}
 .scroll{max-height:480px;overflow-y:auto}
+.wide{max-width:100%;overflow-x:auto}td.text{white-space:normal;min-width:12em}
 """
 
 # sorts a table when a header with class "sort" is clicked (numbers as numbers); no dependencies
@@ -52,17 +53,23 @@ def esc(x: Any) -> str:
     return html.escape(str(x), quote=True)
 
 
-def table(header: list[Any], rows: list[list[Any]], num_from: int = 1) -> str:
+def table(
+    header: list[Any], rows: list[list[Any]], num_from: int = 1, text_cols: tuple[int, ...] = ()
+) -> str:
+    """An HTML table; columns from ``num_from`` on are numbers (right-aligned, never wrapped), except
+    ``text_cols``: sentences (notes) that wrap. Wrapped in a ``.wide`` box that scrolls sideways
+    inside the page, not the page, should a table still be wider than it."""
+
+    def cls(i: int) -> str:
+        return " class=text" if i in text_cols else " class=num" if i >= num_from else ""
+
     head = "".join(f"<th>{esc(h)}</th>" for h in header)
     body = "".join(
-        "<tr>"
-        + "".join(f"<td{' class=num' if i >= num_from else ''}>{esc(c)}</td>" for i, c in enumerate(r))
-        + "</tr>"
-        for r in rows
+        "<tr>" + "".join(f"<td{cls(i)}>{esc(c)}</td>" for i, c in enumerate(r)) + "</tr>" for r in rows
     )
     if not any(str(h) for h in header):  # a key-value table: no empty header row
-        return f"<table><tbody>{body}</tbody></table>"
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+        return f"<div class=wide><table><tbody>{body}</tbody></table></div>"
+    return f"<div class=wide><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
 
 
 def img(path: Path | None, caption: str) -> str:
