@@ -403,3 +403,33 @@ def test_note_columns_wrap_and_wide_tables_scroll_inside_the_page(binary_run: Pa
     cells = re.findall(r"<td( class=\w+)?>", first)
     assert cells[2] == cells[5] == " class=text" and cells[1] == " class=num"
     assert text.count("<table") == text.count("<div class=wide><table") + text.count("<div class=scroll>")
+
+
+def _drawn(monkeypatch, draw, *args):
+    """The matplotlib figure a plots.plot_* function saves (captured, not read back from the PNG)."""
+    from liverlesion import plots
+
+    figs = []
+    real = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, out, **kw: (figs.append(fig), real(fig, out, **kw))[1])
+    draw(*args)
+    return figs[-1]
+
+
+def test_roc_and_pr_legends_explain_bands_and_keep_the_disclaimer_visible(binary_run, monkeypatch, tmp_path):
+    """The ROC's disclaimer sat in the axes' lower right, under the legend; the shading was explained
+    only in the report's caption, not in a PNG shared alone."""
+    from liverlesion import DISCLAIMER, plots
+
+    metrics = json.loads((binary_run / "metrics.json").read_text(encoding="utf-8"))
+    for draw in (plots.plot_roc, plots.plot_pr):
+        fig = _drawn(monkeypatch, draw, metrics, tmp_path / "c.png")
+        ax = fig.axes[0]
+        legend = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert "shaded: 95% patient-bootstrap band" in legend
+        assert any(t.startswith("network:") for t in legend) and any(t.startswith("mean_hu:") for t in legend)
+        assert "95% CI" in ax.get_legend().get_title().get_text()
+        assert fig._supxlabel.get_text() == DISCLAIMER  # below the axes, laid out with them
+        assert not any(DISCLAIMER in t.get_text() for t in ax.texts)
+    roc = _drawn(monkeypatch, plots.plot_roc, metrics, tmp_path / "r.png")
+    assert "chance (AUC 0.5)" in [t.get_text() for t in roc.axes[0].get_legend().get_texts()]

@@ -55,11 +55,24 @@ def _curve_metric(metrics: dict[str, Any], s: dict[str, Any], key: str) -> Any:
     )
 
 
+def _curve_legend(ax: Any, metrics: dict[str, Any], loc: str) -> None:
+    """The ROC / PR legend, with what the shading is, and the disclaimer under the axes, where the
+    legend cannot hide it (it sat in the ROC's lower right corner, under the legend)."""
+    from matplotlib.patches import Patch
+
+    handles, labels = ax.get_legend_handles_labels()
+    if any(c.get("curves", {}).get("roc", {}).get("band_low") is not None for c in _methods(metrics).values()):
+        handles.append(Patch(facecolor="grey", alpha=0.25, lw=0))
+        labels.append("shaded: 95% patient-bootstrap band")
+    ax.legend(handles, labels, loc=loc, fontsize=7.5, title="[bracketed: 95% CI]", title_fontsize=7.5)
+    ax.figure.supxlabel(DISCLAIMER, x=0.99, ha="right", fontsize=7, color="grey")  # laid out, not overlaid
+
+
 def plot_roc(metrics: dict[str, Any], out: Path) -> Path:
     """ROC curves of the positive class with 95% bootstrap bands, network and baselines."""
     fig = _figure(5.2, 4.6)
     ax = fig.add_subplot(1, 1, 1)
-    ax.plot([0, 1], [0, 1], ls=":", color="grey", lw=1)
+    ax.plot([0, 1], [0, 1], ls=":", color="grey", lw=1, label="chance (AUC 0.5)")
     for i, (name, s) in enumerate(_methods(metrics).items()):
         cur = s.get("curves", {})
         if "roc" not in cur:
@@ -90,8 +103,7 @@ def plot_roc(metrics: dict[str, Any], out: Path) -> Path:
         ylabel="sensitivity (true-positive rate)",
         title=f"ROC, {_curve_class(metrics)}",
     )
-    ax.legend(loc="lower right", fontsize=7)
-    ax.text(0.99, 0.01, DISCLAIMER, transform=ax.transAxes, fontsize=6, ha="right", va="bottom", color="grey")
+    _curve_legend(ax, metrics, "lower right")
     return _save(fig, out)
 
 
@@ -128,7 +140,7 @@ def plot_pr(metrics: dict[str, Any], out: Path) -> Path:
         ylabel="precision (PPV)",
         title=f"Precision-recall, {_curve_class(metrics)}",
     )
-    ax.legend(loc="lower left", fontsize=7)
+    _curve_legend(ax, metrics, "lower left")
     return _save(fig, out)
 
 
