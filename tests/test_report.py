@@ -433,3 +433,18 @@ def test_roc_and_pr_legends_explain_bands_and_keep_the_disclaimer_visible(binary
         assert not any(DISCLAIMER in t.get_text() for t in ax.texts)
     roc = _drawn(monkeypatch, plots.plot_roc, metrics, tmp_path / "r.png")
     assert "chance (AUC 0.5)" in [t.get_text() for t in roc.axes[0].get_legend().get_texts()]
+
+
+def test_reliability_before_stays_visible_under_after(binary_run, monkeypatch, tmp_path):
+    """'after' was drawn in the same style exactly over 'before' (all temperatures 1): one curve seen."""
+    from liverlesion import plots
+
+    net = json.loads((binary_run / "metrics.json").read_text(encoding="utf-8"))["network"]
+    net["calibration"]["after"] = net["calibration"]["before"]
+    fig = _drawn(monkeypatch, plots.plot_reliability, net, tmp_path / "rel.png")
+    ax = fig.axes[0]
+    before, after = ax.lines[1], ax.lines[2]
+    assert before.get_markerfacecolor() == "none" and before.get_markersize() > after.get_markersize()
+    assert before.get_linestyle() != after.get_linestyle()
+    assert "same as before" in after.get_label() and ax.get_xlabel()
+    assert [t.get_text() for t in fig.axes[1].get_legend().get_texts()][0] == "before"

@@ -185,18 +185,35 @@ def plot_reliability(summary: dict[str, Any], out: Path) -> Path:
         for k, label, marker in (("before", "before", "o"), ("after", "after temperature scaling", "s"))
         if k in cal
     ]
+    same = len(shown) == 2 and cal["before"]["bins"] == cal["after"]["bins"]
+    # before: big hollow markers, solid; after: small filled ones, dashed: both stay visible where
+    # they coincide (a run whose temperatures are all 1 drew "after" exactly over "before")
+    styles = ({"ls": "-", "ms": 9, "mfc": "none", "mew": 1.5}, {"ls": "--", "ms": 4.5})
     for j, (key, label, marker) in enumerate(shown):
         bins = cal[key]["bins"]
         xs = [b["mean_predicted"] for b in bins if b["count"]]
         ys = [b["observed"] for b in bins if b["count"]]
-        ax.plot(xs, ys, marker=marker, color=_COLORS[j], label=f"{label} (ECE {cal[key]['ece']:.3f})")
+        text = f"{label} (ECE {cal[key]['ece']:.3f})" + (", same as before" if same and j == 1 else "")
+        ax.plot(xs, ys, marker=marker, color=_COLORS[j], label=text, **styles[j])
         centres = np.array([(b["lower"] + b["upper"]) / 2 for b in bins])
         axc.bar(
-            centres + (j - 0.5) * width / 2, [b["count"] for b in bins], width=width / 2, color=_COLORS[j]
+            centres + (j - 0.5) * width / 2,
+            [b["count"] for b in bins],
+            width=width / 2,
+            color=_COLORS[j],
+            label=label,
         )
-    ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="observed frequency", title=f"Reliability: {cal['target']}")
-    ax.legend(fontsize=7, loc="upper left")
-    axc.set(xlim=(0, 1), xlabel="predicted probability", ylabel="lesions per bin")
+    ax.set(
+        xlim=(-0.03, 1.03),  # markers at 0 and 1 drawn whole, not cut in half by the frame
+        ylim=(-0.03, 1.03),
+        xlabel="mean predicted probability in the bin",
+        ylabel="observed frequency in the bin",
+        title=f"Reliability: {cal['target']}",
+    )
+    ax.legend(fontsize=7.5, loc="upper left")
+    axc.set(xlim=(-0.03, 1.03), xlabel="predicted probability", ylabel="lesions per bin")
+    if len(shown) > 1:
+        axc.legend(fontsize=7, loc="upper center", ncol=2)
     return _save(fig, out)
 
 
