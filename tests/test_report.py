@@ -242,6 +242,19 @@ def test_worst_errors_gallery_from_the_patch_cache(tmp_path):
     )
     out = plot_worst_errors(df, classes, cache, tmp_path / "worst.png")
     assert out is not None and out.read_bytes().startswith(b"\x89PNG")
+    # shareable alone: the outline explained and the disclaimer on it; titles readable in the report
+    from liverlesion import DISCLAIMER, plots
+
+    seen = []
+    real = plots._save
+    plots_save = lambda fig, out, **kw: (seen.append(fig), real(fig, out, **kw))[1]  # noqa: E731
+    import unittest.mock
+
+    with unittest.mock.patch.object(plots, "_save", plots_save):
+        plot_worst_errors(df, classes, cache, tmp_path / "worst.png")
+    sup = seen[0]._suptitle.get_text()
+    assert DISCLAIMER in sup and "orange outline: lesion mask" in sup
+    assert all(ax.title.get_fontsize() >= 8 for ax in seen[0].axes)
     right = df.assign(pred_class=df["true_class"])
     assert plot_worst_errors(right, classes, cache, tmp_path / "none.png") is None
     assert plot_worst_errors(df, classes, None, tmp_path / "none.png") is None

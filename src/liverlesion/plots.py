@@ -343,9 +343,11 @@ def plot_worst_errors(
     shown = [r for _, r in d.iterrows() if str(r["lesion_id"]) in index.index]
     if not shown:
         return None
-    cols = min(len(shown), 6)
+    # 4 to a row, 2.6 in each: shown ~1000 px wide in the report, the 8 pt titles stay readable
+    # (6 to a row in 6.5 pt came out at ~7 px)
+    cols = min(len(shown), 4)
     rows = (len(shown) + cols - 1) // cols
-    fig = _figure(2.1 * cols, 2.5 * rows)
+    fig = _figure(2.6 * max(cols, 3), 3.1 * rows)
     for i, r in enumerate(shown):
         patch = load_patch(patch_dir, index.loc[str(r["lesion_id"])])
         img, mask = patch["image"], patch["mask"]
@@ -356,10 +358,13 @@ def plot_worst_errors(
             ax.contour(mask[s] > 0, levels=[0.5], colors=["#ff7f0e"], linewidths=0.8)
         probs = "\n".join(f"P({c}) {float(r[f'prob_{c}']):.2f}" for c in classes)
         ax.set_title(
-            f"{r['lesion_id']}\ntrue {r['true_class']}, called {r['pred_class']}\n{probs}", fontsize=6.5
+            f"{r['lesion_id']}\ntrue {r['true_class']}, called {r['pred_class']}\n{probs}", fontsize=8
         )
         ax.axis("off")
-    fig.suptitle("Most confident errors (out-of-fold)", fontsize=10)
+    fig.suptitle(
+        "Most confident errors (out-of-fold), centre slice; orange outline: lesion mask\n" + DISCLAIMER,
+        fontsize=10,
+    )
     return _save(fig, out)
 
 
