@@ -461,3 +461,29 @@ def test_reliability_before_stays_visible_under_after(binary_run, monkeypatch, t
     assert before.get_linestyle() != after.get_linestyle()
     assert "same as before" in after.get_label() and ax.get_xlabel()
     assert [t.get_text() for t in fig.axes[1].get_legend().get_texts()][0] == "before"
+
+
+def test_dataset_size_and_loss_plots_label_what_they_show(binary_run, monkeypatch, tmp_path):
+    """Axes with units, the size bins' edges and the positive class named; the dataset panel says its
+    count includes the lesions too small to characterise (the report's counts leave them out)."""
+    import pandas as pd
+
+    from liverlesion import plots
+
+    metrics = json.loads((binary_run / "metrics.json").read_text(encoding="utf-8"))
+    net = metrics["network"]
+    fig = _drawn(monkeypatch, plots.plot_size, net, tmp_path / "s.png")
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "maximal axial diameter (mm)" and ax.get_ylabel() == "metric value"
+    assert net["positive_class"] in ax.get_legend().get_title().get_text()
+    df = pd.DataFrame(
+        {
+            "patient_id": ["a", "a", "b"],
+            "true_class": net["class_names"][:2] + net["class_names"][:1],
+            "status": ["classified", "classified", "too small to characterise"],
+            "max_axial_diameter_mm": [4.0, 12.0, 25.0],
+        }
+    )
+    fig = _drawn(monkeypatch, plots.plot_dataset, df, net["class_names"], tmp_path / "d.png")
+    assert "incl. 1 too small to characterise" in fig.axes[0].get_title()
+    assert "size bins: 10, 20 mm" in [t.get_text() for t in fig.axes[1].get_legend().get_texts()]

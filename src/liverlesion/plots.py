@@ -248,12 +248,20 @@ def plot_size(summary: dict[str, Any], out: Path) -> Path:
     ax.set_xticks(range(len(strata)), [f"{s['bin']}\n(n={s['n_lesions']})" for s in strata])
     ax.set(
         ylim=(0, 1.05),
-        ylabel="value",
-        xlabel="maximal axial diameter",
+        ylabel="metric value",
+        xlabel="maximal axial diameter (mm)",
         title="Performance by lesion size (95% patient-bootstrap CIs where n allows)",
     )
     # beside the axes, never over the bars
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    pos = summary.get("positive_class")
+    ax.legend(
+        fontsize=7.5,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        borderaxespad=0.0,
+        title=f"positive class:\n{pos}" if pos and len(summary.get("class_names", ())) == 2 else None,
+        title_fontsize=7.5,
+    )
     return _save(fig, out)
 
 
@@ -264,13 +272,18 @@ def plot_dataset(df: pd.DataFrame, classes: list[str], out: Path) -> Path:
     n_les = [int((df["true_class"] == c).sum()) for c in classes]
     n_pat = [int(df.loc[df["true_class"] == c, "patient_id"].nunique()) for c in classes]
     x = np.arange(len(classes))
-    ax1.bar(x - 0.2, n_les, width=0.4, color=_COLORS[0], label="lesions")
-    ax1.bar(x + 0.2, n_pat, width=0.4, color=_COLORS[1], label="patients with this class")
+    # greys: blue and orange are the classes in the histogram beside it
+    ax1.bar(x - 0.2, n_les, width=0.4, color="#4d4d4d", label="lesions")
+    ax1.bar(x + 0.2, n_pat, width=0.4, color="#b3b3b3", label="patients with this class")
     for xi, n in zip(x, n_les, strict=True):
         ax1.text(xi - 0.2, n, str(n), ha="center", va="bottom", fontsize=8)
     ax1.set_xticks(x, classes)
+    small = int((df["status"].astype(str) != "classified").sum()) if "status" in df else 0
+    # every lesion of predictions.csv: more than the report's "N patients, M lesions", which counts
+    # the classified ones only; said so, not left as two numbers that disagree
     ax1.set(
-        title=f"{len(df)} lesions, {df['patient_id'].nunique()} patients",
+        title=f"{len(df)} lesions, {df['patient_id'].nunique()} patients"
+        + (f"\n(incl. {small} too small to characterise)" if small else ""),
         ylabel="count",
         ylim=(0, 1.3 * max(n_les + [1])),
     )
@@ -283,7 +296,7 @@ def plot_dataset(df: pd.DataFrame, classes: list[str], out: Path) -> Path:
             if len(d):
                 ax2.hist(d, bins=edges, histtype="step", lw=1.8, color=_COLORS[i % len(_COLORS)], label=c)
         for t in (10, 20):
-            ax2.axvline(t, ls=":", color="grey", lw=1)
+            ax2.axvline(t, ls=":", color="grey", lw=1, label="size bins: 10, 20 mm" if t == 10 else None)
         ax2.set(xlabel="maximal axial diameter (mm)", ylabel="lesions", title="Lesion size by class")
         ax2.legend(fontsize=7)
     else:
@@ -318,6 +331,7 @@ def plot_losses(run_dir: Path, out: Path) -> Path | None:
                     ax.plot(d.index + 1, d.to_numpy(), style, label=label)
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
+        ax.set_ylabel("cross-entropy loss", fontsize=8)
         ax.tick_params(labelsize=7)
         if i == 0:
             ax.legend(fontsize=7)
