@@ -722,6 +722,15 @@ def test_overlay_title_names_the_spread_only_for_an_ensemble(ckpts, case, tmp_pa
         "one model (no ensemble spread)" if n_models == 1 else f"ensemble SD {result.row['uncertainty']:.2f}"
     )
     assert want in titles[0] and "uncertainty" not in titles[0]
+    # the colours are explained on the PNG itself, beside the disclaimer
+    from liverlesion.overlay import OVERLAY_CAPTION, overlay_key
+
+    texts: list[str] = []
+    real_text = Figure.text
+    monkeypatch.setattr(Figure, "text", lambda self, x, y, t, **kw: (texts.append(t), real_text(self, x, y, t, **kw))[1])
+    draw_lesion_overlay(result, image, tmp_path / "o3.png", clf.class_names)
+    assert overlay_key(result.cam is not None) in texts and OVERLAY_CAPTION in texts
+    assert "lime outline: lesion mask" in overlay_key(False) and "Grad-CAM" in overlay_key(True)
     from matplotlib.axes import Axes
 
     axes_titles: list[str] = []

@@ -23,6 +23,13 @@ __all__ = ["OVERLAY_CAPTION", "draw_lesion_overlay"]
 OVERLAY_CAPTION = "Research use, not for diagnosis"
 
 
+def overlay_key(cam: bool) -> str:
+    """What the overlay's colours are, written on it: a PNG shared alone has no caption beside it."""
+    return "lime outline: lesion mask; yellow box: the field of the network's patch" + (
+        "; heat: Grad-CAM for the predicted class, blue low to red high" if cam else ""
+    )
+
+
 def draw_lesion_overlay(result: LesionResult, image: Volume, path: Path, class_names: Sequence[str]) -> Path:
     """Write a lesion's overlay PNG (atomically).
 
@@ -93,8 +100,9 @@ def draw_lesion_overlay(result: LesionResult, image: Volume, path: Path, class_n
         f"diameter {row['max_axial_diameter_mm']:.1f} mm, volume {row['volume_ml']:.2f} mL",
         fontsize=9,
     )
+    fig.text(0.5, 0.085, overlay_key(result.cam is not None), ha="center", fontsize=8, color="dimgray")
     fig.text(0.5, 0.025, OVERLAY_CAPTION, ha="center", fontsize=11, color="darkred", weight="bold")
-    fig.tight_layout(rect=(0, 0.06, 1, 0.9))
+    fig.tight_layout(rect=(0, 0.11, 1, 0.9))
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     return path
