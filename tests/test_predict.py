@@ -727,10 +727,12 @@ def test_overlay_title_names_the_spread_only_for_an_ensemble(ckpts, case, tmp_pa
 
     texts: list[str] = []
     real_text = Figure.text
-    monkeypatch.setattr(Figure, "text", lambda self, x, y, t, **kw: (texts.append(t), real_text(self, x, y, t, **kw))[1])
+    monkeypatch.setattr(
+        Figure, "text", lambda self, x, y, t, **kw: (texts.append(t), real_text(self, x, y, t, **kw))[1]
+    )
     draw_lesion_overlay(result, image, tmp_path / "o3.png", clf.class_names)
     assert overlay_key(result.cam is not None) in texts and OVERLAY_CAPTION in texts
-    assert "lime outline: lesion mask" in overlay_key(False) and "Grad-CAM" in overlay_key(True)
+    assert "cyan outline: lesion mask" in overlay_key(False) and "Grad-CAM" in overlay_key(True)
     from matplotlib.axes import Axes
 
     axes_titles: list[str] = []

@@ -33,6 +33,13 @@ class CamUnavailable(ValueError):
     """No layer of the network has a map fine enough for Grad-CAM at this input size."""
 
 
+#: Grad-CAM's colour map: perceptually uniform and readable with colour-vision deficiency (jet is neither),
+#: dark for low, bright yellow for high; and the lesion outline's colour, visible over it and over grey.
+CAM_CMAP = "inferno"
+OUTLINE_COLOR = "cyan"
+CAM_KEY = "heat: Grad-CAM for the predicted class, dark low to bright yellow high"
+
+
 def _target_layers(model: Any, size: tuple[int, int] | None = None) -> list:
     import torch
 
@@ -125,12 +132,13 @@ def draw_overlay(
     alpha: float = 0.4,
     title_color: str = "black",
 ) -> None:
-    """Draw a greyscale patch, the CAM (jet, semi-transparent) and the mask outline on a matplotlib axis."""
+    """Draw a greyscale patch, the CAM (:data:`CAM_CMAP`, semi-transparent) and the mask outline on a
+    matplotlib axis."""
     ax.imshow(image_hw, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
     if cam_hw is not None:
-        ax.imshow(cam_hw, cmap="jet", vmin=0.0, vmax=1.0, alpha=alpha, interpolation="bilinear")
+        ax.imshow(cam_hw, cmap=CAM_CMAP, vmin=0.0, vmax=1.0, alpha=alpha, interpolation="bilinear")
     if mask_hw is not None and np.any(mask_hw) and not np.all(mask_hw):
-        ax.contour(np.asarray(mask_hw, dtype=float), levels=[0.5], colors="lime", linewidths=1.0)
+        ax.contour(np.asarray(mask_hw, dtype=float), levels=[0.5], colors=OUTLINE_COLOR, linewidths=1.0)
     ax.set_xticks([])
     ax.set_yticks([])
     if title:
@@ -284,7 +292,8 @@ def gradcam_gallery(
             ax, c["image"], c["cam"], c["mask"], c["title"], title_color="crimson" if c["wrong"] else "black"
         )
     fig.suptitle(
-        f"Grad-CAM for the {GRADCAM_TARGET} (misclassified first, red titles); green: lesion mask — {DISCLAIMER}",
+        f"Grad-CAM for the {GRADCAM_TARGET} (misclassified first, red titles); {OUTLINE_COLOR}: lesion mask;\n"
+        f"{CAM_KEY.removeprefix('heat: Grad-CAM for the predicted class, ')} — {DISCLAIMER}",
         fontsize=9,
     )
     return _save(fig, out_png)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from liverlesion.decision import TOO_SMALL
 from liverlesion.fileio import atomic_path
-from liverlesion.gradcam import draw_overlay
+from liverlesion.gradcam import CAM_KEY, OUTLINE_COLOR, draw_overlay
 from liverlesion.patches import window
 from liverlesion.results import LesionResult
 from liverlesion.volume import Volume
@@ -25,8 +25,8 @@ OVERLAY_CAPTION = "Research use, not for diagnosis"
 
 def overlay_key(cam: bool) -> str:
     """What the overlay's colours are, written on it: a PNG shared alone has no caption beside it."""
-    return "lime outline: lesion mask; yellow box: the field of the network's patch" + (
-        "; heat: Grad-CAM for the predicted class, blue low to red high" if cam else ""
+    return f"{OUTLINE_COLOR} outline: lesion mask; yellow box: the field of the network's patch" + (
+        f"; {CAM_KEY}" if cam else ""
     )
 
 
@@ -58,7 +58,7 @@ def draw_lesion_overlay(result: LesionResult, image: Volume, path: Path, class_n
         interpolation="nearest",
     )
     if result.mask[z].any():
-        ax.contour(result.mask[z].astype(float), levels=[0.5], colors="lime", linewidths=0.8)
+        ax.contour(result.mask[z].astype(float), levels=[0.5], colors=OUTLINE_COLOR, linewidths=0.8)
     field_mm = float(patch.meta.get("field_mm", math.nan))
     _, cy, cx = patch.meta.get("centre_index_zyx", (z, math.nan, math.nan))
     if math.isfinite(field_mm) and math.isfinite(cy) and math.isfinite(cx):
