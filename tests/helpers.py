@@ -399,6 +399,25 @@ def http_post(url: str, body: bytes, ctype: str, timeout: float = 120) -> tuple[
         return e.code, e.read()
 
 
+def two_lesion_patients(folder: Path, n: int, classes: bool = True) -> Path:
+    """``folder/manifest.csv``: ``n`` patients ``p{i}`` of :func:`make_ct_with_two_lesions` (NIfTI image and
+    mask); with ``classes``, cyst and metastasis in turn, else no lesion_class column (new cases)."""
+    from liverlesion.io import write_volume
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        image, mask = make_ct_with_two_lesions(seed=i)
+        write_volume(image, folder / f"p{i}.nii.gz")
+        write_volume(mask, folder / f"p{i}_mask.nii.gz")
+        rows.append(
+            f"p{i},p{i}.nii.gz,p{i}_mask.nii.gz" + (f",,{['cyst', 'metastasis'][i % 2]}" if classes else "")
+        )
+    header = "patient_id,image,mask" + (",label,lesion_class" if classes else "")
+    (folder / "manifest.csv").write_text(header + "\n" + "\n".join(rows) + "\n")
+    return folder / "manifest.csv"
+
+
 def one_lesion_patients(folder: Path, n: int) -> Path:
     """``folder/m.csv``: ``n`` patients with one lesion each (``ct{i}.nii.gz``, ``mask{i}.nii.gz``),
     cyst and metastasis in turn."""

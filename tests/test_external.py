@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from helpers import make_ct_with_two_lesions, make_tiny_checkpoint, torch_threads
+from helpers import make_tiny_checkpoint, torch_threads, two_lesion_patients
 from liverlesion.cli import main
 from liverlesion.domain import (
     NO_RANGE,
@@ -24,7 +24,6 @@ from liverlesion.domain import (
     ring_stats,
     training_range,
 )
-from liverlesion.io import write_volume
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -103,15 +102,7 @@ def test_ring_stats_measure_the_surrounding_tissue_not_the_lesion():
 # --------------------------------------------------------------------------- predict + evaluate
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("ext")
-    rows = []
-    for i in range(4):
-        image, mask = make_ct_with_two_lesions(seed=i)
-        write_volume(image, d / f"p{i}.nii.gz")
-        write_volume(mask, d / f"p{i}_mask.nii.gz")
-        rows.append(f"p{i},p{i}.nii.gz,p{i}_mask.nii.gz,,{'metastasis' if i % 2 else 'cyst'}")
-    (d / "manifest.csv").write_text("patient_id,image,mask,label,lesion_class\n" + "\n".join(rows) + "\n")
-    return d / "manifest.csv"
+    return two_lesion_patients(tmp_path_factory.mktemp("ext"), 4)
 
 
 def _far_range() -> dict:

@@ -24,6 +24,7 @@ from helpers import (
     make_ct_with_two_lesions,
     make_tiny_checkpoint,
     torch_threads,
+    two_lesion_patients,
     write_dicom_series,
 )
 from liverlesion import DISCLAIMER
@@ -608,14 +609,7 @@ def test_manifest_holds_one_image_at_a_time(ckpts, tmp_path, capsys, monkeypatch
     import liverlesion.manifest_lesions as ml
     import liverlesion.predict as pr
 
-    rows = []
-    for i in range(3):
-        image, mask = make_ct_with_two_lesions(seed=i)
-        write_volume(image, tmp_path / f"p{i}.nii.gz")
-        write_volume(mask, tmp_path / f"p{i}_mask.nii.gz")
-        rows.append(f"p{i},p{i}.nii.gz,p{i}_mask.nii.gz")
-    manifest = tmp_path / "manifest.csv"
-    manifest.write_text("patient_id,image,mask\n" + "\n".join(rows) + "\n")
+    manifest = two_lesion_patients(tmp_path, 3, classes=False)
     images: list = []
     real_read, real_write = ml.read_volume, pr._write_case_files
 
