@@ -407,7 +407,8 @@ class Classifier:
         for image, _ in iter_manifest_lesions(table, tolerance, desc="checking inputs"):  # kept by none
             if check_image is not None:
                 check_image(image, ref_of(image))
-        images = iter_manifest_lesions(table, tolerance, check_progress=False, desc="classifying")
+        # each image again, to classify it (its header was checked and it was read in full above)
+        images = iter_manifest_lesions(table, tolerance, desc="classifying", check_headers=False)
         return self._classify_images(images, ref_of, min_size_mm, gradcam)
 
     def _classify_images(self, images, ref_of, min_size_mm: float, gradcam: bool) -> Iterator[CaseResult]:

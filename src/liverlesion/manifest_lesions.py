@@ -51,6 +51,7 @@ def iter_manifest_lesions(
     min_voxels: int = 1,
     check_progress: bool | None = None,
     desc: str = "lesions",
+    check_headers: bool = True,
 ) -> Iterator[tuple[Volume, list[LesionWithMask]]]:
     """Check every image's and mask's header, then read each image of a manifest once and yield it with its lesions.
 
@@ -72,13 +73,17 @@ def iter_manifest_lesions(
         min_voxels: Mask components with fewer voxels are dropped.
         check_progress: Show the header check's progress bar (default: as ``progress``).
         desc: The progress bar's label.
+        check_headers: Run the header check (False: a second pass over inputs already read in full).
 
     Returns:
         An iterator of ``(image, [(Lesion, LesionMask), ...])``, one image at a time.
     """
     check_tolerance(tolerance)  # before reading any image
     groups = _image_groups(_as_manifest(manifest), series)
-    check_manifest_headers(groups, tolerance, progress=progress if check_progress is None else check_progress)
+    if check_headers:
+        check_manifest_headers(
+            groups, tolerance, progress=progress if check_progress is None else check_progress
+        )
     return _iter_images(groups, tolerance, progress, min_voxels, desc)
 
 
