@@ -232,12 +232,10 @@ def _read_series(
         )
     rows, cols = int(ds0.get("Rows", 0) or 0), int(ds0.get("Columns", 0) or 0)
     check_voxel_count(rows * cols * len(s.files), (len(s.files), rows, cols), label, path)
-    files, geometry = _sort_and_check_slices(s, label, path, slice_tolerance)
+    files, (spacing_xy, positions, direction, gap) = _sort_and_check_slices(s, label, path, slice_tolerance)
     if header_only:
-        spacing_xy, positions, direction, gap = geometry
         return header_grid((cols, rows, len(files)), (*spacing_xy, gap), positions[0], direction)
     img = _read_pixels([f for f, _ in files], kind, label, path)
-    spacing_xy, positions, direction, gap = geometry
     # Our header-derived geometry is authoritative (ITK derives spacing from the first two slices only).
     img.SetSpacing((float(spacing_xy[0]), float(spacing_xy[1]), float(gap)))
     img.SetOrigin(tuple(float(v) for v in positions[0]))
@@ -313,9 +311,8 @@ def _sort_and_check_slices(s: DicomSeries, label: str, path: Path, tol: float):
         )
     # Gantry tilt: slices square to their normal but each shifted in-plane, so the grid is sheared and
     # an orthogonal volume built from it would put every slice but the first in the wrong place.
-    steps = positions - positions[0]
-    drift = steps - np.outer(steps @ normal, normal)
-    shift = float(np.linalg.norm(drift[-1]))
+    step = positions[-1] - positions[0]
+    shift = float(np.linalg.norm(step - (step @ normal) * normal))
     if shift > 0.5 * float(spacings[0].min()):
         angle = float(np.degrees(np.arctan2(shift, depth[-1] - depth[0])))
         raise UserError(
